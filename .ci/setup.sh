@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up everything comms needs on a fresh machine, idempotently, and leaves the venv in .venv:
+#   - Debian packages (iproute2 for the multi-host harness) when run as root,
+#   - a virtual environment with the torch 2.13.0 CPU wheel installed FIRST (otherwise pip would
+#     pull a multi-GB CUDA build to satisfy the torch range),
+#   - comms itself, editable, with its test extras; this compiles native/ into comms._native.
+# Source it (`. .ci/setup.sh`) or run it; VENV overrides the venv location.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    need=""
+    command -v ip >/dev/null 2>&1 || need="$need iproute2"
+    command -v gcc >/dev/null 2>&1 || need="$need gcc"
+    if [ -n "$need" ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+fi
+# Rebuild the native module when the C sources are newer than the installed extension.
+"$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+export PATH="$VENV/bin:$PATH"

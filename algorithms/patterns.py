@@ -1,0 +1,63 @@
+"""Rank arithmetic shared by every algorithm: ring neighbours, block partitions, binomial trees,
+dissemination distances. Pure functions of (rank, size, ...); nothing here knows about transports.
+"""
+from __future__ import annotations
+
+
+def ring_next(rank: int, size: int) -> int:
+    return (rank + 1) % size
+
+
+def ring_prev(rank: int, size: int) -> int:
+    return (rank - 1) % size
+
+
+def blocks(count: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``count`` elements into ``parts`` contiguous blocks as evenly as possible:
+    a list of (first element, elements). The first ``count % parts`` blocks get one extra."""
+    base, extra = divmod(count, parts)
+    out, start = [], 0
+    for i in range(parts):
+        n = base + (1 if i < extra else 0)
+        out.append((start, n))
+        start += n
+    return out
+
+
+def segments(nbytes: int, seg_bytes: int, align: int) -> list[tuple[int, int]]:
+    """Split ``nbytes`` into pieces of at most ``seg_bytes`` (multiples of ``align``): (offset, bytes)."""
+    seg = max(align, seg_bytes // align * align)
+    return [(off, min(seg, nbytes - off)) for off in range(0, nbytes, seg)] or [(0, 0)]
+
+
+def vrank(rank: int, root: int, size: int) -> int:
+    """Rank relative to ``root`` (the root becomes 0)."""
+    return (rank - root) % size
+
+
+def real_rank(vr: int, root: int, size: int) -> int:
+    return (vr + root) % size
+
+
+def binomial_parent(vr: int) -> int:
+    """Parent of virtual rank ``vr`` > 0 in a binomial tree rooted at 0: clear the lowest set bit."""
+    return vr & (vr - 1)
+
+
+def binomial_children(vr: int, size: int) -> list[int]:
+    """Children of ``vr``, largest subtree first: vr + 2^k for every 2^k below vr's lowest set bit."""
+    low = vr & -vr if vr else 1 << max(size - 1, 1).bit_length()
+    kids, k = [], 1
+    while k < low and vr + k < size:
+        kids.append(vr + k)
+        k <<= 1
+    return kids[::-1]
+
+
+def dissemination_distances(size: int) -> list[int]:
+    """Distances 1, 2, 4, ... below ``size``: the rounds of a dissemination barrier."""
+    out, d = [], 1
+    while d < size:
+        out.append(d)
+        d <<= 1
+    return out

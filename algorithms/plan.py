@@ -1,0 +1,134 @@
+"""Plans: what an algorithm computes, and nothing else (sans-I/O, like h11).
+
+An algorithm turns :class:`Args` into a :class:`Plan`, a flat list of :class:`Step`. The executor
+(native/engine.c, or the in-memory simulator in :mod:`comms.algorithms.simulate`) runs the steps in
+order:
+
+- ``SEND``/``RECV``/``RECV_REDUCE`` post a message to/from ``peer`` on bytes
+  ``[off, off + nbytes)`` of buffer ``buf``; consecutive ones are in flight together.
+  ``RECV_REDUCE`` combines the incoming bytes into the buffer (``dst = dst op incoming``).
+- ``PHASE`` waits until every posted message has completed.
+- ``COPY`` (``buf[off:] = buf2[off2:]``), ``REDUCE`` (``buf[off:] op= buf2[off2:]``),
+  ``REDUCE_SLOTS`` (``buf[off:] = op over k of buf2[off2 + k*aux:]`` for k < peer, in order k = 0,
+  1, ..., with float32 accumulation for half types) and ``DIV`` (``buf[off:] /= aux``) run locally,
+  and only after every earlier message completed.
+
+Buffers are numbered: ``IN`` (the caller's input), ``OUT`` (the caller's output; the same memory
+as IN for in-place calls) and ``SCRATCH`` (``Plan.scratch_bytes`` of temporary memory).
+Offsets and sizes are in bytes. Messages between two ranks are matched in order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SEND, RECV, RECV_REDUCE, COPY, REDUCE, REDUCE_SLOTS, DIV, PHASE = range(1, 9)
+STEP_NAMES = {SEND: "send", RECV: "recv", RECV_REDUCE: "recv_reduce", COPY: "copy", REDUCE: "reduce",
+              REDUCE_SLOTS: "reduce_slots", DIV: "div", PHASE: "phase"}
+COMM_KINDS = frozenset({SEND, RECV, RECV_REDUCE})
+IN, OUT, SCRATCH = 0, 1, 2
+
+# collective ids carried in message headers
+COLL_IDS = {"all_reduce": 1, "broadcast": 2, "reduce": 3, "all_gather": 4, "reduce_scatter": 5,
+            "all_to_all": 6, "gather": 7, "scatter": 8, "barrier": 9}
+COLL_NAMES = {v: k for k, v in COLL_IDS.items()}
+
+
+class NotSupported(Exception):
+    """Raised by an algorithm that declines a case; the selector then tries the next candidate."""
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: int
+    peer: int = -1
+    buf: int = OUT
+    off: int = 0
+    nbytes: int = 0
+    buf2: int = IN
+    off2: int = 0
+    aux: int = 0
+
+    def __str__(self) -> str:
+        name = STEP_NAMES[self.kind]
+        if self.kind == PHASE:
+            return name
+        where = f"{'IN OUT SCRATCH'.split()[self.buf]}[{self.off}:+{self.nbytes}]"
+        if self.kind in COMM_KINDS:
+            return f"{name} peer={self.peer} {where}"
+        return f"{name} {where} <- {'IN OUT SCRATCH'.split()[self.buf2]}[{self.off2}]"
+
+
+@dataclass(frozen=True)
+class Args:
+    """Everything a plan may depend on. Counts are in elements, of ``esize`` bytes each.
+
+    Per collective, ``count`` is: all_reduce, broadcast, reduce: the buffer; all_gather, gather:
+    the per-rank input; reduce_scatter, scatter: the per-rank output; all_to_all: unused (the
+    byte splits are in ``send_splits``/``recv_splits``); barrier: 0.
+    """
+    coll: str
+    rank: int
+    size: int
+    count: int
+    esize: int
+    root: int = -1
+    avg: bool = False
+    inplace: bool = False
+    send_splits: tuple = ()
+    recv_splits: tuple = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    algorithm: str
+    steps: tuple
+    scratch_bytes: int = 0
+
+    def __str__(self) -> str:
+        return "\n".join([f"plan {self.algorithm} (scratch {self.scratch_bytes} B)"] + [f"  {s}" for s in self.steps])
+
+
+@dataclass
+class Builder:
+    """Accumulates steps; PHASE is added only where a message group must end."""
+    algorithm: str
+    steps: list = field(default_factory=list)
+    scratch_bytes: int = 0
+
+    def _comm(self, kind: int, peer: int, buf: int, off: int, nbytes: int) -> None:
+        self.steps.append(Step(kind, peer, buf, off, nbytes))
+
+    def send(self, peer: int, buf: int, off: int, nbytes: int) -> None:
+        self._comm(SEND, peer, buf, off, nbytes)
+
+    def recv(self, peer: int, buf: int, off: int, nbytes: int) -> None:
+        self._comm(RECV, peer, buf, off, nbytes)
+
+    def recv_reduce(self, peer: int, buf: int, off: int, nbytes: int) -> None:
+        self._comm(RECV_REDUCE, peer, buf, off, nbytes)
+
+    def phase(self) -> None:
+        if self.steps and self.steps[-1].kind in COMM_KINDS:
+            self.steps.append(Step(PHASE))
+
+    def copy(self, buf: int, off: int, buf2: int, off2: int, nbytes: int) -> None:
+        if nbytes and (buf, off) != (buf2, off2):
+            self.steps.append(Step(COPY, -1, buf, off, nbytes, buf2, off2))
+
+    def reduce(self, buf: int, off: int, buf2: int, off2: int, nbytes: int) -> None:
+        if nbytes:
+            self.steps.append(Step(REDUCE, -1, buf, off, nbytes, buf2, off2))
+
+    def reduce_slots(self, buf: int, off: int, buf2: int, off2: int, stride: int, nslots: int, nbytes: int) -> None:
+        if nbytes:
+            self.steps.append(Step(REDUCE_SLOTS, nslots, buf, off, nbytes, buf2, off2, stride))
+
+    def div(self, buf: int, off: int, nbytes: int, divisor: int) -> None:
+        if nbytes:
+            self.steps.append(Step(DIV, -1, buf, off, nbytes, buf, off, divisor))
+
+    def build(self) -> Plan:
+        steps = list(self.steps)
+        while steps and steps[-1].kind == PHASE:
+            steps.pop()
+        return Plan(self.algorithm, tuple(steps), self.scratch_bytes)

@@ -1,0 +1,37 @@
+"""comms: collective communication for distributed ML, fast on a host.
+
+    import comms
+    comm = comms.init()                       # torchrun-style env, or init(rank=, world_size=, store=)
+    comm.all_reduce(buf, op=comms.SUM)
+
+See README.md for the API, comms.errors for the exception tree, comms.config for the knobs.
+"""
+from __future__ import annotations
+
+import logging as _logging
+
+from . import config
+from .api import create, init
+from .communicator import Communicator
+from .dtypes import AVG, BAND, BOR, BXOR, MAX, MIN, PROD, SUM, ReduceOp
+from .errors import (CommsError, CommTimeout, InvalidUsage, MismatchError, NotSupported, PeerError,
+                     TransportError)
+from .work import Work
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init", "create", "Communicator", "Work", "ReduceOp",
+    "SUM", "PROD", "MIN", "MAX", "AVG", "BAND", "BOR", "BXOR",
+    "CommsError", "CommTimeout", "InvalidUsage", "MismatchError", "NotSupported", "PeerError", "TransportError",
+    "config",
+]
+
+
+def _setup_logging() -> None:
+    level = str(config.get("DEBUG")).upper()
+    logger = _logging.getLogger("comms")
+    logger.setLevel({"TRACE": _logging.DEBUG, "WARN": _logging.WARNING}.get(level, getattr(_logging, level, 30)))
+
+
+_setup_logging()

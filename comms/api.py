@@ -1,0 +1,48 @@
+"""Entry points: :func:`init` (torchrun-style environment or an explicit store) and :func:`create`."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from . import config
+from .bootstrap import Bootstrap, default_store
+from .communicator import Communicator
+from .errors import InvalidUsage
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except KeyError:
+        raise InvalidUsage(f"comms.init(): {name} is not set; run under torchrun or python -m comms.run, "
+                           "or pass rank= and world_size=") from None
+    except ValueError:
+        raise InvalidUsage(f"comms.init(): {name}={os.environ[name]!r} is not an integer") from None
+
+
+def init(rank: int | None = None, world_size: int | None = None, store: Any = None,
+         timeout: float | None = None, algo: str | None = None) -> Communicator:
+    """Create the world communicator (collective over all ranks).
+
+    Without arguments, reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT as torchrun sets them.
+    ``store`` may be any torch.distributed Store; ``timeout`` (seconds, default COMMS_TIMEOUT) is the
+    deadline of every wait; ``algo`` overrides COMMS_ALGO (see comms.selector for the grammar).
+    """
+    rank = _env_int("RANK") if rank is None else int(rank)
+    world_size = _env_int("WORLD_SIZE") if world_size is None else int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidUsage(f"comms.init(): rank {rank} is not in [0, {world_size})")
+    timeout = float(config.get("TIMEOUT") if timeout is None else timeout)
+    if timeout <= 0:
+        raise InvalidUsage(f"comms.init(): timeout must be positive, got {timeout}")
+    if store is None:
+        store = default_store(rank, world_size, timeout)
+    generation = (store.add("comms/init", 1) - 1) // world_size
+    return create(rank, world_size, store, f"comms/{generation}/", timeout, algo, None)
+
+
+def create(rank: int, size: int, store: Any, prefix: str, timeout: float, algo: str | None,
+           members: Sequence[int] | None) -> Communicator:
+    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init and split)."""
+    boot = Bootstrap(rank, size, store, prefix, timeout).run()
+    return Communicator(boot, store, prefix, timeout, algo, members)

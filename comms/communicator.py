@@ -1,0 +1,378 @@
+"""Communicator: the public API. Validates arguments, picks a plan, runs it on the native engine.
+
+Every operation checks its arguments before any byte moves (a bad call raises InvalidUsage and
+leaves the communicator usable), takes ``async_op=True`` to return a :class:`Work` instead of
+blocking, and has the communicator's deadline. Collectives carry a sequence number; a failure
+names the operation, that number, this rank and the peer involved, is published for the other
+ranks, and aborts the communicator (every later call raises).
+
+Buffers are numpy arrays or contiguous torch CPU tensors (see :mod:`comms.dtypes`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import failures
+from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
+from .dtypes import DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
+from .engine import Encoded
+from .errors import CommsError, InvalidUsage
+from .selector import Selector
+from .transports.base import Endpoint
+from .work import Work, completed
+
+log = logging.getLogger("comms")
+MSG_COLL, MSG_P2P = 1, 2
+COUNT_ANY = (1 << 64) - 1
+
+
+def _views_overlap(a: View, b: View) -> bool:
+    return a.nbytes > 0 and b.nbytes > 0 and a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
+
+
+class Communicator:
+    """A group of ``size`` ranks. Create with :func:`comms.init` or :meth:`split`."""
+
+    def __init__(self, boot, store, prefix: str, timeout: float, algo: str | None, members: Sequence[int] | None):
+        self._boot = boot
+        self._engine = boot.engine
+        self._store = store
+        self.prefix = prefix
+        self.rank, self.size = boot.rank, boot.size
+        self.members = list(members) if members is not None else list(range(self.size))
+        self.timeout = timeout
+        self._timeout_ns = int(timeout * 1e9)
+        self._algo = algo
+        self._selector = Selector(algo)
+        self._plans: dict[tuple, Encoded] = {}
+        self._scratch = np.empty(0, np.uint8)
+        self._seq = 0
+        self._splits = 0
+        self._broken: CommsError | None = None
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _release, boot)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def local_ranks(self) -> list[int]:
+        """Ranks of this communicator on this host (by host identity)."""
+        return list(self._boot.local_ranks)
+
+    @property
+    def transports(self) -> dict[int, str]:
+        """The transport carrying traffic to each peer."""
+        return dict(self._boot.chosen)
+
+    def stats(self) -> dict:
+        """Counters: bytes per transport, plans run, times a wait went to sleep."""
+        return self._engine.counters()
+
+    def endpoint(self, peer: int) -> Endpoint:
+        """The point-to-point endpoint (isend/irecv -> Request) for ``peer``."""
+        self._check_peer(peer, "endpoint")
+        name = self._boot.chosen[peer]
+        t = next(t for t in self._boot.transports if t.name == name)
+        return Endpoint(self, peer, t)
+
+    def algorithm_for(self, coll: str, nbytes: int) -> str:
+        """The algorithm the selector would try first for ``coll`` of ``nbytes``."""
+        return self._selector.candidates(coll, nbytes)[0]
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidUsage(f"rank {self.rank}: the communicator is closed")
+        if self._broken is not None:
+            raise type(self._broken)(f"rank {self.rank}: the communicator was aborted by an earlier error: "
+                                     f"{self._broken}", rank=self.rank)
+
+    def _check_root(self, root: int, what: str) -> int:
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise InvalidUsage(f"{what}: root {root!r} is not a rank of this communicator (size {self.size})")
+        return int(root)
+
+    def _check_peer(self, peer: int, what: str) -> int:
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size:
+            raise InvalidUsage(f"{what}: peer {peer!r} is not a rank of this communicator (size {self.size})")
+        if peer == self.rank:
+            raise InvalidUsage(f"{what}: rank {self.rank} cannot send to or receive from itself")
+        return int(peer)
+
+    def _encoded(self, key: tuple, args: Args, nbytes: int) -> Encoded:
+        enc = self._plans.get(key)
+        if enc is None:
+            enc = self._plans[key] = Encoded(self._selector.plan(args, nbytes))
+        return enc
+
+    def _scratch_ptr(self, nbytes: int, async_op: bool, keep: list) -> int:
+        if not nbytes:
+            return 0
+        if async_op:
+            buf = np.empty(nbytes, np.uint8)
+            keep.append(buf)
+            return buf.__array_interface__["data"][0]
+        if self._scratch.nbytes < nbytes:
+            self._scratch = np.empty(nbytes, np.uint8)
+        return self._scratch.__array_interface__["data"][0]
+
+    def _launch(self, name: str, enc: Encoded, ptr_in: int, ptr_out: int, keep: list, async_op: bool,
+                kind: int, dtype: int, redop: int, root: int, seq: int, count: int, tag: int,
+                result: Any = None) -> Work | None:
+        scratch = self._scratch_ptr(enc.scratch_bytes, async_op, keep)
+        deadline = time.monotonic_ns() + self._timeout_ns
+        coll = COLL_IDS.get(name, 0) if kind == MSG_COLL else 0
+        sig = (kind, coll, dtype, redop, root, seq, count, tag)
+        if not async_op:
+            rc, st = self._engine.run(enc, (ptr_in, ptr_out, scratch, 0), deadline, *sig)
+            if rc:
+                raise self._fail(rc, st, name, seq, enc.plan)
+            return None
+        work = Work(name, seq, self.rank, keepalive=keep, result=result)
+        self._engine.start(enc, (ptr_in, ptr_out, scratch, 0), deadline, work,
+                           lambda w, rc, st: w._finish(self._fail(rc, st, name, seq, enc.plan) if rc else None), *sig)
+        return work
+
+    def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None) -> CommsError:
+        exc = failures.build(self, rc, st, op, seq, plan)
+        if self._broken is None:
+            self._broken = exc
+            failures.publish(self, exc)
+            self._engine.abort()
+        return exc
+
+    def _collective(self, name: str, key: tuple, args: Args, nbytes: int, ptr_in: int, ptr_out: int,
+                    keep: list, async_op: bool, dtype: int, op: ReduceOp | None, root: int, count: int,
+                    result: Any = None) -> Work | None:
+        self._check_open()
+        enc = self._encoded(key, args, nbytes)
+        self._seq += 1
+        return self._launch(name, enc, ptr_in, ptr_out, keep, async_op, MSG_COLL, dtype,
+                            int(op) if op is not None else 0, root, self._seq, count, 0, result)
+
+    # -- collectives ---------------------------------------------------------------------------
+    def all_reduce(self, buf: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+        """Reduce ``buf`` across all ranks, in place; every rank gets the same bits."""
+        v = resolve(buf, "all_reduce", writable=True)
+        op = as_op(op)
+        check_op(op, v.dtype, "all_reduce")
+        es = DTYPE_SIZES[v.dtype]
+        args = Args("all_reduce", self.rank, self.size, v.count, es, avg=op is ReduceOp.AVG, inplace=True)
+        return self._collective("all_reduce", ("all_reduce", v.count, v.dtype, op), args, v.nbytes, v.ptr, v.ptr,
+                                [buf], async_op, v.dtype, op, -1, v.count, buf)
+
+    def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
+        """Copy ``buf`` of rank ``root`` into ``buf`` of every rank."""
+        v = resolve(buf, "broadcast", writable=True)
+        root = self._check_root(root, "broadcast")
+        es = DTYPE_SIZES[v.dtype]
+        args = Args("broadcast", self.rank, self.size, v.count, es, root=root, inplace=True)
+        return self._collective("broadcast", ("broadcast", v.count, v.dtype, root), args, v.nbytes, v.ptr, v.ptr,
+                                [buf], async_op, v.dtype, None, root, v.count, buf)
+
+    def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+        """Reduce ``buf`` of every rank into ``buf`` of ``root``; other ranks' buffers are unchanged."""
+        v = resolve(buf, "reduce", writable=True)
+        root = self._check_root(root, "reduce")
+        op = as_op(op)
+        check_op(op, v.dtype, "reduce")
+        es = DTYPE_SIZES[v.dtype]
+        args = Args("reduce", self.rank, self.size, v.count, es, root=root, avg=op is ReduceOp.AVG, inplace=True)
+        return self._collective("reduce", ("reduce", v.count, v.dtype, op, root), args, v.nbytes, v.ptr, v.ptr,
+                                [buf], async_op, v.dtype, op, root, v.count, buf)
+
+    def all_gather(self, out: Any, inp: Any, *, async_op: bool = False) -> Work | None:
+        """``out`` (size x inp elements) receives every rank's ``inp``, in rank order."""
+        vi = resolve(inp, "all_gather input")
+        vo = resolve(out, "all_gather output", writable=True)
+        self._same_dtype(vi, vo, "all_gather")
+        if vo.count != self.size * vi.count:
+            raise InvalidUsage(f"all_gather: output has {vo.count} elements, expected size x input = "
+                               f"{self.size} x {vi.count} = {self.size * vi.count}")
+        inplace = vi.ptr == vo.ptr + self.rank * vi.nbytes
+        if not inplace and _views_overlap(vi, vo):
+            raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
+        es = DTYPE_SIZES[vi.dtype]
+        args = Args("all_gather", self.rank, self.size, vi.count, es, inplace=inplace)
+        return self._collective("all_gather", ("all_gather", vi.count, vi.dtype, inplace), args,
+                                vi.nbytes * (self.size - 1), vi.ptr, vo.ptr, [out, inp], async_op, vi.dtype, None, -1,
+                                vi.count, out)
+
+    def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+        """Reduce ``inp`` (size x out elements) across ranks; rank r gets block r in ``out``."""
+        vi = resolve(inp, "reduce_scatter input")
+        vo = resolve(out, "reduce_scatter output", writable=True)
+        self._same_dtype(vi, vo, "reduce_scatter")
+        op = as_op(op)
+        check_op(op, vi.dtype, "reduce_scatter")
+        if vi.count != self.size * vo.count:
+            raise InvalidUsage(f"reduce_scatter: input has {vi.count} elements, expected size x output = "
+                               f"{self.size} x {vo.count} = {self.size * vo.count}")
+        es = DTYPE_SIZES[vi.dtype]
+        args = Args("reduce_scatter", self.rank, self.size, vo.count, es, avg=op is ReduceOp.AVG)
+        return self._collective("reduce_scatter", ("reduce_scatter", vo.count, vi.dtype, op), args,
+                                vo.nbytes * (self.size - 1), vi.ptr, vo.ptr, [out, inp], async_op, vi.dtype, op, -1,
+                                vi.count, out)
+
+    def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
+                   in_splits: Sequence[int] | None = None, *, async_op: bool = False) -> Work | None:
+        """Rank r sends rows ``in_splits[p]`` of ``inp`` (consecutive blocks along dim 0) to rank p
+        and receives ``out_splits[p]`` rows from rank p into ``out``. None means equal splits."""
+        vi = resolve(inp, "all_to_all input")
+        vo = resolve(out, "all_to_all output", writable=True)
+        self._same_dtype(vi, vo, "all_to_all")
+        if _views_overlap(vi, vo):
+            raise InvalidUsage("all_to_all: input and output must not overlap")
+        rows_in, row_in = self._rows(vi, "input")
+        rows_out, row_out = self._rows(vo, "output")
+        if row_in != row_out and rows_in and rows_out:
+            raise InvalidUsage(f"all_to_all: input rows have {row_in} elements but output rows have {row_out}")
+        row = row_in if rows_in else row_out
+        uneven = out_splits is not None or in_splits is not None
+        ins = self._splits_of(in_splits, rows_in, "in_splits")
+        outs = self._splits_of(out_splits, rows_out, "out_splits")
+        if ins[self.rank] != outs[self.rank]:
+            raise InvalidUsage(f"all_to_all: rank {self.rank} sends itself {ins[self.rank]} rows "
+                               f"but expects {outs[self.rank]}")
+        rb = row * DTYPE_SIZES[vi.dtype]
+        send = tuple(s * rb for s in ins)
+        recv = tuple(s * rb for s in outs)
+        args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv)
+        nbytes = sum(send) - send[self.rank]
+        return self._collective("all_to_all", ("all_to_all", vi.dtype, send, recv), args, nbytes, vi.ptr, vo.ptr,
+                                [out, inp], async_op, vi.dtype, None, -1, COUNT_ANY if uneven else vi.count, out)
+
+    def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
+        """``out`` of ``root`` (size x inp elements) receives every rank's ``inp``; ``out`` may be
+        None on other ranks."""
+        root = self._check_root(root, "gather")
+        vi = resolve(inp, "gather input")
+        vo_ptr = 0
+        if self.rank == root:
+            vo = resolve(out, "gather output", writable=True)
+            self._same_dtype(vi, vo, "gather")
+            if vo.count != self.size * vi.count:
+                raise InvalidUsage(f"gather: output has {vo.count} elements, expected size x input = "
+                                   f"{self.size * vi.count}")
+            vo_ptr = vo.ptr
+        inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
+        args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace)
+        return self._collective("gather", ("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.ptr,
+                                vo_ptr, [out, inp], async_op, vi.dtype, None, root, vi.count, out)
+
+    def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
+        """Rank r receives block r of ``inp`` of ``root`` into ``out``; ``inp`` may be None off root."""
+        root = self._check_root(root, "scatter")
+        vo = resolve(out, "scatter output", writable=True)
+        vi_ptr = 0
+        if self.rank == root:
+            vi = resolve(inp, "scatter input")
+            self._same_dtype(vi, vo, "scatter")
+            if vi.count != self.size * vo.count:
+                raise InvalidUsage(f"scatter: input has {vi.count} elements, expected size x output = "
+                                   f"{self.size * vo.count}")
+            vi_ptr = vi.ptr
+        inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
+        args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace)
+        return self._collective("scatter", ("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vi_ptr,
+                                vo.ptr, [out, inp], async_op, vo.dtype, None, root, vo.count, out)
+
+    def barrier(self, *, async_op: bool = False) -> Work | None:
+        """Return once every rank has entered the barrier."""
+        args = Args("barrier", self.rank, self.size, 0, 1)
+        return self._collective("barrier", ("barrier",), args, 0, 0, 0, [], async_op, 2, None, -1, 0)
+
+    # -- point to point ------------------------------------------------------------------------
+    def _p2p(self, name: str, kind: int, buf: Any, peer: int, tag: int, async_op: bool) -> Work | None:
+        self._check_open()
+        v = resolve(buf, name, writable=kind == RECV)
+        peer = self._check_peer(peer, name)
+        if not isinstance(tag, (int, np.integer)) or tag < 0:
+            raise InvalidUsage(f"{name}: tag must be a non-negative integer, got {tag!r}")
+        key = (name, peer, v.nbytes)
+        enc = self._plans.get(key)
+        if enc is None:
+            b = IN if kind == SEND else OUT
+            enc = self._plans[key] = Encoded(Plan(name, (Step(kind, peer, b, 0, v.nbytes),)))
+        return self._launch(name, enc, v.ptr, v.ptr, [buf], async_op, MSG_P2P, v.dtype, 0, -1, 0, v.count,
+                            int(tag), buf)
+
+    def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False) -> Work | None:
+        """Send ``buf`` to rank ``dst``; matched by the receiver's (source, tag) in order."""
+        return self._p2p("send", SEND, buf, dst, tag, async_op)
+
+    def recv(self, buf: Any, src: int, tag: int = 0, *, async_op: bool = False) -> Work | None:
+        """Receive into ``buf`` the next message from rank ``src`` with ``tag`` (sizes must match)."""
+        return self._p2p("recv", RECV, buf, src, tag, async_op)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _same_dtype(a: View, b: View, what: str) -> None:
+        if a.dtype != b.dtype:
+            raise InvalidUsage(f"{what}: input is {DTYPE_NAMES[a.dtype]} but output is {DTYPE_NAMES[b.dtype]}")
+
+    @staticmethod
+    def _rows(v: View, what: str) -> tuple[int, int]:
+        if not v.shape:
+            raise InvalidUsage(f"all_to_all: the {what} must have at least one dimension")
+        rows = v.shape[0]
+        return rows, (v.count // rows if rows else int(np.prod(v.shape[1:], dtype=np.int64)))
+
+    def _splits_of(self, splits, rows: int, what: str) -> tuple:
+        if splits is None:
+            if rows % self.size:
+                raise InvalidUsage(f"all_to_all: {rows} rows cannot be split equally among {self.size} ranks; "
+                                   f"pass {what}")
+            return (rows // self.size,) * self.size
+        splits = tuple(int(s) for s in splits)
+        if len(splits) != self.size or any(s < 0 for s in splits):
+            raise InvalidUsage(f"all_to_all: {what} must hold {self.size} non-negative row counts, got {splits}")
+        if sum(splits) != rows:
+            raise InvalidUsage(f"all_to_all: {what} add up to {sum(splits)} rows but the buffer has {rows}")
+        return splits
+
+    # -- sub-communicators and teardown ----------------------------------------------------------
+    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+        """Collective: ranks with the same ``color`` form a new communicator, ordered by
+        (``key``, old rank). A ``color`` of None or < 0 joins none and gets None."""
+        self._check_open()
+        mine = np.array([-1 if color is None or color < 0 else int(color), int(key)], np.int64)
+        everyone = np.empty(2 * self.size, np.int64)
+        self.all_gather(everyone, mine)
+        self._splits += 1
+        if mine[0] < 0:
+            return None
+        pairs = everyone.reshape(self.size, 2)
+        group = sorted((r for r in range(self.size) if pairs[r, 0] == mine[0]), key=lambda r: (pairs[r, 1], r))
+        from .api import create
+        return create(group.index(self.rank), len(group), self._store,
+                      f"{self.prefix}split{self._splits}/{mine[0]}/", self.timeout, self._algo,
+                      [self.members[r] for r in group])
+
+    def close(self) -> None:
+        """Finish pending asynchronous work (until the deadline), then release every resource."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._engine.drain(self.timeout):
+            self._engine.abort()
+            self._engine.drain(5.0)
+        self._finalizer()
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<comms.Communicator rank {self.rank} of {self.size}>"
+
+
+def _release(boot) -> None:
+    boot.engine.close()
+    boot.close_transports()

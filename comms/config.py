@@ -1,0 +1,103 @@
+"""The one registry of configuration knobs.
+
+Each knob is declared once, with its name, type, default and doc, and is read from the environment
+variable ``COMMS_<NAME>``. Values that differ from the default are logged once at INFO level.
+``python -m comms.info`` prints every knob with its value and where the value came from.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("comms")
+
+
+def _size(text: str) -> int:
+    """Parse a byte size: ``4096``, ``64K``, ``1M``, ``2G`` (binary multiples)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def _bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, bool: _bool, "size": _size}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: Any
+    default: Any
+    doc: str
+
+    @property
+    def env(self) -> str:
+        return f"COMMS_{self.name}"
+
+
+PARAMS: dict[str, Param] = {}
+
+
+def declare(name: str, type_: Any, default: Any, doc: str) -> Param:
+    if name in PARAMS:
+        raise RuntimeError(f"config knob COMMS_{name} declared twice")
+    p = Param(name, type_, default, doc)
+    PARAMS[name] = p
+    return p
+
+
+declare("TIMEOUT", float, 300.0, "Deadline in seconds of every blocking wait, unless init(timeout=) says otherwise.")
+declare("TRANSPORT", str, "auto",
+        "Transport between peers: auto (shm on the same host, tcp across hosts), or force one of shm, tcp.")
+declare("HOST_ID", str, "", "Overrides the host identity (boot id, IPC namespace, /dev/shm probe); ranks with "
+        "equal ids share memory.")
+declare("ALGO", str, "", "Algorithm selection overrides, e.g. 'all_reduce:0-64K:direct#all_reduce:64K-inf:ring'.")
+declare("SHM_SLOT_BYTES", "size", 128 << 10, "Bytes per slot of a shared-memory channel (a pipeline chunk).")
+declare("SHM_SLOTS", int, 8, "Slots per shared-memory channel (chunks in flight per direction).")
+declare("SPIN", int, 0, "Polls before a waiting rank yields; 0 picks by oversubscription (ranks per core).")
+declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
+        "MASTER_ADDR.")
+declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
+declare("SMALL_MSG_BYTES", "size", 32 << 10, "Largest all_reduce handled by the low-latency direct path by "
+        "default.")
+declare("DEBUG", str, "WARN", "Log level of the 'comms' logger: WARN, INFO or DEBUG.")
+
+_logged: set[str] = set()
+
+
+def source(name: str) -> str:
+    """Where a knob's value comes from: 'env' or 'default'."""
+    return "env" if PARAMS[name].env in os.environ else "default"
+
+
+def get(name: str) -> Any:
+    """The value of knob ``name`` (without the COMMS_ prefix), read from the environment now."""
+    p = PARAMS[name]
+    raw = os.environ.get(p.env)
+    if raw is None:
+        return p.default
+    parse = _PARSERS[p.type]
+    try:
+        value = parse(raw)
+    except ValueError as e:
+        from .errors import InvalidUsage
+        raise InvalidUsage(f"{p.env}={raw!r} is not a valid {getattr(p.type, '__name__', p.type)}: {e}") from None
+    if value != p.default and p.env not in _logged:
+        _logged.add(p.env)
+        log.info("%s set by environment to %r (default %r)", p.env, value, p.default)
+    return value
+
+
+def snapshot() -> list[tuple[str, Any, str, str]]:
+    """(env name, value, source, doc) for every knob, in declaration order."""
+    return [(p.env, get(p.name), source(p.name), p.doc) for p in PARAMS.values()]

@@ -1,0 +1,68 @@
+"""Who am I, as far as peers are concerned: the host identity and the process facts exchanged at init.
+
+Two ranks may share memory when they see the same kernel (boot id), the same IPC namespace and the
+same /dev/shm (device and inode of the mount, plus a probe file one rank creates and the other
+finds). LOCAL_WORLD_SIZE and hostnames are never used for this. ``COMMS_HOST_ID`` overrides the
+whole identity (containers that share a host, tests that simulate several hosts).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from . import config
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _ns_inode(kind: str) -> int:
+    try:
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
+    except OSError:
+        return 0
+
+
+def host_identity() -> str:
+    """A string equal for exactly the processes that can share a /dev/shm segment."""
+    override = config.get("HOST_ID")
+    if override:
+        return f"user:{override}"
+    try:
+        st = os.stat("/dev/shm")
+        shm = f"{st.st_dev}:{st.st_ino}"
+    except OSError:
+        shm = "none"
+    return f"boot:{_read('/proc/sys/kernel/random/boot_id')}/ipc:{_ns_inode('ipc')}/shm:{shm}"
+
+
+@dataclass
+class PeerInfo:
+    """What each rank publishes in the first round of init."""
+    rank: int
+    host: str
+    hostname: str
+    pid: int
+    pid_ns: int
+    cores: int
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def mine(cls, rank: int) -> "PeerInfo":
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        return cls(rank, host_identity(), socket.gethostname(), os.getpid(), _ns_inode("pid"), cores)
+
+    def same_host(self, other: "PeerInfo") -> bool:
+        return self.host == other.host
+
+    def same_pid_namespace(self, other: "PeerInfo") -> bool:
+        return self.same_host(other) and self.pid_ns == other.pid_ns and self.pid_ns != 0

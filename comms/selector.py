@@ -1,0 +1,103 @@
+"""Algorithm selection: rules in one string grammar, defaults included.
+
+Grammar (COMMS_ALGO, and ``init(algo=...)``): rules separated by ``#``; each rule is
+``collective:low-high:algorithm`` or ``collective:algorithm`` (every size). Sizes are bytes with
+optional K/M/G suffixes (binary); ``inf`` is unbounded; a rule covers low <= bytes < high. Example:
+
+    all_reduce:0-64K:direct#all_reduce:64K-inf:ring
+
+User rules are consulted first, then :data:`DEFAULTS` (written in the same grammar), then every
+registered algorithm of the collective. An algorithm that declines a case (NotSupported) passes
+it to the next candidate. The message size is the per-rank buffer for all_reduce, broadcast and
+reduce, and the total bytes a rank sends otherwise.
+"""
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from . import algorithms, config
+from .algorithms.plan import Args, NotSupported, Plan
+from .config import _size
+from .errors import InvalidUsage
+
+log = logging.getLogger("comms")
+
+
+def defaults() -> str:
+    small = config.get("SMALL_MSG_BYTES")
+    return "#".join([
+        f"all_reduce:0-{small}:direct", f"all_reduce:{small}-inf:ring",
+        "broadcast:binomial", "reduce:binomial", "all_gather:ring", "reduce_scatter:ring",
+        "all_to_all:pairwise", "gather:linear", "scatter:linear", "barrier:dissemination",
+    ])
+
+
+class Rule(NamedTuple):
+    coll: str
+    low: int
+    high: float
+    algorithm: str
+
+    def __str__(self) -> str:
+        high = "inf" if self.high == float("inf") else str(int(self.high))
+        return f"{self.coll}:{self.low}-{high}:{self.algorithm}"
+
+
+def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
+    rules = []
+    for item in filter(None, (t.strip() for t in text.split("#"))):
+        parts = item.split(":")
+        if len(parts) == 2:
+            coll, algo, low, high = parts[0], parts[1], 0, float("inf")
+        elif len(parts) == 3:
+            coll, rng, algo = parts
+            lo, sep, hi = rng.partition("-")
+            if not sep:
+                raise InvalidUsage(f"{source}: range {rng!r} in {item!r} must be low-high")
+            try:
+                low = _size(lo)
+                high = float("inf") if hi.strip().lower() == "inf" else _size(hi)
+            except ValueError:
+                raise InvalidUsage(f"{source}: bad size in {item!r}") from None
+        else:
+            raise InvalidUsage(f"{source}: rule {item!r} must be collective:low-high:algorithm")
+        if coll not in algorithms.REGISTRY:
+            raise InvalidUsage(f"{source}: unknown collective {coll!r} (known: {', '.join(algorithms.REGISTRY)})")
+        if algo not in algorithms.REGISTRY[coll]:
+            raise InvalidUsage(f"{source}: no algorithm {algo!r} for {coll} "
+                               f"(known: {', '.join(algorithms.REGISTRY[coll])})")
+        rules.append(Rule(coll, low, high, algo))
+    return rules
+
+
+class Selector:
+    def __init__(self, override: str | None = None):
+        text = override if override is not None else config.get("ALGO")
+        self.user = parse(text, "algo override" if override is not None else "COMMS_ALGO")
+        self.default = parse(defaults(), "defaults")
+
+    def candidates(self, coll: str, nbytes: int) -> list[str]:
+        out = []
+        for rule in self.user + self.default:
+            if rule.coll == coll and rule.low <= nbytes < rule.high and rule.algorithm not in out:
+                out.append(rule.algorithm)
+        for name in algorithms.names(coll):
+            if name not in out:
+                out.append(name)
+        return out
+
+    def plan(self, args: Args, nbytes: int) -> Plan:
+        reasons = []
+        for name in self.candidates(args.coll, nbytes):
+            try:
+                plan = algorithms.get(args.coll, name).fn(args)
+            except NotSupported as e:
+                reasons.append(f"{name}: {e}")
+                continue
+            log.debug("comms: %s of %d B on %d ranks -> %s", args.coll, nbytes, args.size, name)
+            return plan
+        raise InvalidUsage(f"no algorithm can run {args.coll} of {nbytes} B on {args.size} ranks: {'; '.join(reasons)}")
+
+    def table(self) -> list[str]:
+        return [str(r) + "  (user)" for r in self.user] + [str(r) for r in self.default]

@@ -1,0 +1,97 @@
+"""Run the plans of all ranks in one process over an in-memory transport (for tests).
+
+The in-memory transport keeps one FIFO of messages per ordered pair of ranks. The simulator
+steps the ranks round-robin with the same semantics as native/engine.c: consecutive
+communication steps are posted together; sends deliver at once; a local step or PHASE waits for
+every posted receive; receives match in order. Reductions use :mod:`comms.reference`. A plan set
+that can make no progress raises :class:`Deadlock`, naming the stuck steps.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from . import reference
+from .algorithms.plan import (COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, RECV_REDUCE, REDUCE,
+                              REDUCE_SLOTS, SCRATCH, SEND, Plan)
+
+
+class Deadlock(RuntimeError):
+    pass
+
+
+def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], dtype: int, op: int) -> None:
+    """Execute ``plans[r]`` with IN = ``inputs[r]``, OUT = ``outputs[r]`` (uint8 views; they may be
+    the same array for in-place calls) and a fresh scratch buffer per rank."""
+    n = len(plans)
+    bufs = [{IN: inputs[r], OUT: outputs[r], SCRATCH: np.zeros(plans[r].scratch_bytes, np.uint8)} for r in range(n)]
+    fifo = {(s, d): deque() for s in range(n) for d in range(n)}
+    pc = [0] * n
+    pending: list[list] = [[] for _ in range(n)]   # posted receives not yet matched
+
+    def try_recvs(r: int) -> bool:
+        moved = False
+        still = []
+        for st in pending[r]:
+            q = fifo[(st.peer, r)]
+            if q and not any(p.peer == st.peer for p in still):
+                data = q.popleft()
+                if len(data) != st.nbytes:
+                    raise AssertionError(f"rank {r}: message of {len(data)} B from {st.peer}, expected {st.nbytes}")
+                dst = bufs[r][st.buf][st.off:st.off + st.nbytes]
+                if st.kind == RECV:
+                    dst[...] = data
+                else:
+                    esize = np.dtype(reference.NUMPY_STORAGE[dtype]).itemsize
+                    reference.reduce(dst, data, st.nbytes // esize, dtype, op)
+                moved = True
+            else:
+                still.append(st)
+        pending[r] = still
+        return moved
+
+    def local(r: int, st) -> None:
+        b = bufs[r]
+        esize = np.dtype(reference.NUMPY_STORAGE[dtype]).itemsize
+        dst = b[st.buf][st.off:st.off + st.nbytes]
+        if st.kind == COPY:
+            dst[...] = b[st.buf2][st.off2:st.off2 + st.nbytes].copy()
+        elif st.kind == REDUCE:
+            reference.reduce(dst, b[st.buf2][st.off2:st.off2 + st.nbytes], st.nbytes // esize, dtype, op)
+        elif st.kind == REDUCE_SLOTS:
+            reference.reduce_slots(dst, b[st.buf2][st.off2:], st.aux, st.peer, st.nbytes // esize, dtype, op)
+        elif st.kind == DIV:
+            reference.div(dst, st.nbytes // esize, dtype, st.aux)
+
+    while True:
+        moved = False
+        for r in range(n):
+            moved |= try_recvs(r)
+            steps = plans[r].steps
+            while pc[r] < len(steps):
+                st = steps[pc[r]]
+                if st.kind in COMM_KINDS:
+                    if st.kind == SEND:
+                        fifo[(r, st.peer)].append(bufs[r][st.buf][st.off:st.off + st.nbytes].copy())
+                    else:
+                        pending[r].append(st)
+                    pc[r] += 1
+                    moved = True
+                    continue
+                try_recvs(r)
+                if pending[r]:
+                    break
+                if st.kind != PHASE:
+                    local(r, st)
+                pc[r] += 1
+                moved = True
+            moved |= try_recvs(r)
+        if all(pc[r] == len(plans[r].steps) and not pending[r] for r in range(n)):
+            break
+        if not moved:
+            stuck = {r: [str(s) for s in pending[r]] for r in range(n) if pending[r]}
+            raise Deadlock(f"plans cannot progress; waiting receives: {stuck}")
+    left = {k: len(q) for k, q in fifo.items() if q}
+    if left:
+        raise AssertionError(f"messages never received: {left}")

@@ -1,0 +1,73 @@
+/* Declarations handed to ffi.cdef(): the whole C surface that Python sees.
+ * Plain C only (no preprocessor); layouts must match comms_native.h. */
+
+typedef struct {
+    uint32_t magic;
+    uint8_t kind;       /* CM_MSG_COLL or CM_MSG_P2P */
+    uint8_t coll;       /* collective id (Python's COLL_IDS) */
+    uint8_t dtype;
+    uint8_t redop;
+    int32_t root;
+    int32_t src;        /* sender's rank */
+    uint64_t seq;       /* collective sequence number on the communicator */
+    uint64_t count;     /* the collective's element count as the sender sees it */
+    uint64_t tag;       /* user tag of a p2p message */
+    uint64_t nbytes;    /* payload bytes of this message */
+} cm_hdr;
+
+typedef struct {
+    int32_t kind;       /* CM_STEP_* */
+    int32_t peer;       /* comm steps: peer rank; REDUCE_SLOTS: number of slots */
+    int32_t buf;        /* primary buffer id: data sent, received into, copied/reduced into */
+    int32_t buf2;       /* secondary buffer id: copy/reduce source */
+    uint64_t off;       /* byte offset in buf */
+    uint64_t off2;      /* byte offset in buf2; REDUCE_SLOTS: stride between slots */
+    uint64_t nbytes;
+    uint64_t aux;       /* REDUCE_SLOTS: stride between slots; DIV: divisor */
+} cm_step;
+
+typedef struct {
+    int32_t code;
+    int32_t peer;
+    int32_t sys_errno;
+    int32_t step;
+    uint64_t done_bytes;
+    uint64_t want_bytes;
+    cm_hdr local;
+    cm_hdr remote;
+} cm_status;
+
+typedef struct cm_ctx cm_ctx;
+typedef struct cm_exec cm_exec;
+
+/* reduction kernels (dst = dst op src), and the canonical-order n-way reduction */
+int cm_reduce(void *dst, const void *src, size_t count, int dtype, int op);
+int cm_reduce_slots(void *dst, const void *base, size_t stride, int nslots, size_t count, int dtype, int op);
+int cm_div(void *buf, size_t count, int dtype, int64_t divisor);
+
+/* shared-memory segments */
+int cm_shm_create(const char *name, size_t bytes, void **out);
+int cm_shm_attach(const char *name, size_t bytes, void **out);
+int cm_shm_unlink(const char *name);
+int cm_shm_unmap(void *addr, size_t bytes);
+size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes);
+void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes);
+
+/* communicator context and the progress engine */
+cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields);
+void cm_ctx_free(cm_ctx *ctx);
+int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes);
+int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid);
+int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes);
+void cm_ctx_abort(cm_ctx *ctx);
+int cm_ctx_pending(cm_ctx *ctx);
+void cm_ctx_counters(cm_ctx *ctx, uint64_t *out, int n);
+
+int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                  const cm_hdr *sig, int64_t deadline_ns, cm_exec **out);
+int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st);
+int cm_exec_test(cm_ctx *ctx, cm_exec *e, cm_status *st);
+void cm_exec_free(cm_ctx *ctx, cm_exec *e);
+int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
+int64_t cm_now_ns(void);

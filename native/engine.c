@@ -1,0 +1,565 @@
+/* The progress engine: runs plans (arrays of cm_step) over the shm and tcp channels.
+ *
+ * A plan executes in order. SEND / RECV / RECV_REDUCE steps post an operation on the peer's channel
+ * and do not wait; PHASE waits until every posted operation of the plan has completed; COPY,
+ * REDUCE, REDUCE_SLOTS and DIV run locally when reached. Each channel keeps a FIFO of posted sends
+ * and one of posted receives. Collective messages match the oldest posted collective receive and
+ * must agree with it on (seq, collective, dtype, op, root, count, bytes), otherwise every rank is
+ * told through CM_E_MISMATCH here and an abort on the others. P2P messages match by tag; those that
+ * arrive before their receive are kept aside (unexpected queue).
+ *
+ * Collectives on one context run one at a time, in start order (later ones queue); p2p plans start
+ * at once. The first failure (peer gone, mismatch, timeout) fails the whole context, like a broken
+ * gloo pair: every plan in flight ends with that error and the context must be rebuilt.
+ *
+ * Waiting spins for `spin` polls, then yields `yields` times, then sleeps on the futex doorbell
+ * (shm only) or in poll() (tcp), waking up at least every few ms to check liveness and deadlines.
+ * Nothing here takes the GIL; the caller serializes calls on one context.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include "comms_native.h"
+
+int64_t cm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- context ---------------------------------------------------------------------------------- */
+cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
+    if (size < 1 || rank < 0 || rank >= size) return NULL;
+    cm_ctx *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->chans = calloc((size_t)size, sizeof(cm_chan));
+    if (!ctx->chans) { free(ctx); return NULL; }
+    ctx->rank = rank;
+    ctx->size = size;
+    ctx->spin = spin;
+    ctx->yields = yields;
+    for (int p = 0; p < size; p++) { ctx->chans[p].peer = p; ctx->chans[p].fd = -1; }
+    return ctx;
+}
+
+static void free_unexp(cm_chan *c) {
+    while (c->unexp) { cm_unexp *u = c->unexp; c->unexp = u->next; free(u->data); free(u); }
+    c->unexp_tail = NULL;
+}
+
+void cm_ctx_free(cm_ctx *ctx) {
+    if (!ctx) return;
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (c->fd >= 0) close(c->fd);
+        free(c->bounce);
+        free_unexp(c);
+    }
+    while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
+    free(ctx->chans);
+    free(ctx);
+}
+
+int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes) {
+    if (!my_seg || nslots < 1 || slot_bytes < 64 || slot_bytes % 64 || local_index < 0 || local_index >= nlocal)
+        return CM_E_INVALID;
+    ctx->my_seg = my_seg;
+    ctx->local_index = local_index;
+    ctx->nlocal = nlocal;
+    ctx->nslots = nslots;
+    ctx->slot_bytes = slot_bytes;
+    ctx->chan_bytes = sizeof(cm_chan_ctrl) + (size_t)nslots * (CM_SLOT_HDR_BYTES + slot_bytes);
+    return CM_OK;
+}
+
+int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid) {
+    if (!ctx->my_seg || peer < 0 || peer >= ctx->size || peer == ctx->rank || !peer_seg ||
+        peer_local_index < 0 || peer_local_index >= ctx->nlocal)
+        return CM_E_INVALID;
+    cm_seg_hdr *ps = peer_seg;
+    if (ps->magic != CM_SEG_MAGIC || ps->nslots != (uint32_t)ctx->nslots || ps->slot_bytes != ctx->slot_bytes)
+        return CM_E_INVALID;
+    cm_chan *c = &ctx->chans[peer];
+    c->type = CM_CHAN_SHM;
+    c->peer_seg = ps;
+    c->peer_pid = peer_pid;
+    c->tx = (cm_chan_ctrl *)((char *)peer_seg + CM_SEG_HDR_BYTES + (size_t)ctx->local_index * ctx->chan_bytes);
+    c->tx_slots = (char *)(c->tx + 1);
+    c->rx = (cm_chan_ctrl *)((char *)ctx->my_seg + CM_SEG_HDR_BYTES + (size_t)peer_local_index * ctx->chan_bytes);
+    c->rx_slots = (char *)(c->rx + 1);
+    c->tx_head = atomic_load(&c->tx->head);
+    c->rx_tail = atomic_load(&c->rx->tail);
+    ctx->has_shm = 1;
+    return CM_OK;
+}
+
+int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes) {
+    if (peer < 0 || peer >= ctx->size || peer == ctx->rank || fd < 0 || chunk_bytes < 64) return CM_E_INVALID;
+    cm_chan *c = &ctx->chans[peer];
+    c->bounce = malloc(chunk_bytes);
+    if (!c->bounce) return CM_E_NOMEM;
+    c->bounce_bytes = chunk_bytes;
+    c->type = CM_CHAN_TCP;
+    c->fd = fd;
+    ctx->has_tcp = 1;
+    return CM_OK;
+}
+
+int cm_ctx_pending(cm_ctx *ctx) {
+    int n = 0;
+    for (cm_exec *e = ctx->active; e; e = e->next_active) n += !e->done;
+    return n;
+}
+
+void cm_ctx_counters(cm_ctx *ctx, uint64_t *out, int n) {
+    for (int i = 0; i < n && i < 8; i++) out[i] = ctx->counters[i];
+}
+
+/* Tell every peer that this context is dead: abort word + doorbell on shm, shutdown on tcp. */
+void cm_ctx_abort(cm_ctx *ctx) {
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (c->type == CM_CHAN_SHM) {
+            uint64_t zero = 0;
+            atomic_compare_exchange_strong(&c->peer_seg->abort, &zero, (uint64_t)ctx->rank + 1);
+            atomic_fetch_add(&c->peer_seg->doorbell, 1);
+            atomic_store(&c->peer_seg->waiting, 1);   /* force the wake below */
+            cm_shm_notify(c->peer_seg);
+        } else if (c->type == CM_CHAN_TCP) {
+            shutdown(c->fd, SHUT_RDWR);
+        }
+    }
+    if (!ctx->failed) cm_fail(ctx, CM_E_ABORTED, -1, 0, NULL);
+}
+
+/* ---- failure ---------------------------------------------------------------------------------- */
+int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
+    if (ctx->failed) return ctx->status.code;
+    ctx->failed = 1;
+    cm_status *st = &ctx->status;
+    st->code = code;
+    st->peer = peer;
+    st->sys_errno = sys_errno;
+    st->step = op ? op->step : -1;
+    st->done_bytes = op ? op->done : 0;
+    st->want_bytes = op ? op->nbytes : 0;
+    if (op) st->local = op->exec->sig;
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        c->sendq = c->sendq_tail = c->recvq = c->recvq_tail = NULL;
+        c->rx_op = NULL;
+        c->rx_active = 0;
+    }
+    for (cm_exec *e = ctx->active; e; e = e->next_active)
+        if (!e->done) { e->done = 1; e->code = code; }
+    ctx->coll_active = ctx->coll_queue = ctx->coll_queue_tail = NULL;
+    return code;
+}
+
+/* ---- matching and delivery -------------------------------------------------------------------- */
+static void unlink_recv(cm_chan *c, cm_op *op) {
+    cm_op **pp = &c->recvq, *prev = NULL;
+    while (*pp && *pp != op) { prev = *pp; pp = &(*pp)->next; }
+    if (!*pp) return;
+    *pp = op->next;
+    if (c->recvq_tail == op) c->recvq_tail = prev;
+    op->next = NULL;
+}
+
+/* Match the header in c->rx_hdr to a posted receive. CM_OK: c->rx_op or c->rx_unexp is set and
+ * c->rx_active = 1; CM_EAGAIN: a collective message whose receive is not posted yet; < 0: error. */
+int cm_match(cm_ctx *ctx, cm_chan *c) {
+    cm_hdr *h = &c->rx_hdr;
+    if (h->magic != CM_MAGIC || h->src != c->peer) {
+        ctx->status.remote = *h;
+        return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
+    }
+    if (h->kind == CM_MSG_COLL) {
+        cm_op *op = c->recvq;
+        while (op && !op->exec->is_coll) op = op->next;
+        if (!op) return CM_EAGAIN;
+        const cm_hdr *s = &op->exec->sig;
+        int same = h->seq == s->seq && h->coll == s->coll && h->dtype == s->dtype && h->redop == s->redop &&
+                   h->root == s->root &&
+                   (h->count == s->count || h->count == CM_COUNT_ANY || s->count == CM_COUNT_ANY);
+        if (!same || h->nbytes != op->nbytes) {
+            ctx->status.remote = *h;
+            return cm_fail(ctx, same ? CM_E_TRUNCATE : CM_E_MISMATCH, c->peer, 0, op);
+        }
+        unlink_recv(c, op);
+        c->rx_op = op;
+        c->rx_unexp = NULL;
+    } else if (h->kind == CM_MSG_P2P) {
+        cm_op *op = c->recvq;
+        while (op && (op->exec->is_coll || op->exec->sig.tag != h->tag)) op = op->next;
+        if (op) {
+            if (h->nbytes != op->nbytes) {
+                ctx->status.remote = *h;
+                return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+            }
+            unlink_recv(c, op);
+            c->rx_op = op;
+            c->rx_unexp = NULL;
+        } else {
+            cm_unexp *u = calloc(1, sizeof *u);
+            if (!u || !(u->data = malloc(h->nbytes ? h->nbytes : 1))) { free(u); return cm_fail(ctx, CM_E_NOMEM, c->peer, 0, NULL); }
+            u->tag = h->tag;
+            u->nbytes = h->nbytes;
+            if (c->unexp_tail) c->unexp_tail->next = u; else c->unexp = u;
+            c->unexp_tail = u;
+            c->rx_op = NULL;
+            c->rx_unexp = u;
+        }
+    } else {
+        ctx->status.remote = *h;
+        return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
+    }
+    c->rx_active = 1;
+    return CM_OK;
+}
+
+int cm_deliver(cm_ctx *ctx, cm_chan *c, const char *data, size_t len) {
+    if (!len) return CM_OK;
+    cm_op *op = c->rx_op;
+    if (!op) {
+        cm_unexp *u = c->rx_unexp;
+        memcpy(u->data + u->got, data, len);
+        u->got += len;
+        return CM_OK;
+    }
+    if (op->done + len > op->nbytes) return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+    if (op->kind == CM_STEP_RECV_REDUCE) {
+        int dt = op->exec->sig.dtype;
+        int r = cm_reduce(op->ptr + op->done, data, len / cm_dtype_size(dt), dt, op->exec->sig.redop & CM_REDOP_MASK);
+        if (r < 0) return cm_fail(ctx, r, c->peer, 0, op);
+    } else {
+        memcpy(op->ptr + op->done, data, len);
+    }
+    op->done += len;
+    return CM_OK;
+}
+
+void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq) {
+    if (from_sendq) {
+        c->sendq = op->next;
+        if (!c->sendq) c->sendq_tail = NULL;
+        op->next = NULL;
+    }
+    op->complete = 1;
+    op->exec->pending--;
+    ctx->progressed = 1;
+}
+
+static void unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op) {
+    memcpy(op->ptr, u->data, u->nbytes);
+    op->done = u->nbytes;
+    /* drop u from the list */
+    cm_unexp **pp = &c->unexp, *prev = NULL;
+    while (*pp != u) { prev = *pp; pp = &(*pp)->next; }
+    *pp = u->next;
+    if (c->unexp_tail == u) c->unexp_tail = prev;
+    free(u->data);
+    free(u);
+    cm_op_done(ctx, c, op, 0);
+}
+
+void cm_message_done(cm_ctx *ctx, cm_chan *c) {
+    c->rx_active = 0;
+    if (c->rx_op) {
+        cm_op *op = c->rx_op;
+        c->rx_op = NULL;
+        cm_op_done(ctx, c, op, 0);
+    } else if (c->rx_unexp) {
+        cm_unexp *u = c->rx_unexp;
+        c->rx_unexp = NULL;
+        u->complete = 1;
+        if (u->waiter) unexp_to_op(ctx, c, u, u->waiter);
+    }
+}
+
+/* ---- plans ------------------------------------------------------------------------------------ */
+static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
+    cm_op *op = &e->ops[e->nops++];
+    memset(op, 0, sizeof *op);
+    op->exec = e;
+    op->kind = s->kind;
+    op->peer = s->peer;
+    op->step = (int)(s - e->steps);
+    op->ptr = e->bufs[s->buf] + s->off;
+    op->nbytes = s->nbytes;
+    cm_chan *c = &ctx->chans[s->peer];
+    e->pending++;
+    if (s->kind == CM_STEP_SEND) {
+        if (c->sendq_tail) c->sendq_tail->next = op; else c->sendq = op;
+        c->sendq_tail = op;
+        return;
+    }
+    if (!e->is_coll) {                         /* an earlier unexpected message may match */
+        for (cm_unexp *u = c->unexp; u; u = u->next) {
+            if (u->tag != e->sig.tag || u->waiter) continue;
+            if (u->nbytes != op->nbytes) {
+                ctx->status.remote.tag = u->tag;
+                ctx->status.remote.nbytes = u->nbytes;
+                cm_fail(ctx, CM_E_TRUNCATE, s->peer, 0, op);
+                return;
+            }
+            if (u->complete) unexp_to_op(ctx, c, u, op);
+            else u->waiter = op;
+            return;
+        }
+    }
+    if (c->recvq_tail) c->recvq_tail->next = op; else c->recvq = op;
+    c->recvq_tail = op;
+}
+
+static void start_next_coll(cm_ctx *ctx);
+
+/* Run local steps and post communication until the plan must wait or ends. Consecutive
+ * communication steps are posted together; a local step or PHASE after them runs only once all
+ * of them completed. */
+static void advance(cm_ctx *ctx, cm_exec *e) {
+    while (!e->done && e->pending == 0) {
+        if (e->next == e->nsteps) {
+            e->done = 1;
+            e->code = CM_OK;
+            ctx->progressed = 1;
+            if (ctx->coll_active == e) { ctx->coll_active = NULL; start_next_coll(ctx); }
+            return;
+        }
+        const cm_step *s = &e->steps[e->next++];
+        size_t esz = cm_dtype_size(e->sig.dtype);
+        int r = CM_OK;
+        switch (s->kind) {
+        case CM_STEP_SEND: case CM_STEP_RECV: case CM_STEP_RECV_REDUCE:
+            post(ctx, e, s);
+            /* keep posting until a PHASE */
+            while (!ctx->failed && e->next < e->nsteps && e->steps[e->next].kind <= CM_STEP_RECV_REDUCE)
+                post(ctx, e, &e->steps[e->next++]);
+            break;
+        case CM_STEP_COPY:
+            if (s->nbytes) memmove(e->bufs[s->buf] + s->off, e->bufs[s->buf2] + s->off2, s->nbytes);
+            break;
+        case CM_STEP_REDUCE:
+            r = cm_reduce(e->bufs[s->buf] + s->off, e->bufs[s->buf2] + s->off2, s->nbytes / esz, e->sig.dtype, e->sig.redop & CM_REDOP_MASK);
+            break;
+        case CM_STEP_REDUCE_SLOTS:
+            r = cm_reduce_slots(e->bufs[s->buf] + s->off, e->bufs[s->buf2] + s->off2, s->aux, s->peer,
+                                s->nbytes / esz, e->sig.dtype, e->sig.redop & CM_REDOP_MASK);
+            break;
+        case CM_STEP_DIV:
+            r = cm_div(e->bufs[s->buf] + s->off, s->nbytes / esz, e->sig.dtype, (int64_t)s->aux);
+            break;
+        case CM_STEP_PHASE:
+            break;
+        default:
+            r = CM_E_INVALID;
+        }
+        if (r < 0) { cm_fail(ctx, r, -1, 0, NULL); return; }
+        if (ctx->failed) return;
+    }
+}
+
+static void start_next_coll(cm_ctx *ctx) {
+    while (!ctx->coll_active && ctx->coll_queue) {
+        cm_exec *e = ctx->coll_queue;
+        ctx->coll_queue = e->next_coll;
+        if (!ctx->coll_queue) ctx->coll_queue_tail = NULL;
+        ctx->coll_active = e;
+        e->started = 1;
+        advance(ctx, e);
+    }
+}
+
+static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs, const cm_hdr *sig) {
+    if (nbufs < 0 || nbufs > CM_MAX_BUFS || nsteps < 0) return CM_E_INVALID;
+    if (!cm_dtype_size(sig->dtype)) return CM_E_INVALID;
+    for (int i = 0; i < nsteps; i++) {
+        const cm_step *s = &steps[i];
+        if (s->kind < CM_STEP_SEND || s->kind > CM_STEP_PHASE) return CM_E_INVALID;
+        if (s->kind == CM_STEP_PHASE) continue;
+        if (s->buf < 0 || s->buf >= nbufs || (s->nbytes && !bufs[s->buf])) return CM_E_INVALID;
+        if (s->kind <= CM_STEP_RECV_REDUCE) {
+            if (s->peer < 0 || s->peer >= ctx->size || s->peer == ctx->rank ||
+                ctx->chans[s->peer].type == CM_CHAN_NONE)
+                return CM_E_INVALID;
+        } else if (s->kind != CM_STEP_DIV) {
+            if (s->buf2 < 0 || s->buf2 >= nbufs || (s->nbytes && !bufs[s->buf2])) return CM_E_INVALID;
+        }
+    }
+    return CM_OK;
+}
+
+int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                  const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
+    *out = NULL;
+    if (ctx->failed) return ctx->status.code;
+    int r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
+    if (r < 0) return r;
+    cm_exec *e = calloc(1, sizeof *e);
+    int ncomm = 0;
+    for (int i = 0; i < nsteps; i++) ncomm += steps[i].kind <= CM_STEP_RECV_REDUCE;
+    if (!e || !(e->steps = malloc(sizeof(cm_step) * (size_t)(nsteps ? nsteps : 1))) ||
+        !(e->ops = malloc(sizeof(cm_op) * (size_t)(ncomm ? ncomm : 1)))) {
+        if (e) { free(e->steps); free(e); }
+        return CM_E_NOMEM;
+    }
+    memcpy(e->steps, steps, sizeof(cm_step) * (size_t)nsteps);
+    e->nsteps = nsteps;
+    for (int i = 0; i < nbufs; i++) e->bufs[i] = (char *)bufs[i];
+    e->sig = *sig;
+    e->sig.magic = CM_MAGIC;
+    e->is_coll = sig->kind == CM_MSG_COLL;
+    e->deadline = deadline_ns;
+    e->next_active = ctx->active;
+    ctx->active = e;
+    ctx->counters[CM_CNT_EXECS]++;
+    *out = e;
+    if (e->is_coll) {
+        if (ctx->coll_queue_tail) ctx->coll_queue_tail->next_coll = e; else ctx->coll_queue = e;
+        ctx->coll_queue_tail = e;
+        start_next_coll(ctx);
+    } else {
+        e->started = 1;
+        advance(ctx, e);
+    }
+    return ctx->failed ? ctx->status.code : CM_OK;
+}
+
+/* One pass over every channel; returns 1 if anything moved, < 0 on failure. */
+static int progress(cm_ctx *ctx) {
+    ctx->progressed = 0;
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        int r1 = 0, r2 = 0;
+        if (c->type == CM_CHAN_SHM) {
+            if (c->sendq) r1 = cm_shm_progress_send(ctx, c);
+            r2 = cm_shm_progress_recv(ctx, c);
+        } else if (c->type == CM_CHAN_TCP) {
+            if (c->sendq) r1 = cm_tcp_progress_send(ctx, c);
+            r2 = cm_tcp_progress_recv(ctx, c);   /* always: notices EOF and early p2p messages */
+        }
+        if (r1 < 0) return r1;
+        if (r2 < 0) return r2;
+    }
+    if (ctx->progressed) {
+        for (cm_exec *e = ctx->active; e; e = e->next_active)
+            if (!e->done && e->started && e->pending == 0) advance(ctx, e);
+        if (ctx->failed) return ctx->status.code;
+    }
+    return ctx->progressed;
+}
+
+static int first_pending_peer(cm_exec *e, cm_op **which) {
+    for (int pass = 0; pass < 2; pass++) {    /* receives first: they name who we wait for */
+        for (int i = 0; i < e->nops; i++) {
+            cm_op *op = &e->ops[i];
+            if (!op->complete && (op->kind == CM_STEP_SEND) == pass) { *which = op; return op->peer; }
+        }
+    }
+    *which = NULL;
+    return -1;
+}
+
+static int check_liveness(cm_ctx *ctx) {
+    if (ctx->my_seg) {
+        uint64_t a = atomic_load(&ctx->my_seg->abort);
+        if (a) return cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL);
+    }
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (c->type == CM_CHAN_SHM && c->peer_pid > 0 && kill(c->peer_pid, 0) < 0 && errno == ESRCH)
+            return cm_fail(ctx, CM_E_PEER_DEAD, p, 0, NULL);
+    }
+    return CM_OK;
+}
+
+static void fill_status(cm_ctx *ctx, cm_exec *e, cm_status *st) {
+    if (!st) return;
+    if (ctx->failed) *st = ctx->status;
+    else memset(st, 0, sizeof *st);
+    if (e) st->local = e->sig;
+    st->local.magic = CM_MAGIC;
+}
+
+int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
+    int64_t start = cm_now_ns(), last_check = start;
+    int spins = 0, yields = 0;
+    for (;;) {
+        if (e->done) { fill_status(ctx, e, st); return e->code; }
+        int r = progress(ctx);
+        if (r < 0) continue;                          /* e->done is set by cm_fail */
+        if (r > 0) { spins = 0; yields = 0; continue; }
+        if (++spins < ctx->spin) { cpu_relax(); continue; }
+        int64_t now = cm_now_ns();
+        if (now >= e->deadline) {
+            cm_op *op;
+            int peer = first_pending_peer(e, &op);
+            cm_fail(ctx, CM_E_TIMEOUT, peer, 0, op);
+            continue;
+        }
+        if (now - last_check > 20000000LL) {          /* every 20 ms of waiting */
+            last_check = now;
+            if (check_liveness(ctx) < 0) continue;
+        }
+        if (block_ns >= 0 && now - start >= block_ns) { fill_status(ctx, e, st); return CM_EAGAIN; }
+        if (yields < ctx->yields) { yields++; sched_yield(); continue; }
+        int64_t nap = e->deadline - now;
+        if (nap > 20000000LL) nap = 20000000LL;
+        if (block_ns >= 0 && block_ns - (now - start) < nap) nap = block_ns - (now - start);
+        if (nap < 1000) nap = 1000;
+        if (ctx->has_tcp) cm_tcp_sleep(ctx, ctx->has_shm ? (nap < 1000000 ? nap : 1000000) : nap);
+        else if (ctx->has_shm) cm_shm_sleep(ctx, nap);
+        else sched_yield();
+        if (check_liveness(ctx) < 0) continue;
+    }
+}
+
+int cm_exec_test(cm_ctx *ctx, cm_exec *e, cm_status *st) {
+    if (!e->done) {
+        int r;
+        do { r = progress(ctx); } while (r > 0 && !e->done);
+        if (!e->done && cm_now_ns() >= e->deadline) {
+            cm_op *op;
+            int peer = first_pending_peer(e, &op);
+            cm_fail(ctx, CM_E_TIMEOUT, peer, 0, op);
+        }
+    }
+    if (!e->done) return CM_EAGAIN;
+    fill_status(ctx, e, st);
+    return e->code;
+}
+
+void cm_exec_free(cm_ctx *ctx, cm_exec *e) {
+    if (!e) return;
+    if (!e->done) return;                             /* never free a plan whose ops are queued */
+    cm_exec **pp = &ctx->active;
+    while (*pp && *pp != e) pp = &(*pp)->next_active;
+    if (*pp) *pp = e->next_active;
+    free(e->steps);
+    free(e->ops);
+    free(e);
+}
+
+int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                const cm_hdr *sig, int64_t deadline_ns, cm_status *st) {
+    cm_exec *e;
+    int r = cm_exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, &e);
+    if (!e) { fill_status(ctx, NULL, st); if (st) st->code = r; return r; }
+    r = cm_exec_wait(ctx, e, -1, st);
+    cm_exec_free(ctx, e);
+    return r;
+}

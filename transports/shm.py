@@ -1,0 +1,116 @@
+"""Shared-memory transport for peers on the same host, implemented in native/shm.c.
+
+Each rank creates one /dev/shm segment holding its inbound rings (one per local peer) and maps
+every local peer's segment. As soon as every local rank has mapped every segment, each rank
+unlinks its own: from then on the segments have no name, and the kernel frees them when the last
+process exits, even after ``kill -9``. A rank killed during init leaves a named segment behind;
+its name carries the creator's pid, and :func:`comms.cleanup.sweep_stale_segments` (run at every
+init and by the launchers) removes it.
+
+Space is reserved with posix_fallocate, so a /dev/shm too small fails at init with the size it
+needs, never with SIGBUS in the middle of a collective.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shutil
+
+from .. import config
+from ..cleanup import SHM_DIR, segment_name, sweep_stale_segments
+from ..errors import TransportError
+from .base import Transport
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def __init__(self, boot):
+        super().__init__(boot)
+        self.seg_name: str | None = None
+        self.seg_addr = None
+        self.seg_bytes = 0
+        self.mapped: list[tuple[object, int]] = []
+        self.local = boot.local_ranks            # ranks on this host, in rank order
+        self.nslots = config.get("SHM_SLOTS")
+        self.slot_bytes = (config.get("SHM_SLOT_BYTES") + 63) // 64 * 64
+
+    def can_connect(self, me, peer) -> bool:
+        forced = self.boot.forced_transport
+        if forced and forced != self.name:
+            return False
+        return me.same_host(peer)
+
+    def listen(self) -> bytes:
+        from .._native import ffi, lib
+        if len(self.local) < 2 or self.boot.forced_transport not in (None, self.name):
+            return b""
+        sweep_stale_segments()
+        nlocal = len(self.local)
+        self.seg_bytes = lib.cm_shm_segment_bytes(nlocal, self.nslots, self.slot_bytes)
+        self.seg_name = segment_name()
+        out = ffi.new("void **")
+        rc = lib.cm_shm_create(self.seg_name.encode(), self.seg_bytes, out)
+        if rc != 0:
+            self.seg_name = None
+            raise self._create_error(-rc, nlocal)
+        self.seg_addr = out[0]
+        self.mapped.append((self.seg_addr, self.seg_bytes))
+        lib.cm_shm_init_segment(self.seg_addr, nlocal, self.nslots, self.slot_bytes)
+        rc = lib.cm_ctx_set_shm(self.boot.engine.ctx, self.seg_addr, self.local.index(self.boot.rank), nlocal,
+                                self.nslots, self.slot_bytes)
+        if rc != 0:
+            raise TransportError(f"shm: native context rejected the segment layout (code {rc})")
+        return pickle.dumps((self.seg_name, self.seg_bytes, self.nslots, self.slot_bytes))
+
+    def _create_error(self, err: int, nlocal: int) -> TransportError:
+        if err in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            try:
+                free = shutil.disk_usage(SHM_DIR).free
+            except OSError:
+                free = -1
+            return TransportError(
+                f"/dev/shm is too small: rank {self.boot.rank} needs {self.seg_bytes} bytes "
+                f"({self.seg_bytes / 2**20:.1f} MiB: {nlocal} local ranks x {self.nslots} slots x "
+                f"{self.slot_bytes} B) but only {free} bytes are free; enlarge /dev/shm "
+                f"(docker run --shm-size), lower COMMS_SHM_SLOTS / COMMS_SHM_SLOT_BYTES, or set COMMS_TRANSPORT=tcp",
+                rank=self.boot.rank)
+        return TransportError(f"shm: cannot create segment {self.seg_name}: {os.strerror(err)}", rank=self.boot.rank)
+
+    def connect(self, peer: int, address: bytes) -> None:
+        from .._native import ffi, lib
+        name, nbytes, nslots, slot_bytes = pickle.loads(address)
+        if (nslots, slot_bytes) != (self.nslots, self.slot_bytes):
+            raise TransportError(f"shm: rank {peer} uses {nslots} slots of {slot_bytes} B but rank "
+                                 f"{self.boot.rank} uses {self.nslots} of {self.slot_bytes} B; set "
+                                 "COMMS_SHM_SLOTS/COMMS_SHM_SLOT_BYTES alike on every rank", rank=self.boot.rank, peer=peer)
+        out = ffi.new("void **")
+        rc = lib.cm_shm_attach(name.encode(), nbytes, out)
+        if rc != 0:
+            raise TransportError(f"shm: rank {self.boot.rank} cannot map segment {name} of rank {peer}: "
+                                 f"{os.strerror(-rc)}", rank=self.boot.rank, peer=peer)
+        self.mapped.append((out[0], nbytes))
+        me, them = self.boot.peers[self.boot.rank], self.boot.peers[peer]
+        pid = them.pid if me.same_pid_namespace(them) else 0
+        rc = lib.cm_ctx_add_shm_peer(self.boot.engine.ctx, peer, out[0], self.local.index(peer), pid)
+        if rc != 0:
+            raise TransportError(f"shm: segment of rank {peer} does not match this rank's layout (code {rc})",
+                                 rank=self.boot.rank, peer=peer)
+
+    def finish(self) -> None:
+        """Every local rank has mapped our segment: remove its name."""
+        self.unlink()
+
+    def unlink(self) -> None:
+        if self.seg_name:
+            from .._native import lib
+            lib.cm_shm_unlink(self.seg_name.encode())
+            self.seg_name = None
+
+    def close(self) -> None:
+        from .._native import lib
+        self.unlink()
+        for addr, nbytes in self.mapped:
+            lib.cm_shm_unmap(addr, nbytes)
+        self.mapped = []

@@ -58,7 +58,7 @@ def reduce_binomial(a: Args) -> Plan:
         b.scratch_bytes = nb
         b.copy(SCRATCH, 0, IN, 0, nb)
     segs = segments(nb, SEGMENT_BYTES, a.esize)
-    if not kids:                                  # a leaf only sends
+    if not kids and parent is not None:           # a leaf only sends
         for seg in segs:
             b.send(parent, acc, *seg)
         return b.build()

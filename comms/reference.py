@@ -58,9 +58,9 @@ def _combine(a: np.ndarray, b: np.ndarray, dtype: int, op: int) -> np.ndarray:
     if op == PROD:
         return a * b
     if op in (MIN, MAX):
-        if dtype in FLOATING:
-            f = np.minimum if op == MIN else np.maximum    # NaN-propagating, like the C kernel
-            return f(a, b)
+        if dtype in FLOATING:   # the C rule: a NaN wins (a's first); on a tie (0 vs -0) a is kept
+            pick_b = (b < a) if op == MIN else (b > a)
+            return np.where(np.isnan(a), a, np.where(np.isnan(b), b, np.where(pick_b, b, a)))
         return np.minimum(a, b) if op == MIN else np.maximum(a, b)
     if op == BAND:
         return a & b

@@ -1,0 +1,137 @@
+"""Command line of ``python -m bench``: nccl-tests flags plus the launch options.
+
+nccl-tests flags kept with their meaning: ``-b/--minbytes``, ``-e/--maxbytes``, ``-f/--stepfactor``,
+``-i/--stepbytes``, ``-n/--iters``, ``-w/--warmup_iters``, ``-c/--check``, ``-o/--op``, ``-d/--dtype``.
+Added: ``-np`` (ranks), ``--launches``, ``--backends``, ``--json``, ``--timeout``, ``--target-time``.
+
+Sizes take binary suffixes (``64K``, ``1M``, ``2G``). The sweep is nccl-tests': start at minbytes,
+multiply by stepfactor (or add stepbytes when ``-i`` is given), stop after maxbytes.
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import backends, ops
+
+DEFAULT_TARGET_S = 0.4       # adaptive iteration count: about this much timed work per size per launch
+DEFAULT_TIMEOUT_S = 300.0    # per launch
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``64K``, ``1M``, ``2G``, ``1.5M`` (binary multiples; a trailing B/iB is ignored)."""
+    t = str(text).strip().upper()
+    for tail in ("IB", "B"):
+        if t.endswith(tail) and len(t) > len(tail):
+            t = t[: -len(tail)]
+            break
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8, 64K, 1M, 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"size must not be negative: {text!r}")
+    return int(value * mult)
+
+
+def human_size(nbytes: int) -> str:
+    """8 B, 64 KiB, 1 MiB, 1.5 GiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            v = nbytes / (1 << shift)
+            return f"{v:g} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def size_sweep(minbytes: int, maxbytes: int, stepfactor: float = 2.0, stepbytes: int | None = None) -> list[int]:
+    """The sizes nccl-tests would visit: geometric by ``stepfactor`` or arithmetic by ``stepbytes``."""
+    if maxbytes < minbytes:
+        raise ValueError(f"maxbytes ({maxbytes}) is below minbytes ({minbytes})")
+    if stepbytes is None and stepfactor <= 1:
+        raise ValueError("stepfactor must be > 1")
+    if stepbytes is not None and stepbytes <= 0:
+        raise ValueError("stepbytes must be positive")
+    sizes, size = [], max(minbytes, 0)
+    while size <= maxbytes:
+        sizes.append(size)
+        nxt = size + stepbytes if stepbytes is not None else int(size * stepfactor)
+        if nxt <= size:            # minbytes 0 with a step factor: continue from 1
+            nxt = size + 1
+        size = nxt
+    return sizes
+
+
+def _check_flag(text: str) -> int:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError("must be 0 or 1")
+    return int(text)
+
+
+def _backend_list(text: str) -> list[str]:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in backends.BACKENDS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(unknown) or '(none)'}; known: {', '.join(backends.BACKENDS)}")
+    return list(dict.fromkeys(names))
+
+
+def _dtype(text: str) -> str:
+    try:
+        return ops.canonical_dtype(text)
+    except KeyError as e:
+        raise argparse.ArgumentTypeError(str(e.args[0])) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", allow_abbrev=False,
+        description="nccl-tests style collective benchmark: comms against its peers, median of fresh launches.",
+        epilog="Environment knobs (COMMS_*, GLOO_*, OMP_NUM_THREADS) pass through to every rank. "
+               "See bench/README.md.")
+    p.add_argument("-b", "--minbytes", type=parse_size, default=8, help="smallest size (default 8)")
+    p.add_argument("-e", "--maxbytes", type=parse_size, default=64 << 20, help="largest size (default 64M)")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("-f", "--stepfactor", type=float, default=2.0, help="multiply the size by this (default 2)")
+    step.add_argument("-i", "--stepbytes", type=parse_size, default=None, help="add this to the size instead")
+    p.add_argument("-n", "--iters", type=int, default=None,
+                   help="timed ops per size (default: adaptive, about --target-time per size; 8 B: 2000)")
+    p.add_argument("-w", "--warmup_iters", "--warmup", dest="warmup", type=int, default=None,
+                   help="untimed ops per size before timing (default: 5, or one batch of 50 below 64 KiB)")
+    p.add_argument("-c", "--check", type=_check_flag, default=1, help="check results exactly, 0 or 1 (default 1)")
+    p.add_argument("-np", "--nranks", dest="np", type=int, default=2, help="number of ranks (default 2)")
+    p.add_argument("--launches", type=int, default=3,
+                   help="fresh launches per backend; the table shows their median, min, max (default 3)")
+    p.add_argument("--backends", type=_backend_list, default=list(backends.BACKENDS),
+                   help=f"comma-separated (default {','.join(backends.BACKENDS)})")
+    p.add_argument("-o", "--op", choices=list(ops.OPS), default="all_reduce", help="collective (default all_reduce)")
+    p.add_argument("-d", "--dtype", type=_dtype, default="float32",
+                   help=f"element type: {', '.join(ops.DTYPES)} (nccl names too; default float32)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write every row and launch to FILE")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds before a launch is killed (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--target-time", type=float, default=DEFAULT_TARGET_S,
+                   help=f"adaptive iters: timed seconds per size per launch (default {DEFAULT_TARGET_S:g})")
+    p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate; adds ``sizes`` (the sweep, in bytes)."""
+    p = build_parser()
+    ns = p.parse_args(argv)
+    if ns.np < 1:
+        p.error("-np must be at least 1")
+    if ns.launches < 1:
+        p.error("--launches must be at least 1")
+    if ns.iters is not None and ns.iters < 1:
+        p.error("-n/--iters must be at least 1")
+    if ns.warmup is not None and ns.warmup < 0:
+        p.error("-w/--warmup must not be negative")
+    if ns.timeout <= 0 or ns.target_time <= 0:
+        p.error("--timeout and --target-time must be positive")
+    try:
+        ns.sizes = size_sweep(ns.minbytes, ns.maxbytes, ns.stepfactor, ns.stepbytes)
+    except ValueError as e:
+        p.error(str(e))
+    return ns

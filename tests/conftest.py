@@ -1,0 +1,63 @@
+"""Shared test setup: import path for the test helpers, a per-test deadline (SIGALRM), and an
+end-of-session check that the suite leaked no /dev/shm segment and no child process."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+TEST_DEADLINE_S = int(os.environ.get("COMMS_TEST_DEADLINE", "240"))
+
+
+@pytest.fixture(autouse=True)
+def _deadline():
+    """Turn a hung test into a failure instead of a hung CI."""
+    def expired(signum, frame):
+        raise TimeoutError(f"test exceeded its {TEST_DEADLINE_S} s deadline")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_DEADLINE_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _our_segments() -> list[str]:
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"comms.{os.getuid()}."))
+    except OSError:
+        return []
+
+
+def _children() -> list[int]:
+    try:
+        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    continue
+            with open(f"/proc/{pid}/cmdline") as f:
+                if "multiprocessing.resource_tracker" in f.read():   # multiprocessing's own helper
+                    continue
+        except OSError:
+            continue
+        alive.append(pid)
+    return alive
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaks():
+    before = set(_our_segments())
+    yield
+    leaked = sorted(set(_our_segments()) - before)
+    kids = _children()
+    assert not leaked, f"the test suite leaked /dev/shm segments: {leaked}"
+    assert not kids, f"the test suite left child processes running: {kids}"

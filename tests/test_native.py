@@ -1,0 +1,110 @@
+"""The native kernels against their numpy twins (comms.reference), bit for bit, and the native
+return codes against comms.errors."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from comms import errors, reference
+from comms._native import ffi, lib
+from comms.dtypes import BF16, DTYPE_SIZES, F16, FLOATING, NUMPY_STORAGE, ReduceOp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ptr(a: np.ndarray):
+    return ffi.cast("void *", a.__array_interface__["data"][0])
+
+
+def random_bytes(rng, dtype: int, count: int, specials: bool) -> np.ndarray:
+    if dtype in FLOATING:
+        x = rng.standard_normal(count).astype(np.float32) * rng.choice([1e-3, 1.0, 1e3])
+        if specials and count:
+            x[rng.integers(0, count, max(1, count // 8))] = rng.choice([np.inf, -np.inf, np.nan, 0.0, -0.0])
+        if dtype == BF16:
+            return reference.f32_to_bf16(x).view(np.uint8)
+        return x.astype(NUMPY_STORAGE[dtype]).view(np.uint8)
+    return rng.integers(0, 256, count * DTYPE_SIZES[dtype], dtype=np.uint8)
+
+
+def same(a: np.ndarray, b: np.ndarray, dtype: int) -> bool:
+    """Bitwise equal, except that any NaN equals any NaN."""
+    if dtype in FLOATING:
+        fa = reference.bf16_to_f32(a.view(np.uint16)) if dtype == BF16 else a.view(NUMPY_STORAGE[dtype])
+        fb = reference.bf16_to_f32(b.view(np.uint16)) if dtype == BF16 else b.view(NUMPY_STORAGE[dtype])
+        nan = np.isnan(fa)
+        if not np.array_equal(nan, np.isnan(fb)):
+            return False
+        return a.reshape(-1, DTYPE_SIZES[dtype])[~nan].tobytes() == b.reshape(-1, DTYPE_SIZES[dtype])[~nan].tobytes()
+    if dtype == 8:   # bool: compare truth values
+        return np.array_equal(a != 0, b != 0)
+    return a.tobytes() == b.tobytes()
+
+
+@settings(max_examples=400, deadline=None)
+@given(dtype=st.integers(0, 8), op=st.sampled_from([o for o in ReduceOp if o is not ReduceOp.AVG]),
+       count=st.integers(0, 300), seed=st.integers(0, 2**32 - 1), specials=st.booleans())
+def test_reduce_matches_reference(dtype, op, count, seed, specials):
+    if op.bitwise and dtype in FLOATING:
+        assert lib.cm_reduce(ffi.NULL, ffi.NULL, 1, dtype, op.kernel) == errors.E_INVALID
+        return
+    rng = np.random.default_rng(seed)
+    a, b = random_bytes(rng, dtype, count, specials), random_bytes(rng, dtype, count, specials)
+    if dtype == 8:
+        a, b = (a & 1), (b & 1)
+    want = a.copy()
+    reference.reduce(want, b, count, dtype, op.kernel)
+    got = a.copy()
+    assert lib.cm_reduce(ptr(got), ptr(b), count, dtype, op.kernel) == 0
+    assert same(got, want, dtype)
+
+
+@settings(max_examples=200, deadline=None)
+@given(dtype=st.integers(0, 8), op=st.sampled_from([ReduceOp.SUM, ReduceOp.MAX, ReduceOp.PROD]),
+       nslots=st.integers(1, 6), count=st.integers(0, 1200), seed=st.integers(0, 2**32 - 1))
+def test_reduce_slots_matches_reference(dtype, op, nslots, count, seed):
+    rng = np.random.default_rng(seed)
+    stride = count * DTYPE_SIZES[dtype] + 16
+    base = np.concatenate([np.concatenate([random_bytes(rng, dtype, count, False), np.zeros(16, np.uint8)])
+                           for _ in range(nslots)])
+    if dtype == 8:
+        base &= 1
+    want = np.zeros(count * DTYPE_SIZES[dtype], np.uint8)
+    reference.reduce_slots(want, base, stride, nslots, count, dtype, op.kernel)
+    got = np.zeros_like(want)
+    assert lib.cm_reduce_slots(ptr(got), ptr(base), stride, nslots, count, dtype, op.kernel) == 0
+    assert same(got, want, dtype)
+
+
+def test_half_slots_accumulate_in_float32():
+    """1 + 2^-11 + 2^-11 rounds to 1 pairwise in float16 but to 1 + 2^-10 with float32 accumulation."""
+    base = np.array([1.0, 2.0 ** -11, 2.0 ** -11], np.float16)
+    out = np.zeros(1, np.float16)
+    assert lib.cm_reduce_slots(ptr(out), ptr(base), 2, 3, 1, F16, 0) == 0
+    assert out[0] == np.float16(1.0 + 2.0 ** -10)
+
+
+@given(dtype=st.sampled_from([0, 1, 2, 3]), divisor=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
+def test_div_matches_reference(dtype, divisor, seed):
+    x = random_bytes(np.random.default_rng(seed), dtype, 50, False)
+    want, got = x.copy(), x.copy()
+    reference.div(want, 50, dtype, divisor)
+    assert lib.cm_div(ptr(got), 50, dtype, divisor) == 0
+    assert same(got, want, dtype)
+
+
+def test_div_rejects_integers():
+    x = np.arange(4, dtype=np.int32)
+    assert lib.cm_div(ptr(x), 4, 6, 2) == errors.E_INVALID
+
+
+def test_return_codes_match_errors_module():
+    with open(os.path.join(ROOT, "native", "comms_native.h")) as f:
+        text = f.read()
+    codes = dict(re.findall(r"CM_E_([A-Z_]+) = (-\d+)", text))
+    assert codes, "no codes found in comms_native.h"
+    for name, value in codes.items():
+        assert getattr(errors, f"E_{name}") == int(value), name

@@ -1,0 +1,138 @@
+"""Functions that run inside spawned ranks (comms.testing.spawn needs module-level functions)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+
+import comms
+from comms.dtypes import BF16, DTYPE_SIZES, FLOATING, NUMPY_STORAGE, ReduceOp
+from reference_collectives import assert_close, random_input, reduce_all
+
+COLLS = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "gather", "scatter",
+         "barrier", "sendrecv"]
+
+
+def _valid(op: ReduceOp, dtype: int) -> bool:
+    return not ((op.bitwise and dtype in FLOATING) or (op is ReduceOp.AVG and dtype not in FLOATING))
+
+
+def _wrap(x: np.ndarray, dtype: int, use_torch: bool):
+    """The buffer as the API sees it: numpy, or a torch tensor sharing the bytes."""
+    if not use_torch and dtype != BF16:
+        return x, x
+    import torch
+    t = torch.from_numpy(x.view(np.int16) if dtype == BF16 else x)
+    if dtype == BF16:
+        t = t.view(torch.bfloat16)
+    return t, x
+
+
+def make_case(seed: int, i: int, size: int, big: bool) -> dict:
+    rng = np.random.default_rng([seed, i])
+    coll = COLLS[rng.integers(len(COLLS))]
+    dtype = int(rng.integers(9))
+    op = ReduceOp(list(ReduceOp)[rng.integers(len(ReduceOp))])
+    while not _valid(op, dtype):
+        op = ReduceOp(list(ReduceOp)[rng.integers(len(ReduceOp))])
+    if big and rng.random() < 0.3:
+        count = int(rng.integers(200_000, 700_000))
+    else:
+        count = int(rng.choice([0, 1, 2, 3, 7, 64, 1000, 4099]))
+    splits = rng.integers(0, 5, (size, size)).tolist()
+    return dict(coll=coll, dtype=dtype, op=op, count=count, root=int(rng.integers(size)),
+                torch=bool(rng.random() < 0.4), splits=splits, inplace=bool(rng.random() < 0.5))
+
+
+def _inputs(seed, i, size, n, dtype, opname):
+    return [random_input(np.random.default_rng([seed, i, r]), dtype, n, opname) for r in range(size)]
+
+
+def run_cases(rank: int, size: int, seed: int, ncases: int, big: bool = True) -> list[str]:
+    """Run ``ncases`` random collectives, check each against the reference, return output digests."""
+    comm = comms.init(timeout=60)
+    digests = []
+    for i in range(ncases):
+        c = make_case(seed, i, size, big)
+        coll, dtype, op, n, root = c["coll"], c["dtype"], c["op"], c["count"], c["root"]
+        st = NUMPY_STORAGE[dtype]
+        what = f"case {i} {c} rank {rank}"
+        if coll == "all_reduce":
+            ins = _inputs(seed, i, size, n, dtype, op.name)
+            buf = ins[rank].copy()
+            comm.all_reduce(_wrap(buf, dtype, c["torch"])[0], op=op)
+            assert_close(buf, reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG), dtype, size, what)
+            digests.append(hashlib.sha1(buf.tobytes()).hexdigest())
+        elif coll == "broadcast":
+            ins = _inputs(seed, i, size, n, dtype, "SUM")
+            buf = ins[rank].copy()
+            comm.broadcast(_wrap(buf, dtype, c["torch"])[0], root=root)
+            np.testing.assert_array_equal(buf.view(np.uint8), ins[root].view(np.uint8), err_msg=what)
+        elif coll == "reduce":
+            ins = _inputs(seed, i, size, n, dtype, op.name)
+            buf = ins[rank].copy()
+            comm.reduce(_wrap(buf, dtype, c["torch"])[0], root=root, op=op)
+            if rank == root:
+                assert_close(buf, reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG), dtype, size, what)
+            else:
+                np.testing.assert_array_equal(buf.view(np.uint8), ins[rank].view(np.uint8), err_msg=what)
+        elif coll == "all_gather":
+            ins = _inputs(seed, i, size, n, dtype, "SUM")
+            out = np.zeros(size * n, st)
+            if c["inplace"]:
+                out[rank * n:(rank + 1) * n] = ins[rank]
+                inp = out[rank * n:(rank + 1) * n]
+            else:
+                inp = ins[rank]
+            comm.all_gather(_wrap(out, dtype, c["torch"])[0], _wrap(inp, dtype, c["torch"])[0])
+            np.testing.assert_array_equal(out.view(np.uint8), np.concatenate(ins).view(np.uint8), err_msg=what)
+        elif coll == "reduce_scatter":
+            ins = _inputs(seed, i, size, size * n, dtype, op.name)
+            out = np.zeros(n, st)
+            comm.reduce_scatter(_wrap(out, dtype, c["torch"])[0], _wrap(ins[rank].copy(), dtype, c["torch"])[0], op=op)
+            full = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
+            assert_close(out, full[rank * n:(rank + 1) * n], dtype, size, what)
+        elif coll == "all_to_all":
+            sp = c["splits"]
+            width = 3
+            ins = [random_input(np.random.default_rng([seed, i, r]), dtype, sum(sp[r]) * width, "SUM")
+                   .reshape(-1, width) for r in range(size)]
+            out = np.zeros((sum(sp[p][rank] for p in range(size)), width), st)
+            comm.all_to_all(_wrap(out, dtype, c["torch"])[0], _wrap(ins[rank], dtype, c["torch"])[0],
+                            out_splits=[sp[p][rank] for p in range(size)], in_splits=sp[rank])
+            want = [ins[p][sum(sp[p][:rank]):sum(sp[p][:rank + 1])] for p in range(size)]
+            np.testing.assert_array_equal(out, np.concatenate(want), err_msg=what)
+        elif coll == "gather":
+            ins = _inputs(seed, i, size, n, dtype, "SUM")
+            out = np.zeros(size * n, st) if rank == root else None
+            comm.gather(_wrap(out, dtype, c["torch"])[0] if out is not None else None,
+                        _wrap(ins[rank], dtype, c["torch"])[0], root=root)
+            if rank == root:
+                np.testing.assert_array_equal(out, np.concatenate(ins), err_msg=what)
+        elif coll == "scatter":
+            ins = _inputs(seed, i, size, size * n, dtype, "SUM")
+            out = np.zeros(n, st)
+            comm.scatter(_wrap(out, dtype, c["torch"])[0],
+                         _wrap(ins[root], dtype, c["torch"])[0] if rank == root else None, root=root)
+            np.testing.assert_array_equal(out, ins[root][rank * n:(rank + 1) * n], err_msg=what)
+        elif coll == "barrier":
+            comm.barrier()
+        elif coll == "sendrecv" and size > 1:
+            ins = _inputs(seed, i, size, n, dtype, "SUM")
+            dst, src = (rank + 1) % size, (rank - 1) % size
+            out = np.zeros(n, st)
+            w1 = comm.send(_wrap(ins[rank], dtype, c["torch"])[0], dst, tag=i, async_op=True)
+            w2 = comm.recv(_wrap(out, dtype, c["torch"])[0], src, tag=i, async_op=True)
+            w1.wait()
+            w2.wait()
+            np.testing.assert_array_equal(out.view(np.uint8), ins[src].view(np.uint8), err_msg=what)
+    stats = comm.stats()
+    comm.close()
+    return digests + [f"stats:{stats['shm_tx_bytes'] > 0}:{stats['tcp_tx_bytes'] > 0}"]
+
+
+def transports_seen(rank: int, size: int) -> dict:
+    with comms.init(timeout=30) as comm:
+        return {"transports": comm.transports, "local": comm.local_ranks}

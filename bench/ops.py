@@ -61,25 +61,23 @@ def elem_size(name: str) -> int:
     return torch.empty((), dtype=torch_dtype(name)).element_size()
 
 
-def pattern(count: int, rank: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
-    """Rank ``rank``'s check data for global elements ``start .. start+count-1`` (see module doc)."""
+def _pattern_i64(count: int, rank: int, nranks: int, dtype: str, start: int) -> torch.Tensor:
     m = max(1, min(_PERIOD, DTYPES[dtype][2] // max(nranks, 1) - 1))
     i = torch.arange(start, start + count, dtype=torch.int64)
-    return ((i + 3 * rank) % m + 1).to(DTYPES[dtype][0])
+    return (i + 3 * rank) % m + 1
+
+
+def pattern(count: int, rank: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
+    """Rank ``rank``'s check data for global elements ``start .. start+count-1`` (see module doc)."""
+    return _pattern_i64(count, rank, nranks, dtype, start).to(DTYPES[dtype][0])
 
 
 def pattern_sum(count: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
     """The exact SUM over all ranks of :func:`pattern`, in ``dtype``."""
     acc = torch.zeros(count, dtype=torch.int64)
     for r in range(nranks):
-        acc += pattern(count, r, nranks, "int64", start) if False else _pattern_i64(count, r, nranks, dtype, start)
+        acc += _pattern_i64(count, r, nranks, dtype, start)
     return acc.to(DTYPES[dtype][0])
-
-
-def _pattern_i64(count: int, rank: int, nranks: int, dtype: str, start: int) -> torch.Tensor:
-    m = max(1, min(_PERIOD, DTYPES[dtype][2] // max(nranks, 1) - 1))
-    i = torch.arange(start, start + count, dtype=torch.int64)
-    return (i + 3 * rank) % m + 1
 
 
 @dataclass(frozen=True)

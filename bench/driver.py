@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not layouts:
         progress(f"no size in {args.sizes[0]}..{args.sizes[-1]} B holds one {args.dtype} per rank block")
         return 2
-    info = report.machine_info()
+    info = report.machine_info(launch_env())
     print("\n".join(report.header(command, args, info)), flush=True)
     t0 = time.monotonic()
     launches = run_all(args)

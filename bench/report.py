@@ -57,8 +57,9 @@ def _mem_gib() -> float | None:
     return None
 
 
-def machine_info() -> dict:
-    """nproc, CPU model, memory, kernel, Python/torch/comms versions, and the knobs in the env."""
+def machine_info(env: dict[str, str] | None = None) -> dict:
+    """nproc, CPU model, memory, kernel, Python/torch/comms versions, and the knobs in ``env``
+    (default: this process's environment; the driver passes the launches' environment)."""
     import torch
     try:
         import comms
@@ -69,7 +70,7 @@ def machine_info() -> dict:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         affinity = os.cpu_count()
-    knobs = {k: v for k, v in sorted(os.environ.items())
+    knobs = {k: v for k, v in sorted((os.environ if env is None else env).items())
              if k.startswith(("COMMS_", "GLOO_", "TP_")) or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     return {"nproc": os.cpu_count(), "affinity": affinity, "cpu": _cpu_model(), "mem_gib": _mem_gib(),
             "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__,

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import failures
 from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
-from .dtypes import DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
+from ._native import ffi
+from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage
 from .selector import Selector
@@ -29,6 +30,22 @@ from .work import Work, completed
 log = logging.getLogger("comms")
 MSG_COLL, MSG_P2P = 1, 2
 COUNT_ANY = (1 << 64) - 1
+
+
+def _addr(arr: np.ndarray) -> Any:
+    """The address of a numpy array's data, as a value the engine's buffer table takes."""
+    return ffi.cast("uintptr_t", ffi.from_buffer(arr))
+
+
+def _fast(buf: Any, what: str, writable: bool) -> tuple:
+    """(address, element count, dtype code) of ``buf``, checked like :func:`resolve` but faster
+    for the common case (this is on the latency-critical path)."""
+    if type(buf) is np.ndarray:
+        code = _NUMPY_CODES.get(buf.dtype)
+        if code is not None and buf.flags.c_contiguous and (buf.flags.writeable or not writable):
+            return _addr(buf), buf.size, code
+    v = resolve(buf, what, writable)
+    return v.ptr, v.count, v.dtype
 
 
 def _views_overlap(a: View, b: View) -> bool:
@@ -51,6 +68,7 @@ class Communicator:
         self._selector = Selector(algo)
         self._plans: dict[tuple, Encoded] = {}
         self._scratch = np.empty(0, np.uint8)
+        self._scratch_ptr: Any = 0
         self._seq = 0
         self._splits = 0
         self._broken: CommsError | None = None
@@ -103,38 +121,47 @@ class Communicator:
             raise InvalidUsage(f"{what}: rank {self.rank} cannot send to or receive from itself")
         return int(peer)
 
-    def _encoded(self, key: tuple, args: Args, nbytes: int) -> Encoded:
+    def _plan(self, key: tuple, args: Args, nbytes: int, dtype: int, op: ReduceOp | None, count: int) -> Encoded:
+        """The cached, encoded plan for ``key``; built (and the selector consulted) on first use."""
         enc = self._plans.get(key)
         if enc is None:
-            enc = self._plans[key] = Encoded(self._selector.plan(args, nbytes))
+            name = args.coll
+            enc = Encoded(self._selector.plan(args, nbytes), name, MSG_COLL, COLL_IDS[name], dtype,
+                          int(op) if op is not None else 0, args.root, count)
+            self._plans[key] = enc
         return enc
 
-    def _scratch_ptr(self, nbytes: int, async_op: bool, keep: list) -> int:
+    def _scratch_addr(self, nbytes: int, async_op: bool, keep: list) -> Any:
         if not nbytes:
             return 0
         if async_op:
             buf = np.empty(nbytes, np.uint8)
             keep.append(buf)
-            return buf.__array_interface__["data"][0]
+            return _addr(buf)
         if self._scratch.nbytes < nbytes:
             self._scratch = np.empty(nbytes, np.uint8)
-        return self._scratch.__array_interface__["data"][0]
+            self._scratch_ptr = _addr(self._scratch)
+        return self._scratch_ptr
 
-    def _launch(self, name: str, enc: Encoded, ptr_in: int, ptr_out: int, keep: list, async_op: bool,
-                kind: int, dtype: int, redop: int, root: int, seq: int, count: int, tag: int,
-                result: Any = None) -> Work | None:
-        scratch = self._scratch_ptr(enc.scratch_bytes, async_op, keep)
+    def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None) -> Work | None:
+        """Run ``enc`` on the engine now (or start it, with ``async_op``)."""
+        if self._broken is not None or self._closed:
+            self._check_open()
+        if enc.is_coll:
+            self._seq += 1
+            seq = self._seq
+        else:
+            seq = 0
+        scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
         deadline = time.monotonic_ns() + self._timeout_ns
-        coll = COLL_IDS.get(name, 0) if kind == MSG_COLL else 0
-        sig = (kind, coll, dtype, redop, root, seq, count, tag)
         if not async_op:
-            rc, st = self._engine.run(enc, (ptr_in, ptr_out, scratch, 0), deadline, *sig)
-            if rc:
-                raise self._fail(rc, st, name, seq, enc.plan)
+            failed = self._engine.run(enc, p_in, p_out, scratch, seq, deadline)
+            if failed is not None:
+                raise self._fail(failed[0], failed[1], enc.name, seq, enc.plan)
             return None
-        work = Work(name, seq, self.rank, keepalive=keep, result=result)
-        self._engine.start(enc, (ptr_in, ptr_out, scratch, 0), deadline, work,
-                           lambda w, rc, st: w._finish(self._fail(rc, st, name, seq, enc.plan) if rc else None), *sig)
+        work = Work(enc.name, seq, self.rank, keepalive=keep, result=result)
+        self._engine.start(enc, p_in, p_out, scratch, seq, deadline, work,
+                           lambda w, rc, st: w._finish(self._fail(rc, st, enc.name, seq, enc.plan) if rc else None))
         return work
 
     def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None) -> CommsError:
@@ -145,45 +172,45 @@ class Communicator:
             self._engine.abort()
         return exc
 
-    def _collective(self, name: str, key: tuple, args: Args, nbytes: int, ptr_in: int, ptr_out: int,
-                    keep: list, async_op: bool, dtype: int, op: ReduceOp | None, root: int, count: int,
-                    result: Any = None) -> Work | None:
-        self._check_open()
-        enc = self._encoded(key, args, nbytes)
-        self._seq += 1
-        return self._launch(name, enc, ptr_in, ptr_out, keep, async_op, MSG_COLL, dtype,
-                            int(op) if op is not None else 0, root, self._seq, count, 0, result)
-
     # -- collectives ---------------------------------------------------------------------------
     def all_reduce(self, buf: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
         """Reduce ``buf`` across all ranks, in place; every rank gets the same bits."""
-        v = resolve(buf, "all_reduce", writable=True)
-        op = as_op(op)
-        check_op(op, v.dtype, "all_reduce")
-        es = DTYPE_SIZES[v.dtype]
-        args = Args("all_reduce", self.rank, self.size, v.count, es, avg=op is ReduceOp.AVG, inplace=True)
-        return self._collective("all_reduce", ("all_reduce", v.count, v.dtype, op), args, v.nbytes, v.ptr, v.ptr,
-                                [buf], async_op, v.dtype, op, -1, v.count, buf)
+        ptr, count, dtype = _fast(buf, "all_reduce", True)
+        if type(op) is not ReduceOp:
+            op = as_op(op)
+        enc = self._plans.get(("all_reduce", count, dtype, op))
+        if enc is None:
+            check_op(op, dtype, "all_reduce")
+            args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
+                        inplace=True)
+            enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf)
 
     def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
         """Copy ``buf`` of rank ``root`` into ``buf`` of every rank."""
-        v = resolve(buf, "broadcast", writable=True)
-        root = self._check_root(root, "broadcast")
-        es = DTYPE_SIZES[v.dtype]
-        args = Args("broadcast", self.rank, self.size, v.count, es, root=root, inplace=True)
-        return self._collective("broadcast", ("broadcast", v.count, v.dtype, root), args, v.nbytes, v.ptr, v.ptr,
-                                [buf], async_op, v.dtype, None, root, v.count, buf)
+        ptr, count, dtype = _fast(buf, "broadcast", True)
+        key = ("broadcast", count, dtype, root)
+        enc = self._plans.get(key)
+        if enc is None:
+            root = self._check_root(root, "broadcast")
+            args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True)
+            enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf)
 
     def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
         """Reduce ``buf`` of every rank into ``buf`` of ``root``; other ranks' buffers are unchanged."""
-        v = resolve(buf, "reduce", writable=True)
-        root = self._check_root(root, "reduce")
-        op = as_op(op)
-        check_op(op, v.dtype, "reduce")
-        es = DTYPE_SIZES[v.dtype]
-        args = Args("reduce", self.rank, self.size, v.count, es, root=root, avg=op is ReduceOp.AVG, inplace=True)
-        return self._collective("reduce", ("reduce", v.count, v.dtype, op, root), args, v.nbytes, v.ptr, v.ptr,
-                                [buf], async_op, v.dtype, op, root, v.count, buf)
+        ptr, count, dtype = _fast(buf, "reduce", True)
+        if type(op) is not ReduceOp:
+            op = as_op(op)
+        key = ("reduce", count, dtype, op, root)
+        enc = self._plans.get(key)
+        if enc is None:
+            root = self._check_root(root, "reduce")
+            check_op(op, dtype, "reduce")
+            args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
+                        avg=op is ReduceOp.AVG, inplace=True)
+            enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, op, count)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf)
 
     def all_gather(self, out: Any, inp: Any, *, async_op: bool = False) -> Work | None:
         """``out`` (size x inp elements) receives every rank's ``inp``, in rank order."""
@@ -196,11 +223,10 @@ class Communicator:
         inplace = vi.ptr == vo.ptr + self.rank * vi.nbytes
         if not inplace and _views_overlap(vi, vo):
             raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
-        es = DTYPE_SIZES[vi.dtype]
-        args = Args("all_gather", self.rank, self.size, vi.count, es, inplace=inplace)
-        return self._collective("all_gather", ("all_gather", vi.count, vi.dtype, inplace), args,
-                                vi.nbytes * (self.size - 1), vi.ptr, vo.ptr, [out, inp], async_op, vi.dtype, None, -1,
-                                vi.count, out)
+        args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace)
+        enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
+                         None, vi.count)
+        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out)
 
     def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
         """Reduce ``inp`` (size x out elements) across ranks; rank r gets block r in ``out``."""
@@ -212,11 +238,10 @@ class Communicator:
         if vi.count != self.size * vo.count:
             raise InvalidUsage(f"reduce_scatter: input has {vi.count} elements, expected size x output = "
                                f"{self.size} x {vo.count} = {self.size * vo.count}")
-        es = DTYPE_SIZES[vi.dtype]
-        args = Args("reduce_scatter", self.rank, self.size, vo.count, es, avg=op is ReduceOp.AVG)
-        return self._collective("reduce_scatter", ("reduce_scatter", vo.count, vi.dtype, op), args,
-                                vo.nbytes * (self.size - 1), vi.ptr, vo.ptr, [out, inp], async_op, vi.dtype, op, -1,
-                                vi.count, out)
+        args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG)
+        enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
+                         op, vi.count)
+        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out)
 
     def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
                    in_splits: Sequence[int] | None = None, *, async_op: bool = False) -> Work | None:
@@ -242,9 +267,9 @@ class Communicator:
         send = tuple(s * rb for s in ins)
         recv = tuple(s * rb for s in outs)
         args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv)
-        nbytes = sum(send) - send[self.rank]
-        return self._collective("all_to_all", ("all_to_all", vi.dtype, send, recv), args, nbytes, vi.ptr, vo.ptr,
-                                [out, inp], async_op, vi.dtype, None, -1, COUNT_ANY if uneven else vi.count, out)
+        enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
+                         None, COUNT_ANY if uneven else vi.count)
+        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out)
 
     def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
         """``out`` of ``root`` (size x inp elements) receives every rank's ``inp``; ``out`` may be
@@ -261,8 +286,8 @@ class Communicator:
             vo_ptr = vo.ptr
         inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
         args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace)
-        return self._collective("gather", ("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.ptr,
-                                vo_ptr, [out, inp], async_op, vi.dtype, None, root, vi.count, out)
+        enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count)
+        return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out)
 
     def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
         """Rank r receives block r of ``inp`` of ``root`` into ``out``; ``inp`` may be None off root."""
@@ -278,28 +303,32 @@ class Communicator:
             vi_ptr = vi.ptr
         inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
         args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace)
-        return self._collective("scatter", ("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vi_ptr,
-                                vo.ptr, [out, inp], async_op, vo.dtype, None, root, vo.count, out)
+        enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count)
+        return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out)
 
     def barrier(self, *, async_op: bool = False) -> Work | None:
         """Return once every rank has entered the barrier."""
-        args = Args("barrier", self.rank, self.size, 0, 1)
-        return self._collective("barrier", ("barrier",), args, 0, 0, 0, [], async_op, 2, None, -1, 0)
+        enc = self._plans.get(("barrier",))
+        if enc is None:
+            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1), 0, 4, None, 0)
+        return self._run(enc, 0, 0, [], async_op)
 
     # -- point to point ------------------------------------------------------------------------
     def _p2p(self, name: str, kind: int, buf: Any, peer: int, tag: int, async_op: bool) -> Work | None:
-        self._check_open()
-        v = resolve(buf, name, writable=kind == RECV)
-        peer = self._check_peer(peer, name)
-        if not isinstance(tag, (int, np.integer)) or tag < 0:
-            raise InvalidUsage(f"{name}: tag must be a non-negative integer, got {tag!r}")
-        key = (name, peer, v.nbytes)
+        ptr, count, dtype = _fast(buf, name, kind == RECV)
+        key = (name, peer, count, dtype, tag)
         enc = self._plans.get(key)
         if enc is None:
+            peer = self._check_peer(peer, name)
+            if not isinstance(tag, (int, np.integer)) or tag < 0:
+                raise InvalidUsage(f"{name}: tag must be a non-negative integer, got {tag!r}")
+            nbytes = count * DTYPE_SIZES[dtype]
             b = IN if kind == SEND else OUT
-            enc = self._plans[key] = Encoded(Plan(name, (Step(kind, peer, b, 0, v.nbytes),)))
-        return self._launch(name, enc, v.ptr, v.ptr, [buf], async_op, MSG_P2P, v.dtype, 0, -1, 0, v.count,
-                            int(tag), buf)
+            enc = Encoded(Plan(name, (Step(kind, peer, b, 0, nbytes),)), name, MSG_P2P, 0, dtype, 0, -1, count,
+                          int(tag))
+            if len(self._plans) < 4096:
+                self._plans[key] = enc
+        return self._run(enc, ptr, ptr, [buf], async_op, buf)
 
     def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False) -> Work | None:
         """Send ``buf`` to rank ``dst``; matched by the receiver's (source, tag) in order."""

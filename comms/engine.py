@@ -24,11 +24,13 @@ SLICE_NS = 2_000_000        # how long the progress thread waits natively before
 
 
 class Encoded:
-    """A plan in the native step layout, ready to run (cached by the communicator)."""
-    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes")
+    """A plan in the native step layout plus its message signature, ready to run; the
+    communicator caches one per (collective, size, dtype, op, root, ...)."""
+    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll")
 
-    def __init__(self, plan: Plan):
-        self.plan = plan
+    def __init__(self, plan: Plan, name: str, kind: int, coll: int, dtype: int, redop: int, root: int,
+                 count: int, tag: int = 0):
+        self.plan, self.name, self.is_coll = plan, name, kind == 1
         self.nsteps = len(plan.steps)
         self.steps = ffi.new("cm_step[]", max(1, self.nsteps))
         for i, s in enumerate(plan.steps):
@@ -36,6 +38,10 @@ class Encoded:
             c.kind, c.peer, c.buf, c.buf2 = s.kind, s.peer, s.buf, s.buf2
             c.off, c.off2, c.nbytes, c.aux = s.off, s.off2, s.nbytes, s.aux
         self.scratch_bytes = plan.scratch_bytes
+        self.sig = ffi.new("cm_hdr *")
+        sig = self.sig
+        sig.kind, sig.coll, sig.dtype, sig.redop, sig.root = kind, coll, dtype, redop, root
+        sig.count, sig.tag = count, tag
 
 
 class Engine:
@@ -47,35 +53,37 @@ class Engine:
         self.lock = threading.Lock()
         self.status = ffi.new("cm_status *")
         self.bufs = ffi.new("uintptr_t[4]")
-        self.sig = ffi.new("cm_hdr *")
         self._inflight: deque[tuple[Work, object, Callable]] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     # -- one operation ------------------------------------------------------------------------
-    def _prepare(self, ptrs, kind: int, coll: int, dtype: int, redop: int, root: int, seq: int, count: int,
-                 tag: int) -> None:
-        b = self.bufs
-        b[0], b[1], b[2], b[3] = ptrs
-        s = self.sig
-        s.kind, s.coll, s.dtype, s.redop, s.root = kind, coll, dtype, redop, root
-        s.seq, s.count, s.tag = seq, count, tag
-
-    def run(self, enc: Encoded, ptrs, deadline_ns: int, *sig) -> tuple[int, object]:
-        """Run a plan to completion. Returns (code, status copy); code 0 on success."""
+    def run(self, enc: Encoded, p_in, p_out, p_scratch, seq: int, deadline_ns: int):
+        """Run a plan to completion. Returns None on success, else (code, status copy)."""
         with self.lock:
-            self._prepare(ptrs, *sig)
-            rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, self.sig, deadline_ns, self.status)
-            return rc, (ffi.new("cm_status *", self.status[0]) if rc else None)
+            b = self.bufs
+            b[0] = p_in
+            b[1] = p_out
+            b[2] = p_scratch
+            enc.sig.seq = seq
+            rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, b, 3, enc.sig, deadline_ns, self.status)
+            if rc:
+                return rc, ffi.new("cm_status *", self.status[0])
+            return None
 
-    def start(self, enc: Encoded, ptrs, deadline_ns: int, work: Work, on_done: Callable, *sig) -> None:
+    def start(self, enc: Encoded, p_in, p_out, p_scratch, seq: int, deadline_ns: int, work: Work,
+              on_done: Callable) -> None:
         """Start a plan and hand it to the progress thread; ``on_done(work, code, status)`` runs
         when it ends."""
         out = ffi.new("cm_exec **")
         with self.lock:
-            self._prepare(ptrs, *sig)
-            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, self.sig, deadline_ns, out)
+            b = self.bufs
+            b[0] = p_in
+            b[1] = p_out
+            b[2] = p_scratch
+            enc.sig.seq = seq
+            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, b, 3, enc.sig, deadline_ns, out)
             if out[0] == ffi.NULL:
                 st = ffi.new("cm_status *", self.status[0])
                 st.code = rc

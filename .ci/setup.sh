@@ -26,6 +26,12 @@ fi
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
-# Rebuild the native module when the C sources are newer than the installed extension.
-"$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+# The editable install (re)compiles native/ into comms._native; its log is shown only on failure.
+log="$(mktemp)"
+if ! "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    exit 1
+fi
+rm -f "$log"
 export PATH="$VENV/bin:$PATH"

@@ -122,7 +122,7 @@ def aggregate(args, layouts: list[ops.Layout], launches: dict[str, list[Launch]]
                 "time_us": med, "min_us": min(figs) if figs else None, "max_us": max(figs) if figs else None,
                 "algbw": lay.nbytes / med / 1e3 if med else None,
                 "busbw": lay.nbytes / med / 1e3 * factor if med else None,
-                "wrong": sum(r["wrong"] for _, r in found) if found else None,
+                "wrong": sum(r["wrong"] for _, r in found) if found and args.check else None,
                 "launch_us": figs, "iters": [r["iters"] for _, r in found],
                 "rank_median_us": [r["rank_median_us"] for _, r in found], "vs_gloo": None,
             }
@@ -156,7 +156,7 @@ def _bw(v: float | None) -> str:
 def format_row(row: dict) -> str:
     cells = [str(row["nbytes"]), str(row["count"]), row["type"], row["redop"], str(row["root"]), row["backend"],
              row["algorithm"], row["transport"], _us(row["time_us"]), _us(row["min_us"]), _us(row["max_us"]),
-             _bw(row["algbw"]), _bw(row["busbw"]), "n/a" if row["wrong"] is None else str(row["wrong"]),
+             _bw(row["algbw"]), _bw(row["busbw"]), "N/A" if row["wrong"] is None else str(row["wrong"]),
              "-" if row["vs_gloo"] is None else f"{row['vs_gloo']:.2f}"]
     return " " + " ".join(c.rjust(w) for c, (_, _, w) in zip(cells, _COLS))
 

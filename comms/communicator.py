@@ -29,6 +29,7 @@ from .work import Work, completed
 
 log = logging.getLogger("comms")
 MSG_COLL, MSG_P2P = 1, 2
+ANY_SOURCE = -1
 COUNT_ANY = (1 << 64) - 1
 
 
@@ -143,8 +144,10 @@ class Communicator:
             self._scratch_ptr = _addr(self._scratch)
         return self._scratch_ptr
 
-    def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None) -> Work | None:
-        """Run ``enc`` on the engine now (or start it, with ``async_op``)."""
+    def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None,
+             timeout: float | None = None) -> Work | int | None:
+        """Run ``enc`` on the engine now (or start it, with ``async_op``). ``timeout`` (seconds)
+        replaces the communicator's deadline for this operation."""
         if self._broken is not None or self._closed:
             self._check_open()
         if enc.is_coll:
@@ -153,19 +156,19 @@ class Communicator:
         else:
             seq = 0
         scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
-        deadline = time.monotonic_ns() + self._timeout_ns
+        deadline = time.monotonic_ns() + (self._timeout_ns if timeout is None else int(timeout * 1e9))
         if not async_op:
-            failed = self._engine.run(enc, p_in, p_out, scratch, seq, deadline)
+            failed, source = self._engine.run(enc, p_in, p_out, scratch, seq, deadline)
             if failed is not None:
-                raise self._fail(failed[0], failed[1], enc.name, seq, enc.plan)
-            return None
+                raise self._fail(failed[0], failed[1], enc.name, seq, enc.plan, timeout)
+            return source
         work = Work(enc.name, seq, self.rank, keepalive=keep, result=result)
         self._engine.start(enc, p_in, p_out, scratch, seq, deadline, work,
-                           lambda w, rc, st: w._finish(self._fail(rc, st, enc.name, seq, enc.plan) if rc else None))
+                           lambda w, rc, st: w._finish(self._fail(rc, st, enc.name, seq, enc.plan, timeout) if rc else None))
         return work
 
-    def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None) -> CommsError:
-        exc = failures.build(self, rc, st, op, seq, plan)
+    def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None, timeout: float | None = None) -> CommsError:
+        exc = failures.build(self, rc, st, op, seq, plan, self.timeout if timeout is None else timeout)
         if self._broken is None:
             self._broken = exc
             failures.publish(self, exc)
@@ -173,7 +176,8 @@ class Communicator:
         return exc
 
     # -- collectives ---------------------------------------------------------------------------
-    def all_reduce(self, buf: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+    def all_reduce(self, buf: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Reduce ``buf`` across all ranks, in place; every rank gets the same bits."""
         ptr, count, dtype = _fast(buf, "all_reduce", True)
         if type(op) is not ReduceOp:
@@ -184,9 +188,10 @@ class Communicator:
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
                         inplace=True)
             enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
-    def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
+    def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Copy ``buf`` of rank ``root`` into ``buf`` of every rank."""
         ptr, count, dtype = _fast(buf, "broadcast", True)
         key = ("broadcast", count, dtype, root)
@@ -195,9 +200,10 @@ class Communicator:
             root = self._check_root(root, "broadcast")
             args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True)
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
-    def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+    def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Reduce ``buf`` of every rank into ``buf`` of ``root``; other ranks' buffers are unchanged."""
         ptr, count, dtype = _fast(buf, "reduce", True)
         if type(op) is not ReduceOp:
@@ -210,9 +216,10 @@ class Communicator:
             args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
                         avg=op is ReduceOp.AVG, inplace=True)
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, op, count)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
-    def all_gather(self, out: Any, inp: Any, *, async_op: bool = False) -> Work | None:
+    def all_gather(self, out: Any, inp: Any, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """``out`` (size x inp elements) receives every rank's ``inp``, in rank order."""
         vi = resolve(inp, "all_gather input")
         vo = resolve(out, "all_gather output", writable=True)
@@ -226,9 +233,10 @@ class Communicator:
         args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace)
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
                          None, vi.count)
-        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out)
+        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
-    def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False) -> Work | None:
+    def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Reduce ``inp`` (size x out elements) across ranks; rank r gets block r in ``out``."""
         vi = resolve(inp, "reduce_scatter input")
         vo = resolve(out, "reduce_scatter output", writable=True)
@@ -241,10 +249,11 @@ class Communicator:
         args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG)
         enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
                          op, vi.count)
-        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out)
+        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
-                   in_splits: Sequence[int] | None = None, *, async_op: bool = False) -> Work | None:
+                   in_splits: Sequence[int] | None = None, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Rank r sends rows ``in_splits[p]`` of ``inp`` (consecutive blocks along dim 0) to rank p
         and receives ``out_splits[p]`` rows from rank p into ``out``. None means equal splits."""
         vi = resolve(inp, "all_to_all input")
@@ -269,9 +278,10 @@ class Communicator:
         args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv)
         enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
                          None, COUNT_ANY if uneven else vi.count)
-        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out)
+        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
-    def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
+    def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """``out`` of ``root`` (size x inp elements) receives every rank's ``inp``; ``out`` may be
         None on other ranks."""
         root = self._check_root(root, "gather")
@@ -287,9 +297,10 @@ class Communicator:
         inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
         args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace)
         enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count)
-        return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out)
+        return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out, timeout)
 
-    def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False) -> Work | None:
+    def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Rank r receives block r of ``inp`` of ``root`` into ``out``; ``inp`` may be None off root."""
         root = self._check_root(root, "scatter")
         vo = resolve(out, "scatter output", writable=True)
@@ -304,22 +315,24 @@ class Communicator:
         inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
         args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace)
         enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count)
-        return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out)
+        return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
-    def barrier(self, *, async_op: bool = False) -> Work | None:
+    def barrier(self, *, async_op: bool = False,
+                timeout: float | None = None) -> Work | None:
         """Return once every rank has entered the barrier."""
         enc = self._plans.get(("barrier",))
         if enc is None:
             enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1), 0, 4, None, 0)
-        return self._run(enc, 0, 0, [], async_op)
+        return self._run(enc, 0, 0, [], async_op, None, timeout)
 
     # -- point to point ------------------------------------------------------------------------
-    def _p2p(self, name: str, kind: int, buf: Any, peer: int, tag: int, async_op: bool) -> Work | None:
+    def _p2p(self, name: str, kind: int, buf: Any, peer: int | None, tag: int, async_op: bool,
+             timeout: float | None) -> Work | int | None:
         ptr, count, dtype = _fast(buf, name, kind == RECV)
         key = (name, peer, count, dtype, tag)
         enc = self._plans.get(key)
         if enc is None:
-            peer = self._check_peer(peer, name)
+            peer = ANY_SOURCE if peer is None and kind == RECV else self._check_peer(peer, name)
             if not isinstance(tag, (int, np.integer)) or tag < 0:
                 raise InvalidUsage(f"{name}: tag must be a non-negative integer, got {tag!r}")
             nbytes = count * DTYPE_SIZES[dtype]
@@ -328,15 +341,21 @@ class Communicator:
                           int(tag))
             if len(self._plans) < 4096:
                 self._plans[key] = enc
-        return self._run(enc, ptr, ptr, [buf], async_op, buf)
+        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
-    def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False) -> Work | None:
+    def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False,
+             timeout: float | None = None) -> Work | None:
         """Send ``buf`` to rank ``dst``; matched by the receiver's (source, tag) in order."""
-        return self._p2p("send", SEND, buf, dst, tag, async_op)
+        return self._p2p("send", SEND, buf, dst, tag, async_op, timeout)
 
-    def recv(self, buf: Any, src: int, tag: int = 0, *, async_op: bool = False) -> Work | None:
-        """Receive into ``buf`` the next message from rank ``src`` with ``tag`` (sizes must match)."""
-        return self._p2p("recv", RECV, buf, src, tag, async_op)
+    def recv(self, buf: Any, src: int | None = None, tag: int = 0, *, async_op: bool = False,
+             timeout: float | None = None) -> Work | int:
+        """Receive into ``buf`` the next message from rank ``src`` (None: from any rank) with ``tag``;
+        sizes must match. Returns the source rank (or a Work whose ``source`` is set on completion)."""
+        r = self._p2p("recv", RECV, buf, src, tag, async_op, timeout)
+        if r is None:
+            return int(src)
+        return r
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

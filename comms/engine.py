@@ -26,11 +26,12 @@ SLICE_NS = 2_000_000        # how long the progress thread waits natively before
 class Encoded:
     """A plan in the native step layout plus its message signature, ready to run; the
     communicator caches one per (collective, size, dtype, op, root, ...)."""
-    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll")
+    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll", "any_source")
 
     def __init__(self, plan: Plan, name: str, kind: int, coll: int, dtype: int, redop: int, root: int,
                  count: int, tag: int = 0):
         self.plan, self.name, self.is_coll = plan, name, kind == 1
+        self.any_source = any(s.peer == -1 and s.kind == 2 for s in plan.steps)
         self.nsteps = len(plan.steps)
         self.steps = ffi.new("cm_step[]", max(1, self.nsteps))
         for i, s in enumerate(plan.steps):
@@ -53,24 +54,43 @@ class Engine:
         self.lock = threading.Lock()
         self.status = ffi.new("cm_status *")
         self.bufs = ffi.new("uintptr_t[4]")
+        self._exec_out = ffi.new("cm_exec **")
         self._inflight: deque[tuple[Work, object, Callable]] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     # -- one operation ------------------------------------------------------------------------
+    def _load(self, enc: Encoded, p_in, p_out, p_scratch, seq: int) -> None:
+        """Fill the buffer table and the sequence number (caller holds the lock; native copies both)."""
+        b = self.bufs
+        b[0] = p_in
+        b[1] = p_out
+        b[2] = p_scratch
+        enc.sig.seq = seq
+
     def run(self, enc: Encoded, p_in, p_out, p_scratch, seq: int, deadline_ns: int):
-        """Run a plan to completion. Returns None on success, else (code, status copy)."""
+        """Run a plan to completion. Returns (None, source) on success, where ``source`` is the
+        sender of an any-source receive (else None); on failure ((code, status copy), None)."""
         with self.lock:
-            b = self.bufs
-            b[0] = p_in
-            b[1] = p_out
-            b[2] = p_scratch
-            enc.sig.seq = seq
-            rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, b, 3, enc.sig, deadline_ns, self.status)
+            self._load(enc, p_in, p_out, p_scratch, seq)
+            if enc.any_source:
+                out = self._exec_out
+                rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
+                if out[0] != ffi.NULL:
+                    rc = lib.cm_exec_wait(self.ctx, out[0], -1, self.status)
+                    source = lib.cm_exec_peer(out[0], 0)
+                    lib.cm_exec_free(self.ctx, out[0])
+                    if not rc:
+                        return None, source
+            else:
+                rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
+                                     self.status)
             if rc:
-                return rc, ffi.new("cm_status *", self.status[0])
-            return None
+                st = ffi.new("cm_status *", self.status[0])
+                st.code = rc
+                return (rc, st), None
+            return None, None
 
     def start(self, enc: Encoded, p_in, p_out, p_scratch, seq: int, deadline_ns: int, work: Work,
               on_done: Callable) -> None:
@@ -78,12 +98,8 @@ class Engine:
         when it ends."""
         out = ffi.new("cm_exec **")
         with self.lock:
-            b = self.bufs
-            b[0] = p_in
-            b[1] = p_out
-            b[2] = p_scratch
-            enc.sig.seq = seq
-            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, b, 3, enc.sig, deadline_ns, out)
+            self._load(enc, p_in, p_out, p_scratch, seq)
+            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
             if out[0] == ffi.NULL:
                 st = ffi.new("cm_status *", self.status[0])
                 st.code = rc
@@ -112,6 +128,7 @@ class Engine:
                 rc = lib.cm_exec_wait(self.ctx, handle, SLICE_NS, st)
                 if rc != EAGAIN:
                     status = ffi.new("cm_status *", st[0])
+                    work.source = lib.cm_exec_peer(handle, 0) if not rc else None
                     lib.cm_exec_free(self.ctx, handle)
             if rc == EAGAIN:
                 continue

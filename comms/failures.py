@@ -55,7 +55,7 @@ def publish(comm, exc: CommsError) -> None:
         pass
 
 
-def build(comm, rc: int, st, op: str, seq: int, plan) -> CommsError:
+def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsError:
     rank, peer = comm.rank, int(st.peer) if st is not None else -1
     where = f"{op} (seq {seq}) on rank {rank}" if seq else f"{op} on rank {rank}"
     cls = error_class(rc)
@@ -66,7 +66,8 @@ def build(comm, rc: int, st, op: str, seq: int, plan) -> CommsError:
         what = ""
         if step is not None:
             what = f" ({STEP_NAMES[step.kind]} of {st.want_bytes} B, {st.done_bytes} B done)"
-        msg = f"{where} timed out after {comm.timeout:g} s waiting for rank {peer}{what}"
+        who = f"rank {peer}" if peer >= 0 else "a message from any rank"
+        msg = f"{where} timed out after {timeout:g} s waiting for {who}{what}"
     elif rc == errors.E_MISMATCH:
         msg = (f"{where}: ranks called different collectives: rank {rank} called {describe(st.local)} but rank "
                f"{peer} called {describe(st.remote)}")

@@ -13,7 +13,7 @@ from .errors import CommTimeout
 
 
 class Work:
-    __slots__ = ("op", "seq", "rank", "_event", "_exc", "_keep", "_result", "_callbacks", "_handle")
+    __slots__ = ("op", "seq", "rank", "source", "_event", "_exc", "_keep", "_result", "_callbacks", "_handle")
 
     def __init__(self, op: str, seq: int, rank: int, keepalive: Any = None, result: Any = None):
         self.op, self.seq, self.rank = op, seq, rank
@@ -23,6 +23,7 @@ class Work:
         self._result = result
         self._callbacks: list[Callable[["Work"], None]] = []
         self._handle = None             # native exec, owned by the engine
+        self.source: int | None = None  # the peer of a point-to-point operation, once complete
 
     def _finish(self, exc: BaseException | None) -> None:
         self._exc = exc

@@ -68,6 +68,7 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
 int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st);
 int cm_exec_test(cm_ctx *ctx, cm_exec *e, cm_status *st);
 void cm_exec_free(cm_ctx *ctx, cm_exec *e);
+int cm_exec_peer(cm_exec *e, int i);   /* the peer of a plan's i-th message (the source, for any-source receives) */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
 int64_t cm_now_ns(void);

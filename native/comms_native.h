@@ -34,6 +34,7 @@ enum { CM_MSG_COLL = 1, CM_MSG_P2P = 2 };
 #define CM_MAGIC 0x436f6d6dU     /* "Comm" */
 #define CM_COUNT_ANY UINT64_MAX   /* sig.count that is not compared (uneven all_to_all) */
 #define CM_MAX_BUFS 4
+#define CM_ANY_SOURCE (-1)            /* cm_step.peer of a p2p receive from any rank */
 #define CM_REDOP_MASK 0x0f           /* sig.redop: kernel op in the low bits, API-only flags (AVG) above */
 
 size_t cm_dtype_size(int dtype);
@@ -149,6 +150,7 @@ struct cm_ctx {
     /* execs */
     cm_exec *active;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
+    cm_op *anyq, *anyq_tail;     /* posted receives from any source */
     int progressed;
     /* the first error, after which the context is unusable */
     int failed;

@@ -167,6 +167,7 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     for (cm_exec *e = ctx->active; e; e = e->next_active)
         if (!e->done) { e->done = 1; e->code = code; }
     ctx->coll_active = ctx->coll_queue = ctx->coll_queue_tail = NULL;
+    ctx->anyq = ctx->anyq_tail = NULL;
     return code;
 }
 
@@ -206,6 +207,25 @@ int cm_match(cm_ctx *ctx, cm_chan *c) {
     } else if (h->kind == CM_MSG_P2P) {
         cm_op *op = c->recvq;
         while (op && (op->exec->is_coll || op->exec->sig.tag != h->tag)) op = op->next;
+        if (!op) {
+            cm_op **pp = &ctx->anyq, *prev = NULL;
+            while (*pp && (*pp)->exec->sig.tag != h->tag) { prev = *pp; pp = &(*pp)->next; }
+            if (*pp) {
+                op = *pp;
+                *pp = op->next;
+                if (ctx->anyq_tail == op) ctx->anyq_tail = prev;
+                op->next = NULL;
+                op->peer = c->peer;
+                if (h->nbytes != op->nbytes) {
+                    ctx->status.remote = *h;
+                    return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+                }
+                c->rx_op = op;
+                c->rx_unexp = NULL;
+                c->rx_active = 1;
+                return CM_OK;
+            }
+        }
         if (op) {
             if (h->nbytes != op->nbytes) {
                 ctx->status.remote = *h;
@@ -287,11 +307,50 @@ void cm_message_done(cm_ctx *ctx, cm_chan *c) {
         cm_unexp *u = c->rx_unexp;
         c->rx_unexp = NULL;
         u->complete = 1;
-        if (u->waiter) unexp_to_op(ctx, c, u, u->waiter);
+        if (u->waiter) { unexp_to_op(ctx, c, u, u->waiter); return; }
+        cm_op **pp = &ctx->anyq, *prev = NULL;     /* an any-source receive posted meanwhile */
+        while (*pp && (*pp)->exec->sig.tag != u->tag) { prev = *pp; pp = &(*pp)->next; }
+        if (*pp) {
+            cm_op *op = *pp;
+            *pp = op->next;
+            if (ctx->anyq_tail == op) ctx->anyq_tail = prev;
+            op->next = NULL;
+            op->peer = c->peer;
+            if (u->nbytes != op->nbytes) {
+                ctx->status.remote.tag = u->tag;
+                ctx->status.remote.nbytes = u->nbytes;
+                cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+                return;
+            }
+            unexp_to_op(ctx, c, u, op);
+        }
     }
 }
 
 /* ---- plans ------------------------------------------------------------------------------------ */
+/* A receive from any source takes the oldest complete early message with its tag, on any channel
+ * (lowest rank first), or waits in ctx->anyq; cm_match offers it every p2p message with its tag
+ * that no receive from that specific source wants. */
+static void post_any(cm_ctx *ctx, cm_exec *e, cm_op *op) {
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        for (cm_unexp *u = c->unexp; u; u = u->next) {
+            if (u->tag != e->sig.tag || u->waiter || !u->complete) continue;
+            op->peer = p;
+            if (u->nbytes != op->nbytes) {
+                ctx->status.remote.tag = u->tag;
+                ctx->status.remote.nbytes = u->nbytes;
+                cm_fail(ctx, CM_E_TRUNCATE, p, 0, op);
+                return;
+            }
+            unexp_to_op(ctx, c, u, op);
+            return;
+        }
+    }
+    if (ctx->anyq_tail) ctx->anyq_tail->next = op; else ctx->anyq = op;
+    ctx->anyq_tail = op;
+}
+
 static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
     cm_op *op = &e->ops[e->nops++];
     memset(op, 0, sizeof *op);
@@ -301,8 +360,9 @@ static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
     op->step = (int)(s - e->steps);
     op->ptr = e->bufs[s->buf] + s->off;
     op->nbytes = s->nbytes;
-    cm_chan *c = &ctx->chans[s->peer];
     e->pending++;
+    if (s->peer == CM_ANY_SOURCE) { post_any(ctx, e, op); return; }
+    cm_chan *c = &ctx->chans[s->peer];
     if (s->kind == CM_STEP_SEND) {
         if (c->sendq_tail) c->sendq_tail->next = op; else c->sendq = op;
         c->sendq_tail = op;
@@ -393,6 +453,7 @@ static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr
         if (s->kind == CM_STEP_PHASE) continue;
         if (s->buf < 0 || s->buf >= nbufs || (s->nbytes && !bufs[s->buf])) return CM_E_INVALID;
         if (s->kind <= CM_STEP_RECV_REDUCE) {
+            if (s->peer == CM_ANY_SOURCE && s->kind == CM_STEP_RECV && sig->kind == CM_MSG_P2P) continue;
             if (s->peer < 0 || s->peer >= ctx->size || s->peer == ctx->rank ||
                 ctx->chans[s->peer].type == CM_CHAN_NONE)
                 return CM_E_INVALID;
@@ -553,6 +614,8 @@ void cm_exec_free(cm_ctx *ctx, cm_exec *e) {
     free(e->ops);
     free(e);
 }
+
+int cm_exec_peer(cm_exec *e, int i) { return i >= 0 && i < e->nops ? e->ops[i].peer : -1; }
 
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st) {

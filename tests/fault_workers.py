@@ -178,6 +178,27 @@ def async_ops(rank: int, size: int) -> list:
         comm.recv(b, 0, tag=2)
         comm.recv(a, 0, tag=1)
     out.append([a.tolist(), b.tolist()])
+    # receive from any source, sync and async; the source is reported
+    c = np.zeros(2)
+    if rank == 0:
+        comm.send(np.full(2, 5.0), 1, tag=11)
+        comm.send(np.full(2, 6.0), 1, tag=12)
+    else:
+        w = comm.recv(c, None, tag=12, async_op=True)
+        src = comm.recv(a[:2], None, tag=11)
+        w.wait()
+        out.append([src, w.source, a[:2].tolist(), c.tolist()])
+    comm.barrier()
+    # a per-operation timeout overrides the communicator's (30 s) deadline
+    t0 = time.monotonic()
+    if rank == 1:
+        try:
+            comm.recv(np.zeros(1), peer, tag=1234, timeout=0.5)
+            out.append("no timeout")
+        except comms.CommTimeout as e:
+            out.append(["0.5 s" in str(e), time.monotonic() - t0 < 5])
+    else:
+        time.sleep(1.5)
     comm.close()
     return out
 

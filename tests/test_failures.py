@@ -78,6 +78,8 @@ def test_async_work_and_p2p():
         assert o[4:6] == ["CommTimeout", True]
         if rank == 1:
             assert o[6] == [[1.0] * 3, [2.0] * 3]
+            assert o[7] == [0, 0, [5.0, 5.0], [6.0, 6.0]]
+            assert o[8] == [True, True], o[8]
 
 
 def test_split():

@@ -70,7 +70,6 @@ class Communicator:
         self._plans: dict[tuple, Encoded] = {}
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
-        self._seq = 0
         self._splits = 0
         self._broken: CommsError | None = None
         self._closed = False
@@ -150,21 +149,16 @@ class Communicator:
         replaces the communicator's deadline for this operation."""
         if self._broken is not None or self._closed:
             self._check_open()
-        if enc.is_coll:
-            self._seq += 1
-            seq = self._seq
-        else:
-            seq = 0
         scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
         deadline = time.monotonic_ns() + (self._timeout_ns if timeout is None else int(timeout * 1e9))
         if not async_op:
-            failed, source = self._engine.run(enc, p_in, p_out, scratch, seq, deadline)
+            failed, source, seq = self._engine.run(enc, p_in, p_out, scratch, deadline)
             if failed is not None:
                 raise self._fail(failed[0], failed[1], enc.name, seq, enc.plan, timeout)
             return source
-        work = Work(enc.name, seq, self.rank, keepalive=keep, result=result)
-        self._engine.start(enc, p_in, p_out, scratch, seq, deadline, work,
-                           lambda w, rc, st: w._finish(self._fail(rc, st, enc.name, seq, enc.plan, timeout) if rc else None))
+        work = Work(enc.name, 0, self.rank, keepalive=keep, result=result)
+        self._engine.start(enc, p_in, p_out, scratch, deadline, work,
+                           lambda w, rc, st: w._finish(self._fail(rc, st, enc.name, w.seq, enc.plan, timeout) if rc else None))
         return work
 
     def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None, timeout: float | None = None) -> CommsError:

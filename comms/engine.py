@@ -55,25 +55,32 @@ class Engine:
         self.status = ffi.new("cm_status *")
         self.bufs = ffi.new("uintptr_t[4]")
         self._exec_out = ffi.new("cm_exec **")
+        self.seq = 0                 # collectives started on this context
         self._inflight: deque[tuple[Work, object, Callable]] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
     # -- one operation ------------------------------------------------------------------------
-    def _load(self, enc: Encoded, p_in, p_out, p_scratch, seq: int) -> None:
-        """Fill the buffer table and the sequence number (caller holds the lock; native copies both)."""
+    def _load(self, enc: Encoded, p_in, p_out, p_scratch) -> int:
+        """Fill the buffer table and give a collective the next sequence number (the caller holds
+        the lock, so numbers follow the order in which plans reach the engine, whatever thread
+        issued them; native copies both). Returns the sequence number (0 for p2p)."""
         b = self.bufs
         b[0] = p_in
         b[1] = p_out
         b[2] = p_scratch
-        enc.sig.seq = seq
+        if enc.is_coll:
+            self.seq += 1
+            enc.sig.seq = self.seq
+            return self.seq
+        return 0
 
-    def run(self, enc: Encoded, p_in, p_out, p_scratch, seq: int, deadline_ns: int):
-        """Run a plan to completion. Returns (None, source) on success, where ``source`` is the
-        sender of an any-source receive (else None); on failure ((code, status copy), None)."""
+    def run(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int):
+        """Run a plan to completion. Returns (failure, source, seq): failure is None or
+        (code, status copy); source is the sender of an any-source receive (else None)."""
         with self.lock:
-            self._load(enc, p_in, p_out, p_scratch, seq)
+            seq = self._load(enc, p_in, p_out, p_scratch)
             if enc.any_source:
                 out = self._exec_out
                 rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
@@ -82,23 +89,23 @@ class Engine:
                     source = lib.cm_exec_peer(out[0], 0)
                     lib.cm_exec_free(self.ctx, out[0])
                     if not rc:
-                        return None, source
+                        return None, source, seq
             else:
                 rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
                                      self.status)
             if rc:
                 st = ffi.new("cm_status *", self.status[0])
                 st.code = rc
-                return (rc, st), None
-            return None, None
+                return (rc, st), None, seq
+            return None, None, seq
 
-    def start(self, enc: Encoded, p_in, p_out, p_scratch, seq: int, deadline_ns: int, work: Work,
+    def start(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int, work: Work,
               on_done: Callable) -> None:
-        """Start a plan and hand it to the progress thread; ``on_done(work, code, status)`` runs
-        when it ends."""
+        """Start a plan (setting ``work.seq``) and hand it to the progress thread;
+        ``on_done(work, code, status)`` runs when it ends."""
         out = ffi.new("cm_exec **")
         with self.lock:
-            self._load(enc, p_in, p_out, p_scratch, seq)
+            work.seq = self._load(enc, p_in, p_out, p_scratch)
             rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
             if out[0] == ffi.NULL:
                 st = ffi.new("cm_status *", self.status[0])

@@ -41,7 +41,8 @@ def _narrow(x: np.ndarray, dtype: int) -> np.ndarray:
     if dtype == BF16:
         return f32_to_bf16(x)
     if dtype == F16:
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16)
     return x
 
 

@@ -2,8 +2,9 @@
 
 Rounds, each a publish-then-gather through the store under the communicator's key prefix:
 
-1. every rank publishes its PeerInfo (host identity, pid, cores); ranks sharing the host identity
-   form this rank's local group;
+1. every rank publishes its PeerInfo (host identity, pid, cores, a /dev/shm probe file); then
+   every rank publishes which same-identity peers' probes it can see, and two ranks are on one host
+   only if both see each other's probe; those ranks form this rank's local group;
 2. every transport listens and every rank publishes the addresses (or the error it hit, so that
    all ranks fail with the same clear message instead of waiting);
 3. for every peer, the first transport (in ``comms.transports.ORDER``) whose ``can_connect`` says
@@ -15,6 +16,7 @@ Every wait has the init deadline; on expiry the error names the ranks that never
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 import time
@@ -25,6 +27,8 @@ from .engine import Engine
 from .errors import CommsError, CommTimeout, InvalidUsage, TransportError
 from .hostid import PeerInfo
 from .transports import ORDER
+
+log = logging.getLogger("comms")
 
 
 def _spin_policy(nlocal: int, cores: int) -> tuple[int, int]:
@@ -90,7 +94,17 @@ class Bootstrap:
     # -- the three rounds ----------------------------------------------------------------------
     def run(self) -> "Bootstrap":
         self.store.set_timeout(timedelta(seconds=max(1.0, self.timeout)))
-        self.peers = self.gather("info", PeerInfo.mine(self.rank))
+        mine = PeerInfo.mine(self.rank)
+        try:
+            self.peers = self.gather("info", mine)
+            seen = self.gather("probe", [p.rank for p in self.peers if p.same_host(mine) and mine.sees_probe_of(p)])
+        finally:
+            mine.drop_probe()
+        for p in self.peers:           # one host = same identity and each sees the other's probe
+            if p.rank != self.rank and p.same_host(mine) and not (p.rank in seen[self.rank] and self.rank in seen[p.rank]):
+                log.warning("comms: rank %d and rank %d report the same host identity but do not share /dev/shm; "
+                            "treating them as different hosts", self.rank, p.rank)
+                p.host = f"{p.host}/rank{p.rank}"
         me = self.peers[self.rank]
         self.local_ranks = [p.rank for p in self.peers if p.same_host(me)]
         spin, yields = _spin_policy(len(self.local_ranks), me.cores)

@@ -1,9 +1,10 @@
 """Who am I, as far as peers are concerned: the host identity and the process facts exchanged at init.
 
 Two ranks may share memory when they see the same kernel (boot id), the same IPC namespace and the
-same /dev/shm (device and inode of the mount, plus a probe file one rank creates and the other
-finds). LOCAL_WORLD_SIZE and hostnames are never used for this. ``COMMS_HOST_ID`` overrides the
-whole identity (containers that share a host, tests that simulate several hosts).
+same /dev/shm (device and inode of the mount), and when each finds the probe file the other created
+in /dev/shm (:func:`comms.bootstrap` checks this both ways). LOCAL_WORLD_SIZE and hostnames are
+never used. ``COMMS_HOST_ID`` overrides the whole identity (containers that share a host, tests
+that simulate several hosts); the probe is then skipped.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 
 from . import config
+from .cleanup import SHM_DIR, segment_name
 
 
 def _read(path: str) -> str:
@@ -51,6 +53,7 @@ class PeerInfo:
     pid: int
     pid_ns: int
     cores: int
+    probe: str = ""                 # a file this rank created in /dev/shm ("" when COMMS_HOST_ID is set)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -59,7 +62,28 @@ class PeerInfo:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             cores = os.cpu_count() or 1
-        return cls(rank, host_identity(), socket.gethostname(), os.getpid(), _ns_inode("pid"), cores)
+        probe = ""
+        if not config.get("HOST_ID"):
+            name = segment_name()
+            try:
+                os.close(os.open(os.path.join(SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                probe = name
+            except OSError:
+                probe = ""
+        return cls(rank, host_identity(), socket.gethostname(), os.getpid(), _ns_inode("pid"), cores, probe)
+
+    def sees_probe_of(self, other: "PeerInfo") -> bool:
+        """Whether ``other``'s probe file is visible here (True when there is nothing to check)."""
+        if not other.probe:
+            return True
+        return os.path.exists(os.path.join(SHM_DIR, other.probe))
+
+    def drop_probe(self) -> None:
+        if self.probe:
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.probe))
+            except OSError:
+                pass
 
     def same_host(self, other: "PeerInfo") -> bool:
         return self.host == other.host

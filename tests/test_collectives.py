@@ -69,3 +69,14 @@ def _mixed_cases(rank, size):
     import os
     os.environ["COMMS_HOST_ID"] = f"host{rank // 2}"
     return run_cases(rank, size, 500, 40)
+
+
+def test_ranks_that_cannot_see_each_others_shm_probe_use_tcp():
+    out = spawn(_blind, 3, timeout=60)
+    assert out[0] == {"transports": {1: "tcp", 2: "tcp"}, "local": [0]}
+
+
+def _blind(rank, size):
+    from comms.hostid import PeerInfo
+    PeerInfo.sees_probe_of = lambda self, other: other.rank == self.rank   # as if /dev/shm were private
+    return transports_seen(rank, size)

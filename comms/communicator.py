@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import failures
+from . import config, failures, flight
 from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
 from ._native import ffi
 from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
@@ -74,6 +74,8 @@ class Communicator:
         self._broken: CommsError | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, _release, boot)
+        self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
+        flight.register(self)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -85,6 +87,10 @@ class Communicator:
     def transports(self) -> dict[int, str]:
         """The transport carrying traffic to each peer."""
         return dict(self._boot.chosen)
+
+    def flight_record(self) -> list[dict]:
+        """The last plans this communicator ran (see comms.flight), oldest first."""
+        return flight.records(self)
 
     def stats(self) -> dict:
         """Counters: bytes per transport, plans run, times a wait went to sleep."""
@@ -167,6 +173,10 @@ class Communicator:
             self._broken = exc
             failures.publish(self, exc)
             self._engine.abort()
+            try:
+                flight.dump(self, str(exc))
+            except OSError as e:
+                log.warning("comms: cannot write the flight recorder: %s", e)
         return exc
 
     # -- collectives ---------------------------------------------------------------------------
@@ -400,6 +410,8 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
+        if config.get("FLIGHT_AT_EXIT"):
+            flight.dump(self, "close")
         if not self._engine.drain(self.timeout):
             self._engine.abort()
             self._engine.drain(5.0)

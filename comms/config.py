@@ -70,7 +70,15 @@ declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: 
 declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
 declare("SMALL_MSG_BYTES", "size", 32 << 10, "Largest all_reduce handled by the low-latency direct path by "
         "default.")
-declare("DEBUG", str, "WARN", "Log level of the 'comms' logger: WARN, INFO or DEBUG.")
+declare("DEBUG", str, "WARN", "Log level: WARN, INFO or TRACE. Lines are tagged with rank, host and subsystem.")
+declare("DEBUG_SUBSYS", str, "ALL", "Subsystems to log, comma-separated: INIT, TRANSPORT, ALGO, TUNING, COLL, FLIGHT "
+        "(ALL for every one).")
+declare("FLIGHT_RECORDER", int, 1024, "Entries in each communicator's flight recorder (the last N plans); 0 disables.")
+declare("FLIGHT_DIR", str, "", "Directory for flight-recorder dumps, written on error or timeout, on SIGUSR1, and "
+        "at exit with COMMS_FLIGHT_AT_EXIT=1; empty disables dumps.")
+declare("FLIGHT_AT_EXIT", bool, False, "Also dump the flight recorder when a communicator closes or the process exits.")
+declare("TRACE", str, "", "Write a Chrome/Perfetto timeline of the collectives to this file (one per rank: "
+        "'.rank<R>' is inserted before the extension).")
 
 _logged: set[str] = set()
 

@@ -56,6 +56,13 @@ class Engine:
         self.bufs = ffi.new("uintptr_t[4]")
         self._exec_out = ffi.new("cm_exec **")
         self.seq = 0                 # collectives started on this context
+        self.flight_capacity = 0
+
+    def set_flight_capacity(self, entries: int) -> None:
+        with self.lock:
+            if lib.cm_ctx_flight_capacity(self.ctx, entries) != 0:
+                raise TransportError(f"cannot allocate a flight recorder of {entries} entries")
+            self.flight_capacity = entries
         self._inflight: deque[tuple[Work, object, Callable]] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None

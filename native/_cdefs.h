@@ -37,6 +37,20 @@ typedef struct {
     cm_hdr remote;
 } cm_status;
 
+typedef struct {        /* one flight-recorder entry: a plan started on the context */
+    uint64_t id;        /* running number of plans started on the context */
+    uint64_t seq;
+    uint64_t count;
+    uint64_t tag;
+    uint64_t plan;      /* the caller's steps pointer: identifies the plan */
+    int64_t t_start_ns; /* CLOCK_MONOTONIC */
+    int64_t t_end_ns;   /* 0 while running */
+    int32_t kind, coll, dtype, redop, root;
+    int32_t state;      /* 1 started, 2 done, 3 failed */
+    int32_t code;       /* native code of a failure */
+    int32_t peer;       /* peer blamed by a failure */
+} cm_fr_entry;
+
 typedef struct cm_ctx cm_ctx;
 typedef struct cm_exec cm_exec;
 
@@ -61,6 +75,10 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
 int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes);
 void cm_ctx_abort(cm_ctx *ctx);
 int cm_ctx_pending(cm_ctx *ctx);
+int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max);   /* newest last; safe to call while another thread waits */
+int cm_ctx_flight_capacity(cm_ctx *ctx, int entries);
+void cm_sigusr1_install(void);
+int cm_sigusr1_take(void);     /* 1 once per SIGUSR1 received since the last call */
 void cm_ctx_counters(cm_ctx *ctx, uint64_t *out, int n);
 
 int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,

@@ -136,6 +136,7 @@ struct cm_exec {
     cm_hdr sig;
     cm_op *ops;
     int nops;
+    uint64_t fr_id;              /* its flight-recorder entry */
 };
 
 struct cm_ctx {
@@ -156,6 +157,10 @@ struct cm_ctx {
     int failed;
     cm_status status;
     uint64_t counters[8];
+    /* flight recorder: a ring of the last fr_cap plans */
+    cm_fr_entry *fr;
+    uint32_t fr_cap;
+    _Atomic uint64_t fr_next;
 };
 
 enum { CM_CNT_SHM_TX = 0, CM_CNT_SHM_RX, CM_CNT_TCP_TX, CM_CNT_TCP_RX, CM_CNT_EXECS, CM_CNT_SLEEPS };

@@ -41,6 +41,78 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* ---- flight recorder --------------------------------------------------------------------------- */
+static volatile sig_atomic_t sigusr1_seen = 0;
+static void on_sigusr1(int sig) { (void)sig; sigusr1_seen = 1; }
+
+void cm_sigusr1_install(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_sigusr1;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGUSR1, &sa, NULL);
+}
+
+int cm_sigusr1_take(void) {
+    if (!sigusr1_seen) return 0;
+    sigusr1_seen = 0;
+    return 1;
+}
+
+int cm_ctx_flight_capacity(cm_ctx *ctx, int entries) {
+    if (entries < 0) return CM_E_INVALID;
+    cm_fr_entry *fr = entries ? calloc((size_t)entries, sizeof *fr) : NULL;
+    if (entries && !fr) return CM_E_NOMEM;
+    free(ctx->fr);
+    ctx->fr = fr;
+    ctx->fr_cap = (uint32_t)entries;
+    atomic_store(&ctx->fr_next, 0);
+    return CM_OK;
+}
+
+static void fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan) {
+    if (!ctx->fr_cap) return;
+    uint64_t id = atomic_load_explicit(&ctx->fr_next, memory_order_relaxed);
+    cm_fr_entry *f = &ctx->fr[id % ctx->fr_cap];
+    f->id = id;
+    f->seq = e->sig.seq;
+    f->count = e->sig.count;
+    f->tag = e->sig.tag;
+    f->plan = (uint64_t)(uintptr_t)plan;
+    f->t_start_ns = cm_now_ns();
+    f->t_end_ns = 0;
+    f->kind = e->sig.kind;
+    f->coll = e->sig.coll;
+    f->dtype = e->sig.dtype;
+    f->redop = e->sig.redop;
+    f->root = e->sig.root;
+    f->state = 1;
+    f->code = 0;
+    f->peer = -1;
+    e->fr_id = id;
+    atomic_store_explicit(&ctx->fr_next, id + 1, memory_order_release);
+}
+
+static void fr_end(cm_ctx *ctx, cm_exec *e) {
+    if (!ctx->fr_cap) return;
+    cm_fr_entry *f = &ctx->fr[e->fr_id % ctx->fr_cap];
+    if (f->id != e->fr_id) return;                 /* overwritten by newer plans */
+    f->t_end_ns = cm_now_ns();
+    f->code = e->code;
+    f->state = e->code ? 3 : 2;
+    if (e->code) f->peer = ctx->status.peer;
+}
+
+int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max) {
+    if (!ctx->fr_cap || max <= 0) return 0;
+    uint64_t end = atomic_load_explicit(&ctx->fr_next, memory_order_acquire);
+    uint64_t n = end < ctx->fr_cap ? end : ctx->fr_cap;
+    if (n > (uint64_t)max) n = (uint64_t)max;
+    for (uint64_t i = 0; i < n; i++) out[i] = ctx->fr[(end - n + i) % ctx->fr_cap];
+    return (int)n;
+}
+
 /* ---- context ---------------------------------------------------------------------------------- */
 cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
     if (size < 1 || rank < 0 || rank >= size) return NULL;
@@ -71,6 +143,7 @@ void cm_ctx_free(cm_ctx *ctx) {
     }
     while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
     free(ctx->chans);
+    free(ctx->fr);
     free(ctx);
 }
 
@@ -165,7 +238,7 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
         c->rx_active = 0;
     }
     for (cm_exec *e = ctx->active; e; e = e->next_active)
-        if (!e->done) { e->done = 1; e->code = code; }
+        if (!e->done) { e->done = 1; e->code = code; fr_end(ctx, e); }
     ctx->coll_active = ctx->coll_queue = ctx->coll_queue_tail = NULL;
     ctx->anyq = ctx->anyq_tail = NULL;
     return code;
@@ -396,6 +469,7 @@ static void advance(cm_ctx *ctx, cm_exec *e) {
         if (e->next == e->nsteps) {
             e->done = 1;
             e->code = CM_OK;
+            fr_end(ctx, e);
             ctx->progressed = 1;
             if (ctx->coll_active == e) { ctx->coll_active = NULL; start_next_coll(ctx); }
             return;
@@ -488,6 +562,7 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
     e->next_active = ctx->active;
     ctx->active = e;
     ctx->counters[CM_CNT_EXECS]++;
+    fr_start(ctx, e, steps);
     *out = e;
     if (e->is_coll) {
         if (ctx->coll_queue_tail) ctx->coll_queue_tail->next_coll = e; else ctx->coll_queue = e;

@@ -1,0 +1,88 @@
+"""Flight recorder, its dumps, and the hang analysis (python -m comms.trace analyze)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from comms.testing import spawn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SKIPPER = """
+import sys, time, numpy as np, comms
+comm = comms.init(timeout=3)
+x = np.ones(4, np.float32)
+t0 = time.monotonic()
+try:
+    for i in range(3):
+        if comm.rank == 2 and i == 1:
+            continue                      # rank 2 skips one all_reduce ...
+        comm.all_reduce(x)
+    if comm.rank == 2:
+        time.sleep(5)                     # ... and stays away past everyone's deadline
+    comm.barrier()
+    print("no error")
+except comms.CommsError as e:
+    print(f"ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s: {e}")
+"""
+
+
+def test_skipped_all_reduce_is_diagnosed(tmp_path):
+    script = tmp_path / "skip.py"
+    script.write_text(SKIPPER)
+    dumps = tmp_path / "dumps"
+    env = dict(os.environ, COMMS_FLIGHT_DIR=str(dumps))
+    proc = subprocess.run([sys.executable, "-m", "comms.run", "-n", "4", "--timeout", "60", str(script)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    for r in range(4):
+        line = next(l for l in out.splitlines() if l.startswith(f"[rank {r}] ERROR"))
+        secs = float(line.split(" after ")[1].split("s:")[0])
+        assert secs < 12, line
+        if r != 2:
+            assert "all_reduce (seq 3)" in line and "rank 2" in line, line
+    assert any("timed out after 3 s waiting for rank 2" in l for l in out.splitlines()), out
+    files = sorted(os.listdir(dumps))
+    assert files == [f"comms_0.rank{r}.json" for r in range(4)], files
+    doc = json.loads((dumps / "comms_0.rank0.json").read_text())
+    assert [e["state"] for e in doc["entries"]] == ["done", "done", "failed"]
+    assert doc["entries"][2]["op"] == "all_reduce" and doc["entries"][2]["peer"] == 2
+    ana = subprocess.run([sys.executable, "-m", "comms.trace", "analyze", str(dumps)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert ana.returncode == 0, ana.stderr
+    assert "diverge at collective seq 3" in ana.stdout and "suspect: rank 2" in ana.stdout, ana.stdout
+    js = subprocess.run([sys.executable, "-m", "comms.trace", "analyze", str(dumps), "--json"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+    assert json.loads(js.stdout)["comms/0/"]["culprits"] == [2]
+
+
+def _hang_then_signal(rank, size, directory):
+    import threading
+    import numpy as np
+    import comms
+    comm = comms.init(timeout=20)
+    comm.all_reduce(np.ones(2))
+    if rank == 1:
+        time.sleep(5)                     # never joins the second all_reduce
+        return "slept"
+    path = os.path.join(directory, "comms_0.rank0.json")
+    seen = []
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+    threading.Timer(1.5, lambda: seen.append(json.load(open(path))["reason"] if os.path.exists(path) else None)).start()
+    try:
+        comm.all_reduce(np.ones(2), timeout=3)     # blocked in native code when the signal comes
+    except comms.CommTimeout:
+        pass
+    return seen + [json.load(open(path))["reason"]]
+
+
+def test_sigusr1_dumps_while_blocked(tmp_path):
+    out = spawn(_hang_then_signal, 2, timeout=60, args=(str(tmp_path),), env={"COMMS_FLIGHT_DIR": str(tmp_path)})
+    assert out[1] == "slept"
+    assert out[0][0] == "SIGUSR1"
+    assert "timed out after 3 s waiting for rank 1" in out[0][1]

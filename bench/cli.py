@@ -2,7 +2,8 @@
 
 nccl-tests flags kept with their meaning: ``-b/--minbytes``, ``-e/--maxbytes``, ``-f/--stepfactor``,
 ``-i/--stepbytes``, ``-n/--iters``, ``-w/--warmup_iters``, ``-c/--check``, ``-o/--op``, ``-d/--dtype``.
-Added: ``-np`` (ranks), ``--launches``, ``--backends``, ``--json``, ``--timeout``, ``--target-time``.
+Added: ``-np`` (ranks), ``--launches``, ``--backends``, ``--json``, ``--timeout``, ``--target-time``,
+``--batch``, ``-v``.
 
 Sizes take binary suffixes (``64K``, ``1M``, ``2G``). The sweep is nccl-tests': start at minbytes,
 multiply by stepfactor (or add stepbytes when ``-i`` is given), stop after maxbytes.
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--iters", type=int, default=None,
                    help="timed ops per size (default: adaptive, about --target-time per size; 8 B: 2000)")
     p.add_argument("-w", "--warmup_iters", "--warmup", dest="warmup", type=int, default=None,
-                   help="untimed ops per size before timing (default: 5, or one batch of 50 below 64 KiB)")
+                   help="untimed ops per size before timing (default: 50 below 64 KiB, else 5)")
     p.add_argument("-c", "--check", type=_check_flag, default=1, help="check results exactly, 0 or 1 (default 1)")
     p.add_argument("-np", "--nranks", dest="np", type=int, default=2, help="number of ranks (default 2)")
     p.add_argument("--launches", type=int, default=3,
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds before a launch is killed (default {DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--target-time", type=float, default=DEFAULT_TARGET_S,
                    help=f"adaptive iters: timed seconds per size per launch (default {DEFAULT_TARGET_S:g})")
+    p.add_argument("--batch", type=int, default=1,
+                   help="below 64 KiB, time batches of this many ops (one sample each) instead of "
+                        "single ops (default 1)")
     p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
     return p
 
@@ -126,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--launches must be at least 1")
     if ns.iters is not None and ns.iters < 1:
         p.error("-n/--iters must be at least 1")
+    if ns.batch < 1:
+        p.error("--batch must be at least 1")
     if ns.warmup is not None and ns.warmup < 0:
         p.error("-w/--warmup must not be negative")
     if ns.timeout <= 0 or ns.target_time <= 0:

@@ -46,7 +46,7 @@ def worker_command(args, backend: str, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "comms.run", "-n", str(args.np), "--timeout", f"{args.timeout:g}",
            "-m", "bench.worker", "--backend", backend, "--op", args.op, "--dtype", args.dtype,
            "--sizes", ",".join(map(str, args.sizes)), "--check", str(args.check),
-           "--target-time", f"{args.target_time:g}", "--out", str(out)]
+           "--target-time", f"{args.target_time:g}", "--batch", str(args.batch), "--out", str(out)]
     if args.iters is not None:
         cmd += ["--iters", str(args.iters)]
     if args.warmup is not None:

@@ -61,23 +61,30 @@ def elem_size(name: str) -> int:
     return torch.empty((), dtype=torch_dtype(name)).element_size()
 
 
-def _pattern_i64(count: int, rank: int, nranks: int, dtype: str, start: int) -> torch.Tensor:
-    m = max(1, min(_PERIOD, DTYPES[dtype][2] // max(nranks, 1) - 1))
-    i = torch.arange(start, start + count, dtype=torch.int64)
-    return (i + 3 * rank) % m + 1
+def _period(nranks: int, dtype: str) -> int:
+    return max(1, min(_PERIOD, DTYPES[dtype][2] // max(nranks, 1) - 1))
+
+
+def _tile(period: torch.Tensor, count: int) -> torch.Tensor:
+    """``period`` repeated to ``count`` elements (a copy: cheap even at 64 MiB)."""
+    reps = -(-count // max(period.numel(), 1))
+    return period.repeat(reps)[:count]
+
+
+def _period_i64(rank: int, nranks: int, dtype: str, start: int) -> torch.Tensor:
+    m = _period(nranks, dtype)
+    return (torch.arange(m, dtype=torch.int64) + start + 3 * rank) % m + 1
 
 
 def pattern(count: int, rank: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
     """Rank ``rank``'s check data for global elements ``start .. start+count-1`` (see module doc)."""
-    return _pattern_i64(count, rank, nranks, dtype, start).to(DTYPES[dtype][0])
+    return _tile(_period_i64(rank, nranks, dtype, start).to(DTYPES[dtype][0]), count)
 
 
 def pattern_sum(count: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
     """The exact SUM over all ranks of :func:`pattern`, in ``dtype``."""
-    acc = torch.zeros(count, dtype=torch.int64)
-    for r in range(nranks):
-        acc += _pattern_i64(count, r, nranks, dtype, start)
-    return acc.to(DTYPES[dtype][0])
+    acc = sum(_period_i64(r, nranks, dtype, start) for r in range(nranks))
+    return _tile(acc.to(DTYPES[dtype][0]), count)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ def header(command: str, args, info: dict) -> list[str]:
         f"backends: {','.join(args.backends)}",
         f"# sizes: {human_size(sizes[0])} .. {human_size(sizes[-1])}, step {step} ({len(sizes)} sizes)  "
         f"iters: {iters}  warmup: {args.warmup if args.warmup is not None else 'auto'}  check: {args.check}",
+        "# timing: " + ("every op on its own" if args.batch == 1 else
+                        f"batches of {args.batch} ops below 64 KiB, single ops above") + ", time.perf_counter",
         f"# machine: nproc {info['nproc']} (affinity {info['affinity']}), {info['cpu']}{mem}, "
         f"Linux {info['kernel']}",
         f"# software: Python {info['python']}, torch {info['torch']}, comms {info['comms']}",

@@ -6,11 +6,14 @@ by :data:`POOL_BYTES` over all ranks) and touch them, warm the op up once, then 
 1. barrier;
 2. warm-up ops (untimed for the figure, but timed individually to estimate the cost of one op);
 3. iteration count: ``-n`` when given; 2000 ops at 8 B and below; otherwise enough ops for about
-   ``--target-time`` seconds, clamped to [:data:`MIN_SAMPLES` batches, :data:`MAX_ITERS`]. Ranks
-   agree on the slowest rank's estimate, so all run the same count;
-4. timed loop: ops rotate over the buffer sets; each op is timed with ``time.perf_counter`` (sizes
-   below :data:`BATCH_BELOW` in batches of :data:`BATCH` ops, divided); the rank's figure is the
-   median per-op time;
+   ``--target-time`` seconds (from the warm-up ops' mean), clamped to [:data:`MIN_SAMPLES` samples,
+   :data:`MAX_ITERS`]. Ranks agree on the slowest rank's estimate, so all run the same count;
+4. timed loop: ops rotate over the buffer sets; each op is timed with ``time.perf_counter``; the
+   rank's figure is the median per-op time. With ``--batch N`` (N > 1), sizes below
+   :data:`BATCH_BELOW` are timed in batches of N ops instead, each batch giving one sample (its
+   mean). Per-op timing is the default: it costs about 0.1 us per op, and batch means of an op with
+   a bimodal time (one that sleeps in the kernel on a busy machine) sit well above its median,
+   which would put a step into the curve at BATCH_BELOW;
 5. check (``--check 1``), outside the timed loop: one more op on fresh exact inputs
    (:mod:`bench.ops`), counting wrong elements.
 
@@ -32,12 +35,13 @@ import torch
 from . import backends, ops
 
 TINY_BYTES, TINY_ITERS = 8, 2000     # the anchors' method: 8 B uses 2000 timed ops
-BATCH_BELOW, BATCH = 64 << 10, 50    # below 64 KiB, time batches of 50 ops
+BATCH_BELOW = 64 << 10               # --batch applies below this size
+SMALL_WARMUP = 50                    # default warm-up ops below BATCH_BELOW
 MIN_SAMPLES = 5                      # at least this many timed samples (ops or batches) per size
-MAX_ITERS = 20000
+MAX_ITERS = 5000                     # bounds the loop when rare stalls make the mean far above the median
 MAX_BUFFERS = 4                      # buffer sets rotated through in the timed loop
 POOL_BYTES = 1 << 30                 # bound on all ranks' pools together
-LARGE_WARMUP = 5                     # default warm-up ops for unbatched sizes
+LARGE_WARMUP = 5                     # default warm-up ops from BATCH_BELOW up
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--check", type=int, default=1, choices=(0, 1))
     p.add_argument("--target-time", type=float, default=0.4)
+    p.add_argument("--batch", type=int, default=1, help="ops per timed sample below 64 KiB")
     p.add_argument("--timeout", type=float, default=None, help="the backend's own deadline, seconds")
     p.add_argument("--out", default=None, help="JSON written by rank 0")
     return p.parse_args(argv)
@@ -124,13 +129,14 @@ def choose_iters(args, lay: ops.Layout, batch: int, estimate_s: float) -> int:
 def measure(args, backend, op: ops.Op, lay: ops.Layout, pool: Pool) -> dict:
     """Steps 1-4 of the module doc for one size; returns this rank's figures."""
     fns = [op.bind(backend, inp, out) for inp, out in pool.views(lay)]
-    batch = BATCH if lay.nbytes < BATCH_BELOW else 1
+    small = lay.nbytes < BATCH_BELOW
+    batch = max(1, args.batch) if small else 1
     if args.iters is not None:
         batch = max(1, min(batch, args.iters))
     backend.barrier()
-    nwarm = args.warmup if args.warmup is not None else (BATCH if batch > 1 else LARGE_WARMUP)
+    nwarm = args.warmup if args.warmup is not None else (max(SMALL_WARMUP, batch) if small else LARGE_WARMUP)
     warm = _time_each(fns, nwarm)
-    est = statistics.median(warm[1:] or warm) if warm else 1e-3
+    est = statistics.fmean(warm[1:] or warm) if warm else 1e-3   # mean: the loop's wall time follows it
     if args.iters is None:
         est = backend.reduce_values([est], "max")[0]       # all ranks must run the same count
     iters = choose_iters(args, lay, batch, est)
@@ -138,7 +144,8 @@ def measure(args, backend, op: ops.Op, lay: ops.Layout, pool: Pool) -> dict:
         samples = _time_batches(fns, iters // batch, batch)
     else:
         samples = _time_each(fns, iters)
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "iters": iters, "batch": batch}
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "mean_s": statistics.fmean(samples),
+            "iters": iters, "batch": batch}
 
 
 def check(backend, op: ops.Op, lay: ops.Layout, dtype: str) -> int:
@@ -176,15 +183,17 @@ def run(args) -> dict | None:
         raise SystemExit("bench.worker: no size holds one element per rank block")
     pool = Pool(op, layouts, n, args.dtype)
     warm_launch(backend, op, layouts, pool)
-    local = []                                      # per size: median_s, min_s, wrong, iters
+    local = []                          # per size: median_s, min_s, mean_s, wrong, iters, batch
     for lay in layouts:
+        t0 = time.perf_counter()
         r = measure(args, backend, op, lay, pool)
         wrong = check(backend, op, lay, args.dtype) if args.check else 0
-        local.append((r["median_s"], r["min_s"], wrong, r["iters"], r["batch"]))
+        local.append((r["median_s"], r["min_s"], r["mean_s"], wrong, r["iters"], r["batch"]))
         _log(rank, f"{args.backend} {op.name} {lay.nbytes} B: {r['iters']} ops (batch {r['batch']}), "
-                   f"rank 0 median {r['median_s'] * 1e6:.2f} us, wrong {wrong}")
+                   f"rank 0 median {r['median_s'] * 1e6:.2f} us, wrong {wrong}, "
+                   f"{time.perf_counter() - t0:.2f} s")
     # gather everything: each rank fills its own row of a zero matrix, then SUM
-    width = 5
+    width = len(local[0])
     flat = [0.0] * (n * len(layouts) * width)
     for i, row in enumerate(local):
         base = (rank * len(layouts) + i) * width
@@ -199,7 +208,8 @@ def run(args) -> dict | None:
             rows.append({
                 "nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count, "out_count": lay.out_count,
                 "time_us": max(med), "rank_median_us": med, "rank_min_us": [p[1] * 1e6 for p in per],
-                "wrong": int(sum(p[2] for p in per)), "iters": int(per[0][3]), "batch": int(per[0][4]),
+                "rank_mean_us": [p[2] * 1e6 for p in per],
+                "wrong": int(sum(p[3] for p in per)), "iters": int(per[0][4]), "batch": int(per[0][5]),
                 "algorithm": backend.algorithm(op.name, op.msg_bytes(lay, n, es)),
             })
         doc = {

@@ -10,6 +10,7 @@ Buffers are numpy arrays or contiguous torch CPU tensors (see :mod:`comms.dtypes
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 import weakref
@@ -76,6 +77,14 @@ class Communicator:
         self._finalizer = weakref.finalize(self, _release, boot)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         flight.register(self)
+        self._timeline = None
+        if config.get("TRACE"):
+            from .timeline import Timeline
+            self._timeline = Timeline(config.get("TRACE") if prefix == "comms/0/" or not prefix.startswith("comms/")
+                                      else f"{config.get('TRACE')}.{prefix.strip('/').replace('/', '_')}",
+                                      self.rank, self.transports)
+            self._engine.set_timeline(self._timeline)
+            atexit.register(self._timeline.write)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -412,6 +421,8 @@ class Communicator:
         self._closed = True
         if config.get("FLIGHT_AT_EXIT"):
             flight.dump(self, "close")
+        if self._timeline is not None:
+            self._timeline.write()
         if not self._engine.drain(self.timeout):
             self._engine.abort()
             self._engine.drain(5.0)

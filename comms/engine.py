@@ -57,6 +57,20 @@ class Engine:
         self._exec_out = ffi.new("cm_exec **")
         self.seq = 0                 # collectives started on this context
         self.flight_capacity = 0
+        self.timeline = None
+
+    def set_timeline(self, timeline) -> None:
+        """Record every plan's message times into ``timeline`` (comms.timeline.Timeline)."""
+        with self.lock:
+            self.timeline = timeline
+            lib.cm_ctx_set_trace(self.ctx, 1)
+
+    def _trace(self, enc: Encoded, seq: int, handle, t0: int, rc: int) -> None:
+        if self.timeline is None:
+            return
+        times = ffi.new("int64_t[]", 2 * max(1, enc.nsteps))
+        n = lib.cm_exec_op_times(handle, times, enc.nsteps)
+        self.timeline.record(enc, seq, t0, time.monotonic_ns(), list(times[0:2 * n]), rc == 0)
 
     def set_flight_capacity(self, entries: int) -> None:
         with self.lock:
@@ -88,12 +102,14 @@ class Engine:
         (code, status copy); source is the sender of an any-source receive (else None)."""
         with self.lock:
             seq = self._load(enc, p_in, p_out, p_scratch)
-            if enc.any_source:
+            if enc.any_source or self.timeline is not None:
                 out = self._exec_out
                 rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
                 if out[0] != ffi.NULL:
+                    t0 = time.monotonic_ns()
                     rc = lib.cm_exec_wait(self.ctx, out[0], -1, self.status)
                     source = lib.cm_exec_peer(out[0], 0)
+                    self._trace(enc, seq, out[0], t0, rc)
                     lib.cm_exec_free(self.ctx, out[0])
                     if not rc:
                         return None, source, seq
@@ -111,6 +127,8 @@ class Engine:
         """Start a plan (setting ``work.seq``) and hand it to the progress thread;
         ``on_done(work, code, status)`` runs when it ends."""
         out = ffi.new("cm_exec **")
+        work._enc = enc
+        work._t0 = time.monotonic_ns()
         with self.lock:
             work.seq = self._load(enc, p_in, p_out, p_scratch)
             rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
@@ -143,6 +161,7 @@ class Engine:
                 if rc != EAGAIN:
                     status = ffi.new("cm_status *", st[0])
                     work.source = lib.cm_exec_peer(handle, 0) if not rc else None
+                    self._trace(work._enc, work.seq, handle, work._t0, rc)
                     lib.cm_exec_free(self.ctx, handle)
             if rc == EAGAIN:
                 continue
@@ -178,7 +197,8 @@ class Engine:
         with self.lock:
             if self.ctx is not None:
                 lib.cm_ctx_counters(self.ctx, out, 8)
-        names = ("shm_tx_bytes", "shm_rx_bytes", "tcp_tx_bytes", "tcp_rx_bytes", "plans", "sleeps")
+        names = ("shm_tx_bytes", "shm_rx_bytes", "tcp_tx_bytes", "tcp_rx_bytes", "plans", "sleeps", "busy_ns",
+                 "failed_plans")
         return {n: int(out[i]) for i, n in enumerate(names)}
 
     def close(self) -> None:

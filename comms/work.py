@@ -13,7 +13,8 @@ from .errors import CommTimeout
 
 
 class Work:
-    __slots__ = ("op", "seq", "rank", "source", "_event", "_exc", "_keep", "_result", "_callbacks", "_handle")
+    __slots__ = ("op", "seq", "rank", "source", "_event", "_exc", "_keep", "_result", "_callbacks", "_handle",
+                 "_enc", "_t0")
 
     def __init__(self, op: str, seq: int, rank: int, keepalive: Any = None, result: Any = None):
         self.op, self.seq, self.rank = op, seq, rank

@@ -86,7 +86,9 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
 int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st);
 int cm_exec_test(cm_ctx *ctx, cm_exec *e, cm_status *st);
 void cm_exec_free(cm_ctx *ctx, cm_exec *e);
-int cm_exec_peer(cm_exec *e, int i);   /* the peer of a plan's i-th message (the source, for any-source receives) */
+int cm_exec_peer(cm_exec *e, int i);
+int cm_exec_op_times(cm_exec *e, int64_t *out, int max);   /* (post, done) ns per message, in step order */
+void cm_ctx_set_trace(cm_ctx *ctx, int on);   /* the peer of a plan's i-th message (the source, for any-source receives) */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
 int64_t cm_now_ns(void);

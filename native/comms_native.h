@@ -83,6 +83,7 @@ typedef struct cm_op {
     int step;
     int started;
     int complete;
+    int64_t t_post, t_done;      /* CLOCK_MONOTONIC, when the context traces (ctx->trace) */
     char *ptr;
     uint64_t nbytes;
     uint64_t done;
@@ -137,6 +138,7 @@ struct cm_exec {
     cm_op *ops;
     int nops;
     uint64_t fr_id;              /* its flight-recorder entry */
+    int64_t t_start;
 };
 
 struct cm_ctx {
@@ -148,6 +150,7 @@ struct cm_ctx {
     int local_index, nlocal, nslots;
     size_t slot_bytes, chan_bytes;
     int has_shm, has_tcp;
+    int trace;                   /* record per-message times for timelines */
     /* execs */
     cm_exec *active;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
@@ -163,7 +166,8 @@ struct cm_ctx {
     _Atomic uint64_t fr_next;
 };
 
-enum { CM_CNT_SHM_TX = 0, CM_CNT_SHM_RX, CM_CNT_TCP_TX, CM_CNT_TCP_RX, CM_CNT_EXECS, CM_CNT_SLEEPS };
+enum { CM_CNT_SHM_TX = 0, CM_CNT_SHM_RX, CM_CNT_TCP_TX, CM_CNT_TCP_RX, CM_CNT_EXECS, CM_CNT_SLEEPS, CM_CNT_BUSY_NS,
+       CM_CNT_FAILED };
 
 /* engine.c */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op);

@@ -72,6 +72,7 @@ int cm_ctx_flight_capacity(cm_ctx *ctx, int entries) {
 }
 
 static void fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan) {
+    e->t_start = cm_now_ns();
     if (!ctx->fr_cap) return;
     uint64_t id = atomic_load_explicit(&ctx->fr_next, memory_order_relaxed);
     cm_fr_entry *f = &ctx->fr[id % ctx->fr_cap];
@@ -80,7 +81,7 @@ static void fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan) {
     f->count = e->sig.count;
     f->tag = e->sig.tag;
     f->plan = (uint64_t)(uintptr_t)plan;
-    f->t_start_ns = cm_now_ns();
+    f->t_start_ns = e->t_start;
     f->t_end_ns = 0;
     f->kind = e->sig.kind;
     f->coll = e->sig.coll;
@@ -95,10 +96,13 @@ static void fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan) {
 }
 
 static void fr_end(cm_ctx *ctx, cm_exec *e) {
+    int64_t now = cm_now_ns();
+    ctx->counters[CM_CNT_BUSY_NS] += (uint64_t)(now - e->t_start);
+    if (e->code) ctx->counters[CM_CNT_FAILED]++;
     if (!ctx->fr_cap) return;
     cm_fr_entry *f = &ctx->fr[e->fr_id % ctx->fr_cap];
     if (f->id != e->fr_id) return;                 /* overwritten by newer plans */
-    f->t_end_ns = cm_now_ns();
+    f->t_end_ns = now;
     f->code = e->code;
     f->state = e->code ? 3 : 2;
     if (e->code) f->peer = ctx->status.peer;
@@ -353,6 +357,7 @@ void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq) {
         op->next = NULL;
     }
     op->complete = 1;
+    if (ctx->trace) op->t_done = cm_now_ns();
     op->exec->pending--;
     ctx->progressed = 1;
 }
@@ -433,6 +438,7 @@ static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
     op->step = (int)(s - e->steps);
     op->ptr = e->bufs[s->buf] + s->off;
     op->nbytes = s->nbytes;
+    if (ctx->trace) op->t_post = cm_now_ns();
     e->pending++;
     if (s->peer == CM_ANY_SOURCE) { post_any(ctx, e, op); return; }
     cm_chan *c = &ctx->chans[s->peer];
@@ -688,6 +694,14 @@ void cm_exec_free(cm_ctx *ctx, cm_exec *e) {
     free(e->steps);
     free(e->ops);
     free(e);
+}
+
+void cm_ctx_set_trace(cm_ctx *ctx, int on) { ctx->trace = on; }
+
+int cm_exec_op_times(cm_exec *e, int64_t *out, int max) {
+    int n = e->nops < max ? e->nops : max;
+    for (int i = 0; i < n; i++) { out[2 * i] = e->ops[i].t_post; out[2 * i + 1] = e->ops[i].t_done; }
+    return n;
 }
 
 int cm_exec_peer(cm_exec *e, int i) { return i >= 0 && i < e->nops ? e->ops[i].peer : -1; }

@@ -86,3 +86,31 @@ def test_sigusr1_dumps_while_blocked(tmp_path):
     assert out[1] == "slept"
     assert out[0][0] == "SIGUSR1"
     assert "timed out after 3 s waiting for rank 1" in out[0][1]
+
+
+def _traced(rank, size):
+    import numpy as np
+    import comms
+    with comms.init(timeout=20) as comm:
+        comm.all_reduce(np.ones(1 << 16, np.float32))
+        comm.broadcast(np.ones(10), root=1)
+        w = comm.all_reduce(np.ones(8), async_op=True)
+        w.wait()
+        stats = comm.stats()
+    return stats
+
+
+def test_timeline_and_counters(tmp_path):
+    out = spawn(_traced, 2, timeout=60, env={"COMMS_TRACE": str(tmp_path / "trace.json")})
+    for rank in range(2):
+        doc = json.loads((tmp_path / f"trace.rank{rank}.json").read_text())
+        colls = [e for e in doc["traceEvents"] if e.get("tid") == 0 and e["ph"] == "X"]
+        msgs = [e for e in doc["traceEvents"] if e.get("tid") == 1 and e["ph"] == "X"]
+        assert [e["name"] for e in colls] == ["all_reduce", "broadcast", "all_reduce"]
+        assert colls[0]["args"]["algorithm"] == "ring" and colls[0]["args"]["transports"] == ["shm"]
+        assert colls[0]["args"]["seq"] == 1 and colls[2]["args"]["seq"] == 3
+        assert any(m["name"] == f"recv_reduce r{1 - rank}" and m["args"]["bytes"] == 1 << 17 for m in msgs)
+        assert all(m["args"]["transport"] == "shm" and m["dur"] >= 0 for m in msgs)
+        st = out[rank]
+        assert st["plans"] == 3 and st["failed_plans"] == 0 and st["busy_ns"] > 0
+        assert st["shm_tx_bytes"] >= (1 << 17) + 8 * 8

@@ -8,8 +8,6 @@ See README.md for the API, comms.errors for the exception tree, comms.config for
 """
 from __future__ import annotations
 
-import logging as _logging
-
 from . import config
 from .api import create, init
 from .communicator import Communicator
@@ -28,10 +26,6 @@ __all__ = [
 ]
 
 
-def _setup_logging() -> None:
-    level = str(config.get("DEBUG")).upper()
-    logger = _logging.getLogger("comms")
-    logger.setLevel({"TRACE": _logging.DEBUG, "WARN": _logging.WARNING}.get(level, getattr(_logging, level, 30)))
+from . import log as _log
 
-
-_setup_logging()
+_log.setup()

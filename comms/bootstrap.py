@@ -23,12 +23,13 @@ import time
 from datetime import timedelta
 
 from . import config
+from . import log as clog
 from .engine import Engine
 from .errors import CommsError, CommTimeout, InvalidUsage, TransportError
 from .hostid import PeerInfo
 from .transports import ORDER
 
-log = logging.getLogger("comms")
+log = clog.get("INIT")
 
 
 def _spin_policy(nlocal: int, cores: int) -> tuple[int, int]:
@@ -107,7 +108,12 @@ class Bootstrap:
                 p.host = f"{p.host}/rank{p.rank}"
         me = self.peers[self.rank]
         self.local_ranks = [p.rank for p in self.peers if p.same_host(me)]
+        clog.set_rank(self.rank)
         spin, yields = _spin_policy(len(self.local_ranks), me.cores)
+        hosts = len({p.host for p in self.peers})
+        log.info("rank %d of %d (%s) on %s: %d host%s; local ranks %s; %d usable cores%s; spin %d then %d yields",
+                 self.rank, self.size, self.prefix, me.hostname, hosts, "" if hosts == 1 else "s", self.local_ranks,
+                 me.cores, " (oversubscribed)" if len(self.local_ranks) > me.cores else "", spin, yields)
         self.engine = Engine(self.rank, self.size, spin, yields)
         try:
             self._connect(me)
@@ -158,6 +164,12 @@ class Bootstrap:
                                  rank=self.rank, peer=r)
         for t in self.transports:
             t.finish()
+        if log.isEnabledFor(logging.INFO):
+            by = {}
+            for peer, name in sorted(self.chosen.items()):
+                by.setdefault(name, []).append(peer)
+            log.info("rank %d transports: %s", self.rank,
+                     "; ".join(f"{name} to ranks {peers}" for name, peers in by.items()) or "none (single rank)")
 
     def close_transports(self) -> None:
         for t in self.transports:

@@ -11,7 +11,6 @@ Buffers are numpy arrays or contiguous torch CPU tensors (see :mod:`comms.dtypes
 from __future__ import annotations
 
 import atexit
-import logging
 import time
 import weakref
 from typing import Any, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from . import config, failures, flight
+from . import log as clog
 from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
 from ._native import ffi
 from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
@@ -28,7 +28,7 @@ from .selector import Selector
 from .transports.base import Endpoint
 from .work import Work, completed
 
-log = logging.getLogger("comms")
+log = clog.get("COLL")
 MSG_COLL, MSG_P2P = 1, 2
 ANY_SOURCE = -1
 COUNT_ANY = (1 << 64) - 1

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-log = logging.getLogger("comms")
+log = logging.getLogger("comms.tuning")
 
 
 def _size(text: str) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import socket
 import threading
@@ -25,11 +24,12 @@ import time
 import weakref
 
 from . import config
+from . import log as clog
 from ._native import ffi, lib
 from .algorithms.plan import COLL_NAMES, COMM_KINDS, SEND
 from .dtypes import DTYPE_NAMES
 
-log = logging.getLogger("comms")
+log = clog.get("FLIGHT")
 STATES = {1: "started", 2: "done", 3: "failed"}
 _live: "weakref.WeakSet" = weakref.WeakSet()
 _watcher: threading.Thread | None = None

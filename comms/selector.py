@@ -13,15 +13,15 @@ reduce, and the total bytes a rank sends otherwise.
 """
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 from . import algorithms, config
+from . import log as clog
 from .algorithms.plan import Args, NotSupported, Plan
 from .config import _size
 from .errors import InvalidUsage
 
-log = logging.getLogger("comms")
+log = clog.get("ALGO")
 
 
 def defaults() -> str:

@@ -101,7 +101,11 @@ def _traced(rank, size):
 
 
 def test_timeline_and_counters(tmp_path):
-    out = spawn(_traced, 2, timeout=60, env={"COMMS_TRACE": str(tmp_path / "trace.json")})
+    out = spawn(_traced, 2, timeout=60, env={"COMMS_TRACE": str(tmp_path / "trace.json"),
+                                             "COMMS_FLIGHT_DIR": str(tmp_path / "fr"), "COMMS_FLIGHT_AT_EXIT": "1"})
+    for rank in range(2):     # dumped at close, as asked
+        doc = json.loads((tmp_path / "fr" / f"comms_0.rank{rank}.json").read_text())
+        assert doc["reason"] == "close" and [e["op"] for e in doc["entries"]] == ["all_reduce", "broadcast", "all_reduce"]
     for rank in range(2):
         doc = json.loads((tmp_path / f"trace.rank{rank}.json").read_text())
         colls = [e for e in doc["traceEvents"] if e.get("tid") == 0 and e["ph"] == "X"]
@@ -114,3 +118,23 @@ def test_timeline_and_counters(tmp_path):
         st = out[rank]
         assert st["plans"] == 3 and st["failed_plans"] == 0 and st["busy_ns"] > 0
         assert st["shm_tx_bytes"] >= (1 << 17) + 8 * 8
+
+
+def test_debug_logging_is_tagged_and_filtered(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import numpy as np, comms\nc = comms.init(timeout=20)\nc.all_reduce(np.ones(4))\nc.close()\n")
+    def run(**env):
+        e = dict(os.environ, **env)
+        return subprocess.run([sys.executable, "-m", "comms.run", "-n", "2", str(script)], cwd=ROOT, env=e,
+                              capture_output=True, text=True, timeout=120)
+    info = run(COMMS_DEBUG="INFO", COMMS_DEBUG_SUBSYS="INIT")
+    assert info.returncode == 0, info.stderr
+    lines = [l for l in info.stderr.splitlines() if " comms INFO INIT " in l]
+    assert any("[1] comms INFO INIT rank 1 of 2" in l and "local ranks [0, 1]" in l for l in lines), info.stderr
+    assert any("transports: shm to ranks [0]" in l for l in lines), info.stderr
+    other = run(COMMS_DEBUG="INFO", COMMS_DEBUG_SUBSYS="COLL")
+    assert other.returncode == 0 and " INIT " not in other.stderr, other.stderr
+    quiet = run()
+    assert "comms INFO" not in quiet.stderr
+    bad = run(COMMS_DEBUG="LOUD")
+    assert bad.returncode != 0 and "COMMS_DEBUG='LOUD'" in bad.stderr

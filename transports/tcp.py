@@ -12,7 +12,6 @@ address of the route towards MASTER_ADDR.
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import select
@@ -21,10 +20,11 @@ import struct
 import time
 
 from .. import config
+from .. import log as clog
 from ..errors import CommTimeout, TransportError
 from .base import Transport
 
-log = logging.getLogger("comms")
+log = clog.get("TRANSPORT")
 HELLO = struct.Struct("!4s16sii")
 MAGIC = b"CMTC"
 

@@ -1,0 +1,203 @@
+"""The c10d Work objects of the comms backend: :class:`CommsWork` for started operations and
+:class:`DoneWork` for operations that already completed synchronously.
+
+Both subclass ``torch.distributed.Work`` in Python, so C++ callers (the DDP reducer, functional
+collectives) reach ``wait`` and ``get_future`` through torch's trampoline, and Python callers get
+the methods below directly.
+
+Contract of :class:`CommsWork`:
+
+* It wraps one or more started ``comms.Work`` handles and an optional post step (copying staged
+  results into the caller's tensors, see :mod:`.ops`). The outcome is settled exactly once, when
+  every handle ended: the first handle's error, else the post step's error, else success. The post
+  step runs on whichever thread settles first: the comms progress thread (when it has a post step
+  or a future was asked for) or a waiter.
+* ``wait(timeout=None)`` blocks until settled and raises the comms error (``CommsError`` and
+  subclasses; ``CommTimeout`` also when ``timeout`` passes first), else returns True. ``timeout``
+  may be a ``timedelta`` (C++ passes one; zero or negative means none) or seconds.
+* ``is_completed()`` never blocks; it is True once the outcome is settled (success or failure).
+* ``get_future()`` returns a ``torch.futures.Future`` completed with the list of output tensors,
+  or with the error. Its callbacks run on the thread that settles the work (the progress thread
+  for async work): they must not wait for other comms work.
+* ``source_rank()`` (and ``_source_rank``) is the sender of a completed receive, a group rank.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("comms")
+
+
+def _seconds(timeout) -> float | None:
+    if timeout is None:
+        return None
+    s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    return s if s > 0 else None
+
+
+class CommsWork(dist.Work):
+    def __init__(self, handles: tuple, outputs: list, post=None):
+        super().__init__()
+        self._handles = handles
+        self._outputs = outputs
+        self._post = post
+        self._lock = threading.Lock()
+        self._settled = False
+        self._exc: BaseException | None = None
+        self._fut = None
+        self._fut_unset = False
+        if post is not None:            # copy results out as soon as they arrive, waited on or not
+            self._watch()
+
+    # -- settling ----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        for h in self._handles:
+            h.add_done_callback(self._on_done)
+        # comms.Work.add_done_callback can miss a completion that races with it; settling is
+        # idempotent, so check once more ourselves.
+        if all(h.is_completed() for h in self._handles):
+            self._settle()
+
+    def _on_done(self, _handle) -> None:
+        """Progress-thread callback: must never raise (it would stop the progress thread)."""
+        try:
+            self._settle()
+        except BaseException:  # noqa: BLE001
+            log.exception("comms: settling %r failed", self)
+
+    def _settle(self, blocking: bool = True) -> bool:
+        """Settle once every handle ended; complete the future if one is pending. Returns whether
+        the work is settled (False also when ``blocking`` is False and another thread is busy)."""
+        if not self._settled and not all(h.is_completed() for h in self._handles):
+            return False
+        if not self._lock.acquire(blocking):
+            return False
+        try:
+            if not self._settled:
+                exc = next((e for e in (h.exception() for h in self._handles) if e is not None), None)
+                if exc is None and self._post is not None:
+                    try:
+                        self._post()
+                    except Exception as e:  # noqa: BLE001 - reported through wait() and the future
+                        exc = e
+                self._exc, self._post, self._handles = exc, None, ()
+                self._settled = True
+            fut, self._fut_unset = (self._fut if self._fut_unset else None), False
+        finally:
+            self._lock.release()
+        if fut is not None:
+            if self._exc is None:
+                fut.set_result(self._outputs)
+            else:
+                fut.set_exception(self._exc)
+        return True
+
+    # -- the torch.distributed.Work interface ------------------------------------------------------
+    def wait(self, timeout=None) -> bool:
+        if not self._settled:
+            secs = _seconds(timeout)
+            end = None if secs is None else time.monotonic() + secs
+            for h in self._handles:
+                h.wait(None if end is None else max(0.0, end - time.monotonic()))
+            self._settle()
+        if self._exc is not None:
+            raise self._exc
+        return True
+
+    def is_completed(self) -> bool:
+        return self._settled or self._settle(blocking=False)
+
+    def is_success(self) -> bool:
+        return self.is_completed() and self._exc is None
+
+    def exception(self):
+        return self._exc if self.is_completed() else None
+
+    def result(self) -> list:
+        self.wait()
+        return self._outputs
+
+    def get_future(self) -> torch.futures.Future:
+        with self._lock:
+            fresh = self._fut is None
+            if fresh:
+                self._fut = torch.futures.Future()
+                self._fut_unset = True
+        if fresh:
+            if self._settled:
+                self._settle()
+            else:
+                self._watch()
+        return self._fut
+
+    def source_rank(self) -> int:
+        self.wait()
+        src = getattr(self, "_source", None)
+        if src is None:
+            raise ValueError("source_rank: this work is not a receive")
+        return src
+
+    _source_rank = source_rank
+
+    def synchronize(self) -> None:
+        """CPU work has no stream to synchronize with."""
+
+    def block_current_stream(self) -> None:
+        """CPU work has no stream to block."""
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._settled else "failed" if self._exc else "done"
+        return f"<comms CommsWork {state}>"
+
+
+class RecvWork(CommsWork):
+    """A receive: ``source_rank()`` is the comms handle's source (the group rank of the sender)."""
+
+    def __init__(self, handle, outputs: list, post=None):
+        super().__init__((handle,), outputs, post)
+        self._recv = handle
+
+    @property
+    def _source(self) -> int | None:
+        return self._recv.source
+
+
+class DoneWork(dist.Work):
+    """A completed operation (``asyncOp=False``: it ran before the call returned). The process
+    group reuses one instance while nobody else holds it, see ``ProcessGroupComms._done``."""
+
+    def __init__(self):
+        super().__init__()
+        self._outputs: list = []
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def exception(self):
+        return None
+
+    def result(self) -> list:
+        return self._outputs
+
+    def get_future(self) -> torch.futures.Future:
+        fut = torch.futures.Future()
+        fut.set_result(self._outputs)
+        return fut
+
+    def synchronize(self) -> None:
+        """Nothing to synchronize on CPU."""
+
+    def block_current_stream(self) -> None:
+        """Nothing to block on CPU."""

@@ -58,6 +58,10 @@ class Engine:
         self.seq = 0                 # collectives started on this context
         self.flight_capacity = 0
         self.timeline = None
+        self._inflight: deque[tuple[Work, object, Callable]] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def set_timeline(self, timeline) -> None:
         """Record every plan's message times into ``timeline`` (comms.timeline.Timeline)."""
@@ -77,10 +81,6 @@ class Engine:
             if lib.cm_ctx_flight_capacity(self.ctx, entries) != 0:
                 raise TransportError(f"cannot allocate a flight recorder of {entries} entries")
             self.flight_capacity = entries
-        self._inflight: deque[tuple[Work, object, Callable]] = deque()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
 
     # -- one operation ------------------------------------------------------------------------
     def _load(self, enc: Encoded, p_in, p_out, p_scratch) -> int:

@@ -29,3 +29,8 @@ __all__ = [
 from . import log as _log
 
 _log.setup()
+
+
+from .torch_backend import register as _register_torch_backend  # noqa: E402
+
+_register_torch_backend()       # the torch.distributed backend "comms"; a no-op without torch

@@ -74,6 +74,7 @@ class Communicator:
         self._splits = 0
         self._broken: CommsError | None = None
         self._closed = False
+        self._topology = None
         self._finalizer = weakref.finalize(self, _release, boot)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         flight.register(self)
@@ -91,6 +92,14 @@ class Communicator:
     def local_ranks(self) -> list[int]:
         """Ranks of this communicator on this host (by host identity)."""
         return list(self._boot.local_ranks)
+
+    @property
+    def topology(self):
+        """Hosts, leaders, cores, NUMA, NICs, RDMA devices and /dev/shm (comms.topology.Topology)."""
+        if self._topology is None:
+            from .topology import Topology
+            self._topology = Topology.from_peers(self._boot.peers)
+        return self._topology
 
     @property
     def transports(self) -> dict[int, str]:

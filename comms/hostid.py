@@ -70,7 +70,9 @@ class PeerInfo:
                 probe = name
             except OSError:
                 probe = ""
-        return cls(rank, host_identity(), socket.gethostname(), os.getpid(), _ns_inode("pid"), cores, probe)
+        from .topology import local_facts
+        return cls(rank, host_identity(), socket.gethostname(), os.getpid(), _ns_inode("pid"), cores, probe,
+                   {"topology": local_facts()})
 
     def sees_probe_of(self, other: "PeerInfo") -> bool:
         """Whether ``other``'s probe file is visible here (True when there is nothing to check)."""

@@ -136,3 +136,9 @@ def run_cases(rank: int, size: int, seed: int, ncases: int, big: bool = True) ->
 def transports_seen(rank: int, size: int) -> dict:
     with comms.init(timeout=30) as comm:
         return {"transports": comm.transports, "local": comm.local_ranks}
+
+
+def topology_of(rank: int, size: int) -> dict:
+    os.environ["COMMS_HOST_ID"] = f"h{rank // 2}"
+    with comms.init(timeout=30) as comm:
+        return comm.topology.as_dict()

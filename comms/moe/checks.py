@@ -27,7 +27,7 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8_BLOCK = 128
 
 # header fields (int64), then the per-expert counts for the receiver's experts
-ERR, D0, D1, D2, K, HIDDEN, DTYPE, EXPERTS, FLAGS, COUNT, HOST_COUNT = range(11)
+ERR, D0, D1, D2, K, HIDDEN, DTYPE, EXPERTS, FLAGS, COUNT, EXTRA = range(11)
 FIELDS = 11
 FLAG_FP8 = 1
 

@@ -105,3 +105,15 @@ def offsets(counts: list[int]) -> list[int]:
         out.append(acc)
         acc += c
     return out
+
+
+def sum_blocks(rows: torch.Tensor, index: torch.Tensor, counts: list[int], num_tokens: int) -> torch.Tensor:
+    """``out[index[i]] += rows[i]`` block by block in order (indices are distinct within a block),
+    accumulated in float32 and returned in rows' dtype: the fixed summation order of combine."""
+    acc = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32)
+    off = 0
+    for c in counts:
+        if c:
+            acc.index_add_(0, index[off:off + c], rows[off:off + c].float())
+        off += c
+    return acc if rows.dtype == torch.float32 else acc.to(rows.dtype)

@@ -8,7 +8,7 @@ bridges the two lives here, as small functions the process group composes:
 * :func:`seconds` turns an option's ``timeout`` into seconds, None when unset (negative or zero);
 * :func:`staged` gives a contiguous buffer comms can use in place of a tensor, and the copy back
   to run after the operation when the tensor itself could not be used;
-* :func:`joined` views a list of equally sized, back-to-back tensors as one buffer without a copy
+* :func:`joined` views a list of back-to-back tensors as one buffer without a copy
   (this is what ``all_gather_object`` and similar callers hand in), else allocates one;
 * :func:`movable` reinterprets a tensor of a dtype comms does not reduce (int16, complex, ...) as
   bytes, for operations that only move data.
@@ -89,50 +89,59 @@ def staged(t: torch.Tensor, copy_back: bool = True) -> tuple[torch.Tensor, Post]
 
 
 def movable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as comms can move it: itself for dtypes comms knows, else its bytes (rows along dim 0
-    are kept, so all_to_all splits stay valid). ``t`` must be contiguous."""
+    """``t`` as comms can move it: itself for dtypes comms knows, else its bytes, shaped (rows,
+    bytes per row) so that all_to_all splits along dim 0 stay valid. ``t`` must be contiguous."""
     if t.dtype in _torch_codes():
         return t
     if t.dim() == 0:
         t = t.reshape(1)
+    if t.dim() == 1:
+        t = t.unsqueeze(1)
     return t.view(torch.uint8)
 
 
 def adjacent(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One 1-D tensor over the memory of ``tensors`` when they are contiguous, of one dtype and
-    size, and lie back to back, in order, in one storage; else None."""
+    """One 1-D tensor over the memory of ``tensors`` when they are contiguous, of one dtype, and
+    lie back to back, in order, in one storage; else None. No copy."""
     t0 = real(tensors[0])
-    n, es, ptr = t0.numel(), t0.element_size(), t0.data_ptr()
+    es, end = t0.element_size(), t0.data_ptr()
     storage = t0.untyped_storage().data_ptr()
-    for i, t in enumerate(tensors):
+    total = 0
+    for t in tensors:
         t = real(t)
-        if (not t.is_contiguous() or t.dtype != t0.dtype or t.numel() != n or t.data_ptr() != ptr + i * n * es
+        if (not t.is_contiguous() or t.dtype != t0.dtype or t.data_ptr() != end
                 or t.untyped_storage().data_ptr() != storage):
             return None
-    return t0.as_strided((n * len(tensors),), (1,), t0.storage_offset())
+        end += t.numel() * es
+        total += t.numel()
+    return t0.as_strided((total,), (1,), t0.storage_offset())
 
 
-def joined(tensors: Sequence[torch.Tensor], what: str, fill: bool) -> tuple[torch.Tensor, Post]:
-    """One contiguous buffer holding ``tensors`` in order, and the post step that scatters it back
-    into them. ``fill`` copies the tensors in (an input); otherwise the buffer is filled by the
-    operation and the post step copies it out (an output). Zero-copy when :func:`adjacent`."""
+def joined(tensors: Sequence[torch.Tensor], what: str, fill: bool) -> tuple[torch.Tensor, Post, bool]:
+    """(buffer, post step, owned): one contiguous 1-D buffer holding ``tensors`` back to back.
+    ``fill`` copies the tensors in (an input); otherwise the operation fills the buffer and the
+    post step copies it out into the tensors (an output). Zero-copy when :func:`adjacent`; then
+    the buffer is the caller's memory and ``owned`` is False."""
     if not tensors:
         raise InvalidUsage(f"{what}: the tensor list is empty")
     flat = adjacent(tensors)
     if flat is not None:
-        return flat, None
+        return flat, None, False
     reals = [real(t) for t in tensors]
     dtype = reals[0].dtype
     if any(t.dtype != dtype for t in reals):
         raise InvalidUsage(f"{what}: the tensors must all have the same dtype, got {sorted({str(t.dtype) for t in reals})}")
     if fill:
-        return torch.cat([t.reshape(-1) for t in reals]), None
+        return torch.cat([t.reshape(-1) for t in reals]), None, True
     flat = torch.empty(sum(t.numel() for t in reals), dtype=dtype)
+    return flat, (lambda: split_into(reals, flat)), True
 
-    def scatter_back() -> None:
-        for t, part in zip(reals, flat.split([t.numel() for t in reals])):
-            t.copy_(part.view(t.shape))
-    return flat, scatter_back
+
+def split_into(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy ``flat`` (the tensors' elements back to back) into ``tensors``."""
+    reals = [real(t) for t in tensors]
+    for t, part in zip(reals, flat.split([t.numel() for t in reals])):
+        t.copy_(part.view(t.shape))
 
 
 def equal_sizes(tensors: Sequence[torch.Tensor], n: int, what: str) -> None:

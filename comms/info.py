@@ -1,0 +1,83 @@
+"""``python -m comms.info [--json]``: the topology, every config knob with its value and source,
+and the algorithm selection table.
+
+Under a launcher (RANK and WORLD_SIZE set, e.g. ``python -m comms.run -n 4 -m comms.info``) it
+initialises a communicator and rank 0 prints what the whole group sees; otherwise it describes
+this process alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import algorithms, config
+from .api import init
+from .selector import Selector
+
+SIZES = [8 << (2 * i) for i in range(13)]      # 8 B .. 128 MiB, x4
+
+
+def _size(n: int) -> str:
+    for unit, div in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div}{unit}"
+    return str(n)
+
+
+def gather(comm) -> dict:
+    sel = comm._selector if comm is not None else Selector()
+    table = {coll: {_size(n): sel.candidates(coll, n)[0] for n in SIZES} for coll in algorithms.REGISTRY}
+    return {
+        "topology": comm.topology.as_dict() if comm is not None else None,
+        "transports": {str(k): v for k, v in comm.transports.items()} if comm is not None else {},
+        "config": [{"name": n, "value": v, "source": s, "doc": d} for n, v, s, d in config.snapshot()],
+        "rules": sel.table(),
+        "algorithms": {c: {n: a.doc for n, a in algos.items()} for c, algos in algorithms.REGISTRY.items()},
+        "selection": table,
+    }
+
+
+def render(info: dict, comm) -> str:
+    out = ["# topology", comm.topology.describe() if comm is not None else "(no communicator)"]
+    if info["transports"]:
+        out.append("transports from rank 0: " + ", ".join(f"{p}: {t}" for p, t in info["transports"].items()))
+    out.append("\n# config")
+    for c in info["config"]:
+        out.append(f"{c['name']:<24} {str(c['value']):<12} ({c['source']})  {c['doc']}")
+    out.append("\n# selection rules (first match wins; user rules first)")
+    out.extend(f"  {r}" for r in info["rules"])
+    out.append("\n# algorithms")
+    for coll, algos in info["algorithms"].items():
+        for name, doc in algos.items():
+            out.append(f"  {coll + ':' + name:<30} {doc}")
+    out.append("\n# selection by message size")
+    header = f"{'collective':<16}" + "".join(f"{s:>10}" for s in info["selection"]["all_reduce"])
+    out.append(header)
+    for coll, row in info["selection"].items():
+        out.append(f"{coll:<16}" + "".join(f"{a:>10}" for a in row.values()))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m comms.info", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the same information as JSON")
+    args = ap.parse_args(argv)
+    comm = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        comm = init()
+    else:
+        from torch.distributed import HashStore
+        comm = init(rank=0, world_size=1, store=HashStore())
+    try:
+        info = gather(comm)
+        if comm.rank == 0:
+            print(json.dumps(info, indent=1, default=str) if args.json else render(info, comm))
+    finally:
+        comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

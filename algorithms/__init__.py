@@ -46,4 +46,4 @@ def names(coll: str) -> list[str]:
 
 
 # importing the modules registers their algorithms
-from . import direct, linear, pairwise, ring, tree  # noqa: E402,F401
+from . import bruck, direct, hierarchical, linear, pairwise, recursive, ring, tree  # noqa: E402,F401

@@ -76,6 +76,7 @@ class Args:
     inplace: bool = False
     send_splits: tuple = ()
     recv_splits: tuple = ()
+    hosts: tuple = ()          # ranks grouped by host (comms.topology), for hierarchical algorithms
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,14 @@ class Builder:
     def div(self, buf: int, off: int, nbytes: int, divisor: int) -> None:
         if nbytes:
             self.steps.append(Step(DIV, -1, buf, off, nbytes, buf, off, divisor))
+
+    def send_pieces(self, peer: int, buf: int, pieces) -> None:
+        for off, n in pieces:
+            self.send(peer, buf, off, n)
+
+    def recv_pieces(self, peer: int, buf: int, pieces, reduce: bool = False) -> None:
+        for off, n in pieces:
+            (self.recv_reduce if reduce else self.recv)(peer, buf, off, n)
 
     def build(self) -> Plan:
         steps = list(self.steps)

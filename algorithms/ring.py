@@ -1,21 +1,53 @@
-"""Ring algorithms: all_reduce (reduce-scatter then all-gather), all_gather, reduce_scatter.
+"""Ring algorithms: all_reduce (reduce-scatter then all-gather), all_gather, reduce_scatter, and
+the pipelined chain broadcast; plus the ring passes that hierarchical algorithms reuse.
 
-Vocabulary (as gloo's ring): the buffer is cut into one block per rank; in each of the size - 1
-steps of a pass, every rank sends one block to its right neighbour and receives one from its left.
-Each step's message streams through the transport in chunks (shm slots, tcp chunk buffers), and
-the receiver reduces each chunk as it lands, so transfer and reduction overlap: the ring is
-pipelined within every step. Every block is reduced along the ring in one fixed order and then
-copied around, so all ranks end with the same bits.
+Vocabulary (as gloo's ring): the data is cut into one block per ring member; in each of the n - 1
+steps of a pass, every member sends one block to its right neighbour and receives one from its
+left. A block may be several byte ranges ("pieces"), which lets hierarchical algorithms run a ring
+over strided data. Each step's messages stream through the transport in chunks and the receiver
+reduces each chunk as it lands, so transfer and reduction overlap: the ring is pipelined within
+every step. Every block is reduced along the ring in one fixed order and then copied around, so
+all ranks end with the same bits.
 """
 from __future__ import annotations
 
 from . import algorithm
-from .patterns import blocks, ring_next, ring_prev
+from .patterns import blocks, segments
 from .plan import IN, OUT, SCRATCH, Args, Builder, NotSupported, Plan
 
+Pieces = list  # [(byte offset, bytes), ...]
 
-def _byte_blocks(count: int, size: int, esize: int) -> list[tuple[int, int]]:
-    return [(start * esize, n * esize) for start, n in blocks(count, size)]
+
+def byte_blocks(count: int, parts: int, esize: int, base: int = 0) -> list[Pieces]:
+    """``count`` elements cut into ``parts`` contiguous blocks, each as a one-piece list."""
+    return [[(base + start * esize, n * esize)] for start, n in blocks(count, parts)]
+
+
+def reduce_scatter_pass(b: Builder, group: list, me: int, blks: list[Pieces], buf: int, own: int) -> None:
+    """Ring reduce-scatter over ``group`` (ranks in ring order) after which member i holds the
+    reduction of block (i + own) mod n."""
+    n = len(group)
+    if n == 1:
+        return
+    i = group.index(me)
+    right, left = group[(i + 1) % n], group[(i - 1) % n]
+    for s in range(n - 1):
+        b.send_pieces(right, buf, blks[(i + own - 1 - s) % n])
+        b.recv_pieces(left, buf, blks[(i + own - 2 - s) % n], reduce=True)
+        b.phase()
+
+
+def all_gather_pass(b: Builder, group: list, me: int, blks: list[Pieces], buf: int, own: int) -> None:
+    """Ring all-gather over ``group`` where member i starts with block (i + own) mod n."""
+    n = len(group)
+    if n == 1:
+        return
+    i = group.index(me)
+    right, left = group[(i + 1) % n], group[(i - 1) % n]
+    for s in range(n - 1):
+        b.send_pieces(right, buf, blks[(i + own - s) % n])
+        b.recv_pieces(left, buf, blks[(i + own - s - 1) % n])
+        b.phase()
 
 
 @algorithm("all_reduce", "ring", "ring reduce-scatter then ring all-gather: 2(n-1) steps, bandwidth-optimal")
@@ -28,18 +60,13 @@ def all_reduce_ring(a: Args) -> Plan:
         return b.build()
     if a.count < n:
         raise NotSupported(f"ring all_reduce needs at least one element per rank ({a.count} < {n})")
-    blk = _byte_blocks(a.count, n, es)
-    right, left = ring_next(r, n), ring_prev(r, n)
-    for s in range(n - 1):                       # reduce-scatter pass
-        b.send(right, OUT, *blk[(r - s) % n])
-        b.recv_reduce(left, OUT, *blk[(r - s - 1) % n])
-        b.phase()
+    blk = byte_blocks(a.count, n, es)
+    group = list(range(n))
+    reduce_scatter_pass(b, group, r, blk, OUT, own=1)
     if a.avg:
-        b.div(OUT, *blk[(r + 1) % n], n)
-    for s in range(n - 1):                       # all-gather pass
-        b.send(right, OUT, *blk[(r + 1 - s) % n])
-        b.recv(left, OUT, *blk[(r - s) % n])
-        b.phase()
+        for off, nb in blk[(r + 1) % n]:
+            b.div(OUT, off, nb, n)
+    all_gather_pass(b, group, r, blk, OUT, own=1)
     return b.build()
 
 
@@ -50,11 +77,7 @@ def all_gather_ring(a: Args) -> Plan:
     b = Builder("ring")
     if not a.inplace:
         b.copy(OUT, r * nb, IN, 0, nb)
-    right, left = ring_next(r, n), ring_prev(r, n)
-    for s in range(n - 1):
-        b.send(right, OUT, ((r - s) % n) * nb, nb)
-        b.recv(left, OUT, ((r - s - 1) % n) * nb, nb)
-        b.phase()
+    all_gather_pass(b, list(range(n)), r, [[(k * nb, nb)] for k in range(n)], OUT, own=0)
     return b.build()
 
 
@@ -68,12 +91,36 @@ def reduce_scatter_ring(a: Args) -> Plan:
         return b.build()
     b.scratch_bytes = n * nb
     b.copy(SCRATCH, 0, IN, 0, n * nb)
-    right, left = ring_next(r, n), ring_prev(r, n)
-    for s in range(n - 1):
-        b.send(right, SCRATCH, ((r - s - 1) % n) * nb, nb)
-        b.recv_reduce(left, SCRATCH, ((r - s - 2) % n) * nb, nb)
-        b.phase()
+    reduce_scatter_pass(b, list(range(n)), r, [[(k * nb, nb)] for k in range(n)], SCRATCH, own=0)
     b.copy(OUT, 0, SCRATCH, r * nb, nb)
     if a.avg:
         b.div(OUT, 0, nb, n)
+    return b.build()
+
+
+CHAIN_SEGMENT_BYTES = 256 << 10
+
+
+@algorithm("broadcast", "ring", "pipelined chain root -> root+1 -> ...: segments stream down the chain")
+def broadcast_ring(a: Args) -> Plan:
+    n, r = a.size, a.rank
+    nb = a.count * a.esize
+    b = Builder("ring")
+    pos = (r - a.root) % n
+    nxt = (r + 1) % n if pos < n - 1 else None
+    prev = (r - 1) % n if pos > 0 else None
+    segs = segments(nb, CHAIN_SEGMENT_BYTES, a.esize)
+    if prev is None:
+        if not a.inplace:
+            b.copy(OUT, 0, IN, 0, nb)
+        if nxt is not None:
+            for seg in segs:
+                b.send(nxt, OUT, *seg)
+        return b.build()
+    for i in range(len(segs) + 1):
+        if i < len(segs):
+            b.recv(prev, OUT, *segs[i])
+        if i > 0 and nxt is not None:
+            b.send(nxt, OUT, *segs[i - 1])
+        b.phase()
     return b.build()

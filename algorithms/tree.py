@@ -75,3 +75,11 @@ def reduce_binomial(a: Args) -> Plan:
     if parent is None and a.avg:
         b.div(OUT, 0, nb, a.size)
     return b.build()
+
+
+@algorithm("all_reduce", "tree", "pipelined binomial reduce to rank 0, then pipelined binomial broadcast")
+def all_reduce_tree(a: Args) -> Plan:
+    up = reduce_binomial(Args("reduce", a.rank, a.size, a.count, a.esize, root=0, avg=a.avg, inplace=a.inplace))
+    down = broadcast_binomial(Args("broadcast", a.rank, a.size, a.count, a.esize, root=0, inplace=True))
+    from .plan import PHASE, Step
+    return Plan("tree", up.steps + (Step(PHASE),) + down.steps, max(up.scratch_bytes, down.scratch_bytes))

@@ -93,6 +93,9 @@ class Communicator:
         """Ranks of this communicator on this host (by host identity)."""
         return list(self._boot.local_ranks)
 
+    def _hosts(self) -> tuple:
+        return self.topology.host_groups()
+
     @property
     def topology(self):
         """Hosts, leaders, cores, NUMA, NICs, RDMA devices and /dev/shm (comms.topology.Topology)."""
@@ -208,7 +211,7 @@ class Communicator:
         if enc is None:
             check_op(op, dtype, "all_reduce")
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
-                        inplace=True)
+                        inplace=True, hosts=self._hosts())
             enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
@@ -220,7 +223,7 @@ class Communicator:
         enc = self._plans.get(key)
         if enc is None:
             root = self._check_root(root, "broadcast")
-            args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True)
+            args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts())
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
@@ -236,7 +239,7 @@ class Communicator:
             root = self._check_root(root, "reduce")
             check_op(op, dtype, "reduce")
             args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
-                        avg=op is ReduceOp.AVG, inplace=True)
+                        avg=op is ReduceOp.AVG, inplace=True, hosts=self._hosts())
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, op, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
@@ -252,7 +255,7 @@ class Communicator:
         inplace = vi.ptr == vo.ptr + self.rank * vi.nbytes
         if not inplace and _views_overlap(vi, vo):
             raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
-        args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace)
+        args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts())
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
                          None, vi.count)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
@@ -268,7 +271,7 @@ class Communicator:
         if vi.count != self.size * vo.count:
             raise InvalidUsage(f"reduce_scatter: input has {vi.count} elements, expected size x output = "
                                f"{self.size} x {vo.count} = {self.size * vo.count}")
-        args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG)
+        args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG, hosts=self._hosts())
         enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
                          op, vi.count)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
@@ -297,7 +300,7 @@ class Communicator:
         rb = row * DTYPE_SIZES[vi.dtype]
         send = tuple(s * rb for s in ins)
         recv = tuple(s * rb for s in outs)
-        args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv)
+        args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv, hosts=self._hosts())
         enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
                          None, COUNT_ANY if uneven else vi.count)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
@@ -317,7 +320,7 @@ class Communicator:
                                    f"{self.size * vi.count}")
             vo_ptr = vo.ptr
         inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
-        args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace)
+        args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace, hosts=self._hosts())
         enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count)
         return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out, timeout)
 
@@ -335,7 +338,7 @@ class Communicator:
                                    f"{self.size * vo.count}")
             vi_ptr = vi.ptr
         inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
-        args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace)
+        args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace, hosts=self._hosts())
         enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count)
         return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
@@ -344,7 +347,7 @@ class Communicator:
         """Return once every rank has entered the barrier."""
         enc = self._plans.get(("barrier",))
         if enc is None:
-            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1), 0, 4, None, 0)
+            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1, hosts=self._hosts()), 0, 4, None, 0)
         return self._run(enc, 0, 0, [], async_op, None, timeout)
 
     # -- point to point ------------------------------------------------------------------------

@@ -110,6 +110,13 @@ def fp8_ok(q: torch.Tensor, scales: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 # -- spawned jobs ----------------------------------------------------------------------------------
+def _init(timeout: float = 60) -> comms.Communicator:
+    """One intra-op thread per rank (as torchrun sets OMP_NUM_THREADS=1): several ranks share two
+    cores here, and spinning OpenMP workers would starve each other."""
+    torch.set_num_threads(1)
+    return comms.init(timeout=timeout)
+
+
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise AssertionError(what)
@@ -182,7 +189,7 @@ def run_ll_case(ep: Dispatcher, case: dict, world: int, rank: int) -> None:
 def run_cases(rank: int, world: int, cases: list[dict]) -> dict:
     """Every case through normal, cached, fp8 and low-latency mode, checked against the reference;
     returns the load statistics so the parent can check them too."""
-    comm = comms.init(timeout=60)
+    comm = _init()
     by_e: dict[int, Dispatcher] = {}
     for case in cases:
         key = (case["experts"], case["hidden"])
@@ -209,7 +216,7 @@ def _outcome(fn) -> tuple[str, str]:
 def run_bad_inputs(rank: int, world: int) -> dict:
     """One scenario per key; each returns (exception class, message) on this rank. After each,
     a valid dispatch must still round-trip. Returns the outcomes and byte counts."""
-    comm = comms.init(timeout=30)
+    comm = _init(30)
     E, H, K, T = 2 * world, 256, 2, 32
     ep = Dispatcher(comm, E, H)
     case = dict(seed=7, experts=E, k=K, hidden=H, dtype="bf16", tokens=[T] * world, route="random", target=0)
@@ -286,7 +293,7 @@ def run_hierarchical(rank: int, world: int, cases: list[dict]) -> dict:
     host bytes of a routing where every token goes to both ranks of the other host."""
     result: dict = {}
     os.environ["COMMS_HOST_ID"] = f"host{rank // 2}"
-    comm = comms.init(timeout=60)
+    comm = _init()
     E, H, K, T = 8, 512, 2, 64
     hier, flat = Dispatcher(comm, E, H), Dispatcher(comm, E, H, hierarchical=False)
     _check(hier.hier is not None and flat.hier is None, "hierarchical mode not chosen")
@@ -303,9 +310,12 @@ def run_hierarchical(rank: int, world: int, cases: list[dict]) -> dict:
         result[name] = (mid - before, ep.link_stats()["tcp_tx_bytes"] - mid)
         _check(torch.equal(back, x * 2), f"rank {rank}: {name} round trip")
         result[name + ":recv"] = (rx.float().sum().item(), ri.tolist(), rw.tolist())
-    for case in cases:
-        run_case(hier, case, world, rank, exact_combine=False)
     hier.close()
+    for case in cases:
+        ep = Dispatcher(comm, case["experts"], case["hidden"])
+        run_case(ep, case, world, rank, exact_combine=False)
+        run_ll_case(ep, case, world, rank)
+        ep.close()
     comm.close()
     os.environ["COMMS_HOST_ID"] = f"host{rank % 2}"
     comm = comms.init(timeout=60)

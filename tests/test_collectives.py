@@ -26,7 +26,9 @@ def test_tcp(size):
     check(spawn(run_cases, size, timeout=180, args=(200 + size, 50), env={"COMMS_TRANSPORT": "tcp"}), size, "tcp")
 
 
-@pytest.mark.parametrize("algo", ["all_reduce:ring#reduce_scatter:ring", "all_reduce:direct#barrier:linear"])
+@pytest.mark.parametrize("algo", ["all_reduce:ring#reduce_scatter:ring#broadcast:ring",
+                                  "all_reduce:direct#barrier:linear#all_gather:bruck#all_to_all:bruck",
+                                  "all_reduce:rhd", "all_reduce:recursive_doubling", "all_reduce:tree"])
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_forced_algorithms(algo, transport):
     results = spawn(run_cases, 3, timeout=180, args=(300, 40),
@@ -60,14 +62,21 @@ def _hosted(rank, size):
     return transports_seen(rank, size)
 
 
-def test_mixed_hosts_collectives():
-    results = spawn(_mixed_cases, 4, timeout=180)
+HIERARCHICAL = "#".join(f"{c}:hierarchical" for c in
+                        ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all"))
+
+
+@pytest.mark.parametrize("algo", ["", HIERARCHICAL])
+def test_mixed_hosts_collectives(algo):
+    """2 emulated hosts x 2 ranks: shm inside a host, tcp across; hierarchical algorithms forced."""
+    results = spawn(_mixed_cases, 4, timeout=180, env={"COMMS_ALGO": algo})
     check([r[:-1] + ["x"] for r in results], 1, "shm")
+    assert results[0][-1] == "stats:True:True"          # both transports carried data
 
 
 def _mixed_cases(rank, size):
     import os
-    os.environ["COMMS_HOST_ID"] = f"host{rank // 2}"
+    os.environ["COMMS_HOST_ID"] = f"host{(rank % 2)}"     # hosts {0, 2} and {1, 3}: not contiguous
     return run_cases(rank, size, 500, 40)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from comms.moe import dequantize, quantize
 from comms.moe.hierarchical import Topology
@@ -150,11 +150,24 @@ def expected_loads(cases: list[dict], world: int) -> dict:
     return out
 
 
+def draw_cases(world: int, n: int) -> list[dict]:
+    """``n`` cases drawn by hypothesis in this process (no shrinking: they all run in one spawned
+    job, and a failure names its case)."""
+    drawn: list[dict] = []
+
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(moe_cases(world))
+    def collect(case):
+        drawn.append(case)
+
+    collect()
+    return drawn
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_dispatch_combine_properties(world, data):
-    cases = edge_cases(world) + data.draw(st.lists(moe_cases(world), min_size=14, max_size=14), label="cases")
+def test_dispatch_combine_properties(world):
+    cases = edge_cases(world) + draw_cases(world, 16)
     results = spawn(run_cases, world, timeout=200, args=(cases,))
     want = expected_loads(cases, world)
     for rank, loads in enumerate(results):
@@ -196,11 +209,9 @@ def test_bad_input_raises_on_every_rank_before_anything_moves():
     assert "combine: invalid input on rank 1" in results[1]["combine_rows"][1]
 
 
-@settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_hierarchical_crosses_hosts_once(data):
+def test_hierarchical_crosses_hosts_once():
     world = 4
-    cases = edge_cases(world)[1:] + data.draw(st.lists(moe_cases(world), min_size=5, max_size=5))
+    cases = edge_cases(world)[1:] + draw_cases(world, 6)
     results = spawn(run_hierarchical, world, timeout=200, args=(cases,))
     row = 512 * 2                              # a bf16 token of hidden 512
     for rank, r in enumerate(results):
@@ -215,7 +226,7 @@ def test_hierarchical_crosses_hosts_once(data):
 
 
 def test_moe_layer_example():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.run([sys.executable, "-m", "comms.run", "-n", "4", "--timeout", "150", "examples/moe_layer.py",
                            "--tokens", "48", "--hidden", "64", "--ffn", "96", "--experts", "8", "--topk", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)

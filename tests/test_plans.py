@@ -24,36 +24,71 @@ def u8(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).view(np.uint8).reshape(-1)
 
 
-def run_plans(coll, algo, n, count, dtype, op, root=-1, inplace=False, splits=None):
+@st.composite
+def layouts(draw):
+    """(world size, ranks grouped by host): 1-3 hosts of 1-3 ranks in any rank order, sometimes uneven."""
+    hosts, local = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sizes = [local] * hosts
+    if hosts > 1 and draw(st.booleans()) and draw(st.booleans()):
+        sizes[-1] = draw(st.integers(1, 3))
+    n = sum(sizes)
+    perm = draw(st.permutations(range(n)))
+    groups, at = [], 0
+    for s in sizes:
+        groups.append(tuple(sorted(perm[at:at + s])))
+        at += s
+    return n, tuple(sorted(groups))
+
+
+def run_plans(coll, algo, n, count, dtype, op, root=-1, inplace=False, splits=None, hosts=()):
     es = DTYPE_SIZES[dtype]
     plans = []
     for r in range(n):
         kw = {}
         if splits is not None:
             kw = dict(send_splits=tuple(s * es for s in splits[r]), recv_splits=tuple(splits[p][r] * es for p in range(n)))
-        args = Args(coll, r, n, count, es, root=root, avg=op is ReduceOp.AVG, inplace=inplace, **kw)
+        args = Args(coll, r, n, count, es, root=root, avg=op is ReduceOp.AVG, inplace=inplace, hosts=hosts, **kw)
         plans.append(algorithms.get(coll, algo).fn(args))
     return plans
+
+
+def plans_or_decline(coll, algo, n, count, dtype, op, hosts, **kw):
+    try:
+        return run_plans(coll, algo, n, count, dtype, op, hosts=hosts, **kw)
+    except algorithms.NotSupported as e:
+        assert declined(algo, n, count, hosts, e), (coll, algo, n, count, hosts, e)
+        return None
 
 
 def algos(coll):
     return st.sampled_from(algorithms.names(coll))
 
 
-common = dict(n=st.integers(1, 6), count=st.integers(0, 40), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
+common = dict(lay=layouts(), count=st.integers(0, 40), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
+
+
+def declined(algo: str, n: int, count: int, hosts: tuple, exc: Exception) -> bool:
+    """Whether an algorithm may decline this case (the documented NotSupported conditions)."""
+    p2 = 1 << (n.bit_length() - 1)
+    if algo == "hierarchical":
+        return len(hosts) < 2 or len({len(h) for h in hosts}) > 1 or count < n or "equal splits" in str(exc)
+    if algo == "bruck":
+        return "equal splits" in str(exc)
+    return (algo == "ring" and count < n) or (algo == "rhd" and count < p2)
 
 
 @settings(max_examples=300, deadline=None)
 @given(algo=algos("all_reduce"), op=st.sampled_from(OPS), inplace=st.booleans(), **common)
-def test_all_reduce(algo, n, count, dtype, op, inplace, seed):
+def test_all_reduce(algo, lay, count, dtype, op, inplace, seed):
+    n, hosts = lay
     if not valid_op(op, dtype):
         return
     rng = np.random.default_rng(seed)
     ins = [random_input(rng, dtype, count, op.name) for _ in range(n)]
     try:
-        plans = run_plans("all_reduce", algo, n, count, dtype, op, inplace=inplace)
-    except algorithms.NotSupported:
-        assert algo == "ring" and count < n
+        plans = run_plans("all_reduce", algo, n, count, dtype, op, inplace=inplace, hosts=hosts)
+    except algorithms.NotSupported as e:
+        assert declined(algo, n, count, hosts, e), (algo, n, count, hosts, e)
         return
     outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
     src = outs if inplace else ins
@@ -66,7 +101,8 @@ def test_all_reduce(algo, n, count, dtype, op, inplace, seed):
 
 @settings(max_examples=200, deadline=None)
 @given(algo=algos("reduce"), op=st.sampled_from(OPS), root=st.integers(0, 5), **common)
-def test_reduce(algo, n, count, dtype, op, root, seed):
+def test_reduce(algo, lay, count, dtype, op, root, seed):
+    n, hosts = lay
     if not valid_op(op, dtype):
         return
     root %= n
@@ -83,20 +119,24 @@ def test_reduce(algo, n, count, dtype, op, root, seed):
 
 @settings(max_examples=150, deadline=None)
 @given(algo=algos("broadcast"), root=st.integers(0, 5), **common)
-def test_broadcast(algo, n, count, dtype, root, seed):
+def test_broadcast(algo, lay, count, dtype, root, seed):
+    n, hosts = lay
     root %= n
     rng = np.random.default_rng(seed)
     bufs = [random_input(rng, dtype, count, "SUM") for _ in range(n)]
     want = bufs[root].copy()
-    simulate.run(run_plans("broadcast", algo, n, count, dtype, ReduceOp.SUM, root=root, inplace=True),
-                 [u8(b) for b in bufs], [u8(b) for b in bufs], dtype, 0)
+    plans = plans_or_decline("broadcast", algo, n, count, dtype, ReduceOp.SUM, hosts, root=root, inplace=True)
+    if plans is None:
+        return
+    simulate.run(plans, [u8(b) for b in bufs], [u8(b) for b in bufs], dtype, 0)
     for b in bufs:
         assert u8(b).tobytes() == u8(want).tobytes()
 
 
 @settings(max_examples=150, deadline=None)
 @given(algo=algos("all_gather"), inplace=st.booleans(), **common)
-def test_all_gather(algo, n, count, dtype, inplace, seed):
+def test_all_gather(algo, lay, count, dtype, inplace, seed):
+    n, hosts = lay
     rng = np.random.default_rng(seed)
     ins = [random_input(rng, dtype, count, "SUM") for _ in range(n)]
     want = np.concatenate(ins) if count else ins[0][:0]
@@ -105,37 +145,50 @@ def test_all_gather(algo, n, count, dtype, inplace, seed):
         for r in range(n):
             outs[r][r * count:(r + 1) * count] = ins[r]
     src = [u8(outs[r])[r * count * DTYPE_SIZES[dtype]:] if inplace else u8(ins[r]) for r in range(n)]
-    simulate.run(run_plans("all_gather", algo, n, count, dtype, ReduceOp.SUM, inplace=inplace),
-                 src, [u8(o) for o in outs], dtype, 0)
+    plans = plans_or_decline("all_gather", algo, n, count, dtype, ReduceOp.SUM, hosts, inplace=inplace)
+    if plans is None:
+        return
+    simulate.run(plans, src, [u8(o) for o in outs], dtype, 0)
     for o in outs:
         assert u8(o).tobytes() == u8(want).tobytes()
 
 
 @settings(max_examples=200, deadline=None)
 @given(algo=algos("reduce_scatter"), op=st.sampled_from(OPS), **common)
-def test_reduce_scatter(algo, n, count, dtype, op, seed):
+def test_reduce_scatter(algo, lay, count, dtype, op, seed):
+    n, hosts = lay
     if not valid_op(op, dtype):
         return
     rng = np.random.default_rng(seed)
     ins = [random_input(rng, dtype, n * count, op.name) for _ in range(n)]
     outs = [np.zeros(count, ins[0].dtype) for _ in range(n)]
-    simulate.run(run_plans("reduce_scatter", algo, n, count, dtype, op), [u8(x) for x in ins], [u8(o) for o in outs],
-                 dtype, op.kernel)
+    plans = plans_or_decline("reduce_scatter", algo, n, count, dtype, op, hosts)
+    if plans is None:
+        return
+    simulate.run(plans, [u8(x) for x in ins], [u8(o) for o in outs], dtype, op.kernel)
     full = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
     for r in range(n):
         assert_close(outs[r], full[r * count:(r + 1) * count], dtype, n, f"rank {r}")
 
 
 @settings(max_examples=150, deadline=None)
-@given(algo=algos("all_to_all"), n=st.integers(1, 6), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1),
-       data=st.data())
-def test_all_to_all(algo, n, dtype, seed, data):
-    splits = [[data.draw(st.integers(0, 5)) for _ in range(n)] for _ in range(n)]   # splits[src][dst] rows
+@given(algo=algos("all_to_all"), lay=layouts(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1),
+       equal=st.booleans(), data=st.data())
+def test_all_to_all(algo, lay, dtype, seed, equal, data):
+    n, hosts = lay
+    if equal:
+        k = data.draw(st.integers(0, 4))
+        splits = [[k] * n for _ in range(n)]
+    else:
+        splits = [[data.draw(st.integers(0, 5)) for _ in range(n)] for _ in range(n)]   # splits[src][dst] rows
     rng = np.random.default_rng(seed)
     ins = [random_input(rng, dtype, sum(splits[r]), "SUM") for r in range(n)]
     outs = [np.zeros(sum(splits[p][r] for p in range(n)), ins[0].dtype) for r in range(n)]
-    simulate.run(run_plans("all_to_all", algo, n, 0, dtype, ReduceOp.SUM, splits=splits),
-                 [u8(x) for x in ins], [u8(o) for o in outs], dtype, 0)
+    plans = plans_or_decline("all_to_all", algo, n, 0, dtype, ReduceOp.SUM, hosts, splits=splits)
+    if plans is None:
+        assert not equal or (algo == "hierarchical" and (len(hosts) < 2 or len({len(h) for h in hosts}) > 1))
+        return
+    simulate.run(plans, [u8(x) for x in ins], [u8(o) for o in outs], dtype, 0)
     for r in range(n):
         parts = []
         for p in range(n):
@@ -146,7 +199,8 @@ def test_all_to_all(algo, n, dtype, seed, data):
 
 @settings(max_examples=100, deadline=None)
 @given(root=st.integers(0, 5), **common)
-def test_gather_scatter(n, count, dtype, root, seed):
+def test_gather_scatter(lay, count, dtype, root, seed):
+    n, hosts = lay
     root %= n
     rng = np.random.default_rng(seed)
     ins = [random_input(rng, dtype, count, "SUM") for _ in range(n)]

@@ -42,9 +42,12 @@ class RowFormat:
         """Row i of ``buf`` gets ``src[index[i]]`` (or ``src[i]``) in field ``name``; ``src`` is
         ``[T, count]`` of the field's dtype (or its bytes), contiguous."""
         off, dtype, count = self.fields[name]
-        dst = buf[:, off:off + count * dtype.itemsize]
-        raw = src.contiguous().view(torch.uint8) if src.dtype != torch.uint8 else src
-        raw = raw.reshape(raw.shape[0], -1)
+        nb = count * dtype.itemsize
+        dst = buf[:, off:off + nb]
+        raw = src.contiguous()
+        if raw.numel() == 0:                     # (empty tensors may carry strides view() rejects)
+            return
+        raw = (raw.view(torch.uint8) if raw.dtype != torch.uint8 else raw).reshape(raw.shape[0], nb)
         if index is None:
             dst.copy_(raw)
         else:

@@ -1,0 +1,162 @@
+"""Hierarchical algorithms: shared memory inside each host, one crossing of the network per block.
+
+``Args.hosts`` groups the ranks by host (from comms.topology); these algorithms need at least two
+hosts with the same number of ranks L each, and decline otherwise. Member j of a host is "local
+index j"; the ranks with local index j on every host form column j. Columns give every rank its
+own path across the network, so all NICs (and all cores) work at once.
+
+- all_reduce: ring reduce-scatter inside each host (member j ends owning block (j+1) mod L), ring
+  all-reduce of that block across the column, ring all-gather inside each host.
+- reduce_scatter: ring reduce-scatter inside the host over column-sized pieces, then across the
+  column; each byte crosses the network once.
+- all_gather: ring all-gather across the column (each rank gets its column), then inside the host.
+- broadcast: binomial tree over one entry rank per host (the root, or each host's leader), then a
+  binomial tree inside every host.
+- all_to_all (equal splits): blocks are first regrouped inside the host by destination column,
+  then each rank exchanges one aggregated message per remote host along its column.
+"""
+from __future__ import annotations
+
+from . import algorithm
+from .patterns import binomial_children, binomial_parent, blocks
+from .plan import IN, OUT, SCRATCH, Args, Builder, NotSupported, Plan
+from .ring import all_gather_pass, byte_blocks, reduce_scatter_pass
+
+
+class Layout:
+    def __init__(self, a: Args):
+        hosts = [list(h) for h in a.hosts]
+        if len(hosts) < 2:
+            raise NotSupported("hierarchical algorithms need at least two hosts")
+        if len({len(h) for h in hosts}) != 1:
+            raise NotSupported(f"hierarchical algorithms need the same number of ranks on every host, got "
+                               f"{[len(h) for h in hosts]}")
+        self.hosts = hosts
+        self.H, self.L = len(hosts), len(hosts[0])
+        self.h = next(i for i, g in enumerate(hosts) if a.rank in g)
+        self.j = hosts[self.h].index(a.rank)
+        self.local = hosts[self.h]
+        self.column = [g[self.j] for g in hosts]
+
+    def col(self, j: int) -> list[int]:
+        return [g[j] for g in self.hosts]
+
+
+@algorithm("all_reduce", "hierarchical", "reduce-scatter in each host, all-reduce across hosts per slice, "
+                                          "all-gather in each host")
+def all_reduce_hierarchical(a: Args) -> Plan:
+    t = Layout(a)
+    es = a.esize
+    if a.count < t.L * t.H:
+        raise NotSupported(f"hierarchical all_reduce needs at least one element per rank ({a.count} < {t.L * t.H})")
+    b = Builder("hierarchical")
+    if not a.inplace:
+        b.copy(OUT, 0, IN, 0, a.count * es)
+    local_blocks = blocks(a.count, t.L)
+    reduce_scatter_pass(b, t.local, a.rank, [[(s * es, n * es)] for s, n in local_blocks], OUT, own=1)
+    mine = (t.j + 1) % t.L
+    start, n = local_blocks[mine]
+    sub = byte_blocks(n, t.H, es, base=start * es)
+    reduce_scatter_pass(b, t.column, a.rank, sub, OUT, own=1)
+    if a.avg:
+        for off, nb in sub[(t.h + 1) % t.H]:
+            b.div(OUT, off, nb, a.size)
+    all_gather_pass(b, t.column, a.rank, sub, OUT, own=1)
+    all_gather_pass(b, t.local, a.rank, [[(s * es, n * es)] for s, n in local_blocks], OUT, own=1)
+    return b.build()
+
+
+@algorithm("reduce_scatter", "hierarchical", "reduce-scatter in each host over column pieces, then across hosts")
+def reduce_scatter_hierarchical(a: Args) -> Plan:
+    t = Layout(a)
+    nb = a.count * a.esize
+    b = Builder("hierarchical")
+    b.scratch_bytes = a.size * nb
+    b.copy(SCRATCH, 0, IN, 0, a.size * nb)
+    # inside the host: block j = the pieces of every rank in column j
+    reduce_scatter_pass(b, t.local, a.rank, [[(r * nb, nb) for r in t.col(j)] for j in range(t.L)], SCRATCH, own=0)
+    # across the column: block k = the piece of column member k
+    reduce_scatter_pass(b, t.column, a.rank, [[(r * nb, nb)] for r in t.column], SCRATCH, own=0)
+    b.copy(OUT, 0, SCRATCH, a.rank * nb, nb)
+    if a.avg:
+        b.div(OUT, 0, nb, a.size)
+    return b.build()
+
+
+@algorithm("all_gather", "hierarchical", "all-gather across hosts per column, then inside each host")
+def all_gather_hierarchical(a: Args) -> Plan:
+    t = Layout(a)
+    nb = a.count * a.esize
+    b = Builder("hierarchical")
+    if not a.inplace:
+        b.copy(OUT, a.rank * nb, IN, 0, nb)
+    all_gather_pass(b, t.column, a.rank, [[(r * nb, nb)] for r in t.column], OUT, own=0)
+    all_gather_pass(b, t.local, a.rank, [[(r * nb, nb) for r in t.col(j)] for j in range(t.L)], OUT, own=0)
+    return b.build()
+
+
+def _binomial(b: Builder, group: list, root: int, me: int, nb: int) -> None:
+    n = len(group)
+    rel = (group.index(me) - group.index(root)) % n
+    at = lambda v: group[(v + group.index(root)) % n]   # noqa: E731
+    if rel:
+        b.recv(at(binomial_parent(rel)), OUT, 0, nb)
+        b.phase()
+    for c in binomial_children(rel, n):
+        b.send(at(c), OUT, 0, nb)
+    b.phase()
+
+
+@algorithm("broadcast", "hierarchical", "binomial tree over one entry rank per host, then inside each host")
+def broadcast_hierarchical(a: Args) -> Plan:
+    t = Layout(a)
+    nb = a.count * a.esize
+    b = Builder("hierarchical")
+    if a.rank == a.root and not a.inplace:
+        b.copy(OUT, 0, IN, 0, nb)
+    entries = [a.root if a.root in g else g[0] for g in t.hosts]
+    entry = entries[t.h]
+    if a.rank == entry:
+        _binomial(b, entries, a.root, a.rank, nb)
+    _binomial(b, t.local, entry, a.rank, nb)
+    return b.build()
+
+
+@algorithm("all_to_all", "hierarchical", "regroup blocks by destination column inside the host, then one "
+                                          "message per remote host along the column")
+def all_to_all_hierarchical(a: Args) -> Plan:
+    t = Layout(a)
+    send, recv = a.send_splits, a.recv_splits
+    if len(set(send)) > 1 or len(set(recv)) > 1 or send[0] != recv[0]:
+        raise NotSupported("hierarchical all_to_all needs equal splits")
+    bs = send[0]
+    H, L = t.H, t.L
+    b = Builder("hierarchical")
+    # SCRATCH[i][k]: the block from local source i (of my host) to rank (host k, my column j)
+    b.scratch_bytes = L * H * bs
+
+    def slot(i: int, k: int) -> int:
+        return (i * H + k) * bs
+
+    for k in range(H):                              # my own contribution to my column
+        b.copy(SCRATCH, slot(t.j, k), IN, t.hosts[k][t.j] * bs, bs)
+    for i, peer in enumerate(t.local):              # step 1: regroup inside the host
+        if peer == a.rank:
+            continue
+        for k in range(H):
+            b.send(peer, IN, t.hosts[k][i] * bs, bs)
+        for k in range(H):
+            b.recv(peer, SCRATCH, slot(i, k), bs)
+    b.phase()
+    for k in range(H):                              # step 2: one aggregated exchange per remote host
+        if k == t.h:
+            continue
+        dst = t.hosts[k][t.j]
+        for i in range(L):
+            b.send(dst, SCRATCH, slot(i, k), bs)
+        for i in range(L):
+            b.recv(dst, OUT, t.hosts[k][i] * bs, bs)
+    b.phase()
+    for i in range(L):                              # what stays on this host
+        b.copy(OUT, t.hosts[t.h][i] * bs, SCRATCH, slot(i, t.h), bs)
+    return b.build()

@@ -1,0 +1,104 @@
+"""Recursive doubling (tiny all_reduce) and recursive halving-doubling (Rabenseifner, medium).
+
+Both run on the largest power of two p <= n. The n - p "extra" ranks first fold their data into a
+partner (rank - p), sit out, and get the result back at the end (the usual MPICH treatment).
+
+- recursive_doubling: log2(p) steps; in step d every rank swaps its whole buffer with rank ^ d and
+  reduces. Latency-optimal, moves the whole buffer every step.
+- rhd: reduce-scatter by recursive halving (each step swaps half of the current range with
+  rank ^ d, d = p/2 .. 1) so rank i ends owning block i, then all-gather by recursive doubling.
+  2 log2(p) steps and bandwidth close to the ring's.
+"""
+from __future__ import annotations
+
+from . import algorithm
+from .patterns import blocks
+from .plan import IN, OUT, SCRATCH, Args, Builder, NotSupported, Plan
+
+
+def _fold(b: Builder, a: Args, nb: int) -> tuple[int, bool]:
+    """Fold extra ranks into the power-of-two core. Returns (p, whether this rank is in the core)."""
+    p = 1 << (a.size.bit_length() - 1)
+    r = a.rank
+    if not a.inplace:
+        b.copy(OUT, 0, IN, 0, nb)
+    if r >= p:
+        b.send(r - p, OUT, 0, nb)
+        b.phase()
+        b.recv(r - p, OUT, 0, nb)
+        return p, False
+    if r < a.size - p:
+        b.recv(r + p, SCRATCH, 0, nb)
+        b.phase()
+        b.reduce(OUT, 0, SCRATCH, 0, nb)
+    return p, True
+
+
+def _unfold(b: Builder, a: Args, p: int, nb: int) -> None:
+    if a.rank < a.size - p:
+        b.phase()
+        b.send(a.rank + p, OUT, 0, nb)
+
+
+@algorithm("all_reduce", "recursive_doubling", "log2(n) whole-buffer swaps with rank ^ 2^k: fewest steps")
+def all_reduce_recursive_doubling(a: Args) -> Plan:
+    nb = a.count * a.esize
+    b = Builder("recursive_doubling")
+    b.scratch_bytes = nb
+    p, core = _fold(b, a, nb)
+    if core:
+        d = 1
+        while d < p:
+            partner = a.rank ^ d
+            b.send(partner, OUT, 0, nb)
+            b.recv(partner, SCRATCH, 0, nb)
+            b.phase()
+            b.reduce(OUT, 0, SCRATCH, 0, nb)
+            d <<= 1
+        if a.avg:
+            b.div(OUT, 0, nb, a.size)
+        _unfold(b, a, p, nb)
+    return b.build()
+
+
+@algorithm("all_reduce", "rhd", "recursive halving reduce-scatter + recursive doubling all-gather (Rabenseifner)")
+def all_reduce_rhd(a: Args) -> Plan:
+    nb, es, r = a.count * a.esize, a.esize, a.rank
+    p = 1 << (a.size.bit_length() - 1)
+    if a.count < p:
+        raise NotSupported(f"rhd needs at least one element per rank of the power-of-two core ({a.count} < {p})")
+    b = Builder("rhd")
+    b.scratch_bytes = nb
+    p, core = _fold(b, a, nb)
+    if not core:
+        return b.build()
+    blk = [(start * es, n * es) for start, n in blocks(a.count, p)]
+
+    def span(lo: int, hi: int) -> tuple[int, int]:
+        return blk[lo][0], sum(n for _, n in blk[lo:hi])
+
+    lo, hi, d = 0, p, p >> 1
+    while d >= 1:                                 # reduce-scatter by recursive halving
+        partner, mid = r ^ d, (lo + hi) // 2
+        keep, give = ((lo, mid), (mid, hi)) if not r & d else ((mid, hi), (lo, mid))
+        b.send(partner, OUT, *span(*give))
+        off, n = span(*keep)
+        b.recv(partner, SCRATCH, off, n)
+        b.phase()
+        b.reduce(OUT, off, SCRATCH, off, n)
+        lo, hi = keep
+        d >>= 1
+    if a.avg:
+        b.div(OUT, *span(lo, hi), a.size)
+    d = 1
+    while d < p:                                  # all-gather by recursive doubling
+        partner = r ^ d
+        size = hi - lo
+        other = (lo + size, hi + size) if not r & d else (lo - size, hi - size)
+        b.send(partner, OUT, *span(lo, hi))
+        b.recv(partner, OUT, *span(*other))
+        b.phase()
+        lo, hi = min(lo, other[0]), max(hi, other[1])
+        d <<= 1
+    _unfold(b, a, p, nb)
+    return b.build()

@@ -1,0 +1,158 @@
+"""Several hosts simulated on this machine (tests/multihost.py): collectives across hosts, torchrun
+with c10d rendezvous running the DDP example, teardown and crash recovery, and the link limiter.
+
+Needs root (network, IPC, mount and UTS namespaces, tc); skipped otherwise. CI runs as root.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from multihost import SimulatedHosts, _netns_pids, cleanup_stale, ours, parse_rate, why_unavailable
+
+pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=str(why_unavailable()))
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCRIPTS = HERE / "multihost_scripts"
+MiB = 1 << 20
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], stdout=subprocess.PIPE, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def _mine(sim: SimulatedHosts) -> list[str]:
+    return [n for n in ours() if n in sim.namespaces]
+
+
+def test_every_collective_across_two_hosts():
+    """run_cases on 2 hosts x 2 ranks: shm inside a host, tcp across, same bits everywhere."""
+    links = _root_links()
+    with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
+        results = sim.torchrun(str(SCRIPTS / "collectives.py"), "4242", "40", timeout=150)
+        report = sim.report(results)
+        assert all(r.ok for r in results), report
+    assert not _mine(sim), "namespaces left behind"
+    assert _root_links() == links, "the root namespace's interfaces changed"
+    seen, digests = {}, set()
+    for r in results:
+        for line in r.lines():
+            if line.startswith("MULTIHOST-OK"):
+                f = dict(kv.split("=", 1) for kv in line.split()[1:])
+                seen[int(f["rank"])] = f
+                assert f["host"] == f"host{r.host}", report        # static rendezvous: node rank = host index
+                digests.add(f["digest"])
+    assert sorted(seen) == [0, 1, 2, 3], report
+    assert len(digests) == 1, report
+    for rank, f in seen.items():
+        mates = [rank - rank % 2, rank - rank % 2 + 1]
+        assert f["local"] == f"{mates[0]},{mates[1]}", report
+        want = ",".join(f"{p}:{'shm' if p in mates else 'tcp'}" for p in range(4) if p != rank)
+        assert f["transports"] == want, report
+        assert f["topology_hosts"] in ("2", "n/a"), report      # n/a: this comms has no comm.topology
+
+
+def test_torchrun_c10d_runs_ddp_example_across_hosts():
+    """torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d, DDP over the "comms" backend."""
+    example = ROOT / "examples" / "ddp_train.py"
+    assert example.exists(), f"{example} is missing"
+    with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
+        results = sim.torchrun(str(example), "--epochs", "2", rdzv="c10d", timeout=150,
+                               env={"COMMS_DEBUG": "INFO", "COMMS_DEBUG_SUBSYS": "INIT"})
+        report = sim.report(results)
+        assert all(r.ok for r in results), report
+    assert not _mine(sim)
+    out = "\n".join(r.output for r in results)
+    assert "parameters in sync on 4 ranks: True" in out, report
+    # the process group really is comms, spread over both hosts: shm to the neighbour, tcp to the others
+    for r in results:
+        ranks = set()
+        for m in re.finditer(r"host(\d):\d+ \[(\d)\] .*rank \d transports: (.*)", r.output):
+            assert m.group(1) == str(r.host), report
+            ranks.add(int(m.group(2)))
+            assert re.fullmatch(r"shm to ranks \[\d\]; tcp to ranks \[\d, \d\]", m.group(3).strip()), report
+        assert len(ranks) == 2, report
+
+
+def test_three_hosts_on_a_bridge_are_separate_hosts():
+    """More than two hosts: a bridge in a switch namespace; each host its own IPC ns, /dev/shm, name."""
+    with SimulatedHosts(hosts=3, ranks_per_host=1) as sim:
+        assert sim.switch in ours()
+        results = sim.run([[sys.executable, str(SCRIPTS / "mesh.py")]] * 3, timeout=60)
+        report = sim.report(results)
+        assert all(r.ok for r in results), report
+    lines = [next(ln for ln in r.lines() if ln.startswith("MESH")) for r in results]
+    fields = [dict(kv.split("=", 1) for kv in ln.split()[1:]) for ln in lines]
+    assert [f["host"] for f in fields] == ["host0", "host1", "host2"], report
+    assert len({f["ipc"] for f in fields}) == 3 and len({f["shm"] for f in fields}) == 3, report
+    for i, f in enumerate(fields):
+        assert f["heard"] == ",".join(f"host{j}" for j in range(3) if j != i), report
+    assert not _mine(sim)
+
+
+def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
+    # a crashed earlier run: its namespace (with a veth pair and a live process) and run directory
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"cmh{dead.pid}h0"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    subprocess.run(["ip", "-n", stale, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
+    orphan = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"], start_new_session=True)
+    stale_dir = Path(tempfile.mkdtemp(prefix=f"cmh{dead.pid}."))
+    links = _root_links()
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with SimulatedHosts(hosts=2, ranks_per_host=1) as sim:
+                assert stale not in ours(), "the crashed run's namespace survived"
+                assert orphan.wait(10) == -9
+                assert not stale_dir.exists()
+                assert sorted(_mine(sim)) == sorted(sim.netns)
+                # a run past its deadline is killed, including a process that left the agent's session
+                res = sim.run([["sh", "-c", "setsid sleep 600 & echo up; sleep 600"]] * 2, timeout=2)
+                assert all(r.timed_out and r.killed and not r.ok for r in res), sim.report(res)
+                assert all("up" in r.lines() for r in res), sim.report(res)
+                # processes still running when the with-block fails are killed too
+                live = [subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"], start_new_session=True)
+                        for ns in sim.netns]
+                end = time.monotonic() + 10
+                while not all(_netns_pids(ns) for ns in sim.netns) and time.monotonic() < end:
+                    time.sleep(0.01)
+                raise RuntimeError("boom")
+        assert [p.wait(10) for p in live] == [-9, -9]
+        assert not _mine(sim), "namespaces left behind"
+        assert sim.rundir is None
+        assert not any(_netns_pids(ns) for ns in sim.namespaces)
+        assert _root_links() == links, "the root namespace's interfaces changed"
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        if stale in ours():
+            cleanup_stale()
+
+
+def test_rate_limit_slows_a_16mib_all_reduce_across_hosts():
+    """At 200 Mbit/s an all_reduce of 16 MiB between two hosts must move >= 16 MiB each way."""
+    rate = "200mbit"
+    size = 16 * MiB
+    floor = size * 8 / parse_rate(rate)            # 0.67 s: the least any algorithm needs on this link
+    with SimulatedHosts(hosts=2, ranks_per_host=2, rate=rate) as sim:
+        results = sim.torchrun(str(SCRIPTS / "hier_bench.py"), "--size", "16M", "--warmup", "1", "--iters", "3",
+                               timeout=150, env={"COMMS_ALGO": "all_reduce:ring"})
+        report = sim.report(results)
+        assert all(r.ok for r in results), report
+        sent = sim.link_bytes()
+    assert len(sent) == 2 and all(b >= 4 * size for b in sent.values()), f"{sent}\n{report}"   # 4 reductions
+    m = re.search(r"median ([0-9.]+) ms", results[0].output)
+    assert m, report
+    median = float(m.group(1)) / 1e3
+    assert 0.8 * floor <= median <= 15 * floor, f"median {median:.3f} s, link floor {floor:.3f} s\n{report}"

@@ -77,6 +77,7 @@ class Args:
     send_splits: tuple = ()
     recv_splits: tuple = ()
     hosts: tuple = ()          # ranks grouped by host (comms.topology), for hierarchical algorithms
+    deterministic: bool = False  # COMMS_DETERMINISTIC: reductions in canonical order (algorithms.deterministic)
 
 
 @dataclass(frozen=True)

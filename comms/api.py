@@ -42,7 +42,8 @@ def init(rank: int | None = None, world_size: int | None = None, store: Any = No
 
 
 def create(rank: int, size: int, store: Any, prefix: str, timeout: float, algo: str | None,
-           members: Sequence[int] | None) -> Communicator:
-    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init and split)."""
+           members: Sequence[int] | None, params=None) -> Communicator:
+    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init and split; a split
+    inherits its parent's cost-model ``params`` instead of calibrating)."""
     boot = Bootstrap(rank, size, store, prefix, timeout).run()
-    return Communicator(boot, store, prefix, timeout, algo, members)
+    return Communicator(boot, store, prefix, timeout, algo, members, params)

@@ -24,7 +24,8 @@ from ._native import ffi
 from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage
-from .selector import Selector
+from . import tuning
+from .selector import Selector, defaults as selector_defaults
 from .transports.base import Endpoint
 from .work import Work, completed
 
@@ -57,7 +58,8 @@ def _views_overlap(a: View, b: View) -> bool:
 class Communicator:
     """A group of ``size`` ranks. Create with :func:`comms.init` or :meth:`split`."""
 
-    def __init__(self, boot, store, prefix: str, timeout: float, algo: str | None, members: Sequence[int] | None):
+    def __init__(self, boot, store, prefix: str, timeout: float, algo: str | None, members: Sequence[int] | None,
+                 params=None):
         self._boot = boot
         self._engine = boot.engine
         self._store = store
@@ -67,7 +69,7 @@ class Communicator:
         self.timeout = timeout
         self._timeout_ns = int(timeout * 1e9)
         self._algo = algo
-        self._selector = Selector(algo)
+        self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
@@ -78,6 +80,11 @@ class Communicator:
         self._finalizer = weakref.finalize(self, _release, boot)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         flight.register(self)
+        self._deterministic = config.get("DETERMINISTIC")
+        self._params = params if params is not None else tuning.calibrate(self)
+        self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params,
+                                                          config.get("TRANSPORT").lower() == "tcp"))
+        self._plans.clear()                  # plans built during calibration used the provisional rules
         self._timeline = None
         if config.get("TRACE"):
             from .timeline import Timeline
@@ -211,7 +218,7 @@ class Communicator:
         if enc is None:
             check_op(op, dtype, "all_reduce")
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
-                        inplace=True, hosts=self._hosts())
+                        inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
             enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
@@ -223,7 +230,7 @@ class Communicator:
         enc = self._plans.get(key)
         if enc is None:
             root = self._check_root(root, "broadcast")
-            args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts())
+            args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
@@ -239,7 +246,7 @@ class Communicator:
             root = self._check_root(root, "reduce")
             check_op(op, dtype, "reduce")
             args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
-                        avg=op is ReduceOp.AVG, inplace=True, hosts=self._hosts())
+                        avg=op is ReduceOp.AVG, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, op, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
@@ -255,7 +262,7 @@ class Communicator:
         inplace = vi.ptr == vo.ptr + self.rank * vi.nbytes
         if not inplace and _views_overlap(vi, vo):
             raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
-        args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts())
+        args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
                          None, vi.count)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
@@ -271,7 +278,7 @@ class Communicator:
         if vi.count != self.size * vo.count:
             raise InvalidUsage(f"reduce_scatter: input has {vi.count} elements, expected size x output = "
                                f"{self.size} x {vo.count} = {self.size * vo.count}")
-        args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG, hosts=self._hosts())
+        args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
                          op, vi.count)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
@@ -300,7 +307,7 @@ class Communicator:
         rb = row * DTYPE_SIZES[vi.dtype]
         send = tuple(s * rb for s in ins)
         recv = tuple(s * rb for s in outs)
-        args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv, hosts=self._hosts())
+        args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
                          None, COUNT_ANY if uneven else vi.count)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
@@ -320,7 +327,7 @@ class Communicator:
                                    f"{self.size * vi.count}")
             vo_ptr = vo.ptr
         inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
-        args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace, hosts=self._hosts())
+        args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count)
         return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out, timeout)
 
@@ -338,7 +345,7 @@ class Communicator:
                                    f"{self.size * vo.count}")
             vi_ptr = vi.ptr
         inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
-        args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace, hosts=self._hosts())
+        args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count)
         return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
@@ -347,7 +354,7 @@ class Communicator:
         """Return once every rank has entered the barrier."""
         enc = self._plans.get(("barrier",))
         if enc is None:
-            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1, hosts=self._hosts()), 0, 4, None, 0)
+            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1, hosts=self._hosts(), deterministic=self._deterministic), 0, 4, None, 0)
         return self._run(enc, 0, 0, [], async_op, None, timeout)
 
     # -- point to point ------------------------------------------------------------------------
@@ -424,7 +431,7 @@ class Communicator:
         from .api import create
         return create(group.index(self.rank), len(group), self._store,
                       f"{self.prefix}split{self._splits}/{mine[0]}/", self.timeout, self._algo,
-                      [self.members[r] for r in group])
+                      [self.members[r] for r in group], self._params)
 
     def close(self) -> None:
         """Finish pending asynchronous work (until the deadline), then release every resource."""

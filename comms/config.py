@@ -68,8 +68,10 @@ declare("SPIN", int, 0, "Polls before a waiting rank yields; 0 picks by oversubs
 declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
         "MASTER_ADDR.")
 declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
-declare("SMALL_MSG_BYTES", "size", 32 << 10, "Largest all_reduce handled by the low-latency direct path by "
-        "default.")
+declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
+        "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")
+declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
+        "element is reduced in rank order with float32 accumulation.")
 declare("DEBUG", str, "WARN", "Log level: WARN, INFO or TRACE. Lines are tagged with rank, host and subsystem.")
 declare("DEBUG_SUBSYS", str, "ALL", "Subsystems to log, comma-separated: INIT, TRANSPORT, ALGO, TUNING, COLL, FLIGHT "
         "(ALL for every one).")

@@ -6,10 +6,11 @@ optional K/M/G suffixes (binary); ``inf`` is unbounded; a rule covers low <= byt
 
     all_reduce:0-64K:direct#all_reduce:64K-inf:ring
 
-User rules are consulted first, then :data:`DEFAULTS` (written in the same grammar), then every
-registered algorithm of the collective. An algorithm that declines a case (NotSupported) passes
-it to the next candidate. The message size is the per-rank buffer for all_reduce, broadcast and
-reduce, and the total bytes a rank sends otherwise.
+User rules are consulted first, then the defaults (written in the same grammar: the cost model of
+comms.tuning prices every algorithm for this communicator's topology and writes the cheapest per
+size range as rules), then every registered algorithm of the collective. An algorithm that
+declines a case (NotSupported) passes it to the next candidate. The message size is the per-rank
+buffer for all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 from . import algorithms, config
 from . import log as clog
+from .algorithms import deterministic
 from .algorithms.plan import Args, NotSupported, Plan
 from .config import _size
 from .errors import InvalidUsage
@@ -24,13 +26,16 @@ from .errors import InvalidUsage
 log = clog.get("ALGO")
 
 
-def defaults() -> str:
-    small = config.get("SMALL_MSG_BYTES")
-    return "#".join([
-        f"all_reduce:0-{small}:direct", f"all_reduce:{small}-inf:ring",
-        "broadcast:binomial", "reduce:binomial", "all_gather:ring", "reduce_scatter:ring",
-        "all_to_all:pairwise", "gather:linear", "scatter:linear", "barrier:dissemination",
-    ])
+STATIC = "#".join(["reduce:binomial", "gather:linear", "scatter:linear", "barrier:dissemination"])
+
+
+def defaults(size: int = 2, hosts: tuple = (), params=None, forced_tcp: bool = False) -> str:
+    """The default rules for ``size`` ranks on ``hosts``: the cost model's choices plus the
+    collectives that have one algorithm worth using."""
+    from .tuning import Params, default_rules
+    names = {c: list(a) for c, a in algorithms.REGISTRY.items()}
+    priced = default_rules(names, size, hosts, params or Params(), forced_tcp)
+    return "#".join(filter(None, [priced, STATIC]))
 
 
 class Rule(NamedTuple):
@@ -72,10 +77,10 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
 
 
 class Selector:
-    def __init__(self, override: str | None = None):
+    def __init__(self, override: str | None = None, default: str | None = None):
         text = override if override is not None else config.get("ALGO")
         self.user = parse(text, "algo override" if override is not None else "COMMS_ALGO")
-        self.default = parse(defaults(), "defaults")
+        self.default = parse(default if default is not None else defaults(), "defaults")
 
     def candidates(self, coll: str, nbytes: int) -> list[str]:
         out = []
@@ -92,6 +97,8 @@ class Selector:
         for name in self.candidates(args.coll, nbytes):
             try:
                 plan = algorithms.get(args.coll, name).fn(args)
+                if args.deterministic:
+                    plan = deterministic.plan(args, name) or plan
             except NotSupported as e:
                 reasons.append(f"{name}: {e}")
                 continue

@@ -272,6 +272,8 @@ def run_bad_inputs(rank: int, world: int) -> dict:
             self.comm = c
     out["process_group"] = Dispatcher(FakeProcessGroup(comm), E, H).num_experts
     out["not_a_group"] = _outcome(lambda: Dispatcher(object(), E, H))
+    out["hier_auto"] = Dispatcher(comm, E, H).hier is None                 # one host: flat
+    out["hier_forced"] = _outcome(lambda: Dispatcher(comm, E, H, hierarchical=True))
     # last: a bad y in combine poisons the exchange; every rank fails and the communicator is aborted
     rx, _, _, _, h = ep.dispatch(x, idx, w)
     out["combine_rows"] = _outcome(lambda: ep.combine(on(1, rx, rx[:-1]), h))
@@ -324,10 +326,5 @@ def run_hierarchical(rank: int, world: int, cases: list[dict]) -> dict:
         _check(ep.hier is not None and ep.topology.hosts == [[0, 2], [1, 3]], f"topology {ep.topology}")
         run_case(ep, case, world, rank, exact_combine=False)
         ep.close()
-    comm.close()
-    os.environ["COMMS_HOST_ID"] = "a" if rank < 3 else "b"
-    comm = comms.init(timeout=60)
-    result["uneven_auto"] = Dispatcher(comm, E, H).hier is None
-    result["uneven_forced"] = _outcome(lambda: Dispatcher(comm, E, H, hierarchical=True))
     comm.close()
     return result

@@ -493,17 +493,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"multihost: {reason}", file=sys.stderr)
         return 2
 
+    stopping = []
+
     def terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, terminate)
-    with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet) as sim:
-        print(f"multihost: {args.hosts} hosts x {args.ranks} ranks, namespaces {', '.join(sim.namespaces)}, "
-              f"addresses {', '.join(sim.addrs)}" + (f", links limited to {args.rate}" if args.rate else ""),
-              flush=True)
-        if args.raw:
-            results = sim.run([rest] * args.hosts, timeout=args.timeout)
-        else:
-            results = sim.torchrun(*rest, rdzv=args.rdzv, port=args.port, timeout=args.timeout)
+        if not stopping:                 # the first signal stops the run; later ones must not cut the teardown short
+            stopping.append(signum)
+            raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):      # SIGINT too: `&` jobs start with it ignored
+        signal.signal(sig, terminate)
+    try:
+        with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet) as sim:
+            print(f"multihost: {args.hosts} hosts x {args.ranks} ranks, namespaces {', '.join(sim.namespaces)}, "
+                  f"addresses {', '.join(sim.addrs)}" + (f", links limited to {args.rate}" if args.rate else ""),
+                  flush=True)
+            if args.raw:
+                results = sim.run([rest] * args.hosts, timeout=args.timeout)
+            else:
+                results = sim.torchrun(*rest, rdzv=args.rdzv, port=args.port, timeout=args.timeout)
+    except KeyboardInterrupt as e:
+        print(f"multihost: interrupted ({e or 'SIGINT'}); every host stopped and torn down", file=sys.stderr, flush=True)
+        return 130
     if args.quiet:
         for r in results:
             print(r.output)

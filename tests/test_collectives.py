@@ -89,3 +89,12 @@ def _blind(rank, size):
     from comms.hostid import PeerInfo
     PeerInfo.sees_probe_of = lambda self, other: other.rank == self.rank   # as if /dev/shm were private
     return transports_seen(rank, size)
+
+
+def test_deterministic_mode_end_to_end():
+    """Every algorithm, over shm and tcp (2 emulated hosts x 2 ranks), gives the same bits."""
+    from workers import deterministic_digests
+    out = spawn(deterministic_digests, 4, timeout=180, args=(10_001,), env={"COMMS_DETERMINISTIC": "1"})
+    digests = {d for per_rank in out for d in per_rank.values()}
+    assert len(digests) == 1, out
+    assert set(out[0]) >= {"ring", "direct", "tree", "rhd", "recursive_doubling", "hierarchical"}

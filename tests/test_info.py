@@ -26,7 +26,8 @@ def test_info_single_process_json():
     knobs = {c["name"]: c for c in info["config"]}
     assert knobs["COMMS_TIMEOUT"]["value"] == 42.0 and knobs["COMMS_TIMEOUT"]["source"] == "env"
     assert knobs["COMMS_TRANSPORT"]["source"] == "default"
-    assert info["selection"]["all_reduce"]["8"] == "direct" and info["selection"]["all_reduce"]["8M"] == "ring"
+    assert set(info["selection"]["all_reduce"].values()) <= set(info["algorithms"]["all_reduce"])
+    assert "hierarchical" in info["algorithms"]["all_reduce"]
     topo = info["topology"]
     assert topo["size"] == 1 and len(topo["hosts"]) == 1 and topo["hosts"][0]["cores"] >= 1
 
@@ -51,3 +52,20 @@ def test_topology_with_emulated_hosts():
     assert [h["ranks"] for h in topo["hosts"]] == [[0, 1], [2, 3]]
     assert [h["leader"] for h in topo["hosts"]] == [0, 2]
     assert topo["host_of"] == [0, 0, 1, 1] and topo["local_index"] == [0, 1, 0, 1]
+
+
+def test_calibration_is_cached_and_shared(tmp_path):
+    from comms.testing import spawn
+    from workers import calibrated_params
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    first = spawn(calibrated_params, 2, timeout=120, env=env)
+    assert first[0] == first[1], "ranks must price alike"
+    p = first[0]["params"]
+    assert p["source"].startswith("calibrated") and 0.1 <= p["shm"]["alpha_us"] <= 1000
+    cache = json.loads((tmp_path / "comms" / "calibration.json").read_text())
+    assert len(cache) == 1 and list(cache.values())[0]["source"] == p["source"]
+    again = spawn(calibrated_params, 2, timeout=120, env=env)
+    assert again[0]["params"] == p                      # read back, not measured again
+    off = spawn(calibrated_params, 2, timeout=120, env=dict(env, COMMS_CALIBRATE="0"))
+    assert off[0]["params"]["source"] == "defaults"
+    assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules

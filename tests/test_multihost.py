@@ -34,6 +34,13 @@ def _mine(sim: SimulatedHosts) -> list[str]:
     return [n for n in ours() if n in sim.namespaces]
 
 
+def _wait_for(cond, timeout_s: float = 10.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < end, "timed out waiting for a process to enter its namespace"
+        time.sleep(0.01)
+
+
 def test_every_collective_across_two_hosts():
     """run_cases on 2 hosts x 2 ranks: shm inside a host, tcp across, same bits everywhere."""
     links = _root_links()
@@ -78,8 +85,11 @@ def test_torchrun_c10d_runs_ddp_example_across_hosts():
         ranks = set()
         for m in re.finditer(r"host(\d):\d+ \[(\d)\] .*rank \d transports: (.*)", r.output):
             assert m.group(1) == str(r.host), report
-            ranks.add(int(m.group(2)))
-            assert re.fullmatch(r"shm to ranks \[\d\]; tcp to ranks \[\d, \d\]", m.group(3).strip()), report
+            rank = int(m.group(2))
+            ranks.add(rank)
+            by = dict(re.fullmatch(r"(\w+) to ranks \[(.*)\]", part.strip()).groups() for part in m.group(3).split(";"))
+            mate = rank ^ 1                                  # c10d numbers the ranks of a node consecutively
+            assert by == {"shm": str(mate), "tcp": ", ".join(str(p) for p in range(4) if p not in (rank, mate))}, report
         assert len(ranks) == 2, report
 
 
@@ -108,6 +118,7 @@ def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
     subprocess.run(["ip", "-n", stale, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
     orphan = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"], start_new_session=True)
     stale_dir = Path(tempfile.mkdtemp(prefix=f"cmh{dead.pid}."))
+    _wait_for(lambda: orphan.pid in _netns_pids(stale))
     links = _root_links()
     try:
         with pytest.raises(RuntimeError, match="boom"):
@@ -123,9 +134,7 @@ def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
                 # processes still running when the with-block fails are killed too
                 live = [subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"], start_new_session=True)
                         for ns in sim.netns]
-                end = time.monotonic() + 10
-                while not all(_netns_pids(ns) for ns in sim.netns) and time.monotonic() < end:
-                    time.sleep(0.01)
+                _wait_for(lambda: all(p.pid in _netns_pids(ns) for p, ns in zip(live, sim.netns)))
                 raise RuntimeError("boom")
         assert [p.wait(10) for p in live] == [-9, -9]
         assert not _mine(sim), "namespaces left behind"

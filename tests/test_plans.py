@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from comms import algorithms, simulate
+from comms.algorithms import deterministic  # noqa: F401  (algorithms.deterministic)
 from comms.algorithms.plan import Args
 from comms.dtypes import BOOL, DTYPE_SIZES, FLOATING, ReduceOp
 from reference_collectives import assert_close, random_input, reduce_all
@@ -230,3 +231,63 @@ def test_barrier_completes_only_with_everyone(algo, n):
 def test_ring_declines_fewer_elements_than_ranks():
     with pytest.raises(algorithms.NotSupported):
         run_plans("all_reduce", "ring", 4, 3, 2, ReduceOp.SUM)
+
+
+def _deterministic_all_reduce(algo, n, hosts, ins, dtype, op):
+    es = DTYPE_SIZES[dtype]
+    count = ins[0].size
+    plans = []
+    for r in range(n):
+        a = Args("all_reduce", r, n, count, es, avg=op is ReduceOp.AVG, inplace=True, hosts=hosts,
+                 deterministic=True)
+        try:
+            p = algorithms.get("all_reduce", algo).fn(a)
+        except algorithms.NotSupported:
+            return None
+        plans.append(algorithms.deterministic.plan(a, algo) or p)
+    outs = [x.copy() for x in ins]
+    simulate.run(plans, [u8(o) for o in outs], [u8(o) for o in outs], dtype, op.kernel)
+    return outs
+
+
+@settings(max_examples=120, deadline=None)
+@given(lay=layouts(), count=st.integers(1, 40), dtype=st.sampled_from([0, 1, 2, 3]),
+       op=st.sampled_from([ReduceOp.SUM, ReduceOp.PROD, ReduceOp.AVG, ReduceOp.MAX]), seed=st.integers(0, 2**32 - 1),
+       cut=st.integers(1, 40))
+def test_deterministic_mode_is_bitwise_identical_across_algorithms_and_sizes(lay, count, dtype, op, seed, cut):
+    """COMMS_DETERMINISTIC: every algorithm, every rank, and a shorter message all give the same bits."""
+    n, hosts = lay
+    rng = np.random.default_rng(seed)
+    # arbitrary floats (not small integers) so that the order of operations shows in the bits
+    ins = [rng.standard_normal(count).astype(np.float32) for _ in range(n)]
+    if dtype == 1:
+        from comms import reference
+        ins = [reference.f32_to_bf16(x) for x in ins]
+    else:
+        ins = [x.astype({0: np.float16, 2: np.float32, 3: np.float64}[dtype]) for x in ins]
+    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
+    for algo in algorithms.names("all_reduce"):
+        outs = _deterministic_all_reduce(algo, n, hosts, ins, dtype, op)
+        if outs is None:
+            continue
+        for r, o in enumerate(outs):
+            assert u8(o).tobytes() == u8(want).tobytes(), (algo, r)
+    k = min(cut, count)
+    short = _deterministic_all_reduce("ring" if k >= n else "direct", n, hosts, [x[:k].copy() for x in ins], dtype, op)
+    assert u8(short[0]).tobytes() == u8(want[:k]).tobytes()
+
+
+def test_deterministic_mode_changes_bits_only_where_order_matters():
+    """Without deterministic mode ring and direct may differ in the last bits; with it they never do."""
+    rng = np.random.default_rng(7)
+    n = 5
+    ins = [(rng.standard_normal(4096) * 10.0 ** rng.integers(-3, 4, 4096)).astype(np.float32) for _ in range(n)]
+    plain = {}
+    for algo in ("ring", "direct"):
+        outs = [x.copy() for x in ins]
+        simulate.run(run_plans("all_reduce", algo, n, 4096, 2, ReduceOp.SUM, inplace=True),
+                     [u8(o) for o in outs], [u8(o) for o in outs], 2, 0)
+        plain[algo] = outs[0]
+    assert u8(plain["ring"]).tobytes() != u8(plain["direct"]).tobytes()   # the test data is order-sensitive
+    det = {a: _deterministic_all_reduce(a, n, (), ins, 2, ReduceOp.SUM)[0] for a in ("ring", "direct", "tree")}
+    assert u8(det["ring"]).tobytes() == u8(det["direct"]).tobytes() == u8(det["tree"]).tobytes()

@@ -142,3 +142,22 @@ def topology_of(rank: int, size: int) -> dict:
     os.environ["COMMS_HOST_ID"] = f"h{rank // 2}"
     with comms.init(timeout=30) as comm:
         return comm.topology.as_dict()
+
+
+def deterministic_digests(rank: int, size: int, count: int) -> dict:
+    """COMMS_DETERMINISTIC=1: all_reduce of order-sensitive floats under every algorithm."""
+    os.environ["COMMS_HOST_ID"] = f"h{rank % 2}"
+    from comms import algorithms
+    x = np.random.default_rng(rank).standard_normal(count).astype(np.float32) * 1e3
+    out = {}
+    for algo in algorithms.names("all_reduce"):
+        with comms.init(timeout=60, algo=f"all_reduce:{algo}") as comm:
+            y = x.copy()
+            comm.all_reduce(y)
+            out[algo] = hashlib.sha1(y.tobytes()).hexdigest()
+    return out
+
+
+def calibrated_params(rank: int, size: int) -> dict:
+    with comms.init(timeout=60) as comm:
+        return {"params": comm._params.as_dict(), "rules": comm._selector.table()}

@@ -1,0 +1,251 @@
+"""The cost model behind algorithm selection, and its calibration.
+
+Every algorithm is priced as time = latency x steps + bytes / bandwidth (NCCL's tuning.cc), per
+link class: shm inside a host, tcp between hosts (rdma later), plus the local reduction speed.
+:func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each, and writes the
+result as rules in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are
+data, printed by ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
+
+Calibration: the first time a host signature (CPU, cores, host layout, link classes) is seen, rank
+0 measures ping-pong latency and bandwidth on each link class and its reduction speed, and caches
+them in ``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and the defaults
+below apply). Rank 0's parameters are published through the store so every rank prices alike and
+picks the same algorithm.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import config
+from . import log as clog
+
+log = clog.get("TUNING")
+SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
+
+
+@dataclass(frozen=True)
+class Link:
+    alpha_us: float          # one message's latency
+    beta_gbps: float         # GB/s of one stream
+
+    def t(self, steps: float, nbytes: float) -> float:
+        return steps * self.alpha_us + nbytes / (self.beta_gbps * 1e3)
+
+
+@dataclass(frozen=True)
+class Params:
+    shm: Link = Link(1.5, 6.0)
+    tcp: Link = Link(40.0, 1.5)
+    reduce_gbps: float = 8.0
+    source: str = "defaults"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Params":
+        return cls(Link(**d["shm"]), Link(**d["tcp"]), d["reduce_gbps"], d.get("source", "cache"))
+
+
+def _log2(n: int) -> int:
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def _red(p: Params, nbytes: float) -> float:
+    return nbytes / (p.reduce_gbps * 1e3)
+
+
+def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_tcp: bool) -> float:
+    """Estimated µs of ``algo`` for ``coll`` with ``m`` bytes (see selector: per-rank buffer for
+    all_reduce/broadcast/reduce, bytes a rank sends otherwise) on ``n`` ranks."""
+    H = max(1, len(hosts))
+    L = n // H if hosts and n % H == 0 else n
+    flat = p.tcp if (H > 1 or forced_tcp) else p.shm
+    intra = p.tcp if forced_tcp else p.shm
+    p2 = 1 << (n.bit_length() - 1)
+    fold = 2 if n != p2 else 0
+    if n == 1:
+        return 0.0
+    if algo == "hierarchical" and (H < 2 or n % H or len({len(h) for h in hosts}) > 1):
+        return math.inf       # it would decline: hierarchical needs >= 2 hosts of equal size
+    if coll == "all_reduce":
+        if algo == "direct":
+            return flat.t(1, (n - 1) * m) + _red(p, n * m)
+        if algo == "ring":
+            return flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + _red(p, (n - 1) * m / n)
+        if algo == "recursive_doubling":
+            return flat.t(_log2(p2) + fold, (_log2(p2) + fold) * m) + _red(p, (_log2(p2) + 1) * m)
+        if algo == "rhd":
+            return flat.t(2 * _log2(p2) + fold, 2 * m * (p2 - 1) / p2 + fold * m) + _red(p, m)
+        if algo == "tree":
+            return flat.t(2 * _log2(n), 2 * m + 2 * _log2(n) * min(m, 1 << 20)) + _red(p, m)
+        if algo == "hierarchical":
+            return (intra.t(2 * (L - 1), 2 * (L - 1) * m / L) + p.tcp.t(2 * (H - 1), 2 * (H - 1) * m / (L * H))
+                    + _red(p, m))
+    if coll == "reduce_scatter":          # m: bytes a rank sends in total (n-1 blocks)
+        blk = m / max(1, n - 1)
+        if algo == "ring":
+            return flat.t(n - 1, m) + _red(p, m)
+        if algo == "hierarchical":
+            return intra.t(L - 1, (L - 1) * H * blk) + p.tcp.t(H - 1, (H - 1) * blk) + _red(p, m)
+    if coll == "all_gather":
+        blk = m / max(1, n - 1)
+        if algo == "ring":
+            return flat.t(n - 1, m)
+        if algo == "bruck":
+            return flat.t(_log2(n), m) + (n * blk) / 10e3
+        if algo == "hierarchical":
+            return p.tcp.t(H - 1, (H - 1) * blk) + intra.t(L - 1, (L - 1) * H * blk)
+    if coll == "broadcast":
+        if algo == "binomial":
+            seg = min(m, 1 << 20)
+            return flat.t(_log2(n) + max(0, m / max(seg, 1) - 1), seg * _log2(n) + m)
+        if algo == "ring":
+            seg = min(m, 256 << 10)
+            return flat.t(n - 1 + max(0, m / max(seg, 1) - 1), seg * (n - 1) + m)
+        if algo == "hierarchical":
+            return p.tcp.t(_log2(H), _log2(H) * m) + intra.t(_log2(L), _log2(L) * m)
+    if coll == "all_to_all":
+        blk = m / max(1, n - 1)
+        if algo == "pairwise":
+            return flat.t(1 + (n - 1) / 8, m)
+        if algo == "bruck":
+            return flat.t(_log2(n), _log2(n) * n * blk / 2) + 2 * n * blk * _log2(n) / 10e3
+        if algo == "hierarchical":
+            return intra.t(1 + (L - 1) / 8, (L - 1) * H * blk) + p.tcp.t(1 + (H - 1) / 8, (H - 1) * L * blk)
+    return math.inf           # not priced: chosen only by explicit rules or as a fallback
+
+
+def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool) -> str:
+    """The cheapest priced algorithm per size range, per collective, in the selector grammar."""
+    rules = []
+    for coll, names in algos.items():
+        priced = [a for a in names if cost(coll, a, 1 << 20, n, hosts, p, forced_tcp) < math.inf]
+        if len(priced) < 2:
+            continue
+        best = []
+        for m in SIZES:
+            scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) for a in priced}
+            best.append(min(priced, key=lambda a: (scores[a], priced.index(a))))
+        start = 0
+        for i in range(1, len(SIZES) + 1):
+            if i == len(SIZES) or best[i] != best[start]:
+                hi = "inf" if i == len(SIZES) else str(SIZES[i])
+                rules.append(f"{coll}:{SIZES[start]}-{hi}:{best[start]}")
+                start = i
+    return "#".join(rules)
+
+
+# ---- calibration --------------------------------------------------------------------------------
+def signature(comm) -> str:
+    topo = comm.topology
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    classes = sorted(set(comm.transports.values()))
+    return f"{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|" \
+           f"{','.join(classes)}|{platform.release()}"
+
+
+def _cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "comms", "calibration.json")
+
+
+def _pingpong(comm, peer: int, nbytes: int, iters: int, leader: bool) -> float:
+    """Median one-way time (µs) of ``nbytes`` between this rank and ``peer``."""
+    buf = np.ones(max(1, nbytes // 4), np.float32)          # touched: no page faults in the timing
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        if leader:
+            comm.send(buf, peer, tag=0xCA1)
+            comm.recv(buf, peer, tag=0xCA1)
+        else:
+            comm.recv(buf, peer, tag=0xCA1)
+            comm.send(buf, peer, tag=0xCA1)
+        times.append((time.perf_counter() - t0) / 2 * 1e6)
+    return float(np.median(times))
+
+
+def calibrate(comm) -> Params:
+    """Every rank calls this at init (collectively); rank 0's parameters win."""
+    key = f"{comm.prefix}calibration"
+    if comm.size == 1 or not config.get("CALIBRATE"):
+        return Params()
+    topo = comm.topology
+    partners = {}
+    forced = config.get("TRANSPORT").lower()
+    shm_peers = [r for r in topo.hosts[0].ranks if r != 0]
+    if shm_peers and forced != "tcp":
+        partners["shm"] = shm_peers[0]
+    tcp_peer = topo.hosts[1].leader if len(topo.hosts) > 1 else (1 if forced == "tcp" else None)
+    if tcp_peer is not None:
+        partners["tcp"] = tcp_peer
+    sig = signature(comm)
+    cached = None
+    if comm.rank == 0:
+        try:
+            with open(_cache_path()) as f:
+                cached = json.load(f).get(sig)
+        except (OSError, ValueError):
+            cached = None
+    flag = np.array([1 if cached else 0], np.int64)
+    comm.broadcast(flag, root=0)
+    if not flag[0]:
+        measured = {}
+        for cls, peer in partners.items():
+            if comm.rank in (0, peer):
+                lead = comm.rank == 0
+                other = peer if lead else 0
+                _pingpong(comm, other, 8, 20, lead)               # warm up both paths
+                _pingpong(comm, other, 4 << 20, 2, lead)
+                a = _pingpong(comm, other, 8, 100, lead)
+                t = _pingpong(comm, other, 4 << 20, 8, lead)
+                # clamp to sane ranges: a loaded machine must not produce absurd parameters
+                alpha = min(max(a, 0.1), 1000.0)
+                beta = min(max((4 << 20) / max(t - a, 1e-3) / 1e3, 0.05), 100.0)
+                measured[cls] = {"alpha_us": round(alpha, 3), "beta_gbps": round(beta, 3)}
+        if comm.rank == 0:
+            x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)   # 32 MiB: beyond the caches
+            from ._native import ffi, lib
+            lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
+            red = min(x.nbytes * 3 / (time.perf_counter() - t0) / 1e9, 100.0)
+            d = Params().as_dict()
+            d.update({k: v for k, v in measured.items()})
+            d["reduce_gbps"] = round(red, 3)
+            d["source"] = f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            cached = d
+            path = _cache_path()
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                try:
+                    with open(path) as f:
+                        everything = json.load(f)
+                except (OSError, ValueError):
+                    everything = {}
+                everything[sig] = d
+                with open(f"{path}.{os.getpid()}", "w") as f:
+                    json.dump(everything, f, indent=1)
+                os.replace(f"{path}.{os.getpid()}", path)
+            except OSError as e:
+                log.warning("comms: cannot cache the calibration in %s: %s", path, e)
+    if comm.rank == 0:
+        comm._store.set(key, json.dumps(cached))
+    params = Params.from_dict(json.loads(comm._store.get(key)))
+    log.info("cost model parameters (%s): shm %s, tcp %s, reduce %.1f GB/s", params.source, params.shm, params.tcp,
+             params.reduce_gbps)
+    return params

@@ -67,6 +67,8 @@ declare("SHM_SLOTS", int, 8, "Slots per shared-memory channel (chunks in flight 
 declare("SPIN", int, 0, "Polls before a waiting rank yields; 0 picks by oversubscription (ranks per core).")
 declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
         "MASTER_ADDR.")
+declare("TCP_DELAY_US", float, 0.0, "Test hook: hold every TCP message this many microseconds before sending "
+        "(emulates network latency; netem is not available everywhere).")
 declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
         "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")

@@ -73,6 +73,7 @@ void cm_ctx_free(cm_ctx *ctx);
 int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes);
 int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid);
 int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes);
+int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns);   /* test hook: emulated latency */
 void cm_ctx_abort(cm_ctx *ctx);
 int cm_ctx_pending(cm_ctx *ctx);
 int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max);   /* newest last; safe to call while another thread waits */

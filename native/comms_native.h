@@ -84,6 +84,7 @@ typedef struct cm_op {
     int started;
     int complete;
     int64_t t_post, t_done;      /* CLOCK_MONOTONIC, when the context traces (ctx->trace) */
+    int64_t t_ready;             /* tcp latency emulation: not sent before this time */
     char *ptr;
     uint64_t nbytes;
     uint64_t done;
@@ -120,6 +121,7 @@ typedef struct {
     /* tcp */
     int fd;
     int peer_closed;             /* EOF seen between messages */
+    int64_t delay_ns;            /* test hook: emulated one-way latency of every message */
     cm_hdr tx_hdr;
     size_t tx_hdr_sent;
     size_t rx_hdr_got;

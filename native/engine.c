@@ -196,6 +196,12 @@ int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes) {
     return CM_OK;
 }
 
+int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns) {
+    if (peer < 0 || peer >= ctx->size || ctx->chans[peer].type != CM_CHAN_TCP || delay_ns < 0) return CM_E_INVALID;
+    ctx->chans[peer].delay_ns = delay_ns;
+    return CM_OK;
+}
+
 int cm_ctx_pending(cm_ctx *ctx) {
     int n = 0;
     for (cm_exec *e = ctx->active; e; e = e->next_active) n += !e->done;

@@ -24,6 +24,11 @@ int cm_tcp_progress_send(cm_ctx *ctx, cm_chan *c) {
     int moved = 0;
     while (c->sendq) {
         cm_op *op = c->sendq;
+        if (!op->started && c->delay_ns) {         /* latency emulation (a test hook) */
+            int64_t now = cm_now_ns();
+            if (!op->t_ready) op->t_ready = now + c->delay_ns;
+            if (now < op->t_ready) break;
+        }
         if (!op->started) {
             c->tx_hdr = op->exec->sig;
             c->tx_hdr.nbytes = op->nbytes;
@@ -153,6 +158,9 @@ int cm_tcp_sleep(cm_ctx *ctx, int64_t timeout_ns) {
         fds[n].events = (short)(POLLIN | (c->sendq ? POLLOUT : 0));
         fds[n++].revents = 0;
     }
+    int delayed = 0;
+    for (int p = 0; p < ctx->size; p++) delayed |= ctx->chans[p].type == CM_CHAN_TCP && ctx->chans[p].delay_ns && ctx->chans[p].sendq;
+    if (delayed && timeout_ns > 1000000) timeout_ns = 1000000;   /* wake up for delayed sends */
     int ms = (int)((timeout_ns + 999999) / 1000000);
     ctx->counters[CM_CNT_SLEEPS]++;
     poll(fds, (nfds_t)n, ms);

@@ -98,3 +98,10 @@ def test_deterministic_mode_end_to_end():
     digests = {d for per_rank in out for d in per_rank.values()}
     assert len(digests) == 1, out
     assert set(out[0]) >= {"ring", "direct", "tree", "rhd", "recursive_doubling", "hierarchical"}
+
+
+def test_tcp_latency_hook_delays_every_message():
+    from workers import tcp_round_trip_us
+    env = {"COMMS_TRANSPORT": "tcp", "COMMS_TCP_DELAY_US": "3000"}
+    rtt = spawn(tcp_round_trip_us, 2, timeout=120, env=env)[0]
+    assert 6000 <= rtt < 60000, rtt        # two messages of at least 3 ms each per round trip

@@ -161,3 +161,18 @@ def deterministic_digests(rank: int, size: int, count: int) -> dict:
 def calibrated_params(rank: int, size: int) -> dict:
     with comms.init(timeout=60) as comm:
         return {"params": comm._params.as_dict(), "rules": comm._selector.table()}
+
+
+def tcp_round_trip_us(rank: int, size: int) -> float:
+    with comms.init(timeout=60) as comm:
+        x = np.zeros(2, np.float32)
+        comm.barrier()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            if rank == 0:
+                comm.send(x, 1)
+                comm.recv(x, 1)
+            else:
+                comm.recv(x, 0)
+                comm.send(x, 0)
+        return (time.perf_counter() - t0) / 20 * 1e6

@@ -96,6 +96,9 @@ class TcpTransport(Transport):
             sock.close()
             raise TransportError(f"tcp: native context rejected the socket of rank {peer} (code {rc})")
         sock.detach()                         # the engine owns and closes the fd now
+        delay = config.get("TCP_DELAY_US")
+        if delay > 0:
+            lib.cm_ctx_set_tcp_delay(self.boot.engine.ctx, peer, int(delay * 1000))
 
     def _dial(self, peer: int, addr) -> socket.socket:
         last = None

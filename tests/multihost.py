@@ -16,7 +16,8 @@ Each simulated host gets
     a private 512 MiB tmpfs on /dev/shm, the hostname ``host<i>``, and an /etc/hosts naming every
     simulated host. comms therefore sees different hosts (different IPC namespace and /dev/shm): shared
     memory inside a host, TCP between hosts;
-  - optionally a token-bucket rate limit (``tc qdisc ... tbf``) on both ends of every inter-host link.
+  - optionally a token-bucket rate limit (``tc qdisc ... tbf``) on both ends of every inter-host link,
+    and (``delay_us``) latency, emulated by comms' TCP test hook COMMS_TCP_DELAY_US (no netem here).
 
 One agent per host starts that host's ranks: ``torchrun --nnodes H --nproc-per-node M --node-rank i
 --master-addr 10.99.0.1 --master-port P`` (static rendezvous), or with ``rdzv="c10d"``
@@ -175,7 +176,7 @@ def cleanup_stale(prefix: str = PREFIX) -> list[str]:
     drx = re.compile(rf"^{re.escape(prefix)}(\d+)(?:_\d+)?\.")
     for d in Path(tempfile.gettempdir()).glob(f"{prefix}*.*"):
         m = drx.match(d.name)
-        if m and d.is_dir() and not _alive(int(m.group(1))):
+        if m and d.is_dir() and not _alive(int(m.group(1))) and ((d / "owner").exists() or not any(d.iterdir())):
             shutil.rmtree(d, ignore_errors=True)
     return stale
 
@@ -202,7 +203,8 @@ class SimulatedHosts:
     """``hosts`` simulated hosts with ``ranks_per_host`` ranks each (see the module docstring)."""
 
     def __init__(self, hosts: int = 2, ranks_per_host: int = 2, rate: str | int | float | None = None,
-                 prefix: str = PREFIX, subnet: str = SUBNET, echo: bool = False, shm_size: str = SHM_SIZE):
+                 prefix: str = PREFIX, subnet: str = SUBNET, echo: bool = False, shm_size: str = SHM_SIZE,
+                 delay_us: float | None = None):
         global _instances
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be in [1, 200], got {hosts}")
@@ -210,8 +212,8 @@ class SimulatedHosts:
             raise ValueError(f"ranks_per_host must be positive, got {ranks_per_host}")
         self.hosts, self.ranks_per_host = hosts, ranks_per_host
         self.rate = None if rate is None else parse_rate(rate)
-        self.rate_text = None if rate is None else str(rate)
         self.prefix, self.subnet, self.echo, self.shm_size = prefix, subnet, echo, shm_size
+        self.delay_us = delay_us
         with _instances_lock:
             n = _instances
             _instances += 1
@@ -222,6 +224,7 @@ class SimulatedHosts:
         self.rundir: Path | None = None
         self._procs: list[subprocess.Popen] = []
         self._created: list[str] = []
+        self.shaped: list[tuple[str, str]] = []       # (namespace, interface) of each rate-limited link end
         self._lock = threading.Lock()
 
     # -- setup / teardown ----------------------------------------------------------------------
@@ -253,13 +256,14 @@ class SimulatedHosts:
 
     def _setup(self) -> None:
         self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.base}."))
+        (self.rundir / "owner").write_text(f"{os.getpid()}\n")      # marks the directory as the harness's
         for ns in self.namespaces:
             if ns in _netns_list():
                 raise HarnessError(f"network namespace {ns} already exists")
             _run(["ip", "netns", "add", ns])
             self._created.append(ns)
             self._ip(ns, "link", "set", "lo", "up")
-        shaped: list[tuple[str, str]] = []          # (namespace, interface) at each end of each link
+        shaped: list[tuple[str, str]] = []
         if self.hosts == 2:
             self._ip(self.netns[0], "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
                      "netns", self.netns[1])
@@ -289,8 +293,8 @@ class SimulatedHosts:
         hosts_file.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
                               + "".join(f"{a} host{i}\n::ffff:{a} host{i}\n" for i, a in enumerate(self.addrs)))
         # no nameserver: glibc asks 127.0.0.1 inside the namespace, so lookups never leave it
-        (self.rundir / "resolv.conf").write_text("# simulated host (tests/multihost.py): no DNS\noptions timeout:1 attempts:1\n")
-        (self.rundir / "owner").write_text(f"{os.getpid()}\n")
+        (self.rundir / "resolv.conf").write_text("# simulated host (tests/multihost.py): no DNS\n"
+                                                 "options timeout:1 attempts:1\n")
 
     def _wait_links_up(self, timeout_s: float = 10.0) -> None:
         """Wait until every host's eth0 has carrier (veth ends come up asynchronously)."""
@@ -357,7 +361,7 @@ class SimulatedHosts:
     def link_bytes(self) -> dict[str, int]:
         """Bytes sent so far through each shaped interface ("<ns>/<dev>": root qdisc counter)."""
         out = {}
-        for ns, dev in getattr(self, "shaped", []):
+        for ns, dev in self.shaped:
             text = _run(["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev]).stdout
             m = re.search(r"Sent (\d+) bytes", text)
             out[f"{ns}/{dev}"] = int(m.group(1)) if m else 0
@@ -372,9 +376,11 @@ class SimulatedHosts:
                 "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
     def _env(self, i: int, extra: dict | None) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("TORCHELASTIC_")}
         env.update(PYTHONUNBUFFERED="1", CMH_HOST=str(i), CMH_HOSTS=str(self.hosts),
                    CMH_RANKS_PER_HOST=str(self.ranks_per_host))
+        if self.delay_us:
+            env["COMMS_TCP_DELAY_US"] = f"{self.delay_us:g}"
         env.update({k: str(v) for k, v in (extra or {}).items()})
         return env
 
@@ -382,7 +388,9 @@ class SimulatedHosts:
             fail_grace: float = 15.0) -> list[HostResult]:
         """Run ``commands[i]`` as host i's agent (in its namespaces), wait for all of them and
         return each host's result. Past ``timeout`` everything is killed (``timed_out``); after a
-        host fails, the others get ``fail_grace`` seconds."""
+        host fails, the others get ``fail_grace`` seconds. Processes an earlier run() left in the
+        hosts (daemons) are killed first. ``env`` adds to (and overrides) this process's environment,
+        from which RANK, MASTER_ADDR, COMMS_HOST_ID and the like are removed."""
         if self.rundir is None:
             raise HarnessError("SimulatedHosts.run() outside the with-block")
         if len(commands) != self.hosts:
@@ -479,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hosts", type=int, default=2)
     ap.add_argument("--ranks", type=int, default=2, help="ranks per host (torchrun --nproc-per-node)")
     ap.add_argument("--rate", default=None, help="limit every inter-host link (tc tbf), e.g. 2gbit, 200mbit")
+    ap.add_argument("--delay-us", type=float, default=None,
+                    help="latency added to every TCP message (comms' test hook COMMS_TCP_DELAY_US; no netem here)")
     ap.add_argument("--timeout", type=float, default=600, help="kill everything after S seconds (default 600)")
     ap.add_argument("--rdzv", choices=["static", "c10d"], default="static", help="torchrun rendezvous (default static)")
     ap.add_argument("--port", type=int, default=29500, help="master / rendezvous port on host0 (default 29500)")
@@ -502,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):      # SIGINT too: `&` jobs start with it ignored
         signal.signal(sig, terminate)
     try:
-        with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet) as sim:
+        with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet, delay_us=args.delay_us) as sim:
             print(f"multihost: {args.hosts} hosts x {args.ranks} ranks, namespaces {', '.join(sim.namespaces)}, "
                   f"addresses {', '.join(sim.addrs)}" + (f", links limited to {args.rate}" if args.rate else ""),
                   flush=True)
@@ -511,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results = sim.torchrun(*rest, rdzv=args.rdzv, port=args.port, timeout=args.timeout)
     except KeyboardInterrupt as e:
-        print(f"multihost: interrupted ({e or 'SIGINT'}); every host stopped and torn down", file=sys.stderr, flush=True)
+        print(f"multihost: interrupted ({e or 'SIGINT'}); every host stopped and torn down",
+              file=sys.stderr, flush=True)
         return 130
     if args.quiet:
         for r in results:

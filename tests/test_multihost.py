@@ -5,7 +5,6 @@ Needs root (network, IPC, mount and UTS namespaces, tc); skipped otherwise. CI r
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from multihost import SimulatedHosts, _netns_pids, cleanup_stale, ours, parse_rate, why_unavailable
+from multihost import SimulatedHosts, _alive, _netns_pids, cleanup_stale, ours, parse_rate, why_unavailable
 
 pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=str(why_unavailable()))
 
@@ -118,6 +117,7 @@ def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
     subprocess.run(["ip", "-n", stale, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"], check=True)
     orphan = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"], start_new_session=True)
     stale_dir = Path(tempfile.mkdtemp(prefix=f"cmh{dead.pid}."))
+    (stale_dir / "owner").write_text(f"{dead.pid}\n")
     _wait_for(lambda: orphan.pid in _netns_pids(stale))
     links = _root_links()
     try:
@@ -135,8 +135,10 @@ def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
                 live = [subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"], start_new_session=True)
                         for ns in sim.netns]
                 _wait_for(lambda: all(p.pid in _netns_pids(ns) for p, ns in zip(live, sim.netns)))
+                inside = [p for ns in sim.netns for p in _netns_pids(ns)]
                 raise RuntimeError("boom")
         assert [p.wait(10) for p in live] == [-9, -9]
+        assert not [p for p in inside if _alive(p)], "processes of the simulated hosts survived the teardown"
         assert not _mine(sim), "namespaces left behind"
         assert sim.rundir is None
         assert not any(_netns_pids(ns) for ns in sim.namespaces)

@@ -6,11 +6,13 @@ link class: shm inside a host, tcp between hosts (rdma later), plus the local re
 result as rules in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are
 data, printed by ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
 
-Calibration: the first time a host signature (CPU, cores, host layout, link classes) is seen, rank
+Calibration: the first time a host signature (CPU, cores, host layout, link classes, NICs and their
+reported speeds) is seen, rank
 0 measures ping-pong latency and bandwidth on each link class and its reduction speed, and caches
 them in ``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and the defaults
 below apply). Rank 0's parameters are published through the store so every rank prices alike and
-picks the same algorithm.
+picks the same algorithm. A link shaped below what its NIC reports (tc, a busy fabric) is not part
+of the signature: delete the cache, or set COMMS_CALIBRATE=0, after changing it.
 """
 from __future__ import annotations
 
@@ -153,8 +155,9 @@ def signature(comm) -> str:
     except OSError:
         pass
     classes = sorted(set(comm.transports.values()))
+    nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in topo.hosts[0].nics)
     return f"{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|" \
-           f"{','.join(classes)}|{platform.release()}"
+           f"{','.join(classes)}|nics {nics}|{platform.release()}"
 
 
 def _cache_path() -> str:

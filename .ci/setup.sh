@@ -11,11 +11,15 @@ VENV="${VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    # iproute2 (ip, tc) for the multi-host harness; Open MPI for the MPI column of the benchmark
     need=""
     command -v ip >/dev/null 2>&1 || need="$need iproute2"
+    command -v tc >/dev/null 2>&1 || need="$need iproute2"
     command -v gcc >/dev/null 2>&1 || need="$need gcc"
+    command -v mpirun >/dev/null 2>&1 || need="$need openmpi-bin libopenmpi-dev"
     if [ -n "$need" ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null) \
+            || echo "setup: could not install$need; the tests that need them will say so" >&2
     fi
 fi
 
@@ -25,6 +29,10 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+fi
+# mpi4py (built against the system Open MPI) for the benchmark's MPI backend, when Open MPI is there.
+if command -v mpicc >/dev/null 2>&1 && ! "$VENV/bin/python" -c "import mpi4py" 2>/dev/null; then
+    "$VENV/bin/python" -m pip install -q mpi4py >/dev/null 2>&1 || echo "setup: mpi4py did not install" >&2
 fi
 # The editable install (re)compiles native/ into comms._native; its log is shown only on failure.
 log="$(mktemp)"

@@ -1,26 +1,40 @@
 """One adapter per library, all with the same call surface, in a registry (:data:`BACKENDS`).
 
-Every backend is created inside a rank started by ``python -m comms.run`` (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT set) and offers, on contiguous torch CPU tensors, with SUM where it reduces:
+A backend is created inside a rank: comms and gloo under ``python -m comms.run`` (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT set), mpi under ``mpirun`` (mpi4py's COMM_WORLD). It offers:
 
-* ``all_reduce(buf)``, ``broadcast(buf, root)``, ``all_gather(out, inp)``,
-  ``reduce_scatter(out, inp)``, ``all_to_all(out, inp)``, ``barrier()`` -- blocking;
-* ``reduce_values(values, how)`` -- a small float64 all_reduce ("max" or "sum") used for control
-  (agreeing on iteration counts, collecting every rank's timings) outside the timed loops;
+* ``native(op, place, dtype)`` (a class method, so the driver can ask without a live library):
+  None when the library runs that op in that place (``"out"`` or ``"in"``, aliased as nccl-tests
+  does, see :mod:`bench.ops`) natively, else the reason it does not. The bench never times a copy
+  in place of a missing mode: such rows say ``n/a``;
+* ``bind(op, place, inp, out, root)``: a zero-argument callable running the op once on those
+  buffers (SUM where it reduces). It binds the library's own function with ``functools.partial``
+  wherever the signature allows, so the timed loop adds no wrapper layer that the library's users
+  would not pay;
+* ``barrier()``, ``reduce_values(values, how)`` -- a small float64 all_reduce ("max" or "sum") used
+  for control (agreeing on iteration counts, collecting every rank's timings) outside the timed loops;
 * ``algorithm(op, msg_bytes)``, ``transport()``, ``versions()`` -- what the table prints;
 * ``close()``.
 
-The timed loop calls the collective attributes directly, so a backend binds them to the library's
-own functions where the signatures already match: no wrapper layer is timed that the library's
-users would not pay.
+:class:`Spec` is one entry of ``--backends``: a library plus environment overrides applied to that
+backend's launches only (``comms@COMMS_FLIGHT_RECORDER=0``), labelled as given.
 
-Adding a backend: subclass :class:`Backend`, register it in :data:`BACKENDS`. Libraries are imported
-in the constructor, so importing this module stays cheap (the driver only needs the names).
+Adding a backend: subclass :class:`Backend`, register it in :data:`BACKENDS`, and teach the driver
+how to launch it if ``comms.run`` cannot (see ``driver.worker_command``). Libraries are imported in
+the constructor, so importing this module stays cheap (the driver only needs the names).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+import re
+import shutil
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
+
+BOTH = ("out", "in")
+_RACE = "sending and receiving one buffer at once races; the library has no send-recv-replace"
 
 
 class Backend:
@@ -28,12 +42,29 @@ class Backend:
     name = ""
     rank = 0
     size = 1
-    all_reduce: Callable
-    broadcast: Callable
-    all_gather: Callable
-    reduce_scatter: Callable
-    all_to_all: Callable
     barrier: Callable
+    #: op -> {place: reason it is not native}; an op missing here is not supported at all
+    UNSUPPORTED: dict[str, dict[str, str]] = {}
+    OPS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce",
+                            "gather", "scatter", "sendrecv")
+
+    @classmethod
+    def native(cls, op: str, place: str, dtype: str) -> str | None:
+        if op not in cls.OPS:
+            return f"{cls.name} has no {op}"
+        return cls.UNSUPPORTED.get(op, {}).get(place)
+
+    def bind(self, op: str, place: str, inp, out, root: int) -> Callable[[], object]:
+        raise NotImplementedError
+
+    def bind_op(self, op, place: str, inp, out, root: int) -> Callable[[], object]:
+        """:meth:`bind` for a :class:`bench.ops.Op` (moe needs the op's parameters)."""
+        if op.name == "moe":
+            return self.bind_moe(op, inp)
+        return self.bind(op.name, place, inp, out, root)
+
+    def bind_moe(self, op, inp) -> Callable[[], object]:
+        raise NotImplementedError(f"{self.name} has no moe")
 
     def reduce_values(self, values: Sequence[float], how: str = "max") -> list[float]:
         """Element-wise max or sum of ``values`` over all ranks (every rank gets the result)."""
@@ -57,29 +88,108 @@ class Backend:
     def close(self) -> None:
         pass
 
+    @property
+    def _next(self) -> int:
+        return (self.rank + 1) % self.size
+
+    @property
+    def _prev(self) -> int:
+        return (self.rank - 1) % self.size
+
 
 class CommsBackend(Backend):
     """comms: ``comms.init()`` from the launcher's environment."""
     name = "comms"
+    UNSUPPORTED = {
+        "all_reduce": {"out": "comms all_reduce(buf) works in place only (a copy would be timed)"},
+        "broadcast": {"out": "comms broadcast(buf, root) has one buffer"},
+        "reduce": {"out": "comms reduce(buf, root) works in place only"},
+        "all_to_all": {"in": "comms all_to_all rejects overlapping input and output"},
+        "sendrecv": {"in": _RACE},
+        "moe": {"in": "comms.moe dispatch and combine return new tensors"},
+    }
+    OPS = Backend.OPS + ("moe",)
+    MOE_DTYPES = ("float32", "float16", "bfloat16")
+
+    @classmethod
+    def native(cls, op, place, dtype):
+        if op == "moe" and dtype not in cls.MOE_DTYPES:
+            return f"comms.moe carries {', '.join(cls.MOE_DTYPES)} tokens"
+        return super().native(op, place, dtype)
 
     def __init__(self, timeout: float | None = None):
         import comms
         self._comms = comms
         self.comm = comms.init(timeout=timeout)
         self.rank, self.size = self.comm.rank, self.comm.size
-        c = self.comm
-        # comms' signatures match the surface (SUM is the default op): bind them directly
-        self.all_reduce = c.all_reduce
-        self.broadcast = c.broadcast
-        self.all_gather = c.all_gather
-        self.reduce_scatter = c.reduce_scatter
-        self.all_to_all = c.all_to_all
-        self.barrier = c.barrier
+        self.barrier = self.comm.barrier
+        self._moe: dict[tuple[int, int], object] = {}
+
+    def dispatcher(self, op):
+        """The launch's ``comms.moe.Dispatcher`` for the op's (experts, hidden); made once (collective)."""
+        key = (op.num_experts(self.size), op.hidden)
+        if key not in self._moe:
+            from comms.moe import Dispatcher
+            self._moe[key] = Dispatcher(self.comm, num_experts=key[0], hidden=key[1])
+        return self._moe[key]
+
+    def _moe_inputs(self, op, inp):
+        import torch
+        tokens = inp.numel() // op.hidden
+        x = inp.view(tokens, op.hidden)
+        idx = op.topk_idx(tokens, self.rank, self.size)
+        w = torch.full((tokens, op.topk), 1.0 / op.topk, dtype=torch.float32)
+        return x, idx, w
+
+    def bind_moe(self, op, inp):
+        d = self.dispatcher(op)
+        x, idx, w = self._moe_inputs(op, inp)
+        dispatch, combine = d.dispatch, d.combine
+
+        def moe():
+            recv = dispatch(x, idx, w)
+            combine(recv[0], recv[4])
+        return moe
+
+    def moe_round_trip(self, op, inp):
+        """(recv_x, combine(recv_x)) of one dispatch of ``inp``: what the check compares."""
+        d = self.dispatcher(op)
+        recv_x, _, _, _, handle = d.dispatch(*self._moe_inputs(op, inp))
+        return recv_x, d.combine(recv_x, handle)
+
+    def bind(self, op, place, inp, out, root):
+        c, p = self.comm, functools.partial
+        if op in ("all_reduce",):
+            return p(c.all_reduce, out)
+        if op == "broadcast":
+            return p(c.broadcast, out, root)
+        if op == "reduce":
+            return p(c.reduce, out, root)
+        if op in ("all_gather", "reduce_scatter", "all_to_all"):
+            return p(getattr(c, op), out, inp)
+        if op == "gather":
+            return p(c.gather, out if self.rank == root else None, inp, root)
+        if op == "scatter":
+            return p(c.scatter, out, inp if self.rank == root else None, root)
+        if op == "sendrecv":
+            send, recv, nxt, prv = c.send, c.recv, self._next, self._prev
+
+            def sendrecv():
+                w = send(inp, nxt, async_op=True)
+                recv(out, prv)
+                w.wait()
+            return sendrecv
+        raise ValueError(op)
 
     def _reduce_control(self, t, how: str) -> None:
         self.comm.all_reduce(t, op={"max": self._comms.MAX, "sum": self._comms.SUM}[how])
 
     def algorithm(self, op: str, msg_bytes: int) -> str:
+        if op == "sendrecv":
+            return "p2p"
+        if op == "moe":
+            hier = any(getattr(d, "hier", None) is not None for d in self._moe.values())
+            return "hierarchical" if hier else "normal"
         return self.comm.algorithm_for(op, msg_bytes)
 
     def transport(self) -> str:
@@ -90,6 +200,8 @@ class CommsBackend(Backend):
         return {"comms": getattr(self._comms, "__version__", "?")}
 
     def close(self) -> None:
+        for d in self._moe.values():
+            getattr(d, "close", lambda: None)()
         self.comm.close()
 
 
@@ -97,6 +209,13 @@ class GlooBackend(Backend):
     """torch.distributed with the gloo backend, ``init_method="env://"`` (GLOO_SOCKET_IFNAME=lo
     unless set)."""
     name = "gloo"
+    UNSUPPORTED = {
+        "all_reduce": {"out": "torch.distributed.all_reduce works in place only"},
+        "broadcast": {"out": "torch.distributed.broadcast has one buffer"},
+        "reduce": {"out": "torch.distributed.reduce works in place only"},
+        "all_to_all": {"in": "gloo all_to_all_single(buf, buf) gives wrong results (checked with torch 2.13)"},
+        "sendrecv": {"in": _RACE},
+    }
 
     def __init__(self, timeout: float | None = None):
         import datetime
@@ -108,15 +227,38 @@ class GlooBackend(Backend):
         dist.init_process_group("gloo", init_method="env://", **kw)
         self._dist, self._torch = dist, torch
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.all_reduce = dist.all_reduce
         self.barrier = dist.barrier
-        self.all_to_all = dist.all_to_all_single
         # newer torch renames the *_tensor collectives to *_single and deprecates the old names
-        self.all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        self.reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-    def broadcast(self, buf, root: int = 0) -> None:
-        self._dist.broadcast(buf, src=root)
+    def bind(self, op, place, inp, out, root):
+        d, p, n = self._dist, functools.partial, self.size
+        if op == "all_reduce":
+            return p(d.all_reduce, out)
+        if op == "broadcast":
+            return p(d.broadcast, out, root)
+        if op == "reduce":
+            return p(d.reduce, out, root)
+        if op == "all_gather":
+            return p(self._all_gather, out, inp)
+        if op == "reduce_scatter":
+            return p(self._reduce_scatter, out, inp)
+        if op == "all_to_all":
+            return p(d.all_to_all_single, out, inp)
+        if op == "gather":   # the list of views is made here, outside the timed loop
+            return p(d.gather, inp, list(out.chunk(n)) if self.rank == root else None, root)
+        if op == "scatter":
+            return p(d.scatter, out, list(inp.chunk(n)) if self.rank == root else None, root)
+        if op == "sendrecv":
+            isend, recv, nxt, prv = d.isend, d.recv, self._next, self._prev
+
+            def sendrecv():
+                w = isend(inp, nxt)
+                recv(out, prv)
+                w.wait()
+            return sendrecv
+        raise ValueError(op)
 
     def _reduce_control(self, t, how: str) -> None:
         op = {"max": self._dist.ReduceOp.MAX, "sum": self._dist.ReduceOp.SUM}[how]
@@ -136,7 +278,137 @@ class GlooBackend(Backend):
             self._dist.destroy_process_group()
 
 
-BACKENDS: dict[str, type[Backend]] = {"comms": CommsBackend, "gloo": GlooBackend}
+_HALF = ("float16", "bfloat16")
+
+
+class MpiBackend(Backend):
+    """MPI through mpi4py (``MPI.COMM_WORLD``), started by ``mpirun``; buffers are numpy views of
+    the torch tensors (made outside the timed loop; float16 and bfloat16 travel as int16, since
+    MPI has no such types). mpi4py initialises MPI with ``MPI_THREAD_SINGLE``: the bench is
+    single-threaded, and a higher thread level only adds locking."""
+    name = "mpi"
+    UNSUPPORTED = {
+        "broadcast": {"out": "MPI_Bcast has one buffer"},
+        "reduce_scatter": {"in": "MPI's in-place reduce_scatter leaves the result at the start of the buffer, "
+                                 "not at the rank's block as nccl-tests' in place does"},
+    }
+    REDUCING = ("all_reduce", "reduce", "reduce_scatter")
+
+    @classmethod
+    def native(cls, op, place, dtype):
+        if op in cls.REDUCING and dtype in _HALF:
+            return f"MPI has no {dtype} reduction"
+        return super().native(op, place, dtype)
+
+    def __init__(self, timeout: float | None = None):
+        import mpi4py
+        mpi4py.rc.thread_level = "single"
+        from mpi4py import MPI
+        self._mpi4py, self.MPI = mpi4py, MPI
+        self.comm = MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.barrier = self.comm.Barrier
+
+    @staticmethod
+    def _np(t):
+        import torch
+        if t is None:
+            return None
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.view(torch.int16)
+        return t.numpy()
+
+    def bind(self, op, place, inp, out, root):
+        c, p, IN_PLACE = self.comm, functools.partial, self.MPI.IN_PLACE
+        i, o = self._np(inp), self._np(out)
+        inplace, at_root = place == "in", self.rank == root
+        if op == "all_reduce":
+            return p(c.Allreduce, IN_PLACE, o) if inplace else p(c.Allreduce, i, o)
+        if op == "broadcast":
+            return p(c.Bcast, o, root)
+        if op == "reduce":
+            if inplace:
+                return p(c.Reduce, IN_PLACE if at_root else o, o if at_root else None, self.MPI.SUM, root)
+            return p(c.Reduce, i, o if at_root else None, self.MPI.SUM, root)
+        if op == "all_gather":
+            return p(c.Allgather, IN_PLACE if inplace else i, o)
+        if op == "reduce_scatter":
+            return p(c.Reduce_scatter_block, i, o)
+        if op == "all_to_all":
+            return p(c.Alltoall, IN_PLACE if inplace else i, o)
+        if op == "gather":
+            if at_root:
+                return p(c.Gather, IN_PLACE if inplace else i, o, root)
+            return p(c.Gather, i, None, root)
+        if op == "scatter":
+            if at_root:
+                return p(c.Scatter, i, IN_PLACE if inplace else o, root)
+            return p(c.Scatter, None, o, root)
+        if op == "sendrecv":
+            if inplace:
+                return p(c.Sendrecv_replace, o, self._next, 0, self._prev, 0)
+            return p(c.Sendrecv, i, self._next, 0, o, self._prev, 0)
+        raise ValueError(op)
+
+    def _reduce_control(self, t, how: str) -> None:
+        op = {"max": self.MPI.MAX, "sum": self.MPI.SUM}[how]
+        self.comm.Allreduce(self.MPI.IN_PLACE, t.numpy(), op=op)
+
+    def transport(self) -> str:
+        """What the launch asked Open MPI for: the BTLs other than self, shared memory shown as shm."""
+        pml, btl = os.environ.get("OMPI_MCA_pml", ""), os.environ.get("OMPI_MCA_btl", "")
+        if pml in ("", "ob1") and btl and not btl.startswith("^"):
+            kinds = [{"vader": "shm", "sm": "shm"}.get(b, b) for b in btl.split(",") if b != "self"]
+            if kinds:
+                return "+".join(dict.fromkeys(kinds))
+        return f"pml:{pml}" if pml else "default"
+
+    def versions(self) -> dict[str, str]:
+        lib = self.MPI.Get_library_version().replace("\x00", "").strip()
+        return {"mpi": lib.split(",")[0].strip(),
+                "mpi4py": self._mpi4py.__version__}
+
+
+BACKENDS: dict[str, type[Backend]] = {"comms": CommsBackend, "gloo": GlooBackend, "mpi": MpiBackend}
+DEFAULT_BACKENDS = ("comms", "gloo", "mpi")      # mpi is skipped with a note when it is not installed
+MPI_MISSING = "mpi: Open MPI / mpi4py not installed (run with --install-mpi as root)"
+
+
+def mpi_missing(env: dict[str, str] | None = None) -> str | None:
+    """None when ``mpirun`` is on the PATH of ``env`` (default: this process's) and mpi4py is
+    importable by this Python; else what is missing."""
+    env = os.environ if env is None else env
+    gone = []
+    if shutil.which("mpirun", path=env.get("PATH", "")) is None:
+        gone.append("mpirun is not on PATH")
+    if importlib.util.find_spec("mpi4py") is None:
+        gone.append("mpi4py is not importable")
+    return "; ".join(gone) or None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One ``--backends`` entry: ``label`` as given, the library ``base``, and ``env`` overrides for
+    that backend's launches (``comms@COMMS_FLIGHT_RECORDER=0@COMMS_SPIN=0``)."""
+    label: str
+    base: str
+    env: dict[str, str] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def parse(cls, text: str) -> "Spec":
+        parts = text.strip().split("@")
+        base, env = parts[0].strip(), {}
+        if base not in BACKENDS:
+            raise ValueError(f"unknown backend {base!r} in {text!r}; known: {', '.join(BACKENDS)}")
+        for item in parts[1:]:
+            name, eq, value = item.partition("=")
+            if not eq or not _ENV_NAME.match(name):
+                raise ValueError(f"{text!r}: {item!r} is not NAME=VALUE (write backend@NAME=VALUE[@NAME=VALUE...])")
+            env[name] = value
+        return cls(text.strip(), base, env)
 
 
 def make(name: str, timeout: float | None = None) -> Backend:

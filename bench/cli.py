@@ -1,9 +1,10 @@
 """Command line of ``python -m bench``: nccl-tests flags plus the launch options.
 
 nccl-tests flags kept with their meaning: ``-b/--minbytes``, ``-e/--maxbytes``, ``-f/--stepfactor``,
-``-i/--stepbytes``, ``-n/--iters``, ``-w/--warmup_iters``, ``-c/--check``, ``-o/--op``, ``-d/--dtype``.
-Added: ``-np`` (ranks), ``--launches``, ``--backends``, ``--json``, ``--timeout``, ``--target-time``,
-``--batch``, ``-v``.
+``-i/--stepbytes``, ``-n/--iters``, ``-w/--warmup_iters``, ``-c/--check``, ``-o/--op``, ``-d/--dtype``,
+``-r/--root``. Added: ``--ops`` (several ops), ``--place``, ``-np`` (ranks), ``--launches``,
+``--backends`` (with ``backend@NAME=VALUE`` variants), ``--compare``, ``--json``, ``--plot``,
+``--install-mpi``, ``--timeout``, ``--target-time``, ``--batch``, ``-v``.
 
 Sizes take binary suffixes (``64K``, ``1M``, ``2G``). The sweep is nccl-tests': start at minbytes,
 multiply by stepfactor (or add stepbytes when ``-i`` is given), stop after maxbytes.
@@ -68,13 +69,33 @@ def _check_flag(text: str) -> int:
     return int(text)
 
 
-def _backend_list(text: str) -> list[str]:
-    names = [b.strip() for b in text.split(",") if b.strip()]
-    unknown = [b for b in names if b not in backends.BACKENDS]
+def _backend_list(text: str) -> list[backends.Spec]:
+    try:
+        specs = [backends.Spec.parse(b) for b in text.split(",") if b.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not specs:
+        raise argparse.ArgumentTypeError(f"no backend given; known: {', '.join(backends.BACKENDS)}")
+    return list({s.label: s for s in specs}.values())
+
+
+OP_CHOICES = list(ops.OPS) + [ops.MOE]
+
+
+def _op_list(text: str) -> list[str]:
+    names = [o.strip() for o in text.split(",") if o.strip()]
+    unknown = [o for o in names if o not in OP_CHOICES]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {', '.join(unknown) or '(none)'}; known: {', '.join(backends.BACKENDS)}")
+            f"unknown op(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(OP_CHOICES)}")
     return list(dict.fromkeys(names))
+
+
+def _label_pair(text: str) -> list[str]:
+    names = [b.strip() for b in text.split(",")]
+    if len(names) != 2 or not all(names):
+        raise argparse.ArgumentTypeError("give two backend labels: A,B")
+    return names
 
 
 def _dtype(text: str) -> str:
@@ -103,12 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--nranks", dest="np", type=int, default=2, help="number of ranks (default 2)")
     p.add_argument("--launches", type=int, default=3,
                    help="fresh launches per backend; the table shows their median, min, max (default 3)")
-    p.add_argument("--backends", type=_backend_list, default=list(backends.BACKENDS),
-                   help=f"comma-separated (default {','.join(backends.BACKENDS)})")
-    p.add_argument("-o", "--op", choices=list(ops.OPS), default="all_reduce", help="collective (default all_reduce)")
+    p.add_argument("--backends", type=_backend_list, default=None,
+                   help=f"comma-separated, each LIB or LIB@NAME=VALUE[@NAME=VALUE...] (environment for that "
+                        f"backend's launches only); LIB is one of {', '.join(backends.BACKENDS)} (default "
+                        f"{','.join(backends.DEFAULT_BACKENDS)}; mpi is skipped with a note when not installed)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("-o", "--op", dest="op", choices=OP_CHOICES, default=None, metavar="OP",
+                       help="one op (default all_reduce); the same names as --ops")
+    which.add_argument("--ops", dest="ops", type=_op_list, metavar="OP,OP,...",
+                       help=f"several collectives, one table each: {', '.join(OP_CHOICES)}")
+    p.add_argument("-r", "--root", type=int, default=0,
+                   help="root rank of broadcast, reduce, gather, scatter (default 0)")
+    p.add_argument("--moe-experts", type=int, default=0,
+                   help="moe: experts over all ranks, a multiple of -np (default 4 per rank)")
+    p.add_argument("--moe-topk", type=int, default=4, help="moe: experts per token (default 4)")
+    p.add_argument("--moe-hidden", type=int, default=1024,
+                   help="moe: elements per token (default 1024); moe sizes are one rank's tokens")
+    p.add_argument("--place", choices=["both", "out", "in"], default="both",
+                   help="out-of-place, in-place or both (default both; nccl-tests runs both)")
+    p.add_argument("--compare", type=_label_pair, default=None, metavar="A,B",
+                   help="footer comparing two --backends labels per size (default: the first two entries "
+                        "that share a library, e.g. comms and comms@COMMS_FLIGHT_RECORDER=0)")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="draw busbw against size (needs matplotlib)")
+    p.add_argument("--install-mpi", action="store_true",
+                   help="as root: apt-get install openmpi-bin libopenmpi-dev, pip install mpi4py into this "
+                        "Python's environment, then run")
     p.add_argument("-d", "--dtype", type=_dtype, default="float32",
                    help=f"element type: {', '.join(ops.DTYPES)} (nccl names too; default float32)")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write every row and launch to FILE")
+    p.add_argument("--json", metavar="FILE", default=None,
+                   help="also write the options, machine, rows and launches to FILE (schema: bench/schema.json)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"seconds before a launch is killed (default {DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--target-time", type=float, default=DEFAULT_TARGET_S,
@@ -136,6 +180,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("-w/--warmup must not be negative")
     if ns.timeout <= 0 or ns.target_time <= 0:
         p.error("--timeout and --target-time must be positive")
+    ns.ops = ns.ops or [ns.op or "all_reduce"]
+    ns.op = ns.ops[0]
+    ns.backends = ns.backends or [backends.Spec.parse(b) for b in backends.DEFAULT_BACKENDS]
+    ns.places = list(ops.PLACES) if ns.place == "both" else [ns.place]
+    if not 0 <= ns.root < ns.np:
+        p.error(f"-r/--root {ns.root} is not a rank of {ns.np}")
+    small = [o for o in ns.ops if o in ops.OPS and ns.np < ops.OPS[o].min_ranks]
+    if small:
+        p.error(f"{', '.join(small)} needs at least {ops.OPS[small[0]].min_ranks} ranks (-np)")
+    ns.moe = {"experts": ns.moe_experts, "topk": ns.moe_topk, "hidden": ns.moe_hidden}
+    if ops.MOE in ns.ops:
+        experts = ns.moe_experts or 4 * ns.np
+        if ns.moe_hidden < 1 or experts % ns.np or not 1 <= ns.moe_topk <= experts:
+            p.error(f"moe needs --moe-hidden >= 1, --moe-experts a multiple of -np ({ns.np}) and "
+                    f"1 <= --moe-topk <= experts ({experts})")
+    labels = [b.label for b in ns.backends]
+    if ns.compare and any(c not in labels for c in ns.compare):
+        p.error(f"--compare {','.join(ns.compare)}: both must be --backends labels ({', '.join(labels)})")
     try:
         ns.sizes = size_sweep(ns.minbytes, ns.maxbytes, ns.stepfactor, ns.stepbytes)
     except ValueError as e:

@@ -3,38 +3,55 @@
 An op knows:
 
 * its buffer :class:`Layout` for a requested size (nccl-tests convention: ``size`` is the bytes of
-  the larger buffer -- all_gather's output, reduce_scatter's input, all_to_all's whole send buffer
+  the larger buffer -- all_gather's and gather's output, reduce_scatter's and scatter's input,
+  all_to_all's whole send buffer, the buffer itself for all_reduce, broadcast, reduce and sendrecv
   -- rounded down so that every rank's block is whole; ``count`` is that buffer's elements);
+* each rank's :class:`Buffers` out of place and in place (:meth:`Op.buffers`; in place aliases the
+  buffers as nccl-tests does: one buffer for all_reduce, broadcast, reduce, all_to_all, sendrecv;
+  the input is the rank's block of the output for all_gather and the gather root; the output is
+  the rank's block of the input for reduce_scatter and the scatter root);
 * its nccl-tests bus-bandwidth factor and the message size the comms selector sees;
-* how to call it on a backend (:meth:`Op.bind`, which returns a zero-argument callable for the
-  timed loop), and exact check data (:meth:`Op.check_buffers`, :meth:`Op.expected`).
+* exact check data (:meth:`Op.check_input`, :meth:`Op.expected`).
+
+How a library runs the op on those buffers is the backend's business (:meth:`bench.backends.Backend.bind`).
 
 Check data are small integers, so sums are exact in every supported dtype: rank ``r`` holds
 ``((i + 3 r) mod m) + 1`` at global element ``i``, with ``m`` small enough that a sum over all ranks
 is still exactly representable. A block landing at the wrong offset, a rank counted twice or missed
-all change the result.
+all change the result; every expected value is at least 1, so an element never written (left 0)
+is wrong too.
 
-Adding an op: subclass :class:`Op`, fill in the five methods, add it to :data:`OPS`, and give each
-backend in :mod:`bench.backends` a method of the same name.
+Adding an op: subclass :class:`Op`, fill in its methods, add it to :data:`OPS`, and teach each
+backend in :mod:`bench.backends` to bind it (or to say why it cannot).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Callable
 
-import torch
 
-# canonical name -> (torch dtype, nccl-tests name, largest integer k such that 0..k are all exact)
-DTYPES: dict[str, tuple[torch.dtype, str, int]] = {
-    "float32": (torch.float32, "float", 1 << 24),
-    "float64": (torch.float64, "double", 1 << 53),
-    "float16": (torch.float16, "half", 2048),
-    "bfloat16": (torch.bfloat16, "bfloat16", 256),
-    "int32": (torch.int32, "int32", (1 << 31) - 1),
-    "int64": (torch.int64, "int64", (1 << 63) - 1),
-    "int8": (torch.int8, "int8", 127),
-    "uint8": (torch.uint8, "uint8", 255),
+class _LazyTorch:
+    """torch, imported on first use: the driver needs only sizes and names, and importing torch
+    costs about 1.5 s of CPU per process."""
+
+    def __getattr__(self, name):
+        import torch as real
+        globals()["torch"] = real
+        return getattr(real, name)
+
+
+torch = _LazyTorch()
+
+# canonical name (also torch's attribute) -> (nccl-tests name, largest integer k such that 0..k are
+# all exact, bytes per element)
+DTYPES: dict[str, tuple[str, int, int]] = {
+    "float32": ("float", 1 << 24, 4),
+    "float64": ("double", 1 << 53, 8),
+    "float16": ("half", 2048, 2),
+    "bfloat16": ("bfloat16", 256, 2),
+    "int32": ("int32", (1 << 31) - 1, 4),
+    "int64": ("int64", (1 << 63) - 1, 8),
+    "int8": ("int8", 127, 1),
+    "uint8": ("uint8", 255, 1),
 }
 _ALIASES = {"float": "float32", "fp32": "float32", "double": "float64", "fp64": "float64", "half": "float16",
             "fp16": "float16", "bf16": "bfloat16", "int": "int32", "long": "int64", "char": "int8"}
@@ -49,20 +66,20 @@ def canonical_dtype(name: str) -> str:
     return key
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[canonical_dtype(name)][0]
+def torch_dtype(name: str) -> "torch.dtype":
+    return getattr(torch, canonical_dtype(name))
 
 
 def nccl_name(name: str) -> str:
-    return DTYPES[canonical_dtype(name)][1]
+    return DTYPES[canonical_dtype(name)][0]
 
 
 def elem_size(name: str) -> int:
-    return torch.empty((), dtype=torch_dtype(name)).element_size()
+    return DTYPES[canonical_dtype(name)][2]
 
 
 def _period(nranks: int, dtype: str) -> int:
-    return max(1, min(_PERIOD, DTYPES[dtype][2] // max(nranks, 1) - 1))
+    return max(1, min(_PERIOD, DTYPES[dtype][1] // max(nranks, 1) - 1))
 
 
 def _tile(period: torch.Tensor, count: int) -> torch.Tensor:
@@ -78,20 +95,20 @@ def _period_i64(rank: int, nranks: int, dtype: str, start: int) -> torch.Tensor:
 
 def pattern(count: int, rank: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
     """Rank ``rank``'s check data for global elements ``start .. start+count-1`` (see module doc)."""
-    return _tile(_period_i64(rank, nranks, dtype, start).to(DTYPES[dtype][0]), count)
+    return _tile(_period_i64(rank, nranks, dtype, start).to(torch_dtype(dtype)), count)
 
 
 def pattern_sum(count: int, nranks: int, dtype: str, start: int = 0) -> torch.Tensor:
     """The exact SUM over all ranks of :func:`pattern`, in ``dtype``."""
     acc = sum(_period_i64(r, nranks, dtype, start) for r in range(nranks))
-    return _tile(acc.to(DTYPES[dtype][0]), count)
+    return _tile(acc.to(torch_dtype(dtype)), count)
 
 
 @dataclass(frozen=True)
 class Layout:
     """Buffers of one size. ``nbytes``/``count``: the reported size (see module doc);
-    ``in_count``/``out_count``: elements of each rank's input and output; ``block``: elements per
-    rank block (``count`` for all_reduce and broadcast)."""
+    ``in_count``/``out_count``: the largest input and output any rank has (the root's, for gather
+    and scatter); ``block``: elements per rank block (``count`` for single-buffer ops)."""
     nbytes: int
     count: int
     in_count: int
@@ -99,12 +116,30 @@ class Layout:
     block: int
 
 
+@dataclass(frozen=True)
+class Buffers:
+    """One rank's buffers for one (size, place). ``view``: None when input and output are separate
+    buffers; ``"in"`` when the input is a view of the output at element ``offset`` (in place:
+    all_reduce-like ops with offset 0, all_gather, the gather root); ``"out"`` when the output is a
+    view of the input (reduce_scatter, the scatter root)."""
+    in_count: int
+    out_count: int
+    view: str | None = None
+    offset: int = 0
+
+
+MOE = "moe"                     # timed through comms.moe.Dispatcher when that is importable
+PLACES = ("out", "in")          # nccl-tests order: out-of-place first, then in-place
+PLACE_NAMES = {"out": "out-of-place", "in": "in-place"}
+
+
 class Op:
     """Base class: one collective. Subclasses set the class attributes and the methods."""
     name = ""
     redop = "sum"          # as printed in the table; "none" for data movement
-    root = -1              # as printed in the table
-    inplace = False        # True: input and output are the same buffer
+    rooted = False         # True: the table's root column shows -r/--root, else -1
+    root_result = False    # True: only the root has a result (reduce, gather)
+    min_ranks = 1
 
     def layout(self, nbytes: int, nranks: int, es: int) -> Layout | None:
         """Buffers for a requested ``nbytes``; None when that is less than one element per block."""
@@ -114,21 +149,27 @@ class Op:
         """busbw = algbw x this (nccl-tests' factors)."""
         raise NotImplementedError
 
+    def bus_factor_for(self, lay: Layout, nranks: int) -> float:
+        """The factor for one size (the same for every size except for moe)."""
+        return self.bus_factor(nranks)
+
     def msg_bytes(self, lay: Layout, nranks: int, es: int) -> int:
-        """The size comms' selector keys on (comms.selector): the per-rank buffer for all_reduce and
-        broadcast, the bytes a rank sends otherwise."""
+        """The size comms' selector keys on (comms.selector): the per-rank buffer for all_reduce,
+        broadcast and reduce, the bytes a rank sends for all_gather, reduce_scatter, all_to_all, one
+        block for gather and scatter."""
         return lay.block * es * (nranks - 1)
 
-    def bind(self, backend, inp: torch.Tensor, out: torch.Tensor) -> Callable[[], object]:
-        """A zero-argument callable running this op once on these buffers."""
+    def buffers(self, lay: Layout, rank: int, nranks: int, root: int, place: str) -> Buffers:
+        """This rank's buffers; in place (``place == "in"``) they alias as in nccl-tests."""
         raise NotImplementedError
 
-    def check_buffers(self, lay: Layout, rank: int, nranks: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (input, output) holding this rank's check data (the same tensor when in place)."""
+    def check_input(self, lay: Layout, rank: int, nranks: int, root: int, dtype: str) -> torch.Tensor:
+        """This rank's exact input (``buffers(...).in_count`` elements)."""
         raise NotImplementedError
 
-    def expected(self, lay: Layout, rank: int, nranks: int, dtype: str) -> torch.Tensor:
-        """What this rank's output must hold after the op ran on :meth:`check_buffers`."""
+    def expected(self, lay: Layout, rank: int, nranks: int, root: int, dtype: str) -> torch.Tensor | None:
+        """What this rank's output must hold after the op ran on :meth:`check_input`; None when the
+        rank has no result (gather and reduce off the root)."""
         raise NotImplementedError
 
     def _blocked(self, nbytes: int, nranks: int, es: int, in_blocks: int, out_blocks: int) -> Layout | None:
@@ -138,13 +179,16 @@ class Op:
         big = block * nranks
         return Layout(big * es, big, block * in_blocks, block * out_blocks, block)
 
-
-class AllReduce(Op):
-    name, inplace = "all_reduce", True
-
-    def layout(self, nbytes, nranks, es):
+    def _single(self, nbytes: int, es: int) -> Layout | None:
         count = nbytes // es
         return Layout(count * es, count, count, count, count) if count else None
+
+
+class AllReduce(Op):
+    name = "all_reduce"
+
+    def layout(self, nbytes, nranks, es):
+        return self._single(nbytes, es)
 
     def bus_factor(self, nranks):
         return 2.0 * (nranks - 1) / nranks
@@ -152,28 +196,46 @@ class AllReduce(Op):
     def msg_bytes(self, lay, nranks, es):
         return lay.count * es
 
-    def bind(self, backend, inp, out):
-        return functools.partial(backend.all_reduce, out)
+    def buffers(self, lay, rank, nranks, root, place):
+        return Buffers(lay.count, lay.count, "in" if place == "in" else None)
 
-    def check_buffers(self, lay, rank, nranks, dtype):
-        buf = pattern(lay.count, rank, nranks, dtype)
-        return buf, buf
+    def check_input(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.count, rank, nranks, dtype)
 
-    def expected(self, lay, rank, nranks, dtype):
+    def expected(self, lay, rank, nranks, root, dtype):
         return pattern_sum(lay.count, nranks, dtype)
 
 
 class Broadcast(AllReduce):
-    name, redop, root = "broadcast", "none", 0
+    name, redop, rooted = "broadcast", "none", True
 
     def bus_factor(self, nranks):
         return 1.0
 
-    def bind(self, backend, inp, out):
-        return functools.partial(backend.broadcast, out, self.root)
+    def expected(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.count, root, nranks, dtype)
 
-    def expected(self, lay, rank, nranks, dtype):
-        return pattern(lay.count, self.root, nranks, dtype)
+
+class Reduce(AllReduce):
+    name, rooted, root_result = "reduce", True, True
+
+    def bus_factor(self, nranks):
+        return 1.0
+
+    def expected(self, lay, rank, nranks, root, dtype):
+        return pattern_sum(lay.count, nranks, dtype) if rank == root else None
+
+
+class SendRecv(AllReduce):
+    """Ring-neighbour exchange: rank r sends its buffer to r+1 and receives r-1's (nccl-tests'
+    sendrecv)."""
+    name, redop, min_ranks = "sendrecv", "none", 2
+
+    def bus_factor(self, nranks):
+        return 1.0
+
+    def expected(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.count, (rank - 1) % nranks, nranks, dtype)
 
 
 class AllGather(Op):
@@ -185,15 +247,33 @@ class AllGather(Op):
     def bus_factor(self, nranks):
         return (nranks - 1) / nranks
 
-    def bind(self, backend, inp, out):
-        return functools.partial(backend.all_gather, out, inp)
+    def buffers(self, lay, rank, nranks, root, place):
+        if place == "in":
+            return Buffers(lay.block, lay.out_count, "in", rank * lay.block)
+        return Buffers(lay.block, lay.out_count)
 
-    def check_buffers(self, lay, rank, nranks, dtype):
-        inp = pattern(lay.block, rank, nranks, dtype, start=rank * lay.block)
-        return inp, torch.zeros(lay.out_count, dtype=torch_dtype(dtype))
+    def check_input(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.block, rank, nranks, dtype, start=rank * lay.block)
 
-    def expected(self, lay, rank, nranks, dtype):
+    def expected(self, lay, rank, nranks, root, dtype):
         return torch.cat([pattern(lay.block, r, nranks, dtype, start=r * lay.block) for r in range(nranks)])
+
+
+class Gather(AllGather):
+    name, rooted, root_result = "gather", True, True
+
+    def msg_bytes(self, lay, nranks, es):
+        return lay.block * es
+
+    def buffers(self, lay, rank, nranks, root, place):
+        if rank != root:
+            return Buffers(lay.block, 0)
+        if place == "in":
+            return Buffers(lay.block, lay.out_count, "in", root * lay.block)
+        return Buffers(lay.block, lay.out_count)
+
+    def expected(self, lay, rank, nranks, root, dtype):
+        return super().expected(lay, rank, nranks, root, dtype) if rank == root else None
 
 
 class ReduceScatter(Op):
@@ -205,15 +285,44 @@ class ReduceScatter(Op):
     def bus_factor(self, nranks):
         return (nranks - 1) / nranks
 
-    def bind(self, backend, inp, out):
-        return functools.partial(backend.reduce_scatter, out, inp)
+    def buffers(self, lay, rank, nranks, root, place):
+        if place == "in":
+            return Buffers(lay.in_count, lay.block, "out", rank * lay.block)
+        return Buffers(lay.in_count, lay.block)
 
-    def check_buffers(self, lay, rank, nranks, dtype):
-        inp = pattern(lay.in_count, rank, nranks, dtype)
-        return inp, torch.zeros(lay.out_count, dtype=torch_dtype(dtype))
+    def check_input(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.in_count, rank, nranks, dtype)
 
-    def expected(self, lay, rank, nranks, dtype):
+    def expected(self, lay, rank, nranks, root, dtype):
         return pattern_sum(lay.block, nranks, dtype, start=rank * lay.block)
+
+
+class Scatter(Op):
+    name, redop, rooted = "scatter", "none", True
+
+    def layout(self, nbytes, nranks, es):
+        return self._blocked(nbytes, nranks, es, nranks, 1)
+
+    def bus_factor(self, nranks):
+        return (nranks - 1) / nranks
+
+    def msg_bytes(self, lay, nranks, es):
+        return lay.block * es
+
+    def buffers(self, lay, rank, nranks, root, place):
+        if rank != root:
+            return Buffers(0, lay.block)
+        if place == "in":
+            return Buffers(lay.in_count, lay.block, "out", root * lay.block)
+        return Buffers(lay.in_count, lay.block)
+
+    def check_input(self, lay, rank, nranks, root, dtype):
+        if rank != root:
+            return torch.zeros(0, dtype=torch_dtype(dtype))
+        return pattern(lay.in_count, root, nranks, dtype)
+
+    def expected(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.block, root, nranks, dtype, start=rank * lay.block)
 
 
 class AllToAll(Op):
@@ -225,16 +334,120 @@ class AllToAll(Op):
     def bus_factor(self, nranks):
         return (nranks - 1) / nranks
 
-    def bind(self, backend, inp, out):
-        return functools.partial(backend.all_to_all, out, inp)
+    def buffers(self, lay, rank, nranks, root, place):
+        return Buffers(lay.in_count, lay.out_count, "in" if place == "in" else None)
 
-    def check_buffers(self, lay, rank, nranks, dtype):
-        inp = pattern(lay.in_count, rank, nranks, dtype)
-        return inp, torch.zeros(lay.out_count, dtype=torch_dtype(dtype))
+    def check_input(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.in_count, rank, nranks, dtype)
 
-    def expected(self, lay, rank, nranks, dtype):
+    def expected(self, lay, rank, nranks, root, dtype):
         # block p of rank q's output is block q of rank p's input
         return torch.cat([pattern(lay.block, p, nranks, dtype, start=rank * lay.block) for p in range(nranks)])
 
 
-OPS: dict[str, Op] = {op.name: op for op in (AllReduce(), AllGather(), ReduceScatter(), AllToAll(), Broadcast())}
+class MoE(Op):
+    """Expert-parallel dispatch then combine (:class:`comms.moe.Dispatcher`), timed as one round
+    trip. Each rank has ``T`` tokens of ``hidden`` elements; ``size`` is the bytes of one rank's
+    tokens (``T x hidden x element size``; sizes below one token are dropped). Token ``t`` of rank
+    ``r`` selects the ``topk`` consecutive experts from ``(5 t + 3 r) mod E`` (distinct, weight
+    1/topk), so routing is deterministic and the check exact: ``recv_x`` must hold every source's
+    rows for this rank (by source rank, then token) and ``combine(recv_x)`` must equal ``x`` times
+    the number of ranks each token went to. busbw counts the bytes a rank sends to other ranks in
+    both phases (averaged over ranks) per second, as all_to_all's busbw does."""
+    name, redop = MOE, "none"
+    FLOAT = ("float32", "float16", "bfloat16")
+
+    def __init__(self, experts: int = 0, topk: int = 4, hidden: int = 1024):
+        self.experts, self.topk, self.hidden = experts, topk, hidden
+
+    def num_experts(self, nranks: int) -> int:
+        return self.experts or 4 * nranks
+
+    def layout(self, nbytes, nranks, es):
+        tokens = nbytes // es // self.hidden
+        if tokens == 0:
+            return None
+        count = tokens * self.hidden
+        return Layout(count * es, count, count, count, tokens)
+
+    def topk_idx(self, tokens: int, rank: int, nranks: int) -> torch.Tensor:
+        e = self.num_experts(nranks)
+        start = (5 * torch.arange(tokens, dtype=torch.int64) + 3 * rank) % e
+        return (start[:, None] + torch.arange(self.topk, dtype=torch.int64)[None, :]) % e
+
+    def destinations(self, tokens: int, rank: int, nranks: int) -> torch.Tensor:
+        """[tokens, nranks] bool: token t of ``rank`` goes to rank p."""
+        epr = self.num_experts(nranks) // nranks
+        owner = self.topk_idx(tokens, rank, nranks) // epr
+        dest = torch.zeros(tokens, nranks, dtype=torch.bool)
+        dest.scatter_(1, owner, True)
+        return dest
+
+    def bus_factor(self, nranks):
+        return 2.0 * (nranks - 1) / nranks        # a nominal figure; see bus_factor_for
+
+    def bus_factor_for(self, lay: Layout, nranks: int) -> float:
+        off = 0
+        for r in range(nranks):
+            d = self.destinations(lay.block, r, nranks)
+            off += int(d.sum()) - int(d[:, r].sum())
+        return 2.0 * off / (nranks * lay.block)
+
+    def msg_bytes(self, lay, nranks, es):
+        return lay.nbytes
+
+    def buffers(self, lay, rank, nranks, root, place):
+        return Buffers(lay.count, 0)
+
+    def check_input(self, lay, rank, nranks, root, dtype):
+        return pattern(lay.count, rank, nranks, dtype)
+
+    def expected(self, lay, rank, nranks, root, dtype):
+        ndest = self.destinations(lay.block, rank, nranks).sum(1, keepdim=True)
+        x = self.check_input(lay, rank, nranks, root, dtype).view(lay.block, self.hidden)
+        return (x.to(torch.float64) * ndest).to(x.dtype).view(-1)
+
+    def expected_recv(self, lay, rank, nranks, dtype) -> torch.Tensor:
+        rows = []
+        for s in range(nranks):
+            xs = pattern(lay.count, s, nranks, dtype).view(lay.block, self.hidden)
+            rows.append(xs[self.destinations(lay.block, s, nranks)[:, rank]])
+        return torch.cat(rows)
+
+
+def make_buffers(spec: Buffers, dtype: "torch.dtype", fill: "torch.Tensor | None" = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) tensors for ``spec``, aliased as it says. Zeros, except that the input
+    holds ``fill`` when given (written through the view when the input is part of the output)."""
+    if spec.view == "in":
+        out = torch.zeros(spec.out_count, dtype=dtype)
+        inp = out[spec.offset: spec.offset + spec.in_count]
+    elif spec.view == "out":
+        inp = torch.zeros(spec.in_count, dtype=dtype)
+        out = inp[spec.offset: spec.offset + spec.out_count]
+    else:
+        inp, out = torch.zeros(spec.in_count, dtype=dtype), torch.zeros(spec.out_count, dtype=dtype)
+    if fill is not None:
+        inp.copy_(fill)
+    return inp, out
+
+
+OPS: dict[str, Op] = {op.name: op for op in (
+    AllReduce(), AllGather(), ReduceScatter(), AllToAll(), Broadcast(), Reduce(), Gather(), Scatter(), SendRecv())}
+
+
+def plan(op: Op, sizes: list[int], nranks: int, es: int) -> list[Layout]:
+    """Layouts for the requested sizes: sizes too small for one element per block are dropped and
+    sizes that round to the same buffers are kept once."""
+    seen, out = set(), []
+    for s in sizes:
+        lay = op.layout(s, nranks, es)
+        if lay is not None and lay.nbytes not in seen:
+            seen.add(lay.nbytes)
+            out.append(lay)
+    return out
+
+
+def lookup(name: str, moe: dict | None = None) -> Op:
+    """The op called ``name``; ``moe`` holds MoE's experts, topk, hidden."""
+    return MoE(**(moe or {})) if name == MOE else OPS[name]

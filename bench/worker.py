@@ -1,7 +1,12 @@
-"""Rank-side loop of one launch: ``python -m comms.run -n N -m bench.worker --backend B --sizes ... --out F``.
+"""Rank-side loop of one launch: ``bench.worker --backend B --ops ... --places out,in --sizes ... --out F``,
+started by ``python -m comms.run`` (comms, gloo) or ``mpirun`` (mpi).
 
-Per launch: create the backend, allocate a pool of up to :data:`MAX_BUFFERS` buffer sets (bounded
-by :data:`POOL_BYTES` over all ranks) and touch them, warm the op up once, then for every size:
+Per launch: create the backend; then for every op and every place (out-of-place, then in-place):
+if the backend cannot run that mode natively, record why (the row shows n/a); otherwise allocate a
+pool of up to :data:`MAX_BUFFERS` buffer sets (bounded by :data:`POOL_BYTES` over all ranks,
+aliased as the place says) and touch them, warm up (:data:`LAUNCH_WARM_ROUNDS` rounds over the sets
+at the smallest size for the launch's first mode, :data:`NEXT_WARM_ROUNDS` for later ones, then one
+op per set at the largest size), then for every size:
 
 1. barrier;
 2. warm-up ops (untimed for the figure, but timed individually to estimate the cost of one op);
@@ -15,10 +20,11 @@ by :data:`POOL_BYTES` over all ranks) and touch them, warm the op up once, then 
    a bimodal time (one that sleeps in the kernel on a busy machine) sit well above its median,
    which would put a step into the curve at BATCH_BELOW;
 5. check (``--check 1``), outside the timed loop: one more op on fresh exact inputs
-   (:mod:`bench.ops`), counting wrong elements.
+   (:mod:`bench.ops`), counting wrong elements. Test hook: with ``COMMS_BENCH_CORRUPT`` set (not
+   "0"), one element of one rank's result is overwritten before the comparison.
 
-Finally one float64 all_reduce gathers every rank's (median, min, wrong, iters) per size, and
-rank 0 writes the launch's JSON: the figure per size is the slowest rank's median.
+Finally one float64 all_reduce gathers every rank's (median, min, mean, wrong, iters, batch) per
+measured size, and rank 0 writes the launch's JSON: the figure per size is the slowest rank's median.
 """
 from __future__ import annotations
 
@@ -42,12 +48,23 @@ MAX_ITERS = 5000                     # bounds the loop when rare stalls make the
 MAX_BUFFERS = 4                      # buffer sets rotated through in the timed loop
 POOL_BYTES = 1 << 30                 # bound on all ranks' pools together
 LARGE_WARMUP = 5                     # default warm-up ops from BATCH_BELOW up
+LAUNCH_WARM_ROUNDS = 25              # launch warm-up: rounds over the buffer sets at the smallest size...
+NEXT_WARM_ROUNDS = 2                 # ...and for every later (op, place) of the launch
+
+
+CORRUPT_ENV = "COMMS_BENCH_CORRUPT"   # test hook: set (not "0") to corrupt one element per check
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.worker", allow_abbrev=False)
     p.add_argument("--backend", required=True, choices=list(backends.BACKENDS))
-    p.add_argument("--op", default="all_reduce", choices=list(ops.OPS))
+    p.add_argument("--label", default=None, help="the name the table shows (default: --backend)")
+    p.add_argument("--ops", default="all_reduce", help="comma-separated ops")
+    p.add_argument("--places", default="out,in", help="comma-separated: out, in")
+    p.add_argument("--root", type=int, default=0)
+    p.add_argument("--moe-experts", type=int, default=0, help="moe: experts (default 4 per rank)")
+    p.add_argument("--moe-topk", type=int, default=4)
+    p.add_argument("--moe-hidden", type=int, default=1024)
     p.add_argument("--dtype", default="float32", type=ops.canonical_dtype)
     p.add_argument("--sizes", required=True, help="comma-separated byte sizes")
     p.add_argument("--iters", type=int, default=None)
@@ -57,38 +74,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="ops per timed sample below 64 KiB")
     p.add_argument("--timeout", type=float, default=None, help="the backend's own deadline, seconds")
     p.add_argument("--out", default=None, help="JSON written by rank 0")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.ops = [o for o in args.ops.split(",") if o]
+    args.places = [pl for pl in args.places.split(",") if pl]
+    bad = [o for o in args.ops if o not in ops.OPS and o != ops.MOE] + \
+        [pl for pl in args.places if pl not in ops.PLACES]
+    if bad:
+        p.error(f"unknown op or place: {', '.join(bad)}")
+    return args
 
 
-def plan(op: ops.Op, sizes: list[int], nranks: int, es: int) -> list[ops.Layout]:
-    """Layouts for the requested sizes: sizes too small for one element per block are dropped and
-    sizes that round to the same buffers are kept once."""
-    seen, out = set(), []
-    for s in sizes:
-        lay = op.layout(s, nranks, es)
-        if lay is not None and lay.nbytes not in seen:
-            seen.add(lay.nbytes)
-            out.append(lay)
-    return out
+plan = ops.plan
 
 
 class Pool:
-    """Buffer sets of the largest layout; :meth:`views` hands out per-size views of each set."""
+    """Buffer sets of the largest layout for one (op, place) on this rank, aliased as
+    :meth:`bench.ops.Op.buffers` says; :meth:`views` hands out per-size (input, output) views."""
 
-    def __init__(self, op: ops.Op, layouts: list[ops.Layout], nranks: int, dtype: str):
+    def __init__(self, op: ops.Op, layouts: list[ops.Layout], rank: int, nranks: int, root: int, place: str,
+                 dtype: str):
+        self.op, self.rank, self.nranks, self.root, self.place = op, rank, nranks, root, place
         tdt, es = ops.torch_dtype(dtype), ops.elem_size(dtype)
-        max_in = max(lay.in_count for lay in layouts)
-        max_out = max(lay.out_count for lay in layouts)
-        set_bytes = (max_out + (0 if op.inplace else max_in)) * es
+        big = op.buffers(layouts[-1], rank, nranks, root, place)
+        # sizes are ascending, so the last layout has the largest buffers; the aliased one is the base
+        n_in = 0 if big.view == "in" else big.in_count
+        n_out = 0 if big.view == "out" else big.out_count
+        set_bytes = (n_in + n_out) * es
         self.nsets = max(1, min(MAX_BUFFERS, POOL_BYTES // nranks // max(set_bytes, 1)))
         self.sets = []
         for _ in range(self.nsets):
-            out = torch.zeros(max_out, dtype=tdt)    # zeros: a SUM in place stays finite and exact
-            inp = out if op.inplace else torch.zeros(max_in, dtype=tdt)
-            self.sets.append((inp, out))
+            # zeros, touched: a SUM in place stays finite and exact, and no page fault is timed
+            self.sets.append((torch.zeros(n_in, dtype=tdt), torch.zeros(n_out, dtype=tdt)))
 
     def views(self, lay: ops.Layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(inp[: lay.in_count], out[: lay.out_count]) for inp, out in self.sets]
+        spec = self.op.buffers(lay, self.rank, self.nranks, self.root, self.place)
+        out = []
+        for base_in, base_out in self.sets:
+            if spec.view == "in":
+                o = base_out[: spec.out_count]
+                i = o[spec.offset: spec.offset + spec.in_count]
+            elif spec.view == "out":
+                i = base_in[: spec.in_count]
+                o = i[spec.offset: spec.offset + spec.out_count]
+            else:
+                i, o = base_in[: spec.in_count], base_out[: spec.out_count]
+            out.append((i, o))
+        return out
 
 
 def _time_each(fns, n: int) -> list[float]:
@@ -126,9 +157,9 @@ def choose_iters(args, lay: ops.Layout, batch: int, estimate_s: float) -> int:
     return -(-iters // batch) * batch
 
 
-def measure(args, backend, op: ops.Op, lay: ops.Layout, pool: Pool) -> dict:
+def measure(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool) -> dict:
     """Steps 1-4 of the module doc for one size; returns this rank's figures."""
-    fns = [op.bind(backend, inp, out) for inp, out in pool.views(lay)]
+    fns = [backend.bind_op(op, place, inp, out, args.root) for inp, out in pool.views(lay)]
     small = lay.nbytes < BATCH_BELOW
     batch = max(1, args.batch) if small else 1
     if args.iters is not None:
@@ -148,21 +179,48 @@ def measure(args, backend, op: ops.Op, lay: ops.Layout, pool: Pool) -> dict:
             "iters": iters, "batch": batch}
 
 
-def check(backend, op: ops.Op, lay: ops.Layout, dtype: str) -> int:
-    """Step 5: wrong elements in this rank's output of one op on exact inputs."""
-    inp, out = op.check_buffers(lay, backend.rank, backend.size, dtype)
-    op.bind(backend, inp, out)()
-    want = op.expected(lay, backend.rank, backend.size, dtype)
-    return int(torch.count_nonzero(out != want))
+def corrupt_target(op: ops.Op, nranks: int, root: int) -> int:
+    """The rank whose result the test hook corrupts: the root when only it has a result, else the last."""
+    return root if op.root_result else nranks - 1
 
 
-def warm_launch(backend, op: ops.Op, layouts: list[ops.Layout], pool: Pool) -> None:
-    """Launch warm-up: connections, first-call setup, every pool set at the largest size."""
+def check(args, backend, op: ops.Op, place: str, lay: ops.Layout, corrupt: bool = False) -> int:
+    """Step 5: wrong elements in this rank's output of one op on exact inputs. With ``corrupt``
+    (the :data:`CORRUPT_ENV` test hook) one element of one rank's result is overwritten before the
+    comparison, which must then count it."""
+    rank, n, root, dtype = backend.rank, backend.size, args.root, args.dtype
+    extra = 0
+    if op.name == ops.MOE:
+        recv_x, out = backend.moe_round_trip(op, op.check_input(lay, rank, n, root, dtype))
+        out, want_recv = out.reshape(-1), op.expected_recv(lay, rank, n, dtype)
+        extra = _differ(recv_x, want_recv)
+    else:
+        spec = op.buffers(lay, rank, n, root, place)
+        inp, out = ops.make_buffers(spec, ops.torch_dtype(dtype), op.check_input(lay, rank, n, root, dtype))
+        backend.bind_op(op, place, inp, out, root)()
+    want = op.expected(lay, rank, n, root, dtype)
+    if want is None:
+        return extra
+    if corrupt and rank == corrupt_target(op, n, root):
+        out[out.numel() // 2] = 0          # every expected value is at least 1
+    return extra + _differ(out, want)
+
+
+def _differ(got: torch.Tensor, want: torch.Tensor) -> int:
+    """Elements of ``got`` that differ from ``want``; all of them when the shapes differ."""
+    if got.shape != want.shape:
+        return max(got.numel(), want.numel())
+    return int(torch.count_nonzero(got != want))
+
+
+def warm_launch(args, backend, op: ops.Op, place: str, layouts: list[ops.Layout], pool: Pool,
+                rounds: int = LAUNCH_WARM_ROUNDS) -> None:
+    """Warm-up for one (op, place): connections, first-call setup, every pool set at the largest size."""
     backend.barrier()
-    for inp, out in pool.views(layouts[0]) * 25:
-        op.bind(backend, inp, out)()
+    for inp, out in pool.views(layouts[0]) * rounds:
+        backend.bind_op(op, place, inp, out, args.root)()
     for inp, out in pool.views(layouts[-1]):
-        op.bind(backend, inp, out)()
+        backend.bind_op(op, place, inp, out, args.root)()
     backend.barrier()
 
 
@@ -172,50 +230,74 @@ def _log(rank: int, msg: str) -> None:
         sys.stderr.flush()
 
 
+def corrupt_requested(env=None) -> bool:
+    return (os.environ if env is None else env).get(CORRUPT_ENV, "") not in ("", "0")
+
+
 def run(args) -> dict | None:
     """The whole launch; returns the JSON document on rank 0 (None elsewhere)."""
     t_start = time.time()
     backend = backends.make(args.backend, args.timeout)
+    label = args.label or args.backend
     rank, n = backend.rank, backend.size
-    op, es = ops.OPS[args.op], ops.elem_size(args.dtype)
-    layouts = plan(op, [int(s) for s in args.sizes.split(",") if s], n, es)
-    if not layouts:
-        raise SystemExit("bench.worker: no size holds one element per rank block")
-    pool = Pool(op, layouts, n, args.dtype)
-    warm_launch(backend, op, layouts, pool)
-    local = []                          # per size: median_s, min_s, mean_s, wrong, iters, batch
-    for lay in layouts:
-        t0 = time.perf_counter()
-        r = measure(args, backend, op, lay, pool)
-        wrong = check(backend, op, lay, args.dtype) if args.check else 0
-        local.append((r["median_s"], r["min_s"], r["mean_s"], wrong, r["iters"], r["batch"]))
-        _log(rank, f"{args.backend} {op.name} {lay.nbytes} B: {r['iters']} ops (batch {r['batch']}), "
-                   f"rank 0 median {r['median_s'] * 1e6:.2f} us, wrong {wrong}, "
-                   f"{time.perf_counter() - t0:.2f} s")
+    if not 0 <= args.root < n:
+        raise SystemExit(f"bench.worker: root {args.root} is not a rank of {n}")
+    es = ops.elem_size(args.dtype)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    corrupt = corrupt_requested()
+    moe = {"experts": args.moe_experts, "topk": args.moe_topk, "hidden": args.moe_hidden}
+    plans = [(op, plan(op, sizes, n, es)) for op in (ops.lookup(name, moe) for name in args.ops)]
+    total = sum(len(lays) for _, lays in plans) * len(args.places)
+    done = 0
+    results, local = [], []   # local: per measured size, (median_s, min_s, mean_s, wrong, iters, batch)
+    for op, layouts in plans:
+        for place in args.places:
+            reason = backend.native(op.name, place, args.dtype) if layouts else "no size holds one element per block"
+            res = {"op": op.name, "place": place, "na": reason, "buffers": 0, "rows": []}
+            results.append(res)
+            if reason:
+                done += len(layouts)
+                _log(rank, f"[{done}/{total}] {label} {op.name} {place}: n/a ({reason})")
+                continue
+            pool = Pool(op, layouts, rank, n, args.root, place, args.dtype)
+            res["buffers"] = pool.nsets
+            warm_launch(args, backend, op, place, layouts, pool, NEXT_WARM_ROUNDS if local else LAUNCH_WARM_ROUNDS)
+            for lay in layouts:
+                t0 = time.perf_counter()
+                r = measure(args, backend, op, place, lay, pool)
+                wrong = check(args, backend, op, place, lay, corrupt) if args.check else 0
+                local.append((r["median_s"], r["min_s"], r["mean_s"], wrong, r["iters"], r["batch"]))
+                res["rows"].append({"nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count,
+                                    "out_count": lay.out_count,
+                                    "algorithm": backend.algorithm(op.name, op.msg_bytes(lay, n, es))})
+                done += 1
+                _log(rank, f"[{done}/{total}] {label} {op.name} {place} {lay.nbytes} B: {r['iters']} ops "
+                           f"(batch {r['batch']}), rank 0 median {r['median_s'] * 1e6:.2f} us, wrong {wrong}, "
+                           f"{time.perf_counter() - t0:.2f} s")
+            del pool
     # gather everything: each rank fills its own row of a zero matrix, then SUM
-    width = len(local[0])
-    flat = [0.0] * (n * len(layouts) * width)
+    width, m = 6, len(local)
+    flat = [0.0] * (n * m * width)
     for i, row in enumerate(local):
-        base = (rank * len(layouts) + i) * width
+        base = (rank * m + i) * width
         flat[base: base + width] = [float(v) for v in row]
-    flat = backend.reduce_values(flat, "sum")
+    if flat:
+        flat = backend.reduce_values(flat, "sum")
     doc = None
     if rank == 0:
-        rows = []
-        for i, lay in enumerate(layouts):
-            per = [flat[(r * len(layouts) + i) * width:(r * len(layouts) + i + 1) * width] for r in range(n)]
-            med = [p[0] * 1e6 for p in per]
-            rows.append({
-                "nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count, "out_count": lay.out_count,
-                "time_us": max(med), "rank_median_us": med, "rank_min_us": [p[1] * 1e6 for p in per],
-                "rank_mean_us": [p[2] * 1e6 for p in per],
-                "wrong": int(sum(p[3] for p in per)), "iters": int(per[0][4]), "batch": int(per[0][5]),
-                "algorithm": backend.algorithm(op.name, op.msg_bytes(lay, n, es)),
-            })
+        i = 0
+        for res in results:
+            for row in res["rows"]:
+                per = [flat[(r * m + i) * width:(r * m + i + 1) * width] for r in range(n)]
+                med = [p[0] * 1e6 for p in per]
+                row.update({"time_us": max(med), "rank_median_us": med, "rank_min_us": [p[1] * 1e6 for p in per],
+                            "rank_mean_us": [p[2] * 1e6 for p in per], "wrong": int(sum(p[3] for p in per)),
+                            "iters": int(per[0][4]), "batch": int(per[0][5])})
+                i += 1
         doc = {
-            "backend": args.backend, "op": op.name, "dtype": args.dtype, "nranks": n,
-            "transport": backend.transport(), "buffers": pool.nsets, "versions": backend.versions(),
-            "python": platform.python_version(), "seconds": None, "rows": rows,
+            "backend": label, "base": args.backend, "dtype": args.dtype, "nranks": n, "root": args.root,
+            "transport": backend.transport(), "versions": backend.versions(),
+            "python": platform.python_version(), "corrupt": corrupt, "seconds": None, "results": results,
         }
     backend.barrier()
     backend.close()

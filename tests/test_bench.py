@@ -7,7 +7,6 @@ a minute and a half on 2 busy cores.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -109,7 +108,7 @@ def validate(value, schema: dict, root: dict | None = None, path: str = "$") -> 
 def sweep(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     js, png = d / "out.json", d / "plot.png"
-    p = bench("-b", "8", "-e", "64K", *QUICK, "--ops", "all_reduce,all_gather",
+    p = bench("-b", "8", "-e", "64K", "-f", "4", *QUICK, "--ops", "all_reduce,all_gather",
               "--backends", "comms,comms@COMMS_FLIGHT_RECORDER=0,gloo", "--json", str(js), "--plot", str(png))
     return p, js, png
 

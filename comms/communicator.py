@@ -78,13 +78,15 @@ class Communicator:
         self._closed = False
         self._topology = None
         self._finalizer = weakref.finalize(self, _release, boot)
-        self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         flight.register(self)
         self._deterministic = config.get("DETERMINISTIC")
         self._params = params if params is not None else tuning.calibrate(self)
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params,
                                                           config.get("TRANSPORT").lower() == "tcp"))
         self._plans.clear()                  # plans built during calibration used the provisional rules
+        # the flight recorder and the counters start after init's own traffic (calibration)
+        self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
+        self._engine.zero_counters()
         self._timeline = None
         if config.get("TRACE"):
             from .timeline import Timeline

@@ -192,14 +192,24 @@ class Engine:
             if self.ctx is not None:
                 lib.cm_ctx_abort(self.ctx)
 
-    def counters(self) -> dict:
+    COUNTERS = ("shm_tx_bytes", "shm_rx_bytes", "tcp_tx_bytes", "tcp_rx_bytes", "plans", "sleeps", "busy_ns",
+                "failed_plans")
+
+    def _raw_counters(self) -> list[int]:
         out = ffi.new("uint64_t[8]")
         with self.lock:
             if self.ctx is not None:
                 lib.cm_ctx_counters(self.ctx, out, 8)
-        names = ("shm_tx_bytes", "shm_rx_bytes", "tcp_tx_bytes", "tcp_rx_bytes", "plans", "sleeps", "busy_ns",
-                 "failed_plans")
-        return {n: int(out[i]) for i, n in enumerate(names)}
+        return [int(out[i]) for i in range(len(self.COUNTERS))]
+
+    def zero_counters(self) -> None:
+        """Count from now on (init's own traffic is not the user's)."""
+        self._counter_base = self._raw_counters()
+
+    def counters(self) -> dict:
+        raw = self._raw_counters()
+        base = getattr(self, "_counter_base", None) or [0] * len(raw)
+        return {n: raw[i] - base[i] for i, n in enumerate(self.COUNTERS)}
 
     def close(self) -> None:
         with self._cv:

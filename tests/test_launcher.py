@@ -236,8 +236,8 @@ def test_spawn_timeout_names_hung_rank(testing, tmp_path):
     import spawn_fns
     t0 = time.monotonic()
     with pytest.raises(testing.SpawnTimeout) as info:
-        testing.spawn(spawn_fns.hang, 3, args=(str(tmp_path),), timeout=3)
-    assert time.monotonic() - t0 < 10
+        testing.spawn(spawn_fns.hang, 3, args=(str(tmp_path),), timeout=8)   # room for slow starts on a busy machine
+    assert time.monotonic() - t0 < 20
     e = info.value
     assert isinstance(e, testing.RankFailed) and isinstance(e, TimeoutError)
     assert e.rank == 1 and e.killed == [1] and e.results == {0: 0, 2: 2}

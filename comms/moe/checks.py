@@ -10,9 +10,10 @@ exception everywhere: :class:`InvalidUsage` naming the lowest rank with bad inpu
 slot of each fixed-size block instead, so it needs no separate exchange.
 
 Calls that carry no header (``combine``, and ``dispatch`` with a cached handle) check their input
-locally and, on error, :func:`poison` the exchange the other ranks are waiting in: every rank then
-fails promptly with a MismatchError (the offending rank with the InvalidUsage that explains it) and
-the communicator is aborted, as after any mismatch.
+locally and, on error, :func:`poison` the exchange the other ranks are waiting in: the offending
+rank raises the InvalidUsage that explains it, every other rank fails promptly in whichever comms
+call it is in (a MismatchError, or a PeerError naming the aborting rank), and the communicator is
+aborted, as after any mismatch.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import numpy as np
 import torch
 
 from ..errors import CommsError, InvalidUsage, MismatchError
+from .layout import check_topk
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8_BLOCK = 128
 
-# header fields (int64), then the per-expert counts for the receiver's experts
+# header fields (int64), then (normal mode) the per-expert counts for the receiver's experts.
+# COUNT: rows for the receiver; EXTRA: the hierarchical mode's rows for the receiver's host, or the
+# low-latency capacity.
 ERR, D0, D1, D2, K, HIDDEN, DTYPE, EXPERTS, FLAGS, COUNT, EXTRA = range(11)
 FIELDS = 11
 FLAG_FP8 = 1
@@ -44,9 +48,9 @@ _TEXT = {
     W_BAD: "topk_weights must be a float32 tensor shaped like topk_idx [{d0}, {d1}]",
     FP8_HIDDEN: "fp8 needs hidden to be a multiple of 128, got {hidden}",
     CAPACITY: "{d0} tokens exceed max_tokens_per_rank = {d1} (which must be at least 1)",
-    Y_SHAPE: "y must be a floating tensor with {d0} rows of hidden={hidden} values per expert slot "
-             "(dims {d1}, first size {d2})",
-    HANDLE: "the handle does not fit this call: {d0} tokens expected, got {d1}",
+    Y_SHAPE: "y must be a floating CPU tensor [experts per rank, {d0}, hidden={hidden}] (got {d1} dims, "
+             "first size {d2})",
+    HANDLE: "the handle does not fit this call: {d0} rows expected, got {d1}",
     IDX_CHANGED: "topk_idx differs from the one given to low_latency_dispatch",
 }
 
@@ -64,10 +68,6 @@ def problem(code: int, *details: int) -> Problem:
 def describe(p: Problem, hidden: int, experts: int) -> str:
     d0, d1, d2 = p.details
     return _TEXT.get(p.code, f"error {p.code}").format(d0=d0, d1=d1, d2=d2, hidden=hidden, experts=experts)
-
-
-def raise_local(op: str, rank: int, p: Problem, hidden: int, experts: int) -> None:
-    raise InvalidUsage(f"{op}: invalid input on rank {rank}: {describe(p, hidden, experts)}", op=op, rank=rank)
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -104,7 +104,6 @@ def check_dispatch(x, topk_idx, topk_weights, hidden: int, experts: int, fp8: bo
         if not _is_cpu_tensor(topk_weights) or topk_weights.dtype != torch.float32 \
                 or tuple(topk_weights.shape) != tuple(topk_idx.shape):
             return problem(W_BAD, *topk_idx.shape)
-    from .layout import check_topk
     bad = check_topk(topk_idx, experts)
     if bad is not None:
         return problem(IDX_RANGE if bad[0] == "range" else IDX_DUP, *bad[1])

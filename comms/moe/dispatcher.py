@@ -38,9 +38,10 @@ import torch
 
 from ..communicator import Communicator
 from ..errors import InvalidUsage, MismatchError
-from . import checks, fp8 as fp8mod, layout as lay
+from . import checks, fp8 as fp8mod, layout as lay, low_latency
 from .checks import COUNT, EXTRA, FIELDS, FLAG_FP8, Stages
 from .hierarchical import Hierarchical, Topology
+from .rows import BufferPool, Scratch
 from .stats import LoadStats
 
 
@@ -77,7 +78,11 @@ class Dispatcher:
     """Dispatch/combine for ``num_experts`` experts of width ``hidden`` split evenly over the ranks
     of ``group``. Construction is collective (it checks that every rank passed the same numbers
     and learns which ranks share a host). ``hierarchical``: "auto" (when the group spans several
-    hosts with the same number of ranks each), True (require that), or False."""
+    hosts with the same number of ranks each), True (require that), or False.
+
+    Memory: outputs of 4 MiB or more (recv_x, combine's result) come from a pool of huge-page
+    mappings that are reused once every tensor and view of them is gone, and the staging buffers
+    (packed send rows, rows coming back) are kept between calls; :meth:`close` releases both."""
 
     def __init__(self, group: Any, num_experts: int, hidden: int, *, hierarchical: Any = "auto"):
         self.comm = comm = resolve_group(group)
@@ -103,7 +108,7 @@ class Dispatcher:
                                f"of ranks each; hosts are {self.topology.hosts}")
         self.hier = Hierarchical(comm, self.topology, self.experts_per_rank) if use else None
         self.load = LoadStats(self.num_experts, self.experts_per_rank)
-        self._ll = None
+        self._scratch, self._pool = Scratch(), BufferPool()
 
     # -- normal mode -----------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor | None = None,
@@ -133,7 +138,7 @@ class Dispatcher:
         recv_counts = got[:, COUNT].tolist()
         tokens_per_expert = got[:, FIELDS:].sum(axis=0).tolist()
         payload, scales = self._payload(x, fp8)
-        w = topk_weights.contiguous()
+        w = topk_weights.detach().contiguous()
         if self.hier is not None:
             recv, route = self.hier.dispatch(layout, got, payload, scales, idx, w)
         else:
@@ -143,7 +148,7 @@ class Dispatcher:
         handle = DispatchHandle(id(self), layout.num_tokens, sum(recv_counts), k, layout.send_idx,
                                 layout.send_counts, recv_counts, local_idx, local_w, tokens_per_expert, route)
         self.load.record(layout.expert_counts, tokens_per_expert)
-        return self._recv_x(recv_payload, recv_scales, x.dtype, fp8), local_idx, local_w, tokens_per_expert, handle
+        return self._recv_x(recv_payload, recv_scales, fp8), local_idx, local_w, tokens_per_expert, handle
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """Send every row of ``y`` ([R, H], one per row of recv_x, floating) back to its source
@@ -160,22 +165,21 @@ class Dispatcher:
         y = y.contiguous()
         if self.hier is not None:
             return self.hier.combine(y, handle.route, handle.num_tokens)
-        back = torch.empty(sum(handle.send_counts), self.hidden, dtype=y.dtype)
+        back = self._scratch.get("back", sum(handle.send_counts), self.hidden, y.dtype)
         stages.run(0, self.comm.all_to_all, back, y, out_splits=handle.send_counts, in_splits=handle.recv_counts)
-        return lay.sum_blocks(back, handle.send_idx, handle.send_counts, handle.num_tokens)
+        return lay.sum_blocks(back, handle.send_idx, handle.send_counts, handle.num_tokens,
+                              out=self._pool.empty((handle.num_tokens, self.hidden), y.dtype))
 
     # -- low-latency mode (comms.moe.low_latency) --------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, max_tokens_per_rank: int,
                              *, fp8: bool = False):
         """Returns (recv_x [E/W, max_tokens_per_rank * W, H], recv_count [E/W], handle); see
         :func:`comms.moe.low_latency.dispatch`."""
-        from . import low_latency
         return low_latency.dispatch(self, x, topk_idx, max_tokens_per_rank, fp8)
 
     def low_latency_combine(self, y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle) -> torch.Tensor:
         """The weighted sum [T, H] of the experts' outputs ``y`` [E/W, max_tokens_per_rank * W, H]."""
-        from . import low_latency
         return low_latency.combine(self, y, topk_idx, topk_weights, handle)
 
     # -- statistics and teardown -------------------------------------------------------------------
@@ -196,7 +200,10 @@ class Dispatcher:
         return total
 
     def close(self) -> None:
-        """Close the sub-communicators of the hierarchical mode (the group itself stays open)."""
+        """Drop the staging buffers and close the sub-communicators of the hierarchical mode (the
+        group itself stays open)."""
+        self._scratch.clear()
+        self._pool.clear()
         if self.hier is not None:
             self.hier.close()
 
@@ -211,16 +218,17 @@ class Dispatcher:
         return fp8mod.as_bytes(q), scales
 
     @staticmethod
-    def _recv_x(payload: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype, fp8: bool):
+    def _recv_x(payload: torch.Tensor, scales: torch.Tensor | None, fp8: bool):
         return (fp8mod.from_bytes(payload), scales) if fp8 else payload
 
     def _flat_dispatch(self, layout, recv_counts, payload, scales, idx, w):
         """Move the rows straight into ``recv_x`` with one uneven all_to_all, and the small
         per-row fields (expert ids, weights, scales: int32 words) with a second one."""
         comm, send, R = self.comm, layout.send_idx, sum(recv_counts)
-        recv_payload = torch.empty(R, payload.shape[1], dtype=payload.dtype)
-        comm.all_to_all(recv_payload, payload.index_select(0, send), out_splits=recv_counts,
-                        in_splits=layout.send_counts)
+        recv_payload = self._pool.empty((R, payload.shape[1]), payload.dtype)
+        packed = self._scratch.get("send", send.numel(), payload.shape[1], payload.dtype)
+        torch.index_select(payload, 0, send, out=packed)
+        comm.all_to_all(recv_payload, packed, out_splits=recv_counts, in_splits=layout.send_counts)
         parts = []
         if idx is not None:
             parts += [idx.to(torch.int32), w.view(torch.int32)]
@@ -260,6 +268,6 @@ class Dispatcher:
             recv_payload, recv_scales, _, _ = stages.run(0, self._flat_dispatch, layout, handle.recv_counts,
                                                          payload, scales, None, None)
         self.load.record(None, handle.tokens_per_expert)
-        return (self._recv_x(recv_payload, recv_scales, x.dtype, fp8), handle.recv_topk_idx,
+        return (self._recv_x(recv_payload, recv_scales, fp8), handle.recv_topk_idx,
                 handle.recv_topk_weights, handle.tokens_per_expert, handle)
 

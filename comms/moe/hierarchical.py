@@ -133,8 +133,8 @@ class Hierarchical:
                 off += n
             recv2_counts.append(off - start)
         blocks.sort()
-        perm = torch.cat([torch.arange(o, o + n) for _, o, n in blocks]) if blocks else torch.zeros(0, dtype=torch.int64)
-        return sel1, counts1, held_counts, recv2_counts, perm.to(torch.int64)
+        perm = torch.cat([torch.arange(o, o + n, dtype=torch.int64) for _, o, n in blocks])
+        return sel1, counts1, held_counts, recv2_counts, perm
 
     def _forward_plan(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Held rows (their global expert ids) -> (rows forwarded to each local rank, counts)."""
@@ -177,8 +177,8 @@ class Hierarchical:
         recv2 = fmt.empty(sum(route.recv2_counts))
         stages.run(1, self.intra.all_to_all, recv2, held.index_select(0, route.sel2),
                    out_splits=route.recv2_counts, in_splits=route.counts2)
-        take = lambda name: fmt.take(recv2, name, perm) if fmt.has(name) else None  # noqa: E731
-        return (take("x"), take("scales"), take("idx"), take("w")), route
+        fields = [fmt.take(recv2, name, route.perm) if fmt.has(name) else None for name in ("x", "scales", "idx", "w")]
+        return tuple(fields), route
 
     def combine(self, y: torch.Tensor, route: Route, num_tokens: int) -> torch.Tensor:
         """The stages backwards, with the per-host partial sums (see the module docstring)."""

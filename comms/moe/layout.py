@@ -107,13 +107,35 @@ def offsets(counts: list[int]) -> list[int]:
     return out
 
 
-def sum_blocks(rows: torch.Tensor, index: torch.Tensor, counts: list[int], num_tokens: int) -> torch.Tensor:
-    """``out[index[i]] += rows[i]`` block by block in order (indices are distinct within a block),
-    accumulated in float32 and returned in rows' dtype: the fixed summation order of combine."""
-    acc = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32)
-    off = 0
-    for c in counts:
-        if c:
-            acc.index_add_(0, index[off:off + c], rows[off:off + c].float())
+def sum_blocks(rows: torch.Tensor, index: torch.Tensor, counts: list[int], num_tokens: int,
+               chunk_bytes: int = 1 << 20, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[index[i]] += rows[i]`` block by block in order, accumulated in float32 and returned in
+    rows' dtype: the fixed summation order of combine. Within a block ``index`` is strictly
+    ascending (the send order), so the rows of a range of tokens are a contiguous run of each
+    block; tokens are processed ``chunk_bytes`` of float32 accumulator at a time, which keeps the
+    accumulator and the converted rows in cache instead of streaming [T, H] float32 temporaries.
+    ``out`` ([num_tokens, H] of rows' dtype) receives the result if given."""
+    hidden = rows.shape[1]
+    if out is None:
+        out = torch.empty(num_tokens, hidden, dtype=rows.dtype)
+    if not num_tokens:
+        return out
+    step = max(1, chunk_bytes // (4 * max(hidden, 1)))
+    edges = torch.arange(0, num_tokens + step, step).clamp_(max=num_tokens)
+    starts, bounds, off = [], [], 0
+    for c in counts:                    # where each chunk of tokens starts in each block
+        starts.append(off)
+        bounds.append(torch.searchsorted(index[off:off + c], edges).tolist() if c else [0] * len(edges))
         off += c
-    return acc if rows.dtype == torch.float32 else acc.to(rows.dtype)
+    acc = torch.empty(min(step, num_tokens), hidden, dtype=torch.float32)
+    for i in range(len(edges) - 1):
+        lo, hi = int(edges[i]), int(edges[i + 1])
+        if lo == hi:
+            break
+        a = acc[:hi - lo].zero_()
+        for b, base in enumerate(starts):
+            r0, r1 = base + bounds[b][i], base + bounds[b][i + 1]
+            if r1 > r0:
+                a.index_add_(0, index[r0:r1] - lo, rows[r0:r1].float())
+        out[lo:hi] = a
+    return out

@@ -68,7 +68,36 @@ def _header_view(buf: torch.Tensor) -> torch.Tensor:
     return buf[..., :HEADER_BYTES].view(torch.int64)
 
 
+def _fill_blocks(flat, fmt, x, idx, lay, cap: int, world: int, epr: int, fp8: bool):
+    """Write this rank's token rows into the send blocks (``flat``: all slots, [W * (1 + cap),
+    nbytes]); return where each (token, k) comes back in combine: rank, row, slot (-1: none)."""
+    T, E = x.shape[0], world * epr
+    block = torch.repeat_interleave(torch.arange(world), torch.tensor(lay.send_counts, dtype=torch.int64))
+    within = torch.arange(block.numel()) - torch.tensor(offsets(lay.send_counts), dtype=torch.int64)[block]
+    slot = block * (1 + cap) + 1 + within
+    chosen = torch.zeros(T, E + 1, dtype=torch.uint8)
+    chosen.scatter_(1, torch.where(idx >= 0, idx, torch.full_like(idx, E)), 1)
+    fmt.view(flat, "experts").index_copy_(0, slot, chosen[:, :E].view(T, world, epr)[lay.send_idx, block])
+    xd = x.detach().contiguous()
+    if fp8:
+        q, scales = fp8mod.quantize(xd)
+        xd = fp8mod.as_bytes(q)
+        fmt.view(flat, "scales").index_copy_(0, slot, scales.index_select(0, lay.send_idx))
+    fmt.view(flat, "x").index_copy_(0, slot, xd.index_select(0, lay.send_idx))
+    row_of = torch.full((T, world + 1), -1, dtype=torch.int64)
+    row_of[lay.send_idx, block] = within
+    owner = owner_of(idx, epr, world)
+    none = torch.full_like(idx, -1)
+    earlier = (owner.unsqueeze(1) == owner.unsqueeze(2)) & (idx.unsqueeze(1) < idx.unsqueeze(2)) & \
+        (idx.unsqueeze(1) >= 0)                  # [t, k, k']: k' is an earlier expert on the same rank
+    return (torch.where(idx >= 0, owner, none), row_of.gather(1, owner),
+            torch.where(idx >= 0, earlier.sum(dim=2), none))
+
+
 def dispatch(ep, x, topk_idx, max_tokens_per_rank, fp8: bool):
+    """Low-latency dispatch (see the module docstring): returns (recv_x [E/W, cap * W, H] or, with
+    fp8, (float8 rows, float32 scales [E/W, cap * W, H / 128]), recv_count [E/W] int64, handle).
+    ``x`` [T <= cap, H], ``topk_idx`` [T, K] as for the normal dispatch; no weights travel."""
     W, epr, H, E, comm = ep.world, ep.experts_per_rank, ep.hidden, ep.num_experts, ep.comm
     cap = _capacity(max_tokens_per_rank)
     p = checks.check_dispatch(x, topk_idx, None, H, E, fp8, need_weights=False)
@@ -82,64 +111,44 @@ def dispatch(ep, x, topk_idx, max_tokens_per_rank, fp8: bool):
     fields.append(("x", torch.uint8 if fp8 else dtype, H))
     fmt = RowFormat(fields, min_bytes=HEADER_BYTES)
     send = fmt.empty(W, 1 + cap)
-    k = int(topk_idx.shape[1]) if p is None else -1
-    hdr = np.tile(checks.header(p, k, H, checks.dtype_code(x) if p is None else -1, E,
-                                FLAG_FP8 if fp8 else 0), (W, 1))
+    hdr = np.tile(checks.header(p, int(topk_idx.shape[1]) if p is None else -1, H,
+                                checks.dtype_code(x) if p is None else -1, E, FLAG_FP8 if fp8 else 0), (W, 1))
     hdr[:, EXTRA] = cap
     if p is None:
         idx = topk_idx.to(torch.int64).contiguous()
         lay = compute_layout(idx, E, W)
         hdr[:, COUNT] = lay.send_counts
-        counts = torch.tensor(lay.send_counts, dtype=torch.int64)
-        block = torch.repeat_interleave(torch.arange(W), counts)          # destination of each sent row
-        within = torch.arange(block.numel()) - torch.tensor(offsets(lay.send_counts), dtype=torch.int64)[block]
-        slot = block * (1 + cap) + 1 + within
-        flat = send.view(W * (1 + cap), fmt.nbytes)
-        chosen = torch.zeros(x.shape[0], E + 1, dtype=torch.uint8)
-        chosen.scatter_(1, torch.where(idx >= 0, idx, torch.full_like(idx, E)), 1)
-        chosen = chosen[:, :E].view(-1, W, epr)[lay.send_idx, block]
-        fmt.view(flat, "experts").index_copy_(0, slot, chosen)
-        xd = x.detach().contiguous()
-        if fp8:
-            q, scales = fp8mod.quantize(xd)
-            xd = fp8mod.as_bytes(q)
-            fmt.view(flat, "scales").index_copy_(0, slot, scales.index_select(0, lay.send_idx))
-        fmt.view(flat, "x").index_copy_(0, slot, xd.index_select(0, lay.send_idx))
-        # where each (token, k) comes back in combine: rank, row, slot among its experts there
-        row_of = torch.full((x.shape[0], W + 1), -1, dtype=torch.int64)
-        row_of[lay.send_idx, block] = within
-        owner = owner_of(idx, epr, W)
-        src_r = row_of.gather(1, owner)
-        earlier = (owner.unsqueeze(1) == owner.unsqueeze(2)) & (idx.unsqueeze(1) < idx.unsqueeze(2)) & \
-            (idx.unsqueeze(1) >= 0)
-        src_j = torch.where(idx >= 0, earlier.sum(dim=2), torch.full_like(idx, -1))
-        src_p = torch.where(idx >= 0, owner, torch.full_like(idx, -1))
+        src_p, src_r, src_j = _fill_blocks(send.view(W * (1 + cap), fmt.nbytes), fmt, x, idx, lay, cap, W, epr, fp8)
     _header_view(send[:, 0]).copy_(torch.from_numpy(hdr))
     recv = torch.empty_like(send)
     comm.all_to_all(recv, send)
     got = _header_view(recv[:, 0]).numpy()
     checks.verdict(got, "low_latency_dispatch", ep.rank, H, E, agree=(K, HIDDEN, DTYPE, EXPERTS, FLAGS, EXTRA))
-    k = int(got[0, K])
+    # every (local expert e, source s, row r) the rows select, in that order: recv_x[e] is packed
     valid = torch.arange(cap).unsqueeze(0) < torch.from_numpy(got[:, COUNT].copy()).unsqueeze(1)
     onehot = fmt.view(recv, "experts")[:, 1:, :]                              # [W, cap, epr]
     e, s, r = (onehot.bool() & valid.unsqueeze(2)).permute(2, 0, 1).nonzero().unbind(1)
     recv_count = torch.bincount(e, minlength=epr)
     pos = torch.arange(e.numel()) - torch.tensor(offsets(recv_count.tolist()), dtype=torch.int64)[e]
-    j = (onehot.to(torch.int64).cumsum(dim=2) - 1)[s, r, e]
+    j = (onehot.to(torch.int64).cumsum(dim=2) - 1)[s, r, e]                  # slot among the row's experts
     dest, src = e * (cap * W) + pos, s * (1 + cap) + 1 + r
     flat = recv.view(W * (1 + cap), fmt.nbytes)
-    recv_x = torch.empty(epr, cap * W, H, dtype=torch.uint8 if fp8 else dtype)
+    recv_x = ep._pool.empty((epr, cap * W, H), torch.uint8 if fp8 else dtype)
     recv_x.view(-1, H).index_copy_(0, dest, fmt.view(flat, "x").index_select(0, src))
-    handle = LowLatencyHandle(id(ep), x.shape[0], k, cap, idx, src_p, src_r, src_j, e, pos, s, r, j)
+    handle = LowLatencyHandle(id(ep), x.shape[0], int(got[0, K]), cap, idx, src_p, src_r, src_j, e, pos, s, r, j)
     ep.load.record(lay.expert_counts, recv_count.tolist())
     if fp8:
-        recv_scales = torch.empty(epr, cap * W, H // fp8mod.BLOCK, dtype=torch.float32)
-        recv_scales.view(-1, H // fp8mod.BLOCK).index_copy_(0, dest, fmt.view(flat, "scales").index_select(0, src))
+        nb = H // fp8mod.BLOCK
+        recv_scales = torch.empty(epr, cap * W, nb, dtype=torch.float32)
+        recv_scales.view(-1, nb).index_copy_(0, dest, fmt.view(flat, "scales").index_select(0, src))
         return (fp8mod.from_bytes(recv_x), recv_scales), recv_count, handle
     return recv_x, recv_count, handle
 
 
 def combine(ep, y, topk_idx, topk_weights, handle):
+    """Low-latency combine: ``y`` [E/W, cap * W, H] holds each local expert's output for the rows
+    of recv_x; returns sum_k topk_weights[t, k] * (output of expert topk_idx[t, k] for token t),
+    [T, H] in y's dtype. ``topk_idx`` must be the one given to the dispatch."""
     W, epr, H, E, comm = ep.world, ep.experts_per_rank, ep.hidden, ep.num_experts, ep.comm
     if not isinstance(handle, LowLatencyHandle) or handle.owner != id(ep):
         checks.poison(comm)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceCoalescedOptions, AllreduceOptions,
                                         AllToAllOptions, BarrierOptions, BroadcastOptions, GatherOptions,
                                         ReduceOptions, ReduceScatterOptions, ScatterOptions)
@@ -62,15 +61,21 @@ class Collectives:
             opts = _options(AllreduceOptions, opts, reduceOp=lambda v: v)
         if type(tensors) is not list:
             tensors = [tensors]
+        if len(tensors) == 1:                   # the hot path: comms takes the tensor as it is
+            op = ops.FAST_OPS[opts.reduceOp.op.value]
+            if op is not None:
+                t = tensors[0]
+                td = opts.timeout
+                timeout = None if td.days < 0 else ops.seconds(td)
+                try:
+                    if opts.asyncOp:
+                        return CommsWork((self._comm.all_reduce(t, op, async_op=True, timeout=timeout),), tensors)
+                    self._comm.all_reduce(t, op, timeout=timeout)
+                    return self._done(tensors)
+                except InvalidUsage:            # raised before anything moved; staging may help
+                    if t.is_contiguous() and not t.is_complex():
+                        raise
         t = one(tensors, "allreduce")
-        op = ops.fast_op(opts.reduceOp)
-        if op is not None and t.is_contiguous() and not t.is_complex():     # the hot path
-            td = opts.timeout
-            timeout = None if td.days < 0 else ops.seconds(td)
-            if opts.asyncOp:
-                return CommsWork((self._comm.all_reduce(t, op, async_op=True, timeout=timeout),), tensors)
-            self._comm.all_reduce(t, op, timeout=timeout)
-            return self._done(tensors)
         op, factor = ops.reduce_op(opts.reduceOp)
         buf, post = staged(t)
         if factor is not None:

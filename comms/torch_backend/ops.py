@@ -5,6 +5,7 @@ torch ``ReduceOp`` objects; comms wants one contiguous buffer per argument. Ever
 bridges the two lives here, as small functions the process group composes:
 
 * :func:`reduce_op` maps ``opts.reduceOp`` to a comms op plus the PREMUL_SUM factor (or None);
+  :data:`FAST_OPS` does the same by ``RedOpType`` value on the hot path;
 * :func:`seconds` turns an option's ``timeout`` into seconds, None when unset (negative or zero);
 * :func:`staged` gives a contiguous buffer comms can use in place of a tensor, and the copy back
   to run after the operation when the tensor itself could not be used;
@@ -35,9 +36,10 @@ _OPS = {_T.SUM: ReduceOp.SUM, _T.AVG: ReduceOp.AVG, _T.PRODUCT: ReduceOp.PROD, _
 PREMUL_SUM = _T.PREMUL_SUM
 
 
-def fast_op(rop: dist.ReduceOp) -> ReduceOp | None:
-    """The comms op for ``rop``, or None when it needs :func:`reduce_op` (PREMUL_SUM)."""
-    return _OPS.get(rop.op)
+# The comms op indexed by RedOpType value (``opts.reduceOp.op.value``; hashing the enum itself costs
+# a microsecond); None where :func:`reduce_op` is needed (PREMUL_SUM).
+_BY_VALUE = {t.value: t for t in _T.__members__.values()}
+FAST_OPS = tuple(_OPS.get(_BY_VALUE.get(v)) for v in range(max(_BY_VALUE) + 1))
 
 
 def reduce_op(rop) -> tuple[ReduceOp, float | torch.Tensor | None]:
@@ -130,7 +132,8 @@ def joined(tensors: Sequence[torch.Tensor], what: str, fill: bool) -> tuple[torc
     reals = [real(t) for t in tensors]
     dtype = reals[0].dtype
     if any(t.dtype != dtype for t in reals):
-        raise InvalidUsage(f"{what}: the tensors must all have the same dtype, got {sorted({str(t.dtype) for t in reals})}")
+        raise InvalidUsage(f"{what}: the tensors must all have the same dtype, got "
+                           f"{sorted({str(t.dtype) for t in reals})}")
     if fill:
         return torch.cat([t.reshape(-1) for t in reals]), None, True
     flat = torch.empty(sum(t.numel() for t in reals), dtype=dtype)

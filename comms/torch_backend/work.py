@@ -17,8 +17,10 @@ Contract of :class:`CommsWork`:
   may be a ``timedelta`` (C++ passes one; zero or negative means none) or seconds.
 * ``is_completed()`` never blocks; it is True once the outcome is settled (success or failure).
 * ``get_future()`` returns a ``torch.futures.Future`` completed with the list of output tensors,
-  or with the error. Its callbacks run on the thread that settles the work (the progress thread
-  for async work): they must not wait for other comms work.
+  or with the error. Its callbacks never run on the comms progress thread: completions seen there
+  are handed to a small pool of threads (:func:`_deliver`), so a callback may start and even wait
+  for other comms work (PowerSGD's DDP hook does). A future completed by a waiter runs its
+  callbacks on the waiter's thread, as torch does.
 * ``source_rank()`` (and ``_source_rank``) is the sender of a completed receive, a group rank.
 """
 from __future__ import annotations
@@ -26,12 +28,39 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("comms")
+
+# Threads completing futures (running their callbacks): one is enough unless callbacks block, and
+# a blocked one does not hold up the others; created on first use, shared by every group.
+FUTURE_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _deliver(fut, value, exc) -> None:
+    """Complete ``fut`` on a pool thread (never on the progress thread, which must keep going)."""
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(FUTURE_THREADS, thread_name_prefix="comms-future")
+    _pool.submit(_complete, fut, value, exc)
+
+
+def _complete(fut, value, exc) -> None:
+    try:
+        if exc is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(exc)
+    except BaseException:  # noqa: BLE001 - a pool thread has no caller to report to
+        log.exception("comms: completing a future failed")
 
 
 def _seconds(timeout) -> float | None:
@@ -67,13 +96,14 @@ class CommsWork(dist.Work):
     def _on_done(self, _handle) -> None:
         """Progress-thread callback: must never raise (it would stop the progress thread)."""
         try:
-            self._settle()
+            self._settle(deliver=_deliver)
         except BaseException:  # noqa: BLE001
             log.exception("comms: settling %r failed", self)
 
-    def _settle(self, blocking: bool = True) -> bool:
-        """Settle once every handle ended; complete the future if one is pending. Returns whether
-        the work is settled (False also when ``blocking`` is False and another thread is busy)."""
+    def _settle(self, blocking: bool = True, deliver=_complete) -> bool:
+        """Settle once every handle ended; complete the future (with ``deliver``) if one is
+        pending. Returns whether the work is settled (False also when ``blocking`` is False and
+        another thread is busy)."""
         if not self._settled and not all(h.is_completed() for h in self._handles):
             return False
         if not self._lock.acquire(blocking):
@@ -92,10 +122,7 @@ class CommsWork(dist.Work):
         finally:
             self._lock.release()
         if fut is not None:
-            if self._exc is None:
-                fut.set_result(self._outputs)
-            else:
-                fut.set_exception(self._exc)
+            deliver(fut, self._outputs if self._exc is None else None, self._exc)
         return True
 
     # -- the torch.distributed.Work interface ------------------------------------------------------
@@ -170,7 +197,8 @@ class RecvWork(CommsWork):
 
 class DoneWork(dist.Work):
     """A completed operation (``asyncOp=False``: it ran before the call returned). The process
-    group reuses one instance while nobody else holds it, see ``ProcessGroupComms._done``."""
+    group reuses one instance while nobody else holds it (see ``ProcessGroupComms._done``), so
+    the output list of the latest synchronous call stays referenced until the next one."""
 
     def __init__(self):
         super().__init__()

@@ -32,6 +32,7 @@ from .work import Work, completed
 log = clog.get("COLL")
 MSG_COLL, MSG_P2P = 1, 2
 ANY_SOURCE = -1
+PLAN_CACHE = 4096
 COUNT_ANY = (1 << 64) - 1
 
 
@@ -164,8 +165,15 @@ class Communicator:
             name = args.coll
             enc = Encoded(self._selector.plan(args, nbytes), name, MSG_COLL, COLL_IDS[name], dtype,
                           int(op) if op is not None else 0, args.root, count)
-            self._plans[key] = enc
+            self._remember(key, enc)
         return enc
+
+    def _remember(self, key: tuple, enc: Encoded) -> None:
+        """Cache a plan; the oldest goes once PLAN_CACHE plans are held (uneven all_to_all splits
+        and p2p sizes can vary without bound)."""
+        if len(self._plans) >= PLAN_CACHE:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[key] = enc
 
     def _scratch_addr(self, nbytes: int, async_op: bool, keep: list) -> Any:
         if not nbytes:
@@ -373,8 +381,7 @@ class Communicator:
             b = IN if kind == SEND else OUT
             enc = Encoded(Plan(name, (Step(kind, peer, b, 0, nbytes),)), name, MSG_P2P, 0, dtype, 0, -1, count,
                           int(tag))
-            if len(self._plans) < 4096:
-                self._plans[key] = enc
+            self._remember(key, enc)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
     def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False,

@@ -7,7 +7,8 @@ Contract:
 * The launcher hosts a ``torch.distributed.TCPStore`` on 127.0.0.1 (port ``--master-port``, default 0
   = a free port) and starts N processes of ``sys.executable`` running the script or module. Each gets
   RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK=0, MASTER_ADDR=127.0.0.1, MASTER_PORT
-  and PYTHONUNBUFFERED=1, and can connect to the store with
+  and PYTHONUNBUFFERED=1 (and OMP_NUM_THREADS=1 when N > 1 and it is unset, as torchrun does), and
+  can connect to the store with
   ``TCPStore(MASTER_ADDR, MASTER_PORT, is_master=False)`` as under torchrun. Like torchrun, it also
   sets TORCHELASTIC_USE_AGENT_STORE=True so that ``init_process_group(init_method="env://")`` in
   rank 0 connects to the launcher's store instead of trying to host its own on the same port.
@@ -165,6 +166,8 @@ def launch(cmd: list[str], nproc: int, timeout: float | None = None, master_port
                              LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                              TORCHELASTIC_USE_AGENT_STORE="True", PYTHONUNBUFFERED="1")
+            if nproc > 1:                     # as torchrun: one intra-op thread per rank unless told
+                child_env.setdefault("OMP_NUM_THREADS", "1")
             p = subprocess.Popen([sys.executable, *cmd], env=child_env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  start_new_session=True)

@@ -145,6 +145,7 @@ def run_case(ep: Dispatcher, case: dict, world: int, rank: int, exact_combine: b
     rx2, ri2, _, tpe2, _ = ep.dispatch(x * 2 - 1, handle=h)
     ex2 = reference_dispatch(case, world, rank, xform=lambda v: v * 2 - 1)[0]
     _check(torch.equal(rx2, ex2) and torch.equal(ri2, ei) and tpe2 == etpe, f"cached dispatch differs: {what}")
+    _check(torch.equal(rx, ex), f"recv_x changed by a later call (a reused buffer?): {what}")
     if case["fp8"]:
         (q, sc), ri3, _, _, h3 = ep.dispatch(x, idx, w, fp8=True)
         eq, esc = quantize(ex)
@@ -274,9 +275,12 @@ def run_bad_inputs(rank: int, world: int) -> dict:
     out["not_a_group"] = _outcome(lambda: Dispatcher(object(), E, H))
     out["hier_auto"] = Dispatcher(comm, E, H).hier is None                 # one host: flat
     out["hier_forced"] = _outcome(lambda: Dispatcher(comm, E, H, hierarchical=True))
-    # last: a bad y in combine poisons the exchange; every rank fails and the communicator is aborted
-    rx, _, _, _, h = ep.dispatch(x, idx, w)
-    out["combine_rows"] = _outcome(lambda: ep.combine(on(1, rx, rx[:-1]), h))
+    # last: a bad y in combine poisons the exchange; every rank fails and the communicator is
+    # aborted (a rank still finishing the dispatch may fail there: it is the same failure)
+    def bad_combine():
+        rx, _, _, _, h = ep.dispatch(x, idx, w)
+        ep.combine(on(1, rx, rx[:-1]), h)
+    out["combine_rows"] = _outcome(bad_combine)
     out["after_abort"] = _outcome(lambda: comm.barrier())
     comm.close()
     return out
@@ -326,5 +330,10 @@ def run_hierarchical(rank: int, world: int, cases: list[dict]) -> dict:
         _check(ep.hier is not None and ep.topology.hosts == [[0, 2], [1, 3]], f"topology {ep.topology}")
         run_case(ep, case, world, rank, exact_combine=False)
         ep.close()
+    comm.close()
+    os.environ["COMMS_HOST_ID"] = "a" if rank < 3 else "b"      # hosts of 3 and 1 ranks: flat
+    comm = comms.init(timeout=60)
+    result["uneven_auto"] = Dispatcher(comm, E, H).hier is None
+    result["uneven_forced"] = _outcome(lambda: Dispatcher(comm, E, H, hierarchical=True))
     comm.close()
     return result

@@ -102,3 +102,30 @@ def all_reduce_rhd(a: Args) -> Plan:
         d <<= 1
     _unfold(b, a, p, nb)
     return b.build()
+
+
+@algorithm("reduce_scatter", "recursive_halving", "log2(n) halvings, each swapping half the remaining blocks "
+                                                   "with rank ^ 2^k (power-of-two sizes)")
+def reduce_scatter_recursive_halving(a: Args) -> Plan:
+    n, r = a.size, a.rank
+    if n & (n - 1):
+        raise NotSupported(f"recursive halving needs a power-of-two number of ranks, not {n}")
+    nb = a.count * a.esize
+    b = Builder("recursive_halving")
+    b.scratch_bytes = 2 * n * nb                 # the working copy, then what partners send
+    work, incoming = 0, n * nb
+    b.copy(SCRATCH, work, IN, 0, n * nb)
+    lo, hi, d = 0, n, n >> 1
+    while d >= 1:
+        partner, mid = r ^ d, (lo + hi) // 2
+        keep, give = ((lo, mid), (mid, hi)) if not r & d else ((mid, hi), (lo, mid))
+        b.send(partner, SCRATCH, work + give[0] * nb, (give[1] - give[0]) * nb)
+        b.recv(partner, SCRATCH, incoming + keep[0] * nb, (keep[1] - keep[0]) * nb)
+        b.phase()
+        b.reduce(SCRATCH, work + keep[0] * nb, SCRATCH, incoming + keep[0] * nb, (keep[1] - keep[0]) * nb)
+        lo, hi = keep
+        d >>= 1
+    b.copy(OUT, 0, SCRATCH, work + r * nb, nb)
+    if a.avg:
+        b.div(OUT, 0, nb, n)
+    return b.build()

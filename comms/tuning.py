@@ -95,6 +95,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
         blk = m / max(1, n - 1)
         if algo == "ring":
             return flat.t(n - 1, m) + _red(p, m)
+        if algo == "recursive_halving":
+            return math.inf if n & (n - 1) else flat.t(_log2(n), m) + _red(p, m) + 2 * n * blk / 10e3
         if algo == "hierarchical":
             return intra.t(L - 1, (L - 1) * H * blk) + p.tcp.t(H - 1, (H - 1) * blk) + _red(p, m)
     if coll == "all_gather":

@@ -75,6 +75,8 @@ def declined(algo: str, n: int, count: int, hosts: tuple, exc: Exception) -> boo
         return len(hosts) < 2 or len({len(h) for h in hosts}) > 1 or count < n or "equal splits" in str(exc)
     if algo == "bruck":
         return "equal splits" in str(exc)
+    if algo == "recursive_halving":
+        return n & (n - 1) != 0
     return (algo == "ring" and count < n) or (algo == "rhd" and count < p2)
 
 

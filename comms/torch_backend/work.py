@@ -29,10 +29,11 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .ops import seconds
 
 log = logging.getLogger("comms")
 
@@ -63,14 +64,9 @@ def _complete(fut, value, exc) -> None:
         log.exception("comms: completing a future failed")
 
 
-def _seconds(timeout) -> float | None:
-    if timeout is None:
-        return None
-    s = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    return s if s > 0 else None
-
-
 class CommsWork(dist.Work):
+    """A started operation: one or more comms handles plus a post step (module docstring)."""
+
     def __init__(self, handles: tuple, outputs: list, post=None):
         super().__init__()
         self._handles = handles
@@ -128,7 +124,7 @@ class CommsWork(dist.Work):
     # -- the torch.distributed.Work interface ------------------------------------------------------
     def wait(self, timeout=None) -> bool:
         if not self._settled:
-            secs = _seconds(timeout)
+            secs = seconds(timeout)
             end = None if secs is None else time.monotonic() + secs
             for h in self._handles:
                 h.wait(None if end is None else max(0.0, end - time.monotonic()))

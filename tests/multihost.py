@@ -263,6 +263,9 @@ class SimulatedHosts:
             _run(["ip", "netns", "add", ns])
             self._created.append(ns)
             self._ip(ns, "link", "set", "lo", "up")
+            # hosts tuned for collectives: a connection that paused between phases keeps its window
+            # (the kernel default restarts slow start after an idle RTO)
+            _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0"])
         shaped: list[tuple[str, str]] = []
         if self.hosts == 2:
             self._ip(self.netns[0], "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",

@@ -23,7 +23,7 @@ from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
 from ._native import ffi
 from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
 from .engine import Encoded
-from .errors import CommsError, InvalidUsage
+from .errors import CommsError, InvalidUsage, PeerError
 from . import tuning
 from .selector import Selector, defaults as selector_defaults
 from .transports.base import Endpoint
@@ -441,6 +441,14 @@ class Communicator:
         return create(group.index(self.rank), len(group), self._store,
                       f"{self.prefix}split{self._splits}/{mine[0]}/", self.timeout, self._algo,
                       [self.members[r] for r in group], self._params)
+
+    def abort(self, reason: str = "aborted by the application") -> None:
+        """Abort the communicator: every peer's pending and later operations fail with a PeerError
+        carrying ``reason``, and so do this rank's. Idempotent; close() still releases resources."""
+        if self._broken is None:
+            self._broken = PeerError(f"rank {self.rank} aborted the communicator: {reason}", rank=self.rank)
+            failures.publish(self, CommsError(reason))
+            self._engine.abort()
 
     def close(self) -> None:
         """Finish pending asynchronous work (until the deadline), then release every resource."""

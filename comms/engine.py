@@ -15,12 +15,15 @@ import time
 from collections import deque
 from typing import Callable
 
+from . import log as clog
 from ._native import ffi, lib
 from .algorithms.plan import Plan
 from .errors import EAGAIN, TransportError
 from .work import Work
 
-SLICE_NS = 2_000_000        # how long the progress thread waits natively before releasing the lock
+SLICE_NS = 1_000_000        # how long the progress thread waits natively before releasing the lock
+
+log = clog.get("COLL")
 
 
 class Encoded:
@@ -97,30 +100,42 @@ class Engine:
             return self.seq
         return 0
 
+    def _acquire(self) -> None:
+        """Take the context lock; if the progress thread holds it in a sliced wait, kick it out."""
+        if not self.lock.acquire(blocking=False):
+            lib.cm_ctx_kick(self.ctx)
+            self.lock.acquire()
+
     def run(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int):
         """Run a plan to completion. Returns (failure, source, seq): failure is None or
         (code, status copy); source is the sender of an any-source receive (else None)."""
-        with self.lock:
-            seq = self._load(enc, p_in, p_out, p_scratch)
-            if enc.any_source or self.timeline is not None:
-                out = self._exec_out
-                rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
-                if out[0] != ffi.NULL:
-                    t0 = time.monotonic_ns()
-                    rc = lib.cm_exec_wait(self.ctx, out[0], -1, self.status)
-                    source = lib.cm_exec_peer(out[0], 0)
-                    self._trace(enc, seq, out[0], t0, rc)
-                    lib.cm_exec_free(self.ctx, out[0])
-                    if not rc:
-                        return None, source, seq
-            else:
-                rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
-                                     self.status)
-            if rc:
-                st = ffi.new("cm_status *", self.status[0])
-                st.code = rc
-                return (rc, st), None, seq
-            return None, None, seq
+        self._acquire()
+        try:
+            return self._run_locked(enc, p_in, p_out, p_scratch, deadline_ns)
+        finally:
+            self.lock.release()
+
+    def _run_locked(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int):
+        seq = self._load(enc, p_in, p_out, p_scratch)
+        if enc.any_source or self.timeline is not None:
+            out = self._exec_out
+            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
+            if out[0] != ffi.NULL:
+                t0 = time.monotonic_ns()
+                rc = lib.cm_exec_wait(self.ctx, out[0], -1, self.status)
+                source = lib.cm_exec_peer(out[0], 0)
+                self._trace(enc, seq, out[0], t0, rc)
+                lib.cm_exec_free(self.ctx, out[0])
+                if not rc:
+                    return None, source, seq
+        else:
+            rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
+                                 self.status)
+        if rc:
+            st = ffi.new("cm_status *", self.status[0])
+            st.code = rc
+            return (rc, st), None, seq
+        return None, None, seq
 
     def start(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int, work: Work,
               on_done: Callable) -> None:
@@ -129,15 +144,22 @@ class Engine:
         out = ffi.new("cm_exec **")
         work._enc = enc
         work._t0 = time.monotonic_ns()
-        with self.lock:
+        self._acquire()
+        try:
             work.seq = self._load(enc, p_in, p_out, p_scratch)
             rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
             if out[0] == ffi.NULL:
                 st = ffi.new("cm_status *", self.status[0])
                 st.code = rc
-                on_done(work, rc, st)
-                return
-            work._handle = out[0]
+                failed = True
+            else:
+                failed = False
+                work._handle = out[0]
+        finally:
+            self.lock.release()
+        if failed:
+            on_done(work, rc, st)
+            return
         with self._cv:
             self._inflight.append((work, out[0], on_done))
             if self._thread is None:
@@ -169,7 +191,10 @@ class Engine:
                 self._inflight.popleft()
                 self._cv.notify_all()
             work._handle = None
-            on_done(work, rc, status)
+            try:
+                on_done(work, rc, status)
+            except Exception:                 # a failing callback must not stop the progress thread
+                log.exception("comms: a completion callback of %s (seq %d) raised", work.op, work.seq)
 
     def drain(self, timeout: float) -> bool:
         """Wait until every asynchronous operation has ended; False if ``timeout`` passed first."""

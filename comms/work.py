@@ -14,7 +14,7 @@ from .errors import CommTimeout
 
 class Work:
     __slots__ = ("op", "seq", "rank", "source", "_event", "_exc", "_keep", "_result", "_callbacks", "_handle",
-                 "_enc", "_t0")
+                 "_enc", "_t0", "_cb_lock")
 
     def __init__(self, op: str, seq: int, rank: int, keepalive: Any = None, result: Any = None):
         self.op, self.seq, self.rank = op, seq, rank
@@ -23,22 +23,27 @@ class Work:
         self._keep = keepalive          # buffers that must outlive the operation
         self._result = result
         self._callbacks: list[Callable[["Work"], None]] = []
+        self._cb_lock = threading.Lock()
         self._handle = None             # native exec, owned by the engine
         self.source: int | None = None  # the peer of a point-to-point operation, once complete
 
     def _finish(self, exc: BaseException | None) -> None:
         self._exc = exc
         self._keep = None
-        self._event.set()
-        for cb in self._callbacks:
+        with self._cb_lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
             cb(self)
 
     def add_done_callback(self, cb: Callable[["Work"], None]) -> None:
-        """Call ``cb(work)`` on completion (at once if already complete), from the progress thread."""
-        if self._event.is_set():
-            cb(self)
-        else:
-            self._callbacks.append(cb)
+        """Call ``cb(work)`` exactly once on completion: at once (in this thread) if already
+        complete, else from the progress thread. Callbacks must not block on other operations."""
+        with self._cb_lock:
+            if not self._event.is_set():
+                self._callbacks.append(cb)
+                return
+        cb(self)
 
     def is_completed(self) -> bool:
         return self._event.is_set()

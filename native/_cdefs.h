@@ -75,6 +75,7 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
 int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes);
 int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns);   /* test hook: emulated latency */
 void cm_ctx_abort(cm_ctx *ctx);
+void cm_ctx_kick(cm_ctx *ctx);   /* from any thread: a sliced cm_exec_wait returns soon (CM_EAGAIN) */
 int cm_ctx_pending(cm_ctx *ctx);
 int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max);   /* newest last; safe to call while another thread waits */
 int cm_ctx_flight_capacity(cm_ctx *ctx, int entries);

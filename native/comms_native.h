@@ -153,6 +153,7 @@ struct cm_ctx {
     size_t slot_bytes, chan_bytes;
     int has_shm, has_tcp;
     int trace;                   /* record per-message times for timelines */
+    _Atomic int kick;            /* another thread wants the context: end a sliced wait early */
     /* execs */
     cm_exec *active;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;

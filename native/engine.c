@@ -196,6 +196,14 @@ int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes) {
     return CM_OK;
 }
 
+void cm_ctx_kick(cm_ctx *ctx) {
+    atomic_store(&ctx->kick, 1);
+    if (ctx->my_seg) {                         /* wake the waiter if it sleeps on its doorbell */
+        atomic_fetch_add(&ctx->my_seg->doorbell, 1);
+        cm_shm_notify(ctx->my_seg);
+    }
+}
+
 int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns) {
     if (peer < 0 || peer >= ctx->size || ctx->chans[peer].type != CM_CHAN_TCP || delay_ns < 0) return CM_E_INVALID;
     ctx->chans[peer].delay_ns = delay_ns;
@@ -651,7 +659,17 @@ int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
         int r = progress(ctx);
         if (r < 0) continue;                          /* e->done is set by cm_fail */
         if (r > 0) { spins = 0; yields = 0; continue; }
-        if (++spins < ctx->spin) { cpu_relax(); continue; }
+        if (++spins < ctx->spin) {
+            cpu_relax();
+            if ((spins & 255) || block_ns < 0) continue;
+            /* a sliced wait (the progress thread) gives the context up on time, or when kicked */
+            if (atomic_exchange(&ctx->kick, 0) || cm_now_ns() - start >= block_ns) {
+                fill_status(ctx, e, st);
+                return CM_EAGAIN;
+            }
+            continue;
+        }
+        if (block_ns >= 0 && atomic_exchange(&ctx->kick, 0)) { fill_status(ctx, e, st); return CM_EAGAIN; }
         int64_t now = cm_now_ns();
         if (now >= e->deadline) {
             cm_op *op;

@@ -218,3 +218,17 @@ def split_groups(rank: int, size: int) -> list:
     sub.close()
     comm.close()
     return res
+
+
+def app_abort(rank: int, size: int) -> tuple:
+    comm = comms.init(timeout=20)
+    comm.all_reduce(np.ones(2))
+    try:
+        if rank == 0:
+            comm.abort("the scheduler preempted this job")
+        comm.all_reduce(np.ones(2))
+        return ("no error",)
+    except comms.CommsError as e:
+        return _err(e)
+    finally:
+        comm.close()

@@ -124,3 +124,10 @@ def test_launcher_runs_an_init_script_and_names_a_failing_rank(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "rank 1" in bad.stderr, bad.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_application_abort_reaches_every_rank_with_its_reason():
+    out = spawn(fw.app_abort, 3, timeout=60)
+    for rank, (name, msg, *_) in enumerate(out):
+        assert name == "PeerError", msg
+        assert "the scheduler preempted this job" in msg, msg

@@ -64,44 +64,70 @@ def test_single_rank_group_in_process():
         dist.destroy_process_group()
 
 
+# Several rank functions share one job (importing torch in fresh processes dominates the runtime).
+TWO_RANKS = ["compare_every_op", "premul_and_avg", "objects", "work_semantics", "timeouts", "teardown"]
+THREE_RANKS = ["compare_every_op", "point_to_point", "subgroups"]
+CLIENTS = ["ddp", "fsdp", "tensor_parallel", "functional"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return spawn(ops.run_all, 2, timeout=200, args=(TWO_RANKS,))
+
+
+@pytest.fixture(scope="module")
+def three_ranks() -> list[dict]:
+    return spawn(ops.run_all, 3, timeout=200, args=(THREE_RANKS,))
+
+
+@pytest.fixture(scope="module")
+def clients() -> list[dict]:
+    return spawn(models.run_all, 2, timeout=240, args=(CLIENTS,))
+
+
 @pytest.mark.parametrize("size", [2, 3])
-def test_every_op_sync_and_async_matches_gloo(size):
-    names = spawn(ops.compare_every_op, size, timeout=120)[0]
+def test_every_op_sync_and_async_matches_gloo(size, request):
+    results = request.getfixturevalue("two_ranks" if size == 2 else "three_ranks")
+    names = results[0]["compare_every_op"]
     assert len(names) == 2 * 31 and "all_to_all_single_uneven" in names and "all_gather_views" in names
 
 
-def test_avg_and_premul_sum():
-    spawn(ops.premul_and_avg, 2, timeout=60)
+def test_avg_and_premul_sum(two_ranks):
+    # x = arange(8) * (rank + 1), summed over 2 ranks: 3 * arange(8); factors 0.5 and 3, then AVG.
+    # Per factor: the all_reduce's sum, then this rank's reduce_scatter half (3 * 6 or 3 * 22, scaled).
+    assert two_ranks[0]["premul_and_avg"] == [42.0, 9.0, 252.0, 54.0, 42.0]
+    assert two_ranks[1]["premul_and_avg"] == [42.0, 33.0, 252.0, 198.0, 42.0]
 
 
-def test_point_to_point_and_any_source():
-    r = spawn(ops.point_to_point, 3, timeout=60)
+def test_point_to_point_and_any_source(three_ranks):
+    r = [x["point_to_point"] for x in three_ranks]
     assert r[1]["recv"] == (0, [0.0, 1.0, 2.0, 3.0])
     assert [x["isend_irecv"] for x in r] == [[2.0] * 3, [0.0] * 3, [1.0] * 3]
     assert [x["batch"] for x in r] == [[20.0] * 3, [0.0] * 3, [10.0] * 3]
     assert r[0]["any"] == [(1, [1, 2]), (2, None), (2, [2, 4])]
 
 
-def test_object_collectives():
-    for r in spawn(ops.objects, 2, timeout=60):
-        assert r == [[0, 1], [0, 100], [1, {"from": 1}], 1000]
+def test_object_collectives(two_ranks):
+    for r in two_ranks:
+        assert r["objects"] == [[0, 1], [0, 100], [1, {"from": 1}], 1000]
 
 
-def test_work_semantics_and_errors():
-    r0, r1 = spawn(ops.work_semantics, 2, timeout=60)
+def test_work_semantics_and_errors(two_ranks):
+    r0, r1 = (r["work_semantics"] for r in two_ranks)
     assert r0["enqueued"] and r0["pending"] == (False, False) and r0["future_pending"] is False
     assert r0["future_value"] == [True] and r0["done"] == (True, True, None)
+    assert r0["callback"] == ("comms-future", [3.0, 3.0])
     for r in (r0, r1):
         assert r["sum"] == [3.0] * 5 and r["then"] == 30.0
         assert r["mismatch"] == "MismatchError" and r["future_error"] is True and r["after"] == (True, False)
 
 
-def test_group_and_per_op_timeouts():
-    assert spawn(ops.timeouts, 2, timeout=60)[0] == {"group": "CommTimeout", "op": "CommTimeout"}
+def test_group_and_per_op_timeouts(two_ranks):
+    assert two_ranks[0]["timeouts"] == {"group": "CommTimeout", "op": "CommTimeout"}
 
 
-def test_subgroups_use_global_ranks():
-    r = spawn(ops.subgroups, 3, timeout=60)
+def test_subgroups_use_global_ranks(three_ranks):
+    r = [x["subgroups"] for x in three_ranks]
     assert r[0]["evens"] == ([0, 2], 0, 2, [0, 2]) and r[2]["evens"] == ([0, 2], 1, 2, [0, 2])
     assert r[0]["evens_sum"] == r[2]["evens_sum"] == 2.0
     assert r[0]["evens_bcast"] == r[2]["evens_bcast"] == 2.0
@@ -109,9 +135,9 @@ def test_subgroups_use_global_ranks():
     assert r[1]["tail_recv"] == 2 and "tail" not in r[0] and "evens" not in r[1]
 
 
-def test_destroy_drains_and_reinit_works():
-    for r in spawn(ops.teardown, 2, timeout=60):
-        assert r == [(True, True, 39.0, 0), (True, True, 39.0, 1)]
+def test_destroy_drains_and_reinit_works(two_ranks):
+    for r in two_ranks:
+        assert r["teardown"] == [(True, True, 39.0, 0), (True, True, 39.0, 1)]
 
 
 @pytest.mark.parametrize("size,seed", [(2, 11), (3, 12)])
@@ -121,20 +147,20 @@ def test_differential_against_gloo(size, seed):
     assert sum(counts[0].values()) > 120          # outputs compared (barrier has none)
 
 
-def test_ddp_matches_gloo():
-    assert spawn(models.ddp, 2, timeout=150)[0] == list(models.DDP_VARIANTS)
+def test_ddp_matches_gloo(clients):
+    assert clients[0]["ddp"] == list(models.DDP_VARIANTS)
 
 
-def test_fsdp2_matches_gloo():
-    assert spawn(models.fsdp, 2, timeout=150)[0] == ["avg", "bf16", "premul"]
+def test_fsdp2_matches_gloo(clients):
+    assert clients[0]["fsdp"] == ["avg", "bf16", "premul"]
 
 
-def test_dtensor_tensor_parallel_matches_gloo():
-    assert spawn(models.tensor_parallel, 2, timeout=150)[0] == models.STEPS + 4      # outputs per step, then parameters
+def test_dtensor_tensor_parallel_matches_gloo(clients):
+    assert clients[0]["tensor_parallel"] == models.STEPS + 4      # outputs per step, then parameters
 
 
-def test_functional_collectives_match_gloo():
-    assert spawn(models.functional, 2, timeout=120)[0] == 16
+def test_functional_collectives_match_gloo(clients):
+    assert clients[0]["functional"] == 16
 
 
 def _launch(script: str, *args: str) -> str:

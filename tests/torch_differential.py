@@ -45,15 +45,28 @@ def make_case(rng: np.random.Generator, size: int) -> dict:
     shape = (rows,) + tuple(int(d) for d in rng.integers(1, 4, rng.integers(0, 3)))
     splits = rng.integers(0, 4, (size, size)).tolist()
     return dict(coll=coll, dtype=dtype, op=ops[rng.integers(len(ops))], shape=shape, root=int(rng.integers(size)),
-                splits=splits, async_op=bool(rng.random() < 0.5))
+                splits=splits, async_op=bool(rng.random() < 0.5), strided=bool(rng.random() < 0.25))
 
 
-def run_case(c: dict, group, rank: int, size: int, seed: int, i: int) -> list[torch.Tensor]:
-    """Run case ``c`` on ``group``; returns the outputs that are defined on this rank."""
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous tensor with the values of ``t`` (every other element of a wider buffer)."""
+    v = torch.zeros(t.shape + (2,), dtype=t.dtype)[..., 0]
+    v.copy_(t)
+    return v
+
+
+def run_case(c: dict, group, rank: int, size: int, seed: int, i: int, strided: bool) -> list[torch.Tensor]:
+    """Run case ``c`` on ``group``; returns the outputs that are defined on this rank. ``strided``
+    makes every tensor non-contiguous (Gloo refuses those: it gets contiguous ones)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + i * 101 + rank)
     coll, dtype, shape, root, a = c["coll"], c["dtype"], c["shape"], c["root"], c["async_op"]
     op = getattr(R, c["op"])
-    x = _data(gen, dtype, shape)
+    S = _strided if strided else (lambda t: t)
+
+    def new(*shape_):                       # an output buffer
+        return S(torch.zeros(shape_ or shape, dtype=dtype))
+
+    x = S(_data(gen, dtype, shape))
     works, outs = [], []
 
     def issue(w):
@@ -64,7 +77,7 @@ def run_case(c: dict, group, rank: int, size: int, seed: int, i: int) -> list[to
         issue(dist.all_reduce(x, op, group=group, async_op=a))
         outs = [x]
     elif coll == "all_reduce_coalesced":
-        xs = [x, _data(gen, dtype, (3,)), x.reshape(-1)[: max(1, x.numel() // 2)].clone()]
+        xs = [x, S(_data(gen, dtype, (3,))), S(x.reshape(-1)[: max(1, x.numel() // 2)].clone())]
         fut = dist.all_reduce_coalesced(xs, op, group=group, async_op=a)
         if a:
             fut.wait()
@@ -76,20 +89,20 @@ def run_case(c: dict, group, rank: int, size: int, seed: int, i: int) -> list[to
         issue(dist.reduce(x, group_dst=root, op=op, group=group, async_op=a))
         outs = [x] if rank == root else []
     elif coll == "all_gather":
-        outs = [torch.empty_like(x) for _ in range(size)]
+        outs = [new() for _ in range(size)]
         issue(dist.all_gather(outs, x, group=group, async_op=a))
     elif coll == "all_gather_into_tensor":
-        out = torch.empty((size * shape[0],) + shape[1:], dtype=dtype)
+        out = new(size * shape[0], *shape[1:])
         issue(dist.all_gather_into_tensor(out, x, group=group, async_op=a))
         outs = [out]
     elif coll == "reduce_scatter":
-        out = torch.empty_like(x)
-        issue(dist.reduce_scatter(out, [_data(gen, dtype, shape) for _ in range(size)], op=op, group=group,
+        out = new()
+        issue(dist.reduce_scatter(out, [S(_data(gen, dtype, shape)) for _ in range(size)], op=op, group=group,
                                   async_op=a))
         outs = [out]
     elif coll == "reduce_scatter_tensor":
-        inp = _data(gen, dtype, (size * shape[0],) + shape[1:])
-        out = torch.empty_like(x)
+        inp = S(_data(gen, dtype, (size * shape[0],) + shape[1:]))
+        out = new()
         issue(dist.reduce_scatter_tensor(out, inp, op=op, group=group, async_op=a))
         outs = [out]
     elif coll == "all_to_all_single":
@@ -98,27 +111,27 @@ def run_case(c: dict, group, rank: int, size: int, seed: int, i: int) -> list[to
             ins, got = sp[rank], [sp[p][rank] for p in range(size)]
         else:
             ins, got = [shape[0]] * size, [shape[0]] * size
-        inp = _data(gen, dtype, (sum(ins),) + shape[1:])
-        out = torch.empty((sum(got),) + shape[1:], dtype=dtype)
+        inp = S(_data(gen, dtype, (sum(ins),) + shape[1:]))
+        out = new(sum(got), *shape[1:])
         issue(dist.all_to_all_single(out, inp, got if shape[0] % 2 else None, ins if shape[0] % 2 else None,
                                      group=group, async_op=a))
         outs = [out]
     elif coll == "all_to_all":
-        outs = [torch.empty_like(x) for _ in range(size)]
-        issue(dist.all_to_all(outs, [_data(gen, dtype, shape) for _ in range(size)], group=group, async_op=a))
+        outs = [new() for _ in range(size)]
+        issue(dist.all_to_all(outs, [S(_data(gen, dtype, shape)) for _ in range(size)], group=group, async_op=a))
     elif coll == "gather":
-        outs = [torch.empty_like(x) for _ in range(size)] if rank == root else None
+        outs = [new() for _ in range(size)] if rank == root else None
         issue(dist.gather(x, outs, group_dst=root, group=group, async_op=a))
         outs = outs or []
     elif coll == "scatter":
-        out = torch.empty_like(x)
-        src = [_data(gen, dtype, shape) for _ in range(size)] if rank == root else None
+        out = new()
+        src = [S(_data(gen, dtype, shape)) for _ in range(size)] if rank == root else None
         issue(dist.scatter(out, src, group_src=root, group=group, async_op=a))
         outs = [out]
     elif coll == "barrier":
         issue(dist.barrier(group=group, async_op=a))
     elif coll == "ring":                                            # isend/irecv around the ring
-        out = torch.empty_like(x)
+        out = new()
         nxt, prv = (rank + 1) % size, (rank - 1) % size
         works += dist.batch_isend_irecv([dist.P2POp(dist.isend, x, group=group, group_peer=nxt, tag=i),
                                          dist.P2POp(dist.irecv, out, group=group, group_peer=prv, tag=i)])
@@ -140,8 +153,8 @@ def differential(rank: int, size: int, seed: int, ncases: int) -> dict:
     compared: dict[str, int] = {}
     for i in range(ncases):
         c = make_case(rng, size)
-        mine = run_case(c, world, rank, size, seed, i)
-        ref = run_case(c, gloo, rank, size, seed, i)
+        mine = run_case(c, world, rank, size, seed, i, c["strided"])
+        ref = run_case(c, gloo, rank, size, seed, i, False)
         exact = size <= 2 or c["coll"] not in REDUCING or c["dtype"] not in FLOATS
         for k, (m, r) in enumerate(zip(mine, ref, strict=True)):
             what = f"case {i} {c} output {k} on rank {rank}"

@@ -3,7 +3,6 @@ functional collectives) twice in one job, once over the comms world group and on
 group, and returning both results for comparison."""
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -11,14 +10,16 @@ import torch.nn as nn
 
 import comms  # noqa: F401 - registers the backend
 
-STEPS = 3
+STEPS = 4
 
 
-def _init() -> dist.ProcessGroup:
-    """The comms world plus a Gloo group over the same ranks."""
-    warnings.simplefilter("ignore", FutureWarning)
+def _init(tag: str) -> dist.ProcessGroup:
+    """The comms world plus a Gloo group over the same ranks, through the job's store under a
+    prefix of its own (Gloo groups made again after destroy_process_group would otherwise read
+    their predecessors' keys)."""
+    from torch_workers import init
     torch.set_num_threads(1)
-    dist.init_process_group("comms")
+    init(tag=tag)
     return dist.new_group(backend="gloo")
 
 
@@ -66,6 +67,7 @@ DDP_VARIANTS = {
     "python_hook": dict(),
     "fp16_hook": dict(),                            # torch's fp16_compress_hook
     "cpp_hook": dict(),                             # the C++ allreduce hook: calls the group from C++
+    "powersgd": dict(),                             # its future callbacks wait for more all_reduces
 }
 
 
@@ -81,6 +83,11 @@ def _train_ddp(rank: int, group, variant: str) -> list[torch.Tensor]:
         ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
     elif variant == "cpp_hook":
         ddp._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)
+    elif variant == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+        state = psgd.PowerSGDState(process_group=group, matrix_approximation_rank=1, start_powerSGD_iter=2,
+                                   min_compression_rate=0.5)
+        ddp.register_comm_hook(state, psgd.powerSGD_hook)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     for step in range(STEPS):
         use_side = variant != "find_unused" or step % 2 == 1
@@ -92,7 +99,7 @@ def _train_ddp(rank: int, group, variant: str) -> list[torch.Tensor]:
 
 
 def ddp(rank: int, size: int) -> list[str]:
-    gloo = _init()
+    gloo = _init("ddp")
     world = dist.group.WORLD
     done = []
     for variant in DDP_VARIANTS:
@@ -131,7 +138,7 @@ def _train_fsdp(rank: int, mesh, variant: str, gloo: bool) -> list[torch.Tensor]
 
 def fsdp(rank: int, size: int) -> list[str]:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    gloo = _init()
+    gloo = _init("fsdp")
     mine_mesh = init_device_mesh("cpu", (size,))
     assert dist.get_backend(mine_mesh.get_group()) == "comms"
     gloo_mesh = DeviceMesh.from_group(gloo, "cpu")
@@ -177,7 +184,7 @@ def _run_tp(mesh) -> list[torch.Tensor]:
 
 def tensor_parallel(rank: int, size: int) -> int:
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    gloo = _init()
+    gloo = _init("tensor_parallel")
     mine = _run_tp(init_device_mesh("cpu", (size,)))
     ref = _run_tp(DeviceMesh.from_group(gloo, "cpu"))
     _same(mine, ref, "TP")
@@ -210,9 +217,14 @@ def _funcol(group, rank: int, size: int) -> list[torch.Tensor]:
 
 
 def functional(rank: int, size: int) -> int:
-    gloo = _init()
+    gloo = _init("functional")
     mine = [t.clone() for t in _funcol(dist.group.WORLD, rank, size)]
     ref = _funcol(gloo, rank, size)
     _same(mine, ref, "functional collectives")
     dist.destroy_process_group()
     return len(mine)
+
+
+def run_all(rank: int, size: int, names: list[str]) -> dict:
+    """Run several rank functions of this module in one job, in order: name -> result."""
+    return {name: globals()[name](rank, size) for name in names}

@@ -2,6 +2,7 @@
 a Gloo group in the same job, Work semantics, subgroups, teardown (spawned by comms.testing)."""
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from datetime import timedelta
@@ -14,9 +15,20 @@ import comms  # noqa: F401 - registers the backend
 R = dist.ReduceOp
 
 
-def init(backend: str = "comms", **kw) -> None:
+def init(backend: str = "comms", tag: str | None = None, **kw) -> None:
+    """The world group. With ``tag``, through the job's store under a prefix of its own: Gloo
+    groups made again after destroy_process_group get the names of their predecessors and would
+    read their keys (comms groups do not: they count generations)."""
     warnings.simplefilter("ignore", FutureWarning)      # deprecated spellings we test on purpose
+    if tag is not None:
+        kw.update(store=job_store(tag), rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend, **kw)
+
+
+def job_store(tag: str) -> dist.Store:
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=60))
+    return dist.PrefixStore(f"{tag}/", base)
 
 
 def clone(x):
@@ -109,8 +121,8 @@ def every_op(group, rank: int, size: int, async_op: bool) -> dict:
     t = torch.zeros(size * 2, 3)
     go(dist.all_to_all_single(t, x[:size * 2].clone(), group=group, async_op=async_op))
     out["all_to_all_single"] = t
-    ins = [(p + rank) % 3 + 1 for p in range(size)]         # uneven: rank r sends (p + r) % 3 + 1 rows to p
-    outs = [(rank + p) % 3 + 1 for p in range(size)]
+    ins = [(p + 2 * rank) % 3 + 1 for p in range(size)]     # uneven: rank r sends (p + 2r) % 3 + 1 rows to p
+    outs = [(rank + 2 * p) % 3 + 1 for p in range(size)]
     t = torch.zeros(sum(outs), 3)
     go(dist.all_to_all_single(t, x[:sum(ins)].clone(), outs, ins, group=group, async_op=async_op))
     out["all_to_all_single_uneven"] = t
@@ -137,7 +149,7 @@ def every_op(group, rank: int, size: int, async_op: bool) -> dict:
 
 def compare_every_op(rank: int, size: int) -> list[str]:
     """Every op, sync and async, on the comms world and a Gloo group: same outputs."""
-    init()
+    init(tag="compare_every_op")
     gloo = dist.new_group(backend="gloo")
     checked = []
     for async_op in (False, True):
@@ -152,17 +164,20 @@ def compare_every_op(rank: int, size: int) -> list[str]:
     return checked
 
 
-def premul_and_avg(rank: int, size: int) -> None:
-    """AVG and PREMUL_SUM (number and tensor factors) for all_reduce, reduce, reduce_scatter."""
+def premul_and_avg(rank: int, size: int) -> list:
+    """AVG and PREMUL_SUM (number and tensor factors) for all_reduce, reduce, reduce_scatter;
+    returns each result's sum (the expected values are checked here too)."""
     init()
     x = torch.arange(8, dtype=torch.float64) * (rank + 1)
     total = sum(torch.arange(8, dtype=torch.float64) * (r + 1) for r in range(size))
+    sums = []
     for factor in (0.5, torch.tensor([3.0], dtype=torch.float64)):
         op = dist._make_nccl_premul_sum(factor)
         f = float(factor)
         t = x.clone()
         dist.all_reduce(t, op=op)
         assert torch.equal(t, total * f), (t, total * f)
+        sums.append(t.sum().item())
         t = x.clone()
         dist.reduce(t, dst=0, op=op)
         assert torch.equal(t, total * f if rank == 0 else x), t
@@ -170,13 +185,16 @@ def premul_and_avg(rank: int, size: int) -> None:
         dist.reduce_scatter_tensor(out, inp, op=op)
         assert torch.equal(inp, x), "PREMUL_SUM must not scale the caller's input"
         assert torch.equal(out, (total * f).chunk(size)[rank]), out
-        w = dist.reduce_scatter_tensor(out, inp, op=op, async_op=True)
-        w.wait()
+        out.zero_()
+        dist.reduce_scatter_tensor(out, inp, op=op, async_op=True).wait()
         assert torch.equal(out, (total * f).chunk(size)[rank]), out
+        sums.append(out.sum().item())
     t = x.clone()
     dist.all_reduce(t, op=R.AVG)
     assert torch.equal(t, total / size)
+    sums.append(t.sum().item())
     dist.destroy_process_group()
+    return sums
 
 
 # -- point to point -------------------------------------------------------------------------------
@@ -234,11 +252,13 @@ def objects(rank: int, size: int) -> list:
 # -- Work semantics -------------------------------------------------------------------------------
 def work_semantics(rank: int, size: int) -> dict:
     """is_completed() does not block; async work issued from another thread only enqueues;
-    get_future() holds the output tensors; wait() raises comms errors."""
+    get_future() holds the output tensors, and its callbacks run off the progress thread, free to
+    wait for more comms work (as PowerSGD's do); wait() raises comms errors."""
     init(timeout=timedelta(seconds=60))
     store = dist.distributed_c10d._get_default_store()
     res = {}
     t = torch.ones(5) * (rank + 1)
+    t2 = torch.ones(2) * (rank + 1)
     if rank == 0:
         box = {}
 
@@ -251,17 +271,21 @@ def work_semantics(rank: int, size: int) -> dict:
         res["enqueued"] = not th.is_alive()
         res["pending"] = (w.is_completed(), w.is_success())    # the peer has not joined yet
         fut = w.get_future()
+        chained = fut.then(lambda f: (threading.current_thread().name.split("_")[0],
+                                      dist.all_reduce(t2, async_op=True).get_future().wait()[0].tolist()))
         res["future_pending"] = fut.done()
         store.set("go", "1")
         value = fut.wait()
         res["future_value"] = [v.data_ptr() == t.data_ptr() for v in value]
+        res["callback"] = chained.wait()
         w.wait()
         res["done"] = (w.is_completed(), w.is_success(), w.exception())
     else:
         store.wait(["go"])
         dist.all_reduce(t)
+        dist.all_reduce(t2)
     res["sum"] = t.tolist()
-    # the future of a completed work, and a chained callback on the progress thread
+    # the future of a completed work: its callbacks run at once, on this thread
     w = dist.all_reduce(t, async_op=True)
     w.wait()
     res["then"] = w.get_future().then(lambda f: f.value()[0].sum().item()).wait()
@@ -312,7 +336,7 @@ def timeouts(rank: int, size: int) -> dict:
 # -- groups and teardown -----------------------------------------------------------------------------
 def subgroups(rank: int, size: int) -> dict:
     """new_group with extended_api: global ranks, group ranks, ops inside, mixed with Gloo."""
-    init()
+    init(tag="subgroups")
     res = {}
     evens = dist.new_group([r for r in range(size) if r % 2 == 0], backend="comms")
     tail = dist.new_group(list(range(1, size)))              # the world's backend: comms
@@ -354,3 +378,9 @@ def teardown(rank: int, size: int) -> list:
         out.append((all(w.is_completed() for w in works), all(w.is_success() for w in works),
                     ts[-1][0].item(), generation))
     return out
+
+
+def run_all(rank: int, size: int, names: list[str]) -> dict:
+    """Run several rank functions of this module in one job (one spawn instead of many), in
+    order; returns name -> that function's result. A failure fails the whole job."""
+    return {name: globals()[name](rank, size) for name in names}

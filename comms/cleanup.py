@@ -20,7 +20,8 @@ def segment_name(pid: int | None = None) -> str:
     return f"{PREFIX}{os.getuid()}.{pid or os.getpid()}.{secrets.token_hex(6)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,7 +47,7 @@ def sweep_stale_segments(pids: "set[int] | None" = None) -> list[str]:
             pid = int(name[len(mine):].split(".", 1)[0])
         except ValueError:
             continue
-        if (pids is not None and pid not in pids) or _pid_alive(pid):
+        if (pids is not None and pid not in pids) or pid_alive(pid):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))

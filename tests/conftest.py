@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from comms.cleanup import pid_alive
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 TEST_DEADLINE_S = int(os.environ.get("COMMS_TEST_DEADLINE", "240"))
@@ -30,16 +32,6 @@ def _our_segments() -> list[str]:
         return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"comms.{os.getuid()}."))
     except OSError:
         return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _children() -> list[int]:
@@ -69,7 +61,7 @@ def _no_leaks():
     yield
     # a segment whose creator is still alive belongs to a running process (possibly not ours);
     # one whose creator is dead was leaked
-    leaked = sorted(n for n in set(_our_segments()) - before if not _alive(int(n.split(".")[2])))
+    leaked = sorted(n for n in set(_our_segments()) - before if not pid_alive(int(n.split(".")[2])))
     kids = _children()
     assert not leaked, f"the test suite leaked /dev/shm segments: {leaked}"
     assert not kids, f"the test suite left child processes running: {kids}"

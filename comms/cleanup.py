@@ -21,14 +21,21 @@ def segment_name(pid: int | None = None) -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (one we may not signal counts as alive)."""
+    """Whether a process with this pid is running: a zombie counts as dead, one we may not signal
+    as alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:           # it exited between the two checks
+        return False
+    except (OSError, IndexError):
+        return True
 
 
 def sweep_stale_segments(pids: "set[int] | None" = None) -> list[str]:

@@ -94,17 +94,9 @@ def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
+    """True if ``pid`` runs (zombies, which may linger in containers, count as dead)."""
+    from comms.cleanup import pid_alive
+    return pid_alive(pid)
 
 
 def _netns_list() -> list[str]:

@@ -54,18 +54,9 @@ def launch(args: list[str], timeout: float = 60, cwd: Path = ROOT) -> tuple[subp
 
 
 def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie (reparented zombies may linger in containers)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    """True if ``pid`` runs (zombies, which may linger in containers, count as dead)."""
+    from comms.cleanup import pid_alive
+    return pid_alive(pid)
 
 
 def _pids(d: Path) -> dict[str, int]:

@@ -16,6 +16,11 @@ Each simulated host gets
     a private 512 MiB tmpfs on /dev/shm, the hostname ``host<i>``, and an /etc/hosts naming every
     simulated host. comms therefore sees different hosts (different IPC namespace and /dev/shm): shared
     memory inside a host, TCP between hosts;
+  - its own CPUs (``cpus="split"``, the default): the CPUs this process may use are dealt out round-robin,
+    so host i runs on cpus[i::hosts] (hosts share CPUs only when there are more hosts than CPUs). Real
+    hosts do not share cores; without this, ranks of one "host" spin on cores the other host's ranks and
+    network stack need, and the topology detector cannot see the oversubscription. ``cpus="shared"``
+    lets every host use every CPU;
   - optionally a token-bucket rate limit (``tc qdisc ... tbf``) on both ends of every inter-host link,
     and (``delay_us``) latency, emulated by comms' TCP test hook COMMS_TCP_DELAY_US (no netem here).
 
@@ -196,7 +201,7 @@ class SimulatedHosts:
 
     def __init__(self, hosts: int = 2, ranks_per_host: int = 2, rate: str | int | float | None = None,
                  prefix: str = PREFIX, subnet: str = SUBNET, echo: bool = False, shm_size: str = SHM_SIZE,
-                 delay_us: float | None = None):
+                 delay_us: float | None = None, cpus: str = "split"):
         global _instances
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be in [1, 200], got {hosts}")
@@ -206,6 +211,11 @@ class SimulatedHosts:
         self.rate = None if rate is None else parse_rate(rate)
         self.prefix, self.subnet, self.echo, self.shm_size = prefix, subnet, echo, shm_size
         self.delay_us = delay_us
+        if cpus not in ("split", "shared"):
+            raise ValueError(f"cpus must be 'split' or 'shared', got {cpus!r}")
+        allowed = sorted(os.sched_getaffinity(0))
+        self.cpus = ([allowed[i::hosts] or [allowed[i % len(allowed)]] for i in range(hosts)] if cpus == "split"
+                     else [allowed] * hosts)
         with _instances_lock:
             n = _instances
             _instances += 1
@@ -347,10 +357,11 @@ class SimulatedHosts:
 
     # -- running things ------------------------------------------------------------------------
     def exec(self, host: int | str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run a short command in a host's network namespace (only: no IPC/mount/UTS namespaces),
-        e.g. ``sim.exec(0, ["ip", "addr"])``; ``host`` may also be "sw"."""
+        """Run a short command in a host's network namespace (only: no IPC/mount/UTS namespaces) and
+        on its CPUs, e.g. ``sim.exec(0, ["ip", "addr"])``; ``host`` may also be "sw"."""
         ns = self.switch if host == "sw" else self.netns[int(host)]
-        return subprocess.run(["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE,
+        pin = [] if host == "sw" else ["taskset", "-c", ",".join(map(str, self.cpus[int(host)]))]
+        return subprocess.run(pin + ["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
     def link_bytes(self) -> dict[str, int]:
@@ -367,7 +378,8 @@ class SimulatedHosts:
                   + "".join(f" && {{ [ ! -e /etc/{f} ] || mount --bind {shlex.quote(str(self.rundir / f))} /etc/{f}; }}"
                             for f in ("hosts", "resolv.conf")) +
                   f" && hostname host{i} && exec \"$@\"")
-        return ["ip", "netns", "exec", self.netns[i], "unshare", "--ipc", "--mount", "--uts",
+        pin = ["taskset", "-c", ",".join(map(str, self.cpus[i]))]
+        return pin + ["ip", "netns", "exec", self.netns[i], "unshare", "--ipc", "--mount", "--uts",
                 "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
     def _env(self, i: int, extra: dict | None) -> dict:
@@ -484,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", default=None, help="limit every inter-host link (tc tbf), e.g. 2gbit, 200mbit")
     ap.add_argument("--delay-us", type=float, default=None,
                     help="latency added to every TCP message (comms' test hook COMMS_TCP_DELAY_US; no netem here)")
+    ap.add_argument("--cpus", choices=["split", "shared"], default="split",
+                    help="split: each host runs on its own share of the CPUs (default); shared: every host on all")
     ap.add_argument("--timeout", type=float, default=600, help="kill everything after S seconds (default 600)")
     ap.add_argument("--rdzv", choices=["static", "c10d"], default="static", help="torchrun rendezvous (default static)")
     ap.add_argument("--port", type=int, default=29500, help="master / rendezvous port on host0 (default 29500)")
@@ -507,9 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):      # SIGINT too: `&` jobs start with it ignored
         signal.signal(sig, terminate)
     try:
-        with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet, delay_us=args.delay_us) as sim:
+        with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet, delay_us=args.delay_us,
+                            cpus=args.cpus) as sim:
             print(f"multihost: {args.hosts} hosts x {args.ranks} ranks, namespaces {', '.join(sim.namespaces)}, "
-                  f"addresses {', '.join(sim.addrs)}" + (f", links limited to {args.rate}" if args.rate else ""),
+                  f"addresses {', '.join(sim.addrs)}, cpus {' | '.join(','.join(map(str, c)) for c in sim.cpus)}"
+                  + (f", links limited to {args.rate}" if args.rate else ""),
                   flush=True)
             if args.raw:
                 results = sim.run([rest] * args.hosts, timeout=args.timeout)

@@ -6,7 +6,9 @@ index j"; the ranks with local index j on every host form column j. Columns give
 own path across the network, so all NICs (and all cores) work at once.
 
 - all_reduce: ring reduce-scatter inside each host (member j ends owning block (j+1) mod L), ring
-  all-reduce of that block across the column, ring all-gather inside each host.
+  all-reduce of that block across the column, ring all-gather inside each host; large buffers are
+  cut into segments that run these phases staggered (a software pipeline), so the network is busy
+  while other segments are reduced and gathered over shared memory.
 - reduce_scatter: ring reduce-scatter inside the host over column-sized pieces, then across the
   column; each byte crosses the network once.
 - all_gather: ring all-gather across the column (each rank gets its column), then inside the host.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from . import algorithm
 from .patterns import binomial_children, binomial_parent, blocks
-from .plan import IN, OUT, SCRATCH, Args, Builder, NotSupported, Plan
+from .plan import COMM_KINDS, IN, OUT, PHASE, SCRATCH, Args, Builder, NotSupported, Plan
 from .ring import all_gather_pass, byte_blocks, reduce_scatter_pass
 
 
@@ -42,27 +44,85 @@ class Layout:
         return [g[j] for g in self.hosts]
 
 
-@algorithm("all_reduce", "hierarchical", "reduce-scatter in each host, all-reduce across hosts per slice, "
-                                          "all-gather in each host")
-def all_reduce_hierarchical(a: Args) -> Plan:
-    t = Layout(a)
+# Segments of a pipelined hierarchical all_reduce: the buffer is cut into segments of about this
+# many bytes (at most MAX_SEGMENTS), and segment s runs its phase k in round s + k, so the network
+# phases of one segment overlap the shared-memory phases of its neighbours.
+SEGMENT_BYTES = 2 << 20
+MAX_SEGMENTS = 8
+
+
+def segments_for(nbytes: int, min_count: int, count: int) -> int:
+    """How many pipeline segments a buffer of ``nbytes`` (``count`` elements) is cut into: about
+    one per SEGMENT_BYTES, at most MAX_SEGMENTS, each with at least ``min_count`` elements."""
+    return max(1, min(MAX_SEGMENTS, nbytes // SEGMENT_BYTES, count // max(min_count, 1)))
+
+
+def phases_of(steps) -> list[list]:
+    """A step list cut at its PHASE markers (which are dropped): one list per message group,
+    local steps first (a builder only puts them at the start of a group)."""
+    out, cur = [], []
+    for st in steps:
+        if st.kind == PHASE:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(st)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def pipeline(b: Builder, segments: list[list[list]]) -> None:
+    """Append ``segments`` (each a list of phases, all of the same length) to ``b`` staggered by one
+    round: round g holds phase g - s of every segment s. Within a round the local steps of all
+    segments come first, then their messages in segment order, so every pair of ranks posts its
+    sends and receives in the same order; each round ends with a PHASE."""
+    nphase = max((len(p) for p in segments), default=0)
+    for g in range(nphase + len(segments) - 1):
+        local, comm = [], []
+        for s, phases in enumerate(segments):
+            k = g - s
+            if 0 <= k < len(phases):
+                for st in phases[k]:
+                    (comm if st.kind in COMM_KINDS else local).append(st)
+        b.steps.extend(local)
+        b.steps.extend(comm)
+        b.phase()
+
+
+def _all_reduce_segment(t: "Layout", a: Args, start: int, count: int) -> list[list]:
+    """The phases of one segment (elements [start, start + count)): ring reduce-scatter inside the
+    host, ring reduce-scatter + all-gather of this rank's block across its column, ring all-gather
+    inside the host. Every rank gets the same number of phases."""
     es = a.esize
-    if a.count < t.L * t.H:
-        raise NotSupported(f"hierarchical all_reduce needs at least one element per rank ({a.count} < {t.L * t.H})")
     b = Builder("hierarchical")
-    if not a.inplace:
-        b.copy(OUT, 0, IN, 0, a.count * es)
-    local_blocks = blocks(a.count, t.L)
+    local_blocks = [(start + s, n) for s, n in blocks(count, t.L)]
     reduce_scatter_pass(b, t.local, a.rank, [[(s * es, n * es)] for s, n in local_blocks], OUT, own=1)
-    mine = (t.j + 1) % t.L
-    start, n = local_blocks[mine]
-    sub = byte_blocks(n, t.H, es, base=start * es)
+    mine_start, mine_n = local_blocks[(t.j + 1) % t.L]
+    sub = byte_blocks(mine_n, t.H, es, base=mine_start * es)
     reduce_scatter_pass(b, t.column, a.rank, sub, OUT, own=1)
     if a.avg:
         for off, nb in sub[(t.h + 1) % t.H]:
             b.div(OUT, off, nb, a.size)
     all_gather_pass(b, t.column, a.rank, sub, OUT, own=1)
     all_gather_pass(b, t.local, a.rank, [[(s * es, n * es)] for s, n in local_blocks], OUT, own=1)
+    b.phase()
+    phases = phases_of(b.steps)
+    assert len(phases) == 2 * (t.L - 1) + 2 * (t.H - 1), "every rank must have the same phases"
+    return phases
+
+
+@algorithm("all_reduce", "hierarchical", "reduce-scatter in each host, all-reduce across hosts per slice, "
+                                          "all-gather in each host; pipelined in segments")
+def all_reduce_hierarchical(a: Args) -> Plan:
+    t = Layout(a)
+    if a.count < t.L * t.H:
+        raise NotSupported(f"hierarchical all_reduce needs at least one element per rank ({a.count} < {t.L * t.H})")
+    b = Builder("hierarchical")
+    if not a.inplace:
+        b.copy(OUT, 0, IN, 0, a.count * a.esize)
+    nseg = segments_for(a.count * a.esize, t.L * t.H, a.count)
+    pipeline(b, [_all_reduce_segment(t, a, s, n) for s, n in blocks(a.count, nseg)])
     return b.build()
 
 

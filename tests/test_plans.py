@@ -102,6 +102,37 @@ def test_all_reduce(algo, lay, count, dtype, op, inplace, seed):
         assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
 
 
+@settings(max_examples=150, deadline=None)
+@given(hosts=st.integers(2, 3), local=st.integers(1, 3), count=st.integers(0, 200), seg=st.sampled_from([4, 12, 40]),
+       dtype=st.sampled_from(DTYPES), op=st.sampled_from(OPS), inplace=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_all_reduce_hierarchical_pipelined(hosts, local, count, seg, dtype, op, inplace, seed):
+    """Small segments force the software pipeline (many staggered segments) on small buffers."""
+    from unittest import mock
+    from comms.algorithms import hierarchical
+    if not valid_op(op, dtype):
+        return
+    n = hosts * local
+    groups = tuple(tuple(range(h * local, (h + 1) * local)) for h in range(hosts))
+    rng = np.random.default_rng(seed)
+    ins = [random_input(rng, dtype, count, op.name) for _ in range(n)]
+    with mock.patch.object(hierarchical, "SEGMENT_BYTES", seg):
+        try:
+            plans = run_plans("all_reduce", "hierarchical", n, count, dtype, op, inplace=inplace, hosts=groups)
+        except algorithms.NotSupported:
+            assert count < n
+            return
+        nseg = hierarchical.segments_for(count * DTYPE_SIZES[dtype], n, count)
+    phases = sum(1 for st_ in plans[0].steps if st_.kind == 8) + 1
+    assert phases == 2 * (local - 1) + 2 * (hosts - 1) + (nseg - 1) or phases == 1, (phases, nseg)
+    outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
+    src = outs if inplace else ins
+    simulate.run(plans, [u8(x) for x in src], [u8(x) for x in outs], dtype, op.kernel)
+    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
+    for r in range(n):
+        assert_close(outs[r], want, dtype, n, f"rank {r}")
+        assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
+
+
 @settings(max_examples=200, deadline=None)
 @given(algo=algos("reduce"), op=st.sampled_from(OPS), root=st.integers(0, 5), **common)
 def test_reduce(algo, lay, count, dtype, op, root, seed):

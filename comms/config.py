@@ -74,6 +74,9 @@ declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost mo
         "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")
 declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
         "element is reduced in rank order with float32 accumulation.")
+declare("MOE_SINGLE_COPY", bool, True, "Expert-parallel dispatch/combine between ranks of one host writes token rows "
+        "straight into the peers' memory (Linux cross-memory attach, one copy) when the kernel allows it "
+        "(probed at Dispatcher creation); 0 moves them through the communicator's all_to_all.")
 declare("DEBUG", str, "WARN", "Log level: WARN, INFO or TRACE. Lines are tagged with rank, host and subsystem.")
 declare("DEBUG_SUBSYS", str, "ALL", "Subsystems to log, comma-separated: INIT, TRANSPORT, ALGO, TUNING, COLL, FLIGHT "
         "(ALL for every one).")

@@ -94,3 +94,9 @@ void cm_ctx_set_trace(cm_ctx *ctx, int on);   /* the peer of a plan's i-th messa
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
 int64_t cm_now_ns(void);
+
+/* rows of tokens (expert parallelism, native/rows.c): cross-memory attach and combine's sum */
+int cm_cma_allow(void);
+int cm_rows_write(int pid, const void *base, uint64_t row_bytes, const int64_t *idx, uint64_t n, uint64_t raddr);
+int cm_rows_read(int pid, void *dst, uint64_t raddr, uint64_t nbytes);
+int cm_sum_rows(void *out, int dtype, uint64_t hidden, uint64_t ntok, const int64_t *start, const uint64_t *rows);

@@ -10,12 +10,8 @@
 #include <string.h>
 #include <stdlib.h>
 #include "comms_native.h"
+#include "half.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define CM_CLONES
-#endif
 
 size_t cm_dtype_size(int dtype) {
     switch (dtype) {
@@ -27,20 +23,6 @@ size_t cm_dtype_size(int dtype) {
     }
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 #define F_SUM(a, b) ((a) + (b))
 #define F_PROD(a, b) ((a) * (b))
@@ -87,12 +69,6 @@ KERNEL(bool_xor, uint8_t, (uint8_t)((a ^ b) != 0))
         for (size_t i = 0; i < n; i++) { float a = TO_F(d[i]), b = TO_F(s[i]); d[i] = FROM_F(EXPR); } \
     }
 
-#if defined(__FLT16_MAX__)
-static inline float f16_to_f32(uint16_t h) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }
-static inline uint16_t f32_to_f16(float f) { _Float16 x = (_Float16)f; uint16_t h; memcpy(&h, &x, 2); return h; }
-#else
-#error "comms needs a compiler with _Float16 (gcc >= 12 or clang >= 15)"
-#endif
 
 HALF_KERNEL(f16_sum, f16_to_f32, f32_to_f16, F_SUM(a, b))
 HALF_KERNEL(f16_prod, f16_to_f32, f32_to_f16, F_PROD(a, b))

@@ -187,15 +187,18 @@ def run_ll_case(ep: Dispatcher, case: dict, world: int, rank: int) -> None:
     _check(torch.equal(out, want), f"low-latency combine differs: {what}")
 
 
-def run_cases(rank: int, world: int, cases: list[dict]) -> dict:
+def run_cases(rank: int, world: int, cases: list[dict], single_copy: bool) -> dict:
     """Every case through normal, cached, fp8 and low-latency mode, checked against the reference;
-    returns the load statistics so the parent can check them too."""
+    returns the load statistics so the parent can check them too. ``single_copy``: whether the
+    dispatchers must be using the cross-memory-attach exchange."""
     comm = _init()
     by_e: dict[int, Dispatcher] = {}
     for case in cases:
         key = (case["experts"], case["hidden"])
         if key not in by_e:
             by_e[key] = Dispatcher(comm, case["experts"], case["hidden"])
+            _check(by_e[key].single.enabled == single_copy, f"rank {rank}: single copy is "
+                   f"{by_e[key].single.reason}, expected {'on' if single_copy else 'off'}")
         ep = by_e[key]
         run_case(ep, case, world, rank)
         run_ll_case(ep, case, world, rank)
@@ -259,14 +262,18 @@ def run_bad_inputs(rank: int, world: int) -> dict:
         "ll_combine_idx": lambda: _ll_combine(ep, x, idx, w, T, bad_idx=rank == 0),
         "experts_mismatch": lambda: Dispatcher(comm, on(0, E, 2 * E), H),
     }
+    def moved() -> int:                   # through the rings, or written straight into peers (single copy)
+        st = ep.link_stats()
+        return st["shm_tx_bytes"] + st.get("cma_tx_bytes", 0)
+
     for name, fn in scenarios.items():
-        before = comm.stats()["shm_tx_bytes"]
+        before = moved()
         out[name] = _outcome(fn)
-        out[name + ":bytes"] = comm.stats()["shm_tx_bytes"] - before
+        out[name + ":bytes"] = moved() - before
         valid_round_trip()
-    before = comm.stats()["shm_tx_bytes"]
+    before = moved()
     valid_round_trip()
-    out["valid:bytes"] = comm.stats()["shm_tx_bytes"] - before
+    out["valid:bytes"] = moved() - before
 
     class FakeProcessGroup:
         def __init__(self, c):

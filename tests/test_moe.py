@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 from comms.moe import dequantize, quantize
 from comms.moe.hierarchical import Topology
-from comms.moe.layout import check_topk, compute_layout, localize, sum_blocks
+from comms.moe.layout import check_topk, compute_layout, localize, sum_blocks, sum_blocks_reference
 from comms.moe.rows import BufferPool, RowFormat
 from comms.testing import spawn
 from moe_workers import owners, rank_inputs, run_bad_inputs, run_cases, run_hierarchical
@@ -82,19 +82,33 @@ def test_localize_and_sum_blocks():
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
-@given(routings(), st.integers(1, 7), st.integers(1, 200), st.sampled_from([torch.bfloat16, torch.float32]))
-def test_sum_blocks_in_chunks_is_the_ordered_float32_sum(r, hidden, chunk_bytes, dtype):
+@given(routings(), st.sampled_from([1, 7, 1023, 1025, 2500]), st.integers(1, 200),
+       st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]), st.booleans())
+def test_sum_blocks_is_the_ordered_float32_sum(r, hidden, chunk_bytes, dtype, special):
+    """The native kernel, its torch reference and a plain loop agree bit for bit (float32
+    accumulation from zero, block order), also on inf/NaN/-0 and on rows wider than its block."""
     world, E, idx = r
     lay = compute_layout(idx, E, world)
-    rows = torch.randn(lay.send_idx.numel(), hidden).to(dtype)
+    rows = (torch.randn(lay.send_idx.numel(), hidden) * 100).to(dtype)
+    if special and rows.numel():
+        flat = rows.view(-1)
+        for v in (float("inf"), float("-inf"), -0.0, 1e-30, 3e38):
+            flat[torch.randint(0, flat.numel(), (1,))] = v
     want = torch.zeros(idx.shape[0], hidden)
     off = 0
     for c in lay.send_counts:                     # block by block, as combine promises
         for i in range(off, off + c):
             want[lay.send_idx[i]] += rows[i].float()
         off += c
-    got = sum_blocks(rows, lay.send_idx, lay.send_counts, idx.shape[0], chunk_bytes=chunk_bytes)
-    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+    want = want.to(dtype)
+    got = sum_blocks(rows, lay.send_idx, lay.send_counts, idx.shape[0])
+    ref = sum_blocks_reference(rows, lay.send_idx, lay.send_counts, idx.shape[0], chunk_bytes=chunk_bytes)
+    assert got.dtype == dtype == ref.dtype
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    for other in (want, ref):                     # bitwise (-0 included); NaN payloads may differ from torch's
+        nan = other.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(bits), other[~nan].view(bits))
 
 
 @settings(max_examples=100, deadline=None)
@@ -202,10 +216,12 @@ def draw_cases(world: int, n: int) -> list[dict]:
     return drawn
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_dispatch_combine_properties(world):
+@pytest.mark.parametrize("world,single_copy", [(1, True), (2, True), (3, True), (4, True), (3, False)])
+def test_dispatch_combine_properties(world, single_copy):
+    """Single copy (cross-memory attach, the default on one host) and the all_to_all path."""
     cases = edge_cases(world) + draw_cases(world, 16)
-    results = spawn(run_cases, world, timeout=200, args=(cases,))
+    results = spawn(run_cases, world, timeout=200, args=(cases, single_copy and world > 1),
+                    env={"COMMS_MOE_SINGLE_COPY": "1" if single_copy else "0"})
     want = expected_loads(cases, world)
     for rank, loads in enumerate(results):
         for key, (routed, received, dispatches, global_load) in loads.items():

@@ -38,10 +38,11 @@ import torch
 
 from ..communicator import Communicator
 from ..errors import InvalidUsage, MismatchError
-from . import checks, fp8 as fp8mod, layout as lay, low_latency
+from . import checks, fp8 as fp8mod, layout as lay, low_latency, native
 from .checks import COUNT, EXTRA, FIELDS, FLAG_FP8, Stages
 from .hierarchical import Hierarchical, Topology
 from .rows import BufferPool, Scratch
+from .single_copy import SingleCopy
 from .stats import LoadStats
 
 
@@ -107,6 +108,7 @@ class Dispatcher:
             raise InvalidUsage(f"comms.moe.Dispatcher: hierarchical=True needs several hosts with the same number "
                                f"of ranks each; hosts are {self.topology.hosts}")
         self.hier = Hierarchical(comm, self.topology, self.experts_per_rank) if use else None
+        self.single = SingleCopy(comm, one_host=len(self.topology.hosts) == 1)
         self.load = LoadStats(self.num_experts, self.experts_per_rank)
         self._scratch, self._pool = Scratch(), BufferPool()
 
@@ -166,9 +168,12 @@ class Dispatcher:
         if self.hier is not None:
             return self.hier.combine(y, handle.route, handle.num_tokens)
         back = self._scratch.get("back", sum(handle.send_counts), self.hidden, y.dtype)
+        out = self._pool.empty((handle.num_tokens, self.hidden), y.dtype)
+        if self.single.enabled:
+            pointers = stages.run(0, self.single.combine, y, handle.send_counts, handle.recv_counts, back)
+            return native.sum_rows(out, pointers, handle.send_idx)
         stages.run(0, self.comm.all_to_all, back, y, out_splits=handle.send_counts, in_splits=handle.recv_counts)
-        return lay.sum_blocks(back, handle.send_idx, handle.send_counts, handle.num_tokens,
-                              out=self._pool.empty((handle.num_tokens, self.hidden), y.dtype))
+        return lay.sum_blocks(back, handle.send_idx, handle.send_counts, handle.num_tokens, out=out)
 
     # -- low-latency mode (comms.moe.low_latency) --------------------------------------------------
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, max_tokens_per_rank: int,
@@ -191,12 +196,14 @@ class Dispatcher:
 
     def link_stats(self) -> dict:
         """Byte counters summed over the communicators this dispatcher uses (the group, and the
-        intra- and inter-host ones of the hierarchical mode)."""
+        intra- and inter-host ones of the hierarchical mode), plus ``cma_tx_bytes``: rows written
+        straight into peers by the single-copy exchange (:mod:`comms.moe.single_copy`)."""
         comms_ = [self.comm] + (self.hier.comms() if self.hier is not None else [])
         total: dict = {}
         for c in comms_:
             for key, v in c.stats().items():
                 total[key] = total.get(key, 0) + v
+        total["cma_tx_bytes"] = self.single.tx_bytes
         return total
 
     def close(self) -> None:
@@ -222,23 +229,29 @@ class Dispatcher:
         return (fp8mod.from_bytes(payload), scales) if fp8 else payload
 
     def _flat_dispatch(self, layout, recv_counts, payload, scales, idx, w):
-        """Move the rows straight into ``recv_x`` with one uneven all_to_all, and the small
-        per-row fields (expert ids, weights, scales: int32 words) with a second one."""
+        """Move the rows straight into ``recv_x``, and the small per-row fields (expert ids,
+        weights, scales: int32 words) beside them: by single-copy writes into the peers
+        (:mod:`comms.moe.single_copy`) when every rank is on this host, else with one uneven
+        all_to_all for each."""
         comm, send, R = self.comm, layout.send_idx, sum(recv_counts)
         recv_payload = self._pool.empty((R, payload.shape[1]), payload.dtype)
-        packed = self._scratch.get("send", send.numel(), payload.shape[1], payload.dtype)
-        torch.index_select(payload, 0, send, out=packed)
-        comm.all_to_all(recv_payload, packed, out_splits=recv_counts, in_splits=layout.send_counts)
         parts = []
         if idx is not None:
             parts += [idx.to(torch.int32), w.view(torch.int32)]
         if scales is not None:
             parts.append(scales.view(torch.int32))
+        meta = torch.cat(parts, dim=1).index_select(0, send) if parts else None
+        recv_meta = torch.empty(R, meta.shape[1], dtype=torch.int32) if parts else None
+        if self.single.enabled:
+            self.single.dispatch(payload, send, layout.send_counts, recv_counts, recv_payload, meta, recv_meta)
+        else:
+            packed = self._scratch.get("send", send.numel(), payload.shape[1], payload.dtype)
+            torch.index_select(payload, 0, send, out=packed)
+            comm.all_to_all(recv_payload, packed, out_splits=recv_counts, in_splits=layout.send_counts)
+            if parts:
+                comm.all_to_all(recv_meta, meta, out_splits=recv_counts, in_splits=layout.send_counts)
         if not parts:
             return recv_payload, None, None, None
-        meta = torch.cat(parts, dim=1).index_select(0, send)
-        recv_meta = torch.empty(R, meta.shape[1], dtype=torch.int32)
-        comm.all_to_all(recv_meta, meta, out_splits=recv_counts, in_splits=layout.send_counts)
         k = idx.shape[1] if idx is not None else 0
         recv_idx = recv_meta[:, :k] if idx is not None else None
         recv_w = recv_meta[:, k:2 * k].view(torch.float32).contiguous() if idx is not None else None

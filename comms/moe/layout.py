@@ -108,9 +108,22 @@ def offsets(counts: list[int]) -> list[int]:
 
 
 def sum_blocks(rows: torch.Tensor, index: torch.Tensor, counts: list[int], num_tokens: int,
-               chunk_bytes: int = 1 << 20, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[index[i]] += rows[i]`` block by block in order, accumulated in float32 and returned in
-    rows' dtype: the fixed summation order of combine. Within a block ``index`` is strictly
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[index[i]] += rows[i]`` in increasing i (block by block), accumulated in float32 from
+    zero and returned in rows' dtype ([num_tokens, H], zeros for tokens without rows): the fixed
+    summation order of combine. Runs natively (:func:`comms.moe.native.sum_rows`);
+    :func:`sum_blocks_reference` is its torch twin, bit for bit."""
+    from .native import row_pointers, sum_rows
+    if out is None:
+        out = torch.empty(num_tokens, rows.shape[1], dtype=rows.dtype)
+    rows = rows.contiguous()
+    return sum_rows(out, row_pointers(rows, 0, index.numel()), index.to(torch.int64))
+
+
+def sum_blocks_reference(rows: torch.Tensor, index: torch.Tensor, counts: list[int], num_tokens: int,
+                         chunk_bytes: int = 1 << 20, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch reference of :func:`sum_blocks`: ``out[index[i]] += rows[i]`` block by block in order,
+    accumulated in float32 and returned in rows' dtype: the fixed summation order of combine. Within a block ``index`` is strictly
     ascending (the send order), so the rows of a range of tokens are a contiguous run of each
     block; tokens are processed ``chunk_bytes`` of float32 accumulator at a time, which keeps the
     accumulator and the converted rows in cache instead of streaming [T, H] float32 temporaries.

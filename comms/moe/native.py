@@ -1,0 +1,82 @@
+"""Thin wrappers over the native row kernels (native/rows.c) used by :mod:`comms.moe`.
+
+- :func:`sum_rows`: combine's reduction, ``out[t]`` = the rows listed for token t summed in the
+  listed order, widened to float32 and rounded once (the same bits as the torch reference
+  :func:`comms.moe.layout.sum_blocks_reference`).
+- :func:`rows_write` / :func:`rows_read`: cross-memory attach between processes of one host
+  (:mod:`comms.moe.single_copy` owns the protocol that makes them safe).
+
+Failures raise from the one exception tree: a vanished process is a :class:`~comms.errors.PeerError`,
+any other system error a :class:`~comms.errors.TransportError` naming errno.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .. import errors
+from .._native import ffi, lib
+from ..dtypes import BF16, F16, F32, F64
+
+_SUM_CODES = {torch.bfloat16: BF16, torch.float16: F16, torch.float32: F32, torch.float64: F64}
+
+
+def check(rc: int, what: str, *, rank: int | None = None, peer: int | None = None) -> None:
+    """Raise for a native return code of a row kernel (errno is read right after the call)."""
+    if rc == errors.OK:
+        return
+    err = ffi.errno
+    detail = f"{errors.code_name(rc)}" + (f", errno {err} ({os.strerror(err)})" if rc == errors.E_SYS else "")
+    raise errors.error_class(rc)(f"{what}: {detail}", op=what.split(":")[0], rank=rank, peer=peer)
+
+
+def sum_rows(out: torch.Tensor, pointers: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """``out`` [T, H] (bfloat16, float16, float32 or float64, contiguous) gets, for every token t,
+    the float32 sum of the rows at ``pointers[i]`` (addresses of H-element rows of out's dtype)
+    for which ``token[i] == t``, in increasing i; tokens without rows get zeros."""
+    code = _SUM_CODES.get(out.dtype)
+    if code is None:
+        raise errors.InvalidUsage(f"combine: cannot sum rows of {out.dtype}; use a floating dtype")
+    T, H = out.shape
+    if not T:
+        return out
+    start = torch.zeros(T + 1, dtype=torch.int64)
+    order = pointers
+    if token.numel():
+        torch.cumsum(torch.bincount(token, minlength=T), 0, out=start[1:])
+        order = pointers.index_select(0, torch.argsort(token, stable=True)).contiguous()
+    rc = lib.cm_sum_rows(ffi.cast("void *", out.data_ptr()), code, H, T,
+                         ffi.cast("int64_t *", start.data_ptr()), ffi.cast("uint64_t *", order.data_ptr()))
+    check(rc, "combine: summing rows")
+    return out
+
+
+def row_pointers(rows: torch.Tensor, first: int = 0, count: int | None = None) -> torch.Tensor:
+    """Addresses (int64) of rows ``first .. first + count`` of a contiguous 2-D tensor."""
+    count = rows.shape[0] - first if count is None else count
+    stride = rows.shape[1] * rows.element_size()
+    return torch.arange(first, first + count, dtype=torch.int64).mul_(stride).add_(rows.data_ptr())
+
+
+def rows_write(pid: int, src: torch.Tensor, index: torch.Tensor | None, raddr: int, *, what: str,
+               rank: int, peer: int) -> None:
+    """Write rows ``index`` of ``src`` (all rows when None) contiguously to ``raddr`` in process ``pid``."""
+    n = src.shape[0] if index is None else index.numel()
+    if not n:
+        return
+    row = src.shape[1] * src.element_size() if src.dim() == 2 else src.element_size()
+    idx = ffi.NULL if index is None else ffi.cast("int64_t *", index.data_ptr())
+    rc = lib.cm_rows_write(pid, ffi.cast("void *", src.data_ptr()), row, idx, n, raddr)
+    check(rc, f"{what}: writing {n} rows into rank {peer}", rank=rank, peer=peer)
+
+
+def rows_read(pid: int, dst, raddr: int, nbytes: int) -> int:
+    """Read ``nbytes`` at ``raddr`` of process ``pid`` into the buffer at address ``dst``; returns
+    the native code (the caller decides whether failing is an error)."""
+    return lib.cm_rows_read(pid, ffi.cast("void *", dst), raddr, nbytes)
+
+
+def allow_attach() -> None:
+    """Let processes of this user attach to this one (Yama ptrace_scope 1); harmless elsewhere."""
+    lib.cm_cma_allow()

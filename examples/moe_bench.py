@@ -6,9 +6,10 @@
 Both sides route the same tokens (random top-K over E experts, each token sent once per
 destination rank, the same routing math):
 
-- comms: ``comms.moe.Dispatcher.dispatch`` / ``combine``: one count exchange, uneven
-  ``all_to_all`` over shared memory, staging buffers reused between calls, combine summed in
-  cache-sized chunks (float32, fixed order);
+- comms: ``comms.moe.Dispatcher.dispatch`` / ``combine``: one count exchange, then the rows are
+  written straight into the peers' tensors (single copy by cross-memory attach, or an uneven
+  ``all_to_all`` over shared memory with ``COMMS_MOE_SINGLE_COPY=0``), combine summed natively
+  (float32, fixed order);
 - Gloo, the usual CPU way: ``all_to_all_single`` of the counts, then of ``x[send_idx]`` and of the
   routing metadata (uneven splits), and back for combine, summed with one float32 ``index_add_``.
 

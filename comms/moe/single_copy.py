@@ -36,17 +36,9 @@ from ..communicator import Communicator
 from ..dtypes import ReduceOp
 from ..log import get as get_logger
 from . import native
+from .layout import offsets
 
 log = get_logger("COLL")
-
-
-def offsets(counts: list[int]) -> list[int]:
-    """Exclusive prefix sums."""
-    out, acc = [], 0
-    for c in counts:
-        out.append(acc)
-        acc += c
-    return out
 
 
 class SingleCopy:

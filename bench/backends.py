@@ -190,7 +190,9 @@ class CommsBackend(Backend):
         if op == "moe":
             hier = any(getattr(d, "hier", None) is not None for d in self._moe.values())
             return "hierarchical" if hier else "normal"
-        return self.comm.algorithm_for(op, msg_bytes)
+        # the algorithm that ran (a candidate may have declined the size); before any call, the first choice
+        ran = getattr(self.comm, "algorithm_ran", None)
+        return (ran(op, msg_bytes) if ran else None) or self.comm.algorithm_for(op, msg_bytes)
 
     def transport(self) -> str:
         kinds = sorted(set(self.comm.transports.values()))

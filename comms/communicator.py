@@ -72,6 +72,7 @@ class Communicator:
         self._algo = algo
         self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
+        self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
         self._splits = 0
@@ -85,6 +86,7 @@ class Communicator:
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params,
                                                           config.get("TRANSPORT").lower() == "tcp"))
         self._plans.clear()                  # plans built during calibration used the provisional rules
+        self._ran.clear()
         # the flight recorder and the counters start after init's own traffic (calibration)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         self._engine.zero_counters()
@@ -138,6 +140,11 @@ class Communicator:
         """The algorithm the selector would try first for ``coll`` of ``nbytes``."""
         return self._selector.candidates(coll, nbytes)[0]
 
+    def algorithm_ran(self, coll: str, nbytes: int) -> str | None:
+        """The algorithm of the last plan built for ``coll`` of ``nbytes`` (the selector's message
+        size), after any candidate declined; None when no such call ran yet."""
+        return self._ran.get((coll, nbytes))
+
     # -- plumbing ------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -166,6 +173,9 @@ class Communicator:
             enc = Encoded(self._selector.plan(args, nbytes), name, MSG_COLL, COLL_IDS[name], dtype,
                           int(op) if op is not None else 0, args.root, count)
             self._remember(key, enc)
+            if len(self._ran) >= PLAN_CACHE:
+                self._ran.pop(next(iter(self._ran)))
+            self._ran[(name, nbytes)] = enc.plan.algorithm
         return enc
 
     def _remember(self, key: tuple, enc: Encoded) -> None:

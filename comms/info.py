@@ -34,6 +34,7 @@ def gather(comm) -> dict:
         "transports": {str(k): v for k, v in comm.transports.items()} if comm is not None else {},
         "config": [{"name": n, "value": v, "source": s, "doc": d} for n, v, s, d in config.snapshot()],
         "rules": sel.table(),
+        "cost_model": comm._params.as_dict() if comm is not None and getattr(comm, "_params", None) else None,
         "algorithms": {c: {n: a.doc for n, a in algos.items()} for c, algos in algorithms.REGISTRY.items()},
         "selection": table,
     }
@@ -46,6 +47,9 @@ def render(info: dict, comm) -> str:
     out.append("\n# config")
     for c in info["config"]:
         out.append(f"{c['name']:<24} {str(c['value']):<12} ({c['source']})  {c['doc']}")
+    cm = info.get("cost_model")
+    if cm:
+        out.append(f"\n# cost model ({cm['source']}): shm {cm['shm']}, tcp {cm['tcp']}, reduce {cm['reduce_gbps']} GB/s")
     out.append("\n# selection rules (first match wins; user rules first)")
     out.extend(f"  {r}" for r in info["rules"])
     out.append("\n# algorithms")

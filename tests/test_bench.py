@@ -325,3 +325,61 @@ def test_check_data_are_exact_for_every_op():
             else:
                 assert torch.equal(want.double(), ref), (name, r)
                 assert bool((want.double() >= 1).all()), name     # 0 (never written) is always wrong
+
+
+# -- python -m bench.regret ------------------------------------------------------------------------
+def test_regret_tool_end_to_end(tmp_path):
+    """broadcast (three algorithms, one of which declines on one host), two sizes on 2 ranks, one
+    launch, few ops, built-in cost model: the table has every algorithm column, the choice is a
+    registered algorithm, and the regrets are computed as defined (no timing claims)."""
+    from comms import algorithms
+    out_json = tmp_path / "regret.json"
+    env = dict(os.environ, COMMS_CALIBRATE="0")
+    env.pop("COMMS_ALGO", None)
+    p = subprocess.run([sys.executable, "-m", "bench.regret", "--ops", "broadcast", "-np", "2", "-b", "8", "-e", "64K",
+                        "-f", "8192", "--launches", "1", "-n", "10", "-w", "2", "--json", str(out_json)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stdout + p.stderr
+    algos = algorithms.names("broadcast")
+    lines = p.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["size"])
+    assert lines[head].split() == ["size", *algos, "auto", "choice", "best", "regret", "auto_regret"]
+    assert any(ln.startswith("# COMMS_CALIBRATE=False (env); cost model: defaults") for ln in lines), p.stdout
+    assert any(ln.startswith("# summary 1 host x 2 ranks, broadcast: max regret") for ln in lines)
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "comms-regret/1" and doc["nranks"] == 2 and doc["calibrate"] is False
+    assert doc["cost_model"]["source"] == "defaults" and any(r.startswith("broadcast:") for r in doc["rules"])
+    res = doc["ops"]["broadcast"]
+    assert res["algorithms"] == algos and res["not_launched"] == ["hierarchical"]     # one host: it declines
+    assert [r["bytes"] for r in res["rows"]] == [8, 65536]
+    for r in res["rows"]:
+        assert set(r["time_us"]) == set(algos) and r["time_us"]["hierarchical"] is None
+        assert r["choice"] in algos and r["time_us"][r["choice"]] is not None
+        timed = {a: t for a, t in r["time_us"].items() if t is not None}
+        assert r["best"] == min(timed, key=timed.get)
+        assert r["regret"] == pytest.approx(timed[r["choice"]] / timed[r["best"]] - 1)
+        assert r["auto_regret"] == pytest.approx(r["auto_us"] / timed[r["best"]] - 1)
+        assert r["over"] == (r["regret"] > doc["bar"]) and r["wrong"] == 0
+    rows = lines[head + 1: head + 3]
+    assert [ln.split()[0] for ln in rows] == ["8", "64"] and all(len(ln.split()) >= len(algos) + 7 for ln in rows)
+
+
+def test_regret_command_line(capsys):
+    from bench import regret
+    a = regret.parse_args(["--ops", "all_reduce,all_gather", "-b", "1K", "-e", "4K", "-f", "2", "-np", "4"])
+    assert a.ops == ["all_reduce", "all_gather"] and a.sizes == [1024, 2048, 4096] and a.np == 4
+    assert regret.place_of(a, "all_reduce") == "in" and regret.place_of(a, "all_gather") == "out"
+    s = regret.parse_args(["--hosts", "2", "--ranks", "2", "--rate", "2gbit"])
+    assert s.np == 4 and "2 hosts x 2 ranks" in s.config
+    for bad in (["--ops", "gather"], ["-np", "2", "--hosts", "2"], ["--rate", "1gbit"]):
+        with pytest.raises(SystemExit):
+            regret.parse_args(bad)
+    assert set(regret.regret_ops()) >= {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"}
+
+
+def test_regret_simulated_hosts_need_root(monkeypatch, capsys):
+    import multihost
+    from bench import regret
+    monkeypatch.setattr(multihost, "why_unavailable", lambda: "simulated hosts need root (running as uid 1000)")
+    assert regret.main(["--hosts", "2", "--ranks", "2"]) == 2
+    assert "need root" in capsys.readouterr().err

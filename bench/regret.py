@@ -1,0 +1,400 @@
+"""``python -m bench.regret``: how much the selector's default choice loses against the best forced algorithm.
+
+    python -m bench.regret [--ops all_reduce,...] [-b 8 -e 64M -f 4] [-np N | --hosts H --ranks M [--rate R]]
+                           [--launches K] [--json FILE] [--bar 0.10] [--strict]
+
+Contract:
+
+* For each op (a collective with more than one registered algorithm) and each size of the sweep it
+  measures, in the same run, comms' default selection (the plain ``comms`` backend: what a user
+  gets) and every registered algorithm forced with ``COMMS_ALGO=<op>:<algo>`` (the bench's
+  ``comms@NAME=VALUE`` variants). Launches are fresh ``bench.worker`` runs (``python -m comms.run
+  -n N`` for one host; one torchrun agent per simulated host through tests/multihost.py's
+  SimulatedHosts for ``--hosts``, which needs root: otherwise it says so and exits 2). Every
+  variant runs ``--launches`` times, rounds alternating with the order flipped every round (as
+  bench/driver.py does), so drift on a busy machine hits all variants alike. Figures are the
+  bench's: per launch the slowest rank's median time per op, then the median over launches.
+* The algorithm a row ran is what the worker reports (``Communicator.algorithm_ran``): a forced
+  algorithm that declines a size (NotSupported, the selector fell back) shows ``-`` there; one
+  whose plan function declines every size of the sweep (checked in-process first) is not launched.
+* Per row: every algorithm's time (us), ``auto`` (the default run's time), ``choice`` (the
+  algorithm the default run used), ``best`` (the fastest forced algorithm),
+  ``regret`` = t_forced[choice] / t_best - 1 (choice regret: both figures come from forced runs,
+  so two runs of one algorithm do not add noise) and ``auto_regret`` = t_auto / t_best - 1. A row
+  whose choice regret exceeds ``--bar`` (default 10 %) is marked ``<<``; one whose auto regret
+  alone exceeds it, ``(auto)``. One summary line per config and op.
+* COMMS_CALIBRATE and every other knob pass through from the caller's environment to every
+  launch, unchanged. The calibration is pinned for the run: the caller's cache is copied to a
+  private directory that every launch uses (another job rewriting the shared cache mid-run must not
+  change the default between launches). Before measuring, ``comms.info`` runs once under the same
+  launcher (which also calibrates, if on and not cached) and the header prints whether calibration
+  was on, the cost-model parameters and the selection rules in use. A
+  COMMS_ALGO set by the caller is reported, since then the default run is not the default.
+* Exit status: 0; 1 when a launch failed or a check found wrong elements; 2 for a bad command line
+  or a missing prerequisite; 3 with ``--strict`` when a choice regret exceeds the bar.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import backends, cli, driver, ops, report
+
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+SCHEMA = "comms-regret/1"
+
+
+def regret_ops() -> list[str]:
+    """Collectives with more than one registered algorithm that the bench can time."""
+    from comms import algorithms
+    return [c for c, a in algorithms.REGISTRY.items() if len(a) > 1 and c in ops.OPS]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.regret", allow_abbrev=False,
+                                description="Selector regret: default selection vs every forced algorithm.")
+    p.add_argument("--ops", default="all_reduce", help=f"comma-separated, of {', '.join(regret_ops())}")
+    p.add_argument("-b", "--minbytes", type=cli.parse_size, default=8)
+    p.add_argument("-e", "--maxbytes", type=cli.parse_size, default=64 << 20)
+    p.add_argument("-f", "--stepfactor", type=float, default=4.0, help="size step factor (default 4)")
+    p.add_argument("-np", "--nranks", dest="np", type=int, default=None, help="ranks on this host (default 2)")
+    p.add_argument("--hosts", type=int, default=None, help="simulated hosts (tests/multihost.py; root)")
+    p.add_argument("--ranks", type=int, default=2, help="ranks per simulated host (default 2)")
+    p.add_argument("--rate", default=None, help="simulated hosts: tc rate limit of every link, e.g. 2gbit")
+    p.add_argument("--launches", type=int, default=3, help="fresh launches per variant (default 3)")
+    p.add_argument("-n", "--iters", type=int, default=None, help="timed ops per size (default adaptive)")
+    p.add_argument("-w", "--warmup", type=int, default=None)
+    p.add_argument("--target-time", type=float, default=cli.DEFAULT_TARGET_S)
+    p.add_argument("-c", "--check", type=int, choices=(0, 1), default=1, help="check results (default 1)")
+    p.add_argument("-d", "--dtype", default="float32", type=ops.canonical_dtype)
+    p.add_argument("-r", "--root", type=int, default=0)
+    p.add_argument("--place", choices=["auto", "out", "in"], default="auto",
+                   help="auto: out-of-place where comms has it, else in place")
+    p.add_argument("--timeout", type=float, default=cli.DEFAULT_TIMEOUT_S, help="seconds per launch")
+    p.add_argument("--bar", type=float, default=0.10, help="regret bar (default 0.10)")
+    p.add_argument("--strict", action="store_true", help="exit 3 when a choice regret exceeds the bar")
+    p.add_argument("--json", metavar="FILE", default=None)
+    p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
+    a = p.parse_args(argv)
+    a.ops = [o for o in a.ops.split(",") if o]
+    bad = [o for o in a.ops if o not in regret_ops()]
+    if not a.ops or bad:
+        p.error(f"--ops: {', '.join(bad) or '(none)'}: choose from {', '.join(regret_ops())}")
+    if a.hosts is not None and a.np is not None:
+        p.error("give -np (one host) or --hosts/--ranks (simulated hosts), not both")
+    if a.rate and a.hosts is None:
+        p.error("--rate needs --hosts")
+    if a.hosts is not None and (a.hosts < 1 or a.ranks < 1):
+        p.error("--hosts and --ranks must be positive")
+    a.np = a.hosts * a.ranks if a.hosts is not None else (a.np or 2)
+    if a.np < 2 or a.launches < 1:
+        p.error("need at least 2 ranks and 1 launch")
+    if not 0 <= a.root < a.np:
+        p.error(f"--root {a.root} is not a rank of {a.np}")
+    try:
+        a.sizes = cli.size_sweep(a.minbytes, a.maxbytes, a.stepfactor)
+    except ValueError as e:
+        p.error(str(e))
+    a.config = (f"{a.hosts} hosts x {a.ranks} ranks" + (f", links {a.rate}" if a.rate else ", unshaped links")
+                if a.hosts is not None else f"1 host x {a.np} ranks")
+    # what bench.driver's launch helpers read
+    a.batch, a.moe_experts, a.moe_topk, a.moe_hidden = 1, 0, 4, 1024
+    return a
+
+
+def pin_calibration(tmp: Path) -> None:
+    """Every launch of the run prices with the same cost-model parameters: the caller's calibration
+    cache (``$XDG_CACHE_HOME`` or ``~/.cache``, ``comms/calibration.json``) is copied into ``tmp``
+    and the launches read (and, when calibrating, write) that copy, so another job rewriting the
+    shared cache in the middle of the run cannot change the default selection between launches."""
+    import shutil
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    src, dst = Path(base) / "comms" / "calibration.json", tmp / "cache" / "comms" / "calibration.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+        shutil.copyfile(src, dst)
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")     # the launches inherit it
+
+
+def place_of(args, op: str) -> str:
+    if args.place != "auto":
+        return args.place
+    return "out" if backends.CommsBackend.native(op, "out", args.dtype) is None else "in"
+
+
+def declines_everywhere(op: str, algo: str, layouts, args, place: str) -> bool:
+    """True when ``algo``'s plan function declines every size on every rank (not worth launching)."""
+    from comms import algorithms
+    from comms.algorithms.plan import Args
+    n, es = args.np, ops.elem_size(args.dtype)
+    hosts = tuple(tuple(range(h * args.ranks, (h + 1) * args.ranks)) for h in range(args.hosts)) \
+        if args.hosts else (tuple(range(n)),)
+    fn = algorithms.get(op, algo).fn
+    for lay in layouts:
+        for rank in range(n):
+            kw = dict(root=args.root, hosts=hosts, inplace=place == "in")
+            if op == "all_to_all":
+                a = Args(op, rank, n, 0, es, send_splits=(lay.block * es,) * n, recv_splits=(lay.block * es,) * n,
+                         hosts=hosts)
+            else:
+                count = lay.count if op in ("all_reduce", "broadcast", "reduce") else lay.block
+                a = Args(op, rank, n, count, es, **kw)
+            try:
+                fn(a)
+            except algorithms.NotSupported:
+                continue
+            except Exception:        # noqa: BLE001 - unsure: measure it
+                return False
+            return False
+    return True
+
+
+class Launcher:
+    """Runs one launch of the worker: ``comms.run`` on this host, or torchrun on simulated hosts."""
+
+    def __init__(self, args, tmp: Path, sim=None):
+        self.args, self.tmp, self.sim, self.count = args, tmp, sim, 0
+
+    def env_delta(self, spec: backends.Spec | None) -> dict[str, str]:
+        full = driver.launch_env(spec)
+        return {k: v for k, v in full.items() if os.environ.get(k) != v}
+
+    def command(self, ns, argv: list[str], spec: backends.Spec | None, timeout: float):
+        """(ok, error, seconds, tail) of one run of ``python argv...`` on every rank."""
+        self.count += 1
+        t0 = time.monotonic()
+        if self.sim is None:
+            import subprocess
+            env = driver.launch_env(spec)
+            cmd = [sys.executable, "-m", "comms.run", "-n", str(self.args.np), "--timeout", f"{timeout:g}"] + argv
+            p = subprocess.run(cmd, env=env, cwd=driver._ROOT, stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, errors="replace", timeout=timeout + 60)
+            return p.returncode, time.monotonic() - t0, (p.stdout + p.stderr).splitlines()
+        port = 29500 + self.count % 400
+        res = self.sim.torchrun(*argv, port=port, timeout=timeout, env=self.env_delta(spec))
+        if self.args.verbose:
+            sys.stderr.write(self.sim.report(res) + "\n")
+        rc = 0 if all(r.ok for r in res) else (124 if any(r.timed_out for r in res) else 1)
+        return rc, time.monotonic() - t0, res[0].lines() + [ln for r in res[1:] for ln in r.lines()]
+
+    def launch(self, ns, spec: backends.Spec, index: int, prog: driver.Progress) -> report.Launch:
+        if self.sim is None:
+            return driver.run_launch(ns, spec, index, self.tmp, prog)
+        out = self.tmp / f"{spec.label.replace('/', '_').replace('=', '_').replace(':', '_')}-{index}.json"
+        rc, secs, lines = self.command(ns, driver.worker_args(ns, spec, out), spec, ns.timeout)
+        ln = report.Launch(spec.label, index, secs, tail=lines[-30:])
+        if rc == 124:
+            ln.error = f"timed out after {ns.timeout:g} s"
+        elif rc:
+            ln.error = f"exit status {rc}"
+        elif not out.exists():
+            ln.error = "no result file"
+        else:
+            ln.doc = json.loads(out.read_text())
+        return ln
+
+    def info(self) -> dict | None:
+        """rank 0's ``comms.info --json`` under this launcher and the caller's environment."""
+        rc, _, lines = self.command(None, ["-m", "comms.info", "--json"], None, 180)
+        text = [ln.split("] ", 1)[1] if ln.startswith("[rank ") and "] " in ln else ln for ln in lines]
+        starts = [i for i, ln in enumerate(text) if ln == "{"]
+        for s in starts:
+            for e in range(s + 1, len(text)):
+                if text[e] == "}":
+                    try:
+                        return json.loads("\n".join(text[s:e + 1]))
+                    except ValueError:
+                        continue
+        driver.note(f"comms.info failed (exit {rc}): {' | '.join(lines[-5:])}")
+        return None
+
+
+def run_rounds(launcher: Launcher, ns, specs: list[backends.Spec], launches: int) -> dict[str, list[report.Launch]]:
+    """Like bench.driver.run_all: every round runs every variant, the order flipped every round."""
+    out: dict[str, list[report.Launch]] = {s.label: [] for s in specs}
+    prog = driver.Progress(launches * len(specs))
+    try:
+        for i in range(launches):
+            for s in (specs if i % 2 == 0 else list(reversed(specs))):
+                prog.start(f"{s.label} #{i + 1}")
+                ln = launcher.launch(ns, s, i, prog)
+                out[s.label].append(ln)
+                prog.finish(ln)
+    finally:
+        prog.close()
+    return out
+
+
+def _rows_of(ln: report.Launch) -> dict[int, dict]:
+    if not ln.ok:
+        return {}
+    return {r["nbytes"]: r for res in ln.doc["results"] for r in res["rows"] if not res["na"]}
+
+
+def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.Launch]], bar: float) -> list[dict]:
+    """One row per size: every algorithm's median time (None: declined or not run), the default's."""
+    per = {label: [_rows_of(ln) for ln in lns] for label, lns in launches.items()}
+    rows = []
+    for lay in layouts:
+        t, spread, wrong = {}, {}, 0
+        for algo in algos:
+            label = f"comms@COMMS_ALGO={op}:{algo}"
+            got = [d[lay.nbytes] for d in per.get(label, []) if lay.nbytes in d]
+            wrong += sum(g["wrong"] for g in got)
+            ran = [g["time_us"] for g in got if g["algorithm"] == algo]
+            t[algo] = statistics.median(ran) if ran else None
+            spread[algo] = [round(x, 3) for x in ran]
+        auto = [d[lay.nbytes] for d in per.get("comms", []) if lay.nbytes in d]
+        wrong += sum(g["wrong"] for g in auto)
+        t_auto = statistics.median(g["time_us"] for g in auto) if auto else None
+        chosen = sorted({g["algorithm"] for g in auto})
+        choice = "/".join(chosen) if chosen else None
+        timed = {a: v for a, v in t.items() if v is not None}
+        best = min(timed, key=timed.get) if timed else None
+        reg = timed[choice] / timed[best] - 1 if best and choice in timed else None
+        areg = t_auto / timed[best] - 1 if best and t_auto is not None else None
+        rows.append({"bytes": lay.nbytes, "time_us": t, "launch_us": spread, "auto_us": t_auto,
+                     "auto_launch_us": [round(g["time_us"], 3) for g in auto], "choice": choice, "best": best,
+                     "regret": reg, "auto_regret": areg, "over": reg is not None and reg > bar,
+                     "auto_over": areg is not None and areg > bar, "wrong": wrong})
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:+.1f}%"
+
+
+def table(op: str, algos: list[str], rows: list[dict], bar: float) -> list[str]:
+    cols = ["size"] + algos + ["auto", "choice", "best", "regret", "auto_regret", ""]
+    body = []
+    for r in rows:
+        cells = [cli.human_size(r["bytes"])] + [f"{r['time_us'][a]:.2f}" if r["time_us"][a] is not None else "-"
+                                                for a in algos]
+        flag = "<<" if r["over"] else ("(auto)" if r["auto_over"] else "")
+        cells += [f"{r['auto_us']:.2f}" if r["auto_us"] is not None else "-", r["choice"] or "-", r["best"] or "-",
+                  _pct(r["regret"]), _pct(r["auto_regret"]), flag]
+        body.append(cells)
+    w = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    fmt = lambda cs: "  ".join(c.rjust(w[i]) if i < len(cols) - 1 else c for i, c in enumerate(cs))
+    return [f"## {op}: time per op in us (median over launches); regret = t[choice] / t[best] - 1, "
+            f"auto_regret = t[auto] / t[best] - 1; << marks regret > {bar * 100:g} %",
+            fmt(cols).rstrip()] + [fmt(b).rstrip() for b in body]
+
+
+def summary(config: str, op: str, rows: list[dict], bar: float) -> str:
+    def worst(key):
+        have = [r for r in rows if r[key] is not None]
+        if not have:
+            return "n/a"
+        r = max(have, key=lambda r: r[key])
+        return f"{_pct(r[key])} at {cli.human_size(r['bytes'])}"
+    over = [cli.human_size(r["bytes"]) for r in rows if r["over"]]
+    aover = [cli.human_size(r["bytes"]) for r in rows if r["auto_over"]]
+    return (f"# summary {config}, {op}: max regret {worst('regret')}, max auto_regret {worst('auto_regret')}; "
+            f"sizes over the {bar * 100:g} % bar: {', '.join(over) or 'none'}"
+            f" (auto_regret over: {', '.join(aover) or 'none'})"
+            f" -> {'FAIL' if over else 'PASS'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command = "python -m bench.regret " + " ".join(shlex.quote(a) for a in argv)
+    sim_ctx = None
+    if args.hosts is not None:
+        sys.path.insert(0, str(_TESTS))
+        import multihost
+        why = multihost.why_unavailable()
+        if why:
+            driver.note(f"--hosts: {why}; run it as root (or use -np for one host)")
+            return 2
+        sim_ctx = multihost.SimulatedHosts(args.hosts, args.ranks, args.rate)
+    from comms import algorithms
+    load0 = os.getloadavg()
+    t0 = time.monotonic()
+    doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,
+           "ranks_per_host": args.ranks if args.hosts else args.np, "nranks": args.np, "rate": args.rate,
+           "bar": args.bar, "sizes": args.sizes, "launches": args.launches,
+           "machine": report.machine_info(driver.launch_env()), "ops": {}}
+    failed = wrong = over = False
+    saved_cache = os.environ.get("XDG_CACHE_HOME")
+    with tempfile.TemporaryDirectory(prefix="regret-") as tmp:
+        pin_calibration(Path(tmp))
+        if sim_ctx is not None:
+            sim_ctx.__enter__()
+        try:
+            launcher = Launcher(args, Path(tmp), sim_ctx)
+            info = launcher.info() or {}
+            knobs = {c["name"]: c for c in info.get("config", [])}
+            cal = knobs.get("COMMS_CALIBRATE", {})
+            doc.update(calibrate=cal.get("value"), cost_model=info.get("cost_model"), rules=info.get("rules"),
+                       transports=info.get("transports"))
+            print(f"# bench.regret: selector regret against the best forced algorithm -- {args.config}")
+            print(f"# command: {command}")
+            m = doc["machine"]
+            print(f"# machine: nproc {m['nproc']} (affinity {m['affinity']}), {m['cpu']}; load average at start "
+                  f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (shared machine: figures are noisy)")
+            print(f"# sizes: {cli.human_size(args.sizes[0])} .. {cli.human_size(args.sizes[-1])} x{args.stepfactor:g}; "
+                  f"launches {args.launches} per variant, interleaved; iters "
+                  f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
+            print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
+                  + (f"{doc['cost_model']['source']}: shm {doc['cost_model']['shm']}, tcp {doc['cost_model']['tcp']}, "
+                     f"reduce {doc['cost_model']['reduce_gbps']} GB/s" if doc["cost_model"] else "?"))
+            if os.environ.get("COMMS_ALGO"):
+                print(f"# WARNING: COMMS_ALGO={os.environ['COMMS_ALGO']} is set: the default run is not the default")
+            for op in args.ops:
+                place = place_of(args, op)
+                ns = argparse.Namespace(**vars(args))
+                ns.ops, ns.places = [op], [place]
+                layouts = ops.plan(ops.OPS[op], args.sizes, args.np, ops.elem_size(args.dtype))
+                if not layouts:
+                    driver.note(f"{op}: no size of the sweep holds one element per rank block")
+                    return 2
+                algos = algorithms.names(op)
+                skip = [a for a in algos if declines_everywhere(op, a, layouts, args, place)]
+                specs = [backends.Spec.parse("comms")] + [backends.Spec.parse(f"comms@COMMS_ALGO={op}:{a}")
+                                                          for a in algos if a not in skip]
+                print(f"# {op} ({ops.PLACE_NAMES[place]}): rules "
+                      + " ".join(r for r in (info.get("rules") or []) if r.startswith(op + ":"))
+                      + (f"; not launched (declines every size): {', '.join(skip)}" if skip else ""), flush=True)
+                lns = run_rounds(launcher, ns, specs, args.launches)
+                rows = analyse(op, algos, layouts, lns, args.bar)
+                for line in table(op, algos, rows, args.bar):
+                    print(line)
+                line = summary(args.config, op, rows, args.bar)
+                print(line, flush=True)
+                bad = [f"{ln.backend} #{ln.index + 1}: {ln.error}" for v in lns.values() for ln in v if not ln.ok]
+                for b in bad:
+                    print(f"# FAILED launch {b}")
+                failed |= bool(bad)
+                wrong |= any(r["wrong"] for r in rows)
+                over |= any(r["over"] for r in rows)
+                doc["ops"][op] = {"place": place, "algorithms": algos, "not_launched": skip, "rows": rows,
+                                  "summary": line, "failed_launches": bad}
+        finally:
+            if sim_ctx is not None:
+                sim_ctx.__exit__(None, None, None)
+            if saved_cache is None:
+                os.environ.pop("XDG_CACHE_HOME", None)
+            else:
+                os.environ["XDG_CACHE_HOME"] = saved_cache
+    load1 = os.getloadavg()
+    doc.update(seconds=round(time.monotonic() - t0, 1), loadavg_start=load0, loadavg_end=load1)
+    print(f"# load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; {doc['seconds']:.0f} s in all")
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+        driver.note(f"wrote {args.json}")
+    if failed or wrong:
+        return 1
+    return 3 if over and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

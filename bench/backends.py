@@ -134,12 +134,7 @@ class CommsBackend(Backend):
         return self._moe[key]
 
     def _moe_inputs(self, op, inp):
-        import torch
-        tokens = inp.numel() // op.hidden
-        x = inp.view(tokens, op.hidden)
-        idx = op.topk_idx(tokens, self.rank, self.size)
-        w = torch.full((tokens, op.topk), 1.0 / op.topk, dtype=torch.float32)
-        return x, idx, w
+        return _moe_inputs(op, inp, self.rank, self.size)
 
     def bind_moe(self, op, inp):
         d = self.dispatcher(op)
@@ -207,9 +202,17 @@ class CommsBackend(Backend):
         self.comm.close()
 
 
+def _moe_inputs(op, inp, rank: int, size: int):
+    """(x [T, H] view of ``inp``, topk_idx, topk_weights) of this rank for a :class:`bench.ops.MoE`:
+    the same routing on every backend."""
+    tokens = inp.numel() // op.hidden
+    return (inp.view(tokens, op.hidden), *op.routing_of(tokens, rank, size))
+
+
 class GlooBackend(Backend):
     """torch.distributed with the gloo backend, ``init_method="env://"`` (GLOO_SOCKET_IFNAME=lo
-    unless set)."""
+    unless set). moe is the usual CPU way, :mod:`bench.moe_gloo` (count exchange, then
+    ``all_to_all_single`` of the rows and the routing metadata with uneven splits, and back)."""
     name = "gloo"
     UNSUPPORTED = {
         "all_reduce": {"out": "torch.distributed.all_reduce works in place only"},
@@ -217,7 +220,16 @@ class GlooBackend(Backend):
         "reduce": {"out": "torch.distributed.reduce works in place only"},
         "all_to_all": {"in": "gloo all_to_all_single(buf, buf) gives wrong results (checked with torch 2.13)"},
         "sendrecv": {"in": _RACE},
+        "moe": {"in": "dispatch and combine the all_to_all_single way return new tensors (as comms.moe's do)"},
     }
+    OPS = Backend.OPS + ("moe",)
+    MOE_DTYPES = ("float32", "float16", "bfloat16")
+
+    @classmethod
+    def native(cls, op, place, dtype):
+        if op == "moe" and dtype not in cls.MOE_DTYPES:
+            return f"moe tokens are {', '.join(cls.MOE_DTYPES)} (combine sums in float32), as in comms.moe"
+        return super().native(op, place, dtype)
 
     def __init__(self, timeout: float | None = None):
         import datetime
@@ -233,6 +245,21 @@ class GlooBackend(Backend):
         # newer torch renames the *_tensor collectives to *_single and deprecates the old names
         self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+    def bind_moe(self, op, inp):
+        from . import moe_gloo
+        x, idx, w = _moe_inputs(op, inp, self.rank, self.size)
+        dispatch, combine, dist, experts = moe_gloo.dispatch, moe_gloo.combine, self._dist, op.num_experts(self.size)
+
+        def moe():
+            recv = dispatch(dist, x, idx, w, experts)
+            combine(dist, recv[0], recv[3])
+        return moe
+
+    def moe_round_trip(self, op, inp):
+        """(recv_x, combine(recv_x)) of one dispatch of ``inp``: what the check compares."""
+        from . import moe_gloo
+        return moe_gloo.round_trip(self._dist, *_moe_inputs(op, inp, self.rank, self.size), op.num_experts(self.size))
 
     def bind(self, op, place, inp, out, root):
         d, p, n = self._dist, functools.partial, self.size
@@ -293,7 +320,10 @@ class MpiBackend(Backend):
         "broadcast": {"out": "MPI_Bcast has one buffer"},
         "reduce_scatter": {"in": "MPI's in-place reduce_scatter leaves the result at the start of the buffer, "
                                  "not at the rank's block as nccl-tests' in place does"},
+        "moe": dict.fromkeys(BOTH, "MPI has no MoE layer, and the bench's CPU baseline for moe is the usual "
+                                   "torch.distributed way (the gloo backend); an MPI_Alltoallv version is not written"),
     }
+    OPS = Backend.OPS + ("moe",)
     REDUCING = ("all_reduce", "reduce", "reduce_scatter")
 
     @classmethod

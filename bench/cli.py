@@ -4,7 +4,8 @@ nccl-tests flags kept with their meaning: ``-b/--minbytes``, ``-e/--maxbytes``, 
 ``-i/--stepbytes``, ``-n/--iters``, ``-w/--warmup_iters``, ``-c/--check``, ``-o/--op``, ``-d/--dtype``,
 ``-r/--root``. Added: ``--ops`` (several ops), ``--place``, ``-np`` (ranks), ``--launches``,
 ``--backends`` (with ``backend@NAME=VALUE`` variants), ``--compare``, ``--json``, ``--plot``,
-``--install-mpi``, ``--timeout``, ``--target-time``, ``--batch``, ``-v``.
+``--install-mpi``, ``--timeout``, ``--target-time``, ``--batch``, ``-v``, and moe's ``--moe-experts``,
+``--moe-topk``, ``--moe-hidden``, ``--moe-routing``.
 
 Sizes take binary suffixes (``64K``, ``1M``, ``2G``). The sweep is nccl-tests': start at minbytes,
 multiply by stepfactor (or add stepbytes when ``-i`` is given), stop after maxbytes.
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-topk", type=int, default=4, help="moe: experts per token (default 4)")
     p.add_argument("--moe-hidden", type=int, default=1024,
                    help="moe: elements per token (default 1024); moe sizes are one rank's tokens")
+    p.add_argument("--moe-routing", choices=ops.MoE.ROUTINGS, default="consecutive",
+                   help="moe: consecutive (default: token t of rank r takes the K experts from (5t+3r) mod E, "
+                        "weights 1/K) or random (per-rank seeded uniform scores, top-K, weights = the scores)")
     p.add_argument("--place", choices=["both", "out", "in"], default="both",
                    help="out-of-place, in-place or both (default both; nccl-tests runs both)")
     p.add_argument("--compare", type=_label_pair, default=None, metavar="A,B",
@@ -189,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     small = [o for o in ns.ops if o in ops.OPS and ns.np < ops.OPS[o].min_ranks]
     if small:
         p.error(f"{', '.join(small)} needs at least {ops.OPS[small[0]].min_ranks} ranks (-np)")
-    ns.moe = {"experts": ns.moe_experts, "topk": ns.moe_topk, "hidden": ns.moe_hidden}
+    ns.moe = {"experts": ns.moe_experts, "topk": ns.moe_topk, "hidden": ns.moe_hidden, "routing": ns.moe_routing}
     if ops.MOE in ns.ops:
         experts = ns.moe_experts or 4 * ns.np
         if ns.moe_hidden < 1 or experts % ns.np or not 1 <= ns.moe_topk <= experts:

@@ -130,7 +130,7 @@ def worker_args(args, spec: backends.Spec, out: Path) -> list[str]:
         cmd += ["--warmup", str(args.warmup)]
     if ops.MOE in args.ops:
         cmd += ["--moe-experts", str(args.moe_experts), "--moe-topk", str(args.moe_topk),
-                "--moe-hidden", str(args.moe_hidden)]
+                "--moe-hidden", str(args.moe_hidden), "--moe-routing", getattr(args, "moe_routing", "consecutive")]
     return cmd
 
 

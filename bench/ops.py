@@ -128,7 +128,7 @@ class Buffers:
     offset: int = 0
 
 
-MOE = "moe"                     # timed through comms.moe.Dispatcher when that is importable
+MOE = "moe"                     # comms.moe.Dispatcher (when importable); gloo: bench.moe_gloo
 PLACES = ("out", "in")          # nccl-tests order: out-of-place first, then in-place
 PLACE_NAMES = {"out": "out-of-place", "in": "in-place"}
 
@@ -345,20 +345,43 @@ class AllToAll(Op):
         return torch.cat([pattern(lay.block, p, nranks, dtype, start=rank * lay.block) for p in range(nranks)])
 
 
+ROUTING_SEED = 1234         # moe --moe-routing random: rank r's generator is seeded ROUTING_SEED + r
+
+
+def random_routing(tokens: int, experts: int, topk: int, rank: int, seed: int = ROUTING_SEED
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-K routing of rank ``rank``'s ``tokens`` tokens (examples/moe_bench.py's): a
+    generator seeded ``seed + rank`` draws uniform scores [tokens, experts]; each token selects its
+    ``topk`` highest-scoring experts (distinct), weighted by those scores. Returns (topk_idx int64,
+    topk_weights float32), both [tokens, topk]."""
+    g = torch.Generator().manual_seed(seed + rank)
+    scores = torch.rand(tokens, experts, generator=g)
+    w, idx = scores.topk(topk, dim=-1)
+    return idx, w.float()
+
+
 class MoE(Op):
-    """Expert-parallel dispatch then combine (:class:`comms.moe.Dispatcher`), timed as one round
-    trip. Each rank has ``T`` tokens of ``hidden`` elements; ``size`` is the bytes of one rank's
-    tokens (``T x hidden x element size``; sizes below one token are dropped). Token ``t`` of rank
-    ``r`` selects the ``topk`` consecutive experts from ``(5 t + 3 r) mod E`` (distinct, weight
-    1/topk), so routing is deterministic and the check exact: ``recv_x`` must hold every source's
+    """Expert-parallel dispatch then combine, timed as one round trip: comms'
+    :class:`comms.moe.Dispatcher`, or on gloo the usual CPU way (:mod:`bench.moe_gloo`). Each rank
+    has ``T`` tokens of ``hidden`` elements; ``size`` is the bytes of one rank's tokens
+    (``T x hidden x element size``; sizes below one token are dropped), so algbw = size / time is
+    the token GB/s of the round trip: the bytes of the tokens a rank dispatches per second.
+
+    Routing (``routing``): ``"consecutive"`` (the default): token ``t`` of rank ``r`` selects the
+    ``topk`` consecutive experts from ``(5 t + 3 r) mod E`` (distinct, weight 1/topk);
+    ``"random"``: :func:`random_routing` (uniform scores, top-K, weights = the scores, a generator
+    per rank). Both are deterministic, so the check is exact: ``recv_x`` must hold every source's
     rows for this rank (by source rank, then token) and ``combine(recv_x)`` must equal ``x`` times
     the number of ranks each token went to. busbw counts the bytes a rank sends to other ranks in
     both phases (averaged over ranks) per second, as all_to_all's busbw does."""
     name, redop = MOE, "none"
     FLOAT = ("float32", "float16", "bfloat16")
+    ROUTINGS = ("consecutive", "random")
 
-    def __init__(self, experts: int = 0, topk: int = 4, hidden: int = 1024):
-        self.experts, self.topk, self.hidden = experts, topk, hidden
+    def __init__(self, experts: int = 0, topk: int = 4, hidden: int = 1024, routing: str = "consecutive"):
+        if routing not in self.ROUTINGS:
+            raise ValueError(f"unknown moe routing {routing!r}; choose from {', '.join(self.ROUTINGS)}")
+        self.experts, self.topk, self.hidden, self.routing = experts, topk, hidden, routing
 
     def num_experts(self, nranks: int) -> int:
         return self.experts or 4 * nranks
@@ -370,10 +393,18 @@ class MoE(Op):
         count = tokens * self.hidden
         return Layout(count * es, count, count, count, tokens)
 
-    def topk_idx(self, tokens: int, rank: int, nranks: int) -> torch.Tensor:
+    def routing_of(self, tokens: int, rank: int, nranks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_idx int64, topk_weights float32), both [tokens, topk]: what rank ``rank`` passes
+        to dispatch, on every backend."""
         e = self.num_experts(nranks)
+        if self.routing == "random":
+            return random_routing(tokens, e, self.topk, rank)
         start = (5 * torch.arange(tokens, dtype=torch.int64) + 3 * rank) % e
-        return (start[:, None] + torch.arange(self.topk, dtype=torch.int64)[None, :]) % e
+        idx = (start[:, None] + torch.arange(self.topk, dtype=torch.int64)[None, :]) % e
+        return idx, torch.full((tokens, self.topk), 1.0 / self.topk, dtype=torch.float32)
+
+    def topk_idx(self, tokens: int, rank: int, nranks: int) -> torch.Tensor:
+        return self.routing_of(tokens, rank, nranks)[0]
 
     def destinations(self, tokens: int, rank: int, nranks: int) -> torch.Tensor:
         """[tokens, nranks] bool: token t of ``rank`` goes to rank p."""
@@ -382,6 +413,12 @@ class MoE(Op):
         dest = torch.zeros(tokens, nranks, dtype=torch.bool)
         dest.scatter_(1, owner, True)
         return dest
+
+    def dispatched_rows(self, lay: Layout, nranks: int) -> list[int]:
+        """Per rank, the token rows it dispatches (one per token and destination rank, its own
+        included): DeepEP counts these rows' bytes (it counts the rows a rank receives, which
+        over all ranks is the same total)."""
+        return [int(self.destinations(lay.block, r, nranks).sum()) for r in range(nranks)]
 
     def bus_factor(self, nranks):
         return 2.0 * (nranks - 1) / nranks        # a nominal figure; see bus_factor_for
@@ -449,5 +486,5 @@ def plan(op: Op, sizes: list[int], nranks: int, es: int) -> list[Layout]:
 
 
 def lookup(name: str, moe: dict | None = None) -> Op:
-    """The op called ``name``; ``moe`` holds MoE's experts, topk, hidden."""
+    """The op called ``name``; ``moe`` holds MoE's experts, topk, hidden and routing."""
     return MoE(**(moe or {})) if name == MOE else OPS[name]

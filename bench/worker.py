@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe-experts", type=int, default=0, help="moe: experts (default 4 per rank)")
     p.add_argument("--moe-topk", type=int, default=4)
     p.add_argument("--moe-hidden", type=int, default=1024)
+    p.add_argument("--moe-routing", choices=ops.MoE.ROUTINGS, default="consecutive")
     p.add_argument("--dtype", default="float32", type=ops.canonical_dtype)
     p.add_argument("--sizes", required=True, help="comma-separated byte sizes")
     p.add_argument("--iters", type=int, default=None)
@@ -245,7 +246,8 @@ def run(args) -> dict | None:
     es = ops.elem_size(args.dtype)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     corrupt = corrupt_requested()
-    moe = {"experts": args.moe_experts, "topk": args.moe_topk, "hidden": args.moe_hidden}
+    moe = {"experts": args.moe_experts, "topk": args.moe_topk, "hidden": args.moe_hidden,
+           "routing": args.moe_routing}
     plans = [(op, plan(op, sizes, n, es)) for op in (ops.lookup(name, moe) for name in args.ops)]
     total = sum(len(lays) for _, lays in plans) * len(args.places)
     done = 0
@@ -270,6 +272,8 @@ def run(args) -> dict | None:
                 res["rows"].append({"nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count,
                                     "out_count": lay.out_count,
                                     "algorithm": backend.algorithm(op.name, op.msg_bytes(lay, n, es))})
+                if op.name == ops.MOE and rank == 0:   # per rank: rows it dispatches (DeepEP counts their bytes)
+                    res["rows"][-1]["dispatched_rows"] = op.dispatched_rows(lay, n)
                 done += 1
                 _log(rank, f"[{done}/{total}] {label} {op.name} {place} {lay.nbytes} B: {r['iters']} ops "
                            f"(batch {r['batch']}), rank 0 median {r['median_s'] * 1e6:.2f} us, wrong {wrong}, "

@@ -10,7 +10,8 @@ destination rank, the same routing math):
   written straight into the peers' tensors (single copy by cross-memory attach, or an uneven
   ``all_to_all`` over shared memory with ``COMMS_MOE_SINGLE_COPY=0``), combine summed natively
   (float32, fixed order);
-- Gloo, the usual CPU way: ``all_to_all_single`` of the counts, then of ``x[send_idx]`` and of the
+- Gloo, the usual CPU way (``bench/moe_gloo.py``, which ``python -m bench --ops moe --backends
+  comms,gloo`` times too): ``all_to_all_single`` of the counts, then of ``x[send_idx]`` and of the
   routing metadata (uneven splits), and back for combine, summed with one float32 ``index_add_``.
 
 Token GB/s is reported as DeepEP does: bytes of the token rows a rank receives in dispatch (and
@@ -23,39 +24,33 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))      # the repository root: bench/
+
+from bench import moe_gloo  # noqa: E402  the Gloo way, shared with python -m bench --ops moe
+from bench.ops import random_routing  # noqa: E402  the bench's --moe-routing random
 
 DTYPE = torch.bfloat16
 
 
 def _routing(args, rank: int):
-    g = torch.Generator().manual_seed(1234 + rank)
-    x = torch.randn(args.tokens, args.hidden, generator=g).to(DTYPE)
-    scores = torch.rand(args.tokens, args.experts, generator=g)
-    w, idx = scores.topk(args.topk, dim=-1)
-    return x, idx, w.float()
+    """x (random, seeded per rank) and the bench's random routing: uniform scores, top-K, weights = scores."""
+    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(4321 + rank)).to(DTYPE)
+    idx, w = random_routing(args.tokens, args.experts, args.topk, rank)
+    return x, idx, w
 
 
 def _gloo_moe(dist, x, idx, w, num_experts: int, world: int):
-    """Dispatch + combine the usual CPU way; returns (recv_x, out, t_dispatch, t_combine)."""
-    from comms.moe.layout import compute_layout
+    """Dispatch + combine the usual CPU way (:mod:`bench.moe_gloo`); returns (recv_x, out, t_dispatch, t_combine)."""
     t0 = time.perf_counter()
-    lay = compute_layout(idx, num_experts, world)          # the same routing (not what is compared)
-    send_counts = torch.tensor(lay.send_counts, dtype=torch.int64)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)
-    rc, sc = recv_counts.tolist(), lay.send_counts
-    recv_x = torch.empty(sum(rc), x.shape[1], dtype=x.dtype)
-    dist.all_to_all_single(recv_x, x[lay.send_idx], rc, sc)
-    meta = torch.cat([idx.to(torch.int32), w.view(torch.int32)], dim=1)[lay.send_idx]
-    recv_meta = torch.empty(sum(rc), meta.shape[1], dtype=torch.int32)
-    dist.all_to_all_single(recv_meta, meta, rc, sc)
+    recv_x, _, _, route = moe_gloo.dispatch(dist, x, idx, w, num_experts)
     t1 = time.perf_counter()
-    back = torch.empty(sum(sc), x.shape[1], dtype=x.dtype)
-    dist.all_to_all_single(back, recv_x, sc, rc)
-    out = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, lay.send_idx, back.float()).to(x.dtype)
+    out = moe_gloo.combine(dist, recv_x, route)
     t2 = time.perf_counter()
     return recv_x, out, t1 - t0, t2 - t1
 

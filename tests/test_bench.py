@@ -201,8 +201,8 @@ def test_every_op_on_three_ranks_and_mpi_absent(tmp_path):
     ran = [r for r in doc["rows"] if not r["na"]]
     assert {r["op"] for r in ran} == set(ALL_OPS + moe[:1])
     assert all(r["wrong"] == 0 and r["time_us"]["median"] > 0 for r in ran)
-    if MOE_PRESENT:     # comms.moe: dispatch + combine checked exactly; gloo has no MoE
-        assert {(r["backend"], r["place"]) for r in ran if r["op"] == "moe"} == {("comms", "out")}
+    if MOE_PRESENT:     # comms.moe and gloo's all_to_all_single way: dispatch + combine checked exactly
+        assert {(r["backend"], r["place"]) for r in ran if r["op"] == "moe"} == {("comms", "out"), ("gloo", "out")}
     assert {r["root"] for r in ran if r["op"] in ("broadcast", "reduce", "gather", "scatter")} == {1}
     # nccl-tests bus factors at 3 ranks
     factor = {r["op"]: r["bus_factor"] for r in ran}
@@ -227,6 +227,58 @@ def test_mpi_backend(tmp_path):
     assert {(r["op"], r["place"]) for r in ran} >= {("all_reduce", "out"), ("all_reduce", "in"), ("sendrecv", "in")}
     assert all(r["wrong"] == 0 and r["transport"] == "shm" for r in ran)
     assert "Open MPI" in doc["launches"]["mpi"][0]["doc"]["versions"]["mpi"]
+
+
+
+@pytest.mark.skipif(not MOE_PRESENT, reason="comms.moe is not importable")
+@pytest.mark.parametrize("routing", ["consecutive", "random"])
+def test_moe_comms_and_gloo(tmp_path, routing):
+    """--ops moe on comms and on gloo (the all_to_all_single way of bench/moe_gloo.py), both routings,
+    bfloat16, 2 ranks, one launch: every row of both backends ran and passed the exact check
+    (recv_x and combine); mpi stays n/a with its reason; the routing is in the JSON options. No
+    timing claim."""
+    js = tmp_path / "moe.json"
+    p = bench("-np", "2", "--ops", "moe", "--backends", "comms,gloo", "--moe-hidden", "32", "--moe-experts", "8",
+              "--moe-topk", "3", "--moe-routing", routing, "-d", "bf16", "-b", "1K", "-e", "16K", "-f", "16",
+              "--launches", "1", "-n", "5", "-w", "1", "--json", str(js))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads(js.read_text())
+    assert validate(doc, SCHEMA) == []
+    assert doc["options"]["moe_routing"] == routing and doc["options"]["moe"]["routing"] == routing
+    out = [r for r in doc["rows"] if r["place"] == "out"]
+    assert {(r["backend"], r["bytes"]) for r in out} == {(b, n) for b in ("comms", "gloo") for n in (1024, 16384)}
+    assert all(r["na"] is None and r["wrong"] == 0 and r["time_us"]["median"] > 0 and r["algbw"] > 0 for r in out)
+    assert all(r["vs_gloo"] > 0 for r in out if r["backend"] == "comms")
+    assert all(r["na"] for r in doc["rows"] if r["place"] == "in")
+    table = [r for r in rows_of(p.stdout) if r["place"] == "out"]
+    assert {r["backend"] for r in table} == {"comms", "gloo"} and all(r["#wrong"] == "0" for r in table)
+    op = ops.MoE(experts=8, topk=3, hidden=32, routing=routing)
+    raw = doc["launches"]["gloo"][0]["doc"]["results"][0]["rows"]
+    assert [r["dispatched_rows"] for r in raw] == [op.dispatched_rows(op.layout(n, 2, 2), 2) for n in (1024, 16384)]
+
+
+def test_moe_routing_and_backend_modes():
+    """--moe-routing: default consecutive; random is examples/moe_bench.py's (a generator seeded
+    per rank, uniform scores, top-K, weights = the scores), deterministic, distinct experts; gloo has
+    moe out of place, mpi says why not."""
+    assert cli.parse_args(["--ops", "moe"]).moe["routing"] == "consecutive"
+    a = cli.parse_args(["--ops", "moe", "--moe-routing", "random", "-np", "4", "--moe-experts", "8"])
+    assert a.moe == {"experts": 8, "topk": 4, "hidden": 1024, "routing": "random"}
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--ops", "moe", "--moe-routing", "zipf"])
+    import torch
+    op = ops.lookup("moe", a.moe)
+    idx, w = op.routing_of(100, 3, 4)
+    scores = torch.rand(100, 8, generator=torch.Generator().manual_seed(ops.ROUTING_SEED + 3))
+    want_w, want_idx = scores.topk(4, dim=-1)
+    assert torch.equal(idx, want_idx) and torch.equal(w, want_w) and w.dtype == torch.float32
+    assert torch.equal(op.routing_of(100, 3, 4)[0], idx) and not torch.equal(op.routing_of(100, 2, 4)[0], idx)
+    assert bool((idx.sort(1).values.diff(dim=1) > 0).all())
+    c_idx, c_w = ops.lookup("moe", {"experts": 8, "topk": 4}).routing_of(5, 1, 4)
+    assert c_idx[0].tolist() == [3, 4, 5, 6] and bool((c_w == 0.25).all())
+    assert backends.GlooBackend.native("moe", "out", "bfloat16") is None
+    assert backends.GlooBackend.native("moe", "in", "bfloat16") and backends.GlooBackend.native("moe", "out", "int32")
+    assert "MPI has no MoE layer" in backends.MpiBackend.native("moe", "out", "float32")
 
 
 # -- in-process ------------------------------------------------------------------------------------

@@ -303,6 +303,20 @@ def summary(config: str, op: str, rows: list[dict], bar: float) -> str:
             f" -> {'FAIL' if over else 'PASS'}")
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM, SIGHUP and SIGINT (ignored in background jobs) raise KeyboardInterrupt once, so the
+    running launch, the simulated hosts and the temporary directory are cleaned up on the way out."""
+    import signal
+    fired = []
+
+    def stop(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -397,4 +411,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _stop_on_signals()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        driver.note(f"interrupted ({e or 'SIGINT'}); the running launch was stopped and everything cleaned up")
+        sys.exit(130)

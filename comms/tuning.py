@@ -2,15 +2,25 @@
 
 Every algorithm is priced as time = latency x steps + bytes / bandwidth (NCCL's tuning.cc), per
 link class: shm inside a host, tcp between hosts (rdma later), plus the local reduction speed.
+Each step is priced on the link it uses: the recursive algorithms' exchange with rank ^ d stays on
+shm while the partners share a host and goes over tcp once they do not; a step of a flat algorithm
+that uses both classes at once (a ring over hosts) is bound by the slower (the larger latency and
+the smaller bandwidth: an oversubscribed host's shm can be slower than its tcp); direct's one step
+adds up the bytes to this host's peers and to other hosts', since the rank's thread moves them all.
 :func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each, and writes the
 result as rules in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are
 data, printed by ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
 
 Calibration: the first time a host signature (CPU, cores, host layout, link classes, NICs and their
-reported speeds) is seen, rank
-0 measures ping-pong latency and bandwidth on each link class and its reduction speed, and caches
-them in ``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and the defaults
-below apply). Rank 0's parameters are published through the store so every rank prices alike and
+reported speeds) is seen, rank 0 measures each link class and its reduction speed, and caches them
+in ``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and the defaults below
+apply). ``alpha_us`` is the latency of one *step* of a plan: 8 B passed around a ring of the
+link's ranks (host 0's ranks for shm, the host leaders for tcp), every member sending and
+receiving in each round, many rounds inside one native plan. It thus leaves out the per-call cost
+that every algorithm pays alike (Python, plan lookup, the first wake-up), and it includes what a
+host with more ranks than cores adds to every step. ``beta_gbps`` comes from a 4 MiB ping-pong.
+Every figure is the least of several runs, since other work on a shared machine only adds to it.
+Rank 0's parameters are published through the store so every rank prices alike and
 picks the same algorithm. A link shaped below what its NIC reports (tc, a busy fabric) is not part
 of the signature: delete the cache, or set COMMS_CALIBRATE=0, after changing it.
 """
@@ -30,6 +40,8 @@ from . import log as clog
 
 log = clog.get("TUNING")
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
+CALIBRATION_VERSION = "v2"     # part of the cache key: v2 measures alpha per plan step (ring of rounds)
+HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 
 @dataclass(frozen=True)
@@ -64,13 +76,44 @@ def _red(p: Params, nbytes: float) -> float:
     return nbytes / (p.reduce_gbps * 1e3)
 
 
+def _pair_link(p: Params, host_of: list, pairs, forced_tcp: bool) -> Link:
+    """The link a step whose messages go between ``pairs`` of ranks is bound by: tcp when any pair
+    is on two hosts (or tcp is forced), else shm."""
+    if forced_tcp or any(host_of[a] != host_of[b] for a, b in pairs):
+        return p.tcp
+    return p.shm
+
+
+def _recursive_steps(n: int, hosts: tuple, p: Params, forced_tcp: bool, nbytes, rounds: int, m: float) -> float:
+    """Latency and transfer of the recursive algorithms' exchanges, each priced on the link it uses:
+    ``rounds`` exchanges of ``nbytes(d)`` with partner rank ^ d for every d < p2 (the power-of-two
+    core), plus the fold of the n - p2 extra ranks, in and out, ``m`` bytes each."""
+    host_of = [0] * n
+    for i, group in enumerate(hosts):
+        for r in group:
+            if r < n:
+                host_of[r] = i
+    p2 = 1 << (n.bit_length() - 1)
+    total, d = 0.0, 1
+    while d < p2:
+        total += rounds * _pair_link(p, host_of, [(r, r ^ d) for r in range(p2)], forced_tcp).t(1, nbytes(d))
+        d <<= 1
+    if n != p2:
+        total += 2 * _pair_link(p, host_of, [(r, r - p2) for r in range(p2, n)], forced_tcp).t(1, m)
+    return total
+
+
 def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_tcp: bool) -> float:
     """Estimated µs of ``algo`` for ``coll`` with ``m`` bytes (see selector: per-rank buffer for
     all_reduce/broadcast/reduce, bytes a rank sends otherwise) on ``n`` ranks."""
     H = max(1, len(hosts))
     L = n // H if hosts and n % H == 0 else n
-    flat = p.tcp if (H > 1 or forced_tcp) else p.shm
     intra = p.tcp if forced_tcp else p.shm
+    # a step of a flat algorithm over several hosts uses both link classes at once: the slower bounds it
+    if forced_tcp or H == 1:
+        flat = intra
+    else:
+        flat = Link(max(p.shm.alpha_us, p.tcp.alpha_us), min(p.shm.beta_gbps, p.tcp.beta_gbps))
     p2 = 1 << (n.bit_length() - 1)
     fold = 2 if n != p2 else 0
     if n == 1:
@@ -79,13 +122,18 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
         return math.inf       # it would decline: hierarchical needs >= 2 hosts of equal size
     if coll == "all_reduce":
         if algo == "direct":
+            # one step (the slower link's latency); the rank's own thread moves every message, so
+            # the transfers to this host's peers and to other hosts' add up
+            if H > 1 and not forced_tcp:
+                return flat.t(1, 0) + intra.t(0, (L - 1) * m) + p.tcp.t(0, (n - L) * m) + _red(p, n * m)
             return flat.t(1, (n - 1) * m) + _red(p, n * m)
         if algo == "ring":
             return flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + _red(p, (n - 1) * m / n)
         if algo == "recursive_doubling":
-            return flat.t(_log2(p2) + fold, (_log2(p2) + fold) * m) + _red(p, (_log2(p2) + 1) * m)
+            return _recursive_steps(n, hosts, p, forced_tcp, lambda d: m, 1, m) + _red(p, (_log2(p2) + 1) * m)
         if algo == "rhd":
-            return flat.t(2 * _log2(p2) + fold, 2 * m * (p2 - 1) / p2 + fold * m) + _red(p, m)
+            # halving then doubling: the exchanges with partner rank ^ d move m * d / p2 each
+            return _recursive_steps(n, hosts, p, forced_tcp, lambda d: m * d / p2, 2, m) + _red(p, m)
         if algo == "tree":
             return flat.t(2 * _log2(n), 2 * m + 2 * _log2(n) * min(m, 1 << 20)) + _red(p, m)
         if algo == "hierarchical":
@@ -158,7 +206,8 @@ def signature(comm) -> str:
         pass
     classes = sorted(set(comm.transports.values()))
     nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in topo.hosts[0].nics)
-    return f"{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|" \
+    return f"{CALIBRATION_VERSION}|{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|" \
+           f"{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|" \
            f"{','.join(classes)}|nics {nics}|{platform.release()}"
 
 
@@ -167,8 +216,8 @@ def _cache_path() -> str:
     return os.path.join(base, "comms", "calibration.json")
 
 
-def _pingpong(comm, peer: int, nbytes: int, iters: int, leader: bool) -> float:
-    """Median one-way time (µs) of ``nbytes`` between this rank and ``peer``."""
+def _pingpong(comm, peer: int, nbytes: int, iters: int, leader: bool, stat=np.median) -> float:
+    """One-way time (µs) of ``nbytes`` between this rank and ``peer`` (``stat`` over the round trips)."""
     buf = np.ones(max(1, nbytes // 4), np.float32)          # touched: no page faults in the timing
     times = []
     for _ in range(iters):
@@ -180,7 +229,32 @@ def _pingpong(comm, peer: int, nbytes: int, iters: int, leader: bool) -> float:
             comm.recv(buf, peer, tag=0xCA1)
             comm.send(buf, peer, tag=0xCA1)
         times.append((time.perf_counter() - t0) / 2 * 1e6)
-    return float(np.median(times))
+    return float(stat(times))
+
+
+def _hops(comm, ring: list, rounds: int, reps: int) -> float:
+    """Least µs per round (over ``reps`` runs) of 8 B around ``ring`` (ranks in ring order, this
+    rank among them): in each round every member sends to its right neighbour and receives from its
+    left, all rounds in one point-to-point plan, so the figure is the latency of one step of a
+    collective's plan with every member active, without the per-call cost."""
+    from .algorithms.plan import IN, OUT, PHASE, RECV, SEND, Plan, Step
+    from .communicator import MSG_P2P, _fast
+    from .engine import Encoded
+    i = ring.index(comm.rank)
+    right, left = ring[(i + 1) % len(ring)], ring[(i - 1) % len(ring)]
+    src, dst = np.ones(2, np.float32), np.zeros(2, np.float32)
+    p_in, count, dtype = _fast(src, "calibration", False)
+    p_out = _fast(dst, "calibration", True)[0]
+    steps = []
+    for _ in range(rounds):
+        steps += [Step(SEND, right, IN, 0, src.nbytes), Step(RECV, left, OUT, 0, src.nbytes), Step(PHASE)]
+    enc = Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        comm._run(enc, p_in, p_out, [src, dst], False)
+        times.append((time.perf_counter() - t0) / rounds * 1e6)
+    return float(min(times))
 
 
 def _finish(measured: dict, sig: str) -> dict:
@@ -188,10 +262,12 @@ def _finish(measured: dict, sig: str) -> dict:
     x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)   # 32 MiB: beyond the caches
     from ._native import ffi, lib
     lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
-    t0 = time.perf_counter()
-    for _ in range(3):
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
         lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
-    red = min(x.nbytes * 3 / (time.perf_counter() - t0) / 1e9, 100.0)
+        best = min(best, time.perf_counter() - t0)
+    red = min(x.nbytes / best / 1e9, 100.0)
     d = Params().as_dict()
     d.update(measured)
     d["reduce_gbps"] = round(red, 3)
@@ -219,14 +295,15 @@ def calibrate(comm) -> Params:
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Params()
     topo = comm.topology
-    partners = {}
+    rings = {}                # link class -> the ranks that measure it (rank 0 first)
     forced = config.get("TRANSPORT").lower()
-    shm_peers = [r for r in topo.hosts[0].ranks if r != 0]
-    if shm_peers and forced != "tcp":
-        partners["shm"] = shm_peers[0]
-    tcp_peer = topo.hosts[1].leader if len(topo.hosts) > 1 else (1 if forced == "tcp" else None)
-    if tcp_peer is not None:
-        partners["tcp"] = tcp_peer
+    local = sorted(topo.hosts[0].ranks)
+    if len(local) > 1 and forced != "tcp":
+        rings["shm"] = local
+    if len(topo.hosts) > 1:
+        rings["tcp"] = sorted(h.leader for h in topo.hosts)
+    elif forced == "tcp" and len(local) > 1:
+        rings["tcp"] = local
     sig = signature(comm)
     cached = None
     # Only point-to-point messages and the store are used here: calibration must not take
@@ -241,17 +318,23 @@ def calibrate(comm) -> Params:
     measure = comm._store.get(f"{key}/measure") == b"1"
     if measure:
         measured = {}
-        for cls, peer in partners.items():
+        for cls, ring in rings.items():
+            peer = ring[1]
             if comm.rank in (0, peer):
                 lead = comm.rank == 0
                 other = peer if lead else 0
                 _pingpong(comm, other, 8, 20, lead)               # warm up both paths
                 _pingpong(comm, other, 4 << 20, 2, lead)
-                a = _pingpong(comm, other, 8, 100, lead)
-                t = _pingpong(comm, other, 4 << 20, 8, lead)
-                # clamp to sane ranges: a loaded machine must not produce absurd parameters
-                alpha = min(max(a, 0.1), 1000.0)
+                # least times: on a shared machine other work only ever adds to them
+                a = _pingpong(comm, other, 8, 100, lead, np.min)  # one-way, per-call cost included
+                t = _pingpong(comm, other, 4 << 20, 8, lead, np.min)
                 beta = min(max((4 << 20) / max(t - a, 1e-3) / 1e3, 0.05), 100.0)
+            if comm.rank in ring:
+                _hops(comm, ring, 5, 3)                           # warm up
+                hop = _hops(comm, ring, HOP_ROUNDS, 7)
+            if comm.rank == 0:
+                # clamp to sane ranges: a loaded machine must not produce absurd parameters
+                alpha = min(max(hop, 0.05), 1000.0)
                 measured[cls] = {"alpha_us": round(alpha, 3), "beta_gbps": round(beta, 3)}
         if comm.rank == 0:
             cached = _finish(measured, sig)

@@ -1,0 +1,69 @@
+"""The cost model (comms.tuning): how steps are priced per link, and the rules it writes."""
+from __future__ import annotations
+
+import math
+
+from comms import algorithms
+from comms.tuning import CALIBRATION_VERSION, Link, Params, cost, default_rules
+
+NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
+ONE_HOST = lambda n: (tuple(range(n)),)               # noqa: E731
+TWO_HOSTS = ((0, 1), (2, 3))
+
+
+def test_one_host_recursive_algorithms_keep_their_step_counts():
+    p = Params(Link(1.0, 10.0), Link(40.0, 1.0), 10.0)
+    for n in (2, 3, 4, 5, 8):
+        p2 = 1 << (n.bit_length() - 1)
+        lg, fold = int(math.log2(p2)), (2 if n != p2 else 0)
+        for m in (8, 1 << 16, 1 << 22):
+            rd = p.shm.t(lg + fold, (lg + fold) * m) + (lg + 1) * m / 10e3
+            rhd = p.shm.t(2 * lg + fold, 2 * m * (p2 - 1) / p2 + fold * m) + m / 10e3
+            assert math.isclose(cost("all_reduce", "recursive_doubling", m, n, ONE_HOST(n), p, False), rd)
+            assert math.isclose(cost("all_reduce", "rhd", m, n, ONE_HOST(n), p, False), rhd)
+
+
+def test_recursive_steps_are_priced_on_the_link_they_use():
+    """On 2 hosts x 2 ranks, recursive doubling's first exchange (rank ^ 1) stays on the host and
+    the second (rank ^ 2) crosses: one shm step and one tcp step, not two tcp steps."""
+    p = Params(Link(1.0, 10.0), Link(40.0, 1.0), 1e6)
+    assert math.isclose(cost("all_reduce", "recursive_doubling", 8, 4, TWO_HOSTS, p, False),
+                        p.shm.t(1, 8) + p.tcp.t(1, 8) + 3 * 8 / 1e9)
+    # rhd: halving moves m/2 across hosts (d = 2) and m/4 inside (d = 1), doubling the same back
+    m = 1 << 20
+    want = 2 * (p.tcp.t(1, m / 2) + p.shm.t(1, m / 4)) + m / 1e9
+    assert math.isclose(cost("all_reduce", "rhd", m, 4, TWO_HOSTS, p, False), want)
+    # forcing tcp prices every step on tcp
+    assert math.isclose(cost("all_reduce", "recursive_doubling", 8, 4, TWO_HOSTS, p, True), p.tcp.t(2, 16) + 24 / 1e9)
+
+
+def test_flat_steps_over_hosts_are_bound_by_the_slower_link():
+    """A ring step over two hosts uses shm and tcp edges at once: the larger latency and the smaller
+    bandwidth bound it, whichever class they come from (an oversubscribed host's shm may be slower)."""
+    slow_shm = Params(Link(50.0, 1.0), Link(10.0, 2.0), 1e6)
+    ring = cost("all_reduce", "ring", 1 << 20, 4, TWO_HOSTS, slow_shm, False)
+    assert math.isclose(ring, Link(50.0, 1.0).t(6, 1.5 * (1 << 20)) + 0.75 * (1 << 20) / 1e9)
+    # direct: one step; the rank's own messages to its host and to the other host add up
+    direct = cost("all_reduce", "direct", 1 << 20, 4, TWO_HOSTS, slow_shm, False)
+    assert math.isclose(direct, 50.0 + (1 << 20) / 1e3 + 2 * (1 << 20) / 2e3 + 4 * (1 << 20) / 1e9)
+
+
+def test_rules_follow_the_per_step_latency():
+    """Two ranks of one host: a small per-step latency moves the direct -> ring switch down, a
+    large one up; the rules are contiguous and cover every size."""
+    fast = default_rules(NAMES, 2, ONE_HOST(2), Params(Link(0.5, 20.0), Link(40.0, 1.5), 14.0), False)
+    slow = default_rules(NAMES, 2, ONE_HOST(2), Params(Link(20.0, 20.0), Link(40.0, 1.5), 14.0), False)
+
+    def switch(rules: str) -> int:
+        first = rules.split("#")[0]
+        assert first.startswith("all_reduce:0-") and first.endswith(":direct")
+        return int(first.split(":")[1].split("-")[1])
+    assert switch(fast) < switch(slow)
+    for rules in (fast, slow):
+        ranges = [r.split(":")[1].split("-") for r in rules.split("#")]
+        assert ranges[0][0] == "0" and ranges[-1][1] == "inf"
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_calibration_cache_key_is_versioned():
+    assert CALIBRATION_VERSION == "v2"      # v1 entries measured alpha as a ping-pong, per call

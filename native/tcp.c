@@ -5,19 +5,80 @@
  * in the destination (recv into the user's buffer) except when they are to be reduced on arrival:
  * then they pass through a chunk-sized bounce buffer and are reduced chunk by chunk while the rest
  * is still in flight, which pipelines large messages.
+ *
+ * A large p2p message whose receive is not posted yet would have to be read into a malloc'ed
+ * "unexpected" buffer and copied again when the receive comes (page faults on a fresh buffer, one
+ * more pass over the bytes). A stream of send/recv hits this all the time: the header of message
+ * N+1 is already in the socket when recv N completes, microseconds before the caller posts recv
+ * N+1. So its header is held (the payload stays in the kernel) for up to HOLD_NS while nothing
+ * posted on this channel needs the bytes behind it; after that it is drained as before, so a peer
+ * blocked in that send is never held up for longer. And when the receive is posted while such a
+ * message is still arriving, the part already buffered is copied once and the rest goes straight
+ * into the receiver's buffer.
+ *
+ * While a large message moves, a wait naps in poll() whenever its socket is full (send) or empty
+ * (receive) instead of spinning on syscalls (bulk_nap).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include "comms_native.h"
 
+#define HOLD_MIN_BYTES (64u << 10)     /* smaller unexpected messages are cheap to copy: never held */
+#define HOLD_NS 2000000LL              /* the longest a p2p header waits for its receive */
+#define BULK_BYTES (256u << 10)        /* a message with this much left to move is bandwidth-bound */
+#define BULK_NAP_NS 1000000LL          /* the longest nap of a bandwidth-bound transfer */
+
 static int sock_error(cm_ctx *ctx, cm_chan *c, int err, const cm_op *op) {
     if (err == EPIPE || err == ECONNRESET || err == ENOTCONN || err == ESHUTDOWN)
         return cm_fail(ctx, CM_E_PEER_CLOSED, c->peer, err, op);
     return cm_fail(ctx, CM_E_SYS, c->peer, err, op);
+}
+
+/* The pollfd set of every open tcp channel: readable always (data, EOF), writable when it has sends. */
+static int tcp_fds(cm_ctx *ctx, struct pollfd *fds, int max) {
+    int n = 0;
+    for (int p = 0; p < ctx->size && n < max; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (c->type != CM_CHAN_TCP || c->peer_closed) continue;
+        fds[n].fd = c->fd;
+        fds[n].events = (short)(POLLIN | (c->sendq ? POLLOUT : 0));
+        fds[n++].revents = 0;
+    }
+    return n;
+}
+
+/* A bulk transfer just filled its socket (send) or emptied it (receive): the next bytes come at
+ * the link's pace, not within microseconds, so the engine's spin (two syscalls per channel and pass)
+ * would only burn the CPU that the copies and the network stack need, and a spinning rank on a
+ * shared core uses up its share of it. Sleep in poll() over every tcp channel until one is ready,
+ * for at most BULK_NAP_NS. Only in contexts without shm channels (their rings do not wake poll),
+ * not close to the earliest deadline of a running plan (the engine checks deadlines only after its
+ * spin phase, so that must run at full speed before a deadline), and not while another thread wants
+ * the context (kick). A nap that times out leaves nothing moved on the next pass, so no nap
+ * follows: a stalled peer gets the engine's own policy. */
+static void bulk_nap(cm_ctx *ctx) {
+    if (ctx->has_shm || ctx->failed || atomic_load(&ctx->kick)) return;
+    /* the engine looks at deadlines only once its spin phase is over: leave it the time to spin
+     * through it (about ctx->spin passes at a few us each) before the earliest deadline */
+    int64_t margin = (int64_t)ctx->spin * 4000;
+    if (margin < 2 * BULK_NAP_NS) margin = 2 * BULK_NAP_NS;
+    int64_t now = cm_now_ns(), until = now + BULK_NAP_NS;
+    for (cm_exec *e = ctx->active; e; e = e->next_active)
+        if (!e->done && e->deadline - margin < until) until = e->deadline - margin;
+    if (until - now < 10000) return;
+    struct pollfd fds[256];
+    int n = tcp_fds(ctx, fds, 256);
+    if (!n) return;
+    int64_t ns = until - now;
+    struct timespec ts = { .tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL };
+    ctx->counters[CM_CNT_SLEEPS]++;
+    ppoll(fds, (nfds_t)n, &ts, NULL);
 }
 
 int cm_tcp_progress_send(cm_ctx *ctx, cm_chan *c) {
@@ -62,8 +123,9 @@ int cm_tcp_progress_send(cm_ctx *ctx, cm_chan *c) {
             op->done += (size_t)w - hdr_left;
             ctx->counters[CM_CNT_TCP_TX] += (size_t)w - hdr_left;
         }
-        if (c->tx_hdr_sent == sizeof(cm_hdr) && op->done == op->nbytes) cm_op_done(ctx, c, op, 1);
-        else break;                               /* socket buffer full */
+        if (c->tx_hdr_sent == sizeof(cm_hdr) && op->done == op->nbytes) { cm_op_done(ctx, c, op, 1); continue; }
+        if (op->nbytes - op->done >= BULK_BYTES) bulk_nap(ctx);   /* socket buffer full */
+        break;
     }
     return moved;
 }
@@ -90,6 +152,43 @@ static ssize_t recv_some(cm_ctx *ctx, cm_chan *c, void *buf, size_t len, int *rc
     }
 }
 
+/* Hold the complete header in c->rx_hdr instead of matching it, when it is a large p2p message with
+ * no receive posted for it yet, nothing posted on this channel waits behind it (a collective
+ * receive from this peer needs the stream drained) and nothing is being sent to this peer (in an
+ * exchange the peer may be blocked in its send until this side drains). While held, c->bounce_fill
+ * (otherwise unused between messages: it is reset when a message is matched) keeps when the hold
+ * began. A bad header is never held: cm_match reports it. */
+static int hold_p2p(cm_ctx *ctx, cm_chan *c) {
+    const cm_hdr *h = &c->rx_hdr;
+    if (h->magic != CM_MAGIC || h->src != c->peer || h->kind != CM_MSG_P2P || h->nbytes < HOLD_MIN_BYTES ||
+        c->sendq)
+        return 0;
+    for (cm_op *op = c->recvq; op; op = op->next)
+        if (op->exec->is_coll || op->exec->sig.tag == h->tag) return 0;
+    for (cm_op *op = ctx->anyq; op; op = op->next)
+        if (op->exec->sig.tag == h->tag) return 0;
+    int64_t now = cm_now_ns();
+    if (!c->bounce_fill) { c->bounce_fill = (size_t)now; return 1; }
+    return now - (int64_t)c->bounce_fill < HOLD_NS;
+}
+
+/* The receive of the unexpected message arriving on c was posted: copy what is buffered into it
+ * and receive the rest in place (as unexp_to_op in engine.c does at the end, only earlier). */
+static cm_op *unexp_to_direct(cm_chan *c) {
+    cm_unexp *u = c->rx_unexp, **pp = &c->unexp, *prev = NULL;
+    cm_op *op = u->waiter;
+    memcpy(op->ptr, u->data, u->got);
+    op->done = u->got;
+    while (*pp != u) { prev = *pp; pp = &(*pp)->next; }
+    *pp = u->next;
+    if (c->unexp_tail == u) c->unexp_tail = prev;
+    free(u->data);
+    free(u);
+    c->rx_unexp = NULL;
+    c->rx_op = op;
+    return op;
+}
+
 int cm_tcp_check_closed(cm_ctx *ctx, cm_chan *c) {
     if (c->peer_closed && (c->recvq || c->sendq || c->rx_active))
         return cm_fail(ctx, CM_E_PEER_CLOSED, c->peer, 0, c->recvq ? c->recvq : c->sendq);
@@ -108,6 +207,7 @@ int cm_tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
                 moved = 1;
                 if (c->rx_hdr_got < sizeof(cm_hdr)) continue;
             }
+            if (hold_p2p(ctx, c)) return moved;    /* its receive is about to be posted */
             int m = cm_match(ctx, c);
             if (m < 0) return m;
             if (m == CM_EAGAIN) return moved;      /* header held until a receive is posted */
@@ -122,7 +222,10 @@ int cm_tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
             uint64_t left = total - op->done - c->bounce_fill;
             size_t room = c->bounce_bytes - c->bounce_fill;
             ssize_t r = recv_some(ctx, c, c->bounce + c->bounce_fill, left < room ? left : room, &rc);
-            if (r < 0) return rc < 0 ? rc : moved;
+            if (r < 0) {
+                if (rc == 0 && moved && left >= BULK_BYTES && !c->peer_closed) bulk_nap(ctx);
+                return rc < 0 ? rc : moved;
+            }
             moved = 1;
             c->bounce_fill += (size_t)r;
             ctx->counters[CM_CNT_TCP_RX] += (size_t)r;
@@ -135,10 +238,14 @@ int cm_tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
             }
             if (op->done == total) cm_message_done(ctx, c);
         } else {
+            if (!op && c->rx_unexp->waiter) op = unexp_to_direct(c);
             char *dst = op ? op->ptr + op->done : c->rx_unexp->data + c->rx_unexp->got;
             uint64_t got = op ? op->done : c->rx_unexp->got;
             ssize_t r = recv_some(ctx, c, dst, total - got, &rc);
-            if (r < 0) return rc < 0 ? rc : moved;
+            if (r < 0) {
+                if (rc == 0 && moved && total - got >= BULK_BYTES && !c->peer_closed) bulk_nap(ctx);
+                return rc < 0 ? rc : moved;
+            }
             moved = 1;
             ctx->counters[CM_CNT_TCP_RX] += (size_t)r;
             if (op) op->done += (size_t)r; else c->rx_unexp->got += (size_t)r;
@@ -150,14 +257,7 @@ int cm_tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
 /* Block in poll() until a socket with pending work is ready, for at most timeout_ns. */
 int cm_tcp_sleep(cm_ctx *ctx, int64_t timeout_ns) {
     struct pollfd fds[256];
-    int n = 0;
-    for (int p = 0; p < ctx->size && n < 256; p++) {
-        cm_chan *c = &ctx->chans[p];
-        if (c->type != CM_CHAN_TCP || c->peer_closed) continue;
-        fds[n].fd = c->fd;
-        fds[n].events = (short)(POLLIN | (c->sendq ? POLLOUT : 0));
-        fds[n++].revents = 0;
-    }
+    int n = tcp_fds(ctx, fds, 256);
     int delayed = 0;
     for (int p = 0; p < ctx->size; p++) delayed |= ctx->chans[p].type == CM_CHAN_TCP && ctx->chans[p].delay_ns && ctx->chans[p].sendq;
     if (delayed && timeout_ns > 1000000) timeout_ns = 1000000;   /* wake up for delayed sends */

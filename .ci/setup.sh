@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything comms needs on a fresh machine, idempotently, and leaves the venv in .venv:
-#   - Debian packages (iproute2 for the multi-host harness) when run as root,
+#   - Debian packages (iproute2 for the multi-host harness, iperf3 for bench.tcp_p2p) when run as root,
 #   - a virtual environment with the torch 2.13.0 CPU wheel installed FIRST (otherwise pip would
 #     pull a multi-GB CUDA build to satisfy the torch range),
 #   - comms itself, editable, with its test extras; this compiles native/ into comms._native.
@@ -11,12 +11,15 @@ VENV="${VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    # iproute2 (ip, tc) for the multi-host harness; Open MPI for the MPI column of the benchmark
+    # iproute2 (ip, tc) for the multi-host harness; Open MPI for the MPI column of the benchmark;
+    # iperf3, the reference of bench.tcp_p2p (noninteractive: its debconf question about starting a
+    # daemon must not block; the answer "no" is the default)
     need=""
     command -v ip >/dev/null 2>&1 || need="$need iproute2"
     command -v tc >/dev/null 2>&1 || need="$need iproute2"
     command -v gcc >/dev/null 2>&1 || need="$need gcc"
     command -v mpirun >/dev/null 2>&1 || need="$need openmpi-bin libopenmpi-dev"
+    command -v iperf3 >/dev/null 2>&1 || need="$need iperf3"
     if [ -n "$need" ]; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null) \
             || echo "setup: could not install$need; the tests that need them will say so" >&2

@@ -32,6 +32,16 @@ from .transports import ORDER
 log = clog.get("INIT")
 
 
+def _host_cores(local: list, fallback: int) -> int:
+    """The CPUs the ranks of this host may run on, together: ranks bound one core each (comms.run
+    --bind) each see one CPU, yet have a core apiece. ``fallback``: this rank's own count, when a
+    peer did not report its CPUs."""
+    try:
+        return len(set().union(*(set(p.extra["topology"]["cpus"]) for p in local))) or fallback
+    except (KeyError, TypeError):
+        return fallback
+
+
 def _spin_policy(nlocal: int, cores: int) -> tuple[int, int]:
     """(polls before yielding, yields before sleeping): spin hard when every local rank has a core,
     yield almost at once when they outnumber the cores (a spinning rank would steal the core its
@@ -109,11 +119,12 @@ class Bootstrap:
         me = self.peers[self.rank]
         self.local_ranks = [p.rank for p in self.peers if p.same_host(me)]
         clog.set_rank(self.rank)
-        spin, yields = _spin_policy(len(self.local_ranks), me.cores)
+        cores = _host_cores([self.peers[r] for r in self.local_ranks], me.cores)
+        spin, yields = _spin_policy(len(self.local_ranks), cores)
         hosts = len({p.host for p in self.peers})
         log.info("rank %d of %d (%s) on %s: %d host%s; local ranks %s; %d usable cores%s; spin %d then %d yields",
                  self.rank, self.size, self.prefix, me.hostname, hosts, "" if hosts == 1 else "s", self.local_ranks,
-                 me.cores, " (oversubscribed)" if len(self.local_ranks) > me.cores else "", spin, yields)
+                 cores, " (oversubscribed)" if len(self.local_ranks) > cores else "", spin, yields)
         self.engine = Engine(self.rank, self.size, spin, yields)
         try:
             self._connect(me)

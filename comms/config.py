@@ -77,6 +77,8 @@ declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever alg
 declare("MOE_SINGLE_COPY", bool, True, "Expert-parallel dispatch/combine between ranks of one host writes token rows "
         "straight into the peers' memory (Linux cross-memory attach, one copy) when the kernel allows it "
         "(probed at Dispatcher creation); 0 moves them through the communicator's all_to_all.")
+declare("BIND", str, "auto", "CPU binding of the ranks comms.run starts (its --bind): auto (one core per rank when "
+        "every rank can have its own, else none), core (rank i on the i-th core, wrapping), none.")
 declare("DEBUG", str, "WARN", "Log level: WARN, INFO or TRACE. Lines are tagged with rank, host and subsystem.")
 declare("DEBUG_SUBSYS", str, "ALL", "Subsystems to log, comma-separated: INIT, TRANSPORT, ALGO, TUNING, COLL, FLIGHT "
         "(ALL for every one).")

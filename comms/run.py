@@ -21,6 +21,10 @@ Contract:
   stderr and exits 1. When ``--timeout`` passes, every rank is killed and the exit status is 124.
   On SIGINT/SIGTERM/SIGHUP the ranks are killed and the status is 128 + the signal number (a
   second signal skips the grace). Bad command lines exit 2.
+* ``--bind auto|core|none`` (default ``COMMS_BIND``, auto) binds each rank to a core of its own,
+  as ``mpirun --bind-to core`` does (see comms.binding): auto binds when every rank can have a CPU
+  of the launcher's affinity to itself, and leaves oversubscribed ranks to the scheduler. Each rank
+  gets COMMS_BOUND_CPUS (its CPU list, empty when unbound).
 * After every rank is gone, ``comms.cleanup.sweep_stale_segments`` removes shared-memory segments
   the ranks left behind.
 
@@ -71,14 +75,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     is the script, ``-m MODULE`` names a module; everything after belongs to the child."""
     parser = argparse.ArgumentParser(
         prog=f"python -m {_PROG}",
-        usage=f"python -m {_PROG} -n N [--timeout S] [--master-port P] (script.py | -m module) [args ...]",
+        usage=f"python -m {_PROG} -n N [--timeout S] [--master-port P] [--bind MODE] (script.py | -m module) [args ...]",
         description="Start N local ranks of a Python program with torchrun-style environment.")
     parser.add_argument("-n", "--nproc", type=int, required=True, help="number of ranks")
     parser.add_argument("--timeout", type=float, default=None,
                         help="kill every rank and exit 124 after this many seconds")
     parser.add_argument("--master-port", type=int, default=0,
                         help="port of the TCPStore the launcher hosts (default: a free one)")
-    takes_value = {"-n", "--nproc", "--timeout", "--master-port"}
+    parser.add_argument("--bind", choices=("auto", "core", "none"), default=None,
+                        help="CPU binding: auto (one core per rank when they fit; default, or COMMS_BIND), "
+                             "core, none")
+    takes_value = {"-n", "--nproc", "--timeout", "--master-port", "--bind"}
     i, cmd = 0, None
     while i < len(argv):
         a = argv[i]
@@ -131,10 +138,18 @@ def _killpg(pid: int, sig: int) -> None:
 
 
 def launch(cmd: list[str], nproc: int, timeout: float | None = None, master_port: int = 0,
-           env: dict[str, str] | None = None) -> int:
+           env: dict[str, str] | None = None, bind: str | None = None) -> int:
     """Run ``[sys.executable, *cmd]`` as ``nproc`` ranks; return the launcher's exit status
-    (see the module docstring). ``env`` adds variables to every rank's environment."""
+    (see the module docstring). ``env`` adds variables to every rank's environment; ``bind`` is
+    the CPU binding mode (None: COMMS_BIND)."""
     import torch.distributed as dist  # noqa: heavy, so only when launching
+
+    from comms import binding, config
+    try:
+        bound = binding.plan(nproc, bind if bind is not None else config.get("BIND"))
+    except ValueError as e:
+        _say(f"COMMS_BIND: {e}")
+        return 2
 
     try:
         store = dist.TCPStore("127.0.0.1", master_port, is_master=True, wait_for_workers=False)
@@ -165,12 +180,14 @@ def launch(cmd: list[str], nproc: int, timeout: float | None = None, master_port
             child_env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                              LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                             TORCHELASTIC_USE_AGENT_STORE="True", PYTHONUNBUFFERED="1")
+                             TORCHELASTIC_USE_AGENT_STORE="True", PYTHONUNBUFFERED="1",
+                             COMMS_BOUND_CPUS=",".join(map(str, sorted(bound[rank] or ()))))
             if nproc > 1:                     # as torchrun: one intra-op thread per rank unless told
                 child_env.setdefault("OMP_NUM_THREADS", "1")
             p = subprocess.Popen([sys.executable, *cmd], env=child_env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  start_new_session=True)
+            binding.apply(p.pid, bound[rank])    # before the child can start a thread: they inherit it
             procs.append(p)
             prefix = f"[rank {rank}] ".encode()
             for src, dst, lock in ((p.stdout, sys.stdout.buffer, out_lock),
@@ -258,7 +275,7 @@ def launch(cmd: list[str], nproc: int, timeout: float | None = None, master_port
 
 def main(argv: list[str] | None = None) -> int:
     ns, cmd = parse_args(sys.argv[1:] if argv is None else argv)
-    return launch(cmd, ns.nproc, timeout=ns.timeout, master_port=ns.master_port)
+    return launch(cmd, ns.nproc, timeout=ns.timeout, master_port=ns.master_port, bind=ns.bind)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ def test_calibration_is_cached_and_shared(tmp_path):
     off = spawn(calibrated_params, 2, timeout=120, env=dict(env, COMMS_CALIBRATE="0"))
     assert off[0]["params"]["source"] == "defaults"
     assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules
+
+
+def test_spin_policy_counts_the_cores_of_the_whole_host():
+    """Ranks bound one core each (comms.run --bind) see one CPU apiece but are not oversubscribed."""
+    from types import SimpleNamespace
+
+    from comms.bootstrap import _host_cores, _spin_policy
+    peer = lambda cpus: SimpleNamespace(extra={"topology": {"cpus": cpus}})   # noqa: E731
+    assert _host_cores([peer([0]), peer([1])], 1) == 2
+    assert _host_cores([peer([0]), peer([0])], 1) == 1                        # both bound to one core
+    assert _host_cores([peer([0, 1]), SimpleNamespace(extra={})], 2) == 2     # a peer without facts: fallback
+    assert _spin_policy(2, _host_cores([peer([0]), peer([1])], 1))[0] > _spin_policy(2, 1)[0]

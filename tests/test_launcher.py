@@ -110,6 +110,61 @@ def test_launcher_success_prefixes_env_and_store():
     assert all(line.startswith(("[rank 0] ", "[rank 1] ")) for line in out)
 
 
+def _affinities(out: str) -> dict[int, tuple[str, str, str]]:
+    rows = {}
+    for line in out.splitlines():
+        if "affinity rank=" in line:
+            f = dict(kv.split("=", 1) for kv in line.split("affinity ", 1)[1].split())
+            rows[int(f["rank"])] = (f["cpus"], f["thread"], f["bound"])
+    return rows
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 usable CPUs")
+def test_launcher_binds_one_core_per_rank_when_they_fit():
+    cpus = sorted(os.sched_getaffinity(0))
+    proc, _ = launch(["-n", "2", str(SCRIPTS / "affinity.py")])
+    assert proc.returncode == 0, proc.stderr
+    rows = _affinities(proc.stdout)
+    assert sorted(rows) == [0, 1], proc.stdout
+    mine = [rows[r][0] for r in (0, 1)]
+    assert len(set(mine)) == 2 and all(m.isdigit() and int(m) in cpus for m in mine), rows   # one CPU each, distinct
+    for r, (main, thread, bound) in rows.items():
+        assert thread == main and bound == main, rows            # later threads inherit; the env says so
+
+
+def test_launcher_bind_none_and_oversubscribed_ranks_stay_unbound():
+    every = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    proc, _ = launch(["-n", "2", "--bind", "none", str(SCRIPTS / "affinity.py")])
+    assert proc.returncode == 0, proc.stderr
+    assert {v for v in _affinities(proc.stdout).values()} == {(every, every, "")}, proc.stdout
+    n = len(os.sched_getaffinity(0)) + 1           # auto: more ranks than CPUs are left to the scheduler
+    proc, _ = launch(["-n", str(n), str(SCRIPTS / "affinity.py")])
+    assert proc.returncode == 0, proc.stderr
+    rows = _affinities(proc.stdout)
+    assert sorted(rows) == list(range(n)) and {v for v in rows.values()} == {(every, every, "")}, proc.stdout
+    proc, _ = launch(["-n", "2", "--bind", "socket", str(SCRIPTS / "affinity.py")])
+    assert proc.returncode == 2 and "--bind" in proc.stderr, proc.stderr
+
+
+def test_binding_plan_orders_physical_cores_first(monkeypatch):
+    from comms import binding
+    topo = {0: (0, 0, 0), 1: (0, 1, 0), 2: (0, 0, 1), 3: (0, 1, 1)}      # cpu -> (package, core, SMT index)
+    monkeypatch.setattr(binding, "_topology", lambda c: topo[c])
+    assert binding.order([3, 2, 1, 0]) == [0, 1, 2, 3]
+    topo = {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 1, 0), 3: (0, 1, 1)}      # siblings numbered next to each other
+    assert binding.order([0, 1, 2, 3]) == [0, 2, 1, 3]
+    assert binding.plan(2, "auto", [0, 1, 2, 3]) == [{0}, {2}]
+    assert binding.plan(5, "auto", [0, 1, 2, 3]) == [None] * 5
+    assert binding.plan(5, "core", [0, 1, 2, 3]) == [{0}, {2}, {1}, {3}, {0}]
+    assert binding.plan(2, "none", [0, 1, 2, 3]) == [None, None]
+    with pytest.raises(ValueError, match="must be one of"):
+        binding.plan(2, "socket", [0, 1])
+    monkeypatch.setattr(binding, "_topology", lambda c: None)           # no sysfs: numeric order
+    assert binding.order([2, 0, 1]) == [0, 1, 2]
+    assert binding._parse_list("0-2,5,7-8\n") == {0, 1, 2, 5, 7, 8}
+    assert binding.describe([{0}, None]) == "rank 0: cpu 0, rank 1: unbound"
+
+
 def test_launcher_module_form():
     proc, _ = launch(["-n", "2", "-m", "store_ok", "--no-store"], cwd=SCRIPTS)
     assert proc.returncode == 0, proc.stderr

@@ -6,8 +6,9 @@ partner (rank - p), sit out, and get the result back at the end (the usual MPICH
 - recursive_doubling: log2(p) steps; in step d every rank swaps its whole buffer with rank ^ d and
   reduces. Latency-optimal, moves the whole buffer every step.
 - rhd: reduce-scatter by recursive halving (each step swaps half of the current range with
-  rank ^ d, d = p/2 .. 1) so rank i ends owning block i, then all-gather by recursive doubling.
-  2 log2(p) steps and bandwidth close to the ring's.
+  rank ^ d, d = p/2 .. 1, and reduces the incoming half on arrival, chunk by chunk, as the ring
+  does) so rank i ends owning block i, then all-gather by recursive doubling. 2 log2(p) steps and
+  the ring's bytes.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def all_reduce_rhd(a: Args) -> Plan:
     if a.count < p:
         raise NotSupported(f"rhd needs at least one element per rank of the power-of-two core ({a.count} < {p})")
     b = Builder("rhd")
-    b.scratch_bytes = nb
+    b.scratch_bytes = nb if a.size != p else 0      # only the fold of the extra ranks receives aside
     p, core = _fold(b, a, nb)
     if not core:
         return b.build()
@@ -82,10 +83,8 @@ def all_reduce_rhd(a: Args) -> Plan:
         partner, mid = r ^ d, (lo + hi) // 2
         keep, give = ((lo, mid), (mid, hi)) if not r & d else ((mid, hi), (lo, mid))
         b.send(partner, OUT, *span(*give))
-        off, n = span(*keep)
-        b.recv(partner, SCRATCH, off, n)
+        b.recv_reduce(partner, OUT, *span(*keep))     # reduced as it lands: the kept half is not being sent
         b.phase()
-        b.reduce(OUT, off, SCRATCH, off, n)
         lo, hi = keep
         d >>= 1
     if a.avg:

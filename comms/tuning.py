@@ -132,8 +132,10 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
         if algo == "recursive_doubling":
             return _recursive_steps(n, hosts, p, forced_tcp, lambda d: m, 1, m) + _red(p, (_log2(p2) + 1) * m)
         if algo == "rhd":
-            # halving then doubling: the exchanges with partner rank ^ d move m * d / p2 each
-            return _recursive_steps(n, hosts, p, forced_tcp, lambda d: m * d / p2, 2, m) + _red(p, m)
+            # halving then doubling: the exchanges with partner rank ^ d move m * d / p2 each; the
+            # halving reduces (p2 - 1) / p2 of the buffer on arrival as the ring does, the fold all of it
+            return (_recursive_steps(n, hosts, p, forced_tcp, lambda d: m * d / p2, 2, m)
+                    + _red(p, (p2 - 1) * m / p2 + (m if n != p2 else 0)))
         if algo == "tree":
             return flat.t(2 * _log2(n), 2 * m + 2 * _log2(n) * min(m, 1 << 20)) + _red(p, m)
         if algo == "hierarchical":

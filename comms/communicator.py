@@ -84,7 +84,8 @@ class Communicator:
         self._deterministic = config.get("DETERMINISTIC")
         self._params = params if params is not None else tuning.calibrate(self)
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params,
-                                                          config.get("TRANSPORT").lower() == "tcp"))
+                                                          config.get("TRANSPORT").lower() == "tcp",
+                                                          self.oversubscription()))
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._ran.clear()
         # the flight recorder and the counters start after init's own traffic (calibration)
@@ -107,6 +108,10 @@ class Communicator:
 
     def _hosts(self) -> tuple:
         return self.topology.host_groups()
+
+    def oversubscription(self) -> float:
+        """The most ranks per usable core of any host of this communicator (1.0: a core each)."""
+        return max([h.oversubscription for h in self.topology.hosts] or [1.0])
 
     @property
     def topology(self):

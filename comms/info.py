@@ -35,6 +35,7 @@ def gather(comm) -> dict:
         "config": [{"name": n, "value": v, "source": s, "doc": d} for n, v, s, d in config.snapshot()],
         "rules": sel.table(),
         "cost_model": comm._params.as_dict() if comm is not None and getattr(comm, "_params", None) else None,
+        "oversubscription": comm.oversubscription() if comm is not None else 1.0,
         "algorithms": {c: {n: a.doc for n, a in algos.items()} for c, algos in algorithms.REGISTRY.items()},
         "selection": table,
     }
@@ -50,6 +51,9 @@ def render(info: dict, comm) -> str:
     cm = info.get("cost_model")
     if cm:
         out.append(f"\n# cost model ({cm['source']}): shm {cm['shm']}, tcp {cm['tcp']}, reduce {cm['reduce_gbps']} GB/s")
+        if info.get("oversubscription", 1.0) > 1.0:
+            out.append(f"# priced with {info['oversubscription']:g} ranks per core: bandwidths and reduction speed "
+                       f"divided by {info['oversubscription']:g} (every rank busy at once)")
     out.append("\n# selection rules (first match wins; user rules first)")
     out.extend(f"  {r}" for r in info["rules"])
     out.append("\n# algorithms")

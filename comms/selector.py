@@ -29,12 +29,12 @@ log = clog.get("ALGO")
 STATIC = "#".join(["reduce:binomial", "gather:linear", "scatter:linear", "barrier:dissemination"])
 
 
-def defaults(size: int = 2, hosts: tuple = (), params=None, forced_tcp: bool = False) -> str:
-    """The default rules for ``size`` ranks on ``hosts``: the cost model's choices plus the
-    collectives that have one algorithm worth using."""
+def defaults(size: int = 2, hosts: tuple = (), params=None, forced_tcp: bool = False, oversub: float = 1.0) -> str:
+    """The default rules for ``size`` ranks on ``hosts`` (``oversub``: the most ranks per core of
+    any host): the cost model's choices plus the collectives that have one algorithm worth using."""
     from .tuning import Params, default_rules
     names = {c: list(a) for c, a in algorithms.REGISTRY.items()}
-    priced = default_rules(names, size, hosts, params or Params(), forced_tcp)
+    priced = default_rules(names, size, hosts, params or Params(), forced_tcp, oversub)
     return "#".join(filter(None, [priced, STATIC]))
 
 

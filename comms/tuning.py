@@ -63,6 +63,16 @@ class Params:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def loaded(self, oversub: float) -> "Params":
+        """These parameters with every rank of a host busy at once, ``oversub`` ranks per core
+        (the most of any host): the bandwidths and the reduction speed, measured by two ranks while
+        the others waited, are shared by ``oversub`` ranks per core; the step latency already
+        includes it (it is measured with every rank of the link active)."""
+        if oversub <= 1.0:
+            return self
+        return Params(Link(self.shm.alpha_us, self.shm.beta_gbps / oversub),
+                      Link(self.tcp.alpha_us, self.tcp.beta_gbps / oversub), self.reduce_gbps / oversub, self.source)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Params":
         return cls(Link(**d["shm"]), Link(**d["tcp"]), d["reduce_gbps"], d.get("source", "cache"))
@@ -177,8 +187,10 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
     return math.inf           # not priced: chosen only by explicit rules or as a fallback
 
 
-def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool) -> str:
-    """The cheapest priced algorithm per size range, per collective, in the selector grammar."""
+def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool, oversub: float = 1.0) -> str:
+    """The cheapest priced algorithm per size range, per collective, in the selector grammar;
+    ``oversub``: the most ranks per usable core of any host (see :meth:`Params.loaded`)."""
+    p = p.loaded(oversub)
     rules = []
     for coll, names in algos.items():
         priced = [a for a in names if cost(coll, a, 1 << 20, n, hosts, p, forced_tcp) < math.inf]

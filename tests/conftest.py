@@ -12,6 +12,13 @@ from comms.cleanup import pid_alive
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# The suite's ranks calibrate the cost model into a cache of the session's own, not the user's
+# ~/.cache/comms: figures measured while the suite loads the machine must not become the defaults of
+# the user's later runs (and a user's cache must not steer the tests' selection).
+if "COMMS_TEST_KEEP_CACHE" not in os.environ:
+    import tempfile
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="comms-test-cache-")
+
 TEST_DEADLINE_S = int(os.environ.get("COMMS_TEST_DEADLINE", "240"))
 
 

@@ -67,3 +67,21 @@ def test_rules_follow_the_per_step_latency():
 
 def test_calibration_cache_key_is_versioned():
     assert CALIBRATION_VERSION == "v2"      # v1 entries measured alpha as a ping-pong, per call
+
+
+def test_oversubscribed_hosts_share_bandwidth_and_reduction():
+    """With 2 ranks per core every per-byte cost doubles (the latency already includes it), so the
+    whole-buffer direct exchange gives way to the bandwidth-lean algorithms at smaller sizes."""
+    p = Params(Link(5.0, 40.0), Link(40.0, 1.5), 16.0)
+    assert p.loaded(1.0) is p
+    half = p.loaded(2.0)
+    assert (half.shm.alpha_us, half.shm.beta_gbps, half.tcp.beta_gbps, half.reduce_gbps) == (5.0, 20.0, 0.75, 8.0)
+    m = 1 << 16
+    assert math.isclose(cost("all_reduce", "direct", m, 4, ONE_HOST(4), half, False),
+                        5.0 + 3 * m / 20e3 + 4 * m / 8e3)
+
+    def first_rhd(rules: str) -> int:
+        return next(int(r.split(":")[1].split("-")[0]) for r in rules.split("#") if r.endswith(":rhd"))
+    alone = default_rules(NAMES, 4, ONE_HOST(4), p, False)
+    shared = default_rules(NAMES, 4, ONE_HOST(4), p, False, oversub=2.0)
+    assert first_rhd(shared) < first_rhd(alone), (alone, shared)

@@ -7,7 +7,7 @@ import os
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["reduce.c", "shm.c", "tcp.c", "engine.c", "rows.c"]
+SOURCES = ["reduce.c", "shm.c", "tcp.c", "bell.c", "engine.c", "rows.c"]
 
 ffibuilder = FFI()
 with open(os.path.join(HERE, "_cdefs.h")) as f:

@@ -57,9 +57,17 @@ typedef struct {
     char pad1[56];
     _Atomic uint32_t doorbell;   /* futex word: bumped when there is news for this rank */
     char pad2[60];
-    _Atomic uint32_t waiting;    /* 1 while this rank sleeps on its doorbell */
+    _Atomic uint32_t waiting;    /* CM_WAIT_FUTEX while it sleeps on the doorbell, CM_WAIT_POLL in poll() */
     char pad3[60];
+    /* a rank with tcp peers too sleeps in poll(): its peers wake it with a datagram to this abstract
+     * AF_UNIX address (cm_bell); bell_broken is set by a peer that could not reach it (another
+     * network namespace), and the sleeper then wakes up every millisecond instead */
+    uint32_t bell_len;
+    _Atomic uint32_t bell_broken;
+    char bell[108];
 } cm_seg_hdr;
+
+enum { CM_WAIT_NONE = 0, CM_WAIT_FUTEX = 1, CM_WAIT_POLL = 2 };
 
 typedef struct {
     _Atomic uint64_t head;       /* slots produced (written by the sender) */
@@ -154,6 +162,10 @@ struct cm_ctx {
     int has_shm, has_tcp;
     int trace;                   /* record per-message times for timelines */
     _Atomic int kick;            /* another thread wants the context: end a sliced wait early */
+    int bell_fd;                 /* this context's wake-up datagram socket (-1: none), see cm_bell */
+    _Atomic int polling;         /* 1 while a wait sleeps in poll() (a kick then sends to bell_fd) */
+    uint32_t bell_len;
+    char bell[108];              /* its abstract address (sun_path, leading NUL included) */
     /* execs */
     cm_exec *active;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
@@ -183,7 +195,11 @@ void cm_message_done(cm_ctx *ctx, cm_chan *c);
 int cm_shm_progress_send(cm_ctx *ctx, cm_chan *c);
 int cm_shm_progress_recv(cm_ctx *ctx, cm_chan *c);
 void cm_shm_notify(cm_seg_hdr *seg);
+int cm_bell_open(cm_ctx *ctx);
+void cm_bell_ring(const char *addr, uint32_t len, _Atomic uint32_t *broken);
+void cm_bell_drain(cm_ctx *ctx);
 int cm_shm_sleep(cm_ctx *ctx, int64_t timeout_ns);
+int cm_shm_news(cm_ctx *ctx);
 
 /* tcp.c */
 int cm_tcp_progress_send(cm_ctx *ctx, cm_chan *c);

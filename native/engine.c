@@ -13,7 +13,8 @@
  * gloo pair: every plan in flight ends with that error and the context must be rebuilt.
  *
  * Waiting spins for `spin` polls, then yields `yields` times, then sleeps on the futex doorbell
- * (shm only) or in poll() (tcp), waking up at least every few ms to check liveness and deadlines.
+ * (shm only) or in poll() (tcp; shm peers and kicks ring the context's bell there, bell.c), waking
+ * up at least every few ms to check liveness and deadlines.
  * Nothing here takes the GIL; the caller serializes calls on one context.
  */
 #define _GNU_SOURCE
@@ -129,6 +130,7 @@ cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
     ctx->spin = spin;
     ctx->yields = yields;
     for (int p = 0; p < size; p++) { ctx->chans[p].peer = p; ctx->chans[p].fd = -1; }
+    cm_bell_open(ctx);
     return ctx;
 }
 
@@ -146,6 +148,7 @@ void cm_ctx_free(cm_ctx *ctx) {
         free_unexp(c);
     }
     while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
+    if (ctx->bell_fd >= 0) close(ctx->bell_fd);
     free(ctx->chans);
     free(ctx->fr);
     free(ctx);
@@ -160,6 +163,10 @@ int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int n
     ctx->nslots = nslots;
     ctx->slot_bytes = slot_bytes;
     ctx->chan_bytes = sizeof(cm_chan_ctrl) + (size_t)nslots * (CM_SLOT_HDR_BYTES + slot_bytes);
+    cm_seg_hdr *h = my_seg;                    /* where shm peers find this context's bell (bell.c) */
+    memcpy(h->bell, ctx->bell, sizeof h->bell);
+    h->bell_len = ctx->bell_fd >= 0 ? ctx->bell_len : 0;
+    atomic_store(&h->bell_broken, ctx->bell_fd < 0);
     return CM_OK;
 }
 
@@ -198,9 +205,12 @@ int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes) {
 
 void cm_ctx_kick(cm_ctx *ctx) {
     atomic_store(&ctx->kick, 1);
-    if (ctx->my_seg) {                         /* wake the waiter if it sleeps on its doorbell */
+    if (ctx->my_seg) {                         /* wake the waiter if it sleeps on its doorbell or bell */
         atomic_fetch_add(&ctx->my_seg->doorbell, 1);
         cm_shm_notify(ctx->my_seg);
+    } else {                                   /* tcp only: it may sleep in poll() */
+        atomic_thread_fence(memory_order_seq_cst);
+        if (atomic_load(&ctx->polling) && ctx->bell_fd >= 0) cm_bell_ring(ctx->bell, ctx->bell_len, NULL);
     }
 }
 
@@ -688,7 +698,7 @@ int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
         if (nap > 20000000LL) nap = 20000000LL;
         if (block_ns >= 0 && block_ns - (now - start) < nap) nap = block_ns - (now - start);
         if (nap < 1000) nap = 1000;
-        if (ctx->has_tcp) cm_tcp_sleep(ctx, ctx->has_shm ? (nap < 1000000 ? nap : 1000000) : nap);
+        if (ctx->has_tcp) cm_tcp_sleep(ctx, nap);    /* shm peers ring its bell (bell.c) */
         else if (ctx->has_shm) cm_shm_sleep(ctx, nap);
         else sched_yield();
         if (check_liveness(ctx) < 0) continue;

@@ -100,10 +100,27 @@ void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes) {
 /* ---- doorbell --------------------------------------------------------------------------------- */
 void cm_shm_notify(cm_seg_hdr *seg) {
     atomic_thread_fence(memory_order_seq_cst);
-    if (atomic_load_explicit(&seg->waiting, memory_order_relaxed)) {
+    uint32_t w = atomic_load_explicit(&seg->waiting, memory_order_relaxed);
+    if (w == CM_WAIT_FUTEX) {
         atomic_fetch_add(&seg->doorbell, 1);
         syscall(SYS_futex, &seg->doorbell, FUTEX_WAKE, 1, NULL, NULL, 0);
+    } else if (w == CM_WAIT_POLL) {
+        cm_bell_ring(seg->bell, seg->bell_len, &seg->bell_broken);   /* it sleeps in poll(): see bell.c */
     }
+}
+
+/* Whether an inbound ring has a slot, a ring this rank waits to send into has room, or an abort
+ * was posted: what a sleeper re-checks after announcing that it sleeps. */
+int cm_shm_news(cm_ctx *ctx) {
+    if (atomic_load(&ctx->my_seg->abort) != 0) return 1;
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (c->type != CM_CHAN_SHM) continue;
+        if (atomic_load_explicit(&c->rx->head, memory_order_acquire) != c->rx_tail) return 1;
+        if (c->sendq && c->tx_head - atomic_load_explicit(&c->tx->tail, memory_order_acquire) < (uint64_t)ctx->nslots)
+            return 1;
+    }
+    return 0;
 }
 
 /* Sleep on this rank's doorbell for at most timeout_ns, unless news arrived since the last poll.
@@ -111,23 +128,15 @@ void cm_shm_notify(cm_seg_hdr *seg) {
 int cm_shm_sleep(cm_ctx *ctx, int64_t timeout_ns) {
     cm_seg_hdr *me = ctx->my_seg;
     uint32_t bell = atomic_load(&me->doorbell);
-    atomic_store(&me->waiting, 1);
+    atomic_store(&me->waiting, CM_WAIT_FUTEX);
     atomic_thread_fence(memory_order_seq_cst);
     /* re-check every inbound ring and every ring we wait to send into */
-    int news = atomic_load(&me->abort) != 0;
-    for (int p = 0; p < ctx->size && !news; p++) {
-        cm_chan *c = &ctx->chans[p];
-        if (c->type != CM_CHAN_SHM) continue;
-        if (atomic_load_explicit(&c->rx->head, memory_order_acquire) != c->rx_tail) news = 1;
-        if (c->sendq && c->tx_head - atomic_load_explicit(&c->tx->tail, memory_order_acquire) < (uint64_t)ctx->nslots)
-            news = 1;
-    }
-    if (!news) {
+    if (!cm_shm_news(ctx)) {
         struct timespec ts = { timeout_ns / 1000000000LL, timeout_ns % 1000000000LL };
         ctx->counters[CM_CNT_SLEEPS]++;
         syscall(SYS_futex, &me->doorbell, FUTEX_WAIT, bell, &ts, NULL, 0);
     }
-    atomic_store(&me->waiting, 0);
+    atomic_store(&me->waiting, CM_WAIT_NONE);
     return CM_OK;
 }
 

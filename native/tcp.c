@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include "comms_native.h"
 
 #define HOLD_MIN_BYTES (64u << 10)     /* smaller unexpected messages are cheap to copy: never held */
@@ -254,15 +255,29 @@ int cm_tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
     }
 }
 
-/* Block in poll() until a socket with pending work is ready, for at most timeout_ns. */
+/* Block in poll() until a socket with pending work is ready, the context's bell rings (a shm peer
+ * published a slot or made room, or another thread kicked the context: see bell.c), or timeout_ns
+ * passes. Without a working bell a context with shm peers naps at most 1 ms at a time. */
 int cm_tcp_sleep(cm_ctx *ctx, int64_t timeout_ns) {
-    struct pollfd fds[256];
+    struct pollfd fds[257];
     int n = tcp_fds(ctx, fds, 256);
+    if (ctx->bell_fd >= 0) { fds[n].fd = ctx->bell_fd; fds[n].events = POLLIN; fds[n++].revents = 0; }
     int delayed = 0;
     for (int p = 0; p < ctx->size; p++) delayed |= ctx->chans[p].type == CM_CHAN_TCP && ctx->chans[p].delay_ns && ctx->chans[p].sendq;
     if (delayed && timeout_ns > 1000000) timeout_ns = 1000000;   /* wake up for delayed sends */
-    int ms = (int)((timeout_ns + 999999) / 1000000);
-    ctx->counters[CM_CNT_SLEEPS]++;
-    poll(fds, (nfds_t)n, ms);
+    cm_seg_hdr *me = ctx->has_shm ? ctx->my_seg : NULL;
+    if (me && (ctx->bell_fd < 0 || atomic_load(&me->bell_broken)) && timeout_ns > 1000000) timeout_ns = 1000000;
+    atomic_store(&ctx->polling, 1);
+    if (me) atomic_store(&me->waiting, CM_WAIT_POLL);
+    atomic_thread_fence(memory_order_seq_cst);
+    /* after announcing the sleep: news that came before it would ring no bell */
+    if (!(me && cm_shm_news(ctx)) && !atomic_load(&ctx->kick)) {
+        struct timespec ts = { .tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL };
+        ctx->counters[CM_CNT_SLEEPS]++;
+        ppoll(fds, (nfds_t)n, &ts, NULL);
+    }
+    if (me) atomic_store(&me->waiting, CM_WAIT_NONE);
+    atomic_store(&ctx->polling, 0);
+    cm_bell_drain(ctx);
     return CM_OK;
 }

@@ -35,7 +35,9 @@ def test_skipped_all_reduce_is_diagnosed(tmp_path):
     script = tmp_path / "skip.py"
     script.write_text(SKIPPER)
     dumps = tmp_path / "dumps"
-    env = dict(os.environ, COMMS_FLIGHT_DIR=str(dumps))
+    # direct: every rank exchanges with rank 2 itself, so every rank's own timeout names rank 2 (with
+    # recursive doubling rank 1 would wait for rank 3, which waits for rank 2)
+    env = dict(os.environ, COMMS_FLIGHT_DIR=str(dumps), COMMS_ALGO="all_reduce:direct")
     proc = subprocess.run([sys.executable, "-m", "comms.run", "-n", "4", "--timeout", "60", str(script)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
     out = proc.stdout

@@ -6,8 +6,9 @@ Each step is priced on the link it uses: the recursive algorithms' exchange with
 shm while the partners share a host and goes over tcp once they do not; a step of a flat algorithm
 that uses both classes at once (a ring over hosts) is bound by the slower (the larger latency and
 the smaller bandwidth: an oversubscribed host's shm can be slower than its tcp); direct's one step
-adds up the latencies and bytes of its exchanges with every peer, since the rank's thread moves
-them all.
+adds up the bytes to every peer (the rank's thread moves them all), one shm step latency for all
+its shm exchanges (they wait together) and one tcp step latency per tcp exchange (each costs the
+thread its own syscalls).
 :func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each, and writes the
 result as rules in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are
 data, printed by ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
@@ -133,13 +134,15 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
         return math.inf       # it would decline: hierarchical needs >= 2 hosts of equal size
     if coll == "all_reduce":
         if algo == "direct":
-            # one step, but the rank's own thread posts and progresses every one of its n - 1
-            # exchanges, so their per-message costs add up (each its link's step latency: on a
-            # host that is CPU time, syscalls and wake-ups, not wire latency), and so do the
-            # transfers to this host's peers and to other hosts'
-            if H > 1 and not forced_tcp:
-                return intra.t(L - 1, (L - 1) * m) + p.tcp.t(n - L, (n - L) * m) + _red(p, n * m)
-            return intra.t(n - 1, (n - 1) * m) + _red(p, n * m)
+            # one step; the rank's own thread moves every message, so the transfers to this host's
+            # peers and to other hosts' add up. Its shm exchanges wait together (one pass over the
+            # rings serves them all: one step latency), but every tcp exchange costs the thread its
+            # own syscalls and wake-ups: a tcp step latency each
+            if forced_tcp:
+                return p.tcp.t(n - 1, (n - 1) * m) + _red(p, n * m)
+            if H > 1:
+                return p.shm.t(1, (L - 1) * m) + p.tcp.t(n - L, (n - L) * m) + _red(p, n * m)
+            return p.shm.t(1, (n - 1) * m) + _red(p, n * m)
         if algo == "ring":
             return flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + _red(p, (n - 1) * m / n)
         if algo == "recursive_doubling":

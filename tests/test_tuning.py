@@ -43,9 +43,10 @@ def test_flat_steps_over_hosts_are_bound_by_the_slower_link():
     slow_shm = Params(Link(50.0, 1.0), Link(10.0, 2.0), 1e6)
     ring = cost("all_reduce", "ring", 1 << 20, 4, TWO_HOSTS, slow_shm, False)
     assert math.isclose(ring, Link(50.0, 1.0).t(6, 1.5 * (1 << 20)) + 0.75 * (1 << 20) / 1e9)
-    # direct: one step; the rank's own exchanges with its host and with the other host add up
+    # direct: one step; one shm latency, one tcp latency per tcp peer, and every transfer add up
     direct = cost("all_reduce", "direct", 1 << 20, 4, TWO_HOSTS, slow_shm, False)
     assert math.isclose(direct, 50.0 + 2 * 10.0 + (1 << 20) / 1e3 + 2 * (1 << 20) / 2e3 + 4 * (1 << 20) / 1e9)
+    assert math.isclose(cost("all_reduce", "direct", 8, 4, TWO_HOSTS, slow_shm, True), 3 * 10.0 + 24 / 2e3 + 32 / 1e9)
 
 
 def test_rules_follow_the_per_step_latency():
@@ -78,7 +79,7 @@ def test_oversubscribed_hosts_share_bandwidth_and_reduction():
     assert (half.shm.alpha_us, half.shm.beta_gbps, half.tcp.beta_gbps, half.reduce_gbps) == (5.0, 20.0, 0.75, 8.0)
     m = 1 << 16
     assert math.isclose(cost("all_reduce", "direct", m, 4, ONE_HOST(4), half, False),
-                        3 * 5.0 + 3 * m / 20e3 + 4 * m / 8e3)
+                        5.0 + 3 * m / 20e3 + 4 * m / 8e3)
 
     def first_rhd(rules: str) -> int:
         return next(int(r.split(":")[1].split("-")[0]) for r in rules.split("#") if r.endswith(":rhd"))
@@ -87,11 +88,12 @@ def test_oversubscribed_hosts_share_bandwidth_and_reduction():
     assert first_rhd(shared) < first_rhd(alone), (alone, shared)
 
 
-def test_direct_pays_for_every_exchange_it_makes():
-    """direct makes n - 1 exchanges in its one step: over 2 hosts x 2 ranks (one shm and two tcp
-    peers) recursive doubling's one shm and one tcp exchange are cheaper even for tiny messages,
-    while on 2 ranks (one exchange each) direct keeps them."""
+def test_direct_pays_for_every_tcp_exchange_it_makes():
+    """direct's tcp exchanges each cost a tcp step latency, its shm exchanges one shm latency
+    together: over 2 hosts x 2 ranks (one shm and two tcp peers) recursive doubling's one shm and
+    one tcp exchange are cheaper even for tiny messages, while on one host direct keeps them."""
     p = Params(Link(56.0, 1.8), Link(8.9, 0.3), 9.7)
     two_hosts = default_rules(NAMES, 4, TWO_HOSTS, p, False)
     assert two_hosts.startswith("all_reduce:0-") and two_hosts.split("#")[0].endswith(":recursive_doubling"), two_hosts
-    assert default_rules(NAMES, 2, ONE_HOST(2), p, False).split("#")[0].endswith(":direct")
+    for n in (2, 4):
+        assert default_rules(NAMES, n, ONE_HOST(n), p, False).split("#")[0].endswith(":direct")

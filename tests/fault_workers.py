@@ -222,8 +222,10 @@ def split_groups(rank: int, size: int) -> list:
 
 def app_abort(rank: int, size: int) -> tuple:
     comm = comms.init(timeout=20)
-    comm.all_reduce(np.ones(2))
     try:
+        # inside the try: rank 0 may finish this first all_reduce and abort while a peer still
+        # completes its own part of it, and that peer then gets the abort here
+        comm.all_reduce(np.ones(2))
         if rank == 0:
             comm.abort("the scheduler preempted this job")
         comm.all_reduce(np.ones(2))

@@ -58,7 +58,8 @@ static int tcp_fds(cm_ctx *ctx, struct pollfd *fds, int max) {
  * the link's pace, not within microseconds, so the engine's spin (two syscalls per channel and pass)
  * would only burn the CPU that the copies and the network stack need, and a spinning rank on a
  * shared core uses up its share of it. Sleep in poll() over every tcp channel until one is ready,
- * for at most BULK_NAP_NS. Only in contexts without shm channels (their rings do not wake poll),
+ * for at most BULK_NAP_NS. Only in contexts without shm channels (this nap neither announces
+ * CM_WAIT_POLL nor polls the context's bell, so a shm peer could not wake it: see cm_tcp_sleep),
  * not close to the earliest deadline of a running plan (the engine checks deadlines only after its
  * spin phase, so that must run at full speed before a deadline), and not while another thread wants
  * the context (kick). A nap that times out leaves nothing moved on the next pass, so no nap

@@ -2,9 +2,12 @@
 end-of-session check that the suite leaked no /dev/shm segment and no child process."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 import pytest
 
@@ -15,12 +18,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 # The suite's ranks calibrate the cost model into a cache of the session's own, not the user's
 # ~/.cache/comms: figures measured while the suite loads the machine must not become the defaults of
 # the user's later runs (and a user's cache must not steer the tests' selection).
-if "COMMS_TEST_KEEP_CACHE" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="comms-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="comms-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 TEST_DEADLINE_S = int(os.environ.get("COMMS_TEST_DEADLINE", "240"))
 

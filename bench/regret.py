@@ -12,8 +12,14 @@ Contract:
   -n N`` for one host; one torchrun agent per simulated host through tests/multihost.py's
   SimulatedHosts for ``--hosts``, which needs root: otherwise it says so and exits 2). Every
   variant runs ``--launches`` times, rounds alternating with the order flipped every round (as
-  bench/driver.py does), so drift on a busy machine hits all variants alike. Figures are the
-  bench's: per launch the slowest rank's median time per op, then the median over launches.
+  bench/driver.py does), so drift on a busy machine hits all variants alike. Figures come from
+  the bench's rows: per launch the slowest rank's mean time per op (``--stat median``: its median,
+  the main bench's figure), then the median over launches. The mean is the default because a job's
+  time is the sum of its collectives' times, stalls included: on a host with more ranks than cores
+  a rank's per-op times are bimodal (a call that finds its peers done returns at once, one that
+  waits for a descheduled peer takes milliseconds), and the median of such a distribution can rank
+  an algorithm with rare long stalls ahead of one that is faster in total. The selector's timed
+  calibration (comms.autotune) measures means for the same reason.
 * The algorithm a row ran is what the worker reports (``Communicator.algorithm_ran``): a forced
   algorithm that declines a size (NotSupported, the selector fell back) shows ``-`` there; one
   whose plan function declines every size of the sweep (checked in-process first) is not launched.
@@ -79,6 +85,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="auto: out-of-place where comms has it, else in place")
     p.add_argument("--timeout", type=float, default=cli.DEFAULT_TIMEOUT_S, help="seconds per launch")
     p.add_argument("--bar", type=float, default=0.10, help="regret bar (default 0.10)")
+    p.add_argument("--stat", choices=["mean", "median"], default="mean",
+                   help="a launch's figure per size: the slowest rank's mean (default) or median time per op")
     p.add_argument("--strict", action="store_true", help="exit 3 when a choice regret exceeds the bar")
     p.add_argument("--json", metavar="FILE", default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
@@ -238,8 +246,15 @@ def _rows_of(ln: report.Launch) -> dict[int, dict]:
     return {r["nbytes"]: r for res in ln.doc["results"] for r in res["rows"] if not res["na"]}
 
 
-def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.Launch]], bar: float) -> list[dict]:
-    """One row per size: every algorithm's median time (None: declined or not run), the default's."""
+def figure(row: dict, stat: str) -> float:
+    """A launch's figure for one size: the slowest rank's mean (``stat`` "mean") or median time per op (µs)."""
+    return max(row["rank_mean_us"]) if stat == "mean" else row["time_us"]
+
+
+def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.Launch]], bar: float,
+            stat: str = "mean") -> list[dict]:
+    """One row per size: every algorithm's time (median over launches of :func:`figure`; None:
+    declined or not run), the default's."""
     per = {label: [_rows_of(ln) for ln in lns] for label, lns in launches.items()}
     rows = []
     for lay in layouts:
@@ -248,12 +263,12 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
             label = f"comms@COMMS_ALGO={op}:{algo}"
             got = [d[lay.nbytes] for d in per.get(label, []) if lay.nbytes in d]
             wrong += sum(g["wrong"] for g in got)
-            ran = [g["time_us"] for g in got if g["algorithm"] == algo]
+            ran = [figure(g, stat) for g in got if g["algorithm"] == algo]
             t[algo] = statistics.median(ran) if ran else None
             spread[algo] = [round(x, 3) for x in ran]
         auto = [d[lay.nbytes] for d in per.get("comms", []) if lay.nbytes in d]
         wrong += sum(g["wrong"] for g in auto)
-        t_auto = statistics.median(g["time_us"] for g in auto) if auto else None
+        t_auto = statistics.median(figure(g, stat) for g in auto) if auto else None
         chosen = sorted({g["algorithm"] for g in auto})
         choice = "/".join(chosen) if chosen else None
         timed = {a: v for a, v in t.items() if v is not None}
@@ -261,7 +276,7 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
         reg = timed[choice] / timed[best] - 1 if best and choice in timed else None
         areg = t_auto / timed[best] - 1 if best and t_auto is not None else None
         rows.append({"bytes": lay.nbytes, "time_us": t, "launch_us": spread, "auto_us": t_auto,
-                     "auto_launch_us": [round(g["time_us"], 3) for g in auto], "choice": choice, "best": best,
+                     "auto_launch_us": [round(figure(g, stat), 3) for g in auto], "choice": choice, "best": best,
                      "regret": reg, "auto_regret": areg, "over": reg is not None and reg > bar,
                      "auto_over": areg is not None and areg > bar, "wrong": wrong})
     return rows
@@ -271,7 +286,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:+.1f}%"
 
 
-def table(op: str, algos: list[str], rows: list[dict], bar: float) -> list[str]:
+def table(op: str, algos: list[str], rows: list[dict], bar: float, stat: str = "mean") -> list[str]:
     cols = ["size"] + algos + ["auto", "choice", "best", "regret", "auto_regret", ""]
     body = []
     for r in rows:
@@ -283,7 +298,7 @@ def table(op: str, algos: list[str], rows: list[dict], bar: float) -> list[str]:
         body.append(cells)
     w = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = lambda cs: "  ".join(c.rjust(w[i]) if i < len(cols) - 1 else c for i, c in enumerate(cs))
-    return [f"## {op}: time per op in us (median over launches); regret = t[choice] / t[best] - 1, "
+    return [f"## {op}: {stat} time per op in us (slowest rank, median over launches); regret = t[choice] / t[best] - 1, "
             f"auto_regret = t[auto] / t[best] - 1; << marks regret > {bar * 100:g} %",
             fmt(cols).rstrip()] + [fmt(b).rstrip() for b in body]
 
@@ -335,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,
            "ranks_per_host": args.ranks if args.hosts else args.np, "nranks": args.np, "rate": args.rate,
-           "bar": args.bar, "sizes": args.sizes, "launches": args.launches,
+           "bar": args.bar, "stat": args.stat, "sizes": args.sizes, "launches": args.launches,
            "machine": report.machine_info(driver.launch_env()), "ops": {}}
     failed = wrong = over = False
     saved_cache = os.environ.get("XDG_CACHE_HOME")
@@ -379,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(r for r in (info.get("rules") or []) if r.startswith(op + ":"))
                       + (f"; not launched (declines every size): {', '.join(skip)}" if skip else ""), flush=True)
                 lns = run_rounds(launcher, ns, specs, args.launches)
-                rows = analyse(op, algos, layouts, lns, args.bar)
-                for line in table(op, algos, rows, args.bar):
+                rows = analyse(op, algos, layouts, lns, args.bar, args.stat)
+                for line in table(op, algos, rows, args.bar, args.stat):
                     print(line)
                 line = summary(args.config, op, rows, args.bar)
                 print(line, flush=True)

@@ -72,6 +72,11 @@ declare("TCP_DELAY_US", float, 0.0, "Test hook: hold every TCP message this many
 declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
         "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")
+declare("TUNE", str, "all_reduce", "Collectives whose every algorithm is timed at calibration (comma-separated, of "
+        "all_reduce, broadcast, all_gather, reduce_scatter, all_to_all); the measurements correct the cost model's "
+        "prices for the communicator's layout. Empty: the model alone.")
+declare("TUNE_SECONDS", float, 5.0, "Seconds each COMMS_TUNE collective may spend timing; the probes stop (on "
+        "every rank alike) before one that would end later, and larger sizes keep the last probe's correction.")
 declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
         "element is reduced in rank order with float32 accumulation.")
 declare("MOE_SINGLE_COPY", bool, True, "Expert-parallel dispatch/combine between ranks of one host writes token rows "

@@ -54,6 +54,20 @@ def render(info: dict, comm) -> str:
         if info.get("oversubscription", 1.0) > 1.0:
             out.append(f"# priced with {info['oversubscription']:g} ranks per core: bandwidths and reduction speed "
                        f"divided by {info['oversubscription']:g} (every rank busy at once)")
+        timed = cm.get("measured")
+        if timed:
+            from .autotune import PROBES
+            n, per_host = timed["layout"]
+            out.append(f"# timed at calibration ({n} ranks, ranks per host {per_host}), us per call, slowest rank; "
+                       f"prices are corrected to these")
+            for coll, rows in timed.items():
+                if coll == "layout":
+                    continue
+                out.append(f"  {coll:<20}" + "".join(f"{_size(s):>10}" for s in PROBES))
+                for algo, row in rows.items():
+                    if any(t is not None for t in row):
+                        out.append(f"  {'  ' + algo:<20}" + "".join(f"{'-' if t is None else f'{t:.1f}':>10}"
+                                                                     for t in row))
     out.append("\n# selection rules (first match wins; user rules first)")
     out.extend(f"  {r}" for r in info["rules"])
     out.append("\n# algorithms")

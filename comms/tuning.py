@@ -42,7 +42,7 @@ from . import log as clog
 
 log = clog.get("TUNING")
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
-CALIBRATION_VERSION = "v2"     # part of the cache key: v2 measures alpha per plan step (ring of rounds)
+CALIBRATION_VERSION = "v3"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed candidates
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 
@@ -61,6 +61,7 @@ class Params:
     tcp: Link = Link(40.0, 1.5)
     reduce_gbps: float = 8.0
     source: str = "defaults"
+    measured: dict | None = None      # comms.autotune's timed candidates, for one layout (or None)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -73,11 +74,12 @@ class Params:
         if oversub <= 1.0:
             return self
         return Params(Link(self.shm.alpha_us, self.shm.beta_gbps / oversub),
-                      Link(self.tcp.alpha_us, self.tcp.beta_gbps / oversub), self.reduce_gbps / oversub, self.source)
+                      Link(self.tcp.alpha_us, self.tcp.beta_gbps / oversub), self.reduce_gbps / oversub, self.source,
+                      self.measured)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Params":
-        return cls(Link(**d["shm"]), Link(**d["tcp"]), d["reduce_gbps"], d.get("source", "cache"))
+        return cls(Link(**d["shm"]), Link(**d["tcp"]), d["reduce_gbps"], d.get("source", "cache"), d.get("measured"))
 
 
 def _log2(n: int) -> int:
@@ -196,15 +198,23 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool, oversub: float = 1.0) -> str:
     """The cheapest priced algorithm per size range, per collective, in the selector grammar;
     ``oversub``: the most ranks per usable core of any host (see :meth:`Params.loaded`)."""
+    from . import autotune
     p = p.loaded(oversub)
+    timed = autotune.applies(p.measured, n, hosts)
     rules = []
     for coll, names in algos.items():
         priced = [a for a in names if cost(coll, a, 1 << 20, n, hosts, p, forced_tcp) < math.inf]
         if len(priced) < 2:
             continue
+        factor = {a: lambda m: 1.0 for a in priced}
+        if timed:
+            for a in priced:
+                f = autotune.correction(p.measured, coll, a, lambda m, a=a: cost(coll, a, m, n, hosts, p, forced_tcp))
+                if f is not None:
+                    factor[a] = f
         best = []
         for m in SIZES:
-            scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) for a in priced}
+            scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) * factor[a](m) for a in priced}
             best.append(min(priced, key=lambda a: (scores[a], priced.index(a))))
         start = 0
         for i in range(1, len(SIZES) + 1):
@@ -309,6 +319,18 @@ def _finish(measured: dict, sig: str) -> dict:
     return d
 
 
+def tuned_collectives() -> list[str]:
+    """The collectives COMMS_TUNE asks to time at calibration (comms.autotune), checked."""
+    from . import algorithms
+    from .errors import InvalidUsage
+    colls = [c.strip() for c in config.get("TUNE").split(",") if c.strip()]
+    timeable = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
+    bad = [c for c in colls if c not in timeable]
+    if bad:
+        raise InvalidUsage(f"COMMS_TUNE: cannot time {', '.join(bad)} (choose from {', '.join(timeable)})")
+    return [c for c in timeable if c in colls and len(algorithms.REGISTRY[c]) > 1]
+
+
 def calibrate(comm) -> Params:
     """Every rank calls this at init (collectively); rank 0's parameters win."""
     key = f"{comm.prefix}calibration"
@@ -324,7 +346,9 @@ def calibrate(comm) -> Params:
         rings["tcp"] = sorted(h.leader for h in topo.hosts)
     elif forced == "tcp" and len(local) > 1:
         rings["tcp"] = local
-    sig = signature(comm)
+    colls = tuned_collectives()
+    sig = signature(comm) + (f"|timed {','.join(colls)}" if colls else "") \
+        + ("|deterministic" if colls and comm._deterministic else "")      # its plans are timed
     cached = None
     # Only point-to-point messages and the store are used here: calibration must not take
     # collective sequence numbers from the user's program.
@@ -356,6 +380,14 @@ def calibrate(comm) -> Params:
                 # clamp to sane ranges: a loaded machine must not produce absurd parameters
                 alpha = min(max(hop, 0.05), 1000.0)
                 measured[cls] = {"alpha_us": round(alpha, 3), "beta_gbps": round(beta, 3)}
+        if colls:
+            from . import autotune
+            mine = autotune.measure(comm, colls, config.get("TUNE_SECONDS"))
+            comm._engine.seq = 0          # every rank is past the probes: the user's first collective is 1
+            comm._store.set(f"{key}/timed/{comm.rank}", json.dumps(mine))
+            if comm.rank == 0:
+                measured["measured"] = autotune.combine(
+                    [json.loads(comm._store.get(f"{key}/timed/{r}")) for r in range(comm.size)])
         if comm.rank == 0:
             cached = _finish(measured, sig)
     if comm.rank == 0:

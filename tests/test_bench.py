@@ -429,6 +429,26 @@ def test_regret_command_line(capsys):
     assert set(regret.regret_ops()) >= {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"}
 
 
+def test_regret_ranks_by_the_slowest_ranks_mean_unless_told_median():
+    """One size, two algorithms: "a" has the lower per-op median but long stalls (a higher mean),
+    "b" the opposite. The default figure (the slowest rank's mean) ranks b first, --stat median a."""
+    from bench import ops, regret
+
+    def launch(label, algo, median, means):
+        row = {"nbytes": 64, "time_us": median, "rank_mean_us": means, "wrong": 0, "algorithm": algo}
+        return report.Launch(label, 0, 1.0, doc={"results": [{"na": False, "rows": [row]}]})
+    lns = {"comms": [launch("comms", "a", 20.0, [30.0, 40.0])],
+           "comms@COMMS_ALGO=all_reduce:a": [launch("x", "a", 20.0, [30.0, 40.0])],
+           "comms@COMMS_ALGO=all_reduce:b": [launch("y", "b", 25.0, [24.0, 26.0])]}
+    lay = ops.plan(ops.OPS["all_reduce"], [64], 2, 4)
+    mean = regret.analyse("all_reduce", ["a", "b"], lay, lns, 0.1)[0]
+    assert mean["time_us"] == {"a": 40.0, "b": 26.0} and mean["best"] == "b" and mean["choice"] == "a"
+    assert mean["regret"] == pytest.approx(40 / 26 - 1) and mean["over"]
+    med = regret.analyse("all_reduce", ["a", "b"], lay, lns, 0.1, "median")[0]
+    assert med["time_us"] == {"a": 20.0, "b": 25.0} and med["best"] == "a" and med["regret"] == 0.0
+    assert regret.parse_args([]).stat == "mean" and regret.parse_args(["--stat", "median"]).stat == "median"
+
+
 def test_regret_simulated_hosts_need_root(monkeypatch, capsys):
     import multihost
     from bench import regret

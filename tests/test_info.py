@@ -64,8 +64,25 @@ def test_calibration_is_cached_and_shared(tmp_path):
     assert p["source"].startswith("calibrated") and 0.1 <= p["shm"]["alpha_us"] <= 1000
     cache = json.loads((tmp_path / "comms" / "calibration.json").read_text())
     assert len(cache) == 1 and list(cache.values())[0]["source"] == p["source"]
+    # every all_reduce algorithm was timed at every probe (hierarchical declines on one host), and
+    # the rules pick the fastest of the priced ones at each probe
+    from comms.autotune import PROBES
+    timed = p["measured"]
+    assert timed["layout"] == [2, [2]]
+    rows = timed["all_reduce"]
+    assert all(t is None for t in rows["hierarchical"])
+    for a in ("direct", "ring", "recursive_doubling", "rhd", "tree"):
+        assert all(t is not None and 0 < t < 1e6 for t in rows[a]), (a, rows[a])
+    for i, s in enumerate(PROBES):
+        fastest = min((a for a in rows if rows[a][i] is not None), key=lambda a: rows[a][i])
+        assert first[0]["chosen"][i] == fastest, (s, first[0]["chosen"], rows)
+    # the probes took no sequence numbers from the program, and their scratch memory is gone
+    assert first[0]["seq"] == 1 and first[0]["sum"] == [3.0] * 4 and first[0]["scratch"] <= 64
     again = spawn(calibrated_params, 2, timeout=120, env=env)
     assert again[0]["params"] == p                      # read back, not measured again
+    untimed = spawn(calibrated_params, 2, timeout=120, env=dict(env, XDG_CACHE_HOME=str(tmp_path / "u"),
+                                                                COMMS_TUNE=""))
+    assert untimed[0]["params"]["measured"] is None and untimed[0]["seq"] == 1
     off = spawn(calibrated_params, 2, timeout=120, env=dict(env, COMMS_CALIBRATE="0"))
     assert off[0]["params"]["source"] == "defaults"
     assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules

@@ -159,8 +159,13 @@ def deterministic_digests(rank: int, size: int, count: int) -> dict:
 
 
 def calibrated_params(rank: int, size: int) -> dict:
+    from comms.autotune import PROBES
     with comms.init(timeout=60) as comm:
-        return {"params": comm._params.as_dict(), "rules": comm._selector.table()}
+        x = np.full(4, rank + 1, np.float32)
+        comm.all_reduce(x)
+        return {"params": comm._params.as_dict(), "rules": comm._selector.table(), "seq": comm._engine.seq,
+                "sum": x.tolist(), "scratch": comm._scratch.nbytes,
+                "chosen": [comm.algorithm_for("all_reduce", s) for s in PROBES]}
 
 
 def tcp_round_trip_us(rank: int, size: int) -> float:

@@ -1,0 +1,198 @@
+"""Timed candidates: the cost model corrected by measuring every algorithm at calibration.
+
+The cost model (comms.tuning) prices an algorithm from a few link figures; what it leaves out (how
+the scheduler shares two cores among four ranks, a token bucket that lets small bursts through at
+wire speed, a plan's own overheads) can make it pick an algorithm that measures slower. So, when a
+host signature is calibrated, every rank also runs each registered algorithm of the collectives in
+COMMS_TUNE at a grid of message sizes (:data:`PROBES`, 8 B to 32 MiB in steps of 4, as far as
+COMMS_TUNE_SECONDS per collective allows), and the selection prices an algorithm at
+
+    cost(m) x correction(m),  correction = measured / modelled at the probes,
+
+interpolated linearly in log(size) between probes and held constant beyond the grid. At a probe
+the cheapest corrected algorithm is the one that measured fastest; between probes the model's shape
+places the crossover. An algorithm that declined a probe (NotSupported) is not chosen at sizes next
+to it.
+
+Contract of :func:`measure` (collective: every rank calls it at the same point of init, with the
+same arguments): each (algorithm, size) runs one warm-up call, then :data:`ROUNDS` timed rounds of
+``reps(size)`` back-to-back calls, the algorithms interleaved and their order flipped every round so
+drift on a busy machine hits all of them alike; a rank's figure is the median over the rounds of
+its mean time per call. The mean, not a per-call median or minimum: a job's time is the sum of its
+collectives' times, tails included (with more ranks than cores, an algorithm whose typical call is
+fast can still lose by its stalls); the median round drops one disturbed by other work. The calls are real collectives (they are matched and
+checked like any other), taking sequence numbers 1, 2, ...; the caller resets the numbering once
+every rank is done, so the user's first collective is number 1. Iteration counts depend on the size
+only, so every rank runs the same calls. Rank 0 combines the ranks' figures with :func:`combine`
+(the slowest rank's figure per entry: a collective is as fast as its slowest member), and the table
+is cached with the calibration. The table holds its communicator's layout (ranks and hosts) and
+applies only to communicators of that layout (a split sub-communicator prices with the model alone).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from . import log as clog
+from .algorithms.plan import NotSupported
+
+log = clog.get("TUNING")
+PROBES = [8 << (2 * k) for k in range(12)]      # 8 B .. 32 MiB, x4
+ROUNDS = 3
+ROUND_BYTES = 4 << 20                            # a timed round moves at least this much per rank...
+ROUND_CALLS = 200                                # ...in at most this many calls
+
+
+def reps(nbytes: int) -> int:
+    """Back-to-back calls per timed round at ``nbytes`` (the same on every rank). Small sizes
+    need many: on a host with more ranks than cores one call in a hundred waits milliseconds for
+    a descheduled peer, and that tail is part of what a job pays."""
+    return max(1, min(ROUND_CALLS, ROUND_BYTES // max(nbytes, 1)))
+
+
+def _layout(comm) -> list:
+    return [comm.size, [len(g) for g in comm._hosts()]]
+
+
+def _args(comm, coll: str, nbytes: int):
+    """(Args, input bytes, output bytes, header count, root) of a float32 ``coll`` whose selector
+    size is ``nbytes``."""
+    from .algorithms.plan import Args
+    n, es = comm.size, 4
+    common = dict(hosts=comm._hosts(), deterministic=comm._deterministic)
+    if coll in ("all_reduce", "broadcast"):
+        c = max(1, nbytes // es)
+        a = Args(coll, comm.rank, n, c, es, root=0 if coll == "broadcast" else -1, inplace=True, **common)
+        return a, c * es, c * es, c, a.root
+    blk = max(1, nbytes // (es * (n - 1)))      # elements per block: the selector counts n - 1 blocks
+    if coll == "all_gather":
+        return Args(coll, comm.rank, n, blk, es, **common), blk * es, n * blk * es, blk, -1
+    if coll == "reduce_scatter":
+        return Args(coll, comm.rank, n, blk, es, **common), n * blk * es, blk * es, n * blk, -1
+    if coll == "all_to_all":
+        splits = (blk * es,) * n
+        return Args(coll, comm.rank, n, 0, es, send_splits=splits, recv_splits=splits, **common), \
+            n * blk * es, n * blk * es, n * blk, -1
+    raise ValueError(f"cannot time {coll}")
+
+
+def _over_budget(comm, t_start: float, t_size: float, budget_s: float) -> bool:
+    """Collective: True when the next probe (about 4x the last one's time, since it moves 4x the
+    bytes) would end past ``budget_s`` seconds of timing on the slowest rank. The ranks agree
+    through a MAX all_reduce of their clocks, so all of them stop at the same probe."""
+    from .dtypes import ReduceOp
+    now = time.perf_counter()
+    clocks = np.array([now - t_start, now - t_size], np.float64)
+    comm.all_reduce(clocks, op=ReduceOp.MAX)
+    return clocks[0] + 4 * clocks[1] > budget_s
+
+
+def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
+    """This rank's figures: {"layout": [size, [ranks per host]], coll: {algo: [µs per probe, or
+    None where the algorithm declined], as long as the probes reached]}} (see the module docstring).
+    Probing a collective stops, on every rank alike, before a probe that would end past
+    ``budget_s`` seconds (per collective); the correction is then held constant from the last probe up."""
+    from . import algorithms
+    from .algorithms import deterministic
+    from .algorithms.plan import COLL_IDS
+    from .communicator import MSG_COLL, _addr
+    from .dtypes import F32
+    from .engine import Encoded
+    out: dict = {"layout": _layout(comm)}
+    for coll in colls:
+        t_start = t_size = time.perf_counter()
+        names = list(algorithms.REGISTRY[coll])
+        table: dict = {a: [] for a in names}
+        for i, nbytes in enumerate(PROBES):
+            if i and _over_budget(comm, t_start, t_size, budget_s):
+                log.info("comms: timed %s up to %d B (COMMS_TUNE_SECONDS=%g)", coll, PROBES[i - 1], budget_s)
+                break
+            t_size = time.perf_counter()
+            args, nin, nout, count, root = _args(comm, coll, nbytes)
+            src = np.ones(max(1, nin // 4), np.float32)          # touched: no page faults in the timing
+            dst = src if coll in ("all_reduce", "broadcast") else np.zeros(max(1, nout // 4), np.float32)
+            runs = {}
+            for a in names:
+                try:
+                    plan = algorithms.get(coll, a).fn(args)
+                    if args.deterministic:
+                        plan = deterministic.plan(args, a) or plan
+                except NotSupported:
+                    continue
+                runs[a] = Encoded(plan, coll, MSG_COLL, COLL_IDS[coll], F32, 0, root, count)
+            p_in, p_out = _addr(src), _addr(dst)
+            for enc in runs.values():
+                comm._run(enc, p_in, p_out, [src, dst], False)   # warm-up: connections, pages, caches
+            k = reps(nbytes)
+            order = list(runs)
+            means: dict = {a: [] for a in order}
+            for rnd in range(ROUNDS):
+                for a in (order if rnd % 2 == 0 else order[::-1]):
+                    enc = runs[a]
+                    t0 = time.perf_counter()
+                    for _ in range(k):
+                        comm._run(enc, p_in, p_out, [src, dst], False)
+                    means[a].append((time.perf_counter() - t0) / k * 1e6)
+            for a in names:
+                table[a].append(round(float(np.median(means[a])), 3) if a in means else None)
+        out[coll] = table
+    comm._scratch = np.empty(0, np.uint8)      # the probes' scratch is not the user's
+    comm._scratch_ptr = 0
+    return out
+
+
+def combine(tables: list[dict]) -> dict:
+    """Every rank's :func:`measure` -> one table: per entry the slowest rank's figure (None if any
+    rank's algorithm declined)."""
+    out = {"layout": tables[0]["layout"]}
+    for coll, algos in tables[0].items():
+        if coll == "layout":
+            continue
+        reached = min(len(t[coll][a]) for t in tables for a in algos)
+        out[coll] = {a: [None if any(t[coll][a][i] is None for t in tables) else max(t[coll][a][i] for t in tables)
+                         for i in range(reached)] for a in algos}
+    return out
+
+
+def applies(measured: dict | None, n: int, hosts: tuple) -> bool:
+    return bool(measured) and measured.get("layout") == [n, [len(g) for g in hosts]]
+
+
+def correction(measured: dict, coll: str, algo: str, model) -> "callable | None":
+    """The factor (a function of bytes) that turns ``model(bytes)`` into the measured time of
+    ``algo``, or None when ``coll``/``algo`` was not measured. It returns math.inf next to a probe
+    where the algorithm declined."""
+    row = (measured.get(coll) or {}).get(algo)
+    if row is None:
+        return None
+    points = []               # (log2 size, log ratio or None for a decline)
+    for size, t in zip(PROBES, row):
+        if t is None:
+            points.append((math.log2(size), None))
+            continue
+        m = model(size)
+        if m is None or not math.isfinite(m) or m <= 0:
+            continue
+        points.append((math.log2(size), math.log(max(t, 1e-3) / m)))
+    if not points or all(r is None for _, r in points):
+        return lambda nbytes: math.inf if points else 1.0
+
+    def factor(nbytes: float) -> float:
+        x = math.log2(max(nbytes, PROBES[0]))
+        hit = next((r for px, r in points if px == x), False)
+        if hit is not False:
+            r = hit
+        elif x <= points[0][0]:
+            r = points[0][1]
+        elif x >= points[-1][0]:
+            r = points[-1][1]
+        else:
+            j = next(j for j in range(1, len(points)) if points[j][0] >= x)
+            (x0, r0), (x1, r1) = points[j - 1], points[j]
+            if r0 is None or r1 is None:
+                return math.inf
+            r = r0 + (r1 - r0) * (x - x0) / (x1 - x0)
+        return math.inf if r is None else math.exp(r)
+    return factor

@@ -1,0 +1,83 @@
+"""Timed candidates (comms.autotune): measurements correct the cost model's prices."""
+from __future__ import annotations
+
+import math
+
+from comms import algorithms
+from comms.autotune import PROBES, applies, combine, correction, reps
+from comms.tuning import Link, Params, cost, default_rules
+
+NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
+ONE_HOST = lambda n: (tuple(range(n)),)               # noqa: E731
+P = Params(Link(2.0, 10.0), Link(40.0, 1.5), 12.0)
+
+
+def _table(n: int, hosts: list, rows: dict) -> dict:
+    return {"layout": [n, hosts], "all_reduce": rows}
+
+
+def _rule_at(rules: str, nbytes: int) -> str:
+    for r in rules.split("#"):
+        coll, rng, algo = r.split(":")
+        lo, hi = rng.split("-")
+        if coll == "all_reduce" and int(lo) <= nbytes < (math.inf if hi == "inf" else int(hi)):
+            return algo
+    raise AssertionError(f"no rule for {nbytes} in {rules}")
+
+
+def test_correction_is_exact_at_probes_and_geometric_between():
+    model = lambda m: 10.0 + m / 1e3                     # noqa: E731
+    row = [model(s) * (2.0 if i % 2 else 0.5) for i, s in enumerate(PROBES)]
+    f = correction({"all_reduce": {"ring": row}}, "all_reduce", "ring", model)
+    for i, s in enumerate(PROBES):
+        assert math.isclose(model(s) * f(s), row[i])
+    # halfway (in log size) between a 0.5 and a 2.0 probe: the geometric mean, 1.0
+    assert math.isclose(f(PROBES[0] * 2), 1.0)
+    assert math.isclose(f(0), 0.5) and math.isclose(f(PROBES[-1] * 64), f(PROBES[-1]))
+    assert correction({"all_reduce": {}}, "all_reduce", "ring", model) is None
+
+
+def test_a_declined_probe_makes_its_neighbourhood_unavailable():
+    model = lambda m: 1.0 + m                            # noqa: E731
+    row = [None] + [model(s) for s in PROBES[1:]]
+    f = correction({"all_reduce": {"ring": row}}, "all_reduce", "ring", model)
+    assert f(PROBES[0]) == math.inf and f(PROBES[0] * 2) == math.inf
+    assert math.isclose(f(PROBES[1]), 1.0) and math.isclose(f(PROBES[1] * 2), 1.0)
+
+
+def test_combine_takes_the_slowest_rank_and_any_decline():
+    a = {"layout": [2, [2]], "all_reduce": {"ring": [1.0, None] + [3.0] * (len(PROBES) - 2)}}
+    b = {"layout": [2, [2]], "all_reduce": {"ring": [2.0, 5.0] + [1.0] * (len(PROBES) - 2)}}
+    c = combine([a, b])
+    assert c["layout"] == [2, [2]] and c["all_reduce"]["ring"][:3] == [2.0, None, 3.0]
+
+
+def test_measurements_overrule_the_model_at_every_probe():
+    """The model alone prices direct cheapest for tiny messages on 2 ranks; a table in which tree
+    measured fastest at small probes and ring at large ones makes the rules follow the table at
+    every probe, for this layout only."""
+    n, hosts = 2, ONE_HOST(2)
+    assert _rule_at(default_rules(NAMES, n, hosts, P, False), 8) == "direct"
+    rows = {}
+    for a in NAMES["all_reduce"]:
+        rows[a] = [cost("all_reduce", a, s, n, hosts, P, False) for s in PROBES]
+        rows[a] = [t if math.isfinite(t) else None for t in rows[a]]
+    fastest = lambda s: "tree" if s < 64 << 10 else "ring"          # noqa: E731
+    for i, s in enumerate(PROBES):
+        slowest = max(t for t in (rows[a][i] for a in rows) if t is not None)
+        for a in rows:
+            if rows[a][i] is not None:
+                rows[a][i] = slowest * (0.5 if a == fastest(s) else 1.0 + 0.01 * len(a))
+    timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [2], rows))
+    rules = default_rules(NAMES, n, hosts, timed, False)
+    for s in PROBES:
+        assert _rule_at(rules, s) == fastest(s), (s, rules)
+    # another layout (a split sub-communicator, another host count) prices with the model alone
+    other = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(4, [4], rows))
+    assert not applies(other.measured, n, hosts) and applies(timed.measured, n, hosts)
+    assert default_rules(NAMES, n, hosts, other, False) == default_rules(NAMES, n, hosts, P, False)
+
+
+def test_rounds_repeat_the_same_calls_on_every_rank():
+    assert reps(PROBES[0]) == 200 and reps(PROBES[-1]) == 1
+    assert all(reps(a) >= reps(b) for a, b in zip(PROBES, PROBES[1:]))

@@ -15,18 +15,20 @@ places the crossover. An algorithm that declined a probe (NotSupported) is not c
 to it.
 
 Contract of :func:`measure` (collective: every rank calls it at the same point of init, with the
-same arguments): each (algorithm, size) runs one warm-up call, then :data:`ROUNDS` timed rounds of
-``reps(size)`` back-to-back calls, the algorithms interleaved and their order flipped every round so
-drift on a busy machine hits all of them alike; a rank's figure is the median over the rounds of
-its mean time per call. The mean, not a per-call median or minimum: a job's time is the sum of its
-collectives' times, tails included (with more ranks than cores, an algorithm whose typical call is
-fast can still lose by its stalls); the median round drops one disturbed by other work. The calls are real collectives (they are matched and
-checked like any other), taking sequence numbers 1, 2, ...; the caller resets the numbering once
-every rank is done, so the user's first collective is number 1. Iteration counts depend on the size
-only, so every rank runs the same calls. Rank 0 combines the ranks' figures with :func:`combine`
-(the slowest rank's figure per entry: a collective is as fast as its slowest member), and the table
-is cached with the calibration. The table holds its communicator's layout (ranks and hosts) and
-applies only to communicators of that layout (a split sub-communicator prices with the model alone).
+same arguments): each (algorithm, size) runs one warm-up call per buffer set (up to :data:`BUFFERS`
+sets, rotated through as a job's tensors are), then :data:`ROUNDS` timed rounds of ``reps(size)``
+back-to-back calls, each round started by a barrier, the algorithms interleaved and their order
+flipped every round so drift on a busy machine hits all of them alike; a rank's figure is the median
+over the rounds of its mean time per call. The mean, not a per-call median or minimum: a job's time
+is the sum of its collectives' times, tails included (with more ranks than cores, an algorithm whose
+typical call is fast can still lose by its stalls); the median round drops those disturbed by other
+work. The calls are real collectives (they are matched and checked like any other), taking sequence
+numbers 1, 2, ...; the caller resets the numbering once every rank is done, so the user's first
+collective is number 1. Iteration counts depend on the size only, so every rank runs the same calls.
+Rank 0 combines the ranks' figures with :func:`combine` (the slowest rank's figure per entry: a
+collective is as fast as its slowest member), and the table is cached with the calibration. The
+table holds its communicator's layout (ranks and hosts) and applies only to communicators of that
+layout (a split sub-communicator prices with the model alone).
 """
 from __future__ import annotations
 
@@ -40,16 +42,19 @@ from .algorithms.plan import NotSupported
 
 log = clog.get("TUNING")
 PROBES = [8 << (2 * k) for k in range(12)]      # 8 B .. 32 MiB, x4
-ROUNDS = 3
-ROUND_BYTES = 4 << 20                            # a timed round moves at least this much per rank...
-ROUND_CALLS = 200                                # ...in at most this many calls
+ROUNDS = 5
+BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
+PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest: no more probes
+ROUND_BYTES = 16 << 20                           # a timed round moves at least this much per rank...
+ROUND_CALLS = 200                                # ...in at most this many calls, and at least MIN_CALLS
+MIN_CALLS = 2
 
 
 def reps(nbytes: int) -> int:
     """Back-to-back calls per timed round at ``nbytes`` (the same on every rank). Small sizes
     need many: on a host with more ranks than cores one call in a hundred waits milliseconds for
     a descheduled peer, and that tail is part of what a job pays."""
-    return max(1, min(ROUND_CALLS, ROUND_BYTES // max(nbytes, 1)))
+    return max(MIN_CALLS, min(ROUND_CALLS, ROUND_BYTES // max(nbytes, 1)))
 
 
 def _layout(comm) -> list:
@@ -91,7 +96,10 @@ def _over_budget(comm, t_start: float, t_size: float, budget_s: float) -> bool:
 
 def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     """This rank's figures: {"layout": [size, [ranks per host]], coll: {algo: [µs per probe, or
-    None where the algorithm declined], as long as the probes reached]}} (see the module docstring).
+    None where the algorithm declined or was dropped], as long as the probes reached]}} (see the
+    module docstring). From :data:`PRUNE_FROM` up, an algorithm more than :data:`PRUNE_RATIO` times
+    the fastest (on the slowest rank, so every rank drops the same) is not timed at larger probes,
+    and is then not chosen there.
     Probing a collective stops, on every rank alike, before a probe that would end past
     ``budget_s`` seconds (per collective); the correction is then held constant from the last probe up."""
     from . import algorithms
@@ -105,16 +113,22 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
         t_start = t_size = time.perf_counter()
         names = list(algorithms.REGISTRY[coll])
         table: dict = {a: [] for a in names}
+        dropped: set = set()     # far behind at a large probe: not timed at larger ones
         for i, nbytes in enumerate(PROBES):
             if i and _over_budget(comm, t_start, t_size, budget_s):
                 log.info("comms: timed %s up to %d B (COMMS_TUNE_SECONDS=%g)", coll, PROBES[i - 1], budget_s)
                 break
             t_size = time.perf_counter()
             args, nin, nout, count, root = _args(comm, coll, nbytes)
-            src = np.ones(max(1, nin // 4), np.float32)          # touched: no page faults in the timing
-            dst = src if coll in ("all_reduce", "broadcast") else np.zeros(max(1, nout // 4), np.float32)
+            sets = []             # rotated through, like a job's tensors (and the bench's buffer sets)
+            for _ in range(max(1, min(BUFFERS, POOL_BYTES // max(nin + nout, 1)))):
+                src = np.ones(max(1, nin // 4), np.float32)      # touched: no page faults in the timing
+                dst = src if coll in ("all_reduce", "broadcast") else np.zeros(max(1, nout // 4), np.float32)
+                sets.append((_addr(src), _addr(dst), [src, dst]))
             runs = {}
             for a in names:
+                if a in dropped:
+                    continue
                 try:
                     plan = algorithms.get(coll, a).fn(args)
                     if args.deterministic:
@@ -122,21 +136,30 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
                 except NotSupported:
                     continue
                 runs[a] = Encoded(plan, coll, MSG_COLL, COLL_IDS[coll], F32, 0, root, count)
-            p_in, p_out = _addr(src), _addr(dst)
             for enc in runs.values():
-                comm._run(enc, p_in, p_out, [src, dst], False)   # warm-up: connections, pages, caches
+                for p_in, p_out, keep in sets:                    # warm-up: connections, pages, caches
+                    comm._run(enc, p_in, p_out, keep, False)
             k = reps(nbytes)
             order = list(runs)
             means: dict = {a: [] for a in order}
             for rnd in range(ROUNDS):
                 for a in (order if rnd % 2 == 0 else order[::-1]):
                     enc = runs[a]
+                    comm.barrier()        # every rank starts the round together, not skewed by the last
                     t0 = time.perf_counter()
-                    for _ in range(k):
-                        comm._run(enc, p_in, p_out, [src, dst], False)
+                    for j in range(k):
+                        p_in, p_out, keep = sets[j % len(sets)]
+                        comm._run(enc, p_in, p_out, keep, False)
                     means[a].append((time.perf_counter() - t0) / k * 1e6)
+            fig = {a: float(np.median(v)) for a, v in means.items()}
             for a in names:
-                table[a].append(round(float(np.median(means[a])), 3) if a in means else None)
+                table[a].append(round(fig[a], 3) if a in fig else None)
+            if nbytes >= PRUNE_FROM and fig:
+                # the ranks must drop the same ones: decide on the slowest rank's figures
+                from .dtypes import ReduceOp
+                slowest = np.array([fig[a] for a in order], np.float64)
+                comm.all_reduce(slowest, op=ReduceOp.MAX)
+                dropped |= {a for a, t in zip(order, slowest) if t > PRUNE_RATIO * slowest.min()}
         out[coll] = table
     comm._scratch = np.empty(0, np.uint8)      # the probes' scratch is not the user's
     comm._scratch_ptr = 0

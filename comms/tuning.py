@@ -9,9 +9,11 @@ the smaller bandwidth: an oversubscribed host's shm can be slower than its tcp);
 adds up the bytes to every peer (the rank's thread moves them all), one shm step latency for all
 its shm exchanges (they wait together) and one tcp step latency per tcp exchange (each costs the
 thread its own syscalls).
-:func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each, and writes the
-result as rules in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are
-data, printed by ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
+:func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each (with prices
+corrected by the timed candidates of comms.autotune where calibration measured them; on an
+oversubscribed host a near tie goes to the fewest dependent steps), and writes the result as rules
+in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are data, printed by
+``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
 
 Calibration: the first time a host signature (CPU, cores, host layout, link classes, NICs and their
 reported speeds) is seen, rank 0 measures each link class and its reduction speed, and caches them
@@ -43,6 +45,7 @@ from . import log as clog
 log = clog.get("TUNING")
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
 CALIBRATION_VERSION = "v3"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed candidates
+OVERSUB_TIE = 0.08             # oversubscribed hosts: prices this close to the cheapest count as a tie
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 
@@ -195,6 +198,19 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
     return math.inf           # not priced: chosen only by explicit rules or as a fallback
 
 
+def dependent_steps(coll: str, algo: str, n: int, hosts: tuple) -> float:
+    """How many steps of ``algo`` wait on the one before (all_reduce; inf where not counted)."""
+    if coll != "all_reduce" or n < 2:
+        return math.inf
+    H = max(1, len(hosts))
+    L = n // H if n % H == 0 else n
+    p2 = 1 << (n.bit_length() - 1)
+    fold = 2 if n != p2 else 0
+    return {"direct": 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
+            "rhd": 2 * _log2(p2) + fold, "tree": 2 * _log2(n),
+            "hierarchical": 2 * (L - 1) + 2 * (H - 1)}.get(algo, math.inf)
+
+
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool, oversub: float = 1.0) -> str:
     """The cheapest priced algorithm per size range, per collective, in the selector grammar;
     ``oversub``: the most ranks per usable core of any host (see :meth:`Params.loaded`)."""
@@ -215,7 +231,15 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
         best = []
         for m in SIZES:
             scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) * factor[a](m) for a in priced}
-            best.append(min(priced, key=lambda a: (scores[a], priced.index(a))))
+            pick = min(priced, key=lambda a: (scores[a], priced.index(a)))
+            if timed and oversub > 1.0 and math.isfinite(scores[pick]):
+                # more ranks than cores: every dependent step is a chance to wait for a descheduled
+                # peer, and which ranks share a core changes from launch to launch, which the one
+                # launch that timed the candidates cannot see; so among the near-cheapest the one
+                # with the fewest dependent steps is the steadiest choice
+                near = [a for a in priced if scores[a] <= scores[pick] * (1 + OVERSUB_TIE)]
+                pick = min(near, key=lambda a: (dependent_steps(coll, a, n, hosts), scores[a], priced.index(a)))
+            best.append(pick)
         start = 0
         for i in range(1, len(SIZES) + 1):
             if i == len(SIZES) or best[i] != best[start]:

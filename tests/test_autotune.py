@@ -79,5 +79,29 @@ def test_measurements_overrule_the_model_at_every_probe():
 
 
 def test_rounds_repeat_the_same_calls_on_every_rank():
-    assert reps(PROBES[0]) == 200 and reps(PROBES[-1]) == 1
+    assert reps(PROBES[0]) == 200 and reps(PROBES[-1]) == 2
     assert all(reps(a) >= reps(b) for a, b in zip(PROBES, PROBES[1:]))
+
+
+def test_oversubscribed_hosts_break_near_ties_toward_fewer_dependent_steps():
+    """4 ranks: recursive doubling measured 5 % faster than direct at small sizes. On cores of their
+    own the faster wins; with 2 ranks per core direct (1 dependent step against 2) does, and a
+    gap beyond the tie margin still goes to the faster."""
+    from comms.tuning import OVERSUB_TIE, dependent_steps
+    n, hosts = 4, ONE_HOST(4)
+    assert [dependent_steps("all_reduce", a, n, hosts) for a in ("direct", "recursive_doubling", "rhd", "ring")] \
+        == [1, 2, 4, 6]
+
+    def rules(gap: float, oversub: float) -> str:
+        rows = {a: [None] * len(PROBES) for a in NAMES["all_reduce"]}
+        for i, s in enumerate(PROBES):
+            for a in rows:
+                if a != "hierarchical":
+                    rows[a][i] = 1000.0 * (2 + i)
+            rows["direct"][i] = 1000.0 * (1 + i) * (1 + gap)
+            rows["recursive_doubling"][i] = 1000.0 * (1 + i)
+        timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [4], rows))
+        return default_rules(NAMES, n, hosts, timed, False, oversub)
+    assert _rule_at(rules(0.05, 1.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(0.05, 2.0), 64) == "direct"
+    assert _rule_at(rules(OVERSUB_TIE * 2, 2.0), 64) == "recursive_doubling"

@@ -83,6 +83,11 @@ def test_calibration_is_cached_and_shared(tmp_path):
     untimed = spawn(calibrated_params, 2, timeout=120, env=dict(env, XDG_CACHE_HOME=str(tmp_path / "u"),
                                                                 COMMS_TUNE=""))
     assert untimed[0]["params"]["measured"] is None and untimed[0]["seq"] == 1
+    # a budget too small for a second probe: every rank stops after the first, alike
+    short = spawn(calibrated_params, 2, timeout=120, env=dict(env, XDG_CACHE_HOME=str(tmp_path / "s"),
+                                                              COMMS_TUNE_SECONDS="0.000001"))
+    assert short[0] == short[1] and short[0]["seq"] == 1
+    assert {len(r) for r in short[0]["params"]["measured"]["all_reduce"].values()} == {1}
     off = spawn(calibrated_params, 2, timeout=120, env=dict(env, COMMS_CALIBRATE="0"))
     assert off[0]["params"]["source"] == "defaults"
     assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules

@@ -24,11 +24,11 @@ is the sum of its collectives' times, tails included (with more ranks than cores
 typical call is fast can still lose by its stalls); the median round drops those disturbed by other
 work. The calls are real collectives (they are matched and checked like any other), taking sequence
 numbers 1, 2, ...; the caller resets the numbering once every rank is done, so the user's first
-collective is number 1. Iteration counts depend on the size only, so every rank runs the same calls.
-Rank 0 combines the ranks' figures with :func:`combine` (the slowest rank's figure per entry: a
-collective is as fast as its slowest member), and the table is cached with the calibration. The
-table holds its communicator's layout (ranks and hosts) and applies only to communicators of that
-layout (a split sub-communicator prices with the model alone).
+collective is number 1. Call counts come from the slowest rank's warm-up call, so every rank runs
+the same calls. Rank 0 combines the ranks' figures with :func:`combine` (the slowest rank's figure
+per entry: a collective is as fast as its slowest member), and the table is cached with the
+calibration. The table holds its communicator's layout (ranks and hosts) and applies only to
+communicators of that layout (a split sub-communicator prices with the model alone).
 """
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ PROBES = [8 << (2 * k) for k in range(12)]      # 8 B .. 32 MiB, x4
 ROUNDS = 5
 BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
 PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest: no more probes
-ROUND_BYTES = 16 << 20                           # a timed round moves at least this much per rank...
+ROUND_S = 0.004                                  # a timed round lasts about this long...
 ROUND_CALLS = 200                                # ...in at most this many calls, and at least MIN_CALLS
 MIN_CALLS = 2
 
 
-def reps(nbytes: int) -> int:
-    """Back-to-back calls per timed round at ``nbytes`` (the same on every rank). Small sizes
-    need many: on a host with more ranks than cores one call in a hundred waits milliseconds for
-    a descheduled peer, and that tail is part of what a job pays."""
-    return max(MIN_CALLS, min(ROUND_CALLS, ROUND_BYTES // max(nbytes, 1)))
+def reps(call_s: float) -> int:
+    """Back-to-back calls per timed round for a call of about ``call_s`` seconds (the slowest
+    rank's warm-up call, so every rank runs the same count). Small sizes need many: on a host with
+    more ranks than cores one call in a hundred waits milliseconds for a descheduled peer, and that
+    tail is part of what a job pays."""
+    return max(MIN_CALLS, min(ROUND_CALLS, int(ROUND_S / max(call_s, 1e-9))))
 
 
 def _layout(comm) -> list:
@@ -110,6 +111,7 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     from .engine import Encoded
     out: dict = {"layout": _layout(comm)}
     for coll in colls:
+        comm.barrier()            # the budget's clock starts when every rank is here
         t_start = t_size = time.perf_counter()
         names = list(algorithms.REGISTRY[coll])
         table: dict = {a: [] for a in names}
@@ -136,16 +138,22 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
                 except NotSupported:
                     continue
                 runs[a] = Encoded(plan, coll, MSG_COLL, COLL_IDS[coll], F32, 0, root, count)
-            for enc in runs.values():
-                for p_in, p_out, keep in sets:                    # warm-up: connections, pages, caches
-                    comm._run(enc, p_in, p_out, keep, False)
-            k = reps(nbytes)
             order = list(runs)
+            warm = np.zeros(len(order), np.float64)
+            for i_a, a in enumerate(order):
+                for p_in, p_out, keep in sets:                    # warm-up: connections, pages, caches
+                    t0 = time.perf_counter()
+                    comm._run(runs[a], p_in, p_out, keep, False)
+                    warm[i_a] = time.perf_counter() - t0
+            from .dtypes import ReduceOp
+            comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
+            k_of = {a: reps(float(w)) for a, w in zip(order, warm)}
             means: dict = {a: [] for a in order}
             for rnd in range(ROUNDS):
                 for a in (order if rnd % 2 == 0 else order[::-1]):
                     enc = runs[a]
                     comm.barrier()        # every rank starts the round together, not skewed by the last
+                    k = k_of[a]
                     t0 = time.perf_counter()
                     for j in range(k):
                         p_in, p_out, keep = sets[j % len(sets)]
@@ -156,7 +164,6 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
                 table[a].append(round(fig[a], 3) if a in fig else None)
             if nbytes >= PRUNE_FROM and fig:
                 # the ranks must drop the same ones: decide on the slowest rank's figures
-                from .dtypes import ReduceOp
                 slowest = np.array([fig[a] for a in order], np.float64)
                 comm.all_reduce(slowest, op=ReduceOp.MAX)
                 dropped |= {a for a, t in zip(order, slowest) if t > PRUNE_RATIO * slowest.min()}

@@ -117,6 +117,7 @@ typedef struct {
     cm_unexp *unexp, *unexp_tail;
     /* incoming message in progress */
     int rx_active;
+    int rx_parked;          /* a collective's message heads the inbound stream, its receive not posted yet */
     cm_hdr rx_hdr;
     cm_op *rx_op;
     cm_unexp *rx_unexp;

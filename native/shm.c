@@ -116,7 +116,10 @@ int cm_shm_news(cm_ctx *ctx) {
     for (int p = 0; p < ctx->size; p++) {
         cm_chan *c = &ctx->chans[p];
         if (c->type != CM_CHAN_SHM) continue;
-        if (atomic_load_explicit(&c->rx->head, memory_order_acquire) != c->rx_tail) return 1;
+        /* a ring headed by a collective message whose receive this rank has not posted is no news:
+         * only this thread posts it (or a kick wakes it), so waking for the slots behind it would
+         * make the wait a busy loop that starves a peer sharing the core */
+        if (!c->rx_parked && atomic_load_explicit(&c->rx->head, memory_order_acquire) != c->rx_tail) return 1;
         if (c->sendq && c->tx_head - atomic_load_explicit(&c->tx->tail, memory_order_acquire) < (uint64_t)ctx->nslots)
             return 1;
     }
@@ -179,6 +182,7 @@ int cm_shm_progress_send(cm_ctx *ctx, cm_chan *c) {
 
 int cm_shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
     int moved = 0;
+    c->rx_parked = 0;
     for (;;) {
         uint64_t head = atomic_load_explicit(&c->rx->head, memory_order_acquire);
         if (head == c->rx_tail) break;
@@ -188,7 +192,7 @@ int cm_shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
             c->rx_hdr = s->hdr;
             int r = cm_match(ctx, c);
             if (r < 0) return r;
-            if (r == CM_EAGAIN) break;      /* no receive posted yet: leave it in the ring */
+            if (r == CM_EAGAIN) { c->rx_parked = 1; break; }   /* no receive posted yet: leave it in the ring */
         }
         int r = cm_deliver(ctx, c, (const char *)s + CM_SLOT_HDR_BYTES, s->len);
         if (r < 0) return r;

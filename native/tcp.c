@@ -48,7 +48,11 @@ static int tcp_fds(cm_ctx *ctx, struct pollfd *fds, int max) {
         cm_chan *c = &ctx->chans[p];
         if (c->type != CM_CHAN_TCP || c->peer_closed) continue;
         fds[n].fd = c->fd;
-        fds[n].events = (short)(POLLIN | (c->sendq ? POLLOUT : 0));
+        /* a held header of a collective whose receive is not posted: its bytes wait in the kernel
+         * and would make poll() return at once, a busy loop; only posting the receive (this
+         * thread, or another one that kicks) changes anything */
+        int parked = !c->rx_active && c->rx_hdr_got == sizeof(cm_hdr) && c->rx_hdr.kind == CM_MSG_COLL;
+        fds[n].events = (short)((parked ? 0 : POLLIN) | (c->sendq ? POLLOUT : 0));
         fds[n++].revents = 0;
     }
     return n;

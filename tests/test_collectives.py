@@ -105,3 +105,17 @@ def test_tcp_latency_hook_delays_every_message():
     env = {"COMMS_TRANSPORT": "tcp", "COMMS_TCP_DELAY_US": "3000"}
     rtt = spawn(tcp_round_trip_us, 2, timeout=120, env=env)[0]
     assert 6000 <= rtt < 60000, rtt        # two messages of at least 3 ms each per round trip
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_wait_sleeps_while_a_later_collective_heads_a_stream(transport):
+    """A peer that runs ahead into the next collective leaves its message at the head of the
+    stream, unmatched until this rank posts that collective: a wait for something else must still
+    sleep (it used to see news on that stream every pass and spin, starving peers on shared cores)."""
+    from workers import wait_beside_a_parked_collective
+    env = {"COMMS_ALGO": "all_reduce:direct", "COMMS_CALIBRATE": "0", "COMMS_TRANSPORT": transport}
+    out = spawn(wait_beside_a_parked_collective, 3, timeout=120, env=env)
+    assert [o["sum"] for o in out] == [3.0] * 3
+    r0 = out[0]
+    assert r0["wall"] >= 0.4 and r0["sleeps"] >= 1, r0
+    assert r0["cpu"] < 0.3 * r0["wall"], r0

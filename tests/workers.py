@@ -181,3 +181,27 @@ def tcp_round_trip_us(rank: int, size: int) -> float:
                 comm.recv(x, 0)
                 comm.send(x, 0)
         return (time.perf_counter() - t0) / 20 * 1e6
+
+
+def wait_beside_a_parked_collective(rank: int, size: int) -> dict:
+    """Rank 1 starts an all_reduce (direct: its message reaches rank 0 at once) while rank 0 waits
+    0.5 s for a message from rank 2; rank 0's wait must sleep, not spin on rank 1's message."""
+    with comms.init(timeout=30) as comm:
+        x, buf = np.ones(16, np.float32), np.zeros(4, np.float32)
+        comm.barrier()
+        out = {}
+        if rank == 0:
+            sleeps = comm.stats()["sleeps"]
+            cpu, wall = time.process_time(), time.perf_counter()
+            comm.recv(buf, 2)
+            out = {"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall,
+                   "sleeps": comm.stats()["sleeps"] - sleeps}
+            comm.all_reduce(x)
+        elif rank == 1:
+            comm.all_reduce(x)
+        else:
+            time.sleep(0.5)
+            comm.send(buf + 7, 0)
+            comm.all_reduce(x)
+        out["sum"] = float(x[0])
+        return out

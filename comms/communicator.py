@@ -24,7 +24,7 @@ from ._native import ffi
 from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
-from . import tuning
+from . import calibration
 from .selector import Selector, defaults as selector_defaults
 from .transports.base import Endpoint
 from .work import Work, completed
@@ -82,7 +82,7 @@ class Communicator:
         self._finalizer = weakref.finalize(self, _release, boot)
         flight.register(self)
         self._deterministic = config.get("DETERMINISTIC")
-        self._params = params if params is not None else tuning.calibrate(self)
+        self._params = params if params is not None else calibration.calibrate(self)
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params,
                                                           config.get("TRANSPORT").lower() == "tcp",
                                                           self.oversubscription()))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.tuning import CALIBRATION_VERSION, Link, Params, cost, default_rules
+from comms.calibration import CALIBRATION_VERSION
+from comms.tuning import Link, Params, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
 ONE_HOST = lambda n: (tuple(range(n)),)               # noqa: E731

@@ -1,0 +1,206 @@
+"""Calibration of the cost model (comms.tuning): link figures and timed candidates, cached per host.
+
+The first time a host signature (CPU, cores, host layout, link classes, NICs and their
+reported speeds) is seen, rank 0 measures each link class and its reduction speed, and caches them
+in ``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and comms.tuning's
+defaults apply). ``alpha_us`` is the latency of one *step* of a plan: 8 B passed around a ring of the
+link's ranks (host 0's ranks for shm, the host leaders for tcp), every member sending and
+receiving in each round, many rounds inside one native plan. It thus leaves out the per-call cost
+that every algorithm pays alike (Python, plan lookup, the first wake-up), and it includes what a
+host with more ranks than cores adds to every step. ``beta_gbps`` comes from a 4 MiB ping-pong.
+Every figure is the least of several runs, since other work on a shared machine only adds to it.
+Rank 0's parameters are published through the store so every rank prices alike and
+picks the same algorithm. A link shaped below what its NIC reports (tc, a busy fabric) is not part
+of the signature: delete the cache, or set COMMS_CALIBRATE=0, after changing it.
+With COMMS_TUNE, every rank then times the candidate algorithms (comms.autotune), and the table
+is cached with the link figures.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+
+import numpy as np
+
+from . import config
+from . import log as clog
+from .tuning import Params
+
+log = clog.get("TUNING")
+CALIBRATION_VERSION = "v3"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed candidates
+HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
+
+
+def signature(comm) -> str:
+    topo = comm.topology
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    classes = sorted(set(comm.transports.values()))
+    nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in topo.hosts[0].nics)
+    return f"{CALIBRATION_VERSION}|{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|" \
+           f"{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|" \
+           f"{','.join(classes)}|nics {nics}|{platform.release()}"
+
+
+def _cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "comms", "calibration.json")
+
+
+def _pingpong(comm, peer: int, nbytes: int, iters: int, leader: bool, stat=np.median) -> float:
+    """One-way time (µs) of ``nbytes`` between this rank and ``peer`` (``stat`` over the round trips)."""
+    buf = np.ones(max(1, nbytes // 4), np.float32)          # touched: no page faults in the timing
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        if leader:
+            comm.send(buf, peer, tag=0xCA1)
+            comm.recv(buf, peer, tag=0xCA1)
+        else:
+            comm.recv(buf, peer, tag=0xCA1)
+            comm.send(buf, peer, tag=0xCA1)
+        times.append((time.perf_counter() - t0) / 2 * 1e6)
+    return float(stat(times))
+
+
+def _hops(comm, ring: list, rounds: int, reps: int) -> float:
+    """Least µs per round (over ``reps`` runs) of 8 B around ``ring`` (ranks in ring order, this
+    rank among them): in each round every member sends to its right neighbour and receives from its
+    left, all rounds in one point-to-point plan, so the figure is the latency of one step of a
+    collective's plan with every member active, without the per-call cost."""
+    from .algorithms.plan import IN, OUT, PHASE, RECV, SEND, Plan, Step
+    from .communicator import MSG_P2P, _fast
+    from .engine import Encoded
+    i = ring.index(comm.rank)
+    right, left = ring[(i + 1) % len(ring)], ring[(i - 1) % len(ring)]
+    src, dst = np.ones(2, np.float32), np.zeros(2, np.float32)
+    p_in, count, dtype = _fast(src, "calibration", False)
+    p_out = _fast(dst, "calibration", True)[0]
+    steps = []
+    for _ in range(rounds):
+        steps += [Step(SEND, right, IN, 0, src.nbytes), Step(RECV, left, OUT, 0, src.nbytes), Step(PHASE)]
+    enc = Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        comm._run(enc, p_in, p_out, [src, dst], False)
+        times.append((time.perf_counter() - t0) / rounds * 1e6)
+    return float(min(times))
+
+
+def _finish(measured: dict, sig: str) -> dict:
+    """Rank 0: add the reduction speed, and cache the parameters under ``sig``."""
+    x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)   # 32 MiB: beyond the caches
+    from ._native import ffi, lib
+    lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
+        best = min(best, time.perf_counter() - t0)
+    red = min(x.nbytes / best / 1e9, 100.0)
+    d = Params().as_dict()
+    d.update(measured)
+    d["reduce_gbps"] = round(red, 3)
+    d["source"] = f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    path = _cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as f:
+                everything = json.load(f)
+        except (OSError, ValueError):
+            everything = {}
+        everything[sig] = d
+        with open(f"{path}.{os.getpid()}", "w") as f:
+            json.dump(everything, f, indent=1)
+        os.replace(f"{path}.{os.getpid()}", path)
+    except OSError as e:
+        log.warning("comms: cannot cache the calibration in %s: %s", path, e)
+    return d
+
+
+def tuned_collectives() -> list[str]:
+    """The collectives COMMS_TUNE asks to time at calibration (comms.autotune), checked."""
+    from . import algorithms
+    from .errors import InvalidUsage
+    colls = [c.strip() for c in config.get("TUNE").split(",") if c.strip()]
+    timeable = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
+    bad = [c for c in colls if c not in timeable]
+    if bad:
+        raise InvalidUsage(f"COMMS_TUNE: cannot time {', '.join(bad)} (choose from {', '.join(timeable)})")
+    return [c for c in timeable if c in colls and len(algorithms.REGISTRY[c]) > 1]
+
+
+def calibrate(comm) -> Params:
+    """Every rank calls this at init (collectively); rank 0's parameters win."""
+    key = f"{comm.prefix}calibration"
+    if comm.size == 1 or not config.get("CALIBRATE"):
+        return Params()
+    topo = comm.topology
+    rings = {}                # link class -> the ranks that measure it (rank 0 first)
+    forced = config.get("TRANSPORT").lower()
+    local = sorted(topo.hosts[0].ranks)
+    if len(local) > 1 and forced != "tcp":
+        rings["shm"] = local
+    if len(topo.hosts) > 1:
+        rings["tcp"] = sorted(h.leader for h in topo.hosts)
+    elif forced == "tcp" and len(local) > 1:
+        rings["tcp"] = local
+    colls = tuned_collectives()
+    sig = signature(comm) + (f"|timed {','.join(colls)}" if colls else "") \
+        + ("|deterministic" if colls and comm._deterministic else "")      # its plans are timed
+    cached = None
+    # Only point-to-point messages and the store are used here: calibration must not take
+    # collective sequence numbers from the user's program.
+    if comm.rank == 0:
+        try:
+            with open(_cache_path()) as f:
+                cached = json.load(f).get(sig)
+        except (OSError, ValueError):
+            cached = None
+        comm._store.set(f"{key}/measure", "0" if cached else "1")
+    measure = comm._store.get(f"{key}/measure") == b"1"
+    if measure:
+        measured = {}
+        for cls, ring in rings.items():
+            peer = ring[1]
+            if comm.rank in (0, peer):
+                lead = comm.rank == 0
+                other = peer if lead else 0
+                _pingpong(comm, other, 8, 20, lead)               # warm up both paths
+                _pingpong(comm, other, 4 << 20, 2, lead)
+                # least times: on a shared machine other work only ever adds to them
+                a = _pingpong(comm, other, 8, 100, lead, np.min)  # one-way, per-call cost included
+                t = _pingpong(comm, other, 4 << 20, 8, lead, np.min)
+                beta = min(max((4 << 20) / max(t - a, 1e-3) / 1e3, 0.05), 100.0)
+            if comm.rank in ring:
+                _hops(comm, ring, 5, 3)                           # warm up
+                hop = _hops(comm, ring, HOP_ROUNDS, 7)
+            if comm.rank == 0:
+                # clamp to sane ranges: a loaded machine must not produce absurd parameters
+                alpha = min(max(hop, 0.05), 1000.0)
+                measured[cls] = {"alpha_us": round(alpha, 3), "beta_gbps": round(beta, 3)}
+        if colls:
+            from . import autotune
+            mine = autotune.measure(comm, colls, config.get("TUNE_SECONDS"))
+            comm._engine.seq = 0          # every rank is past the probes: the user's first collective is 1
+            comm._store.set(f"{key}/timed/{comm.rank}", json.dumps(mine))
+            if comm.rank == 0:
+                measured["measured"] = autotune.combine(
+                    [json.loads(comm._store.get(f"{key}/timed/{r}")) for r in range(comm.size)])
+        if comm.rank == 0:
+            cached = _finish(measured, sig)
+    if comm.rank == 0:
+        comm._store.set(key, json.dumps(cached))
+    params = Params.from_dict(json.loads(comm._store.get(key)))
+    log.info("cost model parameters (%s): shm %s, tcp %s, reduce %.1f GB/s", params.source, params.shm, params.tcp,
+             params.reduce_gbps)
+    return params

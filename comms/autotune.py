@@ -39,6 +39,7 @@ import numpy as np
 
 from . import log as clog
 from .algorithms.plan import NotSupported
+from .dtypes import F32, ReduceOp
 
 log = clog.get("TUNING")
 PROBES = [8 << (2 * k) for k in range(12)]      # 8 B .. 32 MiB, x4
@@ -58,8 +59,9 @@ def reps(call_s: float) -> int:
     return max(MIN_CALLS, min(ROUND_CALLS, int(ROUND_S / max(call_s, 1e-9))))
 
 
-def _layout(comm) -> list:
-    return [comm.size, [len(g) for g in comm._hosts()]]
+def layout(n: int, hosts: tuple) -> list:
+    """What a timed table is valid for: the rank count and the ranks per host."""
+    return [n, [len(g) for g in hosts]]
 
 
 def _args(comm, coll: str, nbytes: int):
@@ -88,7 +90,6 @@ def _over_budget(comm, t_start: float, t_size: float, budget_s: float) -> bool:
     """Collective: True when the next probe (about 4x the last one's time, since it moves 4x the
     bytes) would end past ``budget_s`` seconds of timing on the slowest rank. The ranks agree
     through a MAX all_reduce of their clocks, so all of them stop at the same probe."""
-    from .dtypes import ReduceOp
     now = time.perf_counter()
     clocks = np.array([now - t_start, now - t_size], np.float64)
     comm.all_reduce(clocks, op=ReduceOp.MAX)
@@ -104,12 +105,11 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     Probing a collective stops, on every rank alike, before a probe that would end past
     ``budget_s`` seconds (per collective); the correction is then held constant from the last probe up."""
     from . import algorithms
-    from .algorithms import deterministic
     from .algorithms.plan import COLL_IDS
     from .communicator import MSG_COLL, _addr
-    from .dtypes import F32
     from .engine import Encoded
-    out: dict = {"layout": _layout(comm)}
+    from .selector import build
+    out: dict = {"layout": layout(comm.size, comm._hosts())}
     for coll in colls:
         comm.barrier()            # the budget's clock starts when every rank is here
         t_start = t_size = time.perf_counter()
@@ -132,9 +132,7 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
                 if a in dropped:
                     continue
                 try:
-                    plan = algorithms.get(coll, a).fn(args)
-                    if args.deterministic:
-                        plan = deterministic.plan(args, a) or plan
+                    plan = build(args, a)
                 except NotSupported:
                     continue
                 runs[a] = Encoded(plan, coll, MSG_COLL, COLL_IDS[coll], F32, 0, root, count)
@@ -145,7 +143,6 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
                     t0 = time.perf_counter()
                     comm._run(runs[a], p_in, p_out, keep, False)
                     warm[i_a] = time.perf_counter() - t0
-            from .dtypes import ReduceOp
             comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
             k_of = {a: reps(float(w)) for a, w in zip(order, warm)}
             means: dict = {a: [] for a in order}
@@ -187,7 +184,7 @@ def combine(tables: list[dict]) -> dict:
 
 
 def applies(measured: dict | None, n: int, hosts: tuple) -> bool:
-    return bool(measured) and measured.get("layout") == [n, [len(g) for g in hosts]]
+    return bool(measured) and measured.get("layout") == layout(n, hosts)
 
 
 def correction(measured: dict, coll: str, algo: str, model) -> "callable | None":

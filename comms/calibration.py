@@ -158,8 +158,8 @@ def calibrate(comm) -> Params:
     sig = signature(comm) + (f"|timed {','.join(colls)}" if colls else "") \
         + ("|deterministic" if colls and comm._deterministic else "")      # its plans are timed
     cached = None
-    # Only point-to-point messages and the store are used here: calibration must not take
-    # collective sequence numbers from the user's program.
+    # The link figures use point-to-point messages and the store only. The timed candidates run
+    # real collectives, and the numbering is reset after them: the user's first collective is 1.
     if comm.rank == 0:
         try:
             with open(_cache_path()) as f:

@@ -38,6 +38,15 @@ def defaults(size: int = 2, hosts: tuple = (), params=None, forced_tcp: bool = F
     return "#".join(filter(None, [priced, STATIC]))
 
 
+def build(args: Args, name: str) -> Plan:
+    """The plan of algorithm ``name`` for ``args`` (its canonical-order variant under
+    COMMS_DETERMINISTIC); raises NotSupported when the algorithm declines the case."""
+    plan = algorithms.get(args.coll, name).fn(args)
+    if args.deterministic:
+        plan = deterministic.plan(args, name) or plan
+    return plan
+
+
 class Rule(NamedTuple):
     coll: str
     low: int
@@ -96,9 +105,7 @@ class Selector:
         reasons = []
         for name in self.candidates(args.coll, nbytes):
             try:
-                plan = algorithms.get(args.coll, name).fn(args)
-                if args.deterministic:
-                    plan = deterministic.plan(args, name) or plan
+                plan = build(args, name)
             except NotSupported as e:
                 reasons.append(f"{name}: {e}")
                 continue

@@ -117,7 +117,8 @@ typedef struct {
     cm_unexp *unexp, *unexp_tail;
     /* incoming message in progress */
     int rx_active;
-    int rx_parked;          /* a collective's message heads the inbound stream, its receive not posted yet */
+    int rx_parked;          /* shm: a collective's message heads the ring, its receive not posted yet (tcp
+                             * derives the same from its held header: see tcp_fds) */
     cm_hdr rx_hdr;
     cm_op *rx_op;
     cm_unexp *rx_unexp;

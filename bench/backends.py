@@ -79,6 +79,11 @@ class Backend:
     def algorithm(self, op: str, msg_bytes: int) -> str:
         return self.name
 
+    def force(self, op: str, algo: str | None) -> None:
+        """Collective: from now on run ``op`` with algorithm ``algo`` (None: the default selection).
+        Only a library with more than one algorithm per op can."""
+        raise NotImplementedError(f"{self.name} cannot force an algorithm")
+
     def transport(self) -> str:
         return "-"
 
@@ -188,6 +193,10 @@ class CommsBackend(Backend):
         # the algorithm that ran (a candidate may have declined the size); before any call, the first choice
         ran = getattr(self.comm, "algorithm_ran", None)
         return (ran(op, msg_bytes) if ran else None) or self.comm.algorithm_for(op, msg_bytes)
+
+    def force(self, op: str, algo: str | None) -> None:
+        # what COMMS_ALGO=<op>:<algo> does at init, in the running communicator (every rank calls it)
+        self.comm.set_algo(None if algo is None else f"{op}:{algo}")
 
     def transport(self) -> str:
         kinds = sorted(set(self.comm.transports.values()))

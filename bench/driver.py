@@ -128,6 +128,8 @@ def worker_args(args, spec: backends.Spec, out: Path) -> list[str]:
         cmd += ["--iters", str(args.iters)]
     if args.warmup is not None:
         cmd += ["--warmup", str(args.warmup)]
+    if getattr(args, "variants", None):
+        cmd += ["--variants", ",".join(args.variants)]
     if ops.MOE in args.ops:
         cmd += ["--moe-experts", str(args.moe_experts), "--moe-topk", str(args.moe_topk),
                 "--moe-hidden", str(args.moe_hidden), "--moe-routing", getattr(args, "moe_routing", "consecutive")]

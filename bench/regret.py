@@ -1,18 +1,23 @@
 """``python -m bench.regret``: how much the selector's default choice loses against the best forced algorithm.
 
     python -m bench.regret [--ops all_reduce,...] [-b 8 -e 64M -f 4] [-np N | --hosts H --ranks M [--rate R]]
-                           [--launches K] [--json FILE] [--bar 0.10] [--strict]
+                           [--launches K] [--separate] [--json FILE] [--bar 0.10] [--strict]
 
 Contract:
 
 * For each op (a collective with more than one registered algorithm) and each size of the sweep it
-  measures, in the same run, comms' default selection (the plain ``comms`` backend: what a user
-  gets) and every registered algorithm forced with ``COMMS_ALGO=<op>:<algo>`` (the bench's
-  ``comms@NAME=VALUE`` variants). Launches are fresh ``bench.worker`` runs (``python -m comms.run
-  -n N`` for one host; one torchrun agent per simulated host through tests/multihost.py's
-  SimulatedHosts for ``--hosts``, which needs root: otherwise it says so and exits 2). Every
-  variant runs ``--launches`` times, rounds alternating with the order flipped every round (as
-  bench/driver.py does), so drift on a busy machine hits all variants alike. Figures come from
+  measures, in the same run, comms' default selection (``auto``: what a user gets) and every
+  registered algorithm forced (what ``COMMS_ALGO=<op>:<algo>`` gives). Launches are fresh
+  ``bench.worker`` runs (``python -m comms.run -n N`` for one host; one torchrun agent per
+  simulated host through tests/multihost.py's SimulatedHosts for ``--hosts``, which needs root:
+  otherwise it says so and exits 2), ``--launches`` of them.
+  By default every launch measures all the variants side by side (``bench.worker --variants``:
+  at every size, interleaved rounds of every variant in turn, switched with
+  ``Communicator.set_algo``), so the comparison between algorithms is paired: drift on a busy
+  machine, and how a launch's ranks landed on the cores, hit every variant of that launch alike.
+  With ``--separate`` every variant is its own series of launches instead (the plain ``comms``
+  backend and ``comms@COMMS_ALGO=<op>:<algo>``), rounds alternating with the order flipped every
+  round (as bench/driver.py does). Figures come from
   the bench's rows: per launch the slowest rank's mean time per op (``--stat median``: its median,
   the main bench's figure), then the median over launches. The mean is the default because a job's
   time is the sum of its collectives' times, stalls included: on a host with more ranks than cores
@@ -26,7 +31,9 @@ Contract:
 * Per row: every algorithm's time (us), ``auto`` (the default run's time), ``choice`` (the
   algorithm the default run used), ``best`` (the fastest forced algorithm),
   ``regret`` = t_forced[choice] / t_best - 1 (choice regret: both figures come from forced runs,
-  so two runs of one algorithm do not add noise) and ``auto_regret`` = t_auto / t_best - 1. A row
+  so two runs of one algorithm do not add noise) and ``auto_regret`` = t_auto / t_best - 1; in the
+  paired (default) design both are the median over launches of that launch's ratio, the launch's
+  own figures for the two (the ``best`` is still the algorithm with the lowest median). A row
   whose choice regret exceeds ``--bar`` (default 10 %) is marked ``<<``; one whose auto regret
   alone exceeds it, ``(auto)``. One summary line per config and op.
 * COMMS_CALIBRATE and every other knob pass through from the caller's environment to every
@@ -83,10 +90,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-r", "--root", type=int, default=0)
     p.add_argument("--place", choices=["auto", "out", "in"], default="auto",
                    help="auto: out-of-place where comms has it, else in place")
-    p.add_argument("--timeout", type=float, default=cli.DEFAULT_TIMEOUT_S, help="seconds per launch")
+    p.add_argument("--timeout", type=float, default=cli.DEFAULT_TIMEOUT_S,
+                   help="seconds per launch and variant (a paired launch gets this times the variants)")
     p.add_argument("--bar", type=float, default=0.10, help="regret bar (default 0.10)")
     p.add_argument("--stat", choices=["mean", "median"], default="mean",
                    help="a launch's figure per size: the slowest rank's mean (default) or median time per op")
+    p.add_argument("--separate", action="store_true",
+                   help="one series of launches per variant (default: every launch measures all of them, paired)")
     p.add_argument("--strict", action="store_true", help="exit 3 when a choice regret exceeds the bar")
     p.add_argument("--json", metavar="FILE", default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
@@ -251,16 +261,49 @@ def figure(row: dict, stat: str) -> float:
     return max(row["rank_mean_us"]) if stat == "mean" else row["time_us"]
 
 
+def label_of(op: str, variant: str) -> str:
+    """The series name of a variant: ``comms`` for auto, ``comms@COMMS_ALGO=<op>:<algo>`` for a forced one."""
+    return "comms" if variant == "auto" else f"comms@COMMS_ALGO={op}:{variant}"
+
+
+def split_paired(op: str, launches: list[report.Launch]) -> dict[str, list[report.Launch]]:
+    """The paired design's launches (each holding every variant's results) as one series per
+    variant, indexed by launch, in the shape :func:`analyse` reads; a failed launch fails every
+    series."""
+    out: dict[str, list[report.Launch]] = {}
+    for ln in launches:
+        variants = [] if not ln.ok else list(dict.fromkeys(r["variant"] for r in ln.doc["results"] if "variant" in r))
+        for v in variants:
+            doc = dict(ln.doc, results=[r for r in ln.doc["results"] if r.get("variant") == v])
+            out.setdefault(label_of(op, v), []).append(report.Launch(label_of(op, v), ln.index, ln.seconds, doc=doc))
+        if not ln.ok:
+            for series in out.values():
+                series.append(ln)
+    return out
+
+
+def _paired_ratio(per: dict, a: str, b: str, nbytes: int, stat: str, algo_a: str | None, algo_b: str) -> float | None:
+    """Median over launches of launch-wise t[a] / t[b] at ``nbytes``; a's row must have run
+    ``algo_a`` (None: any) and b's ``algo_b`` (a forced algorithm that declined does not count)."""
+    ratios = []
+    for da, db in zip(per.get(a, []), per.get(b, [])):
+        ra, rb = da.get(nbytes), db.get(nbytes)
+        if ra and rb and (algo_a is None or ra["algorithm"] == algo_a) and rb["algorithm"] == algo_b:
+            ratios.append(figure(ra, stat) / figure(rb, stat))
+    return statistics.median(ratios) if ratios else None
+
+
 def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.Launch]], bar: float,
-            stat: str = "mean") -> list[dict]:
+            stat: str = "mean", paired: bool = False) -> list[dict]:
     """One row per size: every algorithm's time (median over launches of :func:`figure`; None:
-    declined or not run), the default's."""
+    declined or not run), the default's; ``paired``: the regrets are medians of launch-wise ratios
+    (the series' launches line up by index)."""
     per = {label: [_rows_of(ln) for ln in lns] for label, lns in launches.items()}
     rows = []
     for lay in layouts:
         t, spread, wrong = {}, {}, 0
         for algo in algos:
-            label = f"comms@COMMS_ALGO={op}:{algo}"
+            label = label_of(op, algo)
             got = [d[lay.nbytes] for d in per.get(label, []) if lay.nbytes in d]
             wrong += sum(g["wrong"] for g in got)
             ran = [figure(g, stat) for g in got if g["algorithm"] == algo]
@@ -275,6 +318,12 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
         best = min(timed, key=timed.get) if timed else None
         reg = timed[choice] / timed[best] - 1 if best and choice in timed else None
         areg = t_auto / timed[best] - 1 if best and t_auto is not None else None
+        if paired and best and reg is not None:
+            r = _paired_ratio(per, label_of(op, choice), label_of(op, best), lay.nbytes, stat, choice, best)
+            reg = None if r is None else r - 1
+        if paired and best and areg is not None:
+            r = _paired_ratio(per, "comms", label_of(op, best), lay.nbytes, stat, None, best)
+            areg = None if r is None else r - 1
         rows.append({"bytes": lay.nbytes, "time_us": t, "launch_us": spread, "auto_us": t_auto,
                      "auto_launch_us": [round(figure(g, stat), 3) for g in auto], "choice": choice, "best": best,
                      "regret": reg, "auto_regret": areg, "over": reg is not None and reg > bar,
@@ -350,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,
            "ranks_per_host": args.ranks if args.hosts else args.np, "nranks": args.np, "rate": args.rate,
-           "bar": args.bar, "stat": args.stat, "sizes": args.sizes, "launches": args.launches,
+           "bar": args.bar, "stat": args.stat,
+           "design": "separate" if args.separate else "paired", "sizes": args.sizes, "launches": args.launches,
            "machine": report.machine_info(driver.launch_env()), "ops": {}}
     failed = wrong = over = False
     saved_cache = os.environ.get("XDG_CACHE_HOME")
@@ -371,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# machine: nproc {m['nproc']} (affinity {m['affinity']}), {m['cpu']}; load average at start "
                   f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (shared machine: figures are noisy)")
             print(f"# sizes: {cli.human_size(args.sizes[0])} .. {cli.human_size(args.sizes[-1])} x{args.stepfactor:g}; "
-                  f"launches {args.launches} per variant, interleaved; iters "
+                  + (f"launches {args.launches} per variant, interleaved; iters " if args.separate else
+                     f"launches {args.launches}, each measuring every variant side by side (paired); iters ")
+                  + 
                   f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
             print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
                   + (f"{doc['cost_model']['source']}: shm {doc['cost_model']['shm']}, tcp {doc['cost_model']['tcp']}, "
@@ -388,18 +440,26 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 algos = algorithms.names(op)
                 skip = [a for a in algos if declines_everywhere(op, a, layouts, args, place)]
-                specs = [backends.Spec.parse("comms")] + [backends.Spec.parse(f"comms@COMMS_ALGO={op}:{a}")
-                                                          for a in algos if a not in skip]
+                run = [a for a in algos if a not in skip]
+                if args.separate:
+                    specs = [backends.Spec.parse(label_of(op, v)) for v in ["auto"] + run]
+                else:
+                    specs, ns.variants = [backends.Spec.parse("comms")], ["auto"] + run
+                    ns.timeout = args.timeout * len(ns.variants)     # a launch does every variant's work
                 print(f"# {op} ({ops.PLACE_NAMES[place]}): rules "
                       + " ".join(r for r in (info.get("rules") or []) if r.startswith(op + ":"))
                       + (f"; not launched (declines every size): {', '.join(skip)}" if skip else ""), flush=True)
                 lns = run_rounds(launcher, ns, specs, args.launches)
-                rows = analyse(op, algos, layouts, lns, args.bar, args.stat)
+                if not args.separate:
+                    failed_runs = [ln for ln in lns["comms"] if not ln.ok]
+                    lns = split_paired(op, lns["comms"])
+                rows = analyse(op, algos, layouts, lns, args.bar, args.stat, paired=not args.separate)
                 for line in table(op, algos, rows, args.bar, args.stat):
                     print(line)
                 line = summary(args.config, op, rows, args.bar)
                 print(line, flush=True)
-                bad = [f"{ln.backend} #{ln.index + 1}: {ln.error}" for v in lns.values() for ln in v if not ln.ok]
+                bad = [f"{ln.backend} #{ln.index + 1}: {ln.error}"
+                       for ln in (failed_runs if not args.separate else [x for v in lns.values() for x in v]) if not ln.ok]
                 for b in bad:
                     print(f"# FAILED launch {b}")
                 failed |= bool(bad)

@@ -23,6 +23,16 @@ op per set at the largest size), then for every size:
    (:mod:`bench.ops`), counting wrong elements. Test hook: with ``COMMS_BENCH_CORRUPT`` set (not
    "0"), one element of one rank's result is overwritten before the comparison.
 
+With ``--variants auto,ring,...`` (comms only; one op per launch: what bench.regret runs) every
+size measures each variant side by side in the same launch: ``auto`` is the default selection, any
+other name that algorithm forced (:meth:`bench.backends.Backend.force`, what COMMS_ALGO=op:name does
+at init). Each variant gets its warm-up and its iteration count as in steps 2-3; the timed ops are
+then split into :data:`VARIANT_ROUNDS` rounds, and every round runs every variant in turn (the order
+flipped every round), each turn started by a barrier and one untimed op per buffer set (the forced
+plan is rebuilt at each switch). So drift on a busy machine, and a launch's placement of ranks on
+cores, hit every variant alike. The variants' figures pool their rounds' samples; each variant
+writes its own results entry (with ``"variant"``), and the check runs once per variant.
+
 Finally one float64 all_reduce gathers every rank's (median, min, mean, wrong, iters, batch) per
 measured size, and rank 0 writes the launch's JSON: the figure per size is the slowest rank's median.
 """
@@ -48,6 +58,7 @@ MAX_ITERS = 5000                     # bounds the loop when rare stalls make the
 MAX_BUFFERS = 4                      # buffer sets rotated through in the timed loop
 POOL_BYTES = 1 << 30                 # bound on all ranks' pools together
 LARGE_WARMUP = 5                     # default warm-up ops from BATCH_BELOW up
+VARIANT_ROUNDS = 4                   # --variants: timed rounds per size, every variant in each
 LAUNCH_WARM_ROUNDS = 25              # launch warm-up: rounds over the buffer sets at the smallest size...
 NEXT_WARM_ROUNDS = 2                 # ...and for every later (op, place) of the launch
 
@@ -75,8 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="ops per timed sample below 64 KiB")
     p.add_argument("--timeout", type=float, default=None, help="the backend's own deadline, seconds")
     p.add_argument("--out", default=None, help="JSON written by rank 0")
+    p.add_argument("--variants", default=None,
+                   help="comms, one op: comma-separated auto (default selection) and algorithm names, "
+                        "measured side by side at every size")
     args = p.parse_args(argv)
     args.ops = [o for o in args.ops.split(",") if o]
+    args.variants = [v for v in args.variants.split(",") if v] if args.variants else None
+    if args.variants is not None and (args.backend != "comms" or len(args.ops) != 1 or ops.MOE in args.ops):
+        p.error("--variants needs --backend comms and one collective in --ops")
     args.places = [pl for pl in args.places.split(",") if pl]
     bad = [o for o in args.ops if o not in ops.OPS and o != ops.MOE] + \
         [pl for pl in args.places if pl not in ops.PLACES]
@@ -158,26 +175,67 @@ def choose_iters(args, lay: ops.Layout, batch: int, estimate_s: float) -> int:
     return -(-iters // batch) * batch
 
 
-def measure(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool) -> dict:
-    """Steps 1-4 of the module doc for one size; returns this rank's figures."""
+def _fns_and_batch(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool):
     fns = [backend.bind_op(op, place, inp, out, args.root) for inp, out in pool.views(lay)]
     small = lay.nbytes < BATCH_BELOW
     batch = max(1, args.batch) if small else 1
     if args.iters is not None:
         batch = max(1, min(batch, args.iters))
-    backend.barrier()
     nwarm = args.warmup if args.warmup is not None else (max(SMALL_WARMUP, batch) if small else LARGE_WARMUP)
-    warm = _time_each(fns, nwarm)
-    est = statistics.fmean(warm[1:] or warm) if warm else 1e-3   # mean: the loop's wall time follows it
+    return fns, batch, nwarm
+
+
+def _estimate(warm: list[float]) -> float:
+    return statistics.fmean(warm[1:] or warm) if warm else 1e-3   # mean: the loop's wall time follows it
+
+
+def _figures(samples: list[float], iters: int, batch: int) -> dict:
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "mean_s": statistics.fmean(samples),
+            "iters": iters, "batch": batch}
+
+
+def _timed(fns, iters: int, batch: int) -> list[float]:
+    return _time_batches(fns, iters // batch, batch) if batch > 1 else _time_each(fns, iters)
+
+
+def measure(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool) -> dict:
+    """Steps 1-4 of the module doc for one size; returns this rank's figures."""
+    fns, batch, nwarm = _fns_and_batch(args, backend, op, place, lay, pool)
+    backend.barrier()
+    est = _estimate(_time_each(fns, nwarm))
     if args.iters is None:
         est = backend.reduce_values([est], "max")[0]       # all ranks must run the same count
     iters = choose_iters(args, lay, batch, est)
-    if batch > 1:
-        samples = _time_batches(fns, iters // batch, batch)
-    else:
-        samples = _time_each(fns, iters)
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "mean_s": statistics.fmean(samples),
-            "iters": iters, "batch": batch}
+    return _figures(_timed(fns, iters, batch), iters, batch)
+
+
+def measure_variants(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool,
+                     variants: list[str]) -> dict[str, dict]:
+    """``--variants``: every variant's figures for one size, measured in interleaved rounds (the
+    module doc); each also carries the algorithm that ran (``"algorithm"``)."""
+    fns, batch, nwarm = _fns_and_batch(args, backend, op, place, lay, pool)
+    forced = {v: None if v == "auto" else v for v in variants}
+    est = []
+    for v in variants:
+        backend.force(op.name, forced[v])
+        backend.barrier()
+        est.append(_estimate(_time_each(fns, nwarm)))
+    if args.iters is None:
+        est = backend.reduce_values(est, "max")             # all ranks must run the same counts
+    # a round's share of each variant's ops, in whole batches (at least one per round)
+    per_round = {v: max(1, -(-choose_iters(args, lay, batch, e) // (batch * VARIANT_ROUNDS))) * batch
+                 for v, e in zip(variants, est)}
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    ran: dict[str, str] = {}
+    for rnd in range(VARIANT_ROUNDS):
+        for v in (variants if rnd % 2 == 0 else variants[::-1]):
+            backend.force(op.name, forced[v])
+            backend.barrier()
+            for fn in fns:                                   # the rebuilt plan's first call, untimed
+                fn()
+            samples[v] += _timed(fns, per_round[v], batch)
+            ran[v] = backend.algorithm(op.name, op.msg_bytes(lay, backend.size, ops.elem_size(args.dtype)))
+    return {v: dict(_figures(samples[v], per_round[v] * VARIANT_ROUNDS, batch), algorithm=ran[v]) for v in variants}
 
 
 def corrupt_target(op: ops.Op, nranks: int, root: int) -> int:
@@ -252,31 +310,47 @@ def run(args) -> dict | None:
     total = sum(len(lays) for _, lays in plans) * len(args.places)
     done = 0
     results, local = [], []   # local: per measured size, (median_s, min_s, mean_s, wrong, iters, batch)
+    variants = args.variants or [None]
     for op, layouts in plans:
         for place in args.places:
             reason = backend.native(op.name, place, args.dtype) if layouts else "no size holds one element per block"
-            res = {"op": op.name, "place": place, "na": reason, "buffers": 0, "rows": []}
-            results.append(res)
+            entries = {}          # variant (None without --variants) -> its results entry
+            for v in variants:
+                entries[v] = {"op": op.name, "place": place, "na": reason, "buffers": 0, "rows": []}
+                if v is not None:
+                    entries[v]["variant"] = v
+                results.append(entries[v])
             if reason:
                 done += len(layouts)
                 _log(rank, f"[{done}/{total}] {label} {op.name} {place}: n/a ({reason})")
                 continue
             pool = Pool(op, layouts, rank, n, args.root, place, args.dtype)
-            res["buffers"] = pool.nsets
+            for res in entries.values():
+                res["buffers"] = pool.nsets
             warm_launch(args, backend, op, place, layouts, pool, NEXT_WARM_ROUNDS if local else LAUNCH_WARM_ROUNDS)
             for lay in layouts:
                 t0 = time.perf_counter()
-                r = measure(args, backend, op, place, lay, pool)
-                wrong = check(args, backend, op, place, lay, corrupt) if args.check else 0
-                local.append((r["median_s"], r["min_s"], r["mean_s"], wrong, r["iters"], r["batch"]))
-                res["rows"].append({"nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count,
-                                    "out_count": lay.out_count,
-                                    "algorithm": backend.algorithm(op.name, op.msg_bytes(lay, n, es))})
-                if op.name == ops.MOE and rank == 0:   # per rank: rows it dispatches (DeepEP counts their bytes)
-                    res["rows"][-1]["dispatched_rows"] = op.dispatched_rows(lay, n)
+                if args.variants:
+                    figs = measure_variants(args, backend, op, place, lay, pool, args.variants)
+                else:
+                    figs = {None: measure(args, backend, op, place, lay, pool)}
+                for v, r in figs.items():
+                    if v is not None:
+                        backend.force(op.name, None if v == "auto" else v)
+                    wrong = check(args, backend, op, place, lay, corrupt) if args.check else 0
+                    algo = r.get("algorithm") or backend.algorithm(op.name, op.msg_bytes(lay, n, es))
+                    entries[v]["rows"].append({"nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count,
+                                               "out_count": lay.out_count, "algorithm": algo, "_k": len(local)})
+                    local.append((r["median_s"], r["min_s"], r["mean_s"], wrong, r["iters"], r["batch"]))
+                    if op.name == ops.MOE and rank == 0:   # per rank: rows it dispatches (DeepEP counts their bytes)
+                        entries[v]["rows"][-1]["dispatched_rows"] = op.dispatched_rows(lay, n)
+                if args.variants:
+                    backend.force(op.name, None)
                 done += 1
-                _log(rank, f"[{done}/{total}] {label} {op.name} {place} {lay.nbytes} B: {r['iters']} ops "
-                           f"(batch {r['batch']}), rank 0 median {r['median_s'] * 1e6:.2f} us, wrong {wrong}, "
+                first = next(iter(figs.values()))
+                _log(rank, f"[{done}/{total}] {label} {op.name} {place} {lay.nbytes} B: {first['iters']} ops "
+                           f"(batch {first['batch']})" + (f" x {len(figs)} variants" if args.variants else "")
+                           + f", rank 0 median {first['median_s'] * 1e6:.2f} us, wrong {wrong}, "
                            f"{time.perf_counter() - t0:.2f} s")
             del pool
     # gather everything: each rank fills its own row of a zero matrix, then SUM
@@ -289,15 +363,14 @@ def run(args) -> dict | None:
         flat = backend.reduce_values(flat, "sum")
     doc = None
     if rank == 0:
-        i = 0
         for res in results:
             for row in res["rows"]:
+                i = row.pop("_k")
                 per = [flat[(r * m + i) * width:(r * m + i + 1) * width] for r in range(n)]
                 med = [p[0] * 1e6 for p in per]
                 row.update({"time_us": max(med), "rank_median_us": med, "rank_min_us": [p[1] * 1e6 for p in per],
                             "rank_mean_us": [p[2] * 1e6 for p in per], "wrong": int(sum(p[3] for p in per)),
                             "iters": int(per[0][4]), "batch": int(per[0][5])})
-                i += 1
         doc = {
             "backend": label, "base": args.backend, "dtype": args.dtype, "nranks": n, "root": args.root,
             "transport": backend.transport(), "versions": backend.versions(),

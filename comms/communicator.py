@@ -69,7 +69,8 @@ class Communicator:
         self.members = list(members) if members is not None else list(range(self.size))
         self.timeout = timeout
         self._timeout_ns = int(timeout * 1e9)
-        self._algo = algo
+        self._algo = algo                    # init's rules (None: COMMS_ALGO)
+        self._algo_now = algo                # the rules in force (set_algo)
         self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
@@ -149,6 +150,21 @@ class Communicator:
         """The algorithm of the last plan built for ``coll`` of ``nbytes`` (the selector's message
         size), after any candidate declined; None when no such call ran yet."""
         return self._ran.get((coll, nbytes))
+
+    def set_algo(self, rules: str | None) -> None:
+        """Replace this communicator's user rules (the COMMS_ALGO grammar of comms.selector, e.g.
+        ``"all_reduce:ring"``; None: back to what init had, its ``algo`` argument or COMMS_ALGO).
+        The default rules stay; plans built under the old rules are dropped, so the next call of
+        each collective is planned afresh. Bad rules raise InvalidUsage and change nothing.
+        Every rank must make the same change between the same two collectives (like init's
+        ``algo``): ranks planning one collective with different algorithms would exchange
+        messages the others do not expect, and fail at the deadline. Sub-communicators made
+        earlier keep their own rules; later splits inherit these."""
+        self._check_open()
+        self._selector = self._selector.with_user(rules if rules is not None else self._algo)
+        self._algo_now = rules if rules is not None else self._algo
+        self._plans.clear()
+        self._ran.clear()
 
     # -- plumbing ------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -454,7 +470,7 @@ class Communicator:
         group = sorted((r for r in range(self.size) if pairs[r, 0] == mine[0]), key=lambda r: (pairs[r, 1], r))
         from .api import create
         return create(group.index(self.rank), len(group), self._store,
-                      f"{self.prefix}split{self._splits}/{mine[0]}/", self.timeout, self._algo,
+                      f"{self.prefix}split{self._splits}/{mine[0]}/", self.timeout, self._algo_now,
                       [self.members[r] for r in group], self._params)
 
     def abort(self, reason: str = "aborted by the application") -> None:

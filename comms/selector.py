@@ -85,11 +85,23 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
     return rules
 
 
+def _user_rules(override: str | None) -> list[Rule]:
+    """``override`` parsed (an init argument or set_algo's), or COMMS_ALGO's rules when None."""
+    if override is not None:
+        return parse(override, "algo override")
+    return parse(config.get("ALGO"), "COMMS_ALGO")
+
+
 class Selector:
     def __init__(self, override: str | None = None, default: str | None = None):
-        text = override if override is not None else config.get("ALGO")
-        self.user = parse(text, "algo override" if override is not None else "COMMS_ALGO")
+        self.user = _user_rules(override)
         self.default = parse(default if default is not None else defaults(), "defaults")
+
+    def with_user(self, override: str | None) -> "Selector":
+        """A selector with these defaults and ``override`` as the user rules (None: COMMS_ALGO's)."""
+        sel = Selector.__new__(Selector)
+        sel.user, sel.default = _user_rules(override), self.default
+        return sel
 
     def candidates(self, coll: str, nbytes: int) -> list[str]:
         out = []

@@ -380,16 +380,19 @@ def test_check_data_are_exact_for_every_op():
 
 
 # -- python -m bench.regret ------------------------------------------------------------------------
-def test_regret_tool_end_to_end(tmp_path):
+@pytest.mark.parametrize("design", ["paired", "separate"])
+def test_regret_tool_end_to_end(tmp_path, design):
     """broadcast (three algorithms, one of which declines on one host), two sizes on 2 ranks, one
-    launch, few ops, built-in cost model: the table has every algorithm column, the choice is a
-    registered algorithm, and the regrets are computed as defined (no timing claims)."""
+    launch, few ops, built-in cost model, both designs: the table has every algorithm column, the
+    choice is a registered algorithm, and the regrets are computed as defined (with one launch the
+    paired ratio is the ratio of the figures; no timing claims)."""
     from comms import algorithms
     out_json = tmp_path / "regret.json"
     env = dict(os.environ, COMMS_CALIBRATE="0")
     env.pop("COMMS_ALGO", None)
     p = subprocess.run([sys.executable, "-m", "bench.regret", "--ops", "broadcast", "-np", "2", "-b", "8", "-e", "64K",
-                        "-f", "8192", "--launches", "1", "-n", "10", "-w", "2", "--json", str(out_json)],
+                        "-f", "8192", "--launches", "1", "-n", "10", "-w", "2", "--json", str(out_json)]
+                       + (["--separate"] if design == "separate" else []),
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert p.returncode == 0, p.stdout + p.stderr
     algos = algorithms.names("broadcast")
@@ -400,6 +403,7 @@ def test_regret_tool_end_to_end(tmp_path):
     assert any(ln.startswith("# summary 1 host x 2 ranks, broadcast: max regret") for ln in lines)
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "comms-regret/1" and doc["nranks"] == 2 and doc["calibrate"] is False
+    assert doc["design"] == design and ("side by side (paired)" in p.stdout) == (design == "paired")
     assert doc["cost_model"]["source"] == "defaults" and any(r.startswith("broadcast:") for r in doc["rules"])
     res = doc["ops"]["broadcast"]
     assert res["algorithms"] == algos and res["not_launched"] == ["hierarchical"]     # one host: it declines
@@ -447,6 +451,40 @@ def test_regret_ranks_by_the_slowest_ranks_mean_unless_told_median():
     med = regret.analyse("all_reduce", ["a", "b"], lay, lns, 0.1, "median")[0]
     assert med["time_us"] == {"a": 20.0, "b": 25.0} and med["best"] == "a" and med["regret"] == 0.0
     assert regret.parse_args([]).stat == "mean" and regret.parse_args(["--stat", "median"]).stat == "median"
+
+
+def test_paired_regret_is_the_median_of_launch_wise_ratios():
+    """Three paired launches of two algorithms (choice b, best a): the medians give b/a = 21/20,
+    the launch-wise ratios 1.2, 1.1 and 1.05, so the paired regret is 10 % and the separate-design
+    reading of the same figures 5 %. split_paired turns each launch into one series per variant."""
+    from bench import ops, regret
+
+    def launch(i, times):
+        results = [{"na": False, "variant": v, "rows": [{"nbytes": 64, "time_us": t, "rank_mean_us": [t, t],
+                                                          "wrong": 0, "algorithm": "b" if v == "auto" else v}]}
+                   for v, t in times.items()]
+        return report.Launch("comms", i, 1.0, doc={"results": results})
+    lns = [launch(0, {"auto": 12.0, "a": 10.0, "b": 12.0}), launch(1, {"auto": 33.0, "a": 30.0, "b": 33.0}),
+           launch(2, {"auto": 21.0, "a": 20.0, "b": 21.0})]
+    series = regret.split_paired("all_reduce", lns)
+    assert sorted(series) == ["comms", "comms@COMMS_ALGO=all_reduce:a", "comms@COMMS_ALGO=all_reduce:b"]
+    assert [ln.index for ln in series["comms@COMMS_ALGO=all_reduce:a"]] == [0, 1, 2]
+    lay = ops.plan(ops.OPS["all_reduce"], [64], 2, 4)
+    paired = regret.analyse("all_reduce", ["a", "b"], lay, series, 0.1, paired=True)[0]
+    assert paired["time_us"] == {"a": 20.0, "b": 21.0} and paired["choice"] == "b" and paired["best"] == "a"
+    assert paired["regret"] == pytest.approx(0.10) and paired["auto_regret"] == pytest.approx(0.10)
+    assert regret.analyse("all_reduce", ["a", "b"], lay, series, 0.1)[0]["regret"] == pytest.approx(0.05)
+    failed = regret.split_paired("all_reduce", lns[:1] + [report.Launch("comms", 1, 0.0, error="exit status 1")])
+    assert all(len(v) == 2 and not v[1].ok for v in failed.values())
+
+
+def test_worker_variants_need_comms_and_one_op():
+    from bench import worker
+    for bad in (["--backend", "gloo", "--variants", "auto,ring"], ["--ops", "all_reduce,broadcast", "--variants", "auto"]):
+        with pytest.raises(SystemExit):
+            worker.parse_args(["--sizes", "8"] + (["--backend", "comms"] if "--backend" not in bad else []) + bad)
+    a = worker.parse_args(["--backend", "comms", "--sizes", "8", "--variants", "auto,ring"])
+    assert a.variants == ["auto", "ring"]
 
 
 def test_regret_simulated_hosts_need_root(monkeypatch, capsys):

@@ -119,3 +119,20 @@ def test_a_wait_sleeps_while_a_later_collective_heads_a_stream(transport):
     r0 = out[0]
     assert r0["wall"] >= 0.4 and r0["sleeps"] >= 1, r0
     assert r0["cpu"] < 0.3 * r0["wall"], r0
+
+
+def test_set_algo_switches_the_algorithm_between_collectives():
+    """Every registered all_reduce algorithm forced in turn on one live communicator (2 hosts x 2
+    ranks, so the hierarchical one runs too) runs and sums right; bad rules raise and leave the
+    rules as they were; a split inherits the rules in force; None goes back to the default."""
+    from comms import algorithms
+    from workers import switched_algorithms
+    names = algorithms.names("all_reduce")
+    out = spawn(switched_algorithms, 4, timeout=120)
+    assert all(o == out[0] for o in out), "ranks disagree"
+    o = out[0]
+    assert o["ran"] == {a: [a, [10.0]] for a in names}
+    assert "no algorithm 'no_such' for all_reduce" in o["bad"]
+    last = names[-1]
+    assert o["after_bad"] == last and o["split"] == last
+    assert o["default"][1] == o["default"][0] and o["default"][2] == [10.0]

@@ -205,3 +205,32 @@ def wait_beside_a_parked_collective(rank: int, size: int) -> dict:
             comm.all_reduce(x)
         out["sum"] = float(x[0])
         return out
+
+
+def switched_algorithms(rank: int, size: int) -> dict:
+    """Communicator.set_algo on one communicator of 2 hosts x 2 ranks: every all_reduce algorithm
+    in turn (the algorithm that ran and the sums), bad rules (the error, and the rules in force
+    after it), a split made under forced rules, and the way back to the default."""
+    from comms import algorithms
+    os.environ["COMMS_HOST_ID"] = f"h{rank // 2}"
+    out: dict = {"ran": {}}
+    with comms.init(timeout=60) as comm:
+        default = comm.algorithm_for("all_reduce", 4096)
+        for algo in algorithms.names("all_reduce"):
+            comm.set_algo(f"all_reduce:{algo}")
+            x = np.full(1024, rank + 1, np.float32)
+            comm.all_reduce(x)
+            out["ran"][algo] = [comm.algorithm_ran("all_reduce", 4096), sorted(set(x.tolist()))]
+        try:
+            comm.set_algo("all_reduce:no_such")
+        except comms.InvalidUsage as e:
+            out["bad"] = str(e)
+        out["after_bad"] = comm.algorithm_for("all_reduce", 4096)
+        sub = comm.split(0, rank)
+        out["split"] = sub.algorithm_for("all_reduce", 4096)
+        sub.close()
+        comm.set_algo(None)
+        x = np.full(1024, rank + 1, np.float32)
+        comm.all_reduce(x)
+        out["default"] = [default, comm.algorithm_ran("all_reduce", 4096), sorted(set(x.tolist()))]
+    return out

@@ -4,7 +4,7 @@ The cost model (comms.tuning) prices an algorithm from a few link figures; what 
 the scheduler shares two cores among four ranks, a token bucket that lets small bursts through at
 wire speed, a plan's own overheads) can make it pick an algorithm that measures slower. So, when a
 host signature is calibrated, every rank also runs each registered algorithm of the collectives in
-COMMS_TUNE at a grid of message sizes (:data:`PROBES`, 8 B to 32 MiB in steps of 4, as far as
+COMMS_TUNE at a grid of message sizes (:data:`PROBES`, 8 B to 32 MiB in steps of 2, as far as
 COMMS_TUNE_SECONDS per collective allows), and the selection prices an algorithm at
 
     cost(m) x correction(m),  correction = measured / modelled at the probes,
@@ -42,7 +42,9 @@ from .algorithms.plan import NotSupported
 from .dtypes import F32, ReduceOp
 
 log = clog.get("TUNING")
-PROBES = [8 << (2 * k) for k in range(12)]      # 8 B .. 32 MiB, x4
+PROBES = [8 << k for k in range(23)]            # 8 B .. 32 MiB, x2: a cost can step between two
+# sizes, which interpolation across x4 missed (seen: recursive doubling over tcp under a 2 Gbit/s
+# token bucket took 4x as long at 64 KiB as at 32 KiB, and the selector kept it there)
 ROUNDS = 5
 BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
 PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest: no more probes
@@ -86,14 +88,15 @@ def _args(comm, coll: str, nbytes: int):
     raise ValueError(f"cannot time {coll}")
 
 
-def _over_budget(comm, t_start: float, t_size: float, budget_s: float) -> bool:
-    """Collective: True when the next probe (about 4x the last one's time, since it moves 4x the
-    bytes) would end past ``budget_s`` seconds of timing on the slowest rank. The ranks agree
-    through a MAX all_reduce of their clocks, so all of them stop at the same probe."""
+def _over_budget(comm, t_start: float, t_size: float, budget_s: float, growth: float) -> bool:
+    """Collective: True when the next probe (about ``growth`` times the last one's time, since it
+    moves that many times the bytes) would end past ``budget_s`` seconds of timing on the slowest
+    rank. The ranks agree through a MAX all_reduce of their clocks, so all of them stop at the same
+    probe."""
     now = time.perf_counter()
     clocks = np.array([now - t_start, now - t_size], np.float64)
     comm.all_reduce(clocks, op=ReduceOp.MAX)
-    return clocks[0] + 4 * clocks[1] > budget_s
+    return clocks[0] + growth * clocks[1] > budget_s
 
 
 def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
@@ -117,7 +120,7 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
         table: dict = {a: [] for a in names}
         dropped: set = set()     # far behind at a large probe: not timed at larger ones
         for i, nbytes in enumerate(PROBES):
-            if i and _over_budget(comm, t_start, t_size, budget_s):
+            if i and _over_budget(comm, t_start, t_size, budget_s, nbytes / PROBES[i - 1]):
                 log.info("comms: timed %s up to %d B (COMMS_TUNE_SECONDS=%g)", coll, PROBES[i - 1], budget_s)
                 break
             t_size = time.perf_counter()

@@ -30,7 +30,8 @@ from . import log as clog
 from .tuning import Params
 
 log = clog.get("TUNING")
-CALIBRATION_VERSION = "v3"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed candidates
+CALIBRATION_VERSION = "v4"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed
+                               # candidates, v4 times them at every power of two
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 

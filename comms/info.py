@@ -63,11 +63,14 @@ def render(info: dict, comm) -> str:
             for coll, rows in timed.items():
                 if coll == "layout":
                     continue
-                out.append(f"  {coll:<20}" + "".join(f"{_size(s):>10}" for s in PROBES))
-                for algo, row in rows.items():
-                    if any(t is not None for t in row):
-                        out.append(f"  {'  ' + algo:<20}" + "".join(f"{'-' if t is None else f'{t:.1f}':>10}"
-                                                                     for t in row))
+                algos = [a for a, row in rows.items() if any(t is not None for t in row)]
+                width = [max(10, len(a) + 2) for a in algos]
+                out.append(f"  {coll:<12}" + "".join(f"{a:>{w}}" for a, w in zip(algos, width)))
+                reached = max((len(rows[a]) for a in algos), default=0)
+                for i, size in enumerate(PROBES[:reached]):
+                    cells = [rows[a][i] if i < len(rows[a]) else None for a in algos]
+                    out.append(f"  {_size(size):>12}" + "".join(f"{'-' if t is None else f'{t:.1f}':>{w}}"
+                                                               for t, w in zip(cells, width)))
     out.append("\n# selection rules (first match wins; user rules first)")
     out.extend(f"  {r}" for r in info["rules"])
     out.append("\n# algorithms")

@@ -10,8 +10,8 @@ adds up the bytes to every peer (the rank's thread moves them all), one shm step
 its shm exchanges (they wait together) and one tcp step latency per tcp exchange (each costs the
 thread its own syscalls).
 :func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each (with prices
-corrected by the timed candidates of comms.autotune where calibration measured them; on an
-oversubscribed host a near tie goes to the fewest dependent steps), and writes the result as rules
+corrected by the timed candidates of comms.autotune where calibration measured them; there a near
+tie goes to the fewest dependent steps), and writes the result as rules
 in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are data, printed by
 ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
 
@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
-OVERSUB_TIE = 0.08             # oversubscribed hosts: prices this close to the cheapest count as a tie
+TIE = 0.08                     # timed prices this close to the cheapest count as a tie
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
     return math.inf           # not priced: chosen only by explicit rules or as a fallback
 
 
-def dependent_steps(coll: str, algo: str, n: int, hosts: tuple) -> float:
+def dependent_steps(coll: str, algo: str, n: int, hosts: tuple, forced_tcp: bool = False) -> float:
     """How many steps of ``algo`` wait on the one before (all_reduce; inf where not counted)."""
     if coll != "all_reduce" or n < 2:
         return math.inf
@@ -183,7 +183,10 @@ def dependent_steps(coll: str, algo: str, n: int, hosts: tuple) -> float:
     L = n // H if n % H == 0 else n
     p2 = 1 << (n.bit_length() - 1)
     fold = 2 if n != p2 else 0
-    return {"direct": 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
+    # direct: its shm exchanges wait together, but each tcp exchange costs the thread its own
+    # syscalls and wake-ups, one after another (as cost() counts its latencies)
+    direct = n - 1 if forced_tcp else 1 + (n - L if H > 1 else 0)
+    return {"direct": direct, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
             "rhd": 2 * _log2(p2) + fold, "tree": 2 * _log2(n),
             "hierarchical": 2 * (L - 1) + 2 * (H - 1)}.get(algo, math.inf)
 
@@ -209,13 +212,14 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
         for m in SIZES:
             scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) * factor[a](m) for a in priced}
             pick = min(priced, key=lambda a: (scores[a], priced.index(a)))
-            if timed and oversub > 1.0 and math.isfinite(scores[pick]):
-                # more ranks than cores: every dependent step is a chance to wait for a descheduled
-                # peer, and which ranks share a core changes from launch to launch, which the one
-                # launch that timed the candidates cannot see; so among the near-cheapest the one
-                # with the fewest dependent steps is the steadiest choice
-                near = [a for a in priced if scores[a] <= scores[pick] * (1 + OVERSUB_TIE)]
-                pick = min(near, key=lambda a: (dependent_steps(coll, a, n, hosts), scores[a], priced.index(a)))
+            if timed and math.isfinite(scores[pick]):
+                # the timed figures come from one launch, and launches of one algorithm differ by
+                # more than this margin (a busy machine; with more ranks than cores, which ranks
+                # share a core changes from launch to launch): within it the order is a coin toss,
+                # and every dependent step is one more chance to wait for a late or descheduled
+                # peer, so among the near-cheapest the fewest dependent steps is the steadiest pick
+                near = [a for a in priced if scores[a] <= scores[pick] * (1 + TIE)]
+                pick = min(near, key=lambda a: (dependent_steps(coll, a, n, hosts, forced_tcp), scores[a], priced.index(a)))
             best.append(pick)
         start = 0
         for i in range(1, len(SIZES) + 1):

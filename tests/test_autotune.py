@@ -32,7 +32,7 @@ def test_correction_is_exact_at_probes_and_geometric_between():
     for i, s in enumerate(PROBES):
         assert math.isclose(model(s) * f(s), row[i])
     # halfway (in log size) between a 0.5 and a 2.0 probe: the geometric mean, 1.0
-    assert math.isclose(f(PROBES[0] * 2), 1.0)
+    assert math.isclose(f(math.sqrt(PROBES[0] * PROBES[1])), 1.0)
     assert math.isclose(f(0), 0.5) and math.isclose(f(PROBES[-1] * 64), f(PROBES[-1]))
     assert correction({"all_reduce": {}}, "all_reduce", "ring", model) is None
 
@@ -41,8 +41,8 @@ def test_a_declined_probe_makes_its_neighbourhood_unavailable():
     model = lambda m: 1.0 + m                            # noqa: E731
     row = [None] + [model(s) for s in PROBES[1:]]
     f = correction({"all_reduce": {"ring": row}}, "all_reduce", "ring", model)
-    assert f(PROBES[0]) == math.inf and f(PROBES[0] * 2) == math.inf
-    assert math.isclose(f(PROBES[1]), 1.0) and math.isclose(f(PROBES[1] * 2), 1.0)
+    assert f(PROBES[0]) == math.inf and f(math.sqrt(PROBES[0] * PROBES[1])) == math.inf
+    assert math.isclose(f(PROBES[1]), 1.0) and math.isclose(f(math.sqrt(PROBES[1] * PROBES[2])), 1.0)
 
 
 def test_combine_takes_the_slowest_rank_and_any_decline():
@@ -83,14 +83,17 @@ def test_rounds_repeat_the_same_calls_on_every_rank():
     assert all(reps(a) >= reps(b) for a, b in zip((1e-6, 1e-5, 1e-4, 1e-3), (1e-5, 1e-4, 1e-3, 1e-2)))
 
 
-def test_oversubscribed_hosts_break_near_ties_toward_fewer_dependent_steps():
-    """4 ranks: recursive doubling measured 5 % faster than direct at small sizes. On cores of their
-    own the faster wins; with 2 ranks per core direct (1 dependent step against 2) does, and a
-    gap beyond the tie margin still goes to the faster."""
-    from comms.tuning import OVERSUB_TIE, dependent_steps
+def test_near_ties_go_to_fewer_dependent_steps():
+    """4 ranks: recursive doubling measured 5 % faster than direct at small sizes. Within the tie
+    margin direct (1 dependent step against 2) wins, on cores of their own or 2 ranks per core;
+    a gap beyond the margin goes to the faster."""
+    from comms.tuning import TIE, dependent_steps
     n, hosts = 4, ONE_HOST(4)
     assert [dependent_steps("all_reduce", a, n, hosts) for a in ("direct", "recursive_doubling", "rhd", "ring")] \
         == [1, 2, 4, 6]
+    # across hosts every tcp exchange of direct's counts (2 hosts x 2: 1 shm step + 2 tcp)
+    assert dependent_steps("all_reduce", "direct", 4, ((0, 1), (2, 3))) == 3
+    assert dependent_steps("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True) == 3
 
     def rules(gap: float, oversub: float) -> str:
         rows = {a: [None] * len(PROBES) for a in NAMES["all_reduce"]}
@@ -102,6 +105,7 @@ def test_oversubscribed_hosts_break_near_ties_toward_fewer_dependent_steps():
             rows["recursive_doubling"][i] = 1000.0 * (1 + i)
         timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [4], rows))
         return default_rules(NAMES, n, hosts, timed, False, oversub)
-    assert _rule_at(rules(0.05, 1.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(0.05, 1.0), 64) == "direct"
     assert _rule_at(rules(0.05, 2.0), 64) == "direct"
-    assert _rule_at(rules(OVERSUB_TIE * 2, 2.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(TIE * 2, 1.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(TIE * 2, 2.0), 64) == "recursive_doubling"

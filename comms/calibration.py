@@ -32,6 +32,7 @@ from .tuning import Params
 log = clog.get("TUNING")
 CALIBRATION_VERSION = "v4"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed
                                # candidates, v4 times them at every power of two
+                               # and takes the mean over the rounds
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 

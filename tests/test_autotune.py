@@ -80,6 +80,8 @@ def test_measurements_overrule_the_model_at_every_probe():
 
 def test_rounds_repeat_the_same_calls_on_every_rank():
     assert reps(1e-6) == 200 and reps(1e-4) == 40 and reps(0.5) == 2
+    # bulk calls: rounds of SLOW_ROUND_S (25 ms), long enough to use up a link's burst allowance
+    assert reps(1e-3) == 25 and reps(5e-3) == 5 and reps(0.02) == 2
     assert all(reps(a) >= reps(b) for a, b in zip((1e-6, 1e-5, 1e-4, 1e-3), (1e-5, 1e-4, 1e-3, 1e-2)))
 
 

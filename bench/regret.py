@@ -450,16 +450,15 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(r for r in (info.get("rules") or []) if r.startswith(op + ":"))
                       + (f"; not launched (declines every size): {', '.join(skip)}" if skip else ""), flush=True)
                 lns = run_rounds(launcher, ns, specs, args.launches)
+                launched = [ln for series in lns.values() for ln in series]
                 if not args.separate:
-                    failed_runs = [ln for ln in lns["comms"] if not ln.ok]
                     lns = split_paired(op, lns["comms"])
                 rows = analyse(op, algos, layouts, lns, args.bar, args.stat, paired=not args.separate)
                 for line in table(op, algos, rows, args.bar, args.stat):
                     print(line)
                 line = summary(args.config, op, rows, args.bar)
                 print(line, flush=True)
-                bad = [f"{ln.backend} #{ln.index + 1}: {ln.error}"
-                       for ln in (failed_runs if not args.separate else [x for v in lns.values() for x in v]) if not ln.ok]
+                bad = [f"{ln.backend} #{ln.index + 1}: {ln.error}" for ln in launched if not ln.ok]
                 for b in bad:
                     print(f"# FAILED launch {b}")
                 failed |= bool(bad)

@@ -209,15 +209,20 @@ def measure(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool) 
     return _figures(_timed(fns, iters, batch), iters, batch)
 
 
+def forced_algorithm(variant: str) -> str | None:
+    """The algorithm a ``--variants`` name forces (None for ``auto``, the default selection)."""
+    return None if variant == "auto" else variant
+
+
 def measure_variants(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool,
                      variants: list[str]) -> dict[str, dict]:
     """``--variants``: every variant's figures for one size, measured in interleaved rounds (the
     module doc); each also carries the algorithm that ran (``"algorithm"``)."""
     fns, batch, nwarm = _fns_and_batch(args, backend, op, place, lay, pool)
-    forced = {v: None if v == "auto" else v for v in variants}
+    msg_bytes = op.msg_bytes(lay, backend.size, ops.elem_size(args.dtype))
     est = []
     for v in variants:
-        backend.force(op.name, forced[v])
+        backend.force(op.name, forced_algorithm(v))
         backend.barrier()
         est.append(_estimate(_time_each(fns, nwarm)))
     if args.iters is None:
@@ -229,11 +234,11 @@ def measure_variants(args, backend, op: ops.Op, place: str, lay: ops.Layout, poo
     ran: dict[str, str] = {}
     for rnd in range(VARIANT_ROUNDS):
         for v in (variants if rnd % 2 == 0 else variants[::-1]):
-            backend.force(op.name, forced[v])
+            backend.force(op.name, forced_algorithm(v))
             backend.barrier()
             fns[0]()                                         # the rebuilt plan's first call, untimed
             samples[v] += _timed(fns, per_round[v], batch)
-            ran[v] = backend.algorithm(op.name, op.msg_bytes(lay, backend.size, ops.elem_size(args.dtype)))
+            ran[v] = backend.algorithm(op.name, msg_bytes)
     return {v: dict(_figures(samples[v], per_round[v] * VARIANT_ROUNDS, batch), algorithm=ran[v]) for v in variants}
 
 
@@ -333,10 +338,12 @@ def run(args) -> dict | None:
                     figs = measure_variants(args, backend, op, place, lay, pool, args.variants)
                 else:
                     figs = {None: measure(args, backend, op, place, lay, pool)}
+                wrong_all = 0
                 for v, r in figs.items():
-                    if v is not None:
-                        backend.force(op.name, None if v == "auto" else v)
+                    if v is not None and args.check:
+                        backend.force(op.name, forced_algorithm(v))
                     wrong = check(args, backend, op, place, lay, corrupt) if args.check else 0
+                    wrong_all += wrong
                     algo = r.get("algorithm") or backend.algorithm(op.name, op.msg_bytes(lay, n, es))
                     entries[v]["rows"].append({"nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count,
                                                "out_count": lay.out_count, "algorithm": algo, "_k": len(local)})
@@ -349,7 +356,7 @@ def run(args) -> dict | None:
                 first = next(iter(figs.values()))
                 _log(rank, f"[{done}/{total}] {label} {op.name} {place} {lay.nbytes} B: {first['iters']} ops "
                            f"(batch {first['batch']})" + (f" x {len(figs)} variants" if args.variants else "")
-                           + f", rank 0 median {first['median_s'] * 1e6:.2f} us, wrong {wrong}, "
+                           + f", rank 0 median {first['median_s'] * 1e6:.2f} us, wrong {wrong_all}, "
                            f"{time.perf_counter() - t0:.2f} s")
             del pool
     # gather everything: each rank fills its own row of a zero matrix, then SUM

@@ -161,8 +161,9 @@ class Communicator:
         messages the others do not expect, and fail at the deadline. Sub-communicators made
         earlier keep their own rules; later splits inherit these."""
         self._check_open()
-        self._selector = self._selector.with_user(rules if rules is not None else self._algo)
-        self._algo_now = rules if rules is not None else self._algo
+        now = rules if rules is not None else self._algo
+        self._selector = self._selector.with_user(now)      # parses first: bad rules change nothing
+        self._algo_now = now
         self._plans.clear()
         self._ran.clear()
 

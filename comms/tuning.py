@@ -11,7 +11,7 @@ its shm exchanges (they wait together) and one tcp step latency per tcp exchange
 thread its own syscalls).
 :func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each (with prices
 corrected by the timed candidates of comms.autotune where calibration measured them; there a near
-tie goes to the fewest dependent steps), and writes the result as rules
+tie goes to the fewest waits on a peer), and writes the result as rules
 in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are data, printed by
 ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
 
@@ -23,7 +23,8 @@ import math
 from dataclasses import asdict, dataclass
 
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
-TIE = 0.08                     # timed prices this close to the cheapest count as a tie
+TIE = 0.08                     # timed prices this close to the cheapest count as a tie...
+TIE_SHARED = 0.20              # ...and this close where a host has more ranks than cores
 
 
 @dataclass(frozen=True)
@@ -175,18 +176,21 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
     return math.inf           # not priced: chosen only by explicit rules or as a fallback
 
 
-def dependent_steps(coll: str, algo: str, n: int, hosts: tuple, forced_tcp: bool = False) -> float:
-    """How many steps of ``algo`` wait on the one before (all_reduce; inf where not counted)."""
+def peer_waits(coll: str, algo: str, n: int, hosts: tuple, forced_tcp: bool = False) -> float:
+    """How many times a rank of ``algo`` waits on a peer (all_reduce; inf where not counted): each
+    is a chance to wait for a late or descheduled peer. A step waits on the peers it receives from,
+    so direct's one step waits on all n - 1 peers (together, but every one of them must have run:
+    on a host with more ranks than cores that is the whole host), and the exchanges of the ring and
+    recursive algorithms wait on one peer each, one after another. ``hosts`` and ``forced_tcp`` do
+    not change the count (the links differ, not the waits); they are taken so every caller passes
+    one layout."""
     if coll != "all_reduce" or n < 2:
         return math.inf
     H = max(1, len(hosts))
     L = n // H if n % H == 0 else n
     p2 = 1 << (n.bit_length() - 1)
     fold = 2 if n != p2 else 0
-    # direct: its shm exchanges wait together, but each tcp exchange costs the thread its own
-    # syscalls and wake-ups, one after another (as cost() counts its latencies)
-    direct = n - 1 if forced_tcp else 1 + (n - L if H > 1 else 0)
-    return {"direct": direct, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
+    return {"direct": n - 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
             "rhd": 2 * _log2(p2) + fold, "tree": 2 * _log2(n),
             "hierarchical": 2 * (L - 1) + 2 * (H - 1)}.get(algo, math.inf)
 
@@ -216,10 +220,19 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
                 # the timed figures come from one launch, and launches of one algorithm differ by
                 # more than this margin (a busy machine; with more ranks than cores, which ranks
                 # share a core changes from launch to launch): within it the order is a coin toss,
-                # and every dependent step is one more chance to wait for a late or descheduled
-                # peer, so among the near-cheapest the fewest dependent steps is the steadiest pick
-                near = [a for a in priced if scores[a] <= scores[pick] * (1 + TIE)]
-                pick = min(near, key=lambda a: (dependent_steps(coll, a, n, hosts, forced_tcp), scores[a], priced.index(a)))
+                # and every wait on a peer is one more chance to wait for a late or descheduled
+                # peer, so among the near-cheapest the fewest waits on a peer is the steadiest pick
+                # (direct's one step waits on all n - 1: on 4 ranks sharing 2 cores, timed within
+                # the margin of recursive doubling at 2 KiB in 6 of 12 calibrations, it measured
+                # 18 % behind it in the bench)
+                # With more ranks than cores, launches differ far more (2x between launches of one
+                # algorithm on 4 ranks sharing 2 cores): there 20 %. Scored offline, 24 calibrations
+                # of that layout against one bench run's forced-algorithm times, a margin of 8 %
+                # missed the 10 % regret bar somewhere in 18, one of 20 % in 12; on 2 ranks of
+                # their own cores 12 % already chose recursive doubling where it measured 20-40 %
+                # behind (256 KiB-1 MiB), 8 % did not.
+                near = [a for a in priced if scores[a] <= scores[pick] * (1 + (TIE_SHARED if oversub > 1.0 else TIE))]
+                pick = min(near, key=lambda a: (peer_waits(coll, a, n, hosts, forced_tcp), scores[a], priced.index(a)))
             best.append(pick)
         start = 0
         for i in range(1, len(SIZES) + 1):

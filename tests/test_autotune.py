@@ -85,17 +85,20 @@ def test_rounds_repeat_the_same_calls_on_every_rank():
     assert all(reps(a) >= reps(b) for a, b in zip((1e-6, 1e-5, 1e-4, 1e-3), (1e-5, 1e-4, 1e-3, 1e-2)))
 
 
-def test_near_ties_go_to_fewer_dependent_steps():
-    """4 ranks: recursive doubling measured 5 % faster than direct at small sizes. Within the tie
-    margin direct (1 dependent step against 2) wins, on cores of their own or 2 ranks per core;
-    a gap beyond the margin goes to the faster."""
-    from comms.tuning import TIE, dependent_steps
+def test_near_ties_go_to_fewer_waits_on_a_peer():
+    """4 ranks: direct measured 5 % faster than recursive doubling at small sizes. Within the tie
+    margin recursive doubling (2 waits on a peer against direct's 3: its one step waits on every
+    peer) wins, on cores of their own or 2 ranks per core (where the margin is TIE_SHARED); a gap
+    beyond the margin goes to the faster. On 2 ranks both wait once, and the faster wins."""
+    from comms.tuning import TIE, TIE_SHARED, peer_waits
     n, hosts = 4, ONE_HOST(4)
-    assert [dependent_steps("all_reduce", a, n, hosts) for a in ("direct", "recursive_doubling", "rhd", "ring")] \
-        == [1, 2, 4, 6]
-    # across hosts every tcp exchange of direct's counts (2 hosts x 2: 1 shm step + 2 tcp)
-    assert dependent_steps("all_reduce", "direct", 4, ((0, 1), (2, 3))) == 3
-    assert dependent_steps("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True) == 3
+    assert [peer_waits("all_reduce", a, n, hosts) for a in ("direct", "recursive_doubling", "rhd", "ring", "tree")] \
+        == [3, 2, 4, 6, 4]
+    assert peer_waits("all_reduce", "direct", 4, ((0, 1), (2, 3))) == 3
+    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True) == 3
+    assert peer_waits("all_reduce", "hierarchical", 4, ((0, 1), (2, 3))) == 4
+    assert peer_waits("all_reduce", "direct", 2, ONE_HOST(2)) == peer_waits("all_reduce", "recursive_doubling", 2, ONE_HOST(2)) == 1
+    assert peer_waits("broadcast", "ring", 4, hosts) == math.inf
 
     def rules(gap: float, oversub: float) -> str:
         rows = {a: [None] * len(PROBES) for a in NAMES["all_reduce"]}
@@ -103,11 +106,14 @@ def test_near_ties_go_to_fewer_dependent_steps():
             for a in rows:
                 if a != "hierarchical":
                     rows[a][i] = 1000.0 * (2 + i)
-            rows["direct"][i] = 1000.0 * (1 + i) * (1 + gap)
-            rows["recursive_doubling"][i] = 1000.0 * (1 + i)
+            rows["direct"][i] = 1000.0 * (1 + i)
+            rows["recursive_doubling"][i] = 1000.0 * (1 + i) * (1 + gap)
         timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [4], rows))
         return default_rules(NAMES, n, hosts, timed, False, oversub)
-    assert _rule_at(rules(0.05, 1.0), 64) == "direct"
-    assert _rule_at(rules(0.05, 2.0), 64) == "direct"
-    assert _rule_at(rules(TIE * 2, 1.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(0.05, 1.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(0.05, 2.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(TIE * 2, 1.0), 64) == "direct"
+    # with more ranks than cores launches differ more, and so does the margin
+    assert TIE_SHARED > TIE * 2
     assert _rule_at(rules(TIE * 2, 2.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(TIE_SHARED * 1.5, 2.0), 64) == "direct"

@@ -164,7 +164,7 @@ def calibrated_params(rank: int, size: int) -> dict:
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)
         return {"params": comm._params.as_dict(), "rules": comm._selector.table(), "seq": comm._engine.seq,
-                "sum": x.tolist(), "scratch": comm._scratch.nbytes,
+                "sum": x.tolist(), "scratch": comm._scratch.nbytes, "oversub": comm.oversubscription(),
                 "chosen": [comm.algorithm_for("all_reduce", s) for s in PROBES]}
 
 

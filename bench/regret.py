@@ -35,7 +35,11 @@ Contract:
   paired (default) design both are the median over launches of that launch's ratio, the launch's
   own figures for the two (the ``best`` is still the algorithm with the lowest median). A row
   whose choice regret exceeds ``--bar`` (default 10 %) is marked ``<<``; one whose auto regret
-  alone exceeds it, ``(auto)``. One summary line per config and op.
+  alone exceeds it, ``(auto)``. ``split`` is the bench's own noise at that size: the launches
+  split into even and odd halves, the regret of one half's best algorithm scored by the other
+  half (the larger of the two ways). Above the bar, the launches disagree by more than the bar
+  about which algorithm is best, so no choice can be shown to be within it there; the verdict
+  does not change, the summary lists those sizes. One summary line per config and op.
 * COMMS_CALIBRATE and every other knob pass through from the caller's environment to every
   launch, unchanged. The calibration is pinned for the run: the caller's cache is copied to a
   private directory that every launch uses (another job rewriting the shared cache mid-run must not
@@ -293,11 +297,42 @@ def _paired_ratio(per: dict, a: str, b: str, nbytes: int, stat: str, algo_a: str
     return statistics.median(ratios) if ratios else None
 
 
+def split_regret(op: str, algos: list[str], per: dict, nbytes: int, stat: str, paired: bool) -> float | None:
+    """How far the bench itself is from telling the best algorithm at ``nbytes``: the launches
+    split into two halves (even and odd indices), each half's best algorithm (lowest median) scored
+    by the other half as :func:`analyse` scores a choice (paired: the median of launch-wise ratios;
+    otherwise the ratio of medians), the larger of the two regrets; None with fewer than two
+    launches. Near 0 when the halves agree; above the bar, the launches disagree by more than the
+    bar about which algorithm is best, so a choice's regret there is within the bench's noise."""
+    def half(parity: int) -> dict[str, list]:
+        out = {}
+        for a in algos:
+            series = per.get(label_of(op, a), [])[parity::2]
+            rows = [d.get(nbytes) for d in series]
+            if rows and all(r and r["algorithm"] == a for r in rows):
+                out[a] = [figure(r, stat) for r in rows]
+        return out
+    halves = [half(0), half(1)]
+    if not all(halves) or set(halves[0]) != set(halves[1]):
+        return None
+    worst = 0.0
+    for h, g in ((0, 1), (1, 0)):
+        pick = min(halves[h], key=lambda a: statistics.median(halves[h][a]))
+        ref = min(halves[g], key=lambda a: statistics.median(halves[g][a]))
+        if paired:
+            r = statistics.median(x / y for x, y in zip(halves[g][pick], halves[g][ref]))
+        else:
+            r = statistics.median(halves[g][pick]) / statistics.median(halves[g][ref])
+        worst = max(worst, r - 1)
+    return worst
+
+
 def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.Launch]], bar: float,
             stat: str = "mean", paired: bool = False) -> list[dict]:
     """One row per size: every algorithm's time (median over launches of :func:`figure`; None:
     declined or not run), the default's; ``paired``: the regrets are medians of launch-wise ratios
-    (the series' launches line up by index)."""
+    (the series' launches line up by index); ``split``: :func:`split_regret`, the bench's own noise
+    at that size, and ``noisy``: it exceeds the bar."""
     per = {label: [_rows_of(ln) for ln in lns] for label, lns in launches.items()}
     rows = []
     for lay in layouts:
@@ -324,7 +359,9 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
         if paired and best and areg is not None:
             r = _paired_ratio(per, "comms", label_of(op, best), lay.nbytes, stat, None, best)
             areg = None if r is None else r - 1
-        rows.append({"bytes": lay.nbytes, "time_us": t, "launch_us": spread, "auto_us": t_auto,
+        split = split_regret(op, algos, per, lay.nbytes, stat, paired)
+        rows.append({"bytes": lay.nbytes, "time_us": t, "launch_us": spread, "auto_us": t_auto, "split": split,
+                     "noisy": split is not None and split > bar,
                      "auto_launch_us": [round(figure(g, stat), 3) for g in auto], "choice": choice, "best": best,
                      "regret": reg, "auto_regret": areg, "over": reg is not None and reg > bar,
                      "auto_over": areg is not None and areg > bar, "wrong": wrong})
@@ -336,19 +373,20 @@ def _pct(v: float | None) -> str:
 
 
 def table(op: str, algos: list[str], rows: list[dict], bar: float, stat: str = "mean") -> list[str]:
-    cols = ["size"] + algos + ["auto", "choice", "best", "regret", "auto_regret", ""]
+    cols = ["size"] + algos + ["auto", "choice", "best", "regret", "auto_regret", "split", ""]
     body = []
     for r in rows:
         cells = [cli.human_size(r["bytes"])] + [f"{r['time_us'][a]:.2f}" if r["time_us"][a] is not None else "-"
                                                 for a in algos]
         flag = "<<" if r["over"] else ("(auto)" if r["auto_over"] else "")
         cells += [f"{r['auto_us']:.2f}" if r["auto_us"] is not None else "-", r["choice"] or "-", r["best"] or "-",
-                  _pct(r["regret"]), _pct(r["auto_regret"]), flag]
+                  _pct(r["regret"]), _pct(r["auto_regret"]), _pct(r.get("split")), flag]
         body.append(cells)
     w = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = lambda cs: "  ".join(c.rjust(w[i]) if i < len(cols) - 1 else c for i, c in enumerate(cs))
     return [f"## {op}: {stat} time per op in us (slowest rank, median over launches); regret = t[choice] / t[best] - 1, "
-            f"auto_regret = t[auto] / t[best] - 1; << marks regret > {bar * 100:g} %",
+            f"auto_regret = t[auto] / t[best] - 1; split = the regret of one half of the launches' best, scored by "
+            f"the other half (the bench's own noise); << marks regret > {bar * 100:g} %",
             fmt(cols).rstrip()] + [fmt(b).rstrip() for b in body]
 
 
@@ -361,9 +399,11 @@ def summary(config: str, op: str, rows: list[dict], bar: float) -> str:
         return f"{_pct(r[key])} at {cli.human_size(r['bytes'])}"
     over = [cli.human_size(r["bytes"]) for r in rows if r["over"]]
     aover = [cli.human_size(r["bytes"]) for r in rows if r["auto_over"]]
+    noisy = [cli.human_size(r["bytes"]) for r in rows if r.get("noisy")]
     return (f"# summary {config}, {op}: max regret {worst('regret')}, max auto_regret {worst('auto_regret')}; "
             f"sizes over the {bar * 100:g} % bar: {', '.join(over) or 'none'}"
-            f" (auto_regret over: {', '.join(aover) or 'none'})"
+            f" (auto_regret over: {', '.join(aover) or 'none'};"
+            f" split over: {', '.join(noisy) or 'none'})"
             f" -> {'FAIL' if over else 'PASS'}")
 
 

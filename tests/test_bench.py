@@ -398,7 +398,7 @@ def test_regret_tool_end_to_end(tmp_path, design):
     algos = algorithms.names("broadcast")
     lines = p.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["size"])
-    assert lines[head].split() == ["size", *algos, "auto", "choice", "best", "regret", "auto_regret"]
+    assert lines[head].split() == ["size", *algos, "auto", "choice", "best", "regret", "auto_regret", "split"]
     assert any(ln.startswith("# COMMS_CALIBRATE=False (env); cost model: defaults") for ln in lines), p.stdout
     assert any(ln.startswith("# summary 1 host x 2 ranks, broadcast: max regret") for ln in lines)
     doc = json.loads(out_json.read_text())
@@ -416,8 +416,9 @@ def test_regret_tool_end_to_end(tmp_path, design):
         assert r["regret"] == pytest.approx(timed[r["choice"]] / timed[r["best"]] - 1)
         assert r["auto_regret"] == pytest.approx(r["auto_us"] / timed[r["best"]] - 1)
         assert r["over"] == (r["regret"] > doc["bar"]) and r["wrong"] == 0
+        assert r["split"] is None and r["noisy"] is False         # one launch: no halves to compare
     rows = lines[head + 1: head + 3]
-    assert [ln.split()[0] for ln in rows] == ["8", "64"] and all(len(ln.split()) >= len(algos) + 7 for ln in rows)
+    assert [ln.split()[0] for ln in rows] == ["8", "64"] and all(len(ln.split()) >= len(algos) + 8 for ln in rows)
 
 
 def test_regret_command_line(capsys):
@@ -476,6 +477,38 @@ def test_paired_regret_is_the_median_of_launch_wise_ratios():
     assert regret.analyse("all_reduce", ["a", "b"], lay, series, 0.1)[0]["regret"] == pytest.approx(0.05)
     failed = regret.split_paired("all_reduce", lns[:1] + [report.Launch("comms", 1, 0.0, error="exit status 1")])
     assert all(len(v) == 2 and not v[1].ok for v in failed.values())
+
+
+def test_split_regret_is_the_benchs_own_noise():
+    """Four paired launches of two algorithms. When both halves (launches 0, 2 and 1, 3) rank a
+    ahead the split regret is 0; when the odd half ranks b ahead, each half's best scored by the
+    other gives 100/80 - 1 and 90/75 - 1 (medians of launch-wise ratios), so the split is 25 %,
+    over a 10 % bar: the row is noisy and the summary names it, the verdict still the regret's."""
+    from bench import ops, regret
+
+    def launch(i, times):
+        results = [{"na": False, "variant": v, "rows": [{"nbytes": 64, "time_us": t, "rank_mean_us": [t, t],
+                                                          "wrong": 0, "algorithm": "a" if v == "auto" else v}]}
+                   for v, t in times.items()]
+        return report.Launch("comms", i, 1.0, doc={"results": results})
+    lay = ops.plan(ops.OPS["all_reduce"], [64], 2, 4)
+
+    def row(times):
+        series = regret.split_paired("all_reduce", [launch(i, t) for i, t in enumerate(times)])
+        return regret.analyse("all_reduce", ["a", "b"], lay, series, 0.1, paired=True)[0]
+    agree = row([{"auto": 10.0, "a": 10.0, "b": 12.0}] * 4)
+    assert agree["split"] == pytest.approx(0.0) and not agree["noisy"]
+    flip = row([{"auto": 80.0, "a": 80.0, "b": 100.0}, {"auto": 90.0, "a": 90.0, "b": 75.0},
+                {"auto": 80.0, "a": 80.0, "b": 100.0}, {"auto": 90.0, "a": 90.0, "b": 75.0}])
+    assert flip["split"] == pytest.approx(100 / 80 - 1) and flip["noisy"]
+    line = regret.summary("cfg", "all_reduce", [flip], 0.1)
+    assert "split over: 64" in line and line.endswith("PASS" if not flip["over"] else "FAIL")
+    # separate design: the ratio of the halves' medians
+    series = {regret.label_of("all_reduce", v): [report.Launch("x", i, 1.0, doc={"results": [{"na": False, "rows": [
+        {"nbytes": 64, "time_us": t, "rank_mean_us": [t], "wrong": 0, "algorithm": "a" if v == "auto" else v}]}]})
+        for i, t in enumerate(ts)] for v, ts in {"auto": [1, 1], "a": [10.0, 10.0], "b": [11.0, 9.0]}.items()}
+    sep = regret.analyse("all_reduce", ["a", "b"], lay, series, 0.1)[0]
+    assert sep["split"] == pytest.approx(max(11 / 10, 10 / 9) - 1)
 
 
 def test_worker_variants_need_comms_and_one_op():

@@ -176,21 +176,24 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
     return math.inf           # not priced: chosen only by explicit rules or as a fallback
 
 
-def peer_waits(coll: str, algo: str, n: int, hosts: tuple, forced_tcp: bool = False) -> float:
-    """How many times a rank of ``algo`` waits on a peer (all_reduce; inf where not counted): each
-    is a chance to wait for a late or descheduled peer. A step waits on the peers it receives from,
-    so direct's one step waits on all n - 1 peers (together, but every one of them must have run:
-    on a host with more ranks than cores that is the whole host), and the exchanges of the ring and
-    recursive algorithms wait on one peer each, one after another. ``hosts`` and ``forced_tcp`` do
-    not change the count (the links differ, not the waits); they are taken so every caller passes
-    one layout."""
+def peer_waits(coll: str, algo: str, n: int, hosts: tuple, forced_tcp: bool = False,
+               shared: bool = False) -> float:
+    """How many times a rank of ``algo`` waits on its peers (all_reduce; inf where not counted):
+    each wait is a chance to wait for a late or descheduled peer. The exchanges of the ring and the
+    recursive algorithms wait on one peer each, one after another. Direct's one step receives from
+    all n - 1 peers: on cores of their own that counts n - 1 (every message is a wait of its own,
+    over tcp one message after another). With ``shared`` (a host with more ranks than cores, where
+    a waiting rank sleeps and gives its core away) the n - 1 messages of that step arrive in one
+    round of the scheduler, and direct counts 1: what costs there is each sequential wait, a sleep
+    and a wake-up, not the number of messages behind it. ``hosts`` and ``forced_tcp`` do not change
+    the count (the links differ, not the waits); they are taken so every caller passes one layout."""
     if coll != "all_reduce" or n < 2:
         return math.inf
     H = max(1, len(hosts))
     L = n // H if n % H == 0 else n
     p2 = 1 << (n.bit_length() - 1)
     fold = 2 if n != p2 else 0
-    return {"direct": n - 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
+    return {"direct": 1 if shared else n - 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
             "rhd": 2 * _log2(p2) + fold, "tree": 2 * _log2(n),
             "hierarchical": 2 * (L - 1) + 2 * (H - 1)}.get(algo, math.inf)
 
@@ -221,18 +224,22 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
                 # more than this margin (a busy machine; with more ranks than cores, which ranks
                 # share a core changes from launch to launch): within it the order is a coin toss,
                 # and every wait on a peer is one more chance to wait for a late or descheduled
-                # peer, so among the near-cheapest the fewest waits on a peer is the steadiest pick
-                # (direct's one step waits on all n - 1: on 4 ranks sharing 2 cores, timed within
-                # the margin of recursive doubling at 2 KiB in 6 of 12 calibrations, it measured
-                # 18 % behind it in the bench)
-                # With more ranks than cores, launches differ far more (2x between launches of one
-                # algorithm on 4 ranks sharing 2 cores): there 20 %. Scored offline, 24 calibrations
-                # of that layout against one bench run's forced-algorithm times, a margin of 8 %
-                # missed the 10 % regret bar somewhere in 18, one of 20 % in 12; on 2 ranks of
-                # their own cores 12 % already chose recursive doubling where it measured 20-40 %
-                # behind (256 KiB-1 MiB), 8 % did not.
-                near = [a for a in priced if scores[a] <= scores[pick] * (1 + (TIE_SHARED if oversub > 1.0 else TIE))]
-                pick = min(near, key=lambda a: (peer_waits(coll, a, n, hosts, forced_tcp), scores[a], priced.index(a)))
+                # peer, so among the near-cheapest the fewest waits (peer_waits) is the steadiest
+                # pick. On cores of their own direct's one step counts its n - 1 messages: on 2
+                # hosts x 2 ranks it was timed within the margin of recursive doubling at 8-32 B and
+                # measured 12-13 % behind it in the bench. With more ranks than cores launches
+                # differ far more (2x between launches of one algorithm on 4 ranks sharing 2 cores),
+                # so the margin is 20 %, and direct counts one wait (peer_waits' ``shared``). Scored
+                # offline, 27 calibrations of 4 ranks on 2 cores against three bench runs'
+                # forced-algorithm times (8 B-64 MiB): direct counted 1 with 20 % gave 114 sizes
+                # over the 10 % regret bar in all, direct counted n - 1 with 20 % 196 (recursive
+                # doubling chosen at 16 B-2 KiB, where direct was faster in two of the three runs);
+                # with 8 % 139 and 214. On 2 ranks of their own cores 12 % already chose
+                # recursive doubling where it measured 20-40 % behind (256 KiB-1 MiB), 8 % did not.
+                shared = oversub > 1.0
+                near = [a for a in priced if scores[a] <= scores[pick] * (1 + (TIE_SHARED if shared else TIE))]
+                pick = min(near, key=lambda a: (peer_waits(coll, a, n, hosts, forced_tcp, shared),
+                                                scores[a], priced.index(a)))
             best.append(pick)
         start = 0
         for i in range(1, len(SIZES) + 1):

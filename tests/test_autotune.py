@@ -86,14 +86,18 @@ def test_rounds_repeat_the_same_calls_on_every_rank():
 
 
 def test_near_ties_go_to_fewer_waits_on_a_peer():
-    """4 ranks: direct measured 5 % faster than recursive doubling at small sizes. Within the tie
-    margin recursive doubling (2 waits on a peer against direct's 3: its one step waits on every
-    peer) wins, on cores of their own or 2 ranks per core (where the margin is TIE_SHARED); a gap
-    beyond the margin goes to the faster. On 2 ranks both wait once, and the faster wins."""
+    """4 ranks: direct measured 5 % faster than recursive doubling at small sizes. On cores of their
+    own, within the tie margin recursive doubling (2 waits on a peer against direct's 3: its one
+    step waits on every peer) wins. With 2 ranks per core direct's step counts one wait (its
+    messages arrive in one round of the scheduler), so direct wins within the margin, and
+    recursive doubling wins a near tie where it is the faster, up to TIE_SHARED. A gap beyond the
+    margin goes to the faster. On 2 ranks both wait once."""
     from comms.tuning import TIE, TIE_SHARED, peer_waits
     n, hosts = 4, ONE_HOST(4)
     assert [peer_waits("all_reduce", a, n, hosts) for a in ("direct", "recursive_doubling", "rhd", "ring", "tree")] \
         == [3, 2, 4, 6, 4]
+    assert [peer_waits("all_reduce", a, n, hosts, shared=True) for a in ("direct", "recursive_doubling", "ring")] \
+        == [1, 2, 6]
     assert peer_waits("all_reduce", "direct", 4, ((0, 1), (2, 3))) == 3
     assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True) == 3
     assert peer_waits("all_reduce", "hierarchical", 4, ((0, 1), (2, 3))) == 4
@@ -101,19 +105,22 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
     assert peer_waits("broadcast", "ring", 4, hosts) == math.inf
 
     def rules(gap: float, oversub: float) -> str:
+        """direct timed ``gap`` faster than recursive doubling (negative: slower), the rest slower."""
         rows = {a: [None] * len(PROBES) for a in NAMES["all_reduce"]}
         for i, s in enumerate(PROBES):
             for a in rows:
                 if a != "hierarchical":
                     rows[a][i] = 1000.0 * (2 + i)
-            rows["direct"][i] = 1000.0 * (1 + i)
-            rows["recursive_doubling"][i] = 1000.0 * (1 + i) * (1 + gap)
+            rows["direct"][i] = 1000.0 * (1 + i) * (1 + max(0.0, -gap))
+            rows["recursive_doubling"][i] = 1000.0 * (1 + i) * (1 + max(0.0, gap))
         timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [4], rows))
         return default_rules(NAMES, n, hosts, timed, False, oversub)
     assert _rule_at(rules(0.05, 1.0), 64) == "recursive_doubling"
-    assert _rule_at(rules(0.05, 2.0), 64) == "recursive_doubling"
     assert _rule_at(rules(TIE * 2, 1.0), 64) == "direct"
-    # with more ranks than cores launches differ more, and so does the margin
+    assert _rule_at(rules(-0.05, 1.0), 64) == "recursive_doubling"
+    # with more ranks than cores launches differ more, and so does the margin; direct waits once
     assert TIE_SHARED > TIE * 2
-    assert _rule_at(rules(TIE * 2, 2.0), 64) == "recursive_doubling"
+    assert _rule_at(rules(0.05, 2.0), 64) == "direct"
+    assert _rule_at(rules(-TIE * 2, 2.0), 64) == "direct"
+    assert _rule_at(rules(-TIE_SHARED * 1.5, 2.0), 64) == "recursive_doubling"
     assert _rule_at(rules(TIE_SHARED * 1.5, 2.0), 64) == "direct"

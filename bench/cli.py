@@ -18,6 +18,11 @@ from . import backends, ops
 
 DEFAULT_TARGET_S = 0.4       # adaptive iteration count: about this much timed work per size per launch
 DEFAULT_TIMEOUT_S = 300.0    # per launch
+VARIANT_ROUNDS = 12          # bench.worker --variants (bench.regret's paired design): interleaved
+# timed rounds per size, every variant in each. 12, not 4: on 4 ranks sharing 2 cores (1-64 MiB,
+# 5 launches, runs alternating) 4 rounds gave ring/rhd regrets of +14.8 % and +14.7 %, where a
+# machine state lasting about a round hit one variant; 12 rounds of the same total time gave +5.9 %
+# and +5.9 %, for about 20 % more launch time
 
 
 def parse_size(text: str) -> int:

@@ -130,6 +130,8 @@ def worker_args(args, spec: backends.Spec, out: Path) -> list[str]:
         cmd += ["--warmup", str(args.warmup)]
     if getattr(args, "variants", None):
         cmd += ["--variants", ",".join(args.variants)]
+        if getattr(args, "variant_rounds", None):
+            cmd += ["--variant-rounds", str(args.variant_rounds)]
     if ops.MOE in args.ops:
         cmd += ["--moe-experts", str(args.moe_experts), "--moe-topk", str(args.moe_topk),
                 "--moe-hidden", str(args.moe_hidden), "--moe-routing", getattr(args, "moe_routing", "consecutive")]

@@ -12,8 +12,8 @@ Contract:
   simulated host through tests/multihost.py's SimulatedHosts for ``--hosts``, which needs root:
   otherwise it says so and exits 2), ``--launches`` of them.
   By default every launch measures all the variants side by side (``bench.worker --variants``:
-  at every size, interleaved rounds of every variant in turn, switched with
-  ``Communicator.set_algo``), so the comparison between algorithms is paired: drift on a busy
+  at every size, ``--rounds`` interleaved rounds, 12 by default, of every variant in turn, switched
+  with ``Communicator.set_algo``), so the comparison between algorithms is paired: drift on a busy
   machine, and how a launch's ranks landed on the cores, hit every variant of that launch alike.
   With ``--separate`` every variant is its own series of launches instead (the plain ``comms``
   backend and ``comms@COMMS_ALGO=<op>:<algo>``), rounds alternating with the order flipped every
@@ -99,6 +99,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bar", type=float, default=0.10, help="regret bar (default 0.10)")
     p.add_argument("--stat", choices=["mean", "median"], default="mean",
                    help="a launch's figure per size: the slowest rank's mean (default) or median time per op")
+    p.add_argument("--rounds", dest="variant_rounds", type=int, default=cli.VARIANT_ROUNDS,
+                   help=f"paired: interleaved timed rounds of every variant per size (default {cli.VARIANT_ROUNDS})")
     p.add_argument("--separate", action="store_true",
                    help="one series of launches per variant (default: every launch measures all of them, paired)")
     p.add_argument("--strict", action="store_true", help="exit 3 when a choice regret exceeds the bar")
@@ -118,6 +120,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a.np = a.hosts * a.ranks if a.hosts is not None else (a.np or 2)
     if a.np < 2 or a.launches < 1:
         p.error("need at least 2 ranks and 1 launch")
+    if a.variant_rounds < 1:
+        p.error("--rounds must be at least 1")
     if not 0 <= a.root < a.np:
         p.error(f"--root {a.root} is not a rank of {a.np}")
     try:
@@ -440,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,
            "ranks_per_host": args.ranks if args.hosts else args.np, "nranks": args.np, "rate": args.rate,
            "bar": args.bar, "stat": args.stat,
-           "design": "separate" if args.separate else "paired", "sizes": args.sizes, "launches": args.launches,
+           "design": "separate" if args.separate else "paired",
+           "rounds": None if args.separate else args.variant_rounds, "sizes": args.sizes, "launches": args.launches,
            "machine": report.machine_info(driver.launch_env()), "ops": {}}
     failed = wrong = over = False
     saved_cache = os.environ.get("XDG_CACHE_HOME")
@@ -462,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (shared machine: figures are noisy)")
             print(f"# sizes: {cli.human_size(args.sizes[0])} .. {cli.human_size(args.sizes[-1])} x{args.stepfactor:g}; "
                   + (f"launches {args.launches} per variant, interleaved; iters " if args.separate else
-                     f"launches {args.launches}, each measuring every variant side by side (paired); iters ")
-                  + 
-                  f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
+                     f"launches {args.launches}, each measuring every variant side by side (paired, "
+                     f"{args.variant_rounds} rounds per size); iters ")
+                  + f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
             print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
                   + (f"{doc['cost_model']['source']}: shm {doc['cost_model']['shm']}, tcp {doc['cost_model']['tcp']}, "
                      f"reduce {doc['cost_model']['reduce_gbps']} GB/s" if doc["cost_model"] else "?"))

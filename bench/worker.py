@@ -27,9 +27,9 @@ With ``--variants auto,ring,...`` (comms only; one op per launch: what bench.reg
 size measures each variant side by side in the same launch: ``auto`` is the default selection, any
 other name that algorithm forced (:meth:`bench.backends.Backend.force`, what COMMS_ALGO=op:name does
 at init). Each variant gets its warm-up and its iteration count as in steps 2-3; the timed ops are
-then split into :data:`VARIANT_ROUNDS` rounds, and every round runs every variant in turn (the order
-flipped every round), each turn started by a barrier and one untimed op (the forced plan is
-rebuilt at each switch). So drift on a busy machine, and a launch's placement of ranks on
+then split into ``--variant-rounds`` rounds (default :data:`VARIANT_ROUNDS`), and every round runs
+every variant in turn (the order flipped every round), each turn started by a barrier and one
+untimed op (the forced plan is rebuilt at each switch). So drift on a busy machine, and a launch's placement of ranks on
 cores, hit every variant alike. The variants' figures pool their rounds' samples; each variant
 writes its own results entry (with ``"variant"``), and the check runs once per variant.
 
@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from . import backends, ops
+from . import backends, cli, ops
 
 TINY_BYTES, TINY_ITERS = 8, 2000     # the anchors' method: 8 B uses 2000 timed ops
 BATCH_BELOW = 64 << 10               # --batch applies below this size
@@ -58,7 +58,7 @@ MAX_ITERS = 5000                     # bounds the loop when rare stalls make the
 MAX_BUFFERS = 4                      # buffer sets rotated through in the timed loop
 POOL_BYTES = 1 << 30                 # bound on all ranks' pools together
 LARGE_WARMUP = 5                     # default warm-up ops from BATCH_BELOW up
-VARIANT_ROUNDS = 4                   # --variants: timed rounds per size, every variant in each
+VARIANT_ROUNDS = cli.VARIANT_ROUNDS  # --variants: default timed rounds per size, every variant in each
 LAUNCH_WARM_ROUNDS = 25              # launch warm-up: rounds over the buffer sets at the smallest size...
 NEXT_WARM_ROUNDS = 2                 # ...and for every later (op, place) of the launch
 
@@ -89,7 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=None,
                    help="comms, one op: comma-separated auto (default selection) and algorithm names, "
                         "measured side by side at every size")
+    p.add_argument("--variant-rounds", type=int, default=VARIANT_ROUNDS,
+                   help=f"--variants: interleaved timed rounds per size (default {VARIANT_ROUNDS})")
     args = p.parse_args(argv)
+    if args.variant_rounds < 1:
+        p.error("--variant-rounds must be at least 1")
     args.ops = [o for o in args.ops.split(",") if o]
     args.variants = [v for v in args.variants.split(",") if v] if args.variants else None
     if args.variants is not None and (args.backend != "comms" or len(args.ops) != 1 or ops.MOE in args.ops):
@@ -228,18 +232,19 @@ def measure_variants(args, backend, op: ops.Op, place: str, lay: ops.Layout, poo
     if args.iters is None:
         est = backend.reduce_values(est, "max")             # all ranks must run the same counts
     # a round's share of each variant's ops, in whole batches (at least one per round)
-    per_round = {v: max(1, -(-choose_iters(args, lay, batch, e) // (batch * VARIANT_ROUNDS))) * batch
+    rounds = args.variant_rounds
+    per_round = {v: max(1, -(-choose_iters(args, lay, batch, e) // (batch * rounds))) * batch
                  for v, e in zip(variants, est)}
     samples: dict[str, list[float]] = {v: [] for v in variants}
     ran: dict[str, str] = {}
-    for rnd in range(VARIANT_ROUNDS):
+    for rnd in range(rounds):
         for v in (variants if rnd % 2 == 0 else variants[::-1]):
             backend.force(op.name, forced_algorithm(v))
             backend.barrier()
             fns[0]()                                         # the rebuilt plan's first call, untimed
             samples[v] += _timed(fns, per_round[v], batch)
             ran[v] = backend.algorithm(op.name, msg_bytes)
-    return {v: dict(_figures(samples[v], per_round[v] * VARIANT_ROUNDS, batch), algorithm=ran[v]) for v in variants}
+    return {v: dict(_figures(samples[v], per_round[v] * rounds, batch), algorithm=ran[v]) for v in variants}
 
 
 def corrupt_target(op: ops.Op, nranks: int, root: int) -> int:

@@ -392,7 +392,7 @@ def test_regret_tool_end_to_end(tmp_path, design):
     env.pop("COMMS_ALGO", None)
     p = subprocess.run([sys.executable, "-m", "bench.regret", "--ops", "broadcast", "-np", "2", "-b", "8", "-e", "64K",
                         "-f", "8192", "--launches", "1", "-n", "10", "-w", "2", "--json", str(out_json)]
-                       + (["--separate"] if design == "separate" else []),
+                       + (["--separate"] if design == "separate" else ["--rounds", "3"]),
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=200)
     assert p.returncode == 0, p.stdout + p.stderr
     algos = algorithms.names("broadcast")
@@ -403,7 +403,8 @@ def test_regret_tool_end_to_end(tmp_path, design):
     assert any(ln.startswith("# summary 1 host x 2 ranks, broadcast: max regret") for ln in lines)
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "comms-regret/1" and doc["nranks"] == 2 and doc["calibrate"] is False
-    assert doc["design"] == design and ("side by side (paired)" in p.stdout) == (design == "paired")
+    assert doc["design"] == design and ("side by side (paired, 3 rounds per size)" in p.stdout) == (design == "paired")
+    assert doc["rounds"] == (3 if design == "paired" else None)
     assert doc["cost_model"]["source"] == "defaults" and any(r.startswith("broadcast:") for r in doc["rules"])
     res = doc["ops"]["broadcast"]
     assert res["algorithms"] == algos and res["not_launched"] == ["hierarchical"]     # one host: it declines
@@ -428,9 +429,14 @@ def test_regret_command_line(capsys):
     assert regret.place_of(a, "all_reduce") == "in" and regret.place_of(a, "all_gather") == "out"
     s = regret.parse_args(["--hosts", "2", "--ranks", "2", "--rate", "2gbit"])
     assert s.np == 4 and "2 hosts x 2 ranks" in s.config
-    for bad in (["--ops", "gather"], ["-np", "2", "--hosts", "2"], ["--rate", "1gbit"]):
+    assert a.variant_rounds == cli.VARIANT_ROUNDS == 12
+    for bad in (["--ops", "gather"], ["-np", "2", "--hosts", "2"], ["--rate", "1gbit"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             regret.parse_args(bad)
+    ns = regret.parse_args(["-np", "2", "--rounds", "5"])
+    ns.ops, ns.places, ns.variants, ns.batch = ["all_reduce"], ["in"], ["auto", "ring"], 1
+    cmd = driver.worker_args(ns, backends.Spec.parse("comms"), Path("out.json"))
+    assert cmd[cmd.index("--variants") + 1] == "auto,ring" and cmd[cmd.index("--variant-rounds") + 1] == "5"
     assert set(regret.regret_ops()) >= {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all"}
 
 
@@ -517,7 +523,45 @@ def test_worker_variants_need_comms_and_one_op():
         with pytest.raises(SystemExit):
             worker.parse_args(["--sizes", "8"] + (["--backend", "comms"] if "--backend" not in bad else []) + bad)
     a = worker.parse_args(["--backend", "comms", "--sizes", "8", "--variants", "auto,ring"])
-    assert a.variants == ["auto", "ring"]
+    assert a.variants == ["auto", "ring"] and a.variant_rounds == worker.VARIANT_ROUNDS
+    with pytest.raises(SystemExit):
+        worker.parse_args(["--backend", "comms", "--sizes", "8", "--variants", "auto", "--variant-rounds", "0"])
+
+
+def test_worker_interleaves_the_variants_in_the_given_rounds(monkeypatch):
+    """measure_variants with --variant-rounds 3 and -n 6: after one warm-up turn per variant, 3
+    rounds run every variant in turn, the order flipped every round, each turn a barrier, one
+    untimed op and 2 timed ops; a variant's figures pool its rounds' 6 samples."""
+    from bench import worker
+    log: list = []
+
+    class Fake:
+        forced = None
+        size = 2
+
+        def force(self, op, algo):
+            self.forced = algo or "auto"
+
+        def barrier(self):
+            log.append(("barrier", self.forced))
+
+        def reduce_values(self, xs, how):
+            return xs
+
+        def algorithm(self, op, nbytes):
+            return self.forced
+
+    be = Fake()
+    monkeypatch.setattr(worker, "_fns_and_batch", lambda *a: ([lambda: log.append(("op", be.forced))], 1, 1))
+    args = worker.parse_args(["--backend", "comms", "--sizes", "64", "--iters", "6", "--variant-rounds", "3",
+                              "--variants", "auto,ring,tree"])
+    figs = worker.measure_variants(args, be, ops.OPS["all_reduce"], "in", ops.OPS["all_reduce"].layout(64, 2, 4),
+                                   None, ["auto", "ring", "tree"])
+    turns = [v for kind, v in log if kind == "barrier"]
+    assert turns == ["auto", "ring", "tree"] + ["auto", "ring", "tree", "tree", "ring", "auto", "auto", "ring", "tree"]
+    assert sum(1 for kind, v in log if kind == "op" and v == "ring") == 1 + 3 * (1 + 2)
+    assert {v: (f["iters"], f["algorithm"]) for v, f in figs.items()} == {"auto": (6, "auto"), "ring": (6, "ring"),
+                                                                          "tree": (6, "tree")}
 
 
 def test_regret_simulated_hosts_need_root(monkeypatch, capsys):

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB
 TIE = 0.08                     # timed prices this close to the cheapest count as a tie...
-TIE_SHARED = 0.20              # ...and this close where a host has more ranks than cores
+TIE_SHARED = 0.20              # ...and this close where a host has more ranks than cores...
+LATENCY_SHARE = 0.5            # ...at sizes where the model puts this share of the cost in step latencies
 
 
 @dataclass(frozen=True)
@@ -181,21 +182,29 @@ def peer_waits(coll: str, algo: str, n: int, hosts: tuple, forced_tcp: bool = Fa
     """How many times a rank of ``algo`` waits on its peers (all_reduce; inf where not counted):
     each wait is a chance to wait for a late or descheduled peer. The exchanges of the ring and the
     recursive algorithms wait on one peer each, one after another. Direct's one step receives from
-    all n - 1 peers: on cores of their own that counts n - 1 (every message is a wait of its own,
-    over tcp one message after another). With ``shared`` (a host with more ranks than cores, where
-    a waiting rank sleeps and gives its core away) the n - 1 messages of that step arrive in one
-    round of the scheduler, and direct counts 1: what costs there is each sequential wait, a sleep
-    and a wake-up, not the number of messages behind it. ``hosts`` and ``forced_tcp`` do not change
-    the count (the links differ, not the waits); they are taken so every caller passes one layout."""
+    all n - 1 peers, and each message over tcp is a wait of its own. Its shm messages are too on
+    cores of their own, but with ``shared`` (a host with more ranks than cores, where a waiting
+    rank sleeps and gives its core away) they arrive in one round of the scheduler and count as one
+    wait: what costs there is each sleep and wake-up, not the messages behind it (the cost model
+    prices direct's shm exchanges as one step the same way). ``forced_tcp`` makes every peer a tcp
+    peer."""
     if coll != "all_reduce" or n < 2:
         return math.inf
     H = max(1, len(hosts))
     L = n // H if n % H == 0 else n
     p2 = 1 << (n.bit_length() - 1)
     fold = 2 if n != p2 else 0
-    return {"direct": 1 if shared else n - 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
+    local = 0 if forced_tcp else L - 1                 # direct's shm peers
+    direct = (n - 1 - local) + (min(local, 1) if shared else local)
+    return {"direct": direct, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
             "rhd": 2 * _log2(p2) + fold, "tree": 2 * _log2(n),
             "hierarchical": 2 * (L - 1) + 2 * (H - 1)}.get(algo, math.inf)
+
+
+def latency_bound(coll: str, algo: str, m: int, n: int, hosts: tuple, p: "Params", forced_tcp: bool) -> bool:
+    """True where the model puts at least :data:`LATENCY_SHARE` of ``algo``'s cost at ``m`` bytes
+    in its step latencies (its cost at 0 bytes): the sizes where waits, not bytes, make the time."""
+    return cost(coll, algo, 0, n, hosts, p, forced_tcp) >= LATENCY_SHARE * cost(coll, algo, m, n, hosts, p, forced_tcp)
 
 
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool, oversub: float = 1.0) -> str:
@@ -219,23 +228,26 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
         for m in SIZES:
             scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) * factor[a](m) for a in priced}
             pick = min(priced, key=lambda a: (scores[a], priced.index(a)))
-            if timed and math.isfinite(scores[pick]):
-                # the timed figures come from one launch, and launches of one algorithm differ by
-                # more than this margin (a busy machine; with more ranks than cores, which ranks
-                # share a core changes from launch to launch): within it the order is a coin toss,
-                # and every wait on a peer is one more chance to wait for a late or descheduled
-                # peer, so among the near-cheapest the fewest waits (peer_waits) is the steadiest
-                # pick. On cores of their own direct's one step counts its n - 1 messages: on 2
-                # hosts x 2 ranks it was timed within the margin of recursive doubling at 8-32 B and
-                # measured 12-13 % behind it in the bench. With more ranks than cores launches
-                # differ far more (2x between launches of one algorithm on 4 ranks sharing 2 cores),
-                # so the margin is 20 %, and direct counts one wait (peer_waits' ``shared``). Scored
-                # offline, 27 calibrations of 4 ranks on 2 cores against three bench runs'
-                # forced-algorithm times (8 B-64 MiB): direct counted 1 with 20 % gave 114 sizes
-                # over the 10 % regret bar in all, direct counted n - 1 with 20 % 196 (recursive
-                # doubling chosen at 16 B-2 KiB, where direct was faster in two of the three runs);
-                # with 8 % 139 and 214. On 2 ranks of their own cores 12 % already chose
-                # recursive doubling where it measured 20-40 % behind (256 KiB-1 MiB), 8 % did not.
+            if timed and math.isfinite(scores[pick]) and latency_bound(coll, pick, m, n, hosts, p, forced_tcp):
+                # Near ties. The timed figures come from one launch, and launches of one algorithm
+                # differ by more than TIE on a busy machine, and by far more where ranks share
+                # cores (2x between launches on 4 ranks on 2 cores): TIE_SHARED. Within the margin
+                # the order is a coin toss, and each wait on a peer is one more chance to wait for
+                # a late or descheduled peer, so the fewest waits (peer_waits) is the steadiest
+                # pick. Only at latency-bound sizes: beyond them waits are a small part of the
+                # time, and the bytes and the reductions settle a near tie.
+                # Scored offline (calibrations against bench runs' forced-algorithm times; sizes
+                # over the 10 % regret bar, summed over the (calibration, run) pairs):
+                # - 1x4, 27 x 3 pairs: direct's shm messages as one wait 114 at 20 % and 139 at
+                #   8 %; as n - 1 waits 196 and 214 (recursive doubling chosen at 16 B-2 KiB, where
+                #   direct was faster in two of the three runs). 145 pairs (5 runs): ties at every
+                #   size 238, latency-bound only 213.
+                # - 1x2, 11 x 3 pairs: ties at every size 5 (recursive doubling at 512 KiB, which
+                #   reduces twice rhd's elements), latency-bound only 0. 12 % instead of 8 % chose
+                #   recursive doubling where it measured 20-40 % behind (256 KiB-1 MiB).
+                # - 2x2 (2 ranks per core, tcp between): with direct's tcp messages counted one
+                #   wait each, 0 in 2 x 2 pairs; with all its messages one wait, direct was chosen
+                #   at 16 B-8 KiB and measured 17-36 % behind recursive doubling.
                 shared = oversub > 1.0
                 near = [a for a in priced if scores[a] <= scores[pick] * (1 + (TIE_SHARED if shared else TIE))]
                 pick = min(near, key=lambda a: (peer_waits(coll, a, n, hosts, forced_tcp, shared),

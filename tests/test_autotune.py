@@ -85,6 +85,27 @@ def test_rounds_repeat_the_same_calls_on_every_rank():
     assert all(reps(a) >= reps(b) for a, b in zip((1e-6, 1e-5, 1e-4, 1e-3), (1e-5, 1e-4, 1e-3, 1e-2)))
 
 
+def test_only_latency_bound_near_ties_go_to_fewer_waits():
+    """2 ranks: recursive doubling (one wait on a peer) timed 5 % behind rhd (two) at every probe.
+    Where the model puts most of the cost in step latencies (64 B) the near tie goes to the fewer
+    waits; where bytes make the time (32 MiB: recursive doubling reduces every element, rhd half)
+    to the faster."""
+    from comms.tuning import latency_bound
+    n, hosts = 2, ONE_HOST(2)
+    rows = {a: [None] * len(PROBES) for a in NAMES["all_reduce"]}
+    for i, s in enumerate(PROBES):
+        for a in rows:
+            if a != "hierarchical":
+                rows[a][i] = 1000.0 * (2 + i)
+        rows["rhd"][i] = 1000.0 * (1 + i)
+        rows["recursive_doubling"][i] = 1000.0 * (1 + i) * 1.05
+    timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [2], rows))
+    assert latency_bound("all_reduce", "rhd", 64, n, hosts, P, False)
+    assert not latency_bound("all_reduce", "rhd", 32 << 20, n, hosts, P, False)
+    rules = default_rules(NAMES, n, hosts, timed, False)
+    assert _rule_at(rules, 64) == "recursive_doubling" and _rule_at(rules, 32 << 20) == "rhd"
+
+
 def test_near_ties_go_to_fewer_waits_on_a_peer():
     """4 ranks: direct measured 5 % faster than recursive doubling at small sizes. On cores of their
     own, within the tie margin recursive doubling (2 waits on a peer against direct's 3: its one
@@ -99,6 +120,9 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
     assert [peer_waits("all_reduce", a, n, hosts, shared=True) for a in ("direct", "recursive_doubling", "ring")] \
         == [1, 2, 6]
     assert peer_waits("all_reduce", "direct", 4, ((0, 1), (2, 3))) == 3
+    # sharing cores, direct's shm messages are one wait, its tcp messages one each
+    assert peer_waits("all_reduce", "direct", 4, ((0, 1), (2, 3)), shared=True) == 3
+    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True, shared=True) == 3
     assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True) == 3
     assert peer_waits("all_reduce", "hierarchical", 4, ((0, 1), (2, 3))) == 4
     assert peer_waits("all_reduce", "direct", 2, ONE_HOST(2)) == peer_waits("all_reduce", "recursive_doubling", 2, ONE_HOST(2)) == 1

@@ -27,10 +27,10 @@ With ``--variants auto,ring,...`` (comms only; one op per launch: what bench.reg
 size measures each variant side by side in the same launch: ``auto`` is the default selection, any
 other name that algorithm forced (:meth:`bench.backends.Backend.force`, what COMMS_ALGO=op:name does
 at init). Each variant gets its warm-up and its iteration count as in steps 2-3; the timed ops are
-then split into ``--variant-rounds`` rounds (default :data:`VARIANT_ROUNDS`), and every round runs
-every variant in turn (the order flipped every round), each turn started by a barrier and one
-untimed op (the forced plan is rebuilt at each switch). So drift on a busy machine, and a launch's placement of ranks on
-cores, hit every variant alike. The variants' figures pool their rounds' samples; each variant
+then split into ``--variant-rounds`` rounds (default :data:`bench.cli.VARIANT_ROUNDS`), and every
+round runs every variant in turn (the order flipped every round), each turn started by a barrier
+and one untimed op (the forced plan is rebuilt at each switch). So drift on a busy machine, and a
+launch's placement of ranks on cores, hit every variant alike. The variants' figures pool their rounds' samples; each variant
 writes its own results entry (with ``"variant"``), and the check runs once per variant.
 
 Finally one float64 all_reduce gathers every rank's (median, min, mean, wrong, iters, batch) per
@@ -58,7 +58,6 @@ MAX_ITERS = 5000                     # bounds the loop when rare stalls make the
 MAX_BUFFERS = 4                      # buffer sets rotated through in the timed loop
 POOL_BYTES = 1 << 30                 # bound on all ranks' pools together
 LARGE_WARMUP = 5                     # default warm-up ops from BATCH_BELOW up
-VARIANT_ROUNDS = cli.VARIANT_ROUNDS  # --variants: default timed rounds per size, every variant in each
 LAUNCH_WARM_ROUNDS = 25              # launch warm-up: rounds over the buffer sets at the smallest size...
 NEXT_WARM_ROUNDS = 2                 # ...and for every later (op, place) of the launch
 
@@ -89,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=None,
                    help="comms, one op: comma-separated auto (default selection) and algorithm names, "
                         "measured side by side at every size")
-    p.add_argument("--variant-rounds", type=int, default=VARIANT_ROUNDS,
-                   help=f"--variants: interleaved timed rounds per size (default {VARIANT_ROUNDS})")
+    p.add_argument("--variant-rounds", type=int, default=cli.VARIANT_ROUNDS,
+                   help=f"--variants: interleaved timed rounds per size (default {cli.VARIANT_ROUNDS})")
     args = p.parse_args(argv)
     if args.variant_rounds < 1:
         p.error("--variant-rounds must be at least 1")

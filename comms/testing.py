@@ -17,8 +17,8 @@ Contract:
 * Each rank runs in its own session; killing a rank kills its process group (grandchildren too).
 * If a rank raises (any ``BaseException``, ``sys.exit`` included) or dies without reporting
   (``os._exit``, a signal), the others get a :data:`FAIL_GRACE_S` (5 s) grace to finish or fail
-  on their own, then are killed, and :class:`RankFailed` is raised for the lowest failing rank; ``.failures`` records
-  every failure. When ``timeout`` passes first, :class:`SpawnTimeout` names the ranks still
+  on their own, then are killed, and :class:`RankFailed` is raised for the lowest failing rank;
+  ``.failures`` records every failure. When ``timeout`` passes first, :class:`SpawnTimeout` names the ranks still
   running. A rank counts as finished once it has reported *and* exited.
 * Always, before returning or raising: every rank is killed and joined, the store is closed and
   ``comms.cleanup.sweep_stale_segments`` is run for the ranks' pids.

@@ -213,6 +213,8 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
     from . import autotune
     p = p.loaded(oversub)
     timed = autotune.applies(p.measured, n, hosts)
+    shared = oversub > 1.0                  # near ties (below): the margin and how direct's waits count
+    margin = TIE_SHARED if shared else TIE
     rules = []
     for coll, names in algos.items():
         priced = [a for a in names if cost(coll, a, 1 << 20, n, hosts, p, forced_tcp) < math.inf]
@@ -248,8 +250,7 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
                 # - 2x2 (2 ranks per core, tcp between): with direct's tcp messages counted one
                 #   wait each, 0 in 2 x 2 pairs; with all its messages one wait, direct was chosen
                 #   at 16 B-8 KiB and measured 17-36 % behind recursive doubling.
-                shared = oversub > 1.0
-                near = [a for a in priced if scores[a] <= scores[pick] * (1 + (TIE_SHARED if shared else TIE))]
+                near = [a for a in priced if scores[a] <= scores[pick] * (1 + margin)]
                 pick = min(near, key=lambda a: (peer_waits(coll, a, n, hosts, forced_tcp, shared),
                                                 scores[a], priced.index(a)))
             best.append(pick)

@@ -110,9 +110,9 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
     """4 ranks: direct measured 5 % faster than recursive doubling at small sizes. On cores of their
     own, within the tie margin recursive doubling (2 waits on a peer against direct's 3: its one
     step waits on every peer) wins. With 2 ranks per core direct's step counts one wait (its
-    messages arrive in one round of the scheduler), so direct wins within the margin, and
-    recursive doubling wins a near tie where it is the faster, up to TIE_SHARED. A gap beyond the
-    margin goes to the faster. On 2 ranks both wait once."""
+    messages arrive in one round of the scheduler), so direct wins within the margin, TIE_SHARED,
+    even where recursive doubling is the faster. A gap beyond the margin goes to the faster. On 2
+    ranks both wait once."""
     from comms.tuning import TIE, TIE_SHARED, peer_waits
     n, hosts = 4, ONE_HOST(4)
     assert [peer_waits("all_reduce", a, n, hosts) for a in ("direct", "recursive_doubling", "rhd", "ring", "tree")] \

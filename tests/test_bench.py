@@ -523,7 +523,7 @@ def test_worker_variants_need_comms_and_one_op():
         with pytest.raises(SystemExit):
             worker.parse_args(["--sizes", "8"] + (["--backend", "comms"] if "--backend" not in bad else []) + bad)
     a = worker.parse_args(["--backend", "comms", "--sizes", "8", "--variants", "auto,ring"])
-    assert a.variants == ["auto", "ring"] and a.variant_rounds == worker.VARIANT_ROUNDS
+    assert a.variants == ["auto", "ring"] and a.variant_rounds == cli.VARIANT_ROUNDS
     with pytest.raises(SystemExit):
         worker.parse_args(["--backend", "comms", "--sizes", "8", "--variants", "auto", "--variant-rounds", "0"])
 

@@ -31,9 +31,18 @@ Contract:
 * Per row: every algorithm's time (us), ``auto`` (the default run's time), ``choice`` (the
   algorithm the default run used), ``best`` (the fastest forced algorithm),
   ``regret`` = t_forced[choice] / t_best - 1 (choice regret: both figures come from forced runs,
-  so two runs of one algorithm do not add noise) and ``auto_regret`` = t_auto / t_best - 1; in the
-  paired (default) design both are the median over launches of that launch's ratio, the launch's
-  own figures for the two (the ``best`` is still the algorithm with the lowest median). A row
+  so two runs of one algorithm do not add noise) and ``auto_regret`` = t_auto / t_best - 1.
+  In the paired (default) design they are paired by round (``--pairing round``, the default, with
+  ``--stat mean``): every round of every launch gives the ratio of the two variants' means in that
+  round (the slowest rank's, ``round_mean_us`` from the worker), the median over all rounds is the
+  pair's ratio, and ``regret`` is the largest such ratio of the choice against any forced algorithm
+  that ran, minus 1 (``vs`` names it; at least 0, and at least the ratio against ``best``, the
+  algorithm with the lowest median). The reason: this VM moves between machine states that last
+  seconds (the same 8 MiB all_reduce on 2 ranks takes 0.7 ms, then 7 ms for 2 to 5 s, both ranks
+  at 100 % on cores of their own, no sleeps, no steal), so a launch's mean can pool one variant's
+  slow spell against another's fast one; two turns of one round sit within a fraction of a second.
+  ``launch_regret``/``launch_auto_regret`` (``--pairing launch``) are the median over launches of
+  the launch's own ratio, the pairing before; the table shows it as ``launch``. A row
   whose choice regret exceeds ``--bar`` (default 10 %) is marked ``<<``; one whose auto regret
   alone exceeds it, ``(auto)``. ``split`` is the bench's own noise at that size: the launches
   split into even and odd halves, the regret of one half's best algorithm scored by the other
@@ -101,6 +110,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a launch's figure per size: the slowest rank's mean (default) or median time per op")
     p.add_argument("--rounds", dest="variant_rounds", type=int, default=cli.VARIANT_ROUNDS,
                    help=f"paired: interleaved timed rounds of every variant per size (default {cli.VARIANT_ROUNDS})")
+    p.add_argument("--pairing", choices=["round", "launch"], default="round",
+                   help="paired design: compare two algorithms round by round (default) or launch by launch")
     p.add_argument("--separate", action="store_true",
                    help="one series of launches per variant (default: every launch measures all of them, paired)")
     p.add_argument("--strict", action="store_true", help="exit 3 when a choice regret exceeds the bar")
@@ -301,6 +312,38 @@ def _paired_ratio(per: dict, a: str, b: str, nbytes: int, stat: str, algo_a: str
     return statistics.median(ratios) if ratios else None
 
 
+def _round_ratio(per: dict, a: str, b: str, nbytes: int, algo_a: str | None, algo_b: str) -> float | None:
+    """Median, over every round of every launch, of that round's t[a] / t[b] at ``nbytes`` (the
+    slowest rank's mean per op in the round, ``round_mean_us``); a's row must have run ``algo_a``
+    (None: any) and b's ``algo_b``. None when a launch's rows lack round figures (so the caller
+    falls back to launch-wise pairing) or no launch ran both."""
+    ratios = []
+    for da, db in zip(per.get(a, []), per.get(b, [])):
+        ra, rb = da.get(nbytes), db.get(nbytes)
+        if not (ra and rb and (algo_a is None or ra["algorithm"] == algo_a) and rb["algorithm"] == algo_b):
+            continue
+        xa, xb = ra.get("round_mean_us"), rb.get("round_mean_us")
+        if not xa or not xb or len(xa) != len(xb):
+            return None
+        ratios += [x / y for x, y in zip(xa, xb) if x > 0 and y > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def round_regret(per: dict, op: str, variant_label: str, algo: str | None, timed: dict, nbytes: int):
+    """Round-paired regret of one series against every forced algorithm that ran: the largest
+    ``_round_ratio(series, forced) - 1`` over them, with the algorithm it is measured against, or
+    (None, None) without round figures. Comparing against every algorithm, not only the one with
+    the lowest median, can only raise the figure."""
+    worst, against = None, None
+    for b in timed:
+        r = _round_ratio(per, variant_label, label_of(op, b), nbytes, algo, b)
+        if r is None:
+            return None, None
+        if worst is None or r - 1 > worst:
+            worst, against = r - 1, b
+    return worst, against
+
+
 def split_regret(op: str, algos: list[str], per: dict, nbytes: int, stat: str, paired: bool) -> float | None:
     """How far the bench itself is from telling the best algorithm at ``nbytes``: the launches
     split into two halves (even and odd indices), each half's best algorithm (lowest median) scored
@@ -332,15 +375,18 @@ def split_regret(op: str, algos: list[str], per: dict, nbytes: int, stat: str, p
 
 
 def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.Launch]], bar: float,
-            stat: str = "mean", paired: bool = False) -> list[dict]:
+            stat: str = "mean", paired: bool = False, pairing: str = "round") -> list[dict]:
     """One row per size: every algorithm's time (median over launches of :func:`figure`; None:
     declined or not run), the default's; ``paired``: the regrets are medians of launch-wise ratios
-    (the series' launches line up by index); ``split``: :func:`split_regret`, the bench's own noise
-    at that size, and ``noisy``: it exceeds the bar."""
+    (the series' launches line up by index), kept as ``launch_regret``/``launch_auto_regret``; with
+    ``pairing`` "round" and ``stat`` "mean", where the rows carry round figures, ``regret`` and
+    ``auto_regret`` are :func:`round_regret` instead (``vs``: the algorithm each is measured
+    against); ``split``: :func:`split_regret`, the bench's own noise at that size, and ``noisy``:
+    it exceeds the bar."""
     per = {label: [_rows_of(ln) for ln in lns] for label, lns in launches.items()}
     rows = []
     for lay in layouts:
-        t, spread, wrong = {}, {}, 0
+        t, spread, rounds_of, wrong = {}, {}, {}, 0
         for algo in algos:
             label = label_of(op, algo)
             got = [d[lay.nbytes] for d in per.get(label, []) if lay.nbytes in d]
@@ -348,6 +394,8 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
             ran = [figure(g, stat) for g in got if g["algorithm"] == algo]
             t[algo] = statistics.median(ran) if ran else None
             spread[algo] = [round(x, 3) for x in ran]
+            rounds_of[algo] = [[round(x, 3) for x in g["round_mean_us"]]
+                               if g["algorithm"] == algo and g.get("round_mean_us") else None for g in got]
         auto = [d[lay.nbytes] for d in per.get("comms", []) if lay.nbytes in d]
         wrong += sum(g["wrong"] for g in auto)
         t_auto = statistics.median(figure(g, stat) for g in auto) if auto else None
@@ -363,10 +411,21 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
         if paired and best and areg is not None:
             r = _paired_ratio(per, "comms", label_of(op, best), lay.nbytes, stat, None, best)
             areg = None if r is None else r - 1
+        launch_reg, launch_areg, vs, avs, by = reg, areg, None, None, "launch" if paired else "median"
+        if paired and pairing == "round" and stat == "mean" and best:
+            rreg, vs = round_regret(per, op, label_of(op, choice), choice, timed, lay.nbytes) \
+                if reg is not None else (None, None)
+            rareg, avs = round_regret(per, op, "comms", None, timed, lay.nbytes) if areg is not None else (None, None)
+            if (reg is None or rreg is not None) and (areg is None or rareg is not None):
+                reg, areg, by = rreg, rareg, "round"
         split = split_regret(op, algos, per, lay.nbytes, stat, paired)
         rows.append({"bytes": lay.nbytes, "time_us": t, "launch_us": spread, "auto_us": t_auto, "split": split,
+                     "paired_by": by, "vs": vs, "auto_vs": avs,
+                     "launch_regret": launch_reg, "launch_auto_regret": launch_areg,
                      "noisy": split is not None and split > bar,
                      "auto_launch_us": [round(figure(g, stat), 3) for g in auto], "choice": choice, "best": best,
+                     "round_us": rounds_of, "auto_round_us": [[round(x, 3) for x in g.get("round_mean_us") or []]
+                                                              for g in auto],
                      "regret": reg, "auto_regret": areg, "over": reg is not None and reg > bar,
                      "auto_over": areg is not None and areg > bar, "wrong": wrong})
     return rows
@@ -377,20 +436,27 @@ def _pct(v: float | None) -> str:
 
 
 def table(op: str, algos: list[str], rows: list[dict], bar: float, stat: str = "mean") -> list[str]:
-    cols = ["size"] + algos + ["auto", "choice", "best", "regret", "auto_regret", "split", ""]
+    rounds = any(r.get("paired_by") == "round" for r in rows)
+    cols = ["size"] + algos + ["auto", "choice", "best", "regret", "auto_regret"] + (["launch"] if rounds else []) \
+        + ["split", ""]
     body = []
     for r in rows:
         cells = [cli.human_size(r["bytes"])] + [f"{r['time_us'][a]:.2f}" if r["time_us"][a] is not None else "-"
                                                 for a in algos]
         flag = "<<" if r["over"] else ("(auto)" if r["auto_over"] else "")
         cells += [f"{r['auto_us']:.2f}" if r["auto_us"] is not None else "-", r["choice"] or "-", r["best"] or "-",
-                  _pct(r["regret"]), _pct(r["auto_regret"]), _pct(r.get("split")), flag]
+                  _pct(r["regret"]), _pct(r["auto_regret"])] + ([_pct(r.get("launch_regret"))] if rounds else []) \
+            + [_pct(r.get("split")), flag]
         body.append(cells)
     w = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
     fmt = lambda cs: "  ".join(c.rjust(w[i]) if i < len(cols) - 1 else c for i, c in enumerate(cs))
-    return [f"## {op}: {stat} time per op in us (slowest rank, median over launches); regret = t[choice] / t[best] - 1, "
-            f"auto_regret = t[auto] / t[best] - 1; split = the regret of one half of the launches' best, scored by "
-            f"the other half (the bench's own noise); << marks regret > {bar * 100:g} %",
+    how = ("regret = max over forced algorithms a of the median over rounds of t[choice] / t[a] in the same round, "
+           "- 1; auto_regret the same for t[auto]; launch = the launch-paired regret, median of launch-wise "
+           "t[choice] / t[best] - 1" if rounds else
+           "regret = t[choice] / t[best] - 1, auto_regret = t[auto] / t[best] - 1")
+    return [f"## {op}: {stat} time per op in us (slowest rank, median over launches); {how}; split = the regret "
+            f"of one half of the launches' best, scored by the other half (the bench's own noise); << marks regret "
+            f"> {bar * 100:g} %",
             fmt(cols).rstrip()] + [fmt(b).rstrip() for b in body]
 
 
@@ -445,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
            "ranks_per_host": args.ranks if args.hosts else args.np, "nranks": args.np, "rate": args.rate,
            "bar": args.bar, "stat": args.stat,
            "design": "separate" if args.separate else "paired",
+           "pairing": None if args.separate else args.pairing,
            "rounds": None if args.separate else args.variant_rounds, "sizes": args.sizes, "launches": args.launches,
            "machine": report.machine_info(driver.launch_env()), "ops": {}}
     failed = wrong = over = False
@@ -467,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (shared machine: figures are noisy)")
             print(f"# sizes: {cli.human_size(args.sizes[0])} .. {cli.human_size(args.sizes[-1])} x{args.stepfactor:g}; "
                   + (f"launches {args.launches} per variant, interleaved; iters " if args.separate else
-                     f"launches {args.launches}, each measuring every variant side by side (paired, "
-                     f"{args.variant_rounds} rounds per size); iters ")
+                     f"launches {args.launches}, each measuring every variant side by side (paired by "
+                     f"{args.pairing}, {args.variant_rounds} rounds per size); iters ")
                   + f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
             print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
                   + (f"{doc['cost_model']['source']}: shm {doc['cost_model']['shm']}, tcp {doc['cost_model']['tcp']}, "
@@ -498,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                 launched = [ln for series in lns.values() for ln in series]
                 if not args.separate:
                     lns = split_paired(op, lns["comms"])
-                rows = analyse(op, algos, layouts, lns, args.bar, args.stat, paired=not args.separate)
+                rows = analyse(op, algos, layouts, lns, args.bar, args.stat, paired=not args.separate,
+                               pairing=args.pairing)
                 for line in table(op, algos, rows, args.bar, args.stat):
                     print(line)
                 line = summary(args.config, op, rows, args.bar)

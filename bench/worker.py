@@ -31,7 +31,9 @@ then split into ``--variant-rounds`` rounds (default :data:`bench.cli.VARIANT_RO
 round runs every variant in turn (the order flipped every round), each turn started by a barrier
 and one untimed op (the forced plan is rebuilt at each switch). So drift on a busy machine, and a
 launch's placement of ranks on cores, hit every variant alike. The variants' figures pool their rounds' samples; each variant
-writes its own results entry (with ``"variant"``), and the check runs once per variant.
+writes its own results entry (with ``"variant"``), and the check runs once per variant. Each such
+row also keeps ``round_mean_us``: per round, in round order, the slowest rank's mean time per op in
+that round (what bench.regret pairs round by round).
 
 Finally one float64 all_reduce gathers every rank's (median, min, mean, wrong, iters, batch) per
 measured size, and rank 0 writes the launch's JSON: the figure per size is the slowest rank's median.
@@ -220,7 +222,8 @@ def forced_algorithm(variant: str) -> str | None:
 def measure_variants(args, backend, op: ops.Op, place: str, lay: ops.Layout, pool: Pool,
                      variants: list[str]) -> dict[str, dict]:
     """``--variants``: every variant's figures for one size, measured in interleaved rounds (the
-    module doc); each also carries the algorithm that ran (``"algorithm"``)."""
+    module doc); each also carries the algorithm that ran (``"algorithm"``) and this rank's mean
+    time per op in each round, in round order (``"round_means_s"``)."""
     fns, batch, nwarm = _fns_and_batch(args, backend, op, place, lay, pool)
     msg_bytes = op.msg_bytes(lay, backend.size, ops.elem_size(args.dtype))
     est = []
@@ -235,15 +238,19 @@ def measure_variants(args, backend, op: ops.Op, place: str, lay: ops.Layout, poo
     per_round = {v: max(1, -(-choose_iters(args, lay, batch, e) // (batch * rounds))) * batch
                  for v, e in zip(variants, est)}
     samples: dict[str, list[float]] = {v: [] for v in variants}
+    round_means: dict[str, list[float]] = {v: [] for v in variants}   # per round: the mean of its samples
     ran: dict[str, str] = {}
     for rnd in range(rounds):
         for v in (variants if rnd % 2 == 0 else variants[::-1]):
             backend.force(op.name, forced_algorithm(v))
             backend.barrier()
             fns[0]()                                         # the rebuilt plan's first call, untimed
-            samples[v] += _timed(fns, per_round[v], batch)
+            got = _timed(fns, per_round[v], batch)
+            samples[v] += got
+            round_means[v].append(statistics.fmean(got))
             ran[v] = backend.algorithm(op.name, msg_bytes)
-    return {v: dict(_figures(samples[v], per_round[v] * rounds, batch), algorithm=ran[v]) for v in variants}
+    return {v: dict(_figures(samples[v], per_round[v] * rounds, batch), algorithm=ran[v], round_means_s=round_means[v])
+            for v in variants}
 
 
 def corrupt_target(op: ops.Op, nranks: int, root: int) -> int:
@@ -318,6 +325,7 @@ def run(args) -> dict | None:
     total = sum(len(lays) for _, lays in plans) * len(args.places)
     done = 0
     results, local = [], []   # local: per measured size, (median_s, min_s, mean_s, wrong, iters, batch)
+    local_rounds = []         # per measured size: its round means (--variants), padded to --variant-rounds
     variants = args.variants or [None]
     for op, layouts in plans:
         for place in args.places:
@@ -352,6 +360,7 @@ def run(args) -> dict | None:
                     entries[v]["rows"].append({"nbytes": lay.nbytes, "count": lay.count, "in_count": lay.in_count,
                                                "out_count": lay.out_count, "algorithm": algo, "_k": len(local)})
                     local.append((r["median_s"], r["min_s"], r["mean_s"], wrong, r["iters"], r["batch"]))
+                    local_rounds.append(r.get("round_means_s", []))
                     if op.name == ops.MOE and rank == 0:   # per rank: rows it dispatches (DeepEP counts their bytes)
                         entries[v]["rows"][-1]["dispatched_rows"] = op.dispatched_rows(lay, n)
                 if args.variants:
@@ -371,6 +380,11 @@ def run(args) -> dict | None:
         flat[base: base + width] = [float(v) for v in row]
     if flat:
         flat = backend.reduce_values(flat, "sum")
+    # round means: the slowest rank's per round (every rank runs the same rounds), as the figure is
+    nrounds = args.variant_rounds if args.variants else 0
+    rounds_max = [x for rm in local_rounds for x in (list(rm) + [0.0] * nrounds)[:nrounds]]
+    if rounds_max:
+        rounds_max = backend.reduce_values(rounds_max, "max")
     doc = None
     if rank == 0:
         for res in results:
@@ -381,6 +395,8 @@ def run(args) -> dict | None:
                 row.update({"time_us": max(med), "rank_median_us": med, "rank_min_us": [p[1] * 1e6 for p in per],
                             "rank_mean_us": [p[2] * 1e6 for p in per], "wrong": int(sum(p[3] for p in per)),
                             "iters": int(per[0][4]), "batch": int(per[0][5])})
+                if nrounds:
+                    row["round_mean_us"] = [x * 1e6 for x in rounds_max[i * nrounds:(i + 1) * nrounds]]
         doc = {
             "backend": label, "base": args.backend, "dtype": args.dtype, "nranks": n, "root": args.root,
             "transport": backend.transport(), "versions": backend.versions(),

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -398,13 +399,16 @@ def test_regret_tool_end_to_end(tmp_path, design):
     algos = algorithms.names("broadcast")
     lines = p.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["size"])
-    assert lines[head].split() == ["size", *algos, "auto", "choice", "best", "regret", "auto_regret", "split"]
+    assert lines[head].split() == ["size", *algos, "auto", "choice", "best", "regret", "auto_regret"] \
+        + (["launch"] if design == "paired" else []) + ["split"]
     assert any(ln.startswith("# COMMS_CALIBRATE=False (env); cost model: defaults") for ln in lines), p.stdout
     assert any(ln.startswith("# summary 1 host x 2 ranks, broadcast: max regret") for ln in lines)
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "comms-regret/1" and doc["nranks"] == 2 and doc["calibrate"] is False
-    assert doc["design"] == design and ("side by side (paired, 3 rounds per size)" in p.stdout) == (design == "paired")
+    assert doc["design"] == design and ("side by side (paired by round, 3 rounds per size)" in p.stdout) == \
+        (design == "paired")
     assert doc["rounds"] == (3 if design == "paired" else None)
+    assert doc["pairing"] == ("round" if design == "paired" else None)
     assert doc["cost_model"]["source"] == "defaults" and any(r.startswith("broadcast:") for r in doc["rules"])
     res = doc["ops"]["broadcast"]
     assert res["algorithms"] == algos and res["not_launched"] == ["hierarchical"]     # one host: it declines
@@ -414,8 +418,21 @@ def test_regret_tool_end_to_end(tmp_path, design):
         assert r["choice"] in algos and r["time_us"][r["choice"]] is not None
         timed = {a: t for a, t in r["time_us"].items() if t is not None}
         assert r["best"] == min(timed, key=timed.get)
-        assert r["regret"] == pytest.approx(timed[r["choice"]] / timed[r["best"]] - 1)
-        assert r["auto_regret"] == pytest.approx(r["auto_us"] / timed[r["best"]] - 1)
+        assert r["launch_regret"] == pytest.approx(timed[r["choice"]] / timed[r["best"]] - 1)
+        assert r["launch_auto_regret"] == pytest.approx(r["auto_us"] / timed[r["best"]] - 1)
+        if design == "separate":
+            assert r["paired_by"] == "median" and r["regret"] == r["launch_regret"]
+            assert r["auto_regret"] == r["launch_auto_regret"] and r["round_us"][r["choice"]] == [None]
+        else:
+            # the worker's round figures (3 rounds, one launch), and the regret recomputed from them:
+            # the worst median round ratio against any forced algorithm that ran
+            assert r["paired_by"] == "round" and r["vs"] in timed and r["auto_vs"] in timed
+            rounds = {a: r["round_us"][a][0] for a in timed}
+            assert all(len(x) == 3 and min(x) > 0 for x in rounds.values()) and len(r["auto_round_us"][0]) == 3
+            worst = max(statistics.median(x / y for x, y in zip(rounds[r["choice"]], rounds[a])) for a in timed)
+            assert r["regret"] == pytest.approx(worst - 1, abs=1e-3) and r["regret"] >= 0
+            aworst = max(statistics.median(x / y for x, y in zip(r["auto_round_us"][0], rounds[a])) for a in timed)
+            assert r["auto_regret"] == pytest.approx(aworst - 1, abs=1e-3)
         assert r["over"] == (r["regret"] > doc["bar"]) and r["wrong"] == 0
         assert r["split"] is None and r["noisy"] is False         # one launch: no halves to compare
     rows = lines[head + 1: head + 3]
@@ -483,6 +500,43 @@ def test_paired_regret_is_the_median_of_launch_wise_ratios():
     assert regret.analyse("all_reduce", ["a", "b"], lay, series, 0.1)[0]["regret"] == pytest.approx(0.05)
     failed = regret.split_paired("all_reduce", lns[:1] + [report.Launch("comms", 1, 0.0, error="exit status 1")])
     assert all(len(v) == 2 and not v[1].ok for v in failed.values())
+
+
+def test_round_paired_regret_pairs_each_round_and_takes_the_worst_algorithm():
+    """Two paired launches, 4 rounds, choice a. In launch 0 the machine turns slow for the last
+    round after b's turn (a 40 against b 10): the launch means say a loses 75 % to b there, the
+    round ratios (1, 1, 1, 4) say it does not. b has the lowest median (it is best), but a loses
+    8 % to d in every round (d's launch-0 mean is the higher), so the regret is 8 %, measured
+    against d. Rows without round figures, or pairing="launch", fall back to the launch-wise ratio."""
+    from bench import ops, regret
+
+    def launch(i, rounds, with_rounds=True):
+        results = [{"na": False, "variant": v, "rows": [dict(
+            {"nbytes": 64, "time_us": 0.0, "rank_mean_us": [statistics.fmean(x)] * 2, "wrong": 0,
+             "algorithm": "a" if v == "auto" else v}, **({"round_mean_us": x} if with_rounds else {}))]}
+            for v, x in rounds.items()]
+        return report.Launch("comms", i, 1.0, doc={"results": results})
+    slow = {"auto": [10.0, 10, 10, 40], "a": [10.0, 10, 10, 40], "b": [10.0] * 4, "d": [10 / 1.08] * 3 + [40 / 1.08]}
+    calm = {"auto": [10.0] * 4, "a": [10.0] * 4, "b": [10.0] * 4, "d": [10 / 1.08] * 4}
+    lay = ops.plan(ops.OPS["all_reduce"], [64], 2, 4)
+    algos = ["a", "b", "d"]
+
+    def row(lns, **kw):
+        return regret.analyse("all_reduce", algos, lay, regret.split_paired("all_reduce", lns), 0.1, paired=True,
+                              **kw)[0]
+    r = row([launch(0, slow), launch(1, calm)])
+    assert r["choice"] == "a" and r["best"] == "b" and r["paired_by"] == "round" and r["vs"] == r["auto_vs"] == "d"
+    assert r["regret"] == pytest.approx(0.08) and r["auto_regret"] == pytest.approx(0.08) and not r["over"]
+    assert r["launch_regret"] == pytest.approx(statistics.median([17.5 / 10, 10 / 10]) - 1) and r["launch_regret"] > 0.1
+    assert r["round_us"]["b"] == [[10.0] * 4] * 2 and r["auto_round_us"][0] == [10.0, 10, 10, 40]
+    per = {k: [regret._rows_of(ln) for ln in v] for k, v in regret.split_paired("all_reduce", [launch(0, slow)]).items()}
+    assert regret._round_ratio(per, regret.label_of("all_reduce", "a"), regret.label_of("all_reduce", "b"), 64, "a",
+                               "b") == pytest.approx(1.0)
+    bare = row([launch(0, slow, False), launch(1, calm, False)])
+    assert bare["paired_by"] == "launch" and bare["regret"] == bare["launch_regret"] and bare["vs"] is None
+    told = row([launch(0, slow), launch(1, calm)], pairing="launch")
+    assert told["paired_by"] == "launch" and told["regret"] == pytest.approx(r["launch_regret"])
+    assert regret.parse_args([]).pairing == "round" and regret.parse_args(["--pairing", "launch"]).pairing == "launch"
 
 
 def test_split_regret_is_the_benchs_own_noise():
@@ -562,6 +616,7 @@ def test_worker_interleaves_the_variants_in_the_given_rounds(monkeypatch):
     assert sum(1 for kind, v in log if kind == "op" and v == "ring") == 1 + 3 * (1 + 2)
     assert {v: (f["iters"], f["algorithm"]) for v, f in figs.items()} == {"auto": (6, "auto"), "ring": (6, "ring"),
                                                                           "tree": (6, "tree")}
+    assert all(len(f["round_means_s"]) == 3 and min(f["round_means_s"]) >= 0 for f in figs.values())
 
 
 def test_regret_simulated_hosts_need_root(monkeypatch, capsys):

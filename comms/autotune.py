@@ -19,7 +19,8 @@ same arguments): each (algorithm, size) runs one warm-up call per buffer set (up
 sets, rotated through as a job's tensors are), then :data:`ROUNDS` timed rounds of ``reps(size)``
 back-to-back calls, each round started by a barrier, the algorithms interleaved and their order
 flipped every round so drift on a busy machine hits all of them alike; a rank's figure is its mean
-time per call over all the rounds. The mean, not a per-call median or minimum, and not the median
+time per call over all the rounds (at bulk probes, calls of :data:`SLOW_CALL_S` or more, paired
+round by round instead: :func:`figures`). The mean, not a per-call median or minimum, and not the median
 round either: a job's time is the sum of its collectives' times, tails included (with more ranks
 than cores, an algorithm whose typical call is fast can still lose by its stalls, and a stall every
 few rounds is part of what it costs: the median round left them out, and priced direct within 7 %
@@ -106,6 +107,30 @@ def _over_budget(comm, t_start: float, t_size: float, budget_s: float, growth: f
     return clocks[0] + growth * clocks[1] > budget_s
 
 
+def figures(means: dict, paired: bool) -> dict:
+    """{algo: µs per call} from {algo: [mean µs per call in each round]} (rounds of equal calls,
+    the algorithms' turns interleaved). Unpaired: each algorithm's mean over its rounds. Paired (bulk
+    probes): the fastest algorithm by mean is the reference, and every other one is priced at the
+    reference's mean times the median over rounds of its ratio to the reference in the same round.
+    The reason is the machine, not the stalls: this VM moves between states that last seconds (an
+    8 MiB all_reduce on 2 ranks took 0.7 ms, then 7 ms for 2 to 5 s, both ranks at 100 % on cores
+    of their own), and a state change in the middle of a probe lands on some algorithms' turns and
+    not others', which a mean pools into the ranking; two turns of one round sit within a fraction
+    of a second. At fast probes a round holds hundreds of calls and a stall of milliseconds is what
+    the mean must keep (the module docstring), so those stay unpaired."""
+    fig = {a: float(np.mean(v)) for a, v in means.items() if v}
+    if not paired or len(fig) < 2:
+        return fig
+    ref = min(fig, key=fig.get)
+    out = {}
+    for a, v in means.items():
+        if not v:
+            continue
+        ratios = [x / y for x, y in zip(v, means[ref]) if x > 0 and y > 0]
+        out[a] = fig[ref] * float(np.median(ratios)) if ratios else fig[a]
+    return out
+
+
 def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     """This rank's figures: {"layout": [size, [ranks per host]], coll: {algo: [µs per probe, or
     None where the algorithm declined or was dropped], as long as the probes reached]}} (see the
@@ -166,7 +191,7 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
                         p_in, p_out, keep = sets[j % len(sets)]
                         comm._run(enc, p_in, p_out, keep, False)
                     means[a].append((time.perf_counter() - t0) / k * 1e6)
-            fig = {a: float(np.mean(v)) for a, v in means.items()}      # rounds of equal calls: the overall mean
+            fig = figures(means, paired=bool(len(warm)) and float(warm.min()) >= SLOW_CALL_S)
             for a in names:
                 table[a].append(round(fig[a], 3) if a in fig else None)
             if nbytes >= PRUNE_FROM and fig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.autotune import PROBES, applies, combine, correction, reps
+from comms.autotune import PROBES, applies, combine, correction, figures, reps
 from comms.tuning import Link, Params, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
@@ -148,3 +148,17 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
     assert _rule_at(rules(-TIE * 2, 2.0), 64) == "direct"
     assert _rule_at(rules(-TIE_SHARED * 1.5, 2.0), 64) == "recursive_doubling"
     assert _rule_at(rules(TIE_SHARED * 1.5, 2.0), 64) == "direct"
+
+
+def test_bulk_probes_are_paired_round_by_round():
+    """A machine state that slows everything 10x for two rounds, landing on ring's turns of the
+    third round but not rhd's: the mean ranks ring behind; paired by round, ring is 10 % ahead, as it
+    was in every round. Fast probes keep the plain mean (a stall is part of what they cost)."""
+    rhd = [1.0, 1.0, 10.0, 10.0, 1.0]
+    ring = [0.9, 0.9, 9.0, 9.0, 9.0]         # its third turn fell in the slow state, rhd's did not
+    plain = figures({"ring": ring, "rhd": rhd}, paired=False)
+    assert plain["ring"] > plain["rhd"]
+    paired = figures({"ring": ring, "rhd": rhd}, paired=True)
+    assert paired["ring"] < paired["rhd"] and math.isclose(paired["ring"] / paired["rhd"], 0.9)
+    assert paired["rhd"] == plain["rhd"]     # the reference (lowest mean) keeps its mean
+    assert figures({"ring": ring}, paired=True) == figures({"ring": ring}, paired=False)

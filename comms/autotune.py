@@ -15,21 +15,25 @@ places the crossover. An algorithm that declined a probe (NotSupported) is not c
 to it.
 
 Contract of :func:`measure` (collective: every rank calls it at the same point of init, with the
-same arguments): each (algorithm, size) runs one warm-up call per buffer set (up to :data:`BUFFERS`
-sets, rotated through as a job's tensors are), then :data:`ROUNDS` timed rounds of ``reps(size)``
-back-to-back calls, each round started by a barrier, the algorithms interleaved and their order
-flipped every round so drift on a busy machine hits all of them alike; a rank's figure is its mean
-time per call over all the rounds (at bulk probes, calls of :data:`SLOW_CALL_S` or more, paired
-round by round instead: :func:`figures`). The mean, not a per-call median or minimum, and not the median
-round either: a job's time is the sum of its collectives' times, tails included (with more ranks
-than cores, an algorithm whose typical call is fast can still lose by its stalls, and a stall every
-few rounds is part of what it costs: the median round left them out, and priced direct within 7 %
-of recursive doubling at 8 KiB on 4 ranks sharing 2 cores where the bench's means put it 11-19 %
-behind). The calls are real collectives (they are matched and checked like any other), taking sequence
-numbers 1, 2, ...; the caller resets the numbering once every rank is done, so the user's first
-collective is number 1. Call counts come from the slowest rank's warm-up call, so every rank runs
-the same calls. Rank 0 combines the ranks' figures with :func:`combine` (the slowest rank's figure
-per entry: a collective is as fast as its slowest member), and the table is cached with the
+same arguments): at each probe every algorithm that does not decline the size is forced in turn
+(``set_algo``, as COMMS_ALGO would) and called through the public method on torch CPU tensors, the
+way a job calls it (:func:`_calls`; up to :data:`BUFFERS` buffer sets rotated through as a job's
+tensors are): one warm-up call per set, then up to :data:`ROUNDS` rounds in which each contender
+runs one turn of ``reps(call)`` back-to-back calls (about :data:`ROUND_S`, as a turn of the
+bench), each turn started by a barrier and one untimed call, the order flipped every round so drift
+on a busy machine hits them alike. A round's figure per algorithm is the slowest rank's mean time
+per call in its turn (every rank gets the same figures from a MAX all_reduce, so every rank makes
+the same decisions); after each round the algorithms far behind the fastest stop being timed at
+this probe (:func:`contenders`), and the figures pair the algorithms round by round
+(:func:`figures`). A turn's mean, not a per-call median or minimum: a job's time is the sum of its
+collectives' times, tails included (with more ranks than cores, an algorithm whose typical call is
+fast can still lose by its stalls; the median round, the figure before, left them out and priced
+direct within 7 % of recursive doubling at 8 KiB on 4 ranks sharing 2 cores where the bench's means
+put it 11-19 % behind). The calls are real collectives (matched and checked like any other),
+taking sequence numbers 1, 2, ...; the caller resets the numbering once every rank is done, so the
+user's first collective is number 1, and init's rules are restored. Call counts come from the
+slowest rank's warm-up call, so every rank runs the same calls. Rank 0 combines the ranks' tables
+with :func:`combine` (the slowest rank's figure per entry), and the table is cached with the
 calibration. The table holds its communicator's layout (ranks and hosts) and applies only to
 communicators of that layout (a split sub-communicator prices with the model alone).
 """
@@ -42,31 +46,36 @@ import numpy as np
 
 from . import log as clog
 from .algorithms.plan import NotSupported
-from .dtypes import F32, ReduceOp
+from .dtypes import ReduceOp
 
 log = clog.get("TUNING")
 PROBES = [8 << k for k in range(23)]            # 8 B .. 32 MiB, x2: a cost can step between two
 # sizes, which interpolation across x4 missed (seen: recursive doubling over tcp under a 2 Gbit/s
 # token bucket took 4x as long at 64 KiB as at 32 KiB, and the selector kept it there)
-ROUNDS = 5
+ROUNDS = 6                                       # timed rounds of a probe's contenders, in
+PASSES = 3                                       # this many sweeps over the probes; after
+DROP_RATIO = {2: 1.5, 3: 1.35, 4: 1.25}          # r rounds, one this far behind the fastest (paired)
+                                                 # is no contender there (the last entry from then on)
+FIRST_SWEEP = 0.6                                # share of COMMS_TUNE_SECONDS the first sweep may use
 BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
 PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest: no more probes
-ROUND_S = 0.004                                  # a timed round lasts about this long...
-ROUND_CALLS = 200                                # ...in at most this many calls, and at least MIN_CALLS
+ROUND_S = 0.025                                  # a timed turn lasts about this long...
+ROUND_CALLS = 1000                               # ...in at most this many calls, and at least MIN_CALLS
 MIN_CALLS = 2
-SLOW_CALL_S, SLOW_ROUND_S = 0.0005, 0.025        # calls this slow move bulk data: rounds this long
 
 
 def reps(call_s: float) -> int:
-    """Back-to-back calls per timed round for a call of about ``call_s`` seconds (the slowest
-    rank's warm-up call, so every rank runs the same count). Small sizes need many: on a host with
-    more ranks than cores one call in a hundred waits milliseconds for a descheduled peer, and that
-    tail is part of what a job pays. Slow calls (bulk data) get rounds of :data:`SLOW_ROUND_S`: a
-    link can let a short burst through faster than it sustains (a token bucket, a switch buffer),
-    and back-to-back collectives use it up; 4 ms rounds of 256 KiB on 2 hosts at 2 Gbit/s (a tc
-    bucket of 1 MB) priced ring under tree, which sustained 1.6x faster."""
-    round_s = SLOW_ROUND_S if call_s >= SLOW_CALL_S else ROUND_S
-    return max(MIN_CALLS, min(ROUND_CALLS, int(round_s / max(call_s, 1e-9))))
+    """Back-to-back calls per timed turn for a call of about ``call_s`` seconds (the slowest
+    rank's warm-up call, so every rank runs the same count): turns of :data:`ROUND_S`, as the
+    bench's (about 30 ms a variant a round). Short bursts after a barrier are not what a job sees:
+    on 4 ranks sharing 2 cores a 64 KiB ring took 53 us a call over its first 32 calls and 60-74 us
+    from then on, while rhd stayed at 35-43 us, so 4 ms turns priced the ring 1.22x rhd where the
+    bench measures 1.4x. A link can also let a short burst through faster than it sustains (a token
+    bucket, a switch buffer): 4 ms turns of 256 KiB on 2 hosts at 2 Gbit/s (a tc bucket of 1 MB)
+    priced ring under tree, which sustained 1.6x faster. Fast calls stop at :data:`ROUND_CALLS`
+    (5 ms of 5 us calls on 2 ranks with cores of their own): a thousand calls are far past the
+    start of a turn, and the probes of small sizes would otherwise take most of the budget."""
+    return max(MIN_CALLS, min(ROUND_CALLS, int(ROUND_S / max(call_s, 1e-9))))
 
 
 def layout(n: int, hosts: tuple) -> list:
@@ -75,25 +84,43 @@ def layout(n: int, hosts: tuple) -> list:
 
 
 def _args(comm, coll: str, nbytes: int):
-    """(Args, input bytes, output bytes, header count, root) of a float32 ``coll`` whose selector
-    size is ``nbytes``."""
+    """(Args, input elements, output elements) of a float32 ``coll`` whose selector size is ``nbytes``."""
     from .algorithms.plan import Args
     n, es = comm.size, 4
     common = dict(hosts=comm._hosts(), deterministic=comm._deterministic)
     if coll in ("all_reduce", "broadcast"):
         c = max(1, nbytes // es)
-        a = Args(coll, comm.rank, n, c, es, root=0 if coll == "broadcast" else -1, inplace=True, **common)
-        return a, c * es, c * es, c, a.root
+        return Args(coll, comm.rank, n, c, es, root=0 if coll == "broadcast" else -1, inplace=True, **common), c, c
     blk = max(1, nbytes // (es * (n - 1)))      # elements per block: the selector counts n - 1 blocks
     if coll == "all_gather":
-        return Args(coll, comm.rank, n, blk, es, **common), blk * es, n * blk * es, blk, -1
+        return Args(coll, comm.rank, n, blk, es, **common), blk, n * blk
     if coll == "reduce_scatter":
-        return Args(coll, comm.rank, n, blk, es, **common), n * blk * es, blk * es, n * blk, -1
+        return Args(coll, comm.rank, n, blk, es, **common), n * blk, blk
     if coll == "all_to_all":
         splits = (blk * es,) * n
-        return Args(coll, comm.rank, n, 0, es, send_splits=splits, recv_splits=splits, **common), \
-            n * blk * es, n * blk * es, n * blk, -1
+        return Args(coll, comm.rank, n, 0, es, send_splits=splits, recv_splits=splits, **common), n * blk, n * blk
     raise ValueError(f"cannot time {coll}")
+
+
+def _calls(comm, coll: str, nin: int, nout: int) -> list:
+    """One zero-argument call of ``coll`` per buffer set (up to :data:`BUFFERS`, rotated through as
+    a job's tensors are, and the bench's): the public method on torch CPU tensors, the way a job
+    calls it. The per-call work around the plan matters where ranks share cores: a rank busy in
+    Python is a peer the others wait for, and a wait that outlasts its spin sleeps and pays a
+    wake-up. On 4 ranks on 2 cores a 128 KiB all_reduce took 70-88 us a call through the engine
+    alone and 103-158 us through ``all_reduce(tensor)``, and the two ranked ring and rhd apart."""
+    import torch
+    out = []
+    for _ in range(max(1, min(BUFFERS, POOL_BYTES // (4 * max(nin + nout, 1))))):
+        inp = torch.zeros(max(1, nin))              # zeros: a SUM in place stays finite; touched: no page faults
+        res = inp if coll in ("all_reduce", "broadcast") else torch.zeros(max(1, nout))
+        if coll == "all_reduce":
+            out.append(lambda b=inp: comm.all_reduce(b))
+        elif coll == "broadcast":
+            out.append(lambda b=inp: comm.broadcast(b, 0))
+        else:
+            out.append(lambda f=getattr(comm, coll), o=res, i=inp: f(o, i))
+    return out
 
 
 def _over_budget(comm, t_start: float, t_size: float, budget_s: float, growth: float) -> bool:
@@ -107,21 +134,22 @@ def _over_budget(comm, t_start: float, t_size: float, budget_s: float, growth: f
     return clocks[0] + growth * clocks[1] > budget_s
 
 
-def figures(means: dict, paired: bool) -> dict:
-    """{algo: µs per call} from {algo: [mean µs per call in each round]} (rounds of equal calls,
-    the algorithms' turns interleaved). Unpaired: each algorithm's mean over its rounds. Paired (bulk
-    probes): the fastest algorithm by mean is the reference, and every other one is priced at the
-    reference's mean times the median over rounds of its ratio to the reference in the same round.
-    The reason is the machine, not the stalls: this VM moves between states that last seconds (an
-    8 MiB all_reduce on 2 ranks took 0.7 ms, then 7 ms for 2 to 5 s, both ranks at 100 % on cores
-    of their own), and a state change in the middle of a probe lands on some algorithms' turns and
-    not others', which a mean pools into the ranking; two turns of one round sit within a fraction
-    of a second. At fast probes a round holds hundreds of calls and a stall of milliseconds is what
-    the mean must keep (the module docstring), so those stay unpaired."""
+def figures(means: dict) -> dict:
+    """{algo: µs per call} from {algo: [the slowest rank's mean µs per call in each round]}, the
+    algorithms' turns interleaved round by round (an algorithm dropped as no contender has fewer
+    rounds: its first ones). Paired: the fastest by mean of those timed in every round is the
+    reference, and every other one is priced at the reference's mean times the median over rounds
+    of its ratio to the reference in the same round. A round's mean keeps the stalls of its ~25 ms (what a job pays);
+    the pairing keeps out what this VM does over seconds: it moves between states that last 2 to 5 s
+    (an 8 MiB all_reduce on 2 ranks took 0.7 ms, then 7 ms, both ranks at 100 % on cores of their
+    own), and a state change in the middle of a probe lands on some algorithms' turns and not
+    others', which means over the rounds pool into the ranking; two turns of one round sit within a
+    fraction of a second."""
     fig = {a: float(np.mean(v)) for a, v in means.items() if v}
-    if not paired or len(fig) < 2:
+    if len(fig) < 2:
         return fig
-    ref = min(fig, key=fig.get)
+    most = max(len(v) for v in means.values())
+    ref = min((a for a in fig if len(means[a]) == most), key=fig.get)     # of those timed in every round
     out = {}
     for a, v in means.items():
         if not v:
@@ -131,75 +159,128 @@ def figures(means: dict, paired: bool) -> dict:
     return out
 
 
+def contenders(means: dict, alive: list, rounds: int) -> list:
+    """The algorithms of ``alive`` still worth timing at this probe after ``rounds`` rounds: within
+    ``DROP_RATIO[rounds]`` (the last entry past it) of the fastest by :func:`figures` over the
+    rounds so far, their order kept. The bar tightens as the rounds add up: a close contender gets
+    every round, one far behind stops costing turns (it keeps the figure of the rounds it ran)."""
+    fig = figures({a: means[a] for a in alive})
+    if not fig:
+        return list(alive)
+    best = min(fig.values())
+    ratio = DROP_RATIO.get(rounds, DROP_RATIO[max(DROP_RATIO)] if rounds > max(DROP_RATIO) else math.inf)
+    return [a for a in alive if fig[a] <= ratio * best]
+
+
+class _Probe:
+    """One (collective, size) of the sweep: its contenders, their call counts and round figures."""
+
+    def __init__(self, comm, coll: str, nbytes: int, names: list, dropped: set):
+        from .selector import build
+        self.comm, self.coll, self.nbytes = comm, coll, nbytes
+        self.args, self.nin, self.nout = _args(comm, coll, nbytes)
+        self.order = []
+        for a in names:
+            if a in dropped:
+                continue
+            try:
+                build(self.args, a)      # one that declines is not forced (the next candidate would run)
+            except NotSupported:
+                continue
+            self.order.append(a)
+        self.alive = list(self.order)
+        self.means: dict = {a: [] for a in self.order}
+        self.k_of: dict = {}
+
+    def run(self, rounds: int) -> None:
+        """``rounds`` more rounds of the contenders (the first call also warms up and sets the call
+        counts), narrowing them after each round."""
+        comm, coll = self.comm, self.coll
+        calls = _calls(comm, coll, self.nin, self.nout)
+        if not self.k_of:
+            warm = np.zeros(len(self.order), np.float64)
+            for i_a, a in enumerate(self.order):
+                comm.set_algo(f"{coll}:{a}")
+                for call in calls:                 # warm-up: the plan, connections, pages, caches
+                    t0 = time.perf_counter()
+                    call()
+                    warm[i_a] = time.perf_counter() - t0
+            comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
+            self.k_of = {a: reps(float(w)) for a, w in zip(self.order, warm)}
+        for _ in range(rounds):
+            done = max((len(v) for v in self.means.values()), default=0)
+            turns = self.alive if done % 2 == 0 else self.alive[::-1]
+            got = np.zeros(len(turns), np.float64)
+            for i_a, a in enumerate(turns):
+                k = self.k_of[a]
+                comm.set_algo(f"{coll}:{a}")
+                comm.barrier()            # every rank starts the turn together, not skewed by the last...
+                calls[-1]()               # ...and neither the barrier's skew nor the plan's build is timed
+                t0 = time.perf_counter()
+                for j in range(k):
+                    calls[j % len(calls)]()
+                got[i_a] = (time.perf_counter() - t0) / k * 1e6
+            comm.all_reduce(got, op=ReduceOp.MAX)         # the slowest rank's round: every rank alike
+            for a, g in zip(turns, got):
+                self.means[a].append(float(g))
+            self.alive = contenders(self.means, self.alive, done + 1)
+
+
 def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     """This rank's figures: {"layout": [size, [ranks per host]], coll: {algo: [µs per probe, or
     None where the algorithm declined or was dropped], as long as the probes reached]}} (see the
-    module docstring). From :data:`PRUNE_FROM` up, an algorithm more than :data:`PRUNE_RATIO` times
-    the fastest (on the slowest rank, so every rank drops the same) is not timed at larger probes,
-    and is then not chosen there.
-    Probing a collective stops, on every rank alike, before a probe that would end past
-    ``budget_s`` seconds (per collective); the correction is then held constant from the last probe up."""
+    module docstring). The rounds of a probe are spread over :data:`PASSES` sweeps of the sizes, so
+    that they lie seconds apart: this VM moves between states that last 2 to 5 s, in which the
+    algorithms do not all slow down alike (on 4 ranks sharing 2 cores, a calibration that met one
+    from 512 B to 1 MiB timed direct fastest at 32 KiB and ring at 64 KiB, which the bench measured
+    37 % and 58 % behind rhd); rounds from several sweeps outvote one state in :func:`figures`.
+    A probe with a single contender left is not timed again. In the first sweep, from
+    :data:`PRUNE_FROM` up, an algorithm more than :data:`PRUNE_RATIO` times the fastest is not timed
+    at larger probes, and is then not chosen there. The first sweep stops, on every rank alike,
+    before a probe that would end past :data:`FIRST_SWEEP` of ``budget_s`` seconds (per
+    collective), the later ones before a probe that would start past ``budget_s``; the correction
+    is held constant from the last probe up."""
     from . import algorithms
-    from .algorithms.plan import COLL_IDS
-    from .communicator import MSG_COLL, _addr
-    from .engine import Encoded
-    from .selector import build
     out: dict = {"layout": layout(comm.size, comm._hosts())}
+    per_sweep = max(1, ROUNDS // PASSES)
     for coll in colls:
         comm.barrier()            # the budget's clock starts when every rank is here
         t_start = t_size = time.perf_counter()
         names = list(algorithms.REGISTRY[coll])
-        table: dict = {a: [] for a in names}
+        probes: list[_Probe] = []
         dropped: set = set()     # far behind at a large probe: not timed at larger ones
         for i, nbytes in enumerate(PROBES):
-            if i and _over_budget(comm, t_start, t_size, budget_s, nbytes / PROBES[i - 1]):
+            if i and _over_budget(comm, t_start, t_size, FIRST_SWEEP * budget_s, nbytes / PROBES[i - 1]):
                 log.info("comms: timed %s up to %d B (COMMS_TUNE_SECONDS=%g)", coll, PROBES[i - 1], budget_s)
                 break
             t_size = time.perf_counter()
-            args, nin, nout, count, root = _args(comm, coll, nbytes)
-            sets = []             # rotated through, like a job's tensors (and the bench's buffer sets)
-            for _ in range(max(1, min(BUFFERS, POOL_BYTES // max(nin + nout, 1)))):
-                src = np.ones(max(1, nin // 4), np.float32)      # touched: no page faults in the timing
-                dst = src if coll in ("all_reduce", "broadcast") else np.zeros(max(1, nout // 4), np.float32)
-                sets.append((_addr(src), _addr(dst), [src, dst]))
-            runs = {}
-            for a in names:
-                if a in dropped:
+            probe = _Probe(comm, coll, nbytes, names, dropped)
+            probe.run(per_sweep)
+            probes.append(probe)
+            fig = figures(probe.means)
+            if nbytes >= PRUNE_FROM and fig:
+                # the figures are the slowest rank's, the same on every rank: they all drop the same ones
+                dropped |= {a for a in fig if fig[a] > PRUNE_RATIO * min(fig.values())}
+        for sweep in range(1, PASSES):
+            rounds = per_sweep if sweep < PASSES - 1 else ROUNDS - per_sweep * (PASSES - 1)
+            for probe in probes:
+                if len(probe.alive) < 2:
                     continue
-                try:
-                    plan = build(args, a)
-                except NotSupported:
-                    continue
-                runs[a] = Encoded(plan, coll, MSG_COLL, COLL_IDS[coll], F32, 0, root, count)
-            order = list(runs)
-            warm = np.zeros(len(order), np.float64)
-            for i_a, a in enumerate(order):
-                for p_in, p_out, keep in sets:                    # warm-up: connections, pages, caches
-                    t0 = time.perf_counter()
-                    comm._run(runs[a], p_in, p_out, keep, False)
-                    warm[i_a] = time.perf_counter() - t0
-            comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
-            k_of = {a: reps(float(w)) for a, w in zip(order, warm)}
-            means: dict = {a: [] for a in order}
-            for rnd in range(ROUNDS):
-                for a in (order if rnd % 2 == 0 else order[::-1]):
-                    enc = runs[a]
-                    comm.barrier()        # every rank starts the round together, not skewed by the last
-                    k = k_of[a]
-                    t0 = time.perf_counter()
-                    for j in range(k):
-                        p_in, p_out, keep = sets[j % len(sets)]
-                        comm._run(enc, p_in, p_out, keep, False)
-                    means[a].append((time.perf_counter() - t0) / k * 1e6)
-            fig = figures(means, paired=bool(len(warm)) and float(warm.min()) >= SLOW_CALL_S)
+                if _over_budget(comm, t_start, t_size, budget_s, 0.0):
+                    log.info("comms: %s: sweep %d stopped before %d B (COMMS_TUNE_SECONDS=%g)", coll, sweep + 1,
+                             probe.nbytes, budget_s)
+                    break
+                probe.run(rounds)
+            else:
+                continue
+            break
+        table: dict = {a: [] for a in names}
+        for probe in probes:
+            fig = figures(probe.means)
             for a in names:
                 table[a].append(round(fig[a], 3) if a in fig else None)
-            if nbytes >= PRUNE_FROM and fig:
-                # the ranks must drop the same ones: decide on the slowest rank's figures
-                slowest = np.array([fig[a] for a in order], np.float64)
-                comm.all_reduce(slowest, op=ReduceOp.MAX)
-                dropped |= {a for a, t in zip(order, slowest) if t > PRUNE_RATIO * slowest.min()}
         out[coll] = table
+    comm.set_algo(None)                        # init's rules again
     comm._scratch = np.empty(0, np.uint8)      # the probes' scratch is not the user's
     comm._scratch_ptr = 0
     return out

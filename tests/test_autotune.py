@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.autotune import PROBES, applies, combine, correction, figures, reps
+from comms.autotune import PROBES, applies, combine, contenders, correction, figures, reps
 from comms.tuning import Link, Params, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
@@ -79,8 +79,9 @@ def test_measurements_overrule_the_model_at_every_probe():
 
 
 def test_rounds_repeat_the_same_calls_on_every_rank():
-    assert reps(1e-6) == 200 and reps(1e-4) == 40 and reps(0.5) == 2
-    # bulk calls: rounds of SLOW_ROUND_S (25 ms), long enough to use up a link's burst allowance
+    # turns of ROUND_S (25 ms), long enough to reach a steady state and to use up a link's burst
+    # allowance, in at most ROUND_CALLS calls
+    assert reps(1e-6) == 1000 and reps(1e-4) == 250 and reps(0.5) == 2
     assert reps(1e-3) == 25 and reps(5e-3) == 5 and reps(0.02) == 2
     assert all(reps(a) >= reps(b) for a, b in zip((1e-6, 1e-5, 1e-4, 1e-3), (1e-5, 1e-4, 1e-3, 1e-2)))
 
@@ -150,15 +151,32 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
     assert _rule_at(rules(TIE_SHARED * 1.5, 2.0), 64) == "direct"
 
 
-def test_bulk_probes_are_paired_round_by_round():
+def test_probes_are_paired_round_by_round():
     """A machine state that slows everything 10x for two rounds, landing on ring's turns of the
-    third round but not rhd's: the mean ranks ring behind; paired by round, ring is 10 % ahead, as it
-    was in every round. Fast probes keep the plain mean (a stall is part of what they cost)."""
+    third round but not rhd's: the mean over rounds ranks ring behind; paired by round, ring is
+    10 % ahead, as it was in every round. The reference (the lowest mean) keeps its mean."""
     rhd = [1.0, 1.0, 10.0, 10.0, 1.0]
     ring = [0.9, 0.9, 9.0, 9.0, 9.0]         # its third turn fell in the slow state, rhd's did not
-    plain = figures({"ring": ring, "rhd": rhd}, paired=False)
-    assert plain["ring"] > plain["rhd"]
-    paired = figures({"ring": ring, "rhd": rhd}, paired=True)
-    assert paired["ring"] < paired["rhd"] and math.isclose(paired["ring"] / paired["rhd"], 0.9)
-    assert paired["rhd"] == plain["rhd"]     # the reference (lowest mean) keeps its mean
-    assert figures({"ring": ring}, paired=True) == figures({"ring": ring}, paired=False)
+    assert sum(ring) > sum(rhd)
+    fig = figures({"ring": ring, "rhd": rhd})
+    assert fig["ring"] < fig["rhd"] and math.isclose(fig["ring"] / fig["rhd"], 0.9)
+    assert fig["rhd"] == sum(rhd) / len(rhd)
+    assert figures({"ring": ring}) == {"ring": sum(ring) / len(ring)}
+    # an algorithm dropped after two rounds is paired with the reference's first two (its mean of
+    # two fast rounds does not make it the reference)
+    fig = figures({"ring": ring, "rhd": rhd, "tree": [2.0, 2.2]})
+    assert math.isclose(fig["tree"] / fig["ring"], 2.1 / 0.9) and fig["rhd"] == sum(rhd) / len(rhd)
+
+
+def test_contenders_narrow_as_the_rounds_add_up():
+    """After the first rounds only the far-behind stop; later the bar tightens (DROP_RATIO), and
+    the fastest always stays."""
+    means = {"direct": [10.0, 10.0, 10.0, 10.0], "ring": [12.0, 12.0, 12.0, 12.0],
+             "tree": [14.0, 14.0, 14.0, 14.0], "rhd": [40.0, 40.0, 40.0, 40.0]}
+    everyone = list(means)
+    assert contenders(means, everyone, 1) == everyone          # no verdict from one round
+    assert contenders(means, everyone, 2) == ["direct", "ring", "tree"]
+    assert contenders(means, ["direct", "ring", "tree"], 3) == ["direct", "ring"]
+    assert contenders(means, ["direct", "ring"], 4) == ["direct", "ring"]
+    assert contenders({"ring": [12.0] * 9, "direct": [10.0] * 9}, ["ring", "direct"], 9) == ["ring", "direct"]
+    assert contenders({"ring": [13.0] * 9, "direct": [10.0] * 9}, ["ring", "direct"], 9) == ["direct"]

@@ -58,7 +58,8 @@ DROP_RATIO = {2: 1.5, 3: 1.35, 4: 1.25}          # r rounds, one this far behind
                                                  # is no contender there (the last entry from then on)
 FIRST_SWEEP = 0.6                                # share of COMMS_TUNE_SECONDS the first sweep may use
 BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
-PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest: no more probes
+PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest...
+PRUNE_AFTER = 2                                  # ...at this many probes in a row: not timed at larger ones
 ROUND_S = 0.025                                  # a timed turn lasts about this long...
 ROUND_CALLS = 1000                               # ...in at most this many calls, and at least MIN_CALLS
 MIN_CALLS = 2
@@ -234,56 +235,102 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     algorithms do not all slow down alike (on 4 ranks sharing 2 cores, a calibration that met one
     from 512 B to 1 MiB timed direct fastest at 32 KiB and ring at 64 KiB, which the bench measured
     37 % and 58 % behind rhd); rounds from several sweeps outvote one state in :func:`figures`.
+    Where a host has more ranks than CPUs and they share them unbound, each sweep pins its ranks in
+    another placement (:func:`_placements`), since the scheduler's placement of a launch decides
+    which algorithm wins there; every rank gets its own CPUs back at the end.
     A probe with a single contender left is not timed again. In the first sweep, from
-    :data:`PRUNE_FROM` up, an algorithm more than :data:`PRUNE_RATIO` times the fastest is not timed
-    at larger probes, and is then not chosen there. The first sweep stops, on every rank alike,
-    before a probe that would end past :data:`FIRST_SWEEP` of ``budget_s`` seconds (per
-    collective), the later ones before a probe that would start past ``budget_s``; the correction
-    is held constant from the last probe up."""
+    :data:`PRUNE_FROM` up, an algorithm more than :data:`PRUNE_RATIO` times the fastest at
+    :data:`PRUNE_AFTER` probes in a row is not timed at larger probes, and is then not chosen there
+    (one disturbed probe of two rounds dropped hierarchical on 2 hosts x 2 ranks, the fastest from
+    1 MiB up by 1.5x). The first sweep stops, on every rank alike, before a probe that would end
+    past :data:`FIRST_SWEEP` of ``budget_s`` seconds (per collective), the later ones before a
+    probe that would start past ``budget_s``; the correction is held constant from the last probe
+    up."""
     from . import algorithms
     out: dict = {"layout": layout(comm.size, comm._hosts())}
     per_sweep = max(1, ROUNDS // PASSES)
-    for coll in colls:
-        comm.barrier()            # the budget's clock starts when every rank is here
-        t_start = t_size = time.perf_counter()
-        names = list(algorithms.REGISTRY[coll])
-        probes: list[_Probe] = []
-        dropped: set = set()     # far behind at a large probe: not timed at larger ones
-        for i, nbytes in enumerate(PROBES):
-            if i and _over_budget(comm, t_start, t_size, FIRST_SWEEP * budget_s, nbytes / PROBES[i - 1]):
-                log.info("comms: timed %s up to %d B (COMMS_TUNE_SECONDS=%g)", coll, PROBES[i - 1], budget_s)
-                break
-            t_size = time.perf_counter()
-            probe = _Probe(comm, coll, nbytes, names, dropped)
-            probe.run(per_sweep)
-            probes.append(probe)
-            fig = figures(probe.means)
-            if nbytes >= PRUNE_FROM and fig:
-                # the figures are the slowest rank's, the same on every rank: they all drop the same ones
-                dropped |= {a for a in fig if fig[a] > PRUNE_RATIO * min(fig.values())}
-        for sweep in range(1, PASSES):
-            rounds = per_sweep if sweep < PASSES - 1 else ROUNDS - per_sweep * (PASSES - 1)
-            for probe in probes:
-                if len(probe.alive) < 2:
-                    continue
-                if _over_budget(comm, t_start, t_size, budget_s, 0.0):
-                    log.info("comms: %s: sweep %d stopped before %d B (COMMS_TUNE_SECONDS=%g)", coll, sweep + 1,
-                             probe.nbytes, budget_s)
-                    break
-                probe.run(rounds)
-            else:
-                continue
-            break
-        table: dict = {a: [] for a in names}
-        for probe in probes:
-            fig = figures(probe.means)
-            for a in names:
-                table[a].append(round(fig[a], 3) if a in fig else None)
-        out[coll] = table
+    place = _placements(comm)
+    try:
+        for coll in colls:
+            out[coll] = _sweeps(comm, coll, list(algorithms.REGISTRY[coll]), budget_s, per_sweep, place)
+    finally:
+        if place:
+            place(None)
     comm.set_algo(None)                        # init's rules again
     comm._scratch = np.empty(0, np.uint8)      # the probes' scratch is not the user's
     comm._scratch_ptr = 0
     return out
+
+
+def _placements(comm):
+    """None, or ``place(k)`` that moves this rank to its CPU in placement k of its host's ranks
+    (comms.binding.arrangement; None: back to its own CPUs), where the host has more ranks than
+    CPUs and its ranks share them unbound (a user's binding is kept as it is)."""
+    import os
+    from .binding import arrangement
+    topo = comm.topology
+    host = topo.hosts[topo.host_of[comm.rank]]
+    try:
+        cpu_sets = [tuple(comm._boot.peers[r].extra["topology"]["cpus"]) for r in host.ranks]
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, KeyError, OSError):
+        return None
+    if len(set(cpu_sets)) != 1 or not 2 <= len(cpu_sets[0]) < len(host.ranks):
+        return None
+    where = topo.local_index[comm.rank]
+
+    def place(k):
+        try:
+            os.sched_setaffinity(0, mine if k is None else {arrangement(k, len(host.ranks), cpu_sets[0])[where]})
+        except OSError:
+            pass
+    return place
+
+
+def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place) -> dict:
+    """One collective's table (see :func:`measure`)."""
+    comm.barrier()                # the budget's clock starts when every rank is here
+    t_start = t_size = time.perf_counter()
+    probes: list[_Probe] = []
+    dropped: set = set()          # far behind at large probes: not timed at larger ones
+    behind: dict = {}             # algorithm -> consecutive large probes it was far behind at
+    if place:
+        place(0)
+    for i, nbytes in enumerate(PROBES):
+        if i and _over_budget(comm, t_start, t_size, FIRST_SWEEP * budget_s, nbytes / PROBES[i - 1]):
+            log.info("comms: timed %s up to %d B (COMMS_TUNE_SECONDS=%g)", coll, PROBES[i - 1], budget_s)
+            break
+        t_size = time.perf_counter()
+        probe = _Probe(comm, coll, nbytes, names, dropped)
+        probe.run(per_sweep)
+        probes.append(probe)
+        fig = figures(probe.means)
+        if nbytes >= PRUNE_FROM and fig:
+            # the figures are the slowest rank's, the same on every rank: they all drop the same ones
+            for a in fig:
+                behind[a] = behind.get(a, 0) + 1 if fig[a] > PRUNE_RATIO * min(fig.values()) else 0
+            dropped |= {a for a, c in behind.items() if c >= PRUNE_AFTER}
+    for sweep in range(1, PASSES):
+        if place:
+            place(sweep)
+        rounds = per_sweep if sweep < PASSES - 1 else ROUNDS - per_sweep * (PASSES - 1)
+        for probe in probes:
+            if len(probe.alive) < 2:
+                continue
+            if _over_budget(comm, t_start, t_size, budget_s, 0.0):
+                log.info("comms: %s: sweep %d stopped before %d B (COMMS_TUNE_SECONDS=%g)", coll, sweep + 1,
+                         probe.nbytes, budget_s)
+                break
+            probe.run(rounds)
+        else:
+            continue
+        break
+    table: dict = {a: [] for a in names}
+    for probe in probes:
+        fig = figures(probe.means)
+        for a in names:
+            table[a].append(round(fig[a], 3) if a in fig else None)
+    return table
 
 
 def combine(tables: list[dict]) -> dict:

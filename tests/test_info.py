@@ -106,6 +106,27 @@ def test_calibration_is_cached_and_shared(tmp_path):
     assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules
 
 
+def test_calibration_times_every_placement_of_ranks_sharing_cores(tmp_path):
+    """4 ranks on 2 CPUs, unbound: each sweep of the timed candidates pins the ranks in another
+    placement (which ranks share a CPU), and every rank gets its CPUs back before init returns."""
+    import pytest
+    from comms.binding import arrangement
+    from comms.testing import spawn
+    from workers import placements_at_calibration
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to place ranks on")
+    out = spawn(placements_at_calibration, 4, timeout=180,
+                env={"XDG_CACHE_HOME": str(tmp_path), "COMMS_TUNE_SECONDS": "3"})
+    for r in out:
+        assert r["timed"] and r["oversub"] == 2.0
+        assert r["calls"] == [[arrangement(k, 4, r["cpus"])[r["local"]]] for k in range(3)] + [r["cpus"]], r
+        assert r["after"] == r["cpus"]
+    # the three placements pair the ranks in the three possible ways
+    pairs = {frozenset(frozenset(i for i in range(4) if arrangement(k, 4, [0, 1])[i] == c) for c in (0, 1))
+             for k in range(3)}
+    assert len(pairs) == 3
+
+
 def test_spin_policy_counts_the_cores_of_the_whole_host():
     """Ranks bound one core each (comms.run --bind) see one CPU apiece but are not oversubscribed."""
     from types import SimpleNamespace

@@ -168,6 +168,27 @@ def calibrated_params(rank: int, size: int) -> dict:
                 "chosen": [comm.algorithm_for("all_reduce", s) for s in PROBES]}
 
 
+def placements_at_calibration(rank: int, size: int) -> dict:
+    """Ranks sharing two CPUs unbound: the CPU sets the calibration pinned this rank to, in order,
+    and its CPUs once init is done."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    os.sched_setaffinity(0, set(cpus))
+    calls, real = [], os.sched_setaffinity
+
+    def spy(pid, mask):
+        calls.append(sorted(mask))
+        real(pid, mask)
+    os.sched_setaffinity = spy
+    try:
+        with comms.init(timeout=60) as comm:
+            timed = comm._params.measured is not None
+            return {"cpus": cpus, "calls": calls, "after": sorted(os.sched_getaffinity(0)), "timed": timed,
+                    "local": comm.topology.local_index[rank], "oversub": comm.oversubscription()}
+    finally:
+        os.sched_setaffinity = real
+
+
 def tcp_round_trip_us(rank: int, size: int) -> float:
     with comms.init(timeout=60) as comm:
         x = np.zeros(2, np.float32)

@@ -57,6 +57,7 @@ PASSES = 3                                       # this many sweeps over the pro
 DROP_RATIO = {2: 1.5, 3: 1.35, 4: 1.25}          # r rounds, one this far behind the fastest (paired)
                                                  # is no contender there (the last entry from then on)
 FIRST_SWEEP = 0.6                                # share of COMMS_TUNE_SECONDS the first sweep may use
+CLOSE, CONFIRM_ROUNDS = 1.15, 6                  # then contenders this close get this many more rounds
 BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
 PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest...
 PRUNE_AFTER = 2                                  # ...at this many probes in a row: not timed at larger ones
@@ -136,26 +137,25 @@ def _over_budget(comm, t_start: float, t_size: float, budget_s: float, growth: f
 
 
 def figures(means: dict) -> dict:
-    """{algo: µs per call} from {algo: [the slowest rank's mean µs per call in each round]}, the
-    algorithms' turns interleaved round by round (an algorithm dropped as no contender has fewer
-    rounds: its first ones). Paired: the fastest by mean of those timed in every round is the
-    reference, and every other one is priced at the reference's mean times the median over rounds
+    """{algo: µs per call} from {algo: [the slowest rank's mean µs per call in each round, None
+    where it was not timed]}, the algorithms' turns interleaved round by round (a list may also
+    stop early: no more rounds). Paired: the fastest by mean of those timed in the most rounds is
+    the reference, and every other one is priced at the reference's mean times the median over rounds
     of its ratio to the reference in the same round. A round's mean keeps the stalls of its ~25 ms (what a job pays);
     the pairing keeps out what this VM does over seconds: it moves between states that last 2 to 5 s
     (an 8 MiB all_reduce on 2 ranks took 0.7 ms, then 7 ms, both ranks at 100 % on cores of their
     own), and a state change in the middle of a probe lands on some algorithms' turns and not
     others', which means over the rounds pool into the ranking; two turns of one round sit within a
     fraction of a second."""
-    fig = {a: float(np.mean(v)) for a, v in means.items() if v}
+    ran = {a: [x for x in v if x is not None] for a, v in means.items()}
+    fig = {a: float(np.mean(v)) for a, v in ran.items() if v}
     if len(fig) < 2:
         return fig
-    most = max(len(v) for v in means.values())
-    ref = min((a for a in fig if len(means[a]) == most), key=fig.get)     # of those timed in every round
+    most = max(len(ran[a]) for a in fig)
+    ref = min((a for a in fig if len(ran[a]) == most), key=fig.get)      # of those timed in the most rounds
     out = {}
-    for a, v in means.items():
-        if not v:
-            continue
-        ratios = [x / y for x, y in zip(v, means[ref]) if x > 0 and y > 0]
+    for a in fig:
+        ratios = [x / y for x, y in zip(means[a], means[ref]) if x is not None and y is not None and x > 0 and y > 0]
         out[a] = fig[ref] * float(np.median(ratios)) if ratios else fig[a]
     return out
 
@@ -193,9 +193,9 @@ class _Probe:
         self.means: dict = {a: [] for a in self.order}
         self.k_of: dict = {}
 
-    def run(self, rounds: int) -> None:
+    def run(self, rounds: int, narrow: bool = True) -> None:
         """``rounds`` more rounds of the contenders (the first call also warms up and sets the call
-        counts), narrowing them after each round."""
+        counts), narrowing them after each round (with ``narrow``)."""
         comm, coll = self.comm, self.coll
         calls = _calls(comm, coll, self.nin, self.nout)
         if not self.k_of:
@@ -209,7 +209,7 @@ class _Probe:
             comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
             self.k_of = {a: reps(float(w)) for a, w in zip(self.order, warm)}
         for _ in range(rounds):
-            done = max((len(v) for v in self.means.values()), default=0)
+            done = max((len(v) for v in self.means.values()), default=0)      # rounds so far
             turns = self.alive if done % 2 == 0 else self.alive[::-1]
             got = np.zeros(len(turns), np.float64)
             for i_a, a in enumerate(turns):
@@ -222,9 +222,11 @@ class _Probe:
                     calls[j % len(calls)]()
                 got[i_a] = (time.perf_counter() - t0) / k * 1e6
             comm.all_reduce(got, op=ReduceOp.MAX)         # the slowest rank's round: every rank alike
-            for a, g in zip(turns, got):
-                self.means[a].append(float(g))
-            self.alive = contenders(self.means, self.alive, done + 1)
+            got_of = dict(zip(turns, got))
+            for a in self.order:              # None: not timed in this round (the rounds stay aligned)
+                self.means[a].append(float(got_of[a]) if a in got_of else None)
+            if narrow:
+                self.alive = contenders(self.means, self.alive, done + 1)
 
 
 def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
@@ -325,12 +327,56 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
         else:
             continue
         break
+    else:
+        _confirm(comm, coll, probes, t_start, t_size, budget_s, place)
     table: dict = {a: [] for a in names}
     for probe in probes:
         fig = figures(probe.means)
         for a in names:
             table[a].append(round(fig[a], 3) if a in fig else None)
     return table
+
+
+def doubtful(figs: list[dict], i: int) -> list:
+    """The algorithms whose order at probe ``i`` is in doubt, given every probe's figures: those
+    within :data:`CLOSE` of the fastest, and the fastest of a neighbouring probe where it is within
+    :data:`DROP_RATIO` (first entry) here; empty when fewer than two."""
+    fig = figs[i]
+    if len(fig) < 2:
+        return []
+    best = min(fig.values())
+    out = [a for a in fig if fig[a] <= CLOSE * best]
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(figs) and figs[j]:
+            w = min(figs[j], key=figs[j].get)
+            if w in fig and w not in out and fig[w] <= DROP_RATIO[min(DROP_RATIO)] * best:
+                out.append(w)
+    return out if len(out) > 1 else []
+
+
+def _confirm(comm, coll: str, probes: list, t_start: float, t_size: float, budget_s: float, place) -> None:
+    """A last sweep of :data:`CONFIRM_ROUNDS` more rounds at the probes whose order is in doubt
+    (:func:`doubtful`), the closest calls first, within the budget; the rounds of a probe go round
+    the placements (as the sweeps do), so that none of them outweighs the others. Where two
+    algorithms cross over, or sit within a few per cent of each other, six rounds on a busy
+    machine leave the order to chance (4 ranks on 2 cores, 64 KiB: recursive doubling and rhd timed
+    151.8 and 153.9 us, the bench measured them 1.11x apart; its rounds' ratios spread by 12-19 %),
+    and a figure out of line with its neighbours is most often a spell of the machine: the
+    neighbours' winner gets rounds too."""
+    figs = [figures(p.means) for p in probes]
+    todo = [(p, doubtful(figs, i), figs[i]) for i, p in enumerate(probes)]
+    # the closest calls first: the budget may not reach them all
+    todo = sorted((t for t in todo if t[1]), key=lambda t: sorted(t[2][a] for a in t[1])[1] / min(t[2].values()))
+    for probe, algos, _ in todo:
+        if _over_budget(comm, t_start, t_size, budget_s, 0.0):
+            log.info("comms: %s: confirmation stopped before %d B (COMMS_TUNE_SECONDS=%g)", coll, probe.nbytes,
+                     budget_s)
+            return
+        probe.alive = [a for a in probe.order if a in algos]
+        for r in range(CONFIRM_ROUNDS):
+            if place:
+                place(r % PASSES)
+            probe.run(1, narrow=False)
 
 
 def combine(tables: list[dict]) -> dict:

@@ -75,7 +75,7 @@ declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost mo
 declare("TUNE", str, "all_reduce", "Collectives whose every algorithm is timed at calibration (comma-separated, of "
         "all_reduce, broadcast, all_gather, reduce_scatter, all_to_all); the measurements correct the cost model's "
         "prices for the communicator's layout. Empty: the model alone.")
-declare("TUNE_SECONDS", float, 15.0, "Seconds each COMMS_TUNE collective may spend timing; the probes stop (on "
+declare("TUNE_SECONDS", float, 20.0, "Seconds each COMMS_TUNE collective may spend timing; the probes stop (on "
         "every rank alike) before one that would end later, and larger sizes keep the last probe's correction.")
 declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
         "element is reduced in rank order with float32 accumulation.")

@@ -211,9 +211,18 @@ class Launcher:
             import subprocess
             env = driver.launch_env(spec)
             cmd = [sys.executable, "-m", "comms.run", "-n", str(self.args.np), "--timeout", f"{timeout:g}"] + argv
-            p = subprocess.run(cmd, env=env, cwd=driver._ROOT, stdin=subprocess.DEVNULL, capture_output=True,
-                               text=True, errors="replace", timeout=timeout + 60)
-            return p.returncode, time.monotonic() - t0, (p.stdout + p.stderr).splitlines()
+            p = subprocess.Popen(cmd, env=env, cwd=driver._ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, errors="replace")
+            try:
+                out, _ = p.communicate(timeout=timeout + 60)
+            except BaseException:
+                p.terminate()           # comms.run kills its ranks and sweeps their segments on SIGTERM
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()            # its ranks die with it (their parent-death signal)
+                raise
+            return p.returncode, time.monotonic() - t0, out.splitlines()
         port = 29500 + self.count % 400
         res = self.sim.torchrun(*argv, port=port, timeout=timeout, env=self.env_delta(spec))
         if self.args.verbose:

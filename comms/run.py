@@ -16,6 +16,9 @@ Contract:
   ``[rank R] ``.
 * Each rank runs in its own session/process group; ranks are always killed as a group, so
   grandchildren die with them. On exit every rank's group gets SIGKILL, so nothing outlives it.
+  On Linux each rank also gets SIGKILL when the launcher dies without cleaning up (``kill -9`` of
+  the launcher, or of a caller's ``subprocess.run`` that kills it on an exception): the kernel's
+  parent-death signal, so no rank is left running for nobody.
 * Exit status: 0 when every rank exits 0. When a rank exits non-zero or is killed by a signal, the
   others get SIGTERM, then SIGKILL after a 3 s grace; the launcher names the first failing rank on
   stderr and exits 1. When ``--timeout`` passes, every rank is killed and the exit status is 124.
@@ -130,6 +133,27 @@ def _pump(src, dst, prefix: bytes, lock: threading.Lock) -> None:
         src.close()
 
 
+def _parent_death_guard():
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies
+    (prctl PR_SET_PDEATHSIG; exec keeps it), or None off Linux. It runs between fork and exec, so it
+    only calls prctl through a function looked up here, and exits at once if the launcher is already
+    gone (the parent died before the prctl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, pr_set_pdeathsig, sigkill = os.getpid(), 1, int(signal.SIGKILL)
+
+    def guard() -> None:
+        prctl(pr_set_pdeathsig, sigkill)
+        if os.getppid() != parent:
+            os._exit(128 + sigkill)
+    return guard
+
+
 def _killpg(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -173,6 +197,7 @@ def launch(cmd: list[str], nproc: int, timeout: float | None = None, master_port
     out_lock, err_lock = threading.Lock(), threading.Lock()
     returncodes: dict[int, int] = {}
     status = 0
+    guard = _parent_death_guard()
     try:
         for rank in range(nproc):
             child_env = dict(os.environ)
@@ -186,7 +211,7 @@ def launch(cmd: list[str], nproc: int, timeout: float | None = None, master_port
                 child_env.setdefault("OMP_NUM_THREADS", "1")
             p = subprocess.Popen([sys.executable, *cmd], env=child_env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=guard)
             binding.apply(p.pid, bound[rank])    # before the child can start a thread: they inherit it
             procs.append(p)
             prefix = f"[rank {rank}] ".encode()

@@ -212,6 +212,25 @@ def test_launcher_sigint_kills_ranks(tmp_path):
     _assert_all_dead(_pids(tmp_path))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_launcher_killed_with_sigkill_takes_its_ranks_with_it(tmp_path):
+    # a launcher cannot clean up after kill -9 (nor when a caller's subprocess.run kills it on an
+    # exception): the kernel kills its ranks, so none runs on for nobody
+    p = subprocess.Popen([*_launcher(), "-n", "2", str(SCRIPTS / "hang.py"), str(tmp_path)],
+                         env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 30
+        while len(_pids(tmp_path)) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        pids = _pids(tmp_path)
+        assert len(pids) == 2
+        assert _alive(pids["rank1.pid"])
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+    _assert_all_dead(pids)
+
+
 # ---------------------------------------------------------------------------------------- spawn
 
 @pytest.fixture

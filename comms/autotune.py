@@ -18,9 +18,10 @@ Contract of :func:`measure` (collective: every rank calls it at the same point o
 same arguments): at each probe every algorithm that does not decline the size is forced in turn
 (``set_algo``, as COMMS_ALGO would) and called through the public method on torch CPU tensors, the
 way a job calls it (:func:`_calls`; up to :data:`BUFFERS` buffer sets rotated through as a job's
-tensors are): one warm-up call per set, then up to :data:`ROUNDS` rounds in which each contender
+tensors are): one warm-up call per set and one more timed from a barrier, then up to
+:data:`ROUNDS` rounds in which each contender
 runs one turn of ``reps(call)`` back-to-back calls (about :data:`ROUND_S`, as a turn of the
-bench), each turn started by a barrier and one untimed call, the order flipped every round so drift
+bench), each turn started by a barrier and untimed calls (:func:`lead`), the order flipped every round so drift
 on a busy machine hits them alike. A round's figure per algorithm is the slowest rank's mean time
 per call in its turn (every rank gets the same figures from a MAX all_reduce, so every rank makes
 the same decisions); after each round the algorithms far behind the fastest stop being timed at
@@ -32,7 +33,8 @@ direct within 7 % of recursive doubling at 8 KiB on 4 ranks sharing 2 cores wher
 put it 11-19 % behind). The calls are real collectives (matched and checked like any other),
 taking sequence numbers 1, 2, ...; the caller resets the numbering once every rank is done, so the
 user's first collective is number 1, and init's rules are restored. Call counts come from the
-slowest rank's warm-up call, so every rank runs the same calls. Rank 0 combines the ranks' tables
+slowest rank's time per call (the timed warm-up's, then the latest round's), so every rank runs the
+same calls. Rank 0 combines the ranks' tables
 with :func:`combine` (the slowest rank's figure per entry), and the table is cached with the
 calibration. The table holds its communicator's layout (ranks and hosts) and applies only to
 communicators of that layout (a split sub-communicator prices with the model alone).
@@ -64,11 +66,13 @@ PRUNE_AFTER = 2                                  # ...at this many probes in a r
 ROUND_S = 0.025                                  # a timed turn lasts about this long...
 ROUND_CALLS = 1000                               # ...in at most this many calls, and at least MIN_CALLS
 MIN_CALLS = 2
+LEAD_S = 0.006                                   # untimed calls that start a turn: about this long,
+                                                 # and at most a quarter of the turn's timed calls
 
 
 def reps(call_s: float) -> int:
     """Back-to-back calls per timed turn for a call of about ``call_s`` seconds (the slowest
-    rank's warm-up call, so every rank runs the same count): turns of :data:`ROUND_S`, as the
+    rank's latest time per call, so every rank runs the same count): turns of :data:`ROUND_S`, as the
     bench's (about 30 ms a variant a round). Short bursts after a barrier are not what a job sees:
     on 4 ranks sharing 2 cores a 64 KiB ring took 53 us a call over its first 32 calls and 60-74 us
     from then on, while rhd stayed at 35-43 us, so 4 ms turns priced the ring 1.22x rhd where the
@@ -78,6 +82,18 @@ def reps(call_s: float) -> int:
     (5 ms of 5 us calls on 2 ranks with cores of their own): a thousand calls are far past the
     start of a turn, and the probes of small sizes would otherwise take most of the budget."""
     return max(MIN_CALLS, min(ROUND_CALLS, int(ROUND_S / max(call_s, 1e-9))))
+
+
+def lead(call_s: float) -> int:
+    """Untimed calls that start a turn, after its barrier: about :data:`LEAD_S` of them, at most a
+    quarter of :func:`reps`, at least one (which also builds the forced plan). A turn is timed from
+    where the link and the ranks run as they do in the middle of a job, not from a rest: a token
+    bucket (a tc tbf of 1 MB on 2 hosts at 2 Gbit/s; a NIC's or a switch's buffers) lets the first
+    megabyte through at wire speed, and an algorithm that sends more than the link sustains ran its
+    first ~5 ms of a turn that much faster. Timed from the barrier, a 16 KiB all_reduce on
+    2 hosts x 2 ranks priced recursive doubling at 122 us and hierarchical at 125 us a call; timed
+    from 6 ms on, 139 and 125 us, as the bench's 132 and 114 us ranked them."""
+    return max(1, min(reps(call_s) // 4, math.ceil(LEAD_S / max(call_s, 1e-9))))
 
 
 def layout(n: int, hosts: tuple) -> list:
@@ -192,6 +208,17 @@ class _Probe:
         self.alive = list(self.order)
         self.means: dict = {a: [] for a in self.order}
         self.k_of: dict = {}
+        self.lead_of: dict = {}
+
+    def _size_turns(self, call_s: dict) -> None:
+        """Each algorithm's calls per turn and lead-in from its latest time per call (the slowest
+        rank's, so the same on every rank): first the warm-up's, then each round's own. A first
+        call stands for a turn badly: on 2 hosts x 2 ranks at 2 Gbit/s the warm-up of a 16 KiB
+        recursive doubling took some ms (skew, connections), so its turns ran a few dozen calls,
+        inside the link's 1 MB burst allowance, and it timed 98 us a call against the 132 us it
+        sustains, ahead of hierarchical (which the bench measures 1.16x faster there)."""
+        for a, t in call_s.items():
+            self.k_of[a], self.lead_of[a] = reps(float(t)), lead(float(t))
 
     def run(self, rounds: int, narrow: bool = True) -> None:
         """``rounds`` more rounds of the contenders (the first call also warms up and sets the call
@@ -203,11 +230,14 @@ class _Probe:
             for i_a, a in enumerate(self.order):
                 comm.set_algo(f"{coll}:{a}")
                 for call in calls:                 # warm-up: the plan, connections, pages, caches
-                    t0 = time.perf_counter()
                     call()
-                    warm[i_a] = time.perf_counter() - t0
+                comm.barrier()                     # then one call per set from a common start
+                t0 = time.perf_counter()
+                for call in calls:
+                    call()
+                warm[i_a] = (time.perf_counter() - t0) / len(calls)
             comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
-            self.k_of = {a: reps(float(w)) for a, w in zip(self.order, warm)}
+            self._size_turns(dict(zip(self.order, warm)))
         for _ in range(rounds):
             done = max((len(v) for v in self.means.values()), default=0)      # rounds so far
             turns = self.alive if done % 2 == 0 else self.alive[::-1]
@@ -216,13 +246,15 @@ class _Probe:
                 k = self.k_of[a]
                 comm.set_algo(f"{coll}:{a}")
                 comm.barrier()            # every rank starts the turn together, not skewed by the last...
-                calls[-1]()               # ...and neither the barrier's skew nor the plan's build is timed
+                for j in range(self.lead_of[a]):     # ...and neither the barrier's skew, the plan's build
+                    calls[-1 - j % len(calls)]()     # nor a link's burst allowance is timed (lead())
                 t0 = time.perf_counter()
                 for j in range(k):
                     calls[j % len(calls)]()
                 got[i_a] = (time.perf_counter() - t0) / k * 1e6
             comm.all_reduce(got, op=ReduceOp.MAX)         # the slowest rank's round: every rank alike
             got_of = dict(zip(turns, got))
+            self._size_turns({a: t * 1e-6 for a, t in got_of.items()})
             for a in self.order:              # None: not timed in this round (the rounds stay aligned)
                 self.means[a].append(float(got_of[a]) if a in got_of else None)
             if narrow:
@@ -245,9 +277,10 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     :data:`PRUNE_AFTER` probes in a row is not timed at larger probes, and is then not chosen there
     (one disturbed probe of two rounds dropped hierarchical on 2 hosts x 2 ranks, the fastest from
     1 MiB up by 1.5x). The first sweep stops, on every rank alike, before a probe that would end
-    past :data:`FIRST_SWEEP` of ``budget_s`` seconds (per collective), the later ones before a
-    probe that would start past ``budget_s``; the correction is held constant from the last probe
-    up."""
+    past :data:`FIRST_SWEEP` of ``budget_s`` seconds (per collective), each later one before a
+    probe that would start past its share of the rest (sweep 2 of 3 at 80 %, the last at 100 %, so
+    every placement is timed on a short budget too); the correction is held constant from the last
+    probe up."""
     from . import algorithms
     out: dict = {"layout": layout(comm.size, comm._hosts())}
     per_sweep = max(1, ROUNDS // PASSES)
@@ -312,23 +345,26 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
             for a in fig:
                 behind[a] = behind.get(a, 0) + 1 if fig[a] > PRUNE_RATIO * min(fig.values()) else 0
             dropped |= {a for a, c in behind.items() if c >= PRUNE_AFTER}
+    cut = False
     for sweep in range(1, PASSES):
         if place:
             place(sweep)
         rounds = per_sweep if sweep < PASSES - 1 else ROUNDS - per_sweep * (PASSES - 1)
+        until = budget_s * (FIRST_SWEEP + (1.0 - FIRST_SWEEP) * sweep / (PASSES - 1))
         for probe in probes:
             if len(probe.alive) < 2:
                 continue
-            if _over_budget(comm, t_start, t_size, budget_s, 0.0):
+            if _over_budget(comm, t_start, t_size, until, 0.0):
                 log.info("comms: %s: sweep %d stopped before %d B (COMMS_TUNE_SECONDS=%g)", coll, sweep + 1,
                          probe.nbytes, budget_s)
+                cut = True
                 break
             probe.run(rounds)
-        else:
-            continue
-        break
-    else:
+    if not cut:
         _confirm(comm, coll, probes, t_start, t_size, budget_s, place)
+    log.info("comms: timed %s in %.1f s: %d probes to %d B, rounds per probe %s", coll, time.perf_counter() - t_start,
+             len(probes), probes[-1].nbytes if probes else 0,
+             " ".join(str(max((sum(x is not None for x in v) for v in p.means.values()), default=0)) for p in probes))
     table: dict = {a: [] for a in names}
     for probe in probes:
         fig = figures(probe.means)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.autotune import PROBES, applies, combine, contenders, correction, figures, reps
+from comms.autotune import PROBES, applies, combine, contenders, correction, figures, lead, reps
 from comms.tuning import Link, Params, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
@@ -84,6 +84,16 @@ def test_rounds_repeat_the_same_calls_on_every_rank():
     assert reps(1e-6) == 1000 and reps(1e-4) == 250 and reps(0.5) == 2
     assert reps(1e-3) == 25 and reps(5e-3) == 5 and reps(0.02) == 2
     assert all(reps(a) >= reps(b) for a, b in zip((1e-6, 1e-5, 1e-4, 1e-3), (1e-5, 1e-4, 1e-3, 1e-2)))
+
+
+def test_a_turn_is_timed_after_a_lead_in_of_about_6_ms():
+    # a link's burst allowance and the start after a barrier are left out of the timed calls: about
+    # 6 ms of untimed calls, never more than a quarter of the timed ones, always at least one
+    assert lead(1.3e-4) == 47 and lead(1e-3) == 6 and lead(5e-3) == 1 and lead(0.5) == 1
+    assert lead(1e-6) == 250 and lead(2e-5) == 250 and lead(4e-5) == 150   # at most a quarter of 1000
+    for t in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1.0):
+        assert 1 <= lead(t) <= max(1, reps(t) // 4)
+        assert lead(t) * t <= 0.006 + t
 
 
 def test_only_latency_bound_near_ties_go_to_fewer_waits():

@@ -108,7 +108,8 @@ def test_calibration_is_cached_and_shared(tmp_path):
 
 def test_calibration_times_every_placement_of_ranks_sharing_cores(tmp_path):
     """4 ranks on 2 CPUs, unbound: each sweep of the timed candidates pins the ranks in another
-    placement (which ranks share a CPU), and every rank gets its CPUs back before init returns."""
+    placement (which ranks share a CPU), even on a budget of 3 s, and every rank gets its CPUs back
+    before init returns."""
     import pytest
     from comms.binding import arrangement
     from comms.testing import spawn
@@ -119,8 +120,12 @@ def test_calibration_times_every_placement_of_ranks_sharing_cores(tmp_path):
                 env={"XDG_CACHE_HOME": str(tmp_path), "COMMS_TUNE_SECONDS": "3"})
     for r in out:
         assert r["timed"] and r["oversub"] == 2.0
-        assert r["calls"] == [[arrangement(k, 4, r["cpus"])[r["local"]]] for k in range(3)] + [r["cpus"]], r
-        assert r["after"] == r["cpus"]
+        # the three sweeps' placements in order (each sweep gets its share of even a short budget),
+        # then any rounds of the last sweep of doubtful probes going round them, then its own CPUs
+        placed, back = r["calls"][:-1], r["calls"][-1]
+        assert len(placed) >= 3, r
+        assert placed == [[arrangement(k % 3, 4, r["cpus"])[r["local"]]] for k in range(len(placed))], r
+        assert back == r["cpus"] and r["after"] == r["cpus"]
     # the three placements pair the ranks in the three possible ways
     pairs = {frozenset(frozenset(i for i in range(4) if arrangement(k, 4, [0, 1])[i] == c) for c in (0, 1))
              for k in range(3)}

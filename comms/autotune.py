@@ -207,25 +207,21 @@ class _Probe:
             self.order.append(a)
         self.alive = list(self.order)
         self.means: dict = {a: [] for a in self.order}
-        self.k_of: dict = {}
-        self.lead_of: dict = {}
-
-    def _size_turns(self, call_s: dict) -> None:
-        """Each algorithm's calls per turn and lead-in from its latest time per call (the slowest
-        rank's, so the same on every rank): first the warm-up's, then each round's own. A first
-        call stands for a turn badly: on 2 hosts x 2 ranks at 2 Gbit/s the warm-up of a 16 KiB
-        recursive doubling took some ms (skew, connections), so its turns ran a few dozen calls,
-        inside the link's 1 MB burst allowance, and it timed 98 us a call against the 132 us it
-        sustains, ahead of hierarchical (which the bench measures 1.16x faster there)."""
-        for a, t in call_s.items():
-            self.k_of[a], self.lead_of[a] = reps(float(t)), lead(float(t))
+        # each algorithm's latest time per call in s (the slowest rank's, so the same on every
+        # rank), which sizes its turns (reps) and their lead-in (lead): first the timed warm-up's,
+        # then each round's own. A single first call stands for a turn badly: on 2 hosts x 2 ranks
+        # at 2 Gbit/s the warm-up call of a 16 KiB recursive doubling took some ms (skew,
+        # connections), so its turns ran a few dozen calls, inside the link's 1 MB burst allowance,
+        # and it timed 98 us a call against the 132 us it sustains, ahead of hierarchical (which
+        # the bench measures 1.16x faster there)
+        self.call_s: dict = {}
 
     def run(self, rounds: int, narrow: bool = True) -> None:
         """``rounds`` more rounds of the contenders (the first call also warms up and sets the call
         counts), narrowing them after each round (with ``narrow``)."""
         comm, coll = self.comm, self.coll
         calls = _calls(comm, coll, self.nin, self.nout)
-        if not self.k_of:
+        if not self.call_s:
             warm = np.zeros(len(self.order), np.float64)
             for i_a, a in enumerate(self.order):
                 comm.set_algo(f"{coll}:{a}")
@@ -237,16 +233,16 @@ class _Probe:
                     call()
                 warm[i_a] = (time.perf_counter() - t0) / len(calls)
             comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
-            self._size_turns(dict(zip(self.order, warm)))
+            self.call_s = {a: float(w) for a, w in zip(self.order, warm)}
         for _ in range(rounds):
             done = max((len(v) for v in self.means.values()), default=0)      # rounds so far
             turns = self.alive if done % 2 == 0 else self.alive[::-1]
             got = np.zeros(len(turns), np.float64)
             for i_a, a in enumerate(turns):
-                k = self.k_of[a]
+                k = reps(self.call_s[a])
                 comm.set_algo(f"{coll}:{a}")
                 comm.barrier()            # every rank starts the turn together, not skewed by the last...
-                for j in range(self.lead_of[a]):     # ...and neither the barrier's skew, the plan's build
+                for j in range(lead(self.call_s[a])):   # ...and neither the barrier's skew, the plan's build
                     calls[-1 - j % len(calls)]()     # nor a link's burst allowance is timed (lead())
                 t0 = time.perf_counter()
                 for j in range(k):
@@ -254,7 +250,7 @@ class _Probe:
                 got[i_a] = (time.perf_counter() - t0) / k * 1e6
             comm.all_reduce(got, op=ReduceOp.MAX)         # the slowest rank's round: every rank alike
             got_of = dict(zip(turns, got))
-            self._size_turns({a: t * 1e-6 for a, t in got_of.items()})
+            self.call_s.update({a: float(t) * 1e-6 for a, t in got_of.items()})
             for a in self.order:              # None: not timed in this round (the rounds stay aligned)
                 self.means[a].append(float(got_of[a]) if a in got_of else None)
             if narrow:

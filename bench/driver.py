@@ -148,6 +148,22 @@ def worker_command(args, spec: backends.Spec, out: Path, env: dict[str, str] | N
         worker_args(args, spec, out)
 
 
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop a launch started in its own session (``start_new_session=True``): SIGTERM to its group,
+    so that comms.run (or mpirun) kills its ranks and sweeps their segments, then SIGKILL after
+    ``grace`` seconds (comms.run's ranks die with it: their parent-death signal)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run_launch(args, spec: backends.Spec, index: int, tmpdir: Path, prog: Progress | None = None) -> report.Launch:
     """One fresh launch of ``spec``; never raises for a failing launch."""
     out = tmpdir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.label)}-{index}.json"
@@ -166,16 +182,7 @@ def run_launch(args, spec: backends.Spec, index: int, tmpdir: Path, prog: Progre
 
     def kill():
         expired.set()
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                pass
+        stop(proc)
     timer = threading.Timer(limit, kill)
     timer.daemon = True
     timer.start()

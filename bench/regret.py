@@ -212,15 +212,11 @@ class Launcher:
             env = driver.launch_env(spec)
             cmd = [sys.executable, "-m", "comms.run", "-n", str(self.args.np), "--timeout", f"{timeout:g}"] + argv
             p = subprocess.Popen(cmd, env=env, cwd=driver._ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, errors="replace")
+                                 stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
             try:
                 out, _ = p.communicate(timeout=timeout + 60)
             except BaseException:
-                p.terminate()           # comms.run kills its ranks and sweeps their segments on SIGTERM
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()            # its ranks die with it (their parent-death signal)
+                driver.stop(p, grace=10.0)
                 raise
             return p.returncode, time.monotonic() - t0, out.splitlines()
         port = 29500 + self.count % 400

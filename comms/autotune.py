@@ -5,14 +5,8 @@ the scheduler shares two cores among four ranks, a token bucket that lets small 
 wire speed, a plan's own overheads) can make it pick an algorithm that measures slower. So, when a
 host signature is calibrated, every rank also runs each registered algorithm of the collectives in
 COMMS_TUNE at a grid of message sizes (:data:`PROBES`, 8 B to 32 MiB in steps of 2, as far as
-COMMS_TUNE_SECONDS per collective allows), and the selection prices an algorithm at
-
-    cost(m) x correction(m),  correction = measured / modelled at the probes,
-
-interpolated linearly in log(size) between probes and held constant beyond the grid. At a probe
-the cheapest corrected algorithm is the one that measured fastest; between probes the model's shape
-places the crossover. An algorithm that declined a probe (NotSupported) is not chosen at sizes next
-to it.
+COMMS_TUNE_SECONDS per collective allows); the selection prices with the resulting table as
+comms.timed describes.
 
 Contract of :func:`measure` (collective: every rank calls it at the same point of init, with the
 same arguments): at each probe every algorithm that does not decline the size is forced in turn
@@ -35,9 +29,7 @@ taking sequence numbers 1, 2, ...; the caller resets the numbering once every ra
 user's first collective is number 1, and init's rules are restored. Call counts come from the
 slowest rank's time per call (the timed warm-up's, then the latest round's), so every rank runs the
 same calls. Rank 0 combines the ranks' tables
-with :func:`combine` (the slowest rank's figure per entry), and the table is cached with the
-calibration. The table holds its communicator's layout (ranks and hosts) and applies only to
-communicators of that layout (a split sub-communicator prices with the model alone).
+with comms.timed.combine (the slowest rank's figure per entry).
 """
 from __future__ import annotations
 
@@ -49,11 +41,9 @@ import numpy as np
 from . import log as clog
 from .algorithms.plan import NotSupported
 from .dtypes import ReduceOp
+from .timed import PROBES, layout
 
 log = clog.get("TUNING")
-PROBES = [8 << k for k in range(23)]            # 8 B .. 32 MiB, x2: a cost can step between two
-# sizes, which interpolation across x4 missed (seen: recursive doubling over tcp under a 2 Gbit/s
-# token bucket took 4x as long at 64 KiB as at 32 KiB, and the selector kept it there)
 ROUNDS = 6                                       # timed rounds of a probe's contenders, in
 PASSES = 3                                       # this many sweeps over the probes; after
 DROP_RATIO = {2: 1.5, 3: 1.35, 4: 1.25}          # r rounds, one this far behind the fastest (paired)
@@ -94,11 +84,6 @@ def lead(call_s: float) -> int:
     2 hosts x 2 ranks priced recursive doubling at 122 us and hierarchical at 125 us a call; timed
     from 6 ms on, 139 and 125 us, as the bench's 132 and 114 us ranked them."""
     return max(1, min(reps(call_s) // 4, math.ceil(LEAD_S / max(call_s, 1e-9))))
-
-
-def layout(n: int, hosts: tuple) -> list:
-    """What a timed table is valid for: the rank count and the ranks per host."""
-    return [n, [len(g) for g in hosts]]
 
 
 def _args(comm, coll: str, nbytes: int):
@@ -409,58 +394,3 @@ def _confirm(comm, coll: str, probes: list, t_start: float, t_size: float, budge
             if place:
                 place(r % PASSES)
             probe.run(1, narrow=False)
-
-
-def combine(tables: list[dict]) -> dict:
-    """Every rank's :func:`measure` -> one table: per entry the slowest rank's figure (None if any
-    rank's algorithm declined)."""
-    out = {"layout": tables[0]["layout"]}
-    for coll, algos in tables[0].items():
-        if coll == "layout":
-            continue
-        reached = min(len(t[coll][a]) for t in tables for a in algos)
-        out[coll] = {a: [None if any(t[coll][a][i] is None for t in tables) else max(t[coll][a][i] for t in tables)
-                         for i in range(reached)] for a in algos}
-    return out
-
-
-def applies(measured: dict | None, n: int, hosts: tuple) -> bool:
-    return bool(measured) and measured.get("layout") == layout(n, hosts)
-
-
-def correction(measured: dict, coll: str, algo: str, model) -> "callable | None":
-    """The factor (a function of bytes) that turns ``model(bytes)`` into the measured time of
-    ``algo``, or None when ``coll``/``algo`` was not measured. It returns math.inf next to a probe
-    where the algorithm declined."""
-    row = (measured.get(coll) or {}).get(algo)
-    if row is None:
-        return None
-    points = []               # (log2 size, log ratio or None for a decline)
-    for size, t in zip(PROBES, row):
-        if t is None:
-            points.append((math.log2(size), None))
-            continue
-        m = model(size)
-        if m is None or not math.isfinite(m) or m <= 0:
-            continue
-        points.append((math.log2(size), math.log(max(t, 1e-3) / m)))
-    if not points or all(r is None for _, r in points):
-        return lambda nbytes: math.inf if points else 1.0
-
-    def factor(nbytes: float) -> float:
-        x = math.log2(max(nbytes, PROBES[0]))
-        hit = next((r for px, r in points if px == x), False)
-        if hit is not False:
-            r = hit
-        elif x <= points[0][0]:
-            r = points[0][1]
-        elif x >= points[-1][0]:
-            r = points[-1][1]
-        else:
-            j = next(j for j in range(1, len(points)) if points[j][0] >= x)
-            (x0, r0), (x1, r1) = points[j - 1], points[j]
-            if r0 is None or r1 is None:
-                return math.inf
-            r = r0 + (r1 - r0) * (x - x0) / (x1 - x0)
-        return math.inf if r is None else math.exp(r)
-    return factor

@@ -56,7 +56,7 @@ def render(info: dict, comm) -> str:
                        f"divided by {info['oversubscription']:g} (every rank busy at once)")
         timed = cm.get("measured")
         if timed:
-            from .autotune import PROBES
+            from .timed import PROBES
             n, per_host = timed["layout"]
             out.append(f"# timed at calibration ({n} ranks, ranks per host {per_host}), us per call, slowest rank; "
                        f"prices are corrected to these")

@@ -10,9 +10,9 @@ adds up the bytes to every peer (the rank's thread moves them all), one shm step
 its shm exchanges (they wait together) and one tcp step latency per tcp exchange (each costs the
 thread its own syscalls).
 :func:`default_rules` sweeps message sizes, picks the cheapest algorithm for each (with prices
-corrected by the timed candidates of comms.autotune where calibration measured them; there a near
-tie goes to the fewest waits on a peer), and writes the result as rules
-in the selector's grammar (``all_reduce:0-16K:direct#...``): the defaults are data, printed by
+corrected by the timed table of comms.timed where calibration measured the candidates; there a
+near tie goes to the fewest waits on a peer), and writes the result as rules in the selector's
+grammar (``all_reduce:0-16K:direct#...``): the defaults are data, printed by
 ``python -m comms.info`` and overridden with COMMS_ALGO in the same grammar.
 
 Calibration (comms.calibration) measures the link figures and times the candidates (comms.autotune).
@@ -111,7 +111,6 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, forced_t
     else:
         flat = Link(max(p.shm.alpha_us, p.tcp.alpha_us), min(p.shm.beta_gbps, p.tcp.beta_gbps))
     p2 = 1 << (n.bit_length() - 1)
-    fold = 2 if n != p2 else 0
     if n == 1:
         return 0.0
     if algo == "hierarchical" and (H < 2 or n % H or len({len(h) for h in hosts}) > 1):
@@ -210,9 +209,9 @@ def latency_bound(coll: str, algo: str, m: int, n: int, hosts: tuple, p: "Params
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool, oversub: float = 1.0) -> str:
     """The cheapest priced algorithm per size range, per collective, in the selector grammar;
     ``oversub``: the most ranks per usable core of any host (see :meth:`Params.loaded`)."""
-    from . import autotune
+    from .timed import applies, correction
     p = p.loaded(oversub)
-    timed = autotune.applies(p.measured, n, hosts)
+    timed = applies(p.measured, n, hosts)
     shared = oversub > 1.0                  # near ties (below): the margin and how direct's waits count
     margin = TIE_SHARED if shared else TIE
     rules = []
@@ -223,7 +222,7 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
         factor = {a: lambda m: 1.0 for a in priced}
         if timed:
             for a in priced:
-                f = autotune.correction(p.measured, coll, a, lambda m, a=a: cost(coll, a, m, n, hosts, p, forced_tcp))
+                f = correction(p.measured, coll, a, lambda m, a=a: cost(coll, a, m, n, hosts, p, forced_tcp))
                 if f is not None:
                     factor[a] = f
         best = []

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.autotune import PROBES, applies, combine, contenders, correction, figures, lead, reps
+from comms.autotune import contenders, figures, lead, reps
+from comms.timed import PROBES, applies, combine, correction
 from comms.tuning import Link, Params, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}

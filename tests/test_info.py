@@ -68,7 +68,7 @@ def test_calibration_is_cached_and_shared(tmp_path):
     # at each probe the rules pick the fastest, or, where the size is latency-bound, of those within
     # the tie margin of the fastest (wider when ranks share cores), the one with the fewest waits on
     # a peer (then the fastest)
-    from comms.autotune import PROBES
+    from comms.timed import PROBES
     timed = p["measured"]
     assert timed["layout"] == [2, [2]]
     rows = timed["all_reduce"]

@@ -72,7 +72,7 @@ def test_calibration_cache_key_is_versioned():
     # ones timed them at every fourth power of two only (their tables do not fit today's PROBES); v4
     # ones timed short bursts through the engine alone, which ranked algorithms unlike a job; v5 ones
     # timed turns from their barrier, sized by one warm-up call (inside a link's burst allowance)
-    from comms.autotune import PROBES
+    from comms.timed import PROBES
     assert CALIBRATION_VERSION == "v6" and len(PROBES) == 23 and PROBES[1] == 2 * PROBES[0]
 
 

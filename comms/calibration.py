@@ -79,7 +79,8 @@ def _hops(comm, ring: list, rounds: int, reps: int) -> float:
     left, all rounds in one point-to-point plan, so the figure is the latency of one step of a
     collective's plan with every member active, without the per-call cost."""
     from .algorithms.plan import IN, OUT, PHASE, RECV, SEND, Plan, Step
-    from .communicator import MSG_P2P, _fast
+    from .checks import fast as _fast
+    from .communicator import MSG_P2P
     from .engine import Encoded
     i = ring.index(comm.rank)
     right, left = ring[(i + 1) % len(ring)], ring[(i - 1) % len(ring)]

@@ -17,43 +17,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import config, failures, flight
+from . import checks, config, failures, flight
+from .checks import fast as _fast
 from . import log as clog
 from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
-from ._native import ffi
-from .dtypes import _NUMPY_CODES, DTYPE_NAMES, DTYPE_SIZES, ReduceOp, View, as_op, check_op, resolve
+from .dtypes import DTYPE_SIZES, ReduceOp, as_op, check_op, resolve
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
 from . import calibration
 from .selector import Selector, defaults as selector_defaults
 from .transports.base import Endpoint
-from .work import Work, completed
+from .work import Work
 
 log = clog.get("COLL")
 MSG_COLL, MSG_P2P = 1, 2
 ANY_SOURCE = -1
 PLAN_CACHE = 4096
 COUNT_ANY = (1 << 64) - 1
-
-
-def _addr(arr: np.ndarray) -> Any:
-    """The address of a numpy array's data, as a value the engine's buffer table takes."""
-    return ffi.cast("uintptr_t", ffi.from_buffer(arr))
-
-
-def _fast(buf: Any, what: str, writable: bool) -> tuple:
-    """(address, element count, dtype code) of ``buf``, checked like :func:`resolve` but faster
-    for the common case (this is on the latency-critical path)."""
-    if type(buf) is np.ndarray:
-        code = _NUMPY_CODES.get(buf.dtype)
-        if code is not None and buf.flags.c_contiguous and (buf.flags.writeable or not writable):
-            return _addr(buf), buf.size, code
-    v = resolve(buf, what, writable)
-    return v.ptr, v.count, v.dtype
-
-
-def _views_overlap(a: View, b: View) -> bool:
-    return a.nbytes > 0 and b.nbytes > 0 and a.ptr < b.ptr + b.nbytes and b.ptr < a.ptr + a.nbytes
 
 
 class Communicator:
@@ -137,7 +117,7 @@ class Communicator:
 
     def endpoint(self, peer: int) -> Endpoint:
         """The point-to-point endpoint (isend/irecv -> Request) for ``peer``."""
-        self._check_peer(peer, "endpoint")
+        checks.peer(peer, self.rank, self.size, "endpoint")
         name = self._boot.chosen[peer]
         t = next(t for t in self._boot.transports if t.name == name)
         return Endpoint(self, peer, t)
@@ -175,18 +155,6 @@ class Communicator:
             raise type(self._broken)(f"rank {self.rank}: the communicator was aborted by an earlier error: "
                                      f"{self._broken}", rank=self.rank)
 
-    def _check_root(self, root: int, what: str) -> int:
-        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
-            raise InvalidUsage(f"{what}: root {root!r} is not a rank of this communicator (size {self.size})")
-        return int(root)
-
-    def _check_peer(self, peer: int, what: str) -> int:
-        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size:
-            raise InvalidUsage(f"{what}: peer {peer!r} is not a rank of this communicator (size {self.size})")
-        if peer == self.rank:
-            raise InvalidUsage(f"{what}: rank {self.rank} cannot send to or receive from itself")
-        return int(peer)
-
     def _plan(self, key: tuple, args: Args, nbytes: int, dtype: int, op: ReduceOp | None, count: int) -> Encoded:
         """The cached, encoded plan for ``key``; built (and the selector consulted) on first use."""
         enc = self._plans.get(key)
@@ -213,10 +181,10 @@ class Communicator:
         if async_op:
             buf = np.empty(nbytes, np.uint8)
             keep.append(buf)
-            return _addr(buf)
+            return checks.addr(buf)
         if self._scratch.nbytes < nbytes:
             self._scratch = np.empty(nbytes, np.uint8)
-            self._scratch_ptr = _addr(self._scratch)
+            self._scratch_ptr = checks.addr(self._scratch)
         return self._scratch_ptr
 
     def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None,
@@ -271,7 +239,7 @@ class Communicator:
         key = ("broadcast", count, dtype, root)
         enc = self._plans.get(key)
         if enc is None:
-            root = self._check_root(root, "broadcast")
+            root = checks.root(root, self.size, "broadcast")
             args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
             enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
@@ -285,7 +253,7 @@ class Communicator:
         key = ("reduce", count, dtype, op, root)
         enc = self._plans.get(key)
         if enc is None:
-            root = self._check_root(root, "reduce")
+            root = checks.root(root, self.size, "reduce")
             check_op(op, dtype, "reduce")
             args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
                         avg=op is ReduceOp.AVG, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
@@ -297,12 +265,12 @@ class Communicator:
         """``out`` (size x inp elements) receives every rank's ``inp``, in rank order."""
         vi = resolve(inp, "all_gather input")
         vo = resolve(out, "all_gather output", writable=True)
-        self._same_dtype(vi, vo, "all_gather")
+        checks.same_dtype(vi, vo, "all_gather")
         if vo.count != self.size * vi.count:
             raise InvalidUsage(f"all_gather: output has {vo.count} elements, expected size x input = "
                                f"{self.size} x {vi.count} = {self.size * vi.count}")
         inplace = vi.ptr == vo.ptr + self.rank * vi.nbytes
-        if not inplace and _views_overlap(vi, vo):
+        if not inplace and checks.overlap(vi, vo):
             raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
         args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
@@ -314,7 +282,7 @@ class Communicator:
         """Reduce ``inp`` (size x out elements) across ranks; rank r gets block r in ``out``."""
         vi = resolve(inp, "reduce_scatter input")
         vo = resolve(out, "reduce_scatter output", writable=True)
-        self._same_dtype(vi, vo, "reduce_scatter")
+        checks.same_dtype(vi, vo, "reduce_scatter")
         op = as_op(op)
         check_op(op, vi.dtype, "reduce_scatter")
         if vi.count != self.size * vo.count:
@@ -332,17 +300,17 @@ class Communicator:
         and receives ``out_splits[p]`` rows from rank p into ``out``. None means equal splits."""
         vi = resolve(inp, "all_to_all input")
         vo = resolve(out, "all_to_all output", writable=True)
-        self._same_dtype(vi, vo, "all_to_all")
-        if _views_overlap(vi, vo):
+        checks.same_dtype(vi, vo, "all_to_all")
+        if checks.overlap(vi, vo):
             raise InvalidUsage("all_to_all: input and output must not overlap")
-        rows_in, row_in = self._rows(vi, "input")
-        rows_out, row_out = self._rows(vo, "output")
+        rows_in, row_in = checks.rows(vi, "input")
+        rows_out, row_out = checks.rows(vo, "output")
         if row_in != row_out and rows_in and rows_out:
             raise InvalidUsage(f"all_to_all: input rows have {row_in} elements but output rows have {row_out}")
         row = row_in if rows_in else row_out
         uneven = out_splits is not None or in_splits is not None
-        ins = self._splits_of(in_splits, rows_in, "in_splits")
-        outs = self._splits_of(out_splits, rows_out, "out_splits")
+        ins = checks.splits(in_splits, rows_in, self.size, "in_splits")
+        outs = checks.splits(out_splits, rows_out, self.size, "out_splits")
         if ins[self.rank] != outs[self.rank]:
             raise InvalidUsage(f"all_to_all: rank {self.rank} sends itself {ins[self.rank]} rows "
                                f"but expects {outs[self.rank]}")
@@ -358,12 +326,12 @@ class Communicator:
                 timeout: float | None = None) -> Work | None:
         """``out`` of ``root`` (size x inp elements) receives every rank's ``inp``; ``out`` may be
         None on other ranks."""
-        root = self._check_root(root, "gather")
+        root = checks.root(root, self.size, "gather")
         vi = resolve(inp, "gather input")
         vo_ptr = 0
         if self.rank == root:
             vo = resolve(out, "gather output", writable=True)
-            self._same_dtype(vi, vo, "gather")
+            checks.same_dtype(vi, vo, "gather")
             if vo.count != self.size * vi.count:
                 raise InvalidUsage(f"gather: output has {vo.count} elements, expected size x input = "
                                    f"{self.size * vi.count}")
@@ -376,12 +344,12 @@ class Communicator:
     def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:
         """Rank r receives block r of ``inp`` of ``root`` into ``out``; ``inp`` may be None off root."""
-        root = self._check_root(root, "scatter")
+        root = checks.root(root, self.size, "scatter")
         vo = resolve(out, "scatter output", writable=True)
         vi_ptr = 0
         if self.rank == root:
             vi = resolve(inp, "scatter input")
-            self._same_dtype(vi, vo, "scatter")
+            checks.same_dtype(vi, vo, "scatter")
             if vi.count != self.size * vo.count:
                 raise InvalidUsage(f"scatter: input has {vi.count} elements, expected size x output = "
                                    f"{self.size * vo.count}")
@@ -406,7 +374,7 @@ class Communicator:
         key = (name, peer, count, dtype, tag)
         enc = self._plans.get(key)
         if enc is None:
-            peer = ANY_SOURCE if peer is None and kind == RECV else self._check_peer(peer, name)
+            peer = ANY_SOURCE if peer is None and kind == RECV else checks.peer(peer, self.rank, self.size, name)
             if not isinstance(tag, (int, np.integer)) or tag < 0:
                 raise InvalidUsage(f"{name}: tag must be a non-negative integer, got {tag!r}")
             nbytes = count * DTYPE_SIZES[dtype]
@@ -429,32 +397,6 @@ class Communicator:
         if r is None:
             return int(src)
         return r
-
-    # -- helpers -------------------------------------------------------------------------------
-    @staticmethod
-    def _same_dtype(a: View, b: View, what: str) -> None:
-        if a.dtype != b.dtype:
-            raise InvalidUsage(f"{what}: input is {DTYPE_NAMES[a.dtype]} but output is {DTYPE_NAMES[b.dtype]}")
-
-    @staticmethod
-    def _rows(v: View, what: str) -> tuple[int, int]:
-        if not v.shape:
-            raise InvalidUsage(f"all_to_all: the {what} must have at least one dimension")
-        rows = v.shape[0]
-        return rows, (v.count // rows if rows else int(np.prod(v.shape[1:], dtype=np.int64)))
-
-    def _splits_of(self, splits, rows: int, what: str) -> tuple:
-        if splits is None:
-            if rows % self.size:
-                raise InvalidUsage(f"all_to_all: {rows} rows cannot be split equally among {self.size} ranks; "
-                                   f"pass {what}")
-            return (rows // self.size,) * self.size
-        splits = tuple(int(s) for s in splits)
-        if len(splits) != self.size or any(s < 0 for s in splits):
-            raise InvalidUsage(f"all_to_all: {what} must hold {self.size} non-negative row counts, got {splits}")
-        if sum(splits) != rows:
-            raise InvalidUsage(f"all_to_all: {what} add up to {sum(splits)} rows but the buffer has {rows}")
-        return splits
 
     # -- sub-communicators and teardown ----------------------------------------------------------
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":

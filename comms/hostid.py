@@ -16,7 +16,8 @@ from . import config
 from .cleanup import SHM_DIR, segment_name
 
 
-def _read(path: str) -> str:
+def read_text(path: str) -> str:
+    """A small text file's contents, stripped; "" where it cannot be read (sysfs, procfs)."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -41,7 +42,7 @@ def host_identity() -> str:
         shm = f"{st.st_dev}:{st.st_ino}"
     except OSError:
         shm = "none"
-    return f"boot:{_read('/proc/sys/kernel/random/boot_id')}/ipc:{_ns_inode('ipc')}/shm:{shm}"
+    return f"boot:{read_text('/proc/sys/kernel/random/boot_id')}/ipc:{_ns_inode('ipc')}/shm:{shm}"
 
 
 @dataclass

@@ -11,13 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+from .hostid import read_text as _read
 
 
 def parse_cpulist(text: str) -> list[int]:

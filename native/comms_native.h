@@ -188,10 +188,17 @@ enum { CM_CNT_SHM_TX = 0, CM_CNT_SHM_RX, CM_CNT_TCP_TX, CM_CNT_TCP_RX, CM_CNT_EX
 
 /* engine.c */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op);
+
+/* flight.c */
+void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan);
+void cm_fr_end(cm_ctx *ctx, cm_exec *e);
+
+/* match.c */
 int cm_match(cm_ctx *ctx, cm_chan *c);
 int cm_deliver(cm_ctx *ctx, cm_chan *c, const char *data, size_t len);
 void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq);
 void cm_message_done(cm_ctx *ctx, cm_chan *c);
+void cm_unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op);
 
 /* shm.c */
 int cm_shm_progress_send(cm_ctx *ctx, cm_chan *c);

@@ -16,6 +16,9 @@
  * (shm only) or in poll() (tcp; shm peers and kicks ring the context's bell there, bell.c), waking
  * up at least every few ms to check liveness and deadlines.
  * Nothing here takes the GIL; the caller serializes calls on one context.
+ *
+ * The context itself is in ctx.c, matching an arriving message to its receive in match.c, and the
+ * flight recorder in flight.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -42,211 +45,6 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* ---- flight recorder --------------------------------------------------------------------------- */
-static volatile sig_atomic_t sigusr1_seen = 0;
-static void on_sigusr1(int sig) { (void)sig; sigusr1_seen = 1; }
-
-void cm_sigusr1_install(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_sigusr1;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART;
-    sigaction(SIGUSR1, &sa, NULL);
-}
-
-int cm_sigusr1_take(void) {
-    if (!sigusr1_seen) return 0;
-    sigusr1_seen = 0;
-    return 1;
-}
-
-int cm_ctx_flight_capacity(cm_ctx *ctx, int entries) {
-    if (entries < 0) return CM_E_INVALID;
-    cm_fr_entry *fr = entries ? calloc((size_t)entries, sizeof *fr) : NULL;
-    if (entries && !fr) return CM_E_NOMEM;
-    free(ctx->fr);
-    ctx->fr = fr;
-    ctx->fr_cap = (uint32_t)entries;
-    atomic_store(&ctx->fr_next, 0);
-    return CM_OK;
-}
-
-static void fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan) {
-    e->t_start = cm_now_ns();
-    if (!ctx->fr_cap) return;
-    uint64_t id = atomic_load_explicit(&ctx->fr_next, memory_order_relaxed);
-    cm_fr_entry *f = &ctx->fr[id % ctx->fr_cap];
-    f->id = id;
-    f->seq = e->sig.seq;
-    f->count = e->sig.count;
-    f->tag = e->sig.tag;
-    f->plan = (uint64_t)(uintptr_t)plan;
-    f->t_start_ns = e->t_start;
-    f->t_end_ns = 0;
-    f->kind = e->sig.kind;
-    f->coll = e->sig.coll;
-    f->dtype = e->sig.dtype;
-    f->redop = e->sig.redop;
-    f->root = e->sig.root;
-    f->state = 1;
-    f->code = 0;
-    f->peer = -1;
-    e->fr_id = id;
-    atomic_store_explicit(&ctx->fr_next, id + 1, memory_order_release);
-}
-
-static void fr_end(cm_ctx *ctx, cm_exec *e) {
-    int64_t now = cm_now_ns();
-    ctx->counters[CM_CNT_BUSY_NS] += (uint64_t)(now - e->t_start);
-    if (e->code) ctx->counters[CM_CNT_FAILED]++;
-    if (!ctx->fr_cap) return;
-    cm_fr_entry *f = &ctx->fr[e->fr_id % ctx->fr_cap];
-    if (f->id != e->fr_id) return;                 /* overwritten by newer plans */
-    f->t_end_ns = now;
-    f->code = e->code;
-    f->state = e->code ? 3 : 2;
-    if (e->code) f->peer = ctx->status.peer;
-}
-
-int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max) {
-    if (!ctx->fr_cap || max <= 0) return 0;
-    uint64_t end = atomic_load_explicit(&ctx->fr_next, memory_order_acquire);
-    uint64_t n = end < ctx->fr_cap ? end : ctx->fr_cap;
-    if (n > (uint64_t)max) n = (uint64_t)max;
-    for (uint64_t i = 0; i < n; i++) out[i] = ctx->fr[(end - n + i) % ctx->fr_cap];
-    return (int)n;
-}
-
-/* ---- context ---------------------------------------------------------------------------------- */
-cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
-    if (size < 1 || rank < 0 || rank >= size) return NULL;
-    cm_ctx *ctx = calloc(1, sizeof *ctx);
-    if (!ctx) return NULL;
-    ctx->chans = calloc((size_t)size, sizeof(cm_chan));
-    if (!ctx->chans) { free(ctx); return NULL; }
-    ctx->rank = rank;
-    ctx->size = size;
-    ctx->spin = spin;
-    ctx->yields = yields;
-    for (int p = 0; p < size; p++) { ctx->chans[p].peer = p; ctx->chans[p].fd = -1; }
-    cm_bell_open(ctx);
-    return ctx;
-}
-
-static void free_unexp(cm_chan *c) {
-    while (c->unexp) { cm_unexp *u = c->unexp; c->unexp = u->next; free(u->data); free(u); }
-    c->unexp_tail = NULL;
-}
-
-void cm_ctx_free(cm_ctx *ctx) {
-    if (!ctx) return;
-    for (int p = 0; p < ctx->size; p++) {
-        cm_chan *c = &ctx->chans[p];
-        if (c->fd >= 0) close(c->fd);
-        free(c->bounce);
-        free_unexp(c);
-    }
-    while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
-    if (ctx->bell_fd >= 0) close(ctx->bell_fd);
-    free(ctx->chans);
-    free(ctx->fr);
-    free(ctx);
-}
-
-int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes) {
-    if (!my_seg || nslots < 1 || slot_bytes < 64 || slot_bytes % 64 || local_index < 0 || local_index >= nlocal)
-        return CM_E_INVALID;
-    ctx->my_seg = my_seg;
-    ctx->local_index = local_index;
-    ctx->nlocal = nlocal;
-    ctx->nslots = nslots;
-    ctx->slot_bytes = slot_bytes;
-    ctx->chan_bytes = sizeof(cm_chan_ctrl) + (size_t)nslots * (CM_SLOT_HDR_BYTES + slot_bytes);
-    cm_seg_hdr *h = my_seg;                    /* where shm peers find this context's bell (bell.c) */
-    memcpy(h->bell, ctx->bell, sizeof h->bell);
-    h->bell_len = ctx->bell_fd >= 0 ? ctx->bell_len : 0;
-    atomic_store(&h->bell_broken, ctx->bell_fd < 0);
-    return CM_OK;
-}
-
-int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid) {
-    if (!ctx->my_seg || peer < 0 || peer >= ctx->size || peer == ctx->rank || !peer_seg ||
-        peer_local_index < 0 || peer_local_index >= ctx->nlocal)
-        return CM_E_INVALID;
-    cm_seg_hdr *ps = peer_seg;
-    if (ps->magic != CM_SEG_MAGIC || ps->nslots != (uint32_t)ctx->nslots || ps->slot_bytes != ctx->slot_bytes)
-        return CM_E_INVALID;
-    cm_chan *c = &ctx->chans[peer];
-    c->type = CM_CHAN_SHM;
-    c->peer_seg = ps;
-    c->peer_pid = peer_pid;
-    c->tx = (cm_chan_ctrl *)((char *)peer_seg + CM_SEG_HDR_BYTES + (size_t)ctx->local_index * ctx->chan_bytes);
-    c->tx_slots = (char *)(c->tx + 1);
-    c->rx = (cm_chan_ctrl *)((char *)ctx->my_seg + CM_SEG_HDR_BYTES + (size_t)peer_local_index * ctx->chan_bytes);
-    c->rx_slots = (char *)(c->rx + 1);
-    c->tx_head = atomic_load(&c->tx->head);
-    c->rx_tail = atomic_load(&c->rx->tail);
-    ctx->has_shm = 1;
-    return CM_OK;
-}
-
-int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes) {
-    if (peer < 0 || peer >= ctx->size || peer == ctx->rank || fd < 0 || chunk_bytes < 64) return CM_E_INVALID;
-    cm_chan *c = &ctx->chans[peer];
-    c->bounce = malloc(chunk_bytes);
-    if (!c->bounce) return CM_E_NOMEM;
-    c->bounce_bytes = chunk_bytes;
-    c->type = CM_CHAN_TCP;
-    c->fd = fd;
-    ctx->has_tcp = 1;
-    return CM_OK;
-}
-
-void cm_ctx_kick(cm_ctx *ctx) {
-    atomic_store(&ctx->kick, 1);
-    if (ctx->my_seg) {                         /* wake the waiter if it sleeps on its doorbell or bell */
-        atomic_fetch_add(&ctx->my_seg->doorbell, 1);
-        cm_shm_notify(ctx->my_seg);
-    } else {                                   /* tcp only: it may sleep in poll() */
-        atomic_thread_fence(memory_order_seq_cst);
-        if (atomic_load(&ctx->polling) && ctx->bell_fd >= 0) cm_bell_ring(ctx->bell, ctx->bell_len, NULL);
-    }
-}
-
-int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns) {
-    if (peer < 0 || peer >= ctx->size || ctx->chans[peer].type != CM_CHAN_TCP || delay_ns < 0) return CM_E_INVALID;
-    ctx->chans[peer].delay_ns = delay_ns;
-    return CM_OK;
-}
-
-int cm_ctx_pending(cm_ctx *ctx) {
-    int n = 0;
-    for (cm_exec *e = ctx->active; e; e = e->next_active) n += !e->done;
-    return n;
-}
-
-void cm_ctx_counters(cm_ctx *ctx, uint64_t *out, int n) {
-    for (int i = 0; i < n && i < 8; i++) out[i] = ctx->counters[i];
-}
-
-/* Tell every peer that this context is dead: abort word + doorbell on shm, shutdown on tcp. */
-void cm_ctx_abort(cm_ctx *ctx) {
-    for (int p = 0; p < ctx->size; p++) {
-        cm_chan *c = &ctx->chans[p];
-        if (c->type == CM_CHAN_SHM) {
-            uint64_t zero = 0;
-            atomic_compare_exchange_strong(&c->peer_seg->abort, &zero, (uint64_t)ctx->rank + 1);
-            atomic_fetch_add(&c->peer_seg->doorbell, 1);
-            atomic_store(&c->peer_seg->waiting, 1);   /* force the wake below */
-            cm_shm_notify(c->peer_seg);
-        } else if (c->type == CM_CHAN_TCP) {
-            shutdown(c->fd, SHUT_RDWR);
-        }
-    }
-    if (!ctx->failed) cm_fail(ctx, CM_E_ABORTED, -1, 0, NULL);
-}
-
 /* ---- failure ---------------------------------------------------------------------------------- */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     if (ctx->failed) return ctx->status.code;
@@ -266,167 +64,10 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
         c->rx_active = 0;
     }
     for (cm_exec *e = ctx->active; e; e = e->next_active)
-        if (!e->done) { e->done = 1; e->code = code; fr_end(ctx, e); }
+        if (!e->done) { e->done = 1; e->code = code; cm_fr_end(ctx, e); }
     ctx->coll_active = ctx->coll_queue = ctx->coll_queue_tail = NULL;
     ctx->anyq = ctx->anyq_tail = NULL;
     return code;
-}
-
-/* ---- matching and delivery -------------------------------------------------------------------- */
-static void unlink_recv(cm_chan *c, cm_op *op) {
-    cm_op **pp = &c->recvq, *prev = NULL;
-    while (*pp && *pp != op) { prev = *pp; pp = &(*pp)->next; }
-    if (!*pp) return;
-    *pp = op->next;
-    if (c->recvq_tail == op) c->recvq_tail = prev;
-    op->next = NULL;
-}
-
-/* Match the header in c->rx_hdr to a posted receive. CM_OK: c->rx_op or c->rx_unexp is set and
- * c->rx_active = 1; CM_EAGAIN: a collective message whose receive is not posted yet; < 0: error. */
-int cm_match(cm_ctx *ctx, cm_chan *c) {
-    cm_hdr *h = &c->rx_hdr;
-    if (h->magic != CM_MAGIC || h->src != c->peer) {
-        ctx->status.remote = *h;
-        return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
-    }
-    if (h->kind == CM_MSG_COLL) {
-        cm_op *op = c->recvq;
-        while (op && !op->exec->is_coll) op = op->next;
-        if (!op) return CM_EAGAIN;
-        const cm_hdr *s = &op->exec->sig;
-        int same = h->seq == s->seq && h->coll == s->coll && h->dtype == s->dtype && h->redop == s->redop &&
-                   h->root == s->root &&
-                   (h->count == s->count || h->count == CM_COUNT_ANY || s->count == CM_COUNT_ANY);
-        if (!same || h->nbytes != op->nbytes) {
-            ctx->status.remote = *h;
-            return cm_fail(ctx, same ? CM_E_TRUNCATE : CM_E_MISMATCH, c->peer, 0, op);
-        }
-        unlink_recv(c, op);
-        c->rx_op = op;
-        c->rx_unexp = NULL;
-    } else if (h->kind == CM_MSG_P2P) {
-        cm_op *op = c->recvq;
-        while (op && (op->exec->is_coll || op->exec->sig.tag != h->tag)) op = op->next;
-        if (!op) {
-            cm_op **pp = &ctx->anyq, *prev = NULL;
-            while (*pp && (*pp)->exec->sig.tag != h->tag) { prev = *pp; pp = &(*pp)->next; }
-            if (*pp) {
-                op = *pp;
-                *pp = op->next;
-                if (ctx->anyq_tail == op) ctx->anyq_tail = prev;
-                op->next = NULL;
-                op->peer = c->peer;
-                if (h->nbytes != op->nbytes) {
-                    ctx->status.remote = *h;
-                    return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
-                }
-                c->rx_op = op;
-                c->rx_unexp = NULL;
-                c->rx_active = 1;
-                return CM_OK;
-            }
-        }
-        if (op) {
-            if (h->nbytes != op->nbytes) {
-                ctx->status.remote = *h;
-                return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
-            }
-            unlink_recv(c, op);
-            c->rx_op = op;
-            c->rx_unexp = NULL;
-        } else {
-            cm_unexp *u = calloc(1, sizeof *u);
-            if (!u || !(u->data = malloc(h->nbytes ? h->nbytes : 1))) { free(u); return cm_fail(ctx, CM_E_NOMEM, c->peer, 0, NULL); }
-            u->tag = h->tag;
-            u->nbytes = h->nbytes;
-            if (c->unexp_tail) c->unexp_tail->next = u; else c->unexp = u;
-            c->unexp_tail = u;
-            c->rx_op = NULL;
-            c->rx_unexp = u;
-        }
-    } else {
-        ctx->status.remote = *h;
-        return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
-    }
-    c->rx_active = 1;
-    return CM_OK;
-}
-
-int cm_deliver(cm_ctx *ctx, cm_chan *c, const char *data, size_t len) {
-    if (!len) return CM_OK;
-    cm_op *op = c->rx_op;
-    if (!op) {
-        cm_unexp *u = c->rx_unexp;
-        memcpy(u->data + u->got, data, len);
-        u->got += len;
-        return CM_OK;
-    }
-    if (op->done + len > op->nbytes) return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
-    if (op->kind == CM_STEP_RECV_REDUCE) {
-        int dt = op->exec->sig.dtype;
-        int r = cm_reduce(op->ptr + op->done, data, len / cm_dtype_size(dt), dt, op->exec->sig.redop & CM_REDOP_MASK);
-        if (r < 0) return cm_fail(ctx, r, c->peer, 0, op);
-    } else {
-        memcpy(op->ptr + op->done, data, len);
-    }
-    op->done += len;
-    return CM_OK;
-}
-
-void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq) {
-    if (from_sendq) {
-        c->sendq = op->next;
-        if (!c->sendq) c->sendq_tail = NULL;
-        op->next = NULL;
-    }
-    op->complete = 1;
-    if (ctx->trace) op->t_done = cm_now_ns();
-    op->exec->pending--;
-    ctx->progressed = 1;
-}
-
-static void unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op) {
-    memcpy(op->ptr, u->data, u->nbytes);
-    op->done = u->nbytes;
-    /* drop u from the list */
-    cm_unexp **pp = &c->unexp, *prev = NULL;
-    while (*pp != u) { prev = *pp; pp = &(*pp)->next; }
-    *pp = u->next;
-    if (c->unexp_tail == u) c->unexp_tail = prev;
-    free(u->data);
-    free(u);
-    cm_op_done(ctx, c, op, 0);
-}
-
-void cm_message_done(cm_ctx *ctx, cm_chan *c) {
-    c->rx_active = 0;
-    if (c->rx_op) {
-        cm_op *op = c->rx_op;
-        c->rx_op = NULL;
-        cm_op_done(ctx, c, op, 0);
-    } else if (c->rx_unexp) {
-        cm_unexp *u = c->rx_unexp;
-        c->rx_unexp = NULL;
-        u->complete = 1;
-        if (u->waiter) { unexp_to_op(ctx, c, u, u->waiter); return; }
-        cm_op **pp = &ctx->anyq, *prev = NULL;     /* an any-source receive posted meanwhile */
-        while (*pp && (*pp)->exec->sig.tag != u->tag) { prev = *pp; pp = &(*pp)->next; }
-        if (*pp) {
-            cm_op *op = *pp;
-            *pp = op->next;
-            if (ctx->anyq_tail == op) ctx->anyq_tail = prev;
-            op->next = NULL;
-            op->peer = c->peer;
-            if (u->nbytes != op->nbytes) {
-                ctx->status.remote.tag = u->tag;
-                ctx->status.remote.nbytes = u->nbytes;
-                cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
-                return;
-            }
-            unexp_to_op(ctx, c, u, op);
-        }
-    }
 }
 
 /* ---- plans ------------------------------------------------------------------------------------ */
@@ -445,7 +86,7 @@ static void post_any(cm_ctx *ctx, cm_exec *e, cm_op *op) {
                 cm_fail(ctx, CM_E_TRUNCATE, p, 0, op);
                 return;
             }
-            unexp_to_op(ctx, c, u, op);
+            cm_unexp_to_op(ctx, c, u, op);
             return;
         }
     }
@@ -480,7 +121,7 @@ static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
                 cm_fail(ctx, CM_E_TRUNCATE, s->peer, 0, op);
                 return;
             }
-            if (u->complete) unexp_to_op(ctx, c, u, op);
+            if (u->complete) cm_unexp_to_op(ctx, c, u, op);
             else u->waiter = op;
             return;
         }
@@ -499,7 +140,7 @@ static void advance(cm_ctx *ctx, cm_exec *e) {
         if (e->next == e->nsteps) {
             e->done = 1;
             e->code = CM_OK;
-            fr_end(ctx, e);
+            cm_fr_end(ctx, e);
             ctx->progressed = 1;
             if (ctx->coll_active == e) { ctx->coll_active = NULL; start_next_coll(ctx); }
             return;
@@ -592,7 +233,7 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
     e->next_active = ctx->active;
     ctx->active = e;
     ctx->counters[CM_CNT_EXECS]++;
-    fr_start(ctx, e, steps);
+    cm_fr_start(ctx, e, steps);
     *out = e;
     if (e->is_coll) {
         if (ctx->coll_queue_tail) ctx->coll_queue_tail->next_coll = e; else ctx->coll_queue = e;

@@ -179,7 +179,7 @@ static int hold_p2p(cm_ctx *ctx, cm_chan *c) {
 }
 
 /* The receive of the unexpected message arriving on c was posted: copy what is buffered into it
- * and receive the rest in place (as unexp_to_op in engine.c does at the end, only earlier). */
+ * and receive the rest in place (as cm_unexp_to_op in match.c does at the end, only earlier). */
 static cm_op *unexp_to_direct(cm_chan *c) {
     cm_unexp *u = c->rx_unexp, **pp = &c->unexp, *prev = NULL;
     cm_op *op = u->waiter;

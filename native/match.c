@@ -1,0 +1,168 @@
+/* Matching and delivery: which posted receive an arriving message belongs to.
+ *
+ * Collective messages match the oldest posted collective receive of their channel and must agree
+ * with it on (seq, collective, dtype, op, root, count, bytes); a disagreement fails the context
+ * with CM_E_MISMATCH. P2P messages match the oldest receive with their tag from that source, then
+ * any-source receives; one that arrives before its receive is kept on the channel's unexpected
+ * queue until one is posted (cm_unexp_to_op hands it over).
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+#include "comms_native.h"
+
+static void unlink_recv(cm_chan *c, cm_op *op) {
+    cm_op **pp = &c->recvq, *prev = NULL;
+    while (*pp && *pp != op) { prev = *pp; pp = &(*pp)->next; }
+    if (!*pp) return;
+    *pp = op->next;
+    if (c->recvq_tail == op) c->recvq_tail = prev;
+    op->next = NULL;
+}
+
+/* Match the header in c->rx_hdr to a posted receive. CM_OK: c->rx_op or c->rx_unexp is set and
+ * c->rx_active = 1; CM_EAGAIN: a collective message whose receive is not posted yet; < 0: error. */
+int cm_match(cm_ctx *ctx, cm_chan *c) {
+    cm_hdr *h = &c->rx_hdr;
+    if (h->magic != CM_MAGIC || h->src != c->peer) {
+        ctx->status.remote = *h;
+        return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
+    }
+    if (h->kind == CM_MSG_COLL) {
+        cm_op *op = c->recvq;
+        while (op && !op->exec->is_coll) op = op->next;
+        if (!op) return CM_EAGAIN;
+        const cm_hdr *s = &op->exec->sig;
+        int same = h->seq == s->seq && h->coll == s->coll && h->dtype == s->dtype && h->redop == s->redop &&
+                   h->root == s->root &&
+                   (h->count == s->count || h->count == CM_COUNT_ANY || s->count == CM_COUNT_ANY);
+        if (!same || h->nbytes != op->nbytes) {
+            ctx->status.remote = *h;
+            return cm_fail(ctx, same ? CM_E_TRUNCATE : CM_E_MISMATCH, c->peer, 0, op);
+        }
+        unlink_recv(c, op);
+        c->rx_op = op;
+        c->rx_unexp = NULL;
+    } else if (h->kind == CM_MSG_P2P) {
+        cm_op *op = c->recvq;
+        while (op && (op->exec->is_coll || op->exec->sig.tag != h->tag)) op = op->next;
+        if (!op) {
+            cm_op **pp = &ctx->anyq, *prev = NULL;
+            while (*pp && (*pp)->exec->sig.tag != h->tag) { prev = *pp; pp = &(*pp)->next; }
+            if (*pp) {
+                op = *pp;
+                *pp = op->next;
+                if (ctx->anyq_tail == op) ctx->anyq_tail = prev;
+                op->next = NULL;
+                op->peer = c->peer;
+                if (h->nbytes != op->nbytes) {
+                    ctx->status.remote = *h;
+                    return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+                }
+                c->rx_op = op;
+                c->rx_unexp = NULL;
+                c->rx_active = 1;
+                return CM_OK;
+            }
+        }
+        if (op) {
+            if (h->nbytes != op->nbytes) {
+                ctx->status.remote = *h;
+                return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+            }
+            unlink_recv(c, op);
+            c->rx_op = op;
+            c->rx_unexp = NULL;
+        } else {
+            cm_unexp *u = calloc(1, sizeof *u);
+            if (!u || !(u->data = malloc(h->nbytes ? h->nbytes : 1))) { free(u); return cm_fail(ctx, CM_E_NOMEM, c->peer, 0, NULL); }
+            u->tag = h->tag;
+            u->nbytes = h->nbytes;
+            if (c->unexp_tail) c->unexp_tail->next = u; else c->unexp = u;
+            c->unexp_tail = u;
+            c->rx_op = NULL;
+            c->rx_unexp = u;
+        }
+    } else {
+        ctx->status.remote = *h;
+        return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
+    }
+    c->rx_active = 1;
+    return CM_OK;
+}
+
+int cm_deliver(cm_ctx *ctx, cm_chan *c, const char *data, size_t len) {
+    if (!len) return CM_OK;
+    cm_op *op = c->rx_op;
+    if (!op) {
+        cm_unexp *u = c->rx_unexp;
+        memcpy(u->data + u->got, data, len);
+        u->got += len;
+        return CM_OK;
+    }
+    if (op->done + len > op->nbytes) return cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+    if (op->kind == CM_STEP_RECV_REDUCE) {
+        int dt = op->exec->sig.dtype;
+        int r = cm_reduce(op->ptr + op->done, data, len / cm_dtype_size(dt), dt, op->exec->sig.redop & CM_REDOP_MASK);
+        if (r < 0) return cm_fail(ctx, r, c->peer, 0, op);
+    } else {
+        memcpy(op->ptr + op->done, data, len);
+    }
+    op->done += len;
+    return CM_OK;
+}
+
+void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq) {
+    if (from_sendq) {
+        c->sendq = op->next;
+        if (!c->sendq) c->sendq_tail = NULL;
+        op->next = NULL;
+    }
+    op->complete = 1;
+    if (ctx->trace) op->t_done = cm_now_ns();
+    op->exec->pending--;
+    ctx->progressed = 1;
+}
+
+void cm_unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op) {
+    memcpy(op->ptr, u->data, u->nbytes);
+    op->done = u->nbytes;
+    /* drop u from the list */
+    cm_unexp **pp = &c->unexp, *prev = NULL;
+    while (*pp != u) { prev = *pp; pp = &(*pp)->next; }
+    *pp = u->next;
+    if (c->unexp_tail == u) c->unexp_tail = prev;
+    free(u->data);
+    free(u);
+    cm_op_done(ctx, c, op, 0);
+}
+
+void cm_message_done(cm_ctx *ctx, cm_chan *c) {
+    c->rx_active = 0;
+    if (c->rx_op) {
+        cm_op *op = c->rx_op;
+        c->rx_op = NULL;
+        cm_op_done(ctx, c, op, 0);
+    } else if (c->rx_unexp) {
+        cm_unexp *u = c->rx_unexp;
+        c->rx_unexp = NULL;
+        u->complete = 1;
+        if (u->waiter) { cm_unexp_to_op(ctx, c, u, u->waiter); return; }
+        cm_op **pp = &ctx->anyq, *prev = NULL;     /* an any-source receive posted meanwhile */
+        while (*pp && (*pp)->exec->sig.tag != u->tag) { prev = *pp; pp = &(*pp)->next; }
+        if (*pp) {
+            cm_op *op = *pp;
+            *pp = op->next;
+            if (ctx->anyq_tail == op) ctx->anyq_tail = prev;
+            op->next = NULL;
+            op->peer = c->peer;
+            if (u->nbytes != op->nbytes) {
+                ctx->status.remote.tag = u->tag;
+                ctx->status.remote.nbytes = u->nbytes;
+                cm_fail(ctx, CM_E_TRUNCATE, c->peer, 0, op);
+                return;
+            }
+            cm_unexp_to_op(ctx, c, u, op);
+        }
+    }
+}

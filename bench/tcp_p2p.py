@@ -7,7 +7,7 @@ iperf3 on one stream between the same namespaces, measured in the same run.
 
 Contract:
 
-* Needs root, ``ip``/``tc``/``unshare`` (tests/multihost.py, imported by path) and ``iperf3`` on PATH;
+* Needs root, ``ip``/``tc``/``unshare`` (tests/multihost.py) and ``iperf3`` on PATH;
   otherwise it prints why and exits 2 (a usage error also exits 2).
 * Creates 2 simulated hosts x 1 rank (``SimulatedHosts``, each host on its own CPUs), links limited
   by ``--rate`` (tc tbf, both directions) when given, and keeps them for the whole run.
@@ -32,7 +32,6 @@ With ``--worker`` the module is the rank side (started by torchrun; not for dire
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -118,11 +117,12 @@ def worker(args) -> int:
 
 # -- driver -----------------------------------------------------------------------------------------
 def _harness():
-    spec = importlib.util.spec_from_file_location("multihost", ROOT / "tests" / "multihost.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("multihost", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    """tests/multihost.py (and tests/netns.py, which it imports), as bench.regret imports them."""
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import multihost
+    return multihost
 
 
 def run_iperf3(sim, seconds: float) -> dict:

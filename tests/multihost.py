@@ -52,19 +52,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PREFIX = "cmh"
+from netns import PREFIX, HarnessError, cleanup_stale, delete, kill_processes, netns_list, run
+
 SUBNET = "10.99.0"
-NETNS_DIR = "/var/run/netns"
 SHM_SIZE = "512m"
 _SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
           "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
           "TORCHELASTIC_RUN_ID", "COMMS_HOST_ID", "COMMS_SOCKET_ADDR")
 _instances = 0
 _instances_lock = threading.Lock()
-
-
-class HarnessError(RuntimeError):
-    pass
 
 
 def why_unavailable() -> str | None:
@@ -89,93 +85,6 @@ def parse_rate(rate: str | int | float) -> float:
         raise ValueError(f"rate {rate!r}: expected a tc rate such as 200mbit or 2gbit")
     value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2)]
     return value * 8 if m.group(3) == "bps" else value
-
-
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if check and p.returncode != 0:
-        raise HarnessError(f"{shlex.join(argv)} failed ({p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
-    return p
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` runs (zombies, which may linger in containers, count as dead)."""
-    from comms.cleanup import pid_alive
-    return pid_alive(pid)
-
-
-def _netns_list() -> list[str]:
-    try:
-        return sorted(os.listdir(NETNS_DIR))
-    except OSError:
-        return []
-
-
-def _netns_pids(name: str) -> list[int]:
-    """Processes whose network namespace is the named one (like ``ip netns pids``)."""
-    try:
-        st = os.stat(os.path.join(NETNS_DIR, name))
-    except OSError:
-        return []
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            ns = os.stat(f"/proc/{entry}/ns/net")
-        except OSError:
-            continue
-        if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino):
-            pids.append(int(entry))
-    return pids
-
-
-def _kill_netns_processes(names: list[str], deadline_s: float = 10.0) -> None:
-    end = time.monotonic() + deadline_s
-    while True:
-        pids = [p for n in names for p in _netns_pids(n) if _alive(p)]
-        if not pids:
-            return
-        if time.monotonic() > end:
-            raise HarnessError(f"processes {pids} in namespaces {names} survive SIGKILL")
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-
-
-def _delete_netns(names: list[str]) -> None:
-    _kill_netns_processes(names)
-    for n in names:
-        if n in _netns_list():
-            _run(["ip", "netns", "del", n], check=False)
-
-
-def _name_re(prefix: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(prefix)}(\d+)(?:_\d+)?(?:h\d+|sw)$")
-
-
-def ours(prefix: str = PREFIX) -> list[str]:
-    """Namespaces with the harness prefix (of any run, alive or not)."""
-    rx = _name_re(prefix)
-    return [n for n in _netns_list() if rx.match(n)]
-
-
-def cleanup_stale(prefix: str = PREFIX) -> list[str]:
-    """Delete namespaces and run directories left by runs whose creating process is dead (a
-    crashed or killed harness): their processes are killed first. Returns the namespaces removed."""
-    rx = _name_re(prefix)
-    stale = [n for n in _netns_list() if (m := rx.match(n)) and not _alive(int(m.group(1)))]
-    if stale:
-        _delete_netns(stale)
-    drx = re.compile(rf"^{re.escape(prefix)}(\d+)(?:_\d+)?\.")
-    for d in Path(tempfile.gettempdir()).glob(f"{prefix}*.*"):
-        m = drx.match(d.name)
-        if m and d.is_dir() and not _alive(int(m.group(1))) and ((d / "owner").exists() or not any(d.iterdir())):
-            shutil.rmtree(d, ignore_errors=True)
-    return stale
 
 
 @dataclass
@@ -254,20 +163,20 @@ class SimulatedHosts:
         self.teardown()
 
     def _ip(self, ns: str, *args: str) -> None:
-        _run(["ip", "-n", ns, *args])
+        run(["ip", "-n", ns, *args])
 
     def _setup(self) -> None:
         self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.base}."))
         (self.rundir / "owner").write_text(f"{os.getpid()}\n")      # marks the directory as the harness's
         for ns in self.namespaces:
-            if ns in _netns_list():
+            if ns in netns_list():
                 raise HarnessError(f"network namespace {ns} already exists")
-            _run(["ip", "netns", "add", ns])
+            run(["ip", "netns", "add", ns])
             self._created.append(ns)
             self._ip(ns, "link", "set", "lo", "up")
             # hosts tuned for collectives: a connection that paused between phases keeps its window
             # (the kernel default restarts slow start after an idle RTO)
-            _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0"])
+            run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0"])
         shaped: list[tuple[str, str]] = []
         if self.hosts == 2:
             self._ip(self.netns[0], "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
@@ -291,7 +200,7 @@ class SimulatedHosts:
             rate_bytes = self.rate / 8
             burst = max(int(rate_bytes * 0.004), 64 * 1024)          # 4 ms of traffic, at least 64 KiB
             for ns, dev in shaped:
-                _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(self.rate)}bit",
+                run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(self.rate)}bit",
                       "burst", str(burst), "latency", "50ms"])
         self.shaped = shaped
         hosts_file = self.rundir / "hosts"
@@ -305,7 +214,7 @@ class SimulatedHosts:
         """Wait until every host's eth0 has carrier (veth ends come up asynchronously)."""
         end = time.monotonic() + timeout_s
         for ns in self.netns:
-            while "LOWER_UP" not in _run(["ip", "-n", ns, "link", "show", "eth0"]).stdout:
+            while "LOWER_UP" not in run(["ip", "-n", ns, "link", "show", "eth0"]).stdout:
                 if time.monotonic() > end:
                     raise HarnessError(f"eth0 in {ns} has no carrier after {timeout_s:g} s")
                 time.sleep(0.02)
@@ -318,10 +227,10 @@ class SimulatedHosts:
         except Exception as e:             # still delete the namespaces
             errors.append(e)
         try:
-            _delete_netns(self._created)
+            delete(self._created)
         except Exception as e:
             errors.append(e)
-        self._created = [n for n in self._created if n in _netns_list()]
+        self._created = [n for n in self._created if n in netns_list()]
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
@@ -351,7 +260,7 @@ class SimulatedHosts:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        _kill_netns_processes(self._created)
+        kill_processes(self._created)
         for p in procs:
             p.wait()
 
@@ -368,7 +277,7 @@ class SimulatedHosts:
         """Bytes sent so far through each shaped interface ("<ns>/<dev>": root qdisc counter)."""
         out = {}
         for ns, dev in self.shaped:
-            text = _run(["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev]).stdout
+            text = run(["tc", "-s", "-n", ns, "qdisc", "show", "dev", dev]).stdout
             m = re.search(r"Sent (\d+) bytes", text)
             out[f"{ns}/{dev}"] = int(m.group(1)) if m else 0
         return out
@@ -402,7 +311,7 @@ class SimulatedHosts:
             raise HarnessError("SimulatedHosts.run() outside the with-block")
         if len(commands) != self.hosts:
             raise ValueError(f"need {self.hosts} commands, got {len(commands)}")
-        _kill_netns_processes(self._created)        # nothing from an earlier run() may linger
+        kill_processes(self._created)        # nothing from an earlier run() may linger
         outputs: list[list[str]] = [[] for _ in range(self.hosts)]
         procs, readers = [], []
         try:

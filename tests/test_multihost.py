@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from multihost import SimulatedHosts, _alive, _netns_pids, cleanup_stale, ours, parse_rate, why_unavailable
+from multihost import SimulatedHosts, parse_rate, why_unavailable
+from netns import alive, cleanup_stale, netns_pids, ours
 
 pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=str(why_unavailable()))
 
@@ -121,7 +122,7 @@ def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
     orphan = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"], start_new_session=True)
     stale_dir = Path(tempfile.mkdtemp(prefix=f"cmh{dead.pid}."))
     (stale_dir / "owner").write_text(f"{dead.pid}\n")
-    _wait_for(lambda: orphan.pid in _netns_pids(stale))
+    _wait_for(lambda: orphan.pid in netns_pids(stale))
     links = _root_links()
     try:
         with pytest.raises(RuntimeError, match="boom"):
@@ -137,14 +138,14 @@ def test_teardown_leaves_nothing_and_a_crashed_run_is_cleaned_up():
                 # processes still running when the with-block fails are killed too
                 live = [subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"], start_new_session=True)
                         for ns in sim.netns]
-                _wait_for(lambda: all(p.pid in _netns_pids(ns) for p, ns in zip(live, sim.netns)))
-                inside = [p for ns in sim.netns for p in _netns_pids(ns)]
+                _wait_for(lambda: all(p.pid in netns_pids(ns) for p, ns in zip(live, sim.netns)))
+                inside = [p for ns in sim.netns for p in netns_pids(ns)]
                 raise RuntimeError("boom")
         assert [p.wait(10) for p in live] == [-9, -9]
-        assert not [p for p in inside if _alive(p)], "processes of the simulated hosts survived the teardown"
+        assert not [p for p in inside if alive(p)], "processes of the simulated hosts survived the teardown"
         assert not _mine(sim), "namespaces left behind"
         assert sim.rundir is None
-        assert not any(_netns_pids(ns) for ns in sim.namespaces)
+        assert not any(netns_pids(ns) for ns in sim.namespaces)
         assert _root_links() == links, "the root namespace's interfaces changed"
     finally:
         if orphan.poll() is None:

@@ -212,7 +212,7 @@ class CommsBackend(Backend):
 
 
 def _moe_inputs(op, inp, rank: int, size: int):
-    """(x [T, H] view of ``inp``, topk_idx, topk_weights) of this rank for a :class:`bench.ops.MoE`:
+    """(x [T, H] view of ``inp``, topk_idx, topk_weights) of this rank for a :class:`bench.moe_op.MoE`:
     the same routing on every backend."""
     tokens = inp.numel() // op.hidden
     return (inp.view(tokens, op.hidden), *op.routing_of(tokens, rank, size))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import backends, ops
+from . import backends, moe_op, ops
 
 DEFAULT_TARGET_S = 0.4       # adaptive iteration count: about this much timed work per size per launch
 DEFAULT_TIMEOUT_S = 300.0    # per launch
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-topk", type=int, default=4, help="moe: experts per token (default 4)")
     p.add_argument("--moe-hidden", type=int, default=1024,
                    help="moe: elements per token (default 1024); moe sizes are one rank's tokens")
-    p.add_argument("--moe-routing", choices=ops.MoE.ROUTINGS, default="consecutive",
+    p.add_argument("--moe-routing", choices=moe_op.MoE.ROUTINGS, default="consecutive",
                    help="moe: consecutive (default: token t of rank r takes the K experts from (5t+3r) mod E, "
                         "weights 1/K) or random (per-rank seeded uniform scores, top-K, weights = the scores)")
     p.add_argument("--place", choices=["both", "out", "in"], default="both",

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import backends, cli, ops, report
+from . import backends, cli, ops, plot, report
 
 _ROOT = Path(__file__).resolve().parent.parent     # the directory holding the bench package
 _TAIL_LINES = 30
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(doc, indent=1))
         note(f"wrote {args.json}")
     if args.plot:
-        report.plot(rows, args, args.plot, command)
+        plot.plot(rows, args, args.plot, command)
         note(f"wrote {args.plot}")
     failed = any(not ln.ok for lns in launches.values() for ln in lns)
     wrong = any(r["wrong"] for r in rows)

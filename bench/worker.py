@@ -50,7 +50,7 @@ import time
 
 import torch
 
-from . import backends, cli, ops
+from . import backends, cli, moe_op, ops
 
 TINY_BYTES, TINY_ITERS = 8, 2000     # the anchors' method: 8 B uses 2000 timed ops
 BATCH_BELOW = 64 << 10               # --batch applies below this size
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe-experts", type=int, default=0, help="moe: experts (default 4 per rank)")
     p.add_argument("--moe-topk", type=int, default=4)
     p.add_argument("--moe-hidden", type=int, default=1024)
-    p.add_argument("--moe-routing", choices=ops.MoE.ROUTINGS, default="consecutive")
+    p.add_argument("--moe-routing", choices=moe_op.MoE.ROUTINGS, default="consecutive")
     p.add_argument("--dtype", default="float32", type=ops.canonical_dtype)
     p.add_argument("--sizes", required=True, help="comma-separated byte sizes")
     p.add_argument("--iters", type=int, default=None)

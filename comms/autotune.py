@@ -357,17 +357,25 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
 def doubtful(figs: list[dict], i: int) -> list:
     """The algorithms whose order at probe ``i`` is in doubt, given every probe's figures: those
     within :data:`CLOSE` of the fastest, and the fastest of a neighbouring probe where it is within
-    :data:`DROP_RATIO` (first entry) here; empty when fewer than two."""
+    :data:`DROP_RATIO` (first entry) here, or within :data:`PRUNE_RATIO` where both neighbours'
+    fastest is that one algorithm; empty when fewer than two.
+
+    A probe whose winner differs from both neighbours' common winner is most often a spell of the
+    machine that hit the neighbours' winner in its first rounds here, and then dropped it from the
+    rounds after (4 ranks on 2 CPUs, 256 B: direct timed 50.5 us between 23.4 us at 128 B and
+    22.6 us at 512 B, 1.64x rhd's 30.8 us, and the rules gave 256 B to rhd, which the bench measured
+    22 % behind direct)."""
     fig = figs[i]
     if len(fig) < 2:
         return []
     best = min(fig.values())
     out = [a for a in fig if fig[a] <= CLOSE * best]
-    for j in (i - 1, i + 1):
-        if 0 <= j < len(figs) and figs[j]:
-            w = min(figs[j], key=figs[j].get)
-            if w in fig and w not in out and fig[w] <= DROP_RATIO[min(DROP_RATIO)] * best:
-                out.append(w)
+    winners = [min(figs[j], key=figs[j].get) for j in (i - 1, i + 1) if 0 <= j < len(figs) and figs[j]]
+    both = winners[0] if len(winners) == 2 and winners[0] == winners[1] else None
+    for w in winners:
+        cap = PRUNE_RATIO if w == both else DROP_RATIO[min(DROP_RATIO)]
+        if w in fig and w not in out and fig[w] <= cap * best:
+            out.append(w)
     return out if len(out) > 1 else []
 
 

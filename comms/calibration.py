@@ -30,10 +30,11 @@ from . import log as clog
 from .tuning import Params
 
 log = clog.get("TUNING")
-CALIBRATION_VERSION = "v6"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed
+CALIBRATION_VERSION = "v7"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed
                                # candidates, v4 times them at every power of two and takes the mean
                                # over the rounds, v5 through the public call in 25 ms turns, paired,
-                               # v6 after an untimed lead-in of each turn
+                               # v6 after an untimed lead-in of each turn, v7 confirms a probe out of
+                               # line with both neighbours against their winner
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.autotune import contenders, figures, lead, reps
+from comms.autotune import contenders, doubtful, figures, lead, reps
 from comms.timed import PROBES, applies, combine, correction
 from comms.tuning import Link, Params, cost, default_rules
 
@@ -191,3 +191,20 @@ def test_contenders_narrow_as_the_rounds_add_up():
     assert contenders(means, ["direct", "ring"], 4) == ["direct", "ring"]
     assert contenders({"ring": [12.0] * 9, "direct": [10.0] * 9}, ["ring", "direct"], 9) == ["ring", "direct"]
     assert contenders({"ring": [13.0] * 9, "direct": [10.0] * 9}, ["ring", "direct"], 9) == ["direct"]
+
+
+def test_a_probe_out_of_line_with_both_neighbours_is_confirmed_with_their_winner():
+    """m14 of this VM's regret runs, 4 ranks on 2 CPUs: a spell hit direct's first rounds at 256 B
+    (50.5 us between 23.4 and 22.6 us), so rhd led there by 1.64x. Both neighbours' winner gets the
+    confirming rounds up to PRUNE_RATIO; one neighbour's alone only up to 1.5x (a real crossover
+    next door is no reason to re-time an algorithm far behind)."""
+    n128 = {"direct": 23.4, "recursive_doubling": 26.5, "rhd": 32.6, "tree": 31.8}
+    n256 = {"direct": 50.5, "recursive_doubling": 68.5, "rhd": 30.8, "tree": 32.0}
+    n512 = {"direct": 22.6, "recursive_doubling": 25.7, "rhd": 31.1, "tree": 29.5}
+    assert sorted(doubtful([n128, n256, n512], 1)) == ["direct", "rhd", "tree"]
+    ring_next = {"ring": 20.0, "direct": 60.0, "rhd": 40.0, "tree": 40.0}
+    assert sorted(doubtful([n128, n256, ring_next], 1)) == ["rhd", "tree"]        # neighbours disagree
+    assert sorted(doubtful([n256, n512], 0)) == ["rhd", "tree"]                   # one neighbour: 1.5x cap
+    far = dict(n256, direct=3.5 * 30.8)
+    assert sorted(doubtful([n128, far, n512], 1)) == ["rhd", "tree"]              # past PRUNE_RATIO
+    assert doubtful([{"direct": 10.0}, {"rhd": 10.0}, {"direct": 10.0}], 1) == []

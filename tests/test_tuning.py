@@ -71,9 +71,10 @@ def test_calibration_cache_key_is_versioned():
     # v1 entries measured alpha as a ping-pong, per call; v2 ones hold no timed candidates; v3
     # ones timed them at every fourth power of two only (their tables do not fit today's PROBES); v4
     # ones timed short bursts through the engine alone, which ranked algorithms unlike a job; v5 ones
-    # timed turns from their barrier, sized by one warm-up call (inside a link's burst allowance)
+    # timed turns from their barrier, sized by one warm-up call (inside a link's burst allowance); v6
+    # ones kept a probe's winner that a spell had put ahead of both neighbours' (never re-timed)
     from comms.timed import PROBES
-    assert CALIBRATION_VERSION == "v6" and len(PROBES) == 23 and PROBES[1] == 2 * PROBES[0]
+    assert CALIBRATION_VERSION == "v7" and len(PROBES) == 23 and PROBES[1] == 2 * PROBES[0]
 
 
 def test_oversubscribed_hosts_share_bandwidth_and_reduction():

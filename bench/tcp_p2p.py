@@ -20,7 +20,8 @@ Contract:
     ``comm.recv``s them, for about T seconds, one direction like iperf3. Rank 1 times from the end of
     the first message to the end of the last one and reports bytes / time. Both ranks check that the
     transport between them is tcp, and rank 1 checks each message's sequence number at both ends.
-* Prints one row per round (iperf3 Gbit/s, comms Gbit/s, comms / iperf3) and the medians; the
+* Prints one row per round (iperf3 Gbit/s, comms Gbit/s, comms / iperf3, and the TCP segments each
+  retransmitted: iperf3's own count, host0's TcpRetransSegs over the comms run) and the medians; the
   verdict uses the median of the per-round ratios. ``--json FILE`` writes the same
   (schema ``comms-tcp-p2p/1``: options, machine, rounds, medians, bar, meets_bar).
 * Exit status 0 when every measurement ran (whatever the ratio, unless ``--min-ratio R`` is given
@@ -158,7 +159,15 @@ def run_iperf3(sim, seconds: float) -> dict:
             server.wait()
 
 
+def _retransmits(sim) -> int:
+    """TCP segments host0's network namespace has retransmitted so far (TcpRetransSegs, /proc/net/snmp)."""
+    lines = [line.split() for line in sim.exec(0, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
+
+
 def run_comms(sim, args, port: int) -> dict:
+    retrans = _retransmits(sim)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "COMMS_CALIBRATE": "0", "OMP_NUM_THREADS": "1"}
     results = sim.torchrun("-m", "bench.tcp_p2p", "--worker", "--time", f"{args.time:g}", "--size", str(args.size),
@@ -177,6 +186,7 @@ def run_comms(sim, args, port: int) -> dict:
     out = {k: rx[k] for k in ("bits_per_second", "bytes", "seconds", "messages", "message_bytes", "transport",
                               "stats")}
     out["cpu_sender"], out["cpu_receiver"] = docs[0]["cpu"], rx["cpu"]
+    out["retransmits"] = _retransmits(sim) - retrans       # the whole run, rendezvous included
     return out
 
 
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     with mh.SimulatedHosts(hosts=2, ranks_per_host=1, rate=args.rate) as sim:
         print(f"# cpus: host0 {sim.cpus[0]}, host1 {sim.cpus[1]}; load average {os.getloadavg()[0]:.2f}", flush=True)
-        print(f"{'round':>5}  {'iperf3 Gbit/s':>13}  {'comms Gbit/s':>12}  {'ratio':>6}", flush=True)
+        print(f"{'round':>5}  {'iperf3 Gbit/s':>13}  {'comms Gbit/s':>12}  {'ratio':>6}  {'retransmits iperf3/comms':>24}",
+              flush=True)
         for i in range(args.rounds):
             order = ("iperf3", "comms") if i % 2 == 0 else ("comms", "iperf3")
             got = {}
@@ -227,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append({"round": i, "order": list(order), "iperf3_gbps": got["iperf3"]["bits_per_second"] / 1e9,
                            "comms_gbps": got["comms"]["bits_per_second"] / 1e9, "ratio": ratio,
                            "iperf3": got["iperf3"], "comms": got["comms"]})
-            print(f"{i:>5}  {rounds[-1]['iperf3_gbps']:>13.2f}  {rounds[-1]['comms_gbps']:>12.2f}  {ratio:>6.3f}",
-                  flush=True)
+            retrans = f"{got['iperf3']['retransmits']}/{got['comms']['retransmits']}"
+            print(f"{i:>5}  {rounds[-1]['iperf3_gbps']:>13.2f}  {rounds[-1]['comms_gbps']:>12.2f}  {ratio:>6.3f}  "
+                  f"{retrans:>24}", flush=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in ("iperf3_gbps", "comms_gbps", "ratio")}
     meets = med["ratio"] >= BAR
     print(f"median  {med['iperf3_gbps']:>13.2f}  {med['comms_gbps']:>12.2f}  {med['ratio']:>6.3f}")

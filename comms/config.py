@@ -70,6 +70,12 @@ declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: 
 declare("TCP_DELAY_US", float, 0.0, "Test hook: hold every TCP message this many microseconds before sending "
         "(emulates network latency; netem is not available everywhere).")
 declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
+declare("TCP_BUFFER_BYTES", "size", 4 << 20, "SO_SNDBUF and SO_RCVBUF of each TCP data socket (the kernel doubles "
+        "them); 0 leaves both to the kernel's autotuning.")
+declare("TCP_NOTSENT_LOWAT", "size", 512 << 10, "TCP_NOTSENT_LOWAT of each TCP data socket: the most bytes queued "
+        "in the kernel but not yet sent; 0 leaves the kernel's default (no limit). A limit keeps the sender's "
+        "transmissions in its own thread instead of the softirq that handles incoming ACKs (on another core, which "
+        "reorders segments and triggers spurious retransmits).")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
         "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")
 declare("TUNE", str, "all_reduce", "Collectives whose every algorithm is timed at calibration (comma-separated, of "

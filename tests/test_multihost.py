@@ -202,7 +202,7 @@ def test_tcp_p2p_bench_runs_end_to_end(tmp_path):
         out, _ = proc.communicate(timeout=30)
         pytest.fail(f"bench.tcp_p2p ran past 180 s:\n{out}")
     assert proc.returncode == 0, out
-    assert re.search(r"^\s+0\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+$", out, re.M), out
+    assert re.search(r"^\s+0\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+\d+/\d+$", out, re.M), out
     assert re.search(r"^# median ratio [0-9.]+: (meets|misses) the bar", out, re.M), out
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "comms-tcp-p2p/1" and doc["bar"] == 0.9, doc
@@ -212,5 +212,6 @@ def test_tcp_p2p_bench_runs_end_to_end(tmp_path):
     assert rnd["ratio"] == pytest.approx(rnd["comms_gbps"] / rnd["iperf3_gbps"]), rnd
     assert rnd["comms"]["transport"] == "tcp" and rnd["comms"]["message_bytes"] == 4 * MiB, rnd
     assert rnd["comms"]["bytes"] == (rnd["comms"]["messages"] - 1) * 4 * MiB > 0, rnd
+    assert rnd["comms"]["retransmits"] >= 0 and rnd["iperf3"]["retransmits"] >= 0, rnd
     assert doc["median"]["ratio"] == pytest.approx(rnd["ratio"]) and doc["meets_bar"] == (rnd["ratio"] >= 0.9), doc
     assert not [n for n in ours() if n.startswith(f"cmh{proc.pid}")], "the bench left namespaces behind"

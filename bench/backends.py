@@ -1,20 +1,6 @@
-"""One adapter per library, all with the same call surface, in a registry (:data:`BACKENDS`).
-
-A backend is created inside a rank: comms and gloo under ``python -m comms.run`` (RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT set), mpi under ``mpirun`` (mpi4py's COMM_WORLD). It offers:
-
-* ``native(op, place, dtype)`` (a class method, so the driver can ask without a live library):
-  None when the library runs that op in that place (``"out"`` or ``"in"``, aliased as nccl-tests
-  does, see :mod:`bench.ops`) natively, else the reason it does not. The bench never times a copy
-  in place of a missing mode: such rows say ``n/a``;
-* ``bind(op, place, inp, out, root)``: a zero-argument callable running the op once on those
-  buffers (SUM where it reduces). It binds the library's own function with ``functools.partial``
-  wherever the signature allows, so the timed loop adds no wrapper layer that the library's users
-  would not pay;
-* ``barrier()``, ``reduce_values(values, how)`` -- a small float64 all_reduce ("max" or "sum") used
-  for control (agreeing on iteration counts, collecting every rank's timings) outside the timed loops;
-* ``algorithm(op, msg_bytes)``, ``transport()``, ``versions()`` -- what the table prints;
-* ``close()``.
+"""The bench's backends: one adapter per library, all with the surface of
+:class:`bench.backend_base.Backend`, in a registry (:data:`BACKENDS`): comms and gloo here, MPI in
+:mod:`bench.mpi_backend`.
 
 :class:`Spec` is one entry of ``--backends``: a library plus environment overrides applied to that
 backend's launches only (``comms@COMMS_FLIGHT_RECORDER=0``), labelled as given.
@@ -26,80 +12,17 @@ the constructor, so importing this module stays cheap (the driver only needs the
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
-BOTH = ("out", "in")
+from .backend_base import BOTH, Backend
+from .mpi_backend import MPI_MISSING, MpiBackend, mpi_missing
+
+__all__ = ["BACKENDS", "BOTH", "DEFAULT_BACKENDS", "MPI_MISSING", "Backend", "CommsBackend", "GlooBackend",
+           "MpiBackend", "Spec", "make", "mpi_missing"]
+
 _RACE = "sending and receiving one buffer at once races; the library has no send-recv-replace"
-
-
-class Backend:
-    """Base class; see the module docstring for the surface."""
-    name = ""
-    rank = 0
-    size = 1
-    barrier: Callable
-    #: op -> {place: reason it is not native}; an op missing here is not supported at all
-    UNSUPPORTED: dict[str, dict[str, str]] = {}
-    OPS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "broadcast", "reduce",
-                            "gather", "scatter", "sendrecv")
-
-    @classmethod
-    def native(cls, op: str, place: str, dtype: str) -> str | None:
-        if op not in cls.OPS:
-            return f"{cls.name} has no {op}"
-        return cls.UNSUPPORTED.get(op, {}).get(place)
-
-    def bind(self, op: str, place: str, inp, out, root: int) -> Callable[[], object]:
-        raise NotImplementedError
-
-    def bind_op(self, op, place: str, inp, out, root: int) -> Callable[[], object]:
-        """:meth:`bind` for a :class:`bench.ops.Op` (moe needs the op's parameters)."""
-        if op.name == "moe":
-            return self.bind_moe(op, inp)
-        return self.bind(op.name, place, inp, out, root)
-
-    def bind_moe(self, op, inp) -> Callable[[], object]:
-        raise NotImplementedError(f"{self.name} has no moe")
-
-    def reduce_values(self, values: Sequence[float], how: str = "max") -> list[float]:
-        """Element-wise max or sum of ``values`` over all ranks (every rank gets the result)."""
-        import torch
-        t = torch.tensor(list(values), dtype=torch.float64)
-        self._reduce_control(t, how)
-        return t.tolist()
-
-    def _reduce_control(self, t, how: str) -> None:
-        raise NotImplementedError
-
-    def algorithm(self, op: str, msg_bytes: int) -> str:
-        return self.name
-
-    def force(self, op: str, algo: str | None) -> None:
-        """Collective: from now on run ``op`` with algorithm ``algo`` (None: the default selection).
-        Only a library with more than one algorithm per op can."""
-        raise NotImplementedError(f"{self.name} cannot force an algorithm")
-
-    def transport(self) -> str:
-        return "-"
-
-    def versions(self) -> dict[str, str]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-    @property
-    def _next(self) -> int:
-        return (self.rank + 1) % self.size
-
-    @property
-    def _prev(self) -> int:
-        return (self.rank - 1) % self.size
 
 
 class CommsBackend(Backend):
@@ -316,117 +239,8 @@ class GlooBackend(Backend):
             self._dist.destroy_process_group()
 
 
-_HALF = ("float16", "bfloat16")
-
-
-class MpiBackend(Backend):
-    """MPI through mpi4py (``MPI.COMM_WORLD``), started by ``mpirun``; buffers are numpy views of
-    the torch tensors (made outside the timed loop; float16 and bfloat16 travel as int16, since
-    MPI has no such types). mpi4py initialises MPI with ``MPI_THREAD_SINGLE``: the bench is
-    single-threaded, and a higher thread level only adds locking."""
-    name = "mpi"
-    UNSUPPORTED = {
-        "broadcast": {"out": "MPI_Bcast has one buffer"},
-        "reduce_scatter": {"in": "MPI's in-place reduce_scatter leaves the result at the start of the buffer, "
-                                 "not at the rank's block as nccl-tests' in place does"},
-        "moe": dict.fromkeys(BOTH, "MPI has no MoE layer, and the bench's CPU baseline for moe is the usual "
-                                   "torch.distributed way (the gloo backend); an MPI_Alltoallv version is not written"),
-    }
-    OPS = Backend.OPS + ("moe",)
-    REDUCING = ("all_reduce", "reduce", "reduce_scatter")
-
-    @classmethod
-    def native(cls, op, place, dtype):
-        if op in cls.REDUCING and dtype in _HALF:
-            return f"MPI has no {dtype} reduction"
-        return super().native(op, place, dtype)
-
-    def __init__(self, timeout: float | None = None):
-        import mpi4py
-        mpi4py.rc.thread_level = "single"
-        from mpi4py import MPI
-        self._mpi4py, self.MPI = mpi4py, MPI
-        self.comm = MPI.COMM_WORLD
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.barrier = self.comm.Barrier
-
-    @staticmethod
-    def _np(t):
-        import torch
-        if t is None:
-            return None
-        if t.dtype in (torch.float16, torch.bfloat16):
-            t = t.view(torch.int16)
-        return t.numpy()
-
-    def bind(self, op, place, inp, out, root):
-        c, p, IN_PLACE = self.comm, functools.partial, self.MPI.IN_PLACE
-        i, o = self._np(inp), self._np(out)
-        inplace, at_root = place == "in", self.rank == root
-        if op == "all_reduce":
-            return p(c.Allreduce, IN_PLACE, o) if inplace else p(c.Allreduce, i, o)
-        if op == "broadcast":
-            return p(c.Bcast, o, root)
-        if op == "reduce":
-            if inplace:
-                return p(c.Reduce, IN_PLACE if at_root else o, o if at_root else None, self.MPI.SUM, root)
-            return p(c.Reduce, i, o if at_root else None, self.MPI.SUM, root)
-        if op == "all_gather":
-            return p(c.Allgather, IN_PLACE if inplace else i, o)
-        if op == "reduce_scatter":
-            return p(c.Reduce_scatter_block, i, o)
-        if op == "all_to_all":
-            return p(c.Alltoall, IN_PLACE if inplace else i, o)
-        if op == "gather":
-            if at_root:
-                return p(c.Gather, IN_PLACE if inplace else i, o, root)
-            return p(c.Gather, i, None, root)
-        if op == "scatter":
-            if at_root:
-                return p(c.Scatter, i, IN_PLACE if inplace else o, root)
-            return p(c.Scatter, None, o, root)
-        if op == "sendrecv":
-            if inplace:
-                return p(c.Sendrecv_replace, o, self._next, 0, self._prev, 0)
-            return p(c.Sendrecv, i, self._next, 0, o, self._prev, 0)
-        raise ValueError(op)
-
-    def _reduce_control(self, t, how: str) -> None:
-        op = {"max": self.MPI.MAX, "sum": self.MPI.SUM}[how]
-        self.comm.Allreduce(self.MPI.IN_PLACE, t.numpy(), op=op)
-
-    def transport(self) -> str:
-        """What the launch asked Open MPI for: the BTLs other than self, shared memory shown as shm."""
-        pml, btl = os.environ.get("OMPI_MCA_pml", ""), os.environ.get("OMPI_MCA_btl", "")
-        if pml in ("", "ob1") and btl and not btl.startswith("^"):
-            kinds = [{"vader": "shm", "sm": "shm"}.get(b, b) for b in btl.split(",") if b != "self"]
-            if kinds:
-                return "+".join(dict.fromkeys(kinds))
-        return f"pml:{pml}" if pml else "default"
-
-    def versions(self) -> dict[str, str]:
-        lib = self.MPI.Get_library_version().replace("\x00", "").strip()
-        return {"mpi": lib.split(",")[0].strip(),
-                "mpi4py": self._mpi4py.__version__}
-
-
 BACKENDS: dict[str, type[Backend]] = {"comms": CommsBackend, "gloo": GlooBackend, "mpi": MpiBackend}
 DEFAULT_BACKENDS = ("comms", "gloo", "mpi")      # mpi is skipped with a note when it is not installed
-MPI_MISSING = "mpi: Open MPI / mpi4py not installed (run with --install-mpi as root)"
-
-
-def mpi_missing(env: dict[str, str] | None = None) -> str | None:
-    """None when ``mpirun`` is on the PATH of ``env`` (default: this process's) and mpi4py is
-    importable by this Python; else what is missing."""
-    env = os.environ if env is None else env
-    gone = []
-    if shutil.which("mpirun", path=env.get("PATH", "")) is None:
-        gone.append("mpirun is not on PATH")
-    if importlib.util.find_spec("mpi4py") is None:
-        gone.append("mpi4py is not importable")
-    return "; ".join(gone) or None
-
-
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 

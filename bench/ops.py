@@ -13,7 +13,7 @@ An op knows:
 * its nccl-tests bus-bandwidth factor and the message size the comms selector sees;
 * exact check data (:meth:`Op.check_input`, :meth:`Op.expected`).
 
-How a library runs the op on those buffers is the backend's business (:meth:`bench.backends.Backend.bind`).
+How a library runs the op on those buffers is the backend's business (:meth:`bench.backend_base.Backend.bind`).
 
 Check data are small integers, so sums are exact in every supported dtype: rank ``r`` holds
 ``((i + 3 r) mod m) + 1`` at global element ``i``, with ``m`` small enough that a sum over all ranks

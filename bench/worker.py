@@ -25,7 +25,7 @@ op per set at the largest size), then for every size:
 
 With ``--variants auto,ring,...`` (comms only; one op per launch: what bench.regret runs) every
 size measures each variant side by side in the same launch: ``auto`` is the default selection, any
-other name that algorithm forced (:meth:`bench.backends.Backend.force`, what COMMS_ALGO=op:name does
+other name that algorithm forced (:meth:`bench.backend_base.Backend.force`, what COMMS_ALGO=op:name does
 at init). Each variant gets its warm-up and its iteration count as in steps 2-3; the timed ops are
 then split into ``--variant-rounds`` rounds (default :data:`bench.cli.VARIANT_ROUNDS`), and every
 round runs every variant in turn (the order flipped every round), each turn started by a barrier

@@ -13,7 +13,7 @@ from collections import deque
 import numpy as np
 
 from . import reference
-from .algorithms.plan import (COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, RECV_REDUCE, REDUCE,
+from .algorithms.plan import (COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, REDUCE,
                               REDUCE_SLOTS, SCRATCH, SEND, Plan)
 
 

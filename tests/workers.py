@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 import comms
-from comms.dtypes import BF16, DTYPE_SIZES, FLOATING, NUMPY_STORAGE, ReduceOp
+from comms.dtypes import BF16, FLOATING, NUMPY_STORAGE, ReduceOp
 from reference_collectives import assert_close, random_input, reduce_all
 
 COLLS = ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "gather", "scatter",

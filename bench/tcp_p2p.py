@@ -44,17 +44,13 @@ import sys
 import time
 from pathlib import Path
 
+from . import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "comms-tcp-p2p/1"
 BAR = 0.90
 IPERF_PORT = 5201
 MARK = "TCP_P2P "
-
-
-def _size(text: str) -> int:
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    return int(float(t[:-1] if t[-1:] in "KMG" else t) * mult)
 
 
 # -- rank side --------------------------------------------------------------------------------------
@@ -200,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.tcp_p2p", description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5, help="rounds, each one iperf3 and one comms run (default 5)")
     ap.add_argument("--time", type=float, default=5.0, help="seconds per measurement (default 5)")
-    ap.add_argument("--size", type=_size, default=16 << 20, help="comms message bytes, K/M/G suffixes (default 16M)")
+    ap.add_argument("--size", type=cli.parse_size, default=16 << 20, help="comms message bytes, K/M/G suffixes (default 16M)")
     ap.add_argument("--rate", default=None, help="limit the link (tc tbf), e.g. 2gbit")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 when the median ratio is below this")

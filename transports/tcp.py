@@ -52,15 +52,17 @@ def _tune(sock: socket.socket) -> None:
     SACKs trigger spurious retransmits. On two simulated hosts (veth, unshaped) that cost about a
     tenth of the throughput (bench.tcp_p2p). An option the kernel refuses is logged and skipped."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    opts = [(socket.SOL_SOCKET, socket.SO_SNDBUF, config.get("TCP_BUFFER_BYTES")),
-            (socket.SOL_SOCKET, socket.SO_RCVBUF, config.get("TCP_BUFFER_BYTES")),
-            (socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), config.get("TCP_NOTSENT_LOWAT"))]
-    for level, opt, value in opts:
+    buffer = config.get("TCP_BUFFER_BYTES")
+    opts = [("SO_SNDBUF", socket.SOL_SOCKET, socket.SO_SNDBUF, buffer),
+            ("SO_RCVBUF", socket.SOL_SOCKET, socket.SO_RCVBUF, buffer),
+            ("TCP_NOTSENT_LOWAT", socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25),
+             config.get("TCP_NOTSENT_LOWAT"))]
+    for name, level, opt, value in opts:
         if value > 0:
             try:
                 sock.setsockopt(level, opt, value)
             except OSError as e:
-                log.info("tcp: socket option %s=%d refused (%s); left at the kernel's default", opt, value, e)
+                log.info("tcp: socket option %s=%d refused (%s); left at the kernel's default", name, value, e)
 
 
 class TcpTransport(Transport):

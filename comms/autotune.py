@@ -56,6 +56,7 @@ PRUNE_AFTER = 2                                  # ...at this many probes in a r
 ROUND_S = 0.025                                  # a timed turn lasts about this long...
 ROUND_CALLS = 1000                               # ...in at most this many calls, and at least MIN_CALLS
 MIN_CALLS = 2
+SETTLE_S = 0.03                                  # untimed calls after the ranks moved CPUs
 LEAD_S = 0.006                                   # untimed calls that start a turn: about this long,
                                                  # and at most a quarter of the turn's timed calls
 
@@ -72,6 +73,18 @@ def reps(call_s: float) -> int:
     (5 ms of 5 us calls on 2 ranks with cores of their own): a thousand calls are far past the
     start of a turn, and the probes of small sizes would otherwise take most of the budget."""
     return max(MIN_CALLS, min(ROUND_CALLS, int(ROUND_S / max(call_s, 1e-9))))
+
+
+def settle_calls(call_s: float) -> int:
+    """Untimed calls, about :data:`SETTLE_S` of them (at least one, at most :data:`ROUND_CALLS`),
+    that run before the first timed turn after the ranks were moved to other CPUs
+    (:func:`_placements`). The first turn after a move ran slow. Over ten calibrations on 4 ranks
+    sharing 2 CPUs, whose confirming rounds (:func:`_confirm`) each moved the ranks and flipped the
+    order of the turns, direct timed 1.17x rhd (geometric mean over rounds) where its turn came
+    first and 0.84x where it came second; in the sweeps' rounds, which move the ranks once a sweep,
+    1.00x and 1.04x. The lead-in of a turn (:func:`lead`, 6 ms) is too short to absorb it. With
+    this settling (and one move per confirming round), ten calibrations more gave 0.97x and 1.05x."""
+    return max(1, min(ROUND_CALLS, int(SETTLE_S / max(call_s, 1e-9))))
 
 
 def lead(call_s: float) -> int:
@@ -201,9 +214,10 @@ class _Probe:
         # the bench measures 1.16x faster there)
         self.call_s: dict = {}
 
-    def run(self, rounds: int, narrow: bool = True) -> None:
+    def run(self, rounds: int, narrow: bool = True, settle: bool = False) -> None:
         """``rounds`` more rounds of the contenders (the first call also warms up and sets the call
-        counts), narrowing them after each round (with ``narrow``)."""
+        counts), narrowing them after each round (with ``narrow``); with ``settle`` (the ranks were
+        just moved to other CPUs), about :data:`SETTLE_S` of untimed calls first (:func:`settle_calls`)."""
         comm, coll = self.comm, self.coll
         calls = _calls(comm, coll, self.nin, self.nout)
         if not self.call_s:
@@ -219,9 +233,14 @@ class _Probe:
                 warm[i_a] = (time.perf_counter() - t0) / len(calls)
             comm.all_reduce(warm, op=ReduceOp.MAX)                # every rank runs the same counts
             self.call_s = {a: float(w) for a, w in zip(self.order, warm)}
-        for _ in range(rounds):
+        for r in range(rounds):
             done = max((len(v) for v in self.means.values()), default=0)      # rounds so far
             turns = self.alive if done % 2 == 0 else self.alive[::-1]
+            if settle and r == 0:
+                comm.set_algo(f"{coll}:{turns[0]}")
+                comm.barrier()
+                for j in range(settle_calls(self.call_s[turns[0]])):
+                    calls[j % len(calls)]()
             got = np.zeros(len(turns), np.float64)
             for i_a, a in enumerate(turns):
                 k = reps(self.call_s[a])
@@ -328,6 +347,7 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
             dropped |= {a for a, c in behind.items() if c >= PRUNE_AFTER}
     cut = False
     for sweep in range(1, PASSES):
+        moved = bool(place)                # the next probe timed settles first (settle_calls)
         if place:
             place(sweep)
         rounds = per_sweep if sweep < PASSES - 1 else ROUNDS - per_sweep * (PASSES - 1)
@@ -340,7 +360,8 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
                          probe.nbytes, budget_s)
                 cut = True
                 break
-            probe.run(rounds)
+            probe.run(rounds, settle=moved)
+            moved = False
     if not cut:
         _confirm(comm, coll, probes, t_start, t_size, budget_s, place)
     log.info("comms: timed %s in %.1f s: %d probes to %d B, rounds per probe %s", coll, time.perf_counter() - t_start,
@@ -381,8 +402,10 @@ def doubtful(figs: list[dict], i: int) -> list:
 
 def _confirm(comm, coll: str, probes: list, t_start: float, t_size: float, budget_s: float, place) -> None:
     """A last sweep of :data:`CONFIRM_ROUNDS` more rounds at the probes whose order is in doubt
-    (:func:`doubtful`), the closest calls first, within the budget; the rounds of a probe go round
-    the placements (as the sweeps do), so that none of them outweighs the others. Where two
+    (:func:`doubtful`), within the budget. Each round visits those probes, the closest calls
+    first, in one placement of the ranks (round r in placement r mod :data:`PASSES`, so that none
+    of them outweighs the others; the first probe after a move settles first, see
+    :func:`settle_calls`), so the rounds of a probe lie seconds apart, as the sweeps' do. Where two
     algorithms cross over, or sit within a few per cent of each other, six rounds on a busy
     machine leave the order to chance (4 ranks on 2 cores, 64 KiB: recursive doubling and rhd timed
     151.8 and 153.9 us, the bench measured them 1.11x apart; its rounds' ratios spread by 12-19 %),
@@ -393,12 +416,13 @@ def _confirm(comm, coll: str, probes: list, t_start: float, t_size: float, budge
     # the closest calls first: the budget may not reach them all
     todo = sorted((t for t in todo if t[1]), key=lambda t: sorted(t[2][a] for a in t[1])[1] / min(t[2].values()))
     for probe, algos, _ in todo:
-        if _over_budget(comm, t_start, t_size, budget_s, 0.0):
-            log.info("comms: %s: confirmation stopped before %d B (COMMS_TUNE_SECONDS=%g)", coll, probe.nbytes,
-                     budget_s)
-            return
         probe.alive = [a for a in probe.order if a in algos]
-        for r in range(CONFIRM_ROUNDS):
-            if place:
-                place(r % PASSES)
-            probe.run(1, narrow=False)
+    for r in range(CONFIRM_ROUNDS):
+        if place:
+            place(r % PASSES)
+        for i, (probe, _, _) in enumerate(todo):
+            if _over_budget(comm, t_start, t_size, budget_s, 0.0):
+                log.info("comms: %s: confirmation stopped in round %d before %d B (COMMS_TUNE_SECONDS=%g)", coll,
+                         r + 1, probe.nbytes, budget_s)
+                return
+            probe.run(1, narrow=False, settle=bool(place) and i == 0)

@@ -208,3 +208,64 @@ def test_a_probe_out_of_line_with_both_neighbours_is_confirmed_with_their_winner
     far = dict(n256, direct=3.5 * 30.8)
     assert sorted(doubtful([n128, far, n512], 1)) == ["rhd", "tree"]              # past PRUNE_RATIO
     assert doubtful([{"direct": 10.0}, {"rhd": 10.0}, {"direct": 10.0}], 1) == []
+
+
+class _Recorder:
+    """One rank standing in for a communicator of ``size``: records the calls the timing makes
+    (set_algo, barrier, one ``call`` per collective on a tensor); every reduction of a numpy array
+    (the round's figures, the budget's clocks) comes back as 128 (µs per call: 1.28e-4 s)."""
+
+    def __init__(self, size: int):
+        self.size, self.rank, self._deterministic = size, 0, False
+        self.events: list = []
+        self.algo = None
+
+    def _hosts(self):
+        return (tuple(range(self.size)),)
+
+    def set_algo(self, rule):
+        self.algo = rule.split(":")[1] if rule else None
+
+    def barrier(self):
+        self.events.append("barrier")
+
+    def all_reduce(self, x, op=None):
+        import numpy as np
+        if isinstance(x, np.ndarray):
+            x[:] = 128.0
+        else:
+            self.events.append(("call", self.algo))
+
+
+def test_confirmation_moves_the_ranks_once_a_round_and_settles_after_each_move():
+    """Moving ranks to other CPUs slowed the first turn after the move (see settle_calls): the
+    confirming rounds move the ranks once a round, not once per probe and round, and the first probe
+    after a move runs settle_calls(call_s) untimed calls before its first turn's barrier and
+    lead-in; the other probes of the round do not."""
+    from comms import autotune
+    from comms.autotune import CONFIRM_ROUNDS, PASSES, settle_calls
+    assert settle_calls(1e-4) == 300 and settle_calls(1e-6) == 1000 and settle_calls(1.0) == 1
+    assert (settle_calls(1.28e-4), lead(1.28e-4), reps(1.28e-4)) == (234, 47, 195)
+    comm = _Recorder(4)
+    probes = [autotune._Probe(comm, "all_reduce", nbytes, ["direct", "rhd"], set()) for nbytes in (16 << 10, 32 << 10)]
+    for p in probes:                               # a near tie at both: both are in doubt
+        p.call_s = {"direct": 1.28e-4, "rhd": 1.28e-4}
+        p.means = {"direct": [100.0] * 6, "rhd": [101.0] * 6}
+    comm.events.clear()
+    autotune._confirm(comm, "all_reduce", probes, 0.0, 0.0, math.inf, lambda k: comm.events.append(("place", k)))
+    assert [e[1] for e in comm.events if e[0] == "place"] == [r % PASSES for r in range(CONFIRM_ROUNDS)]
+    # each round: after the move, the settle calls (234) before the first turn's barrier, then per
+    # probe and algorithm a barrier, the lead-in (47) and the timed calls (195)
+    rounds, counts = [], None
+    for e in comm.events:
+        if e[0] == "place":
+            counts = [0]
+            rounds.append(counts)
+        elif e == "barrier":
+            counts.append(0)
+        else:
+            assert e[0] == "call" and e[1] in ("direct", "rhd")
+            counts[-1] += 1
+    assert comm.events[0][0] == "place" and len(rounds) == CONFIRM_ROUNDS
+    assert all(counts == [0, 234] + [47 + 195] * 4 for counts in rounds), rounds
+    assert all(len(p.means["direct"]) == len(p.means["rhd"]) == 6 + CONFIRM_ROUNDS for p in probes)

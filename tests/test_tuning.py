@@ -72,9 +72,11 @@ def test_calibration_cache_key_is_versioned():
     # ones timed them at every fourth power of two only (their tables do not fit today's PROBES); v4
     # ones timed short bursts through the engine alone, which ranked algorithms unlike a job; v5 ones
     # timed turns from their barrier, sized by one warm-up call (inside a link's burst allowance); v6
-    # ones kept a probe's winner that a spell had put ahead of both neighbours' (never re-timed)
+    # ones kept a probe's winner that a spell had put ahead of both neighbours' (never re-timed); v7
+    # ones timed each confirming round right after moving the ranks (its first turn ran slow) and
+    # took the step latency from one run of hops
     from comms.timed import PROBES
-    assert CALIBRATION_VERSION == "v7" and len(PROBES) == 23 and PROBES[1] == 2 * PROBES[0]
+    assert CALIBRATION_VERSION == "v8" and len(PROBES) == 23 and PROBES[1] == 2 * PROBES[0]
 
 
 def test_oversubscribed_hosts_share_bandwidth_and_reduction():
@@ -104,3 +106,13 @@ def test_direct_pays_for_every_tcp_exchange_it_makes():
     assert two_hosts.startswith("all_reduce:0-") and two_hosts.split("#")[0].endswith(":recursive_doubling"), two_hosts
     for n in (2, 4):
         assert default_rules(NAMES, n, ONE_HOST(n), p, False).split("#")[0].endswith(":direct")
+
+
+def test_step_latency_is_the_least_of_its_runs_of_hops():
+    """The hops run before and after the timed candidates; a run that caught the machine in a slow
+    state (6.1 us, against 2.3 us twenty seconds later, on 4 ranks sharing 2 CPUs) does not set the
+    step latency, in either order; figures are clamped to 0.05-1000 us."""
+    from comms.calibration import _alpha
+    assert _alpha("shm", [6.147, 2.295]) == 2.295 and _alpha("shm", [2.295, 6.147]) == 2.295
+    assert _alpha("tcp", [41.0]) == 41.0
+    assert _alpha("shm", [0.001, 0.002]) == 0.05 and _alpha("tcp", [5000.0, 2000.0]) == 1000.0

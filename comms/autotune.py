@@ -12,24 +12,24 @@ Contract of :func:`measure` (collective: every rank calls it at the same point o
 same arguments): at each probe every algorithm that does not decline the size is forced in turn
 (``set_algo``, as COMMS_ALGO would) and called through the public method on torch CPU tensors, the
 way a job calls it (:func:`_calls`; up to :data:`BUFFERS` buffer sets rotated through as a job's
-tensors are): one warm-up call per set and one more timed from a barrier, then up to
-:data:`ROUNDS` rounds in which each contender
-runs one turn of ``reps(call)`` back-to-back calls (about :data:`ROUND_S`, as a turn of the
-bench), each turn started by a barrier and untimed calls (:func:`lead`), the order flipped every round so drift
-on a busy machine hits them alike. A round's figure per algorithm is the slowest rank's mean time
-per call in its turn (every rank gets the same figures from a MAX all_reduce, so every rank makes
-the same decisions); after each round the algorithms far behind the fastest stop being timed at
-this probe (:func:`contenders`), and the figures pair the algorithms round by round
-(:func:`figures`). A turn's mean, not a per-call median or minimum: a job's time is the sum of its
-collectives' times, tails included (with more ranks than cores, an algorithm whose typical call is
-fast can still lose by its stalls; the median round, the figure before, left them out and priced
-direct within 7 % of recursive doubling at 8 KiB on 4 ranks sharing 2 cores where the bench's means
-put it 11-19 % behind). The calls are real collectives (matched and checked like any other),
-taking sequence numbers 1, 2, ...; the caller resets the numbering once every rank is done, so the
-user's first collective is number 1, and init's rules are restored. Call counts come from the
-slowest rank's time per call (the timed warm-up's, then the latest round's), so every rank runs the
-same calls. Rank 0 combines the ranks' tables
-with comms.timed.combine (the slowest rank's figure per entry).
+tensors are): one warm-up call per set and one more timed from a barrier, then up to :data:`ROUNDS`
+rounds in which each contender runs one turn of ``reps(call)`` back-to-back calls (about
+:data:`~comms.rounds.ROUND_S`, as a turn of the bench), each turn started by a barrier and untimed
+calls (:func:`~comms.rounds.lead`), the order flipped every round so drift on a busy machine hits
+them alike. A round's figure per algorithm is the slowest rank's mean time per call in its turn
+(every rank gets the same figures from a MAX all_reduce, so every rank makes the same decisions);
+after each round the algorithms far behind the fastest stop being timed at this probe
+(:func:`~comms.rounds.contenders`), and the figures pair the algorithms round by round
+(:func:`~comms.rounds.figures`). A turn's mean, not a per-call median or minimum: a job's time is
+the sum of its collectives' times, tails included (with more ranks than cores, an algorithm whose
+typical call is fast can still lose by its stalls; the median round, the figure before, left them
+out and priced direct within 7 % of recursive doubling at 8 KiB on 4 ranks sharing 2 cores where
+the bench's means put it 11-19 % behind). The calls are real collectives (matched and checked like
+any other), taking sequence numbers 1, 2, ...; the caller resets the numbering once every rank is
+done, so the user's first collective is number 1, and init's rules are restored. Call counts come
+from the slowest rank's time per call (the timed warm-up's, then the latest round's), so every rank
+runs the same calls. Rank 0 combines the ranks' tables with comms.timed.combine (the slowest rank's
+figure per entry).
 """
 from __future__ import annotations
 
@@ -41,62 +41,17 @@ import numpy as np
 from . import log as clog
 from .algorithms.plan import NotSupported
 from .dtypes import ReduceOp
+from .rounds import PRUNE_RATIO, contenders, doubtful, figures, lead, reps, settle_calls
 from .timed import PROBES, layout
 
 log = clog.get("TUNING")
 ROUNDS = 6                                       # timed rounds of a probe's contenders, in
-PASSES = 3                                       # this many sweeps over the probes; after
-DROP_RATIO = {2: 1.5, 3: 1.35, 4: 1.25}          # r rounds, one this far behind the fastest (paired)
-                                                 # is no contender there (the last entry from then on)
+PASSES = 3                                       # this many sweeps over the probes
 FIRST_SWEEP = 0.6                                # share of COMMS_TUNE_SECONDS the first sweep may use
-CLOSE, CONFIRM_ROUNDS = 1.15, 6                  # then contenders this close get this many more rounds
+CONFIRM_ROUNDS = 6                               # rounds more for a probe in doubt (rounds.doubtful)
 BUFFERS, POOL_BYTES = 4, 64 << 20                # buffer sets rotated through, bounded in bytes
-PRUNE_FROM, PRUNE_RATIO = 512 << 10, 3.0         # from this probe on, this far behind the fastest...
+PRUNE_FROM = 512 << 10                           # from this probe on, PRUNE_RATIO behind the fastest...
 PRUNE_AFTER = 2                                  # ...at this many probes in a row: not timed at larger ones
-ROUND_S = 0.025                                  # a timed turn lasts about this long...
-ROUND_CALLS = 1000                               # ...in at most this many calls, and at least MIN_CALLS
-MIN_CALLS = 2
-SETTLE_S = 0.03                                  # untimed calls after the ranks moved CPUs
-LEAD_S = 0.006                                   # untimed calls that start a turn: about this long,
-                                                 # and at most a quarter of the turn's timed calls
-
-
-def reps(call_s: float) -> int:
-    """Back-to-back calls per timed turn for a call of about ``call_s`` seconds (the slowest
-    rank's latest time per call, so every rank runs the same count): turns of :data:`ROUND_S`, as the
-    bench's (about 30 ms a variant a round). Short bursts after a barrier are not what a job sees:
-    on 4 ranks sharing 2 cores a 64 KiB ring took 53 us a call over its first 32 calls and 60-74 us
-    from then on, while rhd stayed at 35-43 us, so 4 ms turns priced the ring 1.22x rhd where the
-    bench measures 1.4x. A link can also let a short burst through faster than it sustains (a token
-    bucket, a switch buffer): 4 ms turns of 256 KiB on 2 hosts at 2 Gbit/s (a tc bucket of 1 MB)
-    priced ring under tree, which sustained 1.6x faster. Fast calls stop at :data:`ROUND_CALLS`
-    (5 ms of 5 us calls on 2 ranks with cores of their own): a thousand calls are far past the
-    start of a turn, and the probes of small sizes would otherwise take most of the budget."""
-    return max(MIN_CALLS, min(ROUND_CALLS, int(ROUND_S / max(call_s, 1e-9))))
-
-
-def settle_calls(call_s: float) -> int:
-    """Untimed calls, about :data:`SETTLE_S` of them (at least one, at most :data:`ROUND_CALLS`),
-    that run before the first timed turn after the ranks were moved to other CPUs
-    (:func:`_placements`). The first turn after a move ran slow. Over ten calibrations on 4 ranks
-    sharing 2 CPUs, whose confirming rounds (:func:`_confirm`) each moved the ranks and flipped the
-    order of the turns, direct timed 1.17x rhd (geometric mean over rounds) where its turn came
-    first and 0.84x where it came second; in the sweeps' rounds, which move the ranks once a sweep,
-    1.00x and 1.04x. The lead-in of a turn (:func:`lead`, 6 ms) is too short to absorb it. With
-    this settling (and one move per confirming round), ten calibrations more gave 0.97x and 1.05x."""
-    return max(1, min(ROUND_CALLS, int(SETTLE_S / max(call_s, 1e-9))))
-
-
-def lead(call_s: float) -> int:
-    """Untimed calls that start a turn, after its barrier: about :data:`LEAD_S` of them, at most a
-    quarter of :func:`reps`, at least one (which also builds the forced plan). A turn is timed from
-    where the link and the ranks run as they do in the middle of a job, not from a rest: a token
-    bucket (a tc tbf of 1 MB on 2 hosts at 2 Gbit/s; a NIC's or a switch's buffers) lets the first
-    megabyte through at wire speed, and an algorithm that sends more than the link sustains ran its
-    first ~5 ms of a turn that much faster. Timed from the barrier, a 16 KiB all_reduce on
-    2 hosts x 2 ranks priced recursive doubling at 122 us and hierarchical at 125 us a call; timed
-    from 6 ms on, 139 and 125 us, as the bench's 132 and 114 us ranked them."""
-    return max(1, min(reps(call_s) // 4, math.ceil(LEAD_S / max(call_s, 1e-9))))
 
 
 def _args(comm, coll: str, nbytes: int):
@@ -150,43 +105,6 @@ def _over_budget(comm, t_start: float, t_size: float, budget_s: float, growth: f
     return clocks[0] + growth * clocks[1] > budget_s
 
 
-def figures(means: dict) -> dict:
-    """{algo: µs per call} from {algo: [the slowest rank's mean µs per call in each round, None
-    where it was not timed]}, the algorithms' turns interleaved round by round (a list may also
-    stop early: no more rounds). Paired: the fastest by mean of those timed in the most rounds is
-    the reference, and every other one is priced at the reference's mean times the median over rounds
-    of its ratio to the reference in the same round. A round's mean keeps the stalls of its ~25 ms (what a job pays);
-    the pairing keeps out what this VM does over seconds: it moves between states that last 2 to 5 s
-    (an 8 MiB all_reduce on 2 ranks took 0.7 ms, then 7 ms, both ranks at 100 % on cores of their
-    own), and a state change in the middle of a probe lands on some algorithms' turns and not
-    others', which means over the rounds pool into the ranking; two turns of one round sit within a
-    fraction of a second."""
-    ran = {a: [x for x in v if x is not None] for a, v in means.items()}
-    fig = {a: float(np.mean(v)) for a, v in ran.items() if v}
-    if len(fig) < 2:
-        return fig
-    most = max(len(ran[a]) for a in fig)
-    ref = min((a for a in fig if len(ran[a]) == most), key=fig.get)      # of those timed in the most rounds
-    out = {}
-    for a in fig:
-        ratios = [x / y for x, y in zip(means[a], means[ref]) if x is not None and y is not None and x > 0 and y > 0]
-        out[a] = fig[ref] * float(np.median(ratios)) if ratios else fig[a]
-    return out
-
-
-def contenders(means: dict, alive: list, rounds: int) -> list:
-    """The algorithms of ``alive`` still worth timing at this probe after ``rounds`` rounds: within
-    ``DROP_RATIO[rounds]`` (the last entry past it) of the fastest by :func:`figures` over the
-    rounds so far, their order kept. The bar tightens as the rounds add up: a close contender gets
-    every round, one far behind stops costing turns (it keeps the figure of the rounds it ran)."""
-    fig = figures({a: means[a] for a in alive})
-    if not fig:
-        return list(alive)
-    best = min(fig.values())
-    ratio = DROP_RATIO.get(rounds, DROP_RATIO[max(DROP_RATIO)] if rounds > max(DROP_RATIO) else math.inf)
-    return [a for a in alive if fig[a] <= ratio * best]
-
-
 class _Probe:
     """One (collective, size) of the sweep: its contenders, their call counts and round figures."""
 
@@ -217,7 +135,8 @@ class _Probe:
     def run(self, rounds: int, narrow: bool = True, settle: bool = False) -> None:
         """``rounds`` more rounds of the contenders (the first call also warms up and sets the call
         counts), narrowing them after each round (with ``narrow``); with ``settle`` (the ranks were
-        just moved to other CPUs), about :data:`SETTLE_S` of untimed calls first (:func:`settle_calls`)."""
+        just moved to other CPUs), about :data:`~comms.rounds.SETTLE_S` of untimed calls first
+        (:func:`~comms.rounds.settle_calls`)."""
         comm, coll = self.comm, self.coll
         calls = _calls(comm, coll, self.nin, self.nout)
         if not self.call_s:
@@ -268,12 +187,12 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     that they lie seconds apart: this VM moves between states that last 2 to 5 s, in which the
     algorithms do not all slow down alike (on 4 ranks sharing 2 cores, a calibration that met one
     from 512 B to 1 MiB timed direct fastest at 32 KiB and ring at 64 KiB, which the bench measured
-    37 % and 58 % behind rhd); rounds from several sweeps outvote one state in :func:`figures`.
+    37 % and 58 % behind rhd); rounds from several sweeps outvote one state in :func:`~comms.rounds.figures`.
     Where a host has more ranks than CPUs and they share them unbound, each sweep pins its ranks in
     another placement (:func:`_placements`), since the scheduler's placement of a launch decides
     which algorithm wins there; every rank gets its own CPUs back at the end.
     A probe with a single contender left is not timed again. In the first sweep, from
-    :data:`PRUNE_FROM` up, an algorithm more than :data:`PRUNE_RATIO` times the fastest at
+    :data:`PRUNE_FROM` up, an algorithm more than :data:`~comms.rounds.PRUNE_RATIO` times the fastest at
     :data:`PRUNE_AFTER` probes in a row is not timed at larger probes, and is then not chosen there
     (one disturbed probe of two rounds dropped hierarchical on 2 hosts x 2 ranks, the fastest from
     1 MiB up by 1.5x). The first sweep stops, on every rank alike, before a probe that would end
@@ -375,37 +294,12 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
     return table
 
 
-def doubtful(figs: list[dict], i: int) -> list:
-    """The algorithms whose order at probe ``i`` is in doubt, given every probe's figures: those
-    within :data:`CLOSE` of the fastest, and the fastest of a neighbouring probe where it is within
-    :data:`DROP_RATIO` (first entry) here, or within :data:`PRUNE_RATIO` where both neighbours'
-    fastest is that one algorithm; empty when fewer than two.
-
-    A probe whose winner differs from both neighbours' common winner is most often a spell of the
-    machine that hit the neighbours' winner in its first rounds here, and then dropped it from the
-    rounds after (4 ranks on 2 CPUs, 256 B: direct timed 50.5 us between 23.4 us at 128 B and
-    22.6 us at 512 B, 1.64x rhd's 30.8 us, and the rules gave 256 B to rhd, which the bench measured
-    22 % behind direct)."""
-    fig = figs[i]
-    if len(fig) < 2:
-        return []
-    best = min(fig.values())
-    out = [a for a in fig if fig[a] <= CLOSE * best]
-    winners = [min(figs[j], key=figs[j].get) for j in (i - 1, i + 1) if 0 <= j < len(figs) and figs[j]]
-    both = winners[0] if len(winners) == 2 and winners[0] == winners[1] else None
-    for w in winners:
-        cap = PRUNE_RATIO if w == both else DROP_RATIO[min(DROP_RATIO)]
-        if w in fig and w not in out and fig[w] <= cap * best:
-            out.append(w)
-    return out if len(out) > 1 else []
-
-
 def _confirm(comm, coll: str, probes: list, t_start: float, t_size: float, budget_s: float, place) -> None:
     """A last sweep of :data:`CONFIRM_ROUNDS` more rounds at the probes whose order is in doubt
-    (:func:`doubtful`), within the budget. Each round visits those probes, the closest calls
+    (:func:`~comms.rounds.doubtful`), within the budget. Each round visits those probes, the closest calls
     first, in one placement of the ranks (round r in placement r mod :data:`PASSES`, so that none
     of them outweighs the others; the first probe after a move settles first, see
-    :func:`settle_calls`), so the rounds of a probe lie seconds apart, as the sweeps' do. Where two
+    :func:`~comms.rounds.settle_calls`), so the rounds of a probe lie seconds apart, as the sweeps' do. Where two
     algorithms cross over, or sit within a few per cent of each other, six rounds on a busy
     machine leave the order to chance (4 ranks on 2 cores, 64 KiB: recursive doubling and rhd timed
     151.8 and 153.9 us, the bench measured them 1.11x apart; its rounds' ratios spread by 12-19 %),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.autotune import contenders, doubtful, figures, lead, reps
+from comms.rounds import contenders, doubtful, figures, lead, reps
 from comms.timed import PROBES, applies, combine, correction
 from comms.tuning import Link, Params, cost, default_rules
 
@@ -243,7 +243,8 @@ def test_confirmation_moves_the_ranks_once_a_round_and_settles_after_each_move()
     after a move runs settle_calls(call_s) untimed calls before its first turn's barrier and
     lead-in; the other probes of the round do not."""
     from comms import autotune
-    from comms.autotune import CONFIRM_ROUNDS, PASSES, settle_calls
+    from comms.autotune import CONFIRM_ROUNDS, PASSES
+    from comms.rounds import settle_calls
     assert settle_calls(1e-4) == 300 and settle_calls(1e-6) == 1000 and settle_calls(1.0) == 1
     assert (settle_calls(1.28e-4), lead(1.28e-4), reps(1.28e-4)) == (234, 47, 195)
     comm = _Recorder(4)

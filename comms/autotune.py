@@ -204,6 +204,13 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     out: dict = {"layout": layout(comm.size, comm._hosts())}
     per_sweep = max(1, ROUNDS // PASSES)
     place = _placements(comm)
+    # a move is followed by untimed calls (settle_calls), which are collectives: where some hosts
+    # move their ranks and others do not (another CPU count, a user's binding), every rank settles
+    # alike, those that stay put through a place() that does nothing
+    anyone = np.array([1.0 if place else 0.0])
+    comm.all_reduce(anyone, op=ReduceOp.MAX)
+    if anyone[0] and place is None:
+        place = _stay
     try:
         for coll in colls:
             out[coll] = _sweeps(comm, coll, list(algorithms.REGISTRY[coll]), budget_s, per_sweep, place)
@@ -214,6 +221,10 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     comm._scratch = np.empty(0, np.uint8)      # the probes' scratch is not the user's
     comm._scratch_ptr = 0
     return out
+
+
+def _stay(k) -> None:
+    """place(k) of a rank whose host does not move its ranks while others' do (see measure)."""
 
 
 def _placements(comm):

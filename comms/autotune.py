@@ -187,15 +187,16 @@ def measure(comm, colls: list[str], budget_s: float = math.inf) -> dict:
     that they lie seconds apart: this VM moves between states that last 2 to 5 s, in which the
     algorithms do not all slow down alike (on 4 ranks sharing 2 cores, a calibration that met one
     from 512 B to 1 MiB timed direct fastest at 32 KiB and ring at 64 KiB, which the bench measured
-    37 % and 58 % behind rhd); rounds from several sweeps outvote one state in :func:`~comms.rounds.figures`.
+    37 % and 58 % behind rhd); rounds from several sweeps outvote one state in
+    :func:`~comms.rounds.figures`.
     Where a host has more ranks than CPUs and they share them unbound, each sweep pins its ranks in
     another placement (:func:`_placements`), since the scheduler's placement of a launch decides
     which algorithm wins there; every rank gets its own CPUs back at the end.
     A probe with a single contender left is not timed again. In the first sweep, from
-    :data:`PRUNE_FROM` up, an algorithm more than :data:`~comms.rounds.PRUNE_RATIO` times the fastest at
-    :data:`PRUNE_AFTER` probes in a row is not timed at larger probes, and is then not chosen there
-    (one disturbed probe of two rounds dropped hierarchical on 2 hosts x 2 ranks, the fastest from
-    1 MiB up by 1.5x). The first sweep stops, on every rank alike, before a probe that would end
+    :data:`PRUNE_FROM` up, an algorithm more than :data:`~comms.rounds.PRUNE_RATIO` times the
+    fastest at :data:`PRUNE_AFTER` probes in a row is not timed at larger probes, and is then not
+    chosen there (one disturbed probe of two rounds dropped hierarchical on 2 hosts x 2 ranks, the
+    fastest from 1 MiB up by 1.5x). The first sweep stops, on every rank alike, before a probe that would end
     past :data:`FIRST_SWEEP` of ``budget_s`` seconds (per collective), each later one before a
     probe that would start past its share of the rest (sweep 2 of 3 at 80 %, the last at 100 %, so
     every placement is timed on a short budget too); the correction is held constant from the last
@@ -307,15 +308,15 @@ def _sweeps(comm, coll: str, names: list, budget_s: float, per_sweep: int, place
 
 def _confirm(comm, coll: str, probes: list, t_start: float, t_size: float, budget_s: float, place) -> None:
     """A last sweep of :data:`CONFIRM_ROUNDS` more rounds at the probes whose order is in doubt
-    (:func:`~comms.rounds.doubtful`), within the budget. Each round visits those probes, the closest calls
-    first, in one placement of the ranks (round r in placement r mod :data:`PASSES`, so that none
-    of them outweighs the others; the first probe after a move settles first, see
-    :func:`~comms.rounds.settle_calls`), so the rounds of a probe lie seconds apart, as the sweeps' do. Where two
-    algorithms cross over, or sit within a few per cent of each other, six rounds on a busy
-    machine leave the order to chance (4 ranks on 2 cores, 64 KiB: recursive doubling and rhd timed
-    151.8 and 153.9 us, the bench measured them 1.11x apart; its rounds' ratios spread by 12-19 %),
-    and a figure out of line with its neighbours is most often a spell of the machine: the
-    neighbours' winner gets rounds too."""
+    (:func:`~comms.rounds.doubtful`), within the budget. Each round visits those probes, the
+    closest calls first, in one placement of the ranks (round r in placement r mod :data:`PASSES`,
+    so that none of them outweighs the others; the first probe after a move settles first, see
+    :func:`~comms.rounds.settle_calls`), so the rounds of a probe lie seconds apart, as the sweeps'
+    do. Where two algorithms cross over, or sit within a few per cent of each other, six rounds on
+    a busy machine leave the order to chance (4 ranks on 2 cores, 64 KiB: recursive doubling and
+    rhd timed 151.8 and 153.9 us, the bench measured them 1.11x apart; its rounds' ratios spread by
+    12-19 %), and a figure out of line with its neighbours is most often a spell of the machine:
+    the neighbours' winner gets rounds too."""
     figs = [figures(p.means) for p in probes]
     todo = [(p, doubtful(figs, i), figs[i]) for i, p in enumerate(probes)]
     # the closest calls first: the budget may not reach them all

@@ -41,14 +41,15 @@ def reps(call_s: float) -> int:
 
 
 def settle_calls(call_s: float) -> int:
-    """Untimed calls, about :data:`SETTLE_S` of them (at least one, at most :data:`ROUND_CALLS`),
-    that run before the first timed turn after the ranks were moved to other CPUs
-    (comms.autotune._placements). The first turn after a move ran slow. Over ten calibrations on 4 ranks
-    sharing 2 CPUs, whose confirming rounds (comms.autotune._confirm) each moved the ranks and flipped the
-    order of the turns, direct timed 1.17x rhd (geometric mean over rounds) where its turn came
-    first and 0.84x where it came second; in the sweeps' rounds, which move the ranks once a sweep,
-    1.00x and 1.04x. The lead-in of a turn (:func:`lead`, 6 ms) is too short to absorb it. With
-    this settling (and one move per confirming round), ten calibrations more gave 0.97x and 1.05x."""
+    """Untimed calls, about :data:`SETTLE_S` of them (at least one, at most :data:`ROUND_CALLS`), that
+    run before the first timed turn after the ranks were moved to other CPUs
+    (comms.autotune._placements). The first turn after a move ran slow. Over ten calibrations on 4
+    ranks sharing 2 CPUs, whose confirming rounds (comms.autotune._confirm) each moved the ranks
+    and flipped the order of the turns, direct timed 1.17x rhd (geometric mean over rounds) where
+    its turn came first and 0.84x where it came second; in the sweeps' rounds, which move the ranks
+    once a sweep, 1.00x and 1.04x. The lead-in of a turn (:func:`lead`, 6 ms) is too short to
+    absorb it. With this settling (and one move per confirming round), ten calibrations more gave
+    0.97x and 1.05x."""
     return max(1, min(ROUND_CALLS, int(SETTLE_S / max(call_s, 1e-9))))
 
 

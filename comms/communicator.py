@@ -20,12 +20,12 @@ import numpy as np
 from . import checks, config, failures, flight
 from .checks import fast as _fast
 from . import log as clog
-from .algorithms.plan import COLL_IDS, IN, OUT, Args, Plan, Step, RECV, SEND
+from .algorithms.plan import COLL_IDS, IN, OUT, Args, NotSupported, Plan, Step, RECV, SEND
 from .dtypes import DTYPE_SIZES, ReduceOp, as_op, check_op, resolve
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
-from . import calibration
-from .selector import Selector, defaults as selector_defaults
+from . import calibration, online
+from .selector import Selector, build, defaults as selector_defaults
 from .transports.base import Endpoint
 from .work import Work
 
@@ -54,6 +54,8 @@ class Communicator:
         self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
+        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max)
+        self._timing = None                  # a scheduled call of an online trial: takes the call's seconds
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
         self._splits = 0
@@ -69,6 +71,7 @@ class Communicator:
                                                           self.oversubscription()))
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._ran.clear()
+        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max)
         # the flight recorder and the counters start after init's own traffic (calibration)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         self._engine.zero_counters()
@@ -131,6 +134,11 @@ class Communicator:
         size), after any candidate declined; None when no such call ran yet."""
         return self._ran.get((coll, nbytes))
 
+    def online_choices(self) -> list[dict]:
+        """What online timing (comms.online) decided so far, per plan key: the alternatives of the
+        rule, the algorithm kept and each alternative's median time relative to the first."""
+        return self._contests.choices()
+
     def set_algo(self, rules: str | None) -> None:
         """Replace this communicator's user rules (the COMMS_ALGO grammar of comms.selector, e.g.
         ``"all_reduce:ring"``; None: back to what init had, its ``algo`` argument or COMMS_ALGO).
@@ -139,7 +147,8 @@ class Communicator:
         Every rank must make the same change between the same two collectives (like init's
         ``algo``): ranks planning one collective with different algorithms would exchange
         messages the others do not expect, and fail at the deadline. Sub-communicators made
-        earlier keep their own rules; later splits inherit these."""
+        earlier keep their own rules; later splits inherit these. Online timing's decisions
+        (comms.online) are kept: a rule naming the same alternatives again reuses them."""
         self._check_open()
         now = rules if rules is not None else self._algo
         self._selector = self._selector.with_user(now)      # parses first: bad rules change nothing
@@ -160,13 +169,41 @@ class Communicator:
         enc = self._plans.get(key)
         if enc is None:
             name = args.coll
-            enc = Encoded(self._selector.plan(args, nbytes), name, MSG_COLL, COLL_IDS[name], dtype,
-                          int(op) if op is not None else 0, args.root, count)
-            self._remember(key, enc)
+
+            def encode(plan: Plan) -> Encoded:
+                return Encoded(plan, name, MSG_COLL, COLL_IDS[name], dtype, int(op) if op is not None else 0,
+                               args.root, count)
+
+            def alternative(algo: str) -> Encoded | None:
+                try:
+                    return encode(build(args, algo))
+                except NotSupported:
+                    return None
+
+            alts = self._selector.contest(name, nbytes)
+            enc, self._timing = self._contests.pick(key, alts, nbytes, alternative) if alts else (None, None)
+            if enc is None:
+                enc = encode(self._selector.plan(args, nbytes))
+            if self._timing is None:
+                self._remember(key, enc)
             if len(self._ran) >= PLAN_CACHE:
                 self._ran.pop(next(iter(self._ran)))
             self._ran[(name, nbytes)] = enc.plan.algorithm
         return enc
+
+    def _agree_max(self, values: np.ndarray) -> None:
+        """MAX all_reduce of ``values`` (float64), in place, planned by the rules' first choice
+        (never timed online: comms.online calls it to agree on its figures)."""
+        ptr, count, dtype = _fast(values, "all_reduce", True)
+        key = ("online-agree", count)
+        enc = self._plans.get(key)
+        if enc is None:
+            args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], inplace=True,
+                        hosts=self._hosts(), deterministic=self._deterministic)
+            enc = Encoded(self._selector.plan(args, values.nbytes), "all_reduce", MSG_COLL, COLL_IDS["all_reduce"],
+                          dtype, int(ReduceOp.MAX), 0, count)
+            self._remember(key, enc)
+        self._run(enc, ptr, ptr, [values], False)
 
     def _remember(self, key: tuple, enc: Encoded) -> None:
         """Cache a plan; the oldest goes once PLAN_CACHE plans are held (uneven all_to_all splits
@@ -193,6 +230,13 @@ class Communicator:
         replaces the communicator's deadline for this operation."""
         if self._broken is not None or self._closed:
             self._check_open()
+        if self._timing is not None:                 # a call of an online trial (comms.online)
+            record, self._timing = self._timing, None
+            if not async_op:
+                t0 = time.perf_counter()
+                out = self._run(enc, p_in, p_out, keep, False, result, timeout)
+                record(time.perf_counter() - t0)
+                return out
         scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
         deadline = time.monotonic_ns() + (self._timeout_ns if timeout is None else int(timeout * 1e9))
         if not async_op:

@@ -6,6 +6,11 @@ optional K/M/G suffixes (binary); ``inf`` is unbounded; a rule covers low <= byt
 
     all_reduce:0-64K:direct#all_reduce:64K-inf:ring
 
+The algorithm may be a list of alternatives, ``direct|rhd``: the communicator times them on the
+first calls of each size and keeps the fastest (comms.online); until then, and with online timing
+off, the first is the choice. The calibrated defaults write such rules where the timed figures
+were too close to call.
+
 User rules are consulted first, then the defaults (written in the same grammar: the cost model of
 comms.tuning prices every algorithm for this communicator's topology and writes the cheapest per
 size range as rules), then every registered algorithm of the collective. An algorithm that
@@ -51,11 +56,12 @@ class Rule(NamedTuple):
     coll: str
     low: int
     high: float
-    algorithm: str
+    algorithm: str                 # the first choice
+    alternatives: tuple = ()       # every alternative, the first included, where the rule names several
 
     def __str__(self) -> str:
         high = "inf" if self.high == float("inf") else str(int(self.high))
-        return f"{self.coll}:{self.low}-{high}:{self.algorithm}"
+        return f"{self.coll}:{self.low}-{high}:{'|'.join(self.alternatives) or self.algorithm}"
 
 
 def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
@@ -78,10 +84,14 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
             raise InvalidUsage(f"{source}: rule {item!r} must be collective:low-high:algorithm")
         if coll not in algorithms.REGISTRY:
             raise InvalidUsage(f"{source}: unknown collective {coll!r} (known: {', '.join(algorithms.REGISTRY)})")
-        if algo not in algorithms.REGISTRY[coll]:
-            raise InvalidUsage(f"{source}: no algorithm {algo!r} for {coll} "
-                               f"(known: {', '.join(algorithms.REGISTRY[coll])})")
-        rules.append(Rule(coll, low, high, algo))
+        names = [a.strip() for a in algo.split("|")]
+        for a in names:
+            if a not in algorithms.REGISTRY[coll]:
+                raise InvalidUsage(f"{source}: no algorithm {a!r} for {coll} in {item!r} "
+                                   f"(known: {', '.join(algorithms.REGISTRY[coll])})")
+        if len(set(names)) != len(names):
+            raise InvalidUsage(f"{source}: {item!r} names an algorithm twice")
+        rules.append(Rule(coll, low, high, names[0], tuple(names) if len(names) > 1 else ()))
     return rules
 
 
@@ -103,11 +113,19 @@ class Selector:
         sel.user, sel.default = _user_rules(override), self.default
         return sel
 
+    def contest(self, coll: str, nbytes: int) -> tuple:
+        """The alternatives of the first rule that covers ``coll`` at ``nbytes`` (empty when that
+        rule names one algorithm, or none covers it): what comms.online times."""
+        for rule in self.user + self.default:
+            if rule.coll == coll and rule.low <= nbytes < rule.high:
+                return rule.alternatives
+        return ()
+
     def candidates(self, coll: str, nbytes: int) -> list[str]:
         out = []
         for rule in self.user + self.default:
-            if rule.coll == coll and rule.low <= nbytes < rule.high and rule.algorithm not in out:
-                out.append(rule.algorithm)
+            if rule.coll == coll and rule.low <= nbytes < rule.high:
+                out += [a for a in rule.alternatives or (rule.algorithm,) if a not in out]
         for name in algorithms.names(coll):
             if name not in out:
                 out.append(name)

@@ -1,0 +1,157 @@
+"""Online timing: where a selection rule names alternatives, the application's own calls choose.
+
+A rule of the selector's grammar may name several algorithms, ``all_reduce:16K-64K:direct|rhd``.
+The calibrated defaults write such rules where the timed figures of one launch could not tell the
+algorithms apart (comms.tuning, :data:`comms.tuning.CONTEST`): the machine's state differs from one
+launch to the next by more than that, so the launch that runs the job decides, on its own calls.
+Users may write such rules too (``COMMS_ALGO``, ``set_algo``).
+
+Contract, per plan key (collective, count, dtype, op, root, ...) whose first matching rule names
+two or more alternatives that build a plan (one that declines the case drops out):
+
+* Schedule. The key's first ``rounds x alternatives x turn`` calls run the alternatives in turns
+  of ``turn`` calls (:func:`turn_calls`: more calls per turn for small messages, one from 512 KiB),
+  every alternative once per round, the order reversed every other round so that a drift of the
+  machine hits each alike. The calls count whether synchronous or not, so every rank runs the same
+  alternative at the same call (the ranks' calls are matched in order anyway). Every call computes
+  the user's result; only the algorithm differs.
+* Timing. A synchronous call is timed from entry to return; an asynchronous one is counted but
+  not timed (its completion overlaps other work).
+* Decision, at the key's next call: every rank contributes its mean time per round and
+  alternative (``inf`` where it timed none), and one MAX all_reduce gives every rank the same
+  figures, the slowest rank's (a collective ends when its slowest rank does). Over the rounds in
+  which every alternative has a figure, each alternative's ratio to the first is the median of its
+  per-round ratios; the lowest ratio wins if below ``1 - SWITCH``, else the first alternative
+  (the rule's own pick) stays. The same figures on every rank give the same algorithm on every
+  rank, kept for the communicator's life (``set_algo`` does not reset it).
+* ``COMMS_ONLINE_ROUNDS=0`` turns this off: the first alternative runs. Under
+  ``COMMS_DETERMINISTIC=1`` the switch does not change any result; otherwise, as with any
+  change of algorithm, the last bits of a floating-point reduction may differ between the calls
+  before the decision and those after (never between ranks).
+"""
+from __future__ import annotations
+
+import statistics
+from functools import partial
+from typing import Callable
+
+import numpy as np
+
+from . import log as clog
+
+log = clog.get("ALGO")
+
+SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it
+TURN_BYTES = 512 << 10   # a turn moves about this many bytes...
+TURN_MAX = 16            # ...in at most this many calls (at least one)
+
+
+def turn_calls(nbytes: int) -> int:
+    """Calls per turn for messages of ``nbytes``: enough that a turn of small messages is not one
+    scheduler tick's worth of luck, one call from TURN_BYTES up."""
+    return max(1, min(TURN_MAX, TURN_BYTES // max(1, nbytes)))
+
+
+class Trial:
+    """One key's schedule and this rank's timings (sans-I/O: the communicator runs the calls)."""
+
+    def __init__(self, alts: list[str], nbytes: int, rounds: int):
+        self.alts, self.rounds = list(alts), rounds
+        self.turn = turn_calls(nbytes)
+        self.calls = 0                                  # calls of the schedule started so far
+        self.total = rounds * len(self.alts) * self.turn
+        self._sum = np.zeros((rounds, len(self.alts)))
+        self._n = np.zeros((rounds, len(self.alts)), np.int64)
+
+    @property
+    def done(self) -> bool:
+        """Every call of the schedule has started: the next call decides."""
+        return self.calls >= self.total
+
+    def slot(self, call: int) -> tuple[int, int]:
+        """(round, alternative index) of the schedule's call number ``call``."""
+        per_round = len(self.alts) * self.turn
+        rnd, within = divmod(call, per_round)
+        order = range(len(self.alts)) if rnd % 2 == 0 else range(len(self.alts) - 1, -1, -1)
+        return rnd, list(order)[within // self.turn]
+
+    def start(self) -> tuple[int, int]:
+        """The slot of the next call, counted now."""
+        s = self.slot(self.calls)
+        self.calls += 1
+        return s
+
+    def record(self, slot: tuple[int, int], seconds: float) -> None:
+        self._sum[slot] += seconds
+        self._n[slot] += 1
+
+    def figures(self) -> np.ndarray:
+        """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
+        out = np.full(self._sum.shape, np.inf)
+        np.divide(self._sum, self._n, out=out, where=self._n > 0)
+        return out
+
+
+def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
+    """The winner's index from the agreed figures (rounds x alternatives, the slowest rank's), and
+    every alternative's median ratio to the first over the rounds where all have a figure
+    (an empty dict, and the first alternative, when no round does)."""
+    full = [row for row in agreed if np.all(np.isfinite(row)) and row[0] > 0]
+    if not full:
+        return 0, {}
+    ratios = {a: statistics.median(float(row[i] / row[0]) for row in full) for i, a in enumerate(alts)}
+    best = min(range(len(alts)), key=lambda i: (ratios[alts[i]], i))
+    return (best if ratios[alts[best]] < 1 - SWITCH else 0), ratios
+
+
+class Contests:
+    """A communicator's online timings: the trials in progress and the decisions, per (plan key,
+    alternatives). ``agree`` is the communicator's MAX all_reduce of a float64 array, in place,
+    which every rank calls at the same point."""
+
+    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None]):
+        self.rounds = rounds
+        self._agree = agree
+        self._trials: dict[tuple, tuple[Trial, list]] = {}
+        self.decided: dict[tuple, tuple] = {}           # (key, alts) -> (encoded plan, ratios)
+
+    def pick(self, key: tuple, alts: tuple, nbytes: int, build: Callable[[str], object]):
+        """The encoded plan this call runs for ``key`` under a rule naming ``alts``, and the function
+        that takes its time in seconds (None: nothing to time); ``build(name)`` encodes an
+        alternative's plan, None when it declines. Returns (None, None) when fewer than two
+        alternatives build (the caller plans as without alternatives)."""
+        cid = (key, alts)
+        got = self.decided.get(cid)
+        if got is not None:
+            return got[0], None
+        entry = self._trials.get(cid)
+        if entry is None:
+            names, encs = [], []
+            for a in alts:
+                enc = build(a)
+                if enc is not None:
+                    names.append(a)
+                    encs.append(enc)
+            if len(names) < 2 or self.rounds < 1:
+                return None, None
+            entry = self._trials[cid] = (Trial(names, nbytes, self.rounds), encs)
+        trial, encs = entry
+        if not trial.done:
+            slot = trial.start()
+            return encs[slot[1]], partial(trial.record, slot)
+        agreed = trial.figures().ravel().copy()
+        self._agree(agreed)
+        win, ratios = decide(trial.alts, agreed.reshape(trial.figures().shape))
+        del self._trials[cid]
+        self.decided[cid] = (encs[win], ratios)
+        log.info("comms: %s of %d B: timed %s over %d rounds (time / %s's: %s) -> %s", key[0], nbytes,
+                 "|".join(trial.alts), trial.rounds, trial.alts[0],
+                 ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
+        return encs[win], None
+
+    def choices(self) -> list[dict]:
+        """The decisions so far: key, alternatives, chosen algorithm, ratios to the first."""
+        return [{"key": key, "alternatives": list(alts), "chosen": enc.plan.algorithm,
+                 "ratios": {a: round(r, 4) for a, r in ratios.items()}}
+                for (key, alts), (enc, ratios) in self.decided.items()]
+

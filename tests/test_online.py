@@ -1,0 +1,125 @@
+"""Online timing (comms.online): rules that name alternatives, the schedule, the agreed decision,
+and the calibrated defaults that write such rules."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from comms import InvalidUsage, algorithms
+from comms.online import SWITCH, Trial, decide, turn_calls
+from comms.selector import Selector, parse
+from comms.testing import spawn
+from comms.timed import PROBES, layout
+from comms.tuning import Link, Params, cost, default_rules
+
+ENV = {"COMMS_CALIBRATE": "0", "COMMS_ONLINE_ROUNDS": "2"}
+
+
+def test_rules_name_alternatives_in_the_grammar():
+    (rule,) = parse("all_reduce:16K-64K:direct|rhd")
+    assert (rule.algorithm, rule.alternatives) == ("direct", ("direct", "rhd"))
+    assert str(rule) == "all_reduce:16384-65536:direct|rhd"
+    assert parse(str(rule)) == [rule]
+    sel = Selector("all_reduce:16K-64K:direct|rhd", "all_reduce:ring")
+    assert sel.contest("all_reduce", 32 << 10) == ("direct", "rhd")
+    assert sel.contest("all_reduce", 8) == ()                  # the default rule names one
+    assert sel.candidates("all_reduce", 32 << 10)[:3] == ["direct", "rhd", "ring"]
+    assert Selector("all_reduce:ring#all_reduce:direct|rhd", "").contest("all_reduce", 8) == ()
+    with pytest.raises(InvalidUsage, match="no algorithm 'nope'"):
+        parse("all_reduce:direct|nope")
+    with pytest.raises(InvalidUsage, match="twice"):
+        parse("all_reduce:direct|direct")
+
+
+def test_the_schedule_runs_every_alternative_each_round_in_turns_reversed_every_other_round():
+    t = Trial(["a", "b", "c"], 256 << 10, rounds=3)
+    assert t.turn == turn_calls(256 << 10) == 2 and t.total == 18
+    slots = [t.start() for _ in range(t.total)]
+    assert t.done
+    assert [s[1] for s in slots] == [0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 0, 0, 0, 0, 1, 1, 2, 2]
+    assert [s[0] for s in slots] == [0] * 6 + [1] * 6 + [2] * 6
+    assert turn_calls(8) == 16 and turn_calls(64 << 20) == 1
+    t.record((0, 1), 2.0)
+    t.record((0, 1), 4.0)
+    f = t.figures()
+    assert f[0, 1] == 3.0 and np.isinf(f[0, 0]) and np.isinf(f[2, 2])
+
+
+def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly_faster():
+    alts = ["a", "b"]
+    # b is faster in the median round; one round where b stalled does not change that
+    agreed = np.array([[10.0, 7.0], [12.0, 9.0], [10.0, 50.0], [11.0, 8.0]])
+    win, ratios = decide(alts, agreed)
+    assert win == 1 and ratios["a"] == 1.0 and ratios["b"] < 0.8
+    # within SWITCH: the rule's own pick stays
+    close = np.array([[10.0, 10.0 * (1 - SWITCH / 2)]] * 3)
+    assert decide(alts, close)[0] == 0
+    # rounds where an alternative has no figure (inf: a rank timed none) do not count
+    assert decide(alts, np.array([[10.0, math.inf], [10.0, 20.0]])) == (0, {"a": 1.0, "b": 2.0})
+    assert decide(alts, np.full((2, 2), math.inf)) == (0, {})
+
+
+@pytest.mark.parametrize("slow,fast", [("ring", "direct"), ("direct", "ring")])
+def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast):
+    """2 ranks, all_reduce:ring|direct, one algorithm held 2 ms per call: the first 32 calls follow
+    the schedule (2 rounds, turns of 8), every sum is right, and from the 33rd every rank runs the
+    faster; forcing an algorithm and going back keeps the decision."""
+    from workers import online_timed
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 40), env=ENV)
+    assert out[0] == out[1], "ranks disagree"
+    o = out[0]
+    assert all(o["right"])
+    assert o["ran"][:32] == ["ring"] * 8 + ["direct"] * 16 + ["ring"] * 8
+    assert o["ran"][32:] == [fast] * 8
+    assert o["forced"] == "ring" and o["after"] == [fast, True]
+    assert o["choices"] == [{"alternatives": ["ring", "direct"], "chosen": fast, "timed": ["direct", "ring"]}]
+
+
+def test_asynchronous_calls_follow_the_schedule_untimed_and_keep_the_first():
+    from workers import online_timed
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 36, True), env=ENV)
+    assert out[0] == out[1], "ranks disagree"
+    o = out[0]
+    assert all(o["right"])
+    assert o["ran"][:32] == ["direct"] * 8 + ["ring"] * 16 + ["direct"] * 8 and o["ran"][32:] == ["direct"] * 4
+    assert o["choices"] == [{"alternatives": ["direct", "ring"], "chosen": "direct", "timed": []}]
+
+
+def test_online_rounds_zero_runs_the_first_alternative():
+    from workers import online_timed
+    env = dict(ENV, COMMS_ONLINE_ROUNDS="0")
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 8), env=env)
+    assert out[0]["ran"] == ["direct"] * 8 and out[0]["choices"] == []
+
+
+def _measured(n: int, hosts: tuple, p: Params, times: dict) -> dict:
+    """A timed table whose every algorithm measured ``times[a]`` x its modelled cost."""
+    names = list(algorithms.REGISTRY["all_reduce"])
+    row = lambda a: [cost("all_reduce", a, s, n, hosts, p, False) * times.get(a, 1.0) for s in PROBES]  # noqa: E731
+    return {"layout": layout(n, hosts), "all_reduce": {a: row(a) for a in names}}
+
+
+def test_calibrated_defaults_leave_close_calls_to_online_timing():
+    """Where the timed figures of two algorithms lie within CONTEST of each other the rule names
+    both (the cheaper first); far apart, one."""
+    hosts = ((0, 1, 2, 3),)
+    base = Params(Link(2.0, 6.0), Link(40.0, 1.5), 8.0)
+    names = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
+
+    def rule_at(times: dict, m: int) -> str:
+        p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, times))
+        return next(r.split(":")[2] for r in default_rules(names, 4, hosts, p, False).split("#")
+                    if int(r.split(":")[1].split("-")[0]) <= m < float(r.split(":")[1].split("-")[1]))
+    m = 16 << 20
+    plain = rule_at({}, m)
+    assert "|" not in plain or len(plain.split("|")) <= 3
+    first = plain.split("|")[0]
+    # every other algorithm 3x its model: the pick stands alone
+    assert rule_at({a: 3.0 for a in names["all_reduce"] if a != first}, m) == first
+    # one other algorithm measured 5 % behind the pick: both are named, the pick first
+    other = next(a for a in names["all_reduce"] if a != first and cost("all_reduce", a, m, 4, hosts, base, False) < math.inf)
+    ratio = 1.05 * cost("all_reduce", first, m, 4, hosts, base, False) / cost("all_reduce", other, m, 4, hosts, base, False)
+    times = {a: 3.0 for a in names["all_reduce"] if a not in (first, other)} | {other: ratio}
+    assert rule_at(times, m) == f"{first}|{other}"

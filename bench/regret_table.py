@@ -3,13 +3,16 @@
 Contract, per row (one per op and size): every algorithm's time (us), ``auto`` (the default run's time), ``choice`` (the
 algorithm the default run used), ``best`` (the fastest forced algorithm),
 ``regret`` = t_forced[choice] / t_best - 1 (choice regret: both figures come from forced runs,
-so two runs of one algorithm do not add noise) and ``auto_regret`` = t_auto / t_best - 1.
+so two runs of one algorithm do not add noise; where launches chose differently, which online
+timing may do, ``choice`` lists them, ``a/b``, and each launch's choice is paired with that
+launch's forced runs, or, unpaired, the slowest of them counts) and ``auto_regret`` = t_auto / t_best - 1.
 In the paired (default) design they are paired by round (``--pairing round``, the default, with
 ``--stat mean``): every round of every launch gives the ratio of the two variants' means in that
 round (the slowest rank's, ``round_mean_us`` from the worker), the median over all rounds is the
 pair's ratio, and ``regret`` is the largest such ratio of the choice against any forced algorithm
-that ran, minus 1 (``vs`` names it; at least 0, and at least the ratio against ``best``, the
-algorithm with the lowest median). The reason: this VM moves between machine states that last
+that ran, minus 1 (``vs`` names it; at least the ratio against ``best``, the algorithm with the
+lowest median, and at least 0 where every launch chose alike; launches that chose differently,
+each the faster in its own launch, can beat every algorithm forced throughout: below 0). The reason: this VM moves between machine states that last
 seconds (the same 8 MiB all_reduce on 2 ranks takes 0.7 ms, then 7 ms for 2 to 5 s, both ranks
 at 100 % on cores of their own, no sleeps, no steal), so a launch's mean can pool one variant's
 slow spell against another's fast one; two turns of one round sit within a fraction of a second.
@@ -61,27 +64,35 @@ def split_paired(op: str, launches: list[report.Launch]) -> dict[str, list[repor
     return out
 
 
-def _paired_ratio(per: dict, a: str, b: str, nbytes: int, stat: str, algo_a: str | None, algo_b: str) -> float | None:
-    """Median over launches of launch-wise t[a] / t[b] at ``nbytes``; a's row must have run
-    ``algo_a`` (None: any) and b's ``algo_b`` (a forced algorithm that declined does not count)."""
-    ratios = []
-    for da, db in zip(per.get(a, []), per.get(b, [])):
-        ra, rb = da.get(nbytes), db.get(nbytes)
+def _pairs(per: dict, a: list[tuple[str, str | None]], b: str, nbytes: int, algo_b: str):
+    """The (a row, b row) of every launch that ran both at ``nbytes``: ``a`` gives per launch the
+    variant label and the algorithm its row must have run (None: any; so each launch may pair a
+    different algorithm with b: the one the default chose in that launch), b's row must have run
+    ``algo_b`` (a forced algorithm that declined does not count)."""
+    out = []
+    for i, (label, algo_a) in enumerate(a):
+        da, db = per.get(label, []), per.get(b, [])
+        ra = da[i].get(nbytes) if i < len(da) else None
+        rb = db[i].get(nbytes) if i < len(db) else None
         if ra and rb and (algo_a is None or ra["algorithm"] == algo_a) and rb["algorithm"] == algo_b:
-            ratios.append(figure(ra, stat) / figure(rb, stat))
+            out.append((ra, rb))
+    return out
+
+
+def _paired_ratio(per: dict, a: list[tuple[str, str | None]], b: str, nbytes: int, stat: str,
+                  algo_b: str) -> float | None:
+    """Median over launches of launch-wise t[a] / t[b] at ``nbytes`` (see :func:`_pairs`)."""
+    ratios = [figure(ra, stat) / figure(rb, stat) for ra, rb in _pairs(per, a, b, nbytes, algo_b)]
     return statistics.median(ratios) if ratios else None
 
 
-def _round_ratio(per: dict, a: str, b: str, nbytes: int, algo_a: str | None, algo_b: str) -> float | None:
+def _round_ratio(per: dict, a: list[tuple[str, str | None]], b: str, nbytes: int, algo_b: str) -> float | None:
     """Median, over every round of every launch, of that round's t[a] / t[b] at ``nbytes`` (the
-    slowest rank's mean per op in the round, ``round_mean_us``); a's row must have run ``algo_a``
-    (None: any) and b's ``algo_b``. None when a launch's rows lack round figures (so the caller
-    falls back to launch-wise pairing) or no launch ran both."""
+    slowest rank's mean per op in the round, ``round_mean_us``; launches as :func:`_pairs`). None
+    when a launch's rows lack round figures (so the caller falls back to launch-wise pairing) or
+    no launch ran both."""
     ratios = []
-    for da, db in zip(per.get(a, []), per.get(b, [])):
-        ra, rb = da.get(nbytes), db.get(nbytes)
-        if not (ra and rb and (algo_a is None or ra["algorithm"] == algo_a) and rb["algorithm"] == algo_b):
-            continue
+    for ra, rb in _pairs(per, a, b, nbytes, algo_b):
         xa, xb = ra.get("round_mean_us"), rb.get("round_mean_us")
         if not xa or not xb or len(xa) != len(xb):
             return None
@@ -89,14 +100,14 @@ def _round_ratio(per: dict, a: str, b: str, nbytes: int, algo_a: str | None, alg
     return statistics.median(ratios) if ratios else None
 
 
-def round_regret(per: dict, op: str, variant_label: str, algo: str | None, timed: dict, nbytes: int):
-    """Round-paired regret of one series against every forced algorithm that ran: the largest
-    ``_round_ratio(series, forced) - 1`` over them, with the algorithm it is measured against, or
-    (None, None) without round figures. Comparing against every algorithm, not only the one with
-    the lowest median, can only raise the figure."""
+def round_regret(per: dict, op: str, a: list[tuple[str, str | None]], timed: dict, nbytes: int):
+    """Round-paired regret of a series (per launch: label and algorithm, as :func:`_pairs`) against
+    every forced algorithm that ran: the largest ``_round_ratio(a, forced) - 1`` over them, with
+    the algorithm it is measured against, or (None, None) without round figures. Comparing against
+    every algorithm, not only the one with the lowest median, can only raise the figure."""
     worst, against = None, None
     for b in timed:
-        r = _round_ratio(per, variant_label, label_of(op, b), nbytes, algo, b)
+        r = _round_ratio(per, a, label_of(op, b), nbytes, b)
         if r is None:
             return None, None
         if worst is None or r - 1 > worst:
@@ -159,23 +170,27 @@ def analyse(op: str, algos: list[str], layouts, launches: dict[str, list[report.
         auto = [d[lay.nbytes] for d in per.get("comms", []) if lay.nbytes in d]
         wrong += sum(g["wrong"] for g in auto)
         t_auto = statistics.median(figure(g, stat) for g in auto) if auto else None
-        chosen = sorted({g["algorithm"] for g in auto})
+        # per launch, the algorithm the default ran (launches may differ: online timing decides
+        # in each launch); a launch's choice is scored against the forced runs of that launch
+        chose = [(label_of(op, d[lay.nbytes]["algorithm"]), d[lay.nbytes]["algorithm"]) if lay.nbytes in d
+                 else ("", None) for d in per.get("comms", [])]
+        chosen = sorted({a for _, a in chose if a})
         choice = "/".join(chosen) if chosen else None
         timed = {a: v for a, v in t.items() if v is not None}
         best = min(timed, key=timed.get) if timed else None
-        reg = timed[choice] / timed[best] - 1 if best and choice in timed else None
+        reg = max(timed[c] for c in chosen) / timed[best] - 1 if best and chosen and set(chosen) <= set(timed) else None
         areg = t_auto / timed[best] - 1 if best and t_auto is not None else None
         if paired and best and reg is not None:
-            r = _paired_ratio(per, label_of(op, choice), label_of(op, best), lay.nbytes, stat, choice, best)
+            r = _paired_ratio(per, chose, label_of(op, best), lay.nbytes, stat, best)
             reg = None if r is None else r - 1
         if paired and best and areg is not None:
-            r = _paired_ratio(per, "comms", label_of(op, best), lay.nbytes, stat, None, best)
+            r = _paired_ratio(per, [("comms", None)] * len(chose), label_of(op, best), lay.nbytes, stat, best)
             areg = None if r is None else r - 1
         launch_reg, launch_areg, vs, avs, by = reg, areg, None, None, "launch" if paired else "median"
         if paired and pairing == "round" and stat == "mean" and best:
-            rreg, vs = round_regret(per, op, label_of(op, choice), choice, timed, lay.nbytes) \
-                if reg is not None else (None, None)
-            rareg, avs = round_regret(per, op, "comms", None, timed, lay.nbytes) if areg is not None else (None, None)
+            rreg, vs = round_regret(per, op, chose, timed, lay.nbytes) if reg is not None else (None, None)
+            rareg, avs = round_regret(per, op, [("comms", None)] * len(chose), timed, lay.nbytes) \
+                if areg is not None else (None, None)
             if (reg is None or rreg is not None) and (areg is None or rareg is not None):
                 reg, areg, by = rreg, rareg, "round"
         split = split_regret(op, algos, per, lay.nbytes, stat, paired)

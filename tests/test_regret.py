@@ -168,13 +168,38 @@ def test_round_paired_regret_pairs_each_round_and_takes_the_worst_algorithm():
     assert r["launch_regret"] == pytest.approx(statistics.median([17.5 / 10, 10 / 10]) - 1) and r["launch_regret"] > 0.1
     assert r["round_us"]["b"] == [[10.0] * 4] * 2 and r["auto_round_us"][0] == [10.0, 10, 10, 40]
     per = {k: [regret_table._rows_of(ln) for ln in v] for k, v in regret_table.split_paired("all_reduce", [launch(0, slow)]).items()}
-    assert regret_table._round_ratio(per, regret_table.label_of("all_reduce", "a"), regret_table.label_of("all_reduce", "b"), 64, "a",
-                               "b") == pytest.approx(1.0)
+    assert regret_table._round_ratio(per, [(regret_table.label_of("all_reduce", "a"), "a")],
+                                     regret_table.label_of("all_reduce", "b"), 64, "b") == pytest.approx(1.0)
     bare = row([launch(0, slow, False), launch(1, calm, False)])
     assert bare["paired_by"] == "launch" and bare["regret"] == bare["launch_regret"] and bare["vs"] is None
     told = row([launch(0, slow), launch(1, calm)], pairing="launch")
     assert told["paired_by"] == "launch" and told["regret"] == pytest.approx(r["launch_regret"])
     assert regret.parse_args([]).pairing == "round" and regret.parse_args(["--pairing", "launch"]).pairing == "launch"
+
+
+def test_launches_that_chose_differently_are_each_scored_against_their_own_forced_runs():
+    """Online timing may choose differently per launch: ``choice`` lists both, and each launch's
+    choice is paired round by round with that launch's forced runs. Launches that each chose their
+    own faster algorithm beat every algorithm forced throughout (a negative regret: 10/13 in half of
+    the rounds against either); launches that each chose their slower one lose 30 % in half."""
+    from bench import ops, regret_table
+
+    def launch(i, auto_ran, times):
+        results = [{"na": False, "variant": v, "rows": [{
+            "nbytes": 64, "time_us": 0.0, "rank_mean_us": [x] * 2, "wrong": 0, "round_mean_us": [x] * 4,
+            "algorithm": auto_ran if v == "auto" else v}]} for v, x in times.items()]
+        return report.Launch("comms", i, 1.0, doc={"results": results})
+    lay = ops.plan(ops.OPS["all_reduce"], [64], 2, 4)
+
+    def row(*lns):
+        series = regret_table.split_paired("all_reduce", list(lns))
+        return regret_table.analyse("all_reduce", ["a", "b"], lay, series, 0.1, paired=True)[0]
+    right = row(launch(0, "a", {"auto": 10.0, "a": 10.0, "b": 13.0}), launch(1, "b", {"auto": 10.0, "a": 13.0, "b": 10.0}))
+    assert right["choice"] == "a/b" and right["paired_by"] == "round"
+    assert right["regret"] == pytest.approx((1 + 10 / 13) / 2 - 1) and not right["over"]
+    wrong = row(launch(0, "b", {"auto": 13.0, "a": 10.0, "b": 13.0}), launch(1, "a", {"auto": 13.0, "a": 13.0, "b": 10.0}))
+    assert wrong["regret"] == pytest.approx(0.15) and wrong["over"]
+    assert wrong["launch_regret"] == pytest.approx(0.15)
 
 
 def test_split_regret_is_the_benchs_own_noise():

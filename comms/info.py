@@ -29,6 +29,8 @@ def _size(n: int) -> str:
 def gather(comm) -> dict:
     sel = comm._selector if comm is not None else Selector()
     table = {coll: {_size(n): sel.candidates(coll, n)[0] for n in SIZES} for coll in algorithms.REGISTRY}
+    contested = {coll: {_size(n): list(sel.contest(coll, n)) for n in SIZES if sel.contest(coll, n)}
+                 for coll in algorithms.REGISTRY}
     return {
         "topology": comm.topology.as_dict() if comm is not None else None,
         "transports": {str(k): v for k, v in comm.transports.items()} if comm is not None else {},
@@ -38,6 +40,7 @@ def gather(comm) -> dict:
         "oversubscription": comm.oversubscription() if comm is not None else 1.0,
         "algorithms": {c: {n: a.doc for n, a in algos.items()} for c, algos in algorithms.REGISTRY.items()},
         "selection": table,
+        "alternatives": {c: alts for c, alts in contested.items() if alts},   # timed online (comms.online)
     }
 
 
@@ -80,8 +83,13 @@ def render(info: dict, comm) -> str:
     out.append("\n# selection by message size")
     header = f"{'collective':<16}" + "".join(f"{s:>10}" for s in info["selection"]["all_reduce"])
     out.append(header)
+    alts = info.get("alternatives", {})
     for coll, row in info["selection"].items():
-        out.append(f"{coll:<16}" + "".join(f"{a:>10}" for a in row.values()))
+        out.append(f"{coll:<16}" + "".join(f"{a + ('*' if n in alts.get(coll, {}) else ''):>10}"
+                                           for n, a in row.items()))
+    if alts:
+        out.append("* the rule names alternatives: the first calls of each size time them and keep the fastest "
+                   "(COMMS_ONLINE_ROUNDS)")
     return "\n".join(out)
 
 

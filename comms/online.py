@@ -10,13 +10,13 @@ Contract, per plan key (collective, count, dtype, op, root, ...) whose first mat
 two or more alternatives that build a plan (one that declines the case drops out):
 
 * Schedule. The key's first ``rounds x alternatives x turn`` calls run the alternatives in turns
-  of ``turn`` calls (:func:`turn_calls`: more calls per turn for small messages, one from 512 KiB),
+  of ``turn`` calls (:func:`turn_calls`: up to 64 calls per turn for small messages, one from 4 MiB),
   every alternative once per round, the order reversed every other round so that a drift of the
   machine hits each alike. The calls count whether synchronous or not, so every rank runs the same
   alternative at the same call (the ranks' calls are matched in order anyway). Every call computes
   the user's result; only the algorithm differs.
-* Timing. A synchronous call is timed from entry to return; an asynchronous one is counted but
-  not timed (its completion overlaps other work).
+* Timing. A synchronous call is timed from entry to return, but for a turn's first call; an
+  asynchronous one is counted but not timed (its completion overlaps other work).
 * Decision, at the key's next call: every rank contributes its mean time per round and
   alternative (``inf`` where it timed none), and one MAX all_reduce gives every rank the same
   figures, the slowest rank's (a collective ends when its slowest rank does). Over the rounds in
@@ -42,14 +42,20 @@ from . import log as clog
 log = clog.get("ALGO")
 
 SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it
-TURN_BYTES = 512 << 10   # a turn moves about this many bytes...
-TURN_MAX = 16            # ...in at most this many calls (at least one)
+TURN_BYTES = 4 << 20     # a turn moves about this many bytes...
+TURN_MAX = 64            # ...in at most this many calls (at least one); its first call is not timed
 
 
 def turn_calls(nbytes: int) -> int:
-    """Calls per turn for messages of ``nbytes``: enough that a turn of small messages is not one
-    scheduler tick's worth of luck, one call from TURN_BYTES up."""
+    """Calls per turn for messages of ``nbytes``: enough that a turn of small messages lasts a few
+    scheduler ticks (on 4 ranks sharing 2 cores, turns of 16 calls of 32 KiB, under 1 ms, ranked
+    direct ahead of recursive doubling in launches whose 30 ms turns of the bench ranked them the
+    other way), one call from TURN_BYTES up."""
     return max(1, min(TURN_MAX, TURN_BYTES // max(1, nbytes)))
+
+
+def _untimed(seconds: float) -> None:
+    """A call of the schedule that is not timed (a turn's first)."""
 
 
 class Trial:
@@ -75,11 +81,13 @@ class Trial:
         order = range(len(self.alts)) if rnd % 2 == 0 else range(len(self.alts) - 1, -1, -1)
         return rnd, list(order)[within // self.turn]
 
-    def start(self) -> tuple[int, int]:
-        """The slot of the next call, counted now."""
+    def start(self) -> tuple[tuple[int, int], bool]:
+        """The slot of the next call, counted now, and whether to time it: not a turn's first call
+        (where a turn has more than one), which runs after the switch from another algorithm."""
         s = self.slot(self.calls)
+        first = self.calls % self.turn == 0
         self.calls += 1
-        return s
+        return s, not first or self.turn == 1
 
     def record(self, slot: tuple[int, int], seconds: float) -> None:
         self._sum[slot] += seconds
@@ -117,7 +125,8 @@ class Contests:
 
     def pick(self, key: tuple, alts: tuple, nbytes: int, build: Callable[[str], object]):
         """The encoded plan this call runs for ``key`` under a rule naming ``alts``, and the function
-        that takes its time in seconds (None: nothing to time); ``build(name)`` encodes an
+        that takes its time in seconds (None once decided: the plan may be cached; a call of the
+        schedule always gets one, which may ignore the time); ``build(name)`` encodes an
         alternative's plan, None when it declines. Returns (None, None) when fewer than two
         alternatives build (the caller plans as without alternatives)."""
         cid = (key, alts)
@@ -136,9 +145,9 @@ class Contests:
                 return None, None
             entry = self._trials[cid] = (Trial(names, nbytes, self.rounds), encs)
         trial, encs = entry
-        if not trial.done:
-            slot = trial.start()
-            return encs[slot[1]], partial(trial.record, slot)
+        if not trial.done:               # (a call of the schedule left untimed is not cached either)
+            slot, timed = trial.start()
+            return encs[slot[1]], (partial(trial.record, slot) if timed else _untimed)
         agreed = trial.figures().ravel().copy()
         self._agree(agreed)
         win, ratios = decide(trial.alts, agreed.reshape(trial.figures().shape))

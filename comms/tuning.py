@@ -27,7 +27,10 @@ TIE = 0.08                     # timed prices this close to the cheapest count a
 TIE_SHARED = 0.20              # ...and this close where a host has more ranks than cores...
 LATENCY_SHARE = 0.5            # ...at sizes where the model puts this share of the cost in step latencies
 CONTEST = 0.10                 # timed prices this close to the cheapest are left to online timing (comms.online)...
-CONTEST_SHARED = 0.25          # ...and this close where a host has more ranks than cores
+CONTEST_SHARED = 0.50          # ...and this close where a host has more ranks than cores: the bench's
+#                                launches measured 4 ranks on 2 cores 2x faster than the calibrating
+#                                launch, with rhd behind recursive doubling by 31 % at calibration and
+#                                ahead by 2-20 % in the bench (32 KiB)
 CONTEST_MAX = 3                # at most this many alternatives per rule
 
 
@@ -209,6 +212,23 @@ def latency_bound(coll: str, algo: str, m: int, n: int, hosts: tuple, p: "Params
     return cost(coll, algo, 0, n, hosts, p, forced_tcp) >= LATENCY_SHARE * cost(coll, algo, m, n, hosts, p, forced_tcp)
 
 
+def _alternatives(picks: list, priced_at: list, i: int, priced: list, contest: float) -> str:
+    """The rule at size index ``i``: its pick, and as alternatives (comms.online) the algorithms
+    that one launch's timed prices cannot rank behind it: those within ``contest`` of the cheapest,
+    and the picks of the neighbouring sizes within 2x (an outlier at one probe, seen: rhd timed 1.3x
+    ring at 256 KiB on 1 host x 4 ranks between sizes where it won, and the bench's launches then
+    measured it 15 % ahead); the closest first, at most CONTEST_MAX in all."""
+    scores, pick = priced_at[i], picks[i]
+    if not math.isfinite(scores[pick]):
+        return pick
+    low = min(scores.values())
+    near = {picks[j] for j in (i - 1, i + 1) if 0 <= j < len(picks)}
+    close = sorted((a for a in priced if a != pick and (scores[a] <= low * (1 + contest)
+                                                          or (a in near and scores[a] <= 2 * low))),
+                   key=lambda a: (scores[a], priced.index(a)))
+    return "|".join([pick] + close[:CONTEST_MAX - 1])
+
+
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool, oversub: float = 1.0) -> str:
     """The cheapest priced algorithm per size range, per collective, in the selector grammar;
     ``oversub``: the most ranks per usable core of any host (see :meth:`Params.loaded`)."""
@@ -229,7 +249,7 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
                 f = correction(p.measured, coll, a, lambda m, a=a: cost(coll, a, m, n, hosts, p, forced_tcp))
                 if f is not None:
                     factor[a] = f
-        best = []
+        best, priced_at = [], []
         for m in SIZES:
             scores = {a: cost(coll, a, m, n, hosts, p, forced_tcp) * factor[a](m) for a in priced}
             pick = min(priced, key=lambda a: (scores[a], priced.index(a)))
@@ -256,16 +276,10 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, forced_tcp: bool
                 near = [a for a in priced if scores[a] <= scores[pick] * (1 + margin)]
                 pick = min(near, key=lambda a: (peer_waits(coll, a, n, hosts, forced_tcp, shared),
                                                 scores[a], priced.index(a)))
-            if timed and math.isfinite(scores[pick]):
-                # Too close to call from one launch: the launch that runs the job times them
-                # (comms.online) on its own first calls. Measured in bench.regret: launches of the
-                # same code disagreed with the calibrating launch by 15-35 % at such sizes (1 host x
-                # 4 ranks at 32 KiB, calibration 0.95x, the bench's launches 1.07-1.52x).
-                low = min(scores.values())
-                close = sorted((a for a in priced if a != pick and scores[a] <= low * (1 + contest)),
-                               key=lambda a: (scores[a], priced.index(a)))
-                pick = "|".join([pick] + close[:CONTEST_MAX - 1])
             best.append(pick)
+            priced_at.append(scores)
+        if timed:
+            best = [_alternatives(best, priced_at, i, priced, contest) for i in range(len(SIZES))]
         start = 0
         for i in range(1, len(SIZES) + 1):
             if i == len(SIZES) or best[i] != best[start]:

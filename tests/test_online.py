@@ -34,13 +34,17 @@ def test_rules_name_alternatives_in_the_grammar():
 
 
 def test_the_schedule_runs_every_alternative_each_round_in_turns_reversed_every_other_round():
-    t = Trial(["a", "b", "c"], 256 << 10, rounds=3)
-    assert t.turn == turn_calls(256 << 10) == 2 and t.total == 18
-    slots = [t.start() for _ in range(t.total)]
+    t = Trial(["a", "b", "c"], 2 << 20, rounds=3)
+    assert t.turn == turn_calls(2 << 20) == 2 and t.total == 18
+    started = [t.start() for _ in range(t.total)]
+    slots = [s for s, _ in started]
     assert t.done
     assert [s[1] for s in slots] == [0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 0, 0, 0, 0, 1, 1, 2, 2]
     assert [s[0] for s in slots] == [0] * 6 + [1] * 6 + [2] * 6
-    assert turn_calls(8) == 16 and turn_calls(64 << 20) == 1
+    assert [timed for _, timed in started] == [False, True] * 9        # a turn's first call is not timed
+    assert turn_calls(8) == 64 and turn_calls(64 << 20) == 1
+    one = Trial(["a", "b"], 64 << 20, rounds=1)
+    assert [one.start()[1] for _ in range(2)] == [True, True]          # turns of one call: each timed
     t.record((0, 1), 2.0)
     t.record((0, 1), 4.0)
     f = t.figures()
@@ -63,27 +67,27 @@ def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly
 
 @pytest.mark.parametrize("slow,fast", [("ring", "direct"), ("direct", "ring")])
 def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast):
-    """2 ranks, all_reduce:ring|direct, one algorithm held 2 ms per call: the first 32 calls follow
-    the schedule (2 rounds, turns of 8), every sum is right, and from the 33rd every rank runs the
-    faster; forcing an algorithm and going back keeps the decision."""
+    """2 ranks, all_reduce:ring|direct of 1 MiB, one algorithm held 2 ms per call: the first 16
+    calls follow the schedule (2 rounds, turns of 4), every sum is right, and from the 17th every
+    rank runs the faster; forcing an algorithm and going back keeps the decision."""
     from workers import online_timed
-    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 40), env=ENV)
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 24), env=ENV)
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])
-    assert o["ran"][:32] == ["ring"] * 8 + ["direct"] * 16 + ["ring"] * 8
-    assert o["ran"][32:] == [fast] * 8
+    assert o["ran"][:16] == ["ring"] * 4 + ["direct"] * 8 + ["ring"] * 4
+    assert o["ran"][16:] == [fast] * 8
     assert o["forced"] == "ring" and o["after"] == [fast, True]
     assert o["choices"] == [{"alternatives": ["ring", "direct"], "chosen": fast, "timed": ["direct", "ring"]}]
 
 
 def test_asynchronous_calls_follow_the_schedule_untimed_and_keep_the_first():
     from workers import online_timed
-    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 36, True), env=ENV)
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 20, True), env=ENV)
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])
-    assert o["ran"][:32] == ["direct"] * 8 + ["ring"] * 16 + ["direct"] * 8 and o["ran"][32:] == ["direct"] * 4
+    assert o["ran"][:16] == ["direct"] * 4 + ["ring"] * 8 + ["direct"] * 4 and o["ran"][16:] == ["direct"] * 4
     assert o["choices"] == [{"alternatives": ["direct", "ring"], "chosen": "direct", "timed": []}]
 
 
@@ -95,9 +99,13 @@ def test_online_rounds_zero_runs_the_first_alternative():
 
 
 def _measured(n: int, hosts: tuple, p: Params, times: dict) -> dict:
-    """A timed table whose every algorithm measured ``times[a]`` x its modelled cost."""
+    """A timed table whose every algorithm measured ``times[a]`` x its modelled cost (a number, or
+    a function of the probe's size)."""
     names = list(algorithms.REGISTRY["all_reduce"])
-    row = lambda a: [cost("all_reduce", a, s, n, hosts, p, False) * times.get(a, 1.0) for s in PROBES]  # noqa: E731
+    def factor(a, s):
+        f = times.get(a, 1.0)
+        return f(s) if callable(f) else f
+    row = lambda a: [cost("all_reduce", a, s, n, hosts, p, False) * factor(a, s) for s in PROBES]  # noqa: E731
     return {"layout": layout(n, hosts), "all_reduce": {a: row(a) for a in names}}
 
 
@@ -123,3 +131,31 @@ def test_calibrated_defaults_leave_close_calls_to_online_timing():
     ratio = 1.05 * cost("all_reduce", first, m, 4, hosts, base, False) / cost("all_reduce", other, m, 4, hosts, base, False)
     times = {a: 3.0 for a in names["all_reduce"] if a not in (first, other)} | {other: ratio}
     assert rule_at(times, m) == f"{first}|{other}"
+
+
+def test_info_marks_the_sizes_left_to_online_timing(monkeypatch):
+    from comms import info
+    monkeypatch.setenv("COMMS_ALGO", "all_reduce:16K-64K:direct|rhd")
+    got = info.gather(None)
+    assert got["alternatives"] == {"all_reduce": {"32K": ["direct", "rhd"]}}     # the table's sizes are x4
+    assert got["selection"]["all_reduce"]["32K"] == "direct"
+    text = info.render(got, None)
+    assert "direct*" in text and "COMMS_ONLINE_ROUNDS" in text and "all_reduce:16384-65536:direct|rhd  (user)" in text
+
+
+def test_a_neighbouring_sizes_pick_is_an_alternative_when_within_2x():
+    """An algorithm that wins the sizes on both sides but timed 1.4x the pick at one probe (an
+    outlier of one launch) stays an alternative there; at 2.5x it does not."""
+    hosts = ((0, 1, 2, 3),)
+    base = Params(Link(2.0, 6.0), Link(40.0, 1.5), 8.0)
+    names = {"all_reduce": ["ring", "rhd"]}
+    m = 1 << 20
+    ring = lambda s: cost("all_reduce", "ring", s, 4, hosts, base, False)          # noqa: E731
+    rhd = lambda s: cost("all_reduce", "rhd", s, 4, hosts, base, False)            # noqa: E731
+
+    def rules(at_m: float) -> str:
+        times = {"ring": 1.0, "rhd": lambda s: (at_m if s == m else 0.5) * ring(s) / rhd(s)}
+        p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, times))
+        return default_rules(names, 4, hosts, p, False)
+    assert f"all_reduce:{m}-{2 * m}:ring|rhd" in rules(1.4).split("#")
+    assert f"all_reduce:{m}-{2 * m}:ring" in rules(2.5).split("#")

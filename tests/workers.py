@@ -260,7 +260,7 @@ def switched_algorithms(rank: int, size: int) -> dict:
 def online_timed(rank: int, size: int, rules: str, slow: str | None, calls: int, async_calls: bool = False,
                  delay: float = 0.002) -> dict:
     """Online timing (comms.online) under ``rules`` naming alternatives: ``calls`` all_reduces of
-    64 KiB (the algorithm each ran, and whether each sum was right), where every synchronous run of
+    1 MiB (the algorithm each ran, and whether each sum was right), where every synchronous run of
     a plan of algorithm ``slow`` is held ``delay`` seconds longer; then a forced algorithm and back
     (the decision is kept), and what online_choices reports."""
     with comms.init(timeout=60, algo=rules) as comm:
@@ -273,19 +273,19 @@ def online_timed(rank: int, size: int, rules: str, slow: str | None, calls: int,
         comm._engine.run = held
         ran, right = [], []
         for i in range(calls):
-            x = np.full(16384, rank + i, np.float32)
+            x = np.full(1 << 18, rank + i, np.float32)
             w = comm.all_reduce(x, async_op=async_calls)
             if w is not None:
                 w.wait()
             ran.append(comm.algorithm_ran("all_reduce", x.nbytes))
             right.append(bool(np.all(x == sum(r + i for r in range(size)))))
         comm.set_algo("all_reduce:ring")
-        comm.all_reduce(np.zeros(16384, np.float32))
-        forced = comm.algorithm_ran("all_reduce", 65536)
+        comm.all_reduce(np.zeros(1 << 18, np.float32))
+        forced = comm.algorithm_ran("all_reduce", 1 << 20)
         comm.set_algo(None)
-        x = np.full(16384, 1.0, np.float32)
+        x = np.full(1 << 18, 1.0, np.float32)
         comm.all_reduce(x)
-        after = [comm.algorithm_ran("all_reduce", 65536), bool(np.all(x == size))]
+        after = [comm.algorithm_ran("all_reduce", 1 << 20), bool(np.all(x == size))]
         choices = [{"alternatives": c["alternatives"], "chosen": c["chosen"], "timed": sorted(c["ratios"])}
                    for c in comm.online_choices()]
     return {"ran": ran, "right": right, "forced": forced, "after": after, "choices": choices}

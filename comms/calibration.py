@@ -82,7 +82,7 @@ def _hops(comm, ring: list, rounds: int, reps: int) -> float:
     collective's plan with every member active, without the per-call cost."""
     from .algorithms.plan import IN, OUT, PHASE, RECV, SEND, Plan, Step
     from .checks import fast as _fast
-    from .communicator import MSG_P2P
+    from .operations import MSG_P2P
     from .engine import Encoded
     i = ring.index(comm.rank)
     right, left = ring[(i + 1) % len(ring)], ring[(i - 1) % len(ring)]

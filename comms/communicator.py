@@ -1,4 +1,6 @@
 """Communicator: the public API. Validates arguments, picks a plan, runs it on the native engine.
+The operations themselves (every collective, send and recv) are in comms.operations; this module
+holds the communicator's state, plan selection and running, splitting and teardown.
 
 Every operation checks its arguments before any byte moves (a bad call raises InvalidUsage and
 leaves the communicator usable), takes ``async_op=True`` to return a :class:`Work` instead of
@@ -20,23 +22,21 @@ import numpy as np
 from . import checks, config, failures, flight
 from .checks import fast as _fast
 from . import log as clog
-from .algorithms.plan import COLL_IDS, IN, OUT, Args, NotSupported, Plan, Step, RECV, SEND
-from .dtypes import DTYPE_SIZES, ReduceOp, as_op, check_op, resolve
+from .algorithms.plan import COLL_IDS, Args, NotSupported, Plan
+from .dtypes import DTYPE_SIZES, ReduceOp
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
 from . import calibration, online
 from .selector import Selector, build, defaults as selector_defaults
 from .transports.base import Endpoint
+from .operations import MSG_COLL, Operations
 from .work import Work
 
 log = clog.get("COLL")
-MSG_COLL, MSG_P2P = 1, 2
-ANY_SOURCE = -1
 PLAN_CACHE = 4096
-COUNT_ANY = (1 << 64) - 1
 
 
-class Communicator:
+class Communicator(Operations):
     """A group of ``size`` ranks. Create with :func:`comms.init` or :meth:`split`."""
 
     def __init__(self, boot, store, prefix: str, timeout: float, algo: str | None, members: Sequence[int] | None,
@@ -54,8 +54,7 @@ class Communicator:
         self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
-        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max)
-        self._timing = None                  # a scheduled call of an online trial: takes the call's seconds
+        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
         self._splits = 0
@@ -71,7 +70,7 @@ class Communicator:
                                                           self.oversubscription()))
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._ran.clear()
-        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max)
+        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
         # the flight recorder and the counters start after init's own traffic (calibration)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         self._engine.zero_counters()
@@ -181,11 +180,10 @@ class Communicator:
                     return None
 
             alts = self._selector.contest(name, nbytes)
-            enc, self._timing = self._contests.pick(key, alts, nbytes, alternative) if alts else (None, None)
+            enc = self._contests.pick(key, alts, nbytes, (name, nbytes), alternative) if alts else None
             if enc is None:
                 enc = encode(self._selector.plan(args, nbytes))
-            if self._timing is None:
-                self._remember(key, enc)
+            self._remember(key, enc)
             if len(self._ran) >= PLAN_CACHE:
                 self._ran.pop(next(iter(self._ran)))
             self._ran[(name, nbytes)] = enc.plan.algorithm
@@ -225,18 +223,15 @@ class Communicator:
         return self._scratch_ptr
 
     def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None,
-             timeout: float | None = None) -> Work | int | None:
+             timeout: float | None = None, scheduled: bool = False) -> Work | int | None:
         """Run ``enc`` on the engine now (or start it, with ``async_op``). ``timeout`` (seconds)
-        replaces the communicator's deadline for this operation."""
+        replaces the communicator's deadline for this operation. A plan that is an alternative of
+        an online trial runs through the trial (comms.online), which calls back with ``scheduled``."""
         if self._broken is not None or self._closed:
             self._check_open()
-        if self._timing is not None:                 # a call of an online trial (comms.online)
-            record, self._timing = self._timing, None
-            if not async_op:
-                t0 = time.perf_counter()
-                out = self._run(enc, p_in, p_out, keep, False, result, timeout)
-                record(time.perf_counter() - t0)
-                return out
+        if enc.trial is not None and not scheduled:
+            return self._contests.call(enc, lambda: self._run(enc, p_in, p_out, keep, async_op, result, timeout, True),
+                                       not async_op)
         scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
         deadline = time.monotonic_ns() + (self._timeout_ns if timeout is None else int(timeout * 1e9))
         if not async_op:
@@ -260,187 +255,6 @@ class Communicator:
             except OSError as e:
                 log.warning("comms: cannot write the flight recorder: %s", e)
         return exc
-
-    # -- collectives ---------------------------------------------------------------------------
-    def all_reduce(self, buf: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Reduce ``buf`` across all ranks, in place; every rank gets the same bits."""
-        ptr, count, dtype = _fast(buf, "all_reduce", True)
-        if type(op) is not ReduceOp:
-            op = as_op(op)
-        enc = self._plans.get(("all_reduce", count, dtype, op))
-        if enc is None:
-            check_op(op, dtype, "all_reduce")
-            args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
-                        inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
-            enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
-
-    def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Copy ``buf`` of rank ``root`` into ``buf`` of every rank."""
-        ptr, count, dtype = _fast(buf, "broadcast", True)
-        key = ("broadcast", count, dtype, root)
-        enc = self._plans.get(key)
-        if enc is None:
-            root = checks.root(root, self.size, "broadcast")
-            args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
-            enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
-
-    def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Reduce ``buf`` of every rank into ``buf`` of ``root``; other ranks' buffers are unchanged."""
-        ptr, count, dtype = _fast(buf, "reduce", True)
-        if type(op) is not ReduceOp:
-            op = as_op(op)
-        key = ("reduce", count, dtype, op, root)
-        enc = self._plans.get(key)
-        if enc is None:
-            root = checks.root(root, self.size, "reduce")
-            check_op(op, dtype, "reduce")
-            args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
-                        avg=op is ReduceOp.AVG, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
-            enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, op, count)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
-
-    def all_gather(self, out: Any, inp: Any, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """``out`` (size x inp elements) receives every rank's ``inp``, in rank order."""
-        vi = resolve(inp, "all_gather input")
-        vo = resolve(out, "all_gather output", writable=True)
-        checks.same_dtype(vi, vo, "all_gather")
-        if vo.count != self.size * vi.count:
-            raise InvalidUsage(f"all_gather: output has {vo.count} elements, expected size x input = "
-                               f"{self.size} x {vi.count} = {self.size * vi.count}")
-        inplace = vi.ptr == vo.ptr + self.rank * vi.nbytes
-        if not inplace and checks.overlap(vi, vo):
-            raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
-        args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
-                         None, vi.count)
-        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
-
-    def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Reduce ``inp`` (size x out elements) across ranks; rank r gets block r in ``out``."""
-        vi = resolve(inp, "reduce_scatter input")
-        vo = resolve(out, "reduce_scatter output", writable=True)
-        checks.same_dtype(vi, vo, "reduce_scatter")
-        op = as_op(op)
-        check_op(op, vi.dtype, "reduce_scatter")
-        if vi.count != self.size * vo.count:
-            raise InvalidUsage(f"reduce_scatter: input has {vi.count} elements, expected size x output = "
-                               f"{self.size} x {vo.count} = {self.size * vo.count}")
-        args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
-                         op, vi.count)
-        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
-
-    def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
-                   in_splits: Sequence[int] | None = None, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Rank r sends rows ``in_splits[p]`` of ``inp`` (consecutive blocks along dim 0) to rank p
-        and receives ``out_splits[p]`` rows from rank p into ``out``. None means equal splits."""
-        vi = resolve(inp, "all_to_all input")
-        vo = resolve(out, "all_to_all output", writable=True)
-        checks.same_dtype(vi, vo, "all_to_all")
-        if checks.overlap(vi, vo):
-            raise InvalidUsage("all_to_all: input and output must not overlap")
-        rows_in, row_in = checks.rows(vi, "input")
-        rows_out, row_out = checks.rows(vo, "output")
-        if row_in != row_out and rows_in and rows_out:
-            raise InvalidUsage(f"all_to_all: input rows have {row_in} elements but output rows have {row_out}")
-        row = row_in if rows_in else row_out
-        uneven = out_splits is not None or in_splits is not None
-        ins = checks.splits(in_splits, rows_in, self.size, "in_splits")
-        outs = checks.splits(out_splits, rows_out, self.size, "out_splits")
-        if ins[self.rank] != outs[self.rank]:
-            raise InvalidUsage(f"all_to_all: rank {self.rank} sends itself {ins[self.rank]} rows "
-                               f"but expects {outs[self.rank]}")
-        rb = row * DTYPE_SIZES[vi.dtype]
-        send = tuple(s * rb for s in ins)
-        recv = tuple(s * rb for s in outs)
-        args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
-                         None, COUNT_ANY if uneven else vi.count)
-        return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
-
-    def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """``out`` of ``root`` (size x inp elements) receives every rank's ``inp``; ``out`` may be
-        None on other ranks."""
-        root = checks.root(root, self.size, "gather")
-        vi = resolve(inp, "gather input")
-        vo_ptr = 0
-        if self.rank == root:
-            vo = resolve(out, "gather output", writable=True)
-            checks.same_dtype(vi, vo, "gather")
-            if vo.count != self.size * vi.count:
-                raise InvalidUsage(f"gather: output has {vo.count} elements, expected size x input = "
-                                   f"{self.size * vi.count}")
-            vo_ptr = vo.ptr
-        inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
-        args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count)
-        return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out, timeout)
-
-    def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Rank r receives block r of ``inp`` of ``root`` into ``out``; ``inp`` may be None off root."""
-        root = checks.root(root, self.size, "scatter")
-        vo = resolve(out, "scatter output", writable=True)
-        vi_ptr = 0
-        if self.rank == root:
-            vi = resolve(inp, "scatter input")
-            checks.same_dtype(vi, vo, "scatter")
-            if vi.count != self.size * vo.count:
-                raise InvalidUsage(f"scatter: input has {vi.count} elements, expected size x output = "
-                                   f"{self.size * vo.count}")
-            vi_ptr = vi.ptr
-        inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
-        args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count)
-        return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out, timeout)
-
-    def barrier(self, *, async_op: bool = False,
-                timeout: float | None = None) -> Work | None:
-        """Return once every rank has entered the barrier."""
-        enc = self._plans.get(("barrier",))
-        if enc is None:
-            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1, hosts=self._hosts(), deterministic=self._deterministic), 0, 4, None, 0)
-        return self._run(enc, 0, 0, [], async_op, None, timeout)
-
-    # -- point to point ------------------------------------------------------------------------
-    def _p2p(self, name: str, kind: int, buf: Any, peer: int | None, tag: int, async_op: bool,
-             timeout: float | None) -> Work | int | None:
-        ptr, count, dtype = _fast(buf, name, kind == RECV)
-        key = (name, peer, count, dtype, tag)
-        enc = self._plans.get(key)
-        if enc is None:
-            peer = ANY_SOURCE if peer is None and kind == RECV else checks.peer(peer, self.rank, self.size, name)
-            if not isinstance(tag, (int, np.integer)) or tag < 0:
-                raise InvalidUsage(f"{name}: tag must be a non-negative integer, got {tag!r}")
-            nbytes = count * DTYPE_SIZES[dtype]
-            b = IN if kind == SEND else OUT
-            enc = Encoded(Plan(name, (Step(kind, peer, b, 0, nbytes),)), name, MSG_P2P, 0, dtype, 0, -1, count,
-                          int(tag))
-            self._remember(key, enc)
-        return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
-
-    def send(self, buf: Any, dst: int, tag: int = 0, *, async_op: bool = False,
-             timeout: float | None = None) -> Work | None:
-        """Send ``buf`` to rank ``dst``; matched by the receiver's (source, tag) in order."""
-        return self._p2p("send", SEND, buf, dst, tag, async_op, timeout)
-
-    def recv(self, buf: Any, src: int | None = None, tag: int = 0, *, async_op: bool = False,
-             timeout: float | None = None) -> Work | int:
-        """Receive into ``buf`` the next message from rank ``src`` (None: from any rank) with ``tag``;
-        sizes must match. Returns the source rank (or a Work whose ``source`` is set on completion)."""
-        r = self._p2p("recv", RECV, buf, src, tag, async_op, timeout)
-        if r is None:
-            return int(src)
-        return r
 
     # -- sub-communicators and teardown ----------------------------------------------------------
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":

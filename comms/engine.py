@@ -29,11 +29,12 @@ log = clog.get("COLL")
 class Encoded:
     """A plan in the native step layout plus its message signature, ready to run; the
     communicator caches one per (collective, size, dtype, op, root, ...)."""
-    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll", "any_source")
+    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll", "any_source", "trial")
 
     def __init__(self, plan: Plan, name: str, kind: int, coll: int, dtype: int, redop: int, root: int,
                  count: int, tag: int = 0):
         self.plan, self.name, self.is_coll = plan, name, kind == 1
+        self.trial = None            # the online trial (comms.online) this plan is an alternative of, while it lasts
         self.any_source = any(s.peer == -1 and s.kind == 2 for s in plan.steps)
         self.nsteps = len(plan.steps)
         self.steps = ffi.new("cm_step[]", max(1, self.nsteps))

@@ -32,7 +32,7 @@ two or more alternatives that build a plan (one that declines the case drops out
 from __future__ import annotations
 
 import statistics
-from functools import partial
+import time
 from typing import Callable
 
 import numpy as np
@@ -54,20 +54,25 @@ def turn_calls(nbytes: int) -> int:
     return max(1, min(TURN_MAX, TURN_BYTES // max(1, nbytes)))
 
 
-def _untimed(seconds: float) -> None:
-    """A call of the schedule that is not timed (a turn's first)."""
-
-
 class Trial:
-    """One key's schedule and this rank's timings (sans-I/O: the communicator runs the calls)."""
+    """One key's schedule and this rank's timings, sans-I/O: :class:`Contests` runs the calls.
+    ``encs`` are the alternatives' encoded plans, each marked with this trial (``enc.trial``) while
+    it lasts; ``key`` is the plan key, ``ran_key`` the communicator's (collective, bytes)."""
 
-    def __init__(self, alts: list[str], nbytes: int, rounds: int):
-        self.alts, self.rounds = list(alts), rounds
+    def __init__(self, alts: list[str], nbytes: int, rounds: int, encs: list | None = None,
+                 key: tuple = (), ran_key: tuple = ()):
+        self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
         self.turn = turn_calls(nbytes)
+        k = len(self.alts)
+        # per call of the schedule: (round, alternative, timed); a turn's first call is not timed
+        # (where a turn has more than one): it runs right after the switch from another algorithm
+        self.schedule = [(r, alt, t > 0 or self.turn == 1)
+                         for r in range(rounds) for alt in (range(k) if r % 2 == 0 else range(k - 1, -1, -1))
+                         for t in range(self.turn)]
+        self.total = len(self.schedule)
         self.calls = 0                                  # calls of the schedule started so far
-        self.total = rounds * len(self.alts) * self.turn
-        self._sum = np.zeros((rounds, len(self.alts)))
-        self._n = np.zeros((rounds, len(self.alts)), np.int64)
+        self._sum = [[0.0] * k for _ in range(rounds)]
+        self._n = [[0] * k for _ in range(rounds)]
 
     @property
     def done(self) -> bool:
@@ -76,28 +81,22 @@ class Trial:
 
     def slot(self, call: int) -> tuple[int, int]:
         """(round, alternative index) of the schedule's call number ``call``."""
-        per_round = len(self.alts) * self.turn
-        rnd, within = divmod(call, per_round)
-        order = range(len(self.alts)) if rnd % 2 == 0 else range(len(self.alts) - 1, -1, -1)
-        return rnd, list(order)[within // self.turn]
+        return self.schedule[call][:2]
 
     def start(self) -> tuple[tuple[int, int], bool]:
-        """The slot of the next call, counted now, and whether to time it: not a turn's first call
-        (where a turn has more than one), which runs after the switch from another algorithm."""
-        s = self.slot(self.calls)
-        first = self.calls % self.turn == 0
+        """The slot of the next call, counted now, and whether to time it."""
+        r, alt, timed = self.schedule[self.calls]
         self.calls += 1
-        return s, not first or self.turn == 1
+        return (r, alt), timed
 
     def record(self, slot: tuple[int, int], seconds: float) -> None:
-        self._sum[slot] += seconds
-        self._n[slot] += 1
+        self._sum[slot[0]][slot[1]] += seconds
+        self._n[slot[0]][slot[1]] += 1
 
     def figures(self) -> np.ndarray:
         """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
-        out = np.full(self._sum.shape, np.inf)
-        np.divide(self._sum, self._n, out=out, where=self._n > 0)
-        return out
+        return np.array([[s / n if n else np.inf for s, n in zip(srow, nrow)]
+                         for srow, nrow in zip(self._sum, self._n)], np.float64)
 
 
 def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
@@ -115,26 +114,29 @@ def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
 class Contests:
     """A communicator's online timings: the trials in progress and the decisions, per (plan key,
     alternatives). ``agree`` is the communicator's MAX all_reduce of a float64 array, in place,
-    which every rank calls at the same point."""
+    which every rank calls at the same point; ``plans`` and ``ran`` are its plan cache (key ->
+    encoded plan) and its record of the algorithm each (collective, bytes) last ran. A trial keeps
+    the plan of the alternative whose turn it is in ``plans``, so the calls of a turn take the
+    communicator's cached path; the communicator hands every run of a plan marked with a trial
+    to :meth:`call`."""
 
-    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None]):
+    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict):
         self.rounds = rounds
-        self._agree = agree
-        self._trials: dict[tuple, tuple[Trial, list]] = {}
+        self._agree, self._plans, self._ran = agree, plans, ran
+        self._trials: dict[tuple, Trial] = {}
         self.decided: dict[tuple, tuple] = {}           # (key, alts) -> (encoded plan, ratios)
 
-    def pick(self, key: tuple, alts: tuple, nbytes: int, build: Callable[[str], object]):
-        """The encoded plan this call runs for ``key`` under a rule naming ``alts``, and the function
-        that takes its time in seconds (None once decided: the plan may be cached; a call of the
-        schedule always gets one, which may ignore the time); ``build(name)`` encodes an
-        alternative's plan, None when it declines. Returns (None, None) when fewer than two
-        alternatives build (the caller plans as without alternatives)."""
+    def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object]):
+        """The encoded plan the next call of ``key`` runs under a rule naming ``alts`` (for the
+        caller to cache), or None when fewer than two alternatives build a plan (the caller plans
+        as without alternatives); ``build(name)`` encodes an alternative's plan, None when it
+        declines. The call after the schedule decides (one MAX all_reduce, every rank alike)."""
         cid = (key, alts)
         got = self.decided.get(cid)
         if got is not None:
-            return got[0], None
-        entry = self._trials.get(cid)
-        if entry is None:
+            return got[0]
+        trial = self._trials.get(cid)
+        if trial is None:
             names, encs = [], []
             for a in alts:
                 enc = build(a)
@@ -142,25 +144,49 @@ class Contests:
                     names.append(a)
                     encs.append(enc)
             if len(names) < 2 or self.rounds < 1:
-                return None, None
-            entry = self._trials[cid] = (Trial(names, nbytes, self.rounds), encs)
-        trial, encs = entry
-        if not trial.done:               # (a call of the schedule left untimed is not cached either)
-            slot, timed = trial.start()
-            return encs[slot[1]], (partial(trial.record, slot) if timed else _untimed)
-        agreed = trial.figures().ravel().copy()
+                return None
+            trial = self._trials[cid] = Trial(names, nbytes, self.rounds, encs, key, ran_key)
+            for enc in encs:
+                enc.trial = trial
+        if not trial.done:
+            return trial.encs[trial.slot(trial.calls)[1]]
+        figures = trial.figures()
+        agreed = figures.ravel().copy()
         self._agree(agreed)
-        win, ratios = decide(trial.alts, agreed.reshape(trial.figures().shape))
+        win, ratios = decide(trial.alts, agreed.reshape(figures.shape))
+        for enc in trial.encs:
+            enc.trial = None
         del self._trials[cid]
-        self.decided[cid] = (encs[win], ratios)
+        self.decided[cid] = (trial.encs[win], ratios)
         log.info("comms: %s of %d B: timed %s over %d rounds (time / %s's: %s) -> %s", key[0], nbytes,
                  "|".join(trial.alts), trial.rounds, trial.alts[0],
                  ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
-        return encs[win], None
+        return trial.encs[win]
+
+    def call(self, enc, run: Callable[[], object], timeable: bool):
+        """Run ``run()``, the call of ``enc``'s trial whose turn it is: counted, timed when the
+        schedule says so and ``timeable`` (a synchronous call); then the plan cache gets the next
+        call's alternative (or loses the key once the schedule is over, so that the next call
+        decides)."""
+        trial = enc.trial
+        slot, timed = trial.start()
+        self._ran[trial.ran_key] = enc.plan.algorithm
+        if timed and timeable:
+            t0 = time.perf_counter()
+            out = run()
+            trial.record(slot, time.perf_counter() - t0)
+        else:
+            out = run()
+        if trial.done:
+            self._plans.pop(trial.key, None)
+        else:
+            nxt = trial.encs[trial.schedule[trial.calls][1]]
+            if nxt is not enc:
+                self._plans[trial.key] = nxt
+        return out
 
     def choices(self) -> list[dict]:
         """The decisions so far: key, alternatives, chosen algorithm, ratios to the first."""
         return [{"key": key, "alternatives": list(alts), "chosen": enc.plan.algorithm,
                  "ratios": {a: round(r, 4) for a, r in ratios.items()}}
                 for (key, alts), (enc, ratios) in self.decided.items()]
-

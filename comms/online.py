@@ -9,14 +9,15 @@ Users may write such rules too (``COMMS_ALGO``, ``set_algo``).
 Contract, per plan key (collective, count, dtype, op, root, ...) whose first matching rule names
 two or more alternatives that build a plan (one that declines the case drops out):
 
-* Schedule. The key's first ``rounds x alternatives x turn`` calls run the alternatives in turns
-  of ``turn`` calls (:func:`turn_calls`: up to 64 calls per turn for small messages, one from 4 MiB),
-  every alternative once per round, the order reversed every other round so that a drift of the
-  machine hits each alike. The calls count whether synchronous or not, so every rank runs the same
-  alternative at the same call (the ranks' calls are matched in order anyway). Every call computes
-  the user's result; only the algorithm differs.
-* Timing. A synchronous call is timed from entry to return, but for a turn's first call; an
-  asynchronous one is counted but not timed (its completion overlaps other work).
+* Schedule. The key's first calls run every alternative :data:`SIZING_CALLS` times; at the next
+  call one MAX all_reduce agrees on each one's time per call, which sizes its turn: about
+  :data:`LEAD_S` of untimed calls, then about :data:`TIMED_S` of timed ones (:func:`turn_calls`).
+  Then ``rounds`` rounds run every alternative one turn each, the order reversed every other
+  round so that a drift of the machine hits each alike. The calls count whether synchronous or
+  not, so every rank runs the same alternative at the same call (the ranks' calls are matched in
+  order anyway). Every call computes the user's result; only the algorithm differs.
+* Timing. A synchronous call is timed from entry to return; an asynchronous one is counted but
+  not timed (its completion overlaps other work).
 * Decision, at the key's next call: every rank contributes its mean time per round and
   alternative (``inf`` where it timed none), and one MAX all_reduce gives every rank the same
   figures, the slowest rank's (a collective ends when its slowest rank does). Over the rounds in
@@ -31,6 +32,7 @@ two or more alternatives that build a plan (one that declines the case drops out
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -42,41 +44,56 @@ from . import log as clog
 log = clog.get("ALGO")
 
 SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it
-TURN_BYTES = 4 << 20     # a turn moves about this many bytes...
-TURN_MAX = 64            # ...in at most this many calls (at least one); its first call is not timed
+SIZING_CALLS = 4         # calls per alternative that size the turns (the first untimed)
+LEAD_S = 0.006           # a turn starts with about this long of untimed calls (at most LEAD_MAX)...
+TIMED_S = 0.004          # ...then about this long of timed ones (at least one, at most TIMED_MAX)
+LEAD_MAX, TIMED_MAX = 64, 32
 
 
-def turn_calls(nbytes: int) -> int:
-    """Calls per turn for messages of ``nbytes``: enough that a turn of small messages lasts a few
-    scheduler ticks (on 4 ranks sharing 2 cores, turns of 16 calls of 32 KiB, under 1 ms, ranked
-    direct ahead of recursive doubling in launches whose 30 ms turns of the bench ranked them the
-    other way), one call from TURN_BYTES up."""
-    return max(1, min(TURN_MAX, TURN_BYTES // max(1, nbytes)))
+def turn_calls(seconds_per_call: float) -> tuple[int, int]:
+    """(untimed, timed) calls of a turn of an alternative that takes ``seconds_per_call``. The
+    untimed lead-in lets a link's token bucket spend the credit it gathered while a lighter
+    alternative ran: on 2 simulated hosts under a 2 Gbit/s tbf (a 4 ms burst), turns of 64 calls
+    of 16 KiB, all but the first timed, put recursive doubling at 0.97-1.00x hierarchical, where
+    the bench's turns of 280 calls measured 1.17x."""
+    t = max(seconds_per_call, 1e-7)
+    return max(1, min(LEAD_MAX, math.ceil(LEAD_S / t))), max(1, min(TIMED_MAX, math.ceil(TIMED_S / t)))
 
 
 class Trial:
     """One key's schedule and this rank's timings, sans-I/O: :class:`Contests` runs the calls.
     ``encs`` are the alternatives' encoded plans, each marked with this trial (``enc.trial``) while
-    it lasts; ``key`` is the plan key, ``ran_key`` the communicator's (collective, bytes)."""
+    it lasts; ``key`` is the plan key, ``ran_key`` the communicator's (collective, bytes).
 
-    def __init__(self, alts: list[str], nbytes: int, rounds: int, encs: list | None = None,
-                 key: tuple = (), ran_key: tuple = ()):
+    Two schedules, one after the other: the sizing turns (:data:`SIZING_CALLS` of each
+    alternative, ``sizing`` True), whose agreed times give each alternative its turn
+    (:func:`turn_calls`, :meth:`plan_rounds`), then ``rounds`` rounds, each alternative one turn a
+    round, the order reversed every other round."""
+
+    def __init__(self, alts: list[str], rounds: int, encs: list | None = None, key: tuple = (),
+                 ran_key: tuple = ()):
         self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
-        self.turn = turn_calls(nbytes)
+        self.sizing = True
+        self._begin([(0, alt, t > 0) for alt in range(len(self.alts)) for t in range(SIZING_CALLS)], 1)
+
+    def _begin(self, schedule: list, rows: int) -> None:
+        # per call: (round, alternative, timed)
+        self.schedule, self.total, self.calls = schedule, len(schedule), 0
+        self._sum = [[0.0] * len(self.alts) for _ in range(rows)]
+        self._n = [[0] * len(self.alts) for _ in range(rows)]
+
+    def plan_rounds(self, seconds_per_call) -> None:
+        """Start the timed rounds, each alternative's turn sized from its agreed time per call."""
+        turns = [turn_calls(float(t)) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
         k = len(self.alts)
-        # per call of the schedule: (round, alternative, timed); a turn's first call is not timed
-        # (where a turn has more than one): it runs right after the switch from another algorithm
-        self.schedule = [(r, alt, t > 0 or self.turn == 1)
-                         for r in range(rounds) for alt in (range(k) if r % 2 == 0 else range(k - 1, -1, -1))
-                         for t in range(self.turn)]
-        self.total = len(self.schedule)
-        self.calls = 0                                  # calls of the schedule started so far
-        self._sum = [[0.0] * k for _ in range(rounds)]
-        self._n = [[0] * k for _ in range(rounds)]
+        self.sizing = False
+        self._begin([(r, alt, i >= turns[alt][0])
+                     for r in range(self.rounds) for alt in (range(k) if r % 2 == 0 else range(k - 1, -1, -1))
+                     for i in range(sum(turns[alt]))], self.rounds)
 
     @property
     def done(self) -> bool:
-        """Every call of the schedule has started: the next call decides."""
+        """Every call of the schedule has started: the next call sizes the rounds or decides."""
         return self.calls >= self.total
 
     def slot(self, call: int) -> tuple[int, int]:
@@ -130,7 +147,8 @@ class Contests:
         """The encoded plan the next call of ``key`` runs under a rule naming ``alts`` (for the
         caller to cache), or None when fewer than two alternatives build a plan (the caller plans
         as without alternatives); ``build(name)`` encodes an alternative's plan, None when it
-        declines. The call after the schedule decides (one MAX all_reduce, every rank alike)."""
+        declines. The call after the sizing turns sizes the rounds, and the call after the rounds
+        decides (one MAX all_reduce each, every rank alike)."""
         cid = (key, alts)
         got = self.decided.get(cid)
         if got is not None:
@@ -145,9 +163,13 @@ class Contests:
                     encs.append(enc)
             if len(names) < 2 or self.rounds < 1:
                 return None
-            trial = self._trials[cid] = Trial(names, nbytes, self.rounds, encs, key, ran_key)
+            trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key)
             for enc in encs:
                 enc.trial = trial
+        if trial.done and trial.sizing:
+            sized = trial.figures().ravel().copy()
+            self._agree(sized)
+            trial.plan_rounds(sized)
         if not trial.done:
             return trial.encs[trial.slot(trial.calls)[1]]
         figures = trial.figures()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from comms import InvalidUsage, algorithms
-from comms.online import SWITCH, Trial, decide, turn_calls
+from comms.online import LEAD_MAX, SIZING_CALLS, SWITCH, TIMED_MAX, Trial, decide, turn_calls
 from comms.selector import Selector, parse
 from comms.testing import spawn
 from comms.timed import PROBES, layout
@@ -33,22 +33,25 @@ def test_rules_name_alternatives_in_the_grammar():
         parse("all_reduce:direct|direct")
 
 
-def test_the_schedule_runs_every_alternative_each_round_in_turns_reversed_every_other_round():
-    t = Trial(["a", "b", "c"], 2 << 20, rounds=3)
-    assert t.turn == turn_calls(2 << 20) == 2 and t.total == 18
-    started = [t.start() for _ in range(t.total)]
-    slots = [s for s, _ in started]
-    assert t.done
-    assert [s[1] for s in slots] == [0, 0, 1, 1, 2, 2, 2, 2, 1, 1, 0, 0, 0, 0, 1, 1, 2, 2]
-    assert [s[0] for s in slots] == [0] * 6 + [1] * 6 + [2] * 6
-    assert [timed for _, timed in started] == [False, True] * 9        # a turn's first call is not timed
-    assert turn_calls(8) == 64 and turn_calls(64 << 20) == 1
-    one = Trial(["a", "b"], 64 << 20, rounds=1)
-    assert [one.start()[1] for _ in range(2)] == [True, True]          # turns of one call: each timed
+def test_sizing_turns_then_rounds_of_turns_sized_by_time_reversed_every_other_round():
+    t = Trial(["a", "b", "c"], rounds=3)
+    sizing = [t.start() for _ in range(t.total)]
+    assert t.done and t.sizing and t.total == 3 * SIZING_CALLS
+    assert [s[1] for s, _ in sizing] == [0] * SIZING_CALLS + [1] * SIZING_CALLS + [2] * SIZING_CALLS
+    assert [timed for _, timed in sizing] == ([False] + [True] * (SIZING_CALLS - 1)) * 3
     t.record((0, 1), 2.0)
     t.record((0, 1), 4.0)
     f = t.figures()
-    assert f[0, 1] == 3.0 and np.isinf(f[0, 0]) and np.isinf(f[2, 2])
+    assert f.shape == (1, 3) and f[0, 1] == 3.0 and np.isinf(f[0, 0])
+    # a: 2 ms a call, 3 untimed + 2 timed; b: 1 s, one of each; c: 1 us, the most of each
+    assert turn_calls(0.002) == (3, 2) and turn_calls(1.0) == (1, 1) and turn_calls(1e-6) == (LEAD_MAX, TIMED_MAX)
+    t.plan_rounds(np.array([0.002, 1.0, math.inf]))
+    assert not t.sizing and not t.done
+    started = [t.start() for _ in range(t.total)]
+    assert t.done and t.total == 3 * (5 + 2 + 2)
+    assert [s[1] for s, _ in started] == [0] * 5 + [1] * 2 + [2] * 2 + [2] * 2 + [1] * 2 + [0] * 5 + [0] * 5 + [1] * 2 + [2] * 2
+    assert [s[0] for s, _ in started] == [0] * 9 + [1] * 9 + [2] * 9
+    assert [timed for _, timed in started[:9]] == [False] * 3 + [True] * 2 + [False, True] * 2
 
 
 def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly_faster():
@@ -67,27 +70,35 @@ def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly
 
 @pytest.mark.parametrize("slow,fast", [("ring", "direct"), ("direct", "ring")])
 def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast):
-    """2 ranks, all_reduce:ring|direct of 1 MiB, one algorithm held 2 ms per call: the first 16
-    calls follow the schedule (2 rounds, turns of 4), every sum is right, and from the 17th every
-    rank runs the faster; forcing an algorithm and going back keeps the decision."""
+    """2 ranks, all_reduce:ring|direct of 1 MiB, one algorithm held 2 ms per call: the sizing
+    turns come first, every sum is right, and after 2 rounds every rank runs the faster; forcing an
+    algorithm and going back keeps the decision."""
     from workers import online_timed
-    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 24), env=ENV)
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 400), env=ENV)
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])
-    assert o["ran"][:16] == ["ring"] * 4 + ["direct"] * 8 + ["ring"] * 4
-    assert o["ran"][16:] == [fast] * 8
+    assert o["ran"][:2 * SIZING_CALLS] == ["ring"] * SIZING_CALLS + ["direct"] * SIZING_CALLS
+    # the slow one's turns: 3 untimed + 2 timed calls (2 ms each); the fast one's at most 64 + 32
+    rounds = o["ran"][2 * SIZING_CALLS:]
+    decided = len(rounds) - next(i for i, a in enumerate(reversed(rounds)) if a != fast)
+    assert rounds[:decided].count(slow) == 2 * 5 and decided <= 2 * (5 + LEAD_MAX + TIMED_MAX)
+    assert rounds[decided:] == [fast] * (len(rounds) - decided) and len(rounds) - decided >= 100
     assert o["forced"] == "ring" and o["after"] == [fast, True]
     assert o["choices"] == [{"alternatives": ["ring", "direct"], "chosen": fast, "timed": ["direct", "ring"]}]
 
 
 def test_asynchronous_calls_follow_the_schedule_untimed_and_keep_the_first():
+    """Async calls are counted, not timed: the sizing agrees on no time (turns of one untimed and
+    one timed call), the rounds time nothing, and the first alternative stays."""
     from workers import online_timed
     out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 20, True), env=ENV)
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])
-    assert o["ran"][:16] == ["direct"] * 4 + ["ring"] * 8 + ["direct"] * 4 and o["ran"][16:] == ["direct"] * 4
+    sizing = ["direct"] * SIZING_CALLS + ["ring"] * SIZING_CALLS
+    rounds = ["direct"] * 2 + ["ring"] * 2 + ["ring"] * 2 + ["direct"] * 2
+    assert o["ran"] == sizing + rounds + ["direct"] * (20 - len(sizing) - len(rounds))
     assert o["choices"] == [{"alternatives": ["direct", "ring"], "chosen": "direct", "timed": []}]
 
 

@@ -30,8 +30,13 @@ CONTEST = 0.10                 # timed prices this close to the cheapest are lef
 CONTEST_SHARED = 0.50          # ...and this close where a host has more ranks than cores: the bench's
 #                                launches measured 4 ranks on 2 cores 2x faster than the calibrating
 #                                launch, with rhd behind recursive doubling by 31 % at calibration and
-#                                ahead by 2-20 % in the bench (32 KiB)
-CONTEST_MAX = 3                # at most this many alternatives per rule
+#                                ahead in 4 of the bench's 5 launches (0.81-0.96x; 32 KiB)
+CONTEST_MAX = 3                # at most this many alternatives per rule...
+CONTEST_MAX_US = 1000.0        # ...and only where the pick's timed price is at most this: exploring
+#                                costs a few dozen calls of each alternative, seconds of the job at
+#                                8 MiB on 2 hosts (a tree 2x behind hierarchical), more calls than
+#                                the bench gives one size; the bytes settle large sizes, and the
+#                                calibration's picks there held in every regret run
 
 
 @dataclass(frozen=True)
@@ -217,9 +222,10 @@ def _alternatives(picks: list, priced_at: list, i: int, priced: list, contest: f
     that one launch's timed prices cannot rank behind it: those within ``contest`` of the cheapest,
     and the picks of the neighbouring sizes within 2x (an outlier at one probe, seen: rhd timed 1.3x
     ring at 256 KiB on 1 host x 4 ranks between sizes where it won, and the bench's launches then
-    measured it 15 % ahead); the closest first, at most CONTEST_MAX in all."""
+    measured it 15 % ahead); the closest first, at most CONTEST_MAX in all. None where the pick's
+    price exceeds CONTEST_MAX_US."""
     scores, pick = priced_at[i], picks[i]
-    if not math.isfinite(scores[pick]):
+    if not math.isfinite(scores[pick]) or scores[pick] > CONTEST_MAX_US:
         return pick
     low = min(scores.values())
     near = {picks[j] for j in (i - 1, i + 1) if 0 <= j < len(picks)}

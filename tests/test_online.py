@@ -131,7 +131,7 @@ def test_calibrated_defaults_leave_close_calls_to_online_timing():
         p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, times))
         return next(r.split(":")[2] for r in default_rules(names, 4, hosts, p, False).split("#")
                     if int(r.split(":")[1].split("-")[0]) <= m < float(r.split(":")[1].split("-")[1]))
-    m = 16 << 20
+    m = 64 << 10
     plain = rule_at({}, m)
     assert "|" not in plain or len(plain.split("|")) <= 3
     first = plain.split("|")[0]
@@ -170,3 +170,19 @@ def test_a_neighbouring_sizes_pick_is_an_alternative_when_within_2x():
         return default_rules(names, 4, hosts, p, False)
     assert f"all_reduce:{m}-{2 * m}:ring|rhd" in rules(1.4).split("#")
     assert f"all_reduce:{m}-{2 * m}:ring" in rules(2.5).split("#")
+
+
+def test_no_alternatives_where_a_call_costs_more_than_contest_max_us():
+    """At sizes whose pick is priced above CONTEST_MAX_US the rule names the pick alone, however
+    close the others timed: exploring would cost seconds there."""
+    from comms.tuning import CONTEST_MAX_US
+    hosts = ((0, 1, 2, 3),)
+    base = Params(Link(2.0, 6.0), Link(40.0, 1.5), 8.0)
+    p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, {}))
+    rules = default_rules({"all_reduce": ["ring", "rhd"]}, 4, hosts, p, False).split("#")
+    for r in rules:
+        lo = int(r.split(":")[1].split("-")[0])
+        priced = min(cost("all_reduce", a, lo, 4, hosts, base, False) for a in ("ring", "rhd"))
+        if priced > CONTEST_MAX_US:
+            assert "|" not in r, r
+    assert any("|" in r for r in rules) and "|" not in rules[-1]

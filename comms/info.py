@@ -29,7 +29,7 @@ def _size(n: int) -> str:
 def gather(comm) -> dict:
     sel = comm._selector if comm is not None else Selector()
     table = {coll: {_size(n): sel.candidates(coll, n)[0] for n in SIZES} for coll in algorithms.REGISTRY}
-    contested = {coll: {_size(n): list(sel.contest(coll, n)) for n in SIZES if sel.contest(coll, n)}
+    contested = {coll: {_size(n): list(alts) for n in SIZES if (alts := sel.contest(coll, n))}
                  for coll in algorithms.REGISTRY}
     return {
         "topology": comm.topology.as_dict() if comm is not None else None,

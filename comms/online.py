@@ -167,15 +167,14 @@ class Contests:
             for enc in encs:
                 enc.trial = trial
         if trial.done and trial.sizing:
-            sized = trial.figures().ravel().copy()
+            sized = trial.figures().ravel()
             self._agree(sized)
             trial.plan_rounds(sized)
         if not trial.done:
             return trial.encs[trial.slot(trial.calls)[1]]
-        figures = trial.figures()
-        agreed = figures.ravel().copy()
-        self._agree(agreed)
-        win, ratios = decide(trial.alts, agreed.reshape(figures.shape))
+        agreed = trial.figures()                        # a fresh array: agreed in place
+        self._agree(agreed.ravel())
+        win, ratios = decide(trial.alts, agreed)
         for enc in trial.encs:
             enc.trial = None
         del self._trials[cid]
@@ -202,7 +201,7 @@ class Contests:
         if trial.done:
             self._plans.pop(trial.key, None)
         else:
-            nxt = trial.encs[trial.schedule[trial.calls][1]]
+            nxt = trial.encs[trial.slot(trial.calls)[1]]
             if nxt is not enc:
                 self._plans[trial.key] = nxt
         return out

@@ -56,12 +56,22 @@ class Rule(NamedTuple):
     coll: str
     low: int
     high: float
-    algorithm: str                 # the first choice
-    alternatives: tuple = ()       # every alternative, the first included, where the rule names several
+    names: tuple                   # the algorithms the rule names, the first choice first
+
+    @property
+    def algorithm(self) -> str:
+        """The first choice."""
+        return self.names[0]
+
+    @property
+    def alternatives(self) -> tuple:
+        """The algorithms online timing chooses among (comms.online): every one named, where the
+        rule names several; empty otherwise."""
+        return self.names if len(self.names) > 1 else ()
 
     def __str__(self) -> str:
         high = "inf" if self.high == float("inf") else str(int(self.high))
-        return f"{self.coll}:{self.low}-{high}:{'|'.join(self.alternatives) or self.algorithm}"
+        return f"{self.coll}:{self.low}-{high}:{'|'.join(self.names)}"
 
 
 def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
@@ -91,7 +101,7 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
                                    f"(known: {', '.join(algorithms.REGISTRY[coll])})")
         if len(set(names)) != len(names):
             raise InvalidUsage(f"{source}: {item!r} names an algorithm twice")
-        rules.append(Rule(coll, low, high, names[0], tuple(names) if len(names) > 1 else ()))
+        rules.append(Rule(coll, low, high, tuple(names)))
     return rules
 
 
@@ -125,7 +135,7 @@ class Selector:
         out = []
         for rule in self.user + self.default:
             if rule.coll == coll and rule.low <= nbytes < rule.high:
-                out += [a for a in rule.alternatives or (rule.algorithm,) if a not in out]
+                out += [a for a in rule.names if a not in out]
         for name in algorithms.names(coll):
             if name not in out:
                 out.append(name)

@@ -35,8 +35,9 @@ CONTEST_MAX = 3                # at most this many alternatives per rule...
 CONTEST_MAX_US = 1000.0        # ...and only where the pick's timed price is at most this: exploring
 #                                costs a few dozen calls of each alternative, seconds of the job at
 #                                8 MiB on 2 hosts (a tree 2x behind hierarchical), more calls than
-#                                the bench gives one size; the bytes settle large sizes, and the
-#                                calibration's picks there held in every regret run
+#                                the bench gives one size; the bytes settle large sizes, and every
+#                                miss of the regret bar that calibration alone made was at a size
+#                                priced under 1 ms
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _alternatives(picks: list, priced_at: list, i: int, priced: list, contest: f
     that one launch's timed prices cannot rank behind it: those within ``contest`` of the cheapest,
     and the picks of the neighbouring sizes within 2x (an outlier at one probe, seen: rhd timed 1.3x
     ring at 256 KiB on 1 host x 4 ranks between sizes where it won, and the bench's launches then
-    measured it 15 % ahead); the closest first, at most CONTEST_MAX in all. None where the pick's
+    measured it 15 % ahead); the closest first, at most CONTEST_MAX in all. The pick alone where its
     price exceeds CONTEST_MAX_US."""
     scores, pick = priced_at[i], picks[i]
     if not math.isfinite(scores[pick]) or scores[pick] > CONTEST_MAX_US:

@@ -15,6 +15,8 @@ Contract:
   parent hosts a ``torch.distributed.TCPStore`` at MASTER_ADDR:MASTER_PORT; ranks connect to it as
   clients.
 * Each rank runs in its own session; killing a rank kills its process group (grandchildren too).
+* A rank killed by a fatal signal (SIGABRT, SIGSEGV, ...) prints the Python stack of each of its
+  threads to its stderr first (``faulthandler``).
 * If a rank raises (any ``BaseException``, ``sys.exit`` included) or dies without reporting
   (``os._exit``, a signal), the others get a :data:`FAIL_GRACE_S` (5 s) grace to finish or fail
   on their own, then are killed, and :class:`RankFailed` is raised for the lowest failing rank;
@@ -27,6 +29,7 @@ Only the standard library is imported at module level (the children import this 
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import signal
@@ -66,6 +69,7 @@ def _trampoline(payload: bytes, rank: int, env: dict[str, str | None], conn) -> 
         os.setsid()  # own process group, so the parent can kill grandchildren with it
     except OSError:
         pass
+    faulthandler.enable(all_threads=True)  # a fatal signal prints every thread's Python stack
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)

@@ -12,6 +12,13 @@ import comms  # noqa: F401 - registers the backend
 
 STEPS = 4
 
+# Every Gloo group made here, kept until the process exits. A Gloo group's destructor joins its
+# worker threads, and those threads run the Python callbacks of hooks that hold the group (the
+# PowerSGD state, _halving_hook's closure). Dropped on the main thread right after the last such
+# callback, the group's last reference could go with the callback's closure on a worker thread,
+# which then joined itself: std::system_error "Resource deadlock avoided", SIGABRT.
+_GLOO_GROUPS: list[dist.ProcessGroup] = []
+
 
 def _init(tag: str) -> dist.ProcessGroup:
     """The comms world plus a Gloo group over the same ranks, through the job's store under a
@@ -20,7 +27,8 @@ def _init(tag: str) -> dist.ProcessGroup:
     from torch_workers import init
     torch.set_num_threads(1)
     init(tag=tag)
-    return dist.new_group(backend="gloo")
+    _GLOO_GROUPS.append(dist.new_group(backend="gloo"))
+    return _GLOO_GROUPS[-1]
 
 
 def _batch(rank: int, step: int, *shape) -> torch.Tensor:

@@ -10,7 +10,8 @@ Modules:
 
 * :mod:`bench.cli`      -- command line (nccl-tests flags) and the size sweep;
 * :mod:`bench.driver`   -- runs each backend in fresh launches (``comms.run``, ``mpirun``), progress, exit status;
-* :mod:`bench.worker`   -- the rank-side loop: warm-up, adaptive iteration count, timing, check;
+* :mod:`bench.worker`   -- the rank-side loop of a launch: ops and places, check, gathering the figures;
+* :mod:`bench.measure`  -- the rank-side timing: buffer pool, warm-up, adaptive iteration count, timed loop;
 * :mod:`bench.ops`      -- one class per op: buffer layout, in-place aliasing, bus factor, exact check data;
 * :mod:`bench.backends` -- one adapter per library (comms, gloo, mpi): native modes, bindings; variants;
 * :mod:`bench.report`   -- aggregation over launches, tables, A/B comparison, machine info, JSON, plot.

@@ -277,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     sim_ctx = None
     if args.hosts is not None:
         sys.path.insert(0, str(_TESTS))
+        import hostns
         import multihost
-        why = multihost.why_unavailable()
+        why = hostns.why_unavailable()
         if why:
             driver.note(f"--hosts: {why}; run it as root (or use -np for one host)")
             return 2

@@ -114,12 +114,14 @@ def worker(args) -> int:
 
 # -- driver -----------------------------------------------------------------------------------------
 def _harness():
-    """tests/multihost.py (and tests/netns.py, which it imports), as bench.regret imports them."""
+    """tests/hostns.py and tests/multihost.py (and tests/netns.py, which they import), as bench.regret
+    imports them."""
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
+    import hostns
     import multihost
-    return multihost
+    return hostns, multihost
 
 
 def run_iperf3(sim, seconds: float) -> dict:
@@ -210,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
 
-    mh = _harness()
-    reason = mh.why_unavailable() or (None if shutil.which("iperf3") else
+    hs, mh = _harness()
+    reason = hs.why_unavailable() or (None if shutil.which("iperf3") else
                                       "iperf3 is not on PATH (as root: DEBIAN_FRONTEND=noninteractive apt-get "
                                       "install -y iperf3, or bash .ci/setup.sh)")
     if reason:

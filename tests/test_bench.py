@@ -394,7 +394,7 @@ def test_worker_interleaves_the_variants_in_the_given_rounds(monkeypatch):
     """measure_variants with --variant-rounds 3 and -n 6: after one warm-up turn per variant, 3
     rounds run every variant in turn, the order flipped every round, each turn a barrier, one
     untimed op and 2 timed ops; a variant's figures pool its rounds' 6 samples."""
-    from bench import worker
+    from bench import measure, worker
     log: list = []
 
     class Fake:
@@ -414,11 +414,11 @@ def test_worker_interleaves_the_variants_in_the_given_rounds(monkeypatch):
             return self.forced
 
     be = Fake()
-    monkeypatch.setattr(worker, "_fns_and_batch", lambda *a: ([lambda: log.append(("op", be.forced))], 1, 1))
+    monkeypatch.setattr(measure, "_fns_and_batch", lambda *a: ([lambda: log.append(("op", be.forced))], 1, 1))
     args = worker.parse_args(["--backend", "comms", "--sizes", "64", "--iters", "6", "--variant-rounds", "3",
                               "--variants", "auto,ring,tree"])
-    figs = worker.measure_variants(args, be, ops.OPS["all_reduce"], "in", ops.OPS["all_reduce"].layout(64, 2, 4),
-                                   None, ["auto", "ring", "tree"])
+    figs = measure.measure_variants(args, be, ops.OPS["all_reduce"], "in", ops.OPS["all_reduce"].layout(64, 2, 4),
+                                    None, ["auto", "ring", "tree"])
     turns = [v for kind, v in log if kind == "barrier"]
     assert turns == ["auto", "ring", "tree"] + ["auto", "ring", "tree", "tree", "ring", "auto", "auto", "ring", "tree"]
     assert sum(1 for kind, v in log if kind == "op" and v == "ring") == 1 + 3 * (1 + 2)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from multihost import SimulatedHosts, parse_rate, why_unavailable
+from hostns import parse_rate, why_unavailable
+from multihost import SimulatedHosts
 from netns import alive, cleanup_stale, netns_pids, ours
 
 pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=str(why_unavailable()))

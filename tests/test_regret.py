@@ -235,8 +235,8 @@ def test_split_regret_is_the_benchs_own_noise():
 
 
 def test_regret_simulated_hosts_need_root(monkeypatch, capsys):
-    import multihost
+    import hostns
     from bench import regret
-    monkeypatch.setattr(multihost, "why_unavailable", lambda: "simulated hosts need root (running as uid 1000)")
+    monkeypatch.setattr(hostns, "why_unavailable", lambda: "simulated hosts need root (running as uid 1000)")
     assert regret.main(["--hosts", "2", "--ranks", "2"]) == 2
     assert "need root" in capsys.readouterr().err

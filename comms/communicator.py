@@ -223,25 +223,29 @@ class Communicator(Operations):
         return self._scratch_ptr
 
     def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None,
-             timeout: float | None = None, scheduled: bool = False) -> Work | int | None:
+             timeout: float | None = None) -> Work | int | None:
         """Run ``enc`` on the engine now (or start it, with ``async_op``). ``timeout`` (seconds)
         replaces the communicator's deadline for this operation. A plan that is an alternative of
-        an online trial runs through the trial (comms.online), which calls back with ``scheduled``."""
+        an online trial (comms.online) is counted by the trial, and timed when it says so."""
         if self._broken is not None or self._closed:
             self._check_open()
-        if enc.trial is not None and not scheduled:
-            return self._contests.call(enc, lambda: self._run(enc, p_in, p_out, keep, async_op, result, timeout, True),
-                                       not async_op)
+        trial = enc.trial
+        if trial is not None:
+            t0 = trial.begin(not async_op)
         scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
         deadline = time.monotonic_ns() + (self._timeout_ns if timeout is None else int(timeout * 1e9))
         if not async_op:
             failed, source, seq = self._engine.run(enc, p_in, p_out, scratch, deadline)
             if failed is not None:
                 raise self._fail(failed[0], failed[1], enc.name, seq, enc.plan, timeout)
+            if trial is not None:
+                trial.end(t0)
             return source
         work = Work(enc.name, 0, self.rank, keepalive=keep, result=result)
         self._engine.start(enc, p_in, p_out, scratch, deadline, work,
                            lambda w, rc, st: w._finish(self._fail(rc, st, enc.name, w.seq, enc.plan, timeout) if rc else None))
+        if trial is not None:
+            trial.end(t0)
         return work
 
     def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None, timeout: float | None = None) -> CommsError:

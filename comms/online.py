@@ -18,13 +18,18 @@ two or more alternatives that build a plan (one that declines the case drops out
   order anyway). Every call computes the user's result; only the algorithm differs.
 * Timing. A synchronous call is timed from entry to return; an asynchronous one is counted but
   not timed (its completion overlaps other work).
+* Pruning. When more than :data:`PRUNE_AFTER` rounds are asked for, the call after the first
+  PRUNE_AFTER rounds agrees on their figures (one MAX all_reduce, as below), and an alternative
+  more than :data:`PRUNE` slower than the round's fastest in every one of those rounds runs no
+  more turns. With one alternative left, it is the decision.
 * Decision, at the key's next call: every rank contributes its mean time per round and
   alternative (``inf`` where it timed none), and one MAX all_reduce gives every rank the same
   figures, the slowest rank's (a collective ends when its slowest rank does). Over the rounds in
-  which every alternative has a figure, each alternative's ratio to the first is the median of its
-  per-round ratios; the lowest ratio wins if below ``1 - SWITCH``, else the first alternative
-  (the rule's own pick) stays. The same figures on every rank give the same algorithm on every
-  rank, kept for the communicator's life (``set_algo`` does not reset it).
+  which every alternative still in has a figure, each one's ratio to the first of them is the
+  median of its per-round ratios; the lowest ratio wins if below ``1 - SWITCH``, else the first
+  alternative (the rule's own pick) stays; when the pick was dropped, the lowest wins. The same
+  figures on every rank give the same algorithm on every rank, kept for the communicator's life
+  (``set_algo`` does not reset it).
 * ``COMMS_ONLINE_ROUNDS=0`` turns this off: the first alternative runs. Under
   ``COMMS_DETERMINISTIC=1`` the switch does not change any result; otherwise, as with any
   change of algorithm, the last bits of a floating-point reduction may differ between the calls
@@ -48,6 +53,8 @@ SIZING_CALLS = 4         # calls per alternative that size the turns (the first 
 LEAD_S = 0.006           # a turn starts with about this long of untimed calls (at most LEAD_MAX)...
 TIMED_S = 0.004          # ...then about this long of timed ones (at least one, at most TIMED_MAX)
 LEAD_MAX, TIMED_MAX = 64, 32
+PRUNE_AFTER = 2          # after this many rounds (if more follow), the ranks agree on the figures...
+PRUNE = 0.25             # ...and drop an alternative this much slower than the round's fastest in each
 
 
 def turn_calls(seconds_per_call: float) -> tuple[int, int]:
@@ -61,54 +68,101 @@ def turn_calls(seconds_per_call: float) -> tuple[int, int]:
 
 
 class Trial:
-    """One key's schedule and this rank's timings, sans-I/O: :class:`Contests` runs the calls.
-    ``encs`` are the alternatives' encoded plans, each marked with this trial (``enc.trial``) while
-    it lasts; ``key`` is the plan key, ``ran_key`` the communicator's (collective, bytes).
+    """One key's schedule and this rank's timings, sans-I/O apart from two dicts it keeps current:
+    ``plans`` (the communicator's plan cache) holds the encoded plan of the alternative whose turn
+    it is under ``key`` (and loses ``key`` once a phase's turns are over, so that the next call
+    goes to :meth:`Contests.pick`), and ``ran`` maps ``ran_key`` (collective, bytes) to the
+    algorithm of the call begun last. ``encs`` are the alternatives' encoded plans, each marked with this
+    trial (``enc.trial``) while it lasts.
 
-    Two schedules, one after the other: the sizing turns (:data:`SIZING_CALLS` of each
-    alternative, ``sizing`` True), whose agreed times give each alternative its turn
-    (:func:`turn_calls`, :meth:`plan_rounds`), then ``rounds`` rounds, each alternative one turn a
-    round, the order reversed every other round."""
+    A schedule is a list of turns (round, alternative, untimed calls, timed calls). Phases, one
+    after the other: the sizing turns (:data:`SIZING_CALLS` calls of each alternative, the first
+    untimed), whose agreed times size each alternative's turn (:func:`turn_calls`); the first
+    :data:`PRUNE_AFTER` rounds, after which the alternatives far behind drop out (:meth:`prune`);
+    the remaining rounds. Each round runs every alternative still in one turn, the order reversed
+    every other round.
+
+    The communicator brackets every call of a plan marked with a trial with :meth:`begin` and
+    :meth:`end` (nothing else per call, so that a call inside a trial costs little more than one
+    outside)."""
 
     def __init__(self, alts: list[str], rounds: int, encs: list | None = None, key: tuple = (),
-                 ran_key: tuple = ()):
+                 ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None):
         self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
-        self.sizing = True
-        self._begin([(0, alt, t > 0) for alt in range(len(self.alts)) for t in range(SIZING_CALLS)], 1)
+        self._plans = {} if plans is None else plans
+        self._ran = {} if ran is None else ran
+        self.alive = list(range(len(self.alts)))
+        self._algo = None
+        self.phase = "sizing"
+        self._sum = [[0.0] * len(self.alts)]
+        self._n = [[0] * len(self.alts)]
+        self._turns_of = [(1, SIZING_CALLS - 1)] * len(self.alts)
+        self._begin(range(1))
 
-    def _begin(self, schedule: list, rows: int) -> None:
-        # per call: (round, alternative, timed)
-        self.schedule, self.total, self.calls = schedule, len(schedule), 0
-        self._sum = [[0.0] * len(self.alts) for _ in range(rows)]
-        self._n = [[0] * len(self.alts) for _ in range(rows)]
+    def _begin(self, rounds) -> None:
+        k = self.alive
+        self.schedule = [(r, a, *self._turns_of[a]) for r in rounds for a in (k if r % 2 == 0 else k[::-1])]
+        self.turn, self.done = -1, False
+        self._next_turn()
 
-    def plan_rounds(self, seconds_per_call) -> None:
-        """Start the timed rounds, each alternative's turn sized from its agreed time per call."""
-        turns = [turn_calls(float(t)) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
-        k = len(self.alts)
-        self.sizing = False
-        self._begin([(r, alt, i >= turns[alt][0])
-                     for r in range(self.rounds) for alt in (range(k) if r % 2 == 0 else range(k - 1, -1, -1))
-                     for i in range(sum(turns[alt]))], self.rounds)
+    def _next_turn(self) -> None:
+        self.turn += 1
+        if self.turn >= len(self.schedule):
+            self.done = True
+            self._plans.pop(self.key, None)
+            return
+        self.row, self.alt, self.lead, self.timed = self.schedule[self.turn]
+        if self.encs:
+            self._plans[self.key] = self.encs[self.alt]
+            self._algo = self.encs[self.alt].plan.algorithm
 
     @property
-    def done(self) -> bool:
-        """Every call of the schedule has started: the next call sizes the rounds or decides."""
-        return self.calls >= self.total
+    def calls(self) -> int:
+        """Calls of the current schedule still to start."""
+        return self.lead + self.timed + sum(t[2] + t[3] for t in self.schedule[self.turn + 1:])
 
-    def slot(self, call: int) -> tuple[int, int]:
-        """(round, alternative index) of the schedule's call number ``call``."""
-        return self.schedule[call][:2]
+    def begin(self, timeable: bool) -> float:
+        """Count a call of the current turn; its start time if it is to be timed (a timed slot of
+        the turn and ``timeable``, a synchronous call), else 0.0."""
+        self._ran[self.ran_key] = self._algo
+        if self.lead:
+            self.lead -= 1
+            return 0.0
+        self.timed -= 1
+        return time.perf_counter() if timeable else 0.0
 
-    def start(self) -> tuple[tuple[int, int], bool]:
-        """The slot of the next call, counted now, and whether to time it."""
-        r, alt, timed = self.schedule[self.calls]
-        self.calls += 1
-        return (r, alt), timed
+    def end(self, t0: float) -> None:
+        """The call begun at ``t0`` (0.0: untimed) returned; the turn moves on when it is spent."""
+        if t0:
+            self.record(self.row, self.alt, time.perf_counter() - t0)
+        if not (self.lead or self.timed):
+            self._next_turn()
 
-    def record(self, slot: tuple[int, int], seconds: float) -> None:
-        self._sum[slot[0]][slot[1]] += seconds
-        self._n[slot[0]][slot[1]] += 1
+    def record(self, row: int, alt: int, seconds: float) -> None:
+        self._sum[row][alt] += seconds
+        self._n[row][alt] += 1
+
+    def plan_rounds(self, seconds_per_call) -> None:
+        """Start the rounds (the first PRUNE_AFTER of them, if more follow), each alternative's
+        turn sized from its agreed time per call."""
+        self._turns_of = [turn_calls(float(t)) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
+        self._sum = [[0.0] * len(self.alts) for _ in range(self.rounds)]
+        self._n = [[0] * len(self.alts) for _ in range(self.rounds)]
+        early = PRUNE_AFTER < self.rounds
+        self.phase = "early" if early else "rounds"
+        self._begin(range(PRUNE_AFTER if early else self.rounds))
+
+    def prune(self, agreed: np.ndarray) -> None:
+        """Drop the alternatives that the agreed figures of the first rounds put more than
+        :data:`PRUNE` behind the round's fastest in every one of them, then start the remaining
+        rounds (none when one alternative is left)."""
+        rows = agreed[:PRUNE_AFTER]
+        def behind(a: int) -> bool:
+            return all(np.isfinite(row[self.alive]).all() and row[a] > (1 + PRUNE) * row[self.alive].min()
+                       for row in rows)
+        self.alive = [a for a in self.alive if not behind(a)]
+        self.phase = "rounds"
+        self._begin(range(PRUNE_AFTER, self.rounds) if len(self.alive) > 1 else ())
 
     def figures(self) -> np.ndarray:
         """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
@@ -116,26 +170,36 @@ class Trial:
                          for srow, nrow in zip(self._sum, self._n)], np.float64)
 
 
-def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
+def decide(alts: list[str], agreed: np.ndarray, alive: list[int] | None = None) -> tuple[int, dict[str, float]]:
     """The winner's index from the agreed figures (rounds x alternatives, the slowest rank's), and
-    every alternative's median ratio to the first over the rounds where all have a figure
-    (an empty dict, and the first alternative, when no round does)."""
-    full = [row for row in agreed if np.all(np.isfinite(row)) and row[0] > 0]
+    every alternative's median ratio to the first over the rounds where both have a figure.
+
+    Among the ``alive`` alternatives (all by default), over the rounds where all of them have a
+    figure: the one with the lowest median per-round ratio wins if it is the first alternative
+    (the rule's pick) or at least ``SWITCH`` faster than it; when the pick was dropped (not alive)
+    the lowest wins outright. No such round: the first alive alternative."""
+    alive = list(range(len(alts))) if alive is None else alive
+    ref = alive[0]
+    ratios = {}
+    for i, a in enumerate(alts):
+        both = [float(row[i] / row[0]) for row in agreed if np.isfinite(row[[0, i]]).all() and row[0] > 0]
+        if both:
+            ratios[a] = statistics.median(both)
+    full = [row for row in agreed if np.isfinite(row[alive]).all() and row[ref] > 0]
     if not full:
-        return 0, {}
-    ratios = {a: statistics.median(float(row[i] / row[0]) for row in full) for i, a in enumerate(alts)}
-    best = min(range(len(alts)), key=lambda i: (ratios[alts[i]], i))
-    return (best if ratios[alts[best]] < 1 - SWITCH else 0), ratios
+        return ref, ratios
+    med = {i: statistics.median(float(row[i] / row[ref]) for row in full) for i in alive}
+    best = min(alive, key=lambda i: (med[i], i))
+    return (best if ref != 0 or med[best] < 1 - SWITCH else 0), ratios
 
 
 class Contests:
     """A communicator's online timings: the trials in progress and the decisions, per (plan key,
     alternatives). ``agree`` is the communicator's MAX all_reduce of a float64 array, in place,
     which every rank calls at the same point; ``plans`` and ``ran`` are its plan cache (key ->
-    encoded plan) and its record of the algorithm each (collective, bytes) last ran. A trial keeps
-    the plan of the alternative whose turn it is in ``plans``, so the calls of a turn take the
-    communicator's cached path; the communicator hands every run of a plan marked with a trial
-    to :meth:`call`."""
+    encoded plan) and its record of the algorithm each (collective, bytes) last ran, which the
+    trials keep current (:class:`Trial`). The communicator brackets every run of a plan marked
+    with a trial with the trial's ``begin`` and ``end``."""
 
     def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict):
         self.rounds = rounds
@@ -147,8 +211,8 @@ class Contests:
         """The encoded plan the next call of ``key`` runs under a rule naming ``alts`` (for the
         caller to cache), or None when fewer than two alternatives build a plan (the caller plans
         as without alternatives); ``build(name)`` encodes an alternative's plan, None when it
-        declines. The call after the sizing turns sizes the rounds, and the call after the rounds
-        decides (one MAX all_reduce each, every rank alike)."""
+        declines. The call after each phase of a trial agrees on its figures (one MAX all_reduce,
+        every rank alike) and starts the next phase or decides."""
         cid = (key, alts)
         got = self.decided.get(cid)
         if got is not None:
@@ -163,48 +227,32 @@ class Contests:
                     encs.append(enc)
             if len(names) < 2 or self.rounds < 1:
                 return None
-            trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key)
+            trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key, self._plans, self._ran)
             for enc in encs:
                 enc.trial = trial
-        if trial.done and trial.sizing:
+        if trial.done and trial.phase == "sizing":
             sized = trial.figures().ravel()
             self._agree(sized)
             trial.plan_rounds(sized)
+        if trial.done and trial.phase == "early":
+            agreed = trial.figures()                    # a fresh array: agreed in place
+            self._agree(agreed.ravel())
+            trial.prune(agreed)
         if not trial.done:
-            return trial.encs[trial.slot(trial.calls)[1]]
-        agreed = trial.figures()                        # a fresh array: agreed in place
+            return trial.encs[trial.alt]
+        agreed = trial.figures()
         self._agree(agreed.ravel())
-        win, ratios = decide(trial.alts, agreed)
+        win, ratios = decide(trial.alts, agreed, trial.alive)
         for enc in trial.encs:
             enc.trial = None
         del self._trials[cid]
         self.decided[cid] = (trial.encs[win], ratios)
-        log.info("comms: %s of %d B: timed %s over %d rounds (time / %s's: %s) -> %s", key[0], nbytes,
-                 "|".join(trial.alts), trial.rounds, trial.alts[0],
-                 ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
+        self._ran[ran_key] = trial.encs[win].plan.algorithm
+        dropped = [trial.alts[a] for a in range(len(trial.alts)) if a not in trial.alive]
+        log.info("comms: %s of %d B: timed %s over %d rounds%s (time / %s's: %s) -> %s", key[0], nbytes,
+                 "|".join(trial.alts), trial.rounds, f", {'|'.join(dropped)} dropped after {PRUNE_AFTER}" if dropped else "",
+                 trial.alts[0], ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
         return trial.encs[win]
-
-    def call(self, enc, run: Callable[[], object], timeable: bool):
-        """Run ``run()``, the call of ``enc``'s trial whose turn it is: counted, timed when the
-        schedule says so and ``timeable`` (a synchronous call); then the plan cache gets the next
-        call's alternative (or loses the key once the schedule is over, so that the next call
-        decides)."""
-        trial = enc.trial
-        slot, timed = trial.start()
-        self._ran[trial.ran_key] = enc.plan.algorithm
-        if timed and timeable:
-            t0 = time.perf_counter()
-            out = run()
-            trial.record(slot, time.perf_counter() - t0)
-        else:
-            out = run()
-        if trial.done:
-            self._plans.pop(trial.key, None)
-        else:
-            nxt = trial.encs[trial.slot(trial.calls)[1]]
-            if nxt is not enc:
-                self._plans[trial.key] = nxt
-        return out
 
     def choices(self) -> list[dict]:
         """The decisions so far: key, alternatives, chosen algorithm, ratios to the first."""

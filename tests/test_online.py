@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from comms import InvalidUsage, algorithms
-from comms.online import LEAD_MAX, SIZING_CALLS, SWITCH, TIMED_MAX, Trial, decide, turn_calls
+from comms.online import LEAD_MAX, PRUNE, PRUNE_AFTER, SIZING_CALLS, SWITCH, TIMED_MAX, Trial, decide, turn_calls
 from comms.selector import Selector, parse
 from comms.testing import spawn
 from comms.timed import PROBES, layout
@@ -33,25 +33,55 @@ def test_rules_name_alternatives_in_the_grammar():
         parse("all_reduce:direct|direct")
 
 
+def _drain(t: Trial) -> list[tuple[int, int, bool]]:
+    """Run a phase's calls: (round, alternative, timed) per call."""
+    got = []
+    while not t.done:
+        row, alt = t.row, t.alt
+        t0 = t.begin(True)
+        got.append((row, alt, t0 != 0.0))
+        t.end(t0)
+    return got
+
+
 def test_sizing_turns_then_rounds_of_turns_sized_by_time_reversed_every_other_round():
-    t = Trial(["a", "b", "c"], rounds=3)
-    sizing = [t.start() for _ in range(t.total)]
-    assert t.done and t.sizing and t.total == 3 * SIZING_CALLS
-    assert [s[1] for s, _ in sizing] == [0] * SIZING_CALLS + [1] * SIZING_CALLS + [2] * SIZING_CALLS
-    assert [timed for _, timed in sizing] == ([False] + [True] * (SIZING_CALLS - 1)) * 3
-    t.record((0, 1), 2.0)
-    t.record((0, 1), 4.0)
+    plans, ran = {}, {}
+    t = Trial(["a", "b", "c"], rounds=3, key=("k",), plans=plans, ran=ran)
+    assert t.phase == "sizing" and t.calls == 3 * SIZING_CALLS
+    sizing = _drain(t)
+    assert [alt for _, alt, _ in sizing] == [0] * SIZING_CALLS + [1] * SIZING_CALLS + [2] * SIZING_CALLS
+    assert [timed for _, _, timed in sizing] == ([False] + [True] * (SIZING_CALLS - 1)) * 3
     f = t.figures()
-    assert f.shape == (1, 3) and f[0, 1] == 3.0 and np.isinf(f[0, 0])
+    assert f.shape == (1, 3) and np.isfinite(f).all()
     # a: 2 ms a call, 3 untimed + 2 timed; b: 1 s, one of each; c: 1 us, the most of each
     assert turn_calls(0.002) == (3, 2) and turn_calls(1.0) == (1, 1) and turn_calls(1e-6) == (LEAD_MAX, TIMED_MAX)
     t.plan_rounds(np.array([0.002, 1.0, math.inf]))
-    assert not t.sizing and not t.done
-    started = [t.start() for _ in range(t.total)]
-    assert t.done and t.total == 3 * (5 + 2 + 2)
-    assert [s[1] for s, _ in started] == [0] * 5 + [1] * 2 + [2] * 2 + [2] * 2 + [1] * 2 + [0] * 5 + [0] * 5 + [1] * 2 + [2] * 2
-    assert [s[0] for s, _ in started] == [0] * 9 + [1] * 9 + [2] * 9
-    assert [timed for _, timed in started[:9]] == [False] * 3 + [True] * 2 + [False, True] * 2
+    assert t.phase == "early" and not t.done and t.calls == PRUNE_AFTER * (5 + 2 + 2)
+    early = _drain(t)
+    assert [alt for _, alt, _ in early] == [0] * 5 + [1] * 2 + [2] * 2 + [2] * 2 + [1] * 2 + [0] * 5
+    assert [row for row, _, _ in early] == [0] * 9 + [1] * 9
+    assert [timed for _, _, timed in early[:9]] == [False] * 3 + [True] * 2 + [False, True] * 2
+    assert t.figures().shape == (3, 3) and np.isinf(t.figures()[2]).all()
+    # c ran 2x the fastest in both early rounds: dropped; the last round runs a and b
+    t.prune(np.array([[1.0, 1.1, 2.0], [1.2, 1.0, 2.1], [np.inf] * 3]))
+    assert t.alive == [0, 1] and t.phase == "rounds"
+    assert [(row, alt) for row, alt, _ in _drain(t)] == [(2, 0)] * 5 + [(2, 1)] * 2
+    assert "k" not in plans and ("k",) not in plans
+
+
+def test_pruning_drops_only_what_is_far_behind_in_every_early_round():
+    def alive_after(rows) -> list[int]:
+        t = Trial(["a", "b", "c"], rounds=4)
+        _drain(t)
+        t.plan_rounds(np.full(3, 1e-3))
+        _drain(t)
+        t.prune(np.array(rows + [[np.inf] * 3] * 2))
+        return t.alive
+    far = 1 + 2 * PRUNE
+    assert alive_after([[1.0, far, 1.0], [1.0, far, 1.0]]) == [0, 2]
+    assert alive_after([[1.0, far, 1.0], [1.0, 1.0, 1.0]]) == [0, 1, 2]      # behind in one round only
+    assert alive_after([[1.0, far, np.inf], [1.0, far, 1.0]]) == [0, 1, 2]   # a round missing a figure
+    assert alive_after([[far, 1.0, far], [far, 1.0, far]]) == [1]            # the pick too: decided at once
 
 
 def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly_faster():
@@ -66,15 +96,25 @@ def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly
     # rounds where an alternative has no figure (inf: a rank timed none) do not count
     assert decide(alts, np.array([[10.0, math.inf], [10.0, 20.0]])) == (0, {"a": 1.0, "b": 2.0})
     assert decide(alts, np.full((2, 2), math.inf)) == (0, {})
+    # the pick dropped after the early rounds: the faster of the others wins outright, even by less
+    # than SWITCH; ratios to the pick come from the rounds it ran
+    three = ["a", "b", "c"]
+    agreed = np.array([[20.0, 10.0, 10.1], [20.0, 10.0, 10.1], [np.inf, 10.0, 10.1]])
+    win, ratios = decide(three, agreed, [1, 2])
+    assert win == 1 and ratios == {"a": 1.0, "b": 0.5, "c": 0.505}
+    assert decide(three, agreed[:, [0, 2, 1]], [1, 2])[0] == 2
+    assert decide(three, agreed, [1])[0] == 1
 
 
-@pytest.mark.parametrize("slow,fast", [("ring", "direct"), ("direct", "ring")])
-def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast):
+@pytest.mark.parametrize("slow,fast,rounds", [("ring", "direct", 2), ("direct", "ring", 2), ("ring", "direct", 5)])
+def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast, rounds):
     """2 ranks, all_reduce:ring|direct of 1 MiB, one algorithm held 2 ms per call: the sizing
-    turns come first, every sum is right, and after 2 rounds every rank runs the faster; forcing an
-    algorithm and going back keeps the decision."""
+    turns come first, every sum is right, and after 2 rounds every rank runs the faster (with 5
+    rounds, the slow one is dropped after PRUNE_AFTER = 2); forcing an algorithm and going back
+    keeps the decision."""
     from workers import online_timed
-    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 400), env=ENV)
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 400),
+                env=dict(ENV, COMMS_ONLINE_ROUNDS=str(rounds)))
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])

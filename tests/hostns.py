@@ -215,24 +215,22 @@ class HostNamespaces:
         everything left in the namespaces."""
         with self._lock:
             procs, self._procs = self._procs, []
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+
+        def signal_running(sig: int) -> None:
+            for p in procs:
+                if p.poll() is None:
+                    try:
+                        os.killpg(p.pid, sig)
+                    except ProcessLookupError:
+                        pass
+        signal_running(signal.SIGTERM)
         end = time.monotonic() + grace_s
         for p in procs:
             try:
                 p.wait(max(0.0, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        signal_running(signal.SIGKILL)
         kill_processes(self._created)
         for p in procs:
             p.wait()

@@ -72,8 +72,8 @@ class Trial:
     ``plans`` (the communicator's plan cache) holds the encoded plan of the alternative whose turn
     it is under ``key`` (and loses ``key`` once a phase's turns are over, so that the next call
     goes to :meth:`Contests.pick`), and ``ran`` maps ``ran_key`` (collective, bytes) to the
-    algorithm of the call begun last. ``encs`` are the alternatives' encoded plans, each marked with this
-    trial (``enc.trial``) while it lasts.
+    algorithm of the call begun last. ``encs`` are the alternatives' encoded plans, each marked
+    with this trial (``enc.trial``) while it lasts.
 
     A schedule is a list of turns (round, alternative, untimed calls, timed calls). Phases, one
     after the other: the sizing turns (:data:`SIZING_CALLS` calls of each alternative, the first
@@ -94,10 +94,13 @@ class Trial:
         self.alive = list(range(len(self.alts)))
         self._algo = None
         self.phase = "sizing"
-        self._sum = [[0.0] * len(self.alts)]
-        self._n = [[0] * len(self.alts)]
+        self._clear(1)
         self._turns_of = [(1, SIZING_CALLS - 1)] * len(self.alts)
         self._begin(range(1))
+
+    def _clear(self, rows: int) -> None:
+        self._sum = [[0.0] * len(self.alts) for _ in range(rows)]
+        self._n = [[0] * len(self.alts) for _ in range(rows)]
 
     def _begin(self, rounds) -> None:
         k = self.alive
@@ -146,8 +149,7 @@ class Trial:
         """Start the rounds (the first PRUNE_AFTER of them, if more follow), each alternative's
         turn sized from its agreed time per call."""
         self._turns_of = [turn_calls(float(t)) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
-        self._sum = [[0.0] * len(self.alts) for _ in range(self.rounds)]
-        self._n = [[0] * len(self.alts) for _ in range(self.rounds)]
+        self._clear(self.rounds)
         early = PRUNE_AFTER < self.rounds
         self.phase = "early" if early else "rounds"
         self._begin(range(PRUNE_AFTER if early else self.rounds))
@@ -231,28 +233,28 @@ class Contests:
             for enc in encs:
                 enc.trial = trial
         if trial.done and trial.phase == "sizing":
-            sized = trial.figures().ravel()
-            self._agree(sized)
-            trial.plan_rounds(sized)
+            trial.plan_rounds(self._agreed(trial)[0])
         if trial.done and trial.phase == "early":
-            agreed = trial.figures()                    # a fresh array: agreed in place
-            self._agree(agreed.ravel())
-            trial.prune(agreed)
+            trial.prune(self._agreed(trial))
         if not trial.done:
             return trial.encs[trial.alt]
-        agreed = trial.figures()
-        self._agree(agreed.ravel())
-        win, ratios = decide(trial.alts, agreed, trial.alive)
+        win, ratios = decide(trial.alts, self._agreed(trial), trial.alive)
         for enc in trial.encs:
             enc.trial = None
         del self._trials[cid]
         self.decided[cid] = (trial.encs[win], ratios)
-        self._ran[ran_key] = trial.encs[win].plan.algorithm
-        dropped = [trial.alts[a] for a in range(len(trial.alts)) if a not in trial.alive]
+        dropped = "|".join(a for i, a in enumerate(trial.alts) if i not in trial.alive)
         log.info("comms: %s of %d B: timed %s over %d rounds%s (time / %s's: %s) -> %s", key[0], nbytes,
-                 "|".join(trial.alts), trial.rounds, f", {'|'.join(dropped)} dropped after {PRUNE_AFTER}" if dropped else "",
+                 "|".join(trial.alts), trial.rounds, f", {dropped} dropped after {PRUNE_AFTER}" if dropped else "",
                  trial.alts[0], ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
         return trial.encs[win]
+
+    def _agreed(self, trial: Trial) -> np.ndarray:
+        """The trial's figures so far, the slowest rank's (one MAX all_reduce, in place on the fresh
+        array that :meth:`Trial.figures` returns)."""
+        figures = trial.figures()
+        self._agree(figures.ravel())
+        return figures
 
     def choices(self) -> list[dict]:
         """The decisions so far: key, alternatives, chosen algorithm, ratios to the first."""

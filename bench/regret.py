@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         sim_ctx = multihost.SimulatedHosts(args.hosts, args.ranks, args.rate)
     from comms import algorithms
+    from comms.tuning import describe_links
     load0 = os.getloadavg()
     t0 = time.monotonic()
     doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,
@@ -317,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"launches {args.launches}, each measuring every variant side by side (paired by "
                      f"{args.pairing}, {args.variant_rounds} rounds per size); iters ")
                   + f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
+            cm = doc["cost_model"]
             print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
-                  + (f"{doc['cost_model']['source']}: shm {doc['cost_model']['shm']}, tcp {doc['cost_model']['tcp']}, "
-                     f"reduce {doc['cost_model']['reduce_gbps']} GB/s" if doc["cost_model"] else "?"))
+                  + (f"{cm['source']}: {describe_links(cm['links'])}, reduce {cm['reduce_gbps']} GB/s" if cm else "?"))
             if os.environ.get("COMMS_ALGO"):
                 print(f"# WARNING: COMMS_ALGO={os.environ['COMMS_ALGO']} is set: the default run is not the default")
             for op in args.ops:

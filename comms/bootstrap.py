@@ -1,24 +1,27 @@
 """Init: from a torch.distributed Store to a connected native engine.
 
-Rounds, each a publish-then-gather through the store under the communicator's key prefix:
+Rounds, each a publish-then-gather through the store under the communicator's key prefix (values
+are JSON, checked on the way in; nothing from the store is unpickled):
 
 1. every rank publishes its PeerInfo (host identity, pid, cores, a /dev/shm probe file); then
    every rank publishes which same-identity peers' probes it can see, and two ranks are on one host
    only if both see each other's probe; those ranks form this rank's local group;
 2. every transport listens and every rank publishes the addresses (or the error it hit, so that
    all ranks fail with the same clear message instead of waiting);
-3. for every peer, the first transport (in ``comms.transports.ORDER``) whose ``can_connect`` says
-   yes connects; then a barrier; then each transport's ``finish()`` (the shm segments lose their
-   names, tcp listeners close).
+3. for every pair of ranks, the first transport (in ``comms.transports.ORDER``) whose
+   ``can_connect`` says yes and for which both published an address carries their traffic; every
+   rank computes the same choice for every pair (:meth:`Bootstrap.pair_transport`), which gives the
+   cost model its route; each rank connects its own peers, then a barrier, then each transport's
+   ``finish()`` (the shm segments lose their names, tcp listeners close).
 
 Every wait has the init deadline; on expiry the error names the ranks that never showed up.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import pickle
 import time
 from datetime import timedelta
 
@@ -27,7 +30,8 @@ from . import log as clog
 from .engine import Engine
 from .errors import CommsError, CommTimeout, InvalidUsage, TransportError
 from .hostid import PeerInfo
-from .transports import ORDER
+from .transports import NAMES, ORDER
+from .tuning import Route
 
 log = clog.get("INIT")
 
@@ -62,23 +66,23 @@ class Bootstrap:
         self.comm_key = hashlib.blake2b(prefix.encode(), digest_size=16).digest()
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
-        forced = config.get("TRANSPORT").lower()
-        if forced not in ("auto", "shm", "tcp"):
-            raise InvalidUsage(f"COMMS_TRANSPORT={forced!r}: expected auto, shm or tcp")
-        self.forced_transport = None if forced == "auto" else forced
+        self.allowed = allowed_transports()     # COMMS_TRANSPORT's list, in its order (None: auto)
         self.peers: list[PeerInfo] = []
         self.local_ranks: list[int] = []
         self.engine: Engine | None = None
         self.transports = []
         self.chosen: dict[int, str] = {}
+        self.endpoints: dict = {}            # peer -> Endpoint
+        self._published: list[dict] = []     # every rank's transport addresses (name -> bytes)
 
     # -- store rounds --------------------------------------------------------------------------
     def _key(self, name: str, rank: int) -> str:
         return f"{self.prefix}{name}/{rank}"
 
     def gather(self, name: str, value) -> list:
-        """Publish ``value`` under ``name`` and return every rank's value, in rank order."""
-        self.store.set(self._key(name, self.rank), pickle.dumps(value))
+        """Publish ``value`` (anything JSON can hold) under ``name`` and return every rank's value,
+        in rank order, as JSON gave it back; the caller checks each one's shape."""
+        self.store.set(self._key(name, self.rank), json.dumps(value))
         keys = [self._key(name, r) for r in range(self.size)]
         left = self.deadline - time.monotonic()
         try:
@@ -90,7 +94,15 @@ class Bootstrap:
             raise CommTimeout(f"init ({name}): rank {self.rank} waited {self.timeout:.0f} s and ranks {missing} "
                               f"never arrived ({type(e).__name__})", op="init", rank=self.rank,
                               peer=missing[0] if missing else None) from None
-        return [pickle.loads(self.store.get(k)) for k in keys]
+        out = []
+        for r, k in enumerate(keys):
+            try:
+                out.append(json.loads(self.store.get(k)))
+            except ValueError:
+                raise TransportError(f"init ({name}): rank {r}'s entry in the store is not valid JSON: not a rank "
+                                     "of this version of comms, or a corrupted store", op="init", rank=self.rank,
+                                     peer=r) from None
+        return out
 
     def _missing(self, keys) -> list[int]:
         out = []
@@ -107,8 +119,10 @@ class Bootstrap:
         self.store.set_timeout(timedelta(seconds=max(1.0, self.timeout)))
         mine = PeerInfo.mine(self.rank)
         try:
-            self.peers = self.gather("info", mine)
+            self.peers = [PeerInfo.from_json(d, r) for r, d in enumerate(self.gather("info", mine.to_json()))]
             seen = self.gather("probe", [p.rank for p in self.peers if p.same_host(mine) and mine.sees_probe_of(p)])
+            if not all(isinstance(s, list) and all(isinstance(r, int) for r in s) for s in seen):
+                raise TransportError("init (probe): a rank published a malformed probe list", op="init", rank=self.rank)
         finally:
             mine.drop_probe()
         for p in self.peers:           # one host = same identity and each sees the other's probe
@@ -135,43 +149,43 @@ class Bootstrap:
         return self
 
     def _connect(self, me: PeerInfo) -> None:
-        self.transports = [cls(self) for cls in ORDER]
+        by_name = {cls.name: cls for cls in ORDER}
+        self.transports = [by_name[n](self) for n in self.allowed] if self.allowed else [cls(self) for cls in ORDER]
         addrs, error = {}, None
         for t in self.transports:
             try:
-                addrs[t.name] = t.listen()
+                addrs[t.name] = t.listen().hex()
             except CommsError as e:
                 error = str(e)
                 break
-        everyone = self.gather("addr", (addrs, error))
+        everyone = self.gather("addr", [addrs, error])
         bad = [(r, err) for r, (_, err) in enumerate(everyone) if err]
         if bad:
             r, err = bad[0]
-            raise TransportError(f"init failed on rank {r}: {err}" if r != self.rank else err, op="init",
+            raise TransportError(f"init failed on rank {r}: {err}" if r != self.rank else str(err), op="init",
                                  rank=self.rank, peer=r)
+        self._published = [self._addresses(r, a) for r, (a, _) in enumerate(everyone)]
         for peer in range(self.size):
             if peer == self.rank:
                 continue
-            for t in self.transports:
-                if t.can_connect(me, self.peers[peer]) and addrs.get(t.name) and everyone[peer][0].get(t.name):
-                    self.chosen[peer] = t.name
-                    break
-            else:
+            name = self.pair_transport(self.rank, peer)
+            if name is None:
                 raise TransportError(f"init: no transport can reach rank {peer} from rank {self.rank} "
                                      f"(COMMS_TRANSPORT={config.get('TRANSPORT')})", op="init", rank=self.rank, peer=peer)
+            self.chosen[peer] = name
         error = None
         try:
             for t in self.transports:
                 group = [p for p, name in self.chosen.items() if name == t.name]
                 for peer in sorted(group, key=lambda p: (p < self.rank, p)):   # dial up first, then accept
-                    t.connect(peer, everyone[peer][0][t.name])
+                    self.endpoints[peer] = t.connect(peer, self._published[peer][t.name])
         except CommsError as e:
             error = str(e)
         results = self.gather("connected", error)
         bad = [(r, err) for r, err in enumerate(results) if err]
         if bad:
             r, err = bad[0]
-            raise TransportError(f"init failed on rank {r}: {err}" if r != self.rank else err, op="init",
+            raise TransportError(f"init failed on rank {r}: {err}" if r != self.rank else str(err), op="init",
                                  rank=self.rank, peer=r)
         for t in self.transports:
             t.finish()
@@ -182,12 +196,71 @@ class Bootstrap:
             log.info("rank %d transports: %s", self.rank,
                      "; ".join(f"{name} to ranks {peers}" for name, peers in by.items()) or "none (single rank)")
 
+    def _addresses(self, rank: int, published) -> dict:
+        """Rank ``rank``'s published transport addresses, checked: transport name -> bytes."""
+        try:
+            out = {name: bytes.fromhex(published[name]) for name in NAMES if name in published}
+            if set(published) - set(NAMES):
+                raise ValueError(f"unknown transports {sorted(set(published) - set(NAMES))}")
+            return out
+        except (TypeError, ValueError, AttributeError) as e:
+            raise TransportError(f"init: rank {rank} published malformed transport addresses ({e}): a rank of "
+                                 f"another version of comms?", op="init", rank=self.rank, peer=rank) from None
+
+    def pair_transport(self, a: int, b: int) -> str | None:
+        """The transport that carries the traffic between ranks ``a`` and ``b`` (the same answer on
+        every rank): the first in ORDER that can connect them and that both published an address
+        for. None when there is none."""
+        for t in self.transports:
+            if t.can_connect(self.peers[a], self.peers[b]) and self._published[a].get(t.name) \
+                    and self._published[b].get(t.name):
+                return t.name
+        return None
+
+    def route(self) -> Route:
+        """The link classes of the cost model (comms.tuning): the transport that carries pairs of
+        ranks on one host and the one that carries pairs on two, as every rank computes them
+        (the most used where pairs differ; the transport auto picks where no such pair exists)."""
+        classes = {cls.name: cls for cls in ORDER}
+        count: dict[bool, dict[str, int]] = {True: {}, False: {}}
+        for a in range(self.size):
+            for b in range(a + 1, self.size):
+                name = self.pair_transport(a, b)
+                if name:
+                    same = self.peers[a].same_host(self.peers[b])
+                    count[same][name] = count[same].get(name, 0) + 1
+
+        def pick(same: bool) -> str:
+            if count[same]:
+                return max(count[same], key=lambda n: (count[same][n], -NAMES.index(n)))
+            me = self.peers[0]                    # no such pair: what rank 0 would use for one (alike everywhere)
+            other = me if same else PeerInfo(-1, me.host + "/elsewhere", "", 0, 0, 1)
+            return next((t.name for t in self.transports if t.can_connect(me, other)
+                         and self._published[0].get(t.name)), "tcp")
+        intra, inter = pick(True), pick(False)
+        return Route(intra, inter, classes[intra].waits_together)
+
     def close_transports(self) -> None:
         for t in self.transports:
             try:
                 t.close()
             except Exception:
                 pass
+
+
+def allowed_transports() -> tuple[str, ...] | None:
+    """The transports COMMS_TRANSPORT lists, in the order they are tried for each pair of ranks
+    (``rdma`` alone forces it for every peer; ``shm,rdma``, or ``shm+rdma``, puts shm inside a host
+    and rdma between hosts); None for ``auto``. Checked against the registered transports."""
+    text = config.get("TRANSPORT").lower().replace(" ", "")
+    if text == "auto":
+        return None
+    names = tuple(text.replace("+", ",").split(","))      # "+" too: for tools whose lists take the commas
+    bad = [n for n in names if n not in NAMES]
+    if bad or not names or len(set(names)) != len(names):
+        raise InvalidUsage(f"COMMS_TRANSPORT={config.get('TRANSPORT')!r}: expected auto, or registered transports "
+                           f"({', '.join(NAMES)}) separated by commas, each once")
+    return names
 
 
 def default_store(rank: int, size: int, timeout: float):

@@ -1,13 +1,15 @@
 """Calibration of the cost model (comms.tuning): link figures and timed candidates, cached per host.
 
 The first time a host signature (CPU, cores, host layout, link classes, NICs and their
-reported speeds) is seen, rank 0 measures each link class and its reduction speed, and caches them
-in ``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and comms.tuning's
-defaults apply). ``alpha_us`` is the latency of one *step* of a plan: 8 B passed around a ring of the
-link's ranks (host 0's ranks for shm, the host leaders for tcp), every member sending and
-receiving in each round, many rounds inside one native plan. It thus leaves out the per-call cost
-that every algorithm pays alike (Python, plan lookup, the first wake-up), and it includes what a
-host with more ranks than cores adds to every step. ``beta_gbps`` comes from a 4 MiB ping-pong.
+reported speeds) is seen, rank 0 measures each link class of the communicator's route
+(comms.tuning.Route) and its reduction speed, and caches them, by transport name, in
+``~/.cache/comms/calibration.json`` (COMMS_CALIBRATE=0 turns this off and the transports' default
+figures apply). ``alpha_us`` is the latency of one *step* of a plan: 8 B passed around a ring of
+the link's ranks (the host leaders for the inter-host link, host 0's ranks for the intra-host one
+unless that is the same transport), every member sending and receiving in each round, many rounds
+inside one native plan. It thus leaves out the per-call cost that every algorithm pays alike
+(Python, plan lookup, the first wake-up), and it includes what a host with more ranks than cores
+adds to every step. ``beta_gbps`` comes from a 4 MiB ping-pong.
 Every figure is the least of several runs, since other work on a shared machine only adds to it.
 Rank 0's parameters are published through the store so every rank prices alike and
 picks the same algorithm. A link shaped below what its NIC reports (tc, a busy fabric) is not part
@@ -27,15 +29,16 @@ import numpy as np
 
 from . import config
 from . import log as clog
-from .tuning import Params
+from .tuning import Params, describe_links
 
 log = clog.get("TUNING")
-CALIBRATION_VERSION = "v8"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed
+CALIBRATION_VERSION = "v9"     # part of the cache key: v2 measures alpha per plan step, v3 adds timed
                                # candidates, v4 times them at every power of two and takes the mean
                                # over the rounds, v5 through the public call in 25 ms turns, paired,
                                # v6 after an untimed lead-in of each turn, v7 confirms a probe out of
                                # line with both neighbours against their winner, v8 settles after
-                               # moving the ranks and times the step latency twice
+                               # moving the ranks and times the step latency twice, v9 keeps the
+                               # link figures under "links", by transport name (the route's classes)
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
 
 
@@ -47,7 +50,7 @@ def signature(comm) -> str:
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
     except OSError:
         pass
-    classes = sorted(set(comm.transports.values()))
+    classes = sorted({comm.route.intra, comm.route.inter})      # alike on every rank
     nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in topo.hosts[0].nics)
     return f"{CALIBRATION_VERSION}|{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|" \
            f"{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|" \
@@ -114,8 +117,10 @@ def _alpha(cls: str, hops: list) -> float:
     return round(alpha, 3)
 
 
-def _finish(measured: dict, sig: str) -> dict:
-    """Rank 0: add the reduction speed, and cache the parameters under ``sig``."""
+def _finish(links: dict, timed: dict | None, sig: str) -> dict:
+    """Rank 0: the default parameters with the measured ``links`` (name -> alpha_us, beta_gbps) and
+    ``timed`` candidates (comms.autotune; None where none were timed), plus the reduction speed;
+    cached under ``sig``."""
     x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)   # 32 MiB: beyond the caches
     from ._native import ffi, lib
     lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
@@ -126,7 +131,9 @@ def _finish(measured: dict, sig: str) -> dict:
         best = min(best, time.perf_counter() - t0)
     red = min(x.nbytes / best / 1e9, 100.0)
     d = Params().as_dict()
-    d.update(measured)
+    d["links"].update(links)
+    if timed is not None:
+        d["measured"] = timed
     d["reduce_gbps"] = round(red, 3)
     d["source"] = f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     path = _cache_path()
@@ -163,16 +170,13 @@ def calibrate(comm) -> Params:
     key = f"{comm.prefix}calibration"
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Params()
-    topo = comm.topology
+    topo, route = comm.topology, comm.route
     rings = {}                # link class -> the ranks that measure it (rank 0 first)
-    forced = config.get("TRANSPORT").lower()
-    local = sorted(topo.hosts[0].ranks)
-    if len(local) > 1 and forced != "tcp":
-        rings["shm"] = local
     if len(topo.hosts) > 1:
-        rings["tcp"] = sorted(h.leader for h in topo.hosts)
-    elif forced == "tcp" and len(local) > 1:
-        rings["tcp"] = local
+        rings[route.inter] = sorted(h.leader for h in topo.hosts)
+    local = sorted(topo.hosts[0].ranks)
+    if len(local) > 1 and route.intra not in rings:
+        rings[route.intra] = local
     colls = tuned_collectives()
     sig = signature(comm) + (f"|timed {','.join(colls)}" if colls else "") \
         + ("|deterministic" if colls and comm._deterministic else "")      # its plans are timed
@@ -188,7 +192,7 @@ def calibrate(comm) -> Params:
         comm._store.set(f"{key}/measure", "0" if cached else "1")
     measure = comm._store.get(f"{key}/measure") == b"1"
     if measure:
-        measured, hops = {}, {}
+        measured, hops, table = {}, {}, None
         for cls, ring in rings.items():
             peer = ring[1]
             if comm.rank in (0, peer):
@@ -211,7 +215,7 @@ def calibrate(comm) -> Params:
             comm._engine.seq = 0          # every rank is past the probes: the user's first collective is 1
             comm._store.set(f"{key}/timed/{comm.rank}", json.dumps(mine))
             if comm.rank == 0:
-                measured["measured"] = timed.combine(
+                table = timed.combine(
                     [json.loads(comm._store.get(f"{key}/timed/{r}")) for r in range(comm.size)])
             for cls, ring in rings.items():       # the step latency once more, some seconds later (_alpha)
                 if comm.rank in ring:
@@ -219,10 +223,10 @@ def calibrate(comm) -> Params:
         if comm.rank == 0:
             for cls in rings:
                 measured[cls]["alpha_us"] = _alpha(cls, hops[cls])
-            cached = _finish(measured, sig)
+            cached = _finish(measured, table, sig)
     if comm.rank == 0:
         comm._store.set(key, json.dumps(cached))
     params = Params.from_dict(json.loads(comm._store.get(key)))
-    log.info("cost model parameters (%s): shm %s, tcp %s, reduce %.1f GB/s", params.source, params.shm, params.tcp,
+    log.info("cost model parameters (%s): %s, reduce %.1f GB/s", params.source, describe_links(params.links),
              params.reduce_gbps)
     return params

@@ -42,6 +42,8 @@ class Communicator(Operations):
     def __init__(self, boot, store, prefix: str, timeout: float, algo: str | None, members: Sequence[int] | None,
                  params=None):
         self._boot = boot
+        hooks = [h for t in boot.transports if (h := t.buffer_hook()) is not None]
+        self._track = hooks[0] if len(hooks) == 1 else (lambda keep: [h(keep) for h in hooks]) if hooks else None
         self._engine = boot.engine
         self._store = store
         self.prefix = prefix
@@ -64,9 +66,9 @@ class Communicator(Operations):
         self._finalizer = weakref.finalize(self, _release, boot)
         flight.register(self)
         self._deterministic = config.get("DETERMINISTIC")
+        self._route = self._boot.route()     # the cost model's link classes, alike on every rank
         self._params = params if params is not None else calibration.calibrate(self)
-        self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params,
-                                                          config.get("TRANSPORT").lower() == "tcp",
+        self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params, self._route,
                                                           self.oversubscription()))
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._ran.clear()
@@ -105,6 +107,13 @@ class Communicator(Operations):
         return self._topology
 
     @property
+    def route(self):
+        """The link classes the cost model priced this communicator's traffic on (comms.tuning.Route):
+        the transport carrying pairs of ranks on one host, the one carrying pairs on two hosts, and
+        whether the first's exchanges of one step wait as one. Every rank holds the same route."""
+        return self._route
+
+    @property
     def transports(self) -> dict[int, str]:
         """The transport carrying traffic to each peer."""
         return dict(self._boot.chosen)
@@ -114,15 +123,23 @@ class Communicator(Operations):
         return flight.records(self)
 
     def stats(self) -> dict:
-        """Counters: bytes per transport, plans run, times a wait went to sleep."""
-        return self._engine.counters()
+        """Counters since init: payload bytes each registered transport carried
+        (``<transport>_tx_bytes``, ``<transport>_rx_bytes``), plans run, times a wait went to sleep,
+        busy nanoseconds, failed plans, and each transport's own (the rdma registration cache's)."""
+        out = self._engine.counters()
+        for t in self._boot.transports:
+            out.update(t.stats())
+        return out
 
     def endpoint(self, peer: int) -> Endpoint:
-        """The point-to-point endpoint (isend/irecv -> Request) for ``peer``."""
+        """The point-to-point endpoint (isend/irecv -> Request) of the channel to ``peer``, as its
+        transport's ``connect`` returned it."""
         checks.peer(peer, self.rank, self.size, "endpoint")
-        name = self._boot.chosen[peer]
-        t = next(t for t in self._boot.transports if t.name == name)
-        return Endpoint(self, peer, t)
+        if peer == self.rank:
+            raise InvalidUsage(f"endpoint: rank {self.rank} has no channel to itself", op="endpoint", rank=self.rank)
+        ep = self._boot.endpoints[peer]
+        ep.comm = self
+        return ep
 
     def algorithm_for(self, coll: str, nbytes: int) -> str:
         """The algorithm the selector would try first for ``coll`` of ``nbytes``."""
@@ -233,6 +250,8 @@ class Communicator(Operations):
         if trial is not None:
             t0 = trial.begin(not async_op)
         scratch = self._scratch_addr(enc.scratch_bytes, async_op, keep)
+        if self._track is not None:               # the transports' view of the buffers (rdma registrations)
+            self._track(keep if async_op or not scratch else [*keep, self._scratch])
         deadline = time.monotonic_ns() + (self._timeout_ns if timeout is None else int(timeout * 1e9))
         if not async_op:
             failed, source, seq = self._engine.run(enc, p_in, p_out, scratch, deadline)

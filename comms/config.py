@@ -46,6 +46,9 @@ class Param:
 
 
 PARAMS: dict[str, Param] = {}
+# Knobs are declared here, except a transport's own, which its module in comms.transports declares
+# (a transport is its own files; comms imports every registered transport, so all are declared
+# before a communicator exists).
 
 
 def declare(name: str, type_: Any, default: Any, doc: str) -> Param:
@@ -58,24 +61,15 @@ def declare(name: str, type_: Any, default: Any, doc: str) -> Param:
 
 declare("TIMEOUT", float, 300.0, "Deadline in seconds of every blocking wait, unless init(timeout=) says otherwise.")
 declare("TRANSPORT", str, "auto",
-        "Transport between peers: auto (shm on the same host, tcp across hosts), or force one of shm, tcp.")
+        "Transport between peers: auto (shm on the same host; across hosts rdma where both ranks have an RDMA "
+        "provider other than libfabric's software ones, else tcp), or the name of one registered transport (shm, "
+        "rdma, tcp) to force it for every peer.")
 declare("HOST_ID", str, "", "Overrides the host identity (boot id, IPC namespace, /dev/shm probe); ranks with "
         "equal ids share memory.")
 declare("ALGO", str, "", "Algorithm selection overrides, e.g. 'all_reduce:0-64K:direct#all_reduce:64K-inf:ring'.")
-declare("SHM_SLOT_BYTES", "size", 128 << 10, "Bytes per slot of a shared-memory channel (a pipeline chunk).")
-declare("SHM_SLOTS", int, 8, "Slots per shared-memory channel (chunks in flight per direction).")
 declare("SPIN", int, 0, "Polls before a waiting rank yields; 0 picks by oversubscription (ranks per core).")
 declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
         "MASTER_ADDR.")
-declare("TCP_DELAY_US", float, 0.0, "Test hook: hold every TCP message this many microseconds before sending "
-        "(emulates network latency; netem is not available everywhere).")
-declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
-declare("TCP_BUFFER_BYTES", "size", 4 << 20, "SO_SNDBUF and SO_RCVBUF of each TCP data socket (the kernel doubles "
-        "them); 0 leaves both to the kernel's autotuning.")
-declare("TCP_NOTSENT_LOWAT", "size", 512 << 10, "TCP_NOTSENT_LOWAT of each TCP data socket: the most bytes queued "
-        "in the kernel but not yet sent; 0 leaves the kernel's default (no limit). A limit keeps the sender's "
-        "transmissions in its own thread instead of the softirq that handles incoming ACKs (on another core, which "
-        "reorders segments and triggers spurious retransmits).")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
         "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")
 declare("TUNE", str, "all_reduce", "Collectives whose every algorithm is timed at calibration (comma-separated, of "

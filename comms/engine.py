@@ -10,6 +10,7 @@ Collectives run one at a time, in the order they were started on the context.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -100,6 +101,15 @@ class Engine:
             enc.sig.seq = self.seq
             return self.seq
         return 0
+
+    @contextlib.contextmanager
+    def locked(self):
+        """The native context, under the lock (None once closed), for calls outside a plan."""
+        self._acquire()
+        try:
+            yield self.ctx
+        finally:
+            self.lock.release()
 
     def _acquire(self) -> None:
         """Take the context lock; if the progress thread holds it in a sliced wait, kick it out."""
@@ -218,24 +228,39 @@ class Engine:
             if self.ctx is not None:
                 lib.cm_ctx_abort(self.ctx)
 
-    COUNTERS = ("shm_tx_bytes", "shm_rx_bytes", "tcp_tx_bytes", "tcp_rx_bytes", "plans", "sleeps", "busy_ns",
-                "failed_plans")
+    COUNTERS = ("plans", "sleeps", "busy_ns", "failed_plans")
 
-    def _raw_counters(self) -> list[int]:
+    def _raw_counters(self) -> dict:
+        from .transports import NAMES
         out = ffi.new("uint64_t[8]")
+        pair = ffi.new("uint64_t[2]")
+        raw = {}
         with self.lock:
             if self.ctx is not None:
                 lib.cm_ctx_counters(self.ctx, out, 8)
-        return [int(out[i]) for i in range(len(self.COUNTERS))]
+            for name in NAMES:               # every registered transport, used or not
+                if self.ctx is not None:
+                    lib.cm_ctx_transport_bytes(self.ctx, name.encode(), pair)
+                raw[f"{name}_tx_bytes"], raw[f"{name}_rx_bytes"] = int(pair[0]), int(pair[1])
+        raw.update((n, int(out[i])) for i, n in enumerate(self.COUNTERS))
+        return raw
 
     def zero_counters(self) -> None:
         """Count from now on (init's own traffic is not the user's)."""
         self._counter_base = self._raw_counters()
 
     def counters(self) -> dict:
+        """Payload bytes each registered transport carried (``<name>_tx_bytes``, ``<name>_rx_bytes``),
+        plans run, sleeps, busy nanoseconds and failed plans, since :meth:`zero_counters`."""
         raw = self._raw_counters()
-        base = getattr(self, "_counter_base", None) or [0] * len(raw)
-        return {n: raw[i] - base[i] for i, n in enumerate(self.COUNTERS)}
+        base = getattr(self, "_counter_base", None) or {}
+        return {n: v - base.get(n, 0) for n, v in raw.items()}
+
+    def transport_of(self, peer: int) -> str | None:
+        """The name of the transport whose channel carries ``peer`` (None: no channel)."""
+        with self.lock:
+            name = lib.cm_ctx_chan_transport(self.ctx, peer) if self.ctx is not None else ffi.NULL
+        return ffi.string(name).decode() if name != ffi.NULL else None
 
     def close(self) -> None:
         with self._cv:

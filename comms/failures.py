@@ -7,7 +7,7 @@ see "peer aborted" or "peer closed" can say why; :func:`peer_reason` reads it ba
 """
 from __future__ import annotations
 
-import pickle
+import json
 from datetime import timedelta
 
 from . import errors
@@ -43,14 +43,17 @@ def peer_reason(comm, peer: int) -> tuple[str, str] | None:
     key = f"{comm.prefix}abort/{peer}"
     try:
         comm._store.wait([key], REASON_WAIT)
-        return pickle.loads(comm._store.get(key))
+        kind, text = json.loads(comm._store.get(key))
     except Exception:
         return None
+    if not isinstance(kind, str) or not isinstance(text, str):     # from the store: checked, never unpickled
+        return None
+    return kind, text[:2000]
 
 
 def publish(comm, exc: CommsError) -> None:
     try:
-        comm._store.set(f"{comm.prefix}abort/{comm.rank}", pickle.dumps((type(exc).__name__, str(exc))))
+        comm._store.set(f"{comm.prefix}abort/{comm.rank}", json.dumps([type(exc).__name__, str(exc)]))
     except Exception:
         pass
 

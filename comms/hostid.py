@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from . import config
 from .cleanup import SHM_DIR, segment_name
@@ -74,6 +74,22 @@ class PeerInfo:
         from .topology import local_facts
         return cls(rank, host_identity(), socket.gethostname(), os.getpid(), _ns_inode("pid"), cores, probe,
                    {"topology": local_facts()})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d, rank: int) -> "PeerInfo":
+        """The PeerInfo rank ``rank`` published (JSON from the store), its fields' types checked."""
+        from .errors import TransportError
+        types = {"rank": int, "host": str, "hostname": str, "pid": int, "pid_ns": int, "cores": int, "probe": str,
+                 "extra": dict}
+        if not isinstance(d, dict) or set(d) != set(types) or \
+                not all(isinstance(d[k], t) and not (t is int and isinstance(d[k], bool)) for k, t in types.items()) \
+                or d["rank"] != rank or d["cores"] < 1 or "/" in d["probe"]:
+            raise TransportError(f"init (info): rank {rank} published a malformed description of itself: a rank of "
+                                 "another version of comms, or not a rank at all", op="init", peer=rank)
+        return cls(**d)
 
     def sees_probe_of(self, other: "PeerInfo") -> bool:
         """Whether ``other``'s probe file is visible here (True when there is nothing to check)."""

@@ -1,5 +1,5 @@
-"""``python -m comms.info [--json]``: the topology, every config knob with its value and source,
-and the algorithm selection table.
+"""``python -m comms.info [--json]``: the topology, the registered transports (with the cost
+model's route), every config knob with its value and source, and the algorithm selection table.
 
 Under a launcher (RANK and WORLD_SIZE set, e.g. ``python -m comms.run -n 4 -m comms.info``) it
 initialises a communicator and rank 0 prints what the whole group sees; otherwise it describes
@@ -11,10 +11,12 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 
 from . import algorithms, config
 from .api import init
 from .selector import Selector
+from .tuning import Link, describe_links
 
 SIZES = [8 << (2 * i) for i in range(13)]      # 8 B .. 128 MiB, x4
 
@@ -26,6 +28,15 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def transports_available() -> list[dict]:
+    """Every registered transport (comms.transports.ORDER), in the order init tries them: its name,
+    the cost model's default link, whether its exchanges of one step wait as one, and what it
+    reports about this host (``Transport.describe()``)."""
+    from .transports import ORDER
+    return [{"name": cls.name, "link": asdict(cls.link), "waits_together": cls.waits_together,
+             "describe": cls.describe()} for cls in ORDER]
+
+
 def gather(comm) -> dict:
     sel = comm._selector if comm is not None else Selector()
     table = {coll: {_size(n): sel.candidates(coll, n)[0] for n in SIZES} for coll in algorithms.REGISTRY}
@@ -34,6 +45,8 @@ def gather(comm) -> dict:
     return {
         "topology": comm.topology.as_dict() if comm is not None else None,
         "transports": {str(k): v for k, v in comm.transports.items()} if comm is not None else {},
+        "transports_available": transports_available(),
+        "route": comm.route._asdict() if comm is not None else None,
         "config": [{"name": n, "value": v, "source": s, "doc": d} for n, v, s, d in config.snapshot()],
         "rules": sel.table(),
         "cost_model": comm._params.as_dict() if comm is not None and getattr(comm, "_params", None) else None,
@@ -48,12 +61,20 @@ def render(info: dict, comm) -> str:
     out = ["# topology", comm.topology.describe() if comm is not None else "(no communicator)"]
     if info["transports"]:
         out.append("transports from rank 0: " + ", ".join(f"{p}: {t}" for p, t in info["transports"].items()))
+    out.append("\n# transports (tried in this order)")
+    for t in info["transports_available"]:
+        facts = "".join(f", {k} {v}" for k, v in t["describe"].items())
+        out.append(f"  {t['name']:<8} default {Link(**t['link'])}, waits together {t['waits_together']}{facts}")
+    route = info.get("route")
+    if route:
+        out.append(f"  route: {route['intra']} inside a host, {route['inter']} between hosts, "
+                   f"{route['intra']} exchanges of a step wait {'together' if route['together'] else 'apart'}")
     out.append("\n# config")
     for c in info["config"]:
         out.append(f"{c['name']:<24} {str(c['value']):<12} ({c['source']})  {c['doc']}")
     cm = info.get("cost_model")
     if cm:
-        out.append(f"\n# cost model ({cm['source']}): shm {cm['shm']}, tcp {cm['tcp']}, reduce {cm['reduce_gbps']} GB/s")
+        out.append(f"\n# cost model ({cm['source']}): {describe_links(cm['links'])}, reduce {cm['reduce_gbps']} GB/s")
         if info.get("oversubscription", 1.0) > 1.0:
             out.append(f"# priced with {info['oversubscription']:g} ranks per core: bandwidths and reduction speed "
                        f"divided by {info['oversubscription']:g} (every rank busy at once)")

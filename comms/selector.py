@@ -27,6 +27,7 @@ from .algorithms import deterministic
 from .algorithms.plan import Args, NotSupported, Plan
 from .config import _size
 from .errors import InvalidUsage
+from .tuning import AUTO, Params, Route, default_rules
 
 log = clog.get("ALGO")
 
@@ -34,12 +35,12 @@ log = clog.get("ALGO")
 STATIC = "#".join(["reduce:binomial", "gather:linear", "scatter:linear", "barrier:dissemination"])
 
 
-def defaults(size: int = 2, hosts: tuple = (), params=None, forced_tcp: bool = False, oversub: float = 1.0) -> str:
-    """The default rules for ``size`` ranks on ``hosts`` (``oversub``: the most ranks per core of
-    any host): the cost model's choices plus the collectives that have one algorithm worth using."""
-    from .tuning import Params, default_rules
+def defaults(size: int = 2, hosts: tuple = (), params=None, route: Route = AUTO, oversub: float = 1.0) -> str:
+    """The default rules for ``size`` ranks on ``hosts`` whose traffic takes ``route``'s link
+    classes (``oversub``: the most ranks per core of any host): the cost model's choices plus the
+    collectives that have one algorithm worth using."""
     names = {c: list(a) for c, a in algorithms.REGISTRY.items()}
-    priced = default_rules(names, size, hosts, params or Params(), forced_tcp, oversub)
+    priced = default_rules(names, size, hosts, params or Params(), route, oversub)
     return "#".join(filter(None, [priced, STATIC]))
 
 

@@ -1,4 +1,5 @@
-/* Declarations handed to ffi.cdef(): the whole C surface that Python sees.
+/* Declarations handed to ffi.cdef(): the C surface that Python sees, but for each transport's own
+ * set-up functions, which its C file declares between CDEF markers (native/build_cffi.py).
  * Plain C only (no preprocessor); layouts must match comms_native.h. */
 
 typedef struct {
@@ -59,21 +60,9 @@ int cm_reduce(void *dst, const void *src, size_t count, int dtype, int op);
 int cm_reduce_slots(void *dst, const void *base, size_t stride, int nslots, size_t count, int dtype, int op);
 int cm_div(void *buf, size_t count, int dtype, int64_t divisor);
 
-/* shared-memory segments */
-int cm_shm_create(const char *name, size_t bytes, void **out);
-int cm_shm_attach(const char *name, size_t bytes, void **out);
-int cm_shm_unlink(const char *name);
-int cm_shm_unmap(void *addr, size_t bytes);
-size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes);
-void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes);
-
 /* communicator context and the progress engine */
 cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields);
 void cm_ctx_free(cm_ctx *ctx);
-int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes);
-int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid);
-int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes);
-int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns);   /* test hook: emulated latency */
 void cm_ctx_abort(cm_ctx *ctx);
 void cm_ctx_kick(cm_ctx *ctx);   /* from any thread: a sliced cm_exec_wait returns soon (CM_EAGAIN) */
 int cm_ctx_pending(cm_ctx *ctx);
@@ -82,6 +71,8 @@ int cm_ctx_flight_capacity(cm_ctx *ctx, int entries);
 void cm_sigusr1_install(void);
 int cm_sigusr1_take(void);     /* 1 once per SIGUSR1 received since the last call */
 void cm_ctx_counters(cm_ctx *ctx, uint64_t *out, int n);
+int cm_ctx_transport_bytes(cm_ctx *ctx, const char *name, uint64_t *out);   /* out: tx, rx; 0 when unused */
+const char *cm_ctx_chan_transport(cm_ctx *ctx, int peer);     /* the transport carrying peer, or NULL */
 
 int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                   const cm_hdr *sig, int64_t deadline_ns, cm_exec **out);

@@ -3,15 +3,40 @@
 Used by setup.py's ``cffi_modules`` (paths relative to the project root, as setuptools wants);
 ``python native/build_cffi.py`` builds it in place for hacking (absolute paths: cffi compiles
 inside its temporary directory).
+
+The core's C surface is declared in _cdefs.h. Each transport is its own C file (or a few),
+registered by one line in TRANSPORTS; the set-up functions its Python side calls are declared in
+its files between ``CDEF-BEGIN`` and ``CDEF-END`` comment lines, which this builder hands to cffi
+(and prepends to the generated module's source, so the prototypes are seen there).
 """
 import os
+import re
 import shutil
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCES = ["reduce.c", "shm.c", "tcp.c", "bell.c", "ctx.c", "engine.c", "flight.c", "match.c", "rows.c"]
+CORE = ["reduce.c", "wait.c", "ctx.c", "engine.c", "flight.c", "match.c", "rows.c"]
+TRANSPORTS = {                        # one line each: the transport's own files
+    "shm": ["shm.c"],
+    "tcp": ["tcp.c"],
+}
+CDEF = re.compile(r"/\* CDEF-BEGIN[^\n]*\n(.*?)/\* CDEF-END \*/", re.S)
+
+
+def transport_cdefs() -> str:
+    """The declarations between the CDEF markers of every transport's C file."""
+    out = []
+    for transport, files in TRANSPORTS.items():
+        found = []
+        for name in files:
+            with open(os.path.join(HERE, name)) as f:
+                found += CDEF.findall(f.read())
+        if not found:
+            raise RuntimeError(f"the {transport} transport's files declare no CDEF-BEGIN/CDEF-END block")
+        out.extend(found)
+    return "\n".join(out)
 
 
 def builder(where=os.path.relpath) -> FFI:
@@ -19,13 +44,15 @@ def builder(where=os.path.relpath) -> FFI:
     ffi = FFI()
     with open(os.path.join(HERE, "_cdefs.h")) as f:
         ffi.cdef(f.read())
+    ffi.cdef(transport_cdefs())
     ffi.set_source(
         "comms._native",
-        '#include "comms_native.h"',
-        sources=[where(os.path.join(HERE, s)) for s in SOURCES],
+        '#include "comms_native.h"\n' + transport_cdefs(),     # the transports' prototypes, as cdef'd
+        sources=[where(os.path.join(HERE, s)) for s in CORE + [f for files in TRANSPORTS.values() for f in files]
+                 if s.endswith(".c")],
         include_dirs=[where(HERE)],
-        extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
-        libraries=["rt"],
+        extra_compile_args=["-O3", "-g", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
+        libraries=["rt", "dl"],
     )
     return ffi
 
@@ -42,5 +69,6 @@ if __name__ == "__main__":
     for stale in have:
         if stale != target:
             os.remove(stale)
-    shutil.copy(built, target)
+    shutil.copy(built, target + ".tmp")
+    os.replace(target + ".tmp", target)       # a new inode: running processes keep the old mapping
     print("built", os.path.relpath(target, ROOT))

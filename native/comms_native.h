@@ -39,48 +39,25 @@ enum { CM_MSG_COLL = 1, CM_MSG_P2P = 2 };
 
 size_t cm_dtype_size(int dtype);
 
-/* ---- shared-memory layout -------------------------------------------------------------------
- * Each rank creates one segment holding its *inbound* channels, one per local peer (indexed by
- * the sender's local index), plus a header with the abort word and the doorbell it sleeps on. */
-#define CM_SEG_MAGIC 0x636f6d6d73656731ULL
-#define CM_SEG_HDR_BYTES 4096
-#define CM_SLOT_HDR_BYTES 64
-#define CM_SLOT_FIRST 1u
-#define CM_SLOT_LAST 2u
-
+/* ---- waking a sleeping context ----------------------------------------------------------------
+ * A waiting context that has nothing to do sleeps: on a futex word when every channel it waits on
+ * is woken through it, or in poll() over the file descriptors its transports name (sockets,
+ * completion-queue fds) plus its bell, a datagram socket that the others ring (wait.c). The waker
+ * lives where those who wake the context can reach it: in the context itself, or in its shared
+ * segment when a transport puts it there for peers on other processes (shm.c). */
 typedef struct {
-    uint64_t magic;
-    uint32_t nlocal, nslots;
-    uint64_t slot_bytes;
-    char pad0[40];
-    _Atomic uint64_t abort;      /* (aborting rank + 1), set by any rank that aborts */
-    char pad1[56];
-    _Atomic uint32_t doorbell;   /* futex word: bumped when there is news for this rank */
-    char pad2[60];
-    _Atomic uint32_t waiting;    /* CM_WAIT_FUTEX while it sleeps on the doorbell, CM_WAIT_POLL in poll() */
-    char pad3[60];
-    /* a rank with tcp peers too sleeps in poll(): its peers wake it with a datagram to this abstract
-     * AF_UNIX address (cm_bell); bell_broken is set by a peer that could not reach it (another
-     * network namespace), and the sleeper then wakes up every millisecond instead */
+    _Atomic uint32_t word;       /* futex word: bumped when there is news for the owner */
+    char pad0[60];
+    _Atomic uint32_t waiting;    /* CM_WAIT_FUTEX while the owner sleeps on word, CM_WAIT_POLL in poll() */
+    char pad1[60];
+    /* the owner's bell: an abstract AF_UNIX address; bell_broken is set by a waker that could not
+     * reach it (another network namespace), and the owner then naps at most 1 ms at a time */
     uint32_t bell_len;
     _Atomic uint32_t bell_broken;
     char bell[108];
-} cm_seg_hdr;
+} cm_waker;
 
 enum { CM_WAIT_NONE = 0, CM_WAIT_FUTEX = 1, CM_WAIT_POLL = 2 };
-
-typedef struct {
-    _Atomic uint64_t head;       /* slots produced (written by the sender) */
-    char pad0[56];
-    _Atomic uint64_t tail;       /* slots consumed (written by the receiver) */
-    char pad1[56];
-} cm_chan_ctrl;
-
-typedef struct {
-    uint32_t len;
-    uint32_t flags;
-    cm_hdr hdr;                  /* valid in the FIRST slot of a message */
-} cm_slot_hdr;
 
 /* ---- engine structures ---------------------------------------------------------------------- */
 typedef struct cm_op {
@@ -92,7 +69,7 @@ typedef struct cm_op {
     int started;
     int complete;
     int64_t t_post, t_done;      /* CLOCK_MONOTONIC, when the context traces (ctx->trace) */
-    int64_t t_ready;             /* tcp latency emulation: not sent before this time */
+    int64_t t_ready;             /* a transport's own use (tcp: latency emulation) */
     char *ptr;
     uint64_t nbytes;
     uint64_t done;
@@ -107,37 +84,62 @@ typedef struct cm_unexp {        /* a p2p message that arrived before its receiv
     char *data;
 } cm_unexp;
 
-enum { CM_CHAN_NONE = 0, CM_CHAN_SHM = 1, CM_CHAN_TCP = 2 };
+typedef struct cm_chan cm_chan;
+typedef struct cm_transport cm_transport;
 
-typedef struct {
-    int type;
+/* ---- the transport contract -------------------------------------------------------------------
+ * A transport is one C file that fills one table of operations and attaches channels to a
+ * context (cm_ctx_transport, then cm_ctx_attach with its private pointer). The engine calls
+ * through the table and never asks which transport a channel belongs to. Progress functions
+ * return 1 when something moved, 0 when nothing did, < 0 when the context failed (cm_fail);
+ * they complete operations with cm_op_done and hand arriving messages to cm_match / cm_deliver /
+ * cm_message_done (match.c). A NULL entry is an operation the transport does not need. */
+typedef struct cm_transport_ops {
+    const char *name;
+    /* per channel */
+    int (*progress_send)(cm_ctx *ctx, cm_chan *c);            /* while c->sendq is not empty */
+    int (*progress_recv)(cm_ctx *ctx, cm_chan *c);            /* every pass (notices arrivals, EOF) */
+    /* the fd a sleeping wait polls for this channel (-1: none now), and the longest nap it allows;
+     * NULL: the channel is woken through the context's waker (its peer bumps it) */
+    int (*poll_fd)(cm_ctx *ctx, cm_chan *c, short *events, int64_t *nap_ns);
+    int (*ready)(cm_ctx *ctx, cm_chan *c);       /* 1: progress would move something now (checked
+                                                  * after a sleep was announced) */
+    int (*alive)(cm_ctx *ctx, cm_chan *c);       /* CM_OK, or cm_fail's code for a dead peer */
+    void (*abort)(cm_ctx *ctx, cm_chan *c);      /* tell the peer this context is dead; never blocks */
+    void (*free)(cm_ctx *ctx, cm_chan *c);       /* release c->priv */
+    /* per context: the state its channels share (a segment, an endpoint and completion queue) */
+    int (*progress)(cm_ctx *ctx, cm_transport *t);            /* once a pass, before the channels */
+    int (*ctx_poll_fd)(cm_ctx *ctx, cm_transport *t, short *events);
+    int (*ctx_ready)(cm_ctx *ctx, cm_transport *t);
+    int (*ctx_alive)(cm_ctx *ctx, cm_transport *t);
+    void (*fail)(cm_ctx *ctx, cm_transport *t);     /* the context failed: revoke what peers may still touch */
+    int (*busy)(cm_ctx *ctx, cm_transport *t);      /* 1: sends in flight that closing would drop */
+    void (*release)(cm_ctx *ctx, cm_transport *t);  /* after every channel was freed */
+} cm_transport_ops;
+
+#define CM_MAX_TRANSPORTS 4
+
+struct cm_transport {            /* a transport in use by a context */
+    const cm_transport_ops *ops;
+    void *priv;
+    uint64_t tx_bytes, rx_bytes; /* payload bytes its channels carried (comm.stats()) */
+};
+
+struct cm_chan {
+    const cm_transport_ops *ops; /* NULL: no channel to this peer */
+    cm_transport *tp;
+    void *priv;
     int peer;
     cm_op *sendq, *sendq_tail;
     cm_op *recvq, *recvq_tail;
     cm_unexp *unexp, *unexp_tail;
-    /* incoming message in progress */
+    /* the incoming message in progress (match.c) */
     int rx_active;
-    int rx_parked;          /* shm: a collective's message heads the ring, its receive not posted yet (tcp
-                             * derives the same from its held header: see tcp_fds) */
+    int rx_parked;               /* a collective's message is waiting for its receive to be posted */
     cm_hdr rx_hdr;
     cm_op *rx_op;
     cm_unexp *rx_unexp;
-    /* shm */
-    cm_chan_ctrl *tx, *rx;
-    char *tx_slots, *rx_slots;
-    uint64_t tx_head, rx_tail;
-    cm_seg_hdr *peer_seg;
-    int peer_pid;
-    /* tcp */
-    int fd;
-    int peer_closed;             /* EOF seen between messages */
-    int64_t delay_ns;            /* test hook: emulated one-way latency of every message */
-    cm_hdr tx_hdr;
-    size_t tx_hdr_sent;
-    size_t rx_hdr_got;
-    char *bounce;
-    size_t bounce_bytes, bounce_fill;
-} cm_chan;
+};
 
 struct cm_exec {
     cm_exec *next_active, *next_coll;
@@ -157,17 +159,14 @@ struct cm_ctx {
     int rank, size;
     int spin, yields;
     cm_chan *chans;
-    /* shm */
-    cm_seg_hdr *my_seg;
-    int local_index, nlocal, nslots;
-    size_t slot_bytes, chan_bytes;
-    int has_shm, has_tcp;
+    cm_transport tp[CM_MAX_TRANSPORTS];
+    int ntp;
+    int waker_chans;             /* channels woken through the waker (no poll_fd) */
     int trace;                   /* record per-message times for timelines */
     _Atomic int kick;            /* another thread wants the context: end a sliced wait early */
-    int bell_fd;                 /* this context's wake-up datagram socket (-1: none), see cm_bell */
-    _Atomic int polling;         /* 1 while a wait sleeps in poll() (a kick then sends to bell_fd) */
-    uint32_t bell_len;
-    char bell[108];              /* its abstract address (sun_path, leading NUL included) */
+    cm_waker *waker;             /* &own_waker, or where a transport moved it (shm: its segment) */
+    cm_waker own_waker;
+    int bell_fd;                 /* this context's bell (-1: none), see wait.c */
     /* execs */
     cm_exec *active;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
@@ -183,11 +182,23 @@ struct cm_ctx {
     _Atomic uint64_t fr_next;
 };
 
-enum { CM_CNT_SHM_TX = 0, CM_CNT_SHM_RX, CM_CNT_TCP_TX, CM_CNT_TCP_RX, CM_CNT_EXECS, CM_CNT_SLEEPS, CM_CNT_BUSY_NS,
-       CM_CNT_FAILED };
+enum { CM_CNT_EXECS = 0, CM_CNT_SLEEPS, CM_CNT_BUSY_NS, CM_CNT_FAILED };
 
 /* engine.c */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op);
+int cm_progress(cm_ctx *ctx);            /* one pass over every transport and channel */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ctx.c: a transport's instance in a context, and a channel to a peer */
+cm_transport *cm_ctx_transport(cm_ctx *ctx, const cm_transport_ops *ops);
+int cm_ctx_attach(cm_ctx *ctx, int peer, cm_transport *t, void *priv);
+void cm_ctx_drop_transport(cm_ctx *ctx, cm_transport *t);   /* one that failed to open, before any channel */
 
 /* flight.c */
 void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan);
@@ -200,20 +211,12 @@ void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq);
 void cm_message_done(cm_ctx *ctx, cm_chan *c);
 void cm_unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op);
 
-/* shm.c */
-int cm_shm_progress_send(cm_ctx *ctx, cm_chan *c);
-int cm_shm_progress_recv(cm_ctx *ctx, cm_chan *c);
-void cm_shm_notify(cm_seg_hdr *seg);
+/* wait.c */
 int cm_bell_open(cm_ctx *ctx);
-void cm_bell_ring(const char *addr, uint32_t len, _Atomic uint32_t *broken);
-void cm_bell_drain(cm_ctx *ctx);
-int cm_shm_sleep(cm_ctx *ctx, int64_t timeout_ns);
-int cm_shm_news(cm_ctx *ctx);
-
-/* tcp.c */
-int cm_tcp_progress_send(cm_ctx *ctx, cm_chan *c);
-int cm_tcp_progress_recv(cm_ctx *ctx, cm_chan *c);
-int cm_tcp_sleep(cm_ctx *ctx, int64_t timeout_ns);
-int cm_tcp_check_closed(cm_ctx *ctx, cm_chan *c);
+void cm_wake(cm_waker *w);               /* wake the owner if it announced a sleep */
+void cm_wake_always(cm_waker *w);        /* bump the word and wake the owner however it sleeps */
+void cm_waker_share(cm_ctx *ctx, cm_waker *where);   /* move the context's waker (shm: its segment) */
+int cm_sleep(cm_ctx *ctx, int64_t timeout_ns);       /* the engine's sleep: see wait.c */
+int cm_nap(cm_ctx *ctx, int64_t timeout_ns);         /* poll every fd, no announcement (tcp's bulk nap) */
 
 #endif

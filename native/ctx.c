@@ -1,13 +1,14 @@
-/* The context: one per communicator, holding a channel per peer (shm or tcp), the doorbell, the
- * counters and the flight recorder. Built by the Python bootstrap (cm_ctx_new, then a channel per
- * peer), kicked by other threads to wake a waiting engine (cm_ctx_kick), aborted on failure or by
- * the application (cm_ctx_abort, which fails every plan in flight), and freed once no plan runs.
+/* The context: one per communicator, holding a channel per peer, the transports those channels
+ * belong to, the waker, the counters and the flight recorder. Built by the Python bootstrap
+ * (cm_ctx_new, then each transport attaches its channels: cm_ctx_transport, cm_ctx_attach), kicked
+ * by other threads to wake a waiting engine (cm_ctx_kick), aborted on failure or by the
+ * application (cm_ctx_abort, which tells every peer and fails every plan in flight), and freed once
+ * no plan runs.
  */
 #define _GNU_SOURCE
-#include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <unistd.h>
 #include "comms_native.h"
 
@@ -21,9 +22,36 @@ cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
     ctx->size = size;
     ctx->spin = spin;
     ctx->yields = yields;
-    for (int p = 0; p < size; p++) { ctx->chans[p].peer = p; ctx->chans[p].fd = -1; }
+    for (int p = 0; p < size; p++) ctx->chans[p].peer = p;
+    ctx->waker = &ctx->own_waker;
     cm_bell_open(ctx);
     return ctx;
+}
+
+cm_transport *cm_ctx_transport(cm_ctx *ctx, const cm_transport_ops *ops) {
+    for (int i = 0; i < ctx->ntp; i++)
+        if (ctx->tp[i].ops == ops) return &ctx->tp[i];
+    if (ctx->ntp == CM_MAX_TRANSPORTS) return NULL;
+    cm_transport *t = &ctx->tp[ctx->ntp++];
+    memset(t, 0, sizeof *t);
+    t->ops = ops;
+    return t;
+}
+
+void cm_ctx_drop_transport(cm_ctx *ctx, cm_transport *t) {
+    for (int p = 0; p < ctx->size; p++)
+        if (ctx->chans[p].tp == t) return;            /* in use: it stays */
+    if (ctx->ntp && t == &ctx->tp[ctx->ntp - 1]) ctx->ntp--;
+}
+
+int cm_ctx_attach(cm_ctx *ctx, int peer, cm_transport *t, void *priv) {
+    if (!t || peer < 0 || peer >= ctx->size || peer == ctx->rank || ctx->chans[peer].ops) return CM_E_INVALID;
+    cm_chan *c = &ctx->chans[peer];
+    c->ops = t->ops;
+    c->tp = t;
+    c->priv = priv;
+    if (!t->ops->poll_fd) ctx->waker_chans++;
+    return CM_OK;
 }
 
 static void free_unexp(cm_chan *c) {
@@ -31,14 +59,27 @@ static void free_unexp(cm_chan *c) {
     c->unexp_tail = NULL;
 }
 
+#define FLUSH_NS 2000000000LL          /* the longest a closing context waits for its sends to leave */
+
+static int busy(cm_ctx *ctx) {
+    for (int i = 0; i < ctx->ntp; i++)
+        if (ctx->tp[i].ops->busy && ctx->tp[i].ops->busy(ctx, &ctx->tp[i])) return 1;
+    return 0;
+}
+
 void cm_ctx_free(cm_ctx *ctx) {
     if (!ctx) return;
+    /* A send may complete for the caller before its bytes left (rdma copies small messages into a
+     * buffer of its own): let them leave before the endpoints close, or a peer would miss them. */
+    for (int64_t until = cm_now_ns() + FLUSH_NS; !ctx->failed && busy(ctx) && cm_now_ns() < until;)
+        if (cm_progress(ctx) <= 0) sched_yield();
     for (int p = 0; p < ctx->size; p++) {
         cm_chan *c = &ctx->chans[p];
-        if (c->fd >= 0) close(c->fd);
-        free(c->bounce);
+        if (c->ops && c->ops->free) c->ops->free(ctx, c);
         free_unexp(c);
     }
+    for (int i = 0; i < ctx->ntp; i++)
+        if (ctx->tp[i].ops->release) ctx->tp[i].ops->release(ctx, &ctx->tp[i]);
     while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
     if (ctx->bell_fd >= 0) close(ctx->bell_fd);
     free(ctx->chans);
@@ -46,70 +87,9 @@ void cm_ctx_free(cm_ctx *ctx) {
     free(ctx);
 }
 
-int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes) {
-    if (!my_seg || nslots < 1 || slot_bytes < 64 || slot_bytes % 64 || local_index < 0 || local_index >= nlocal)
-        return CM_E_INVALID;
-    ctx->my_seg = my_seg;
-    ctx->local_index = local_index;
-    ctx->nlocal = nlocal;
-    ctx->nslots = nslots;
-    ctx->slot_bytes = slot_bytes;
-    ctx->chan_bytes = sizeof(cm_chan_ctrl) + (size_t)nslots * (CM_SLOT_HDR_BYTES + slot_bytes);
-    cm_seg_hdr *h = my_seg;                    /* where shm peers find this context's bell (bell.c) */
-    memcpy(h->bell, ctx->bell, sizeof h->bell);
-    h->bell_len = ctx->bell_fd >= 0 ? ctx->bell_len : 0;
-    atomic_store(&h->bell_broken, ctx->bell_fd < 0);
-    return CM_OK;
-}
-
-int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid) {
-    if (!ctx->my_seg || peer < 0 || peer >= ctx->size || peer == ctx->rank || !peer_seg ||
-        peer_local_index < 0 || peer_local_index >= ctx->nlocal)
-        return CM_E_INVALID;
-    cm_seg_hdr *ps = peer_seg;
-    if (ps->magic != CM_SEG_MAGIC || ps->nslots != (uint32_t)ctx->nslots || ps->slot_bytes != ctx->slot_bytes)
-        return CM_E_INVALID;
-    cm_chan *c = &ctx->chans[peer];
-    c->type = CM_CHAN_SHM;
-    c->peer_seg = ps;
-    c->peer_pid = peer_pid;
-    c->tx = (cm_chan_ctrl *)((char *)peer_seg + CM_SEG_HDR_BYTES + (size_t)ctx->local_index * ctx->chan_bytes);
-    c->tx_slots = (char *)(c->tx + 1);
-    c->rx = (cm_chan_ctrl *)((char *)ctx->my_seg + CM_SEG_HDR_BYTES + (size_t)peer_local_index * ctx->chan_bytes);
-    c->rx_slots = (char *)(c->rx + 1);
-    c->tx_head = atomic_load(&c->tx->head);
-    c->rx_tail = atomic_load(&c->rx->tail);
-    ctx->has_shm = 1;
-    return CM_OK;
-}
-
-int cm_ctx_add_tcp_peer(cm_ctx *ctx, int peer, int fd, size_t chunk_bytes) {
-    if (peer < 0 || peer >= ctx->size || peer == ctx->rank || fd < 0 || chunk_bytes < 64) return CM_E_INVALID;
-    cm_chan *c = &ctx->chans[peer];
-    c->bounce = malloc(chunk_bytes);
-    if (!c->bounce) return CM_E_NOMEM;
-    c->bounce_bytes = chunk_bytes;
-    c->type = CM_CHAN_TCP;
-    c->fd = fd;
-    ctx->has_tcp = 1;
-    return CM_OK;
-}
-
 void cm_ctx_kick(cm_ctx *ctx) {
     atomic_store(&ctx->kick, 1);
-    if (ctx->my_seg) {                         /* wake the waiter if it sleeps on its doorbell or bell */
-        atomic_fetch_add(&ctx->my_seg->doorbell, 1);
-        cm_shm_notify(ctx->my_seg);
-    } else {                                   /* tcp only: it may sleep in poll() */
-        atomic_thread_fence(memory_order_seq_cst);
-        if (atomic_load(&ctx->polling) && ctx->bell_fd >= 0) cm_bell_ring(ctx->bell, ctx->bell_len, NULL);
-    }
-}
-
-int cm_ctx_set_tcp_delay(cm_ctx *ctx, int peer, int64_t delay_ns) {
-    if (peer < 0 || peer >= ctx->size || ctx->chans[peer].type != CM_CHAN_TCP || delay_ns < 0) return CM_E_INVALID;
-    ctx->chans[peer].delay_ns = delay_ns;
-    return CM_OK;
+    cm_wake_always(ctx->waker);                /* it may sleep on the word or in poll() */
 }
 
 int cm_ctx_pending(cm_ctx *ctx) {
@@ -122,19 +102,27 @@ void cm_ctx_counters(cm_ctx *ctx, uint64_t *out, int n) {
     for (int i = 0; i < n && i < 8; i++) out[i] = ctx->counters[i];
 }
 
-/* Tell every peer that this context is dead: abort word + doorbell on shm, shutdown on tcp. */
+int cm_ctx_transport_bytes(cm_ctx *ctx, const char *name, uint64_t *out) {
+    out[0] = out[1] = 0;
+    for (int i = 0; i < ctx->ntp; i++) {
+        if (strcmp(ctx->tp[i].ops->name, name)) continue;
+        out[0] = ctx->tp[i].tx_bytes;
+        out[1] = ctx->tp[i].rx_bytes;
+        return 1;
+    }
+    return 0;
+}
+
+const char *cm_ctx_chan_transport(cm_ctx *ctx, int peer) {
+    if (peer < 0 || peer >= ctx->size || !ctx->chans[peer].ops) return NULL;
+    return ctx->chans[peer].ops->name;
+}
+
+/* Tell every peer that this context is dead (each transport its own way), then fail it. */
 void cm_ctx_abort(cm_ctx *ctx) {
     for (int p = 0; p < ctx->size; p++) {
         cm_chan *c = &ctx->chans[p];
-        if (c->type == CM_CHAN_SHM) {
-            uint64_t zero = 0;
-            atomic_compare_exchange_strong(&c->peer_seg->abort, &zero, (uint64_t)ctx->rank + 1);
-            atomic_fetch_add(&c->peer_seg->doorbell, 1);
-            atomic_store(&c->peer_seg->waiting, 1);   /* force the wake below */
-            cm_shm_notify(c->peer_seg);
-        } else if (c->type == CM_CHAN_TCP) {
-            shutdown(c->fd, SHUT_RDWR);
-        }
+        if (c->ops && c->ops->abort) c->ops->abort(ctx, c);
     }
     if (!ctx->failed) cm_fail(ctx, CM_E_ABORTED, -1, 0, NULL);
 }

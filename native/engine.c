@@ -1,4 +1,4 @@
-/* The progress engine: runs plans (arrays of cm_step) over the shm and tcp channels.
+/* The progress engine: runs plans (arrays of cm_step) over the channels of any transport.
  *
  * A plan executes in order. SEND / RECV / RECV_REDUCE steps post an operation on the peer's channel
  * and do not wait; PHASE waits until every posted operation of the plan has completed; COPY,
@@ -12,9 +12,10 @@
  * at once. The first failure (peer gone, mismatch, timeout) fails the whole context, like a broken
  * gloo pair: every plan in flight ends with that error and the context must be rebuilt.
  *
- * Waiting spins for `spin` polls, then yields `yields` times, then sleeps on the futex doorbell
- * (shm only) or in poll() (tcp; shm peers and kicks ring the context's bell there, bell.c), waking
- * up at least every few ms to check liveness and deadlines.
+ * Channels are driven through their transport's table of operations (comms_native.h): the engine
+ * never asks which transport a channel belongs to. Waiting spins for `spin` polls, then yields
+ * `yields` times, then sleeps (wait.c: on the waker's futex word, or in poll() over the
+ * transports' descriptors), waking up at least every 20 ms to check liveness and deadlines.
  * Nothing here takes the GIL; the caller serializes calls on one context.
  *
  * The context itself is in ctx.c, matching an arriving message to its receive in match.c, and the
@@ -36,14 +37,6 @@ int64_t cm_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* ---- failure ---------------------------------------------------------------------------------- */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     if (ctx->failed) return ctx->status.code;
@@ -56,6 +49,8 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     st->done_bytes = op ? op->done : 0;
     st->want_bytes = op ? op->nbytes : 0;
     if (op) st->local = op->exec->sig;
+    for (int i = 0; i < ctx->ntp; i++)            /* revoke what peers may still reach (rdma MRs) */
+        if (ctx->tp[i].ops->fail) ctx->tp[i].ops->fail(ctx, &ctx->tp[i]);
     for (int p = 0; p < ctx->size; p++) {
         cm_chan *c = &ctx->chans[p];
         c->sendq = c->sendq_tail = c->recvq = c->recvq_tail = NULL;
@@ -198,8 +193,7 @@ static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr
         if (s->buf < 0 || s->buf >= nbufs || (s->nbytes && !bufs[s->buf])) return CM_E_INVALID;
         if (s->kind <= CM_STEP_RECV_REDUCE) {
             if (s->peer == CM_ANY_SOURCE && s->kind == CM_STEP_RECV && sig->kind == CM_MSG_P2P) continue;
-            if (s->peer < 0 || s->peer >= ctx->size || s->peer == ctx->rank ||
-                ctx->chans[s->peer].type == CM_CHAN_NONE)
+            if (s->peer < 0 || s->peer >= ctx->size || s->peer == ctx->rank || !ctx->chans[s->peer].ops)
                 return CM_E_INVALID;
         } else if (s->kind != CM_STEP_DIV) {
             if (s->buf2 < 0 || s->buf2 >= nbufs || (s->nbytes && !bufs[s->buf2])) return CM_E_INVALID;
@@ -245,20 +239,22 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
     return ctx->failed ? ctx->status.code : CM_OK;
 }
 
-/* One pass over every channel; returns 1 if anything moved, < 0 on failure. */
+/* One pass over every transport and channel; returns 1 if anything moved, < 0 on failure. */
 static int progress(cm_ctx *ctx) {
     ctx->progressed = 0;
+    for (int i = 0; i < ctx->ntp; i++) {
+        cm_transport *t = &ctx->tp[i];
+        if (t->ops->progress) {
+            int r = t->ops->progress(ctx, t);
+            if (r < 0) return r;
+        }
+    }
     for (int p = 0; p < ctx->size; p++) {
         cm_chan *c = &ctx->chans[p];
-        int r1 = 0, r2 = 0;
-        if (c->type == CM_CHAN_SHM) {
-            if (c->sendq) r1 = cm_shm_progress_send(ctx, c);
-            r2 = cm_shm_progress_recv(ctx, c);
-        } else if (c->type == CM_CHAN_TCP) {
-            if (c->sendq) r1 = cm_tcp_progress_send(ctx, c);
-            r2 = cm_tcp_progress_recv(ctx, c);   /* always: notices EOF and early p2p messages */
-        }
+        if (!c->ops) continue;
+        int r1 = c->sendq ? c->ops->progress_send(ctx, c) : 0;
         if (r1 < 0) return r1;
+        int r2 = c->ops->progress_recv(ctx, c);   /* always: notices arrivals, EOF and early p2p messages */
         if (r2 < 0) return r2;
     }
     if (ctx->progressed) {
@@ -268,6 +264,8 @@ static int progress(cm_ctx *ctx) {
     }
     return ctx->progressed;
 }
+
+int cm_progress(cm_ctx *ctx) { return progress(ctx); }
 
 static int first_pending_peer(cm_exec *e, cm_op **which) {
     for (int pass = 0; pass < 2; pass++) {    /* receives first: they name who we wait for */
@@ -281,14 +279,15 @@ static int first_pending_peer(cm_exec *e, cm_op **which) {
 }
 
 static int check_liveness(cm_ctx *ctx) {
-    if (ctx->my_seg) {
-        uint64_t a = atomic_load(&ctx->my_seg->abort);
-        if (a) return cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL);
+    for (int i = 0; i < ctx->ntp; i++) {
+        cm_transport *t = &ctx->tp[i];
+        int r = t->ops->ctx_alive ? t->ops->ctx_alive(ctx, t) : CM_OK;
+        if (r < 0) return r;
     }
     for (int p = 0; p < ctx->size; p++) {
         cm_chan *c = &ctx->chans[p];
-        if (c->type == CM_CHAN_SHM && c->peer_pid > 0 && kill(c->peer_pid, 0) < 0 && errno == ESRCH)
-            return cm_fail(ctx, CM_E_PEER_DEAD, p, 0, NULL);
+        int r = c->ops && c->ops->alive ? c->ops->alive(ctx, c) : CM_OK;
+        if (r < 0) return r;
     }
     return CM_OK;
 }
@@ -338,9 +337,7 @@ int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
         if (nap > 20000000LL) nap = 20000000LL;
         if (block_ns >= 0 && block_ns - (now - start) < nap) nap = block_ns - (now - start);
         if (nap < 1000) nap = 1000;
-        if (ctx->has_tcp) cm_tcp_sleep(ctx, nap);    /* shm peers ring its bell (bell.c) */
-        else if (ctx->has_shm) cm_shm_sleep(ctx, nap);
-        else sched_yield();
+        cm_sleep(ctx, nap);
         if (check_liveness(ctx) < 0) continue;
     }
 }

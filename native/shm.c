@@ -1,12 +1,13 @@
-/* Shared-memory transport: segments in /dev/shm, single-producer/single-consumer slot rings, and a
- * futex doorbell so that waiting ranks can sleep instead of spinning when they outnumber cores.
+/* Shared-memory transport: segments in /dev/shm and single-producer/single-consumer slot rings;
+ * waiting ranks sleep instead of spinning (they may outnumber cores) and are woken through the
+ * context's waker, which lives in their segment (wait.c).
  *
  * Ring protocol (one ring per ordered pair of local ranks, living in the receiver's segment):
  * the sender waits until head - tail < nslots, fills slot head % nslots (a FIRST slot carries the
  * message header), then publishes it with a release store of head + 1. The receiver acquires
  * head, consumes the slot straight into the destination (a copy, or a reduction for RECV_REDUCE),
- * then releases tail + 1. Either side rings the other's doorbell after publishing, but only when
- * the other has announced that it sleeps (Dekker-style: both sides fence before checking).
+ * then releases tail + 1. Either side wakes the other after publishing, but only when the other
+ * has announced that it sleeps (cm_wake: Dekker-style, both sides fence before checking).
  *
  * The cm_shm_* segment functions return 0 or -errno (not CM_E_* codes).
  */
@@ -14,14 +15,73 @@
 #include <errno.h>
 #include <stdio.h>
 #include <fcntl.h>
-#include <linux/futex.h>
+#include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 #include "comms_native.h"
+
+/* CDEF-BEGIN: what transports/shm.py calls (native/build_cffi.py hands these lines to cffi) */
+int cm_shm_create(const char *name, size_t bytes, void **out);
+int cm_shm_attach(const char *name, size_t bytes, void **out);
+int cm_shm_unlink(const char *name);
+int cm_shm_unmap(void *addr, size_t bytes);
+size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes);
+void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes);
+int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes);
+int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid);
+/* CDEF-END */
+
+#define CM_SEG_MAGIC 0x636f6d6d73656732ULL
+#define CM_SEG_HDR_BYTES 4096
+#define CM_SLOT_HDR_BYTES 64
+#define CM_SLOT_FIRST 1u
+#define CM_SLOT_LAST 2u
+
+/* Each rank creates one segment holding its *inbound* rings, one per local peer (indexed by the
+ * sender's local index), after a header with the abort word and the waker its peers wake it by. */
+typedef struct {
+    uint64_t magic;
+    uint32_t nlocal, nslots;
+    uint64_t slot_bytes;
+    char pad0[40];
+    _Atomic uint64_t abort;      /* (aborting rank + 1), set by any rank that aborts */
+    char pad1[56];
+    cm_waker waker;              /* the owner's (cm_waker_share): local peers wake it here */
+} cm_seg_hdr;
+
+typedef struct {
+    _Atomic uint64_t head;       /* slots produced (written by the sender) */
+    char pad0[56];
+    _Atomic uint64_t tail;       /* slots consumed (written by the receiver) */
+    char pad1[56];
+} cm_chan_ctrl;
+
+typedef struct {
+    uint32_t len;
+    uint32_t flags;
+    cm_hdr hdr;                  /* valid in the FIRST slot of a message */
+} cm_slot_hdr;
+
+typedef struct {                 /* the context's shm state (cm_transport.priv) */
+    cm_seg_hdr *my_seg;
+    int local_index, nlocal, nslots;
+    size_t slot_bytes, chan_bytes;
+} shm_ctx;
+
+typedef struct {                 /* one channel (cm_chan.priv) */
+    shm_ctx *t;
+    cm_chan_ctrl *tx, *rx;
+    char *tx_slots, *rx_slots;
+    uint64_t tx_head, rx_tail;
+    cm_seg_hdr *peer_seg;
+    int peer_pid;
+} shm_chan;
+
+_Static_assert(sizeof(cm_seg_hdr) <= CM_SEG_HDR_BYTES, "segment header too large");
+_Static_assert(sizeof(cm_slot_hdr) <= CM_SLOT_HDR_BYTES, "slot header too large");
 
 static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
@@ -97,50 +157,40 @@ void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes) {
     h->magic = CM_SEG_MAGIC;
 }
 
-/* ---- doorbell --------------------------------------------------------------------------------- */
-void cm_shm_notify(cm_seg_hdr *seg) {
-    atomic_thread_fence(memory_order_seq_cst);
-    uint32_t w = atomic_load_explicit(&seg->waiting, memory_order_relaxed);
-    if (w == CM_WAIT_FUTEX) {
-        atomic_fetch_add(&seg->doorbell, 1);
-        syscall(SYS_futex, &seg->doorbell, FUTEX_WAKE, 1, NULL, NULL, 0);
-    } else if (w == CM_WAIT_POLL) {
-        cm_bell_ring(seg->bell, seg->bell_len, &seg->bell_broken);   /* it sleeps in poll(): see bell.c */
-    }
-}
-
-/* Whether an inbound ring has a slot, a ring this rank waits to send into has room, or an abort
- * was posted: what a sleeper re-checks after announcing that it sleeps. */
-int cm_shm_news(cm_ctx *ctx) {
-    if (atomic_load(&ctx->my_seg->abort) != 0) return 1;
-    for (int p = 0; p < ctx->size; p++) {
-        cm_chan *c = &ctx->chans[p];
-        if (c->type != CM_CHAN_SHM) continue;
-        /* a ring headed by a collective message whose receive this rank has not posted is no news:
-         * only this thread posts it (or a kick wakes it), so waking for the slots behind it would
-         * make the wait a busy loop that starves a peer sharing the core */
-        if (!c->rx_parked && atomic_load_explicit(&c->rx->head, memory_order_acquire) != c->rx_tail) return 1;
-        if (c->sendq && c->tx_head - atomic_load_explicit(&c->tx->tail, memory_order_acquire) < (uint64_t)ctx->nslots)
-            return 1;
-    }
+/* ---- waking and liveness ---------------------------------------------------------------------- */
+static int shm_ready(cm_ctx *ctx, cm_chan *c) {
+    (void)ctx;
+    shm_chan *s = c->priv;
+    /* a ring headed by a collective message whose receive this rank has not posted is no news:
+     * only this thread posts it (or a kick wakes it), so waking for the slots behind it would
+     * make the wait a busy loop that starves a peer sharing the core */
+    if (!c->rx_parked && atomic_load_explicit(&s->rx->head, memory_order_acquire) != s->rx_tail) return 1;
+    if (c->sendq && s->tx_head - atomic_load_explicit(&s->tx->tail, memory_order_acquire) < (uint64_t)s->t->nslots)
+        return 1;
     return 0;
 }
 
-/* Sleep on this rank's doorbell for at most timeout_ns, unless news arrived since the last poll.
- * The caller polls once more after this returns. */
-int cm_shm_sleep(cm_ctx *ctx, int64_t timeout_ns) {
-    cm_seg_hdr *me = ctx->my_seg;
-    uint32_t bell = atomic_load(&me->doorbell);
-    atomic_store(&me->waiting, CM_WAIT_FUTEX);
-    atomic_thread_fence(memory_order_seq_cst);
-    /* re-check every inbound ring and every ring we wait to send into */
-    if (!cm_shm_news(ctx)) {
-        struct timespec ts = { timeout_ns / 1000000000LL, timeout_ns % 1000000000LL };
-        ctx->counters[CM_CNT_SLEEPS]++;
-        syscall(SYS_futex, &me->doorbell, FUTEX_WAIT, bell, &ts, NULL, 0);
-    }
-    atomic_store(&me->waiting, CM_WAIT_NONE);
+static int shm_ctx_ready(cm_ctx *ctx, cm_transport *t) {
+    (void)ctx;
+    return atomic_load(&((shm_ctx *)t->priv)->my_seg->abort) != 0;
+}
+
+static int shm_ctx_alive(cm_ctx *ctx, cm_transport *t) {
+    uint64_t a = atomic_load(&((shm_ctx *)t->priv)->my_seg->abort);
+    return a ? cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL) : CM_OK;
+}
+
+static int shm_alive(cm_ctx *ctx, cm_chan *c) {
+    shm_chan *s = c->priv;
+    if (s->peer_pid > 0 && kill(s->peer_pid, 0) < 0 && errno == ESRCH) return cm_fail(ctx, CM_E_PEER_DEAD, c->peer, 0, NULL);
     return CM_OK;
+}
+
+static void shm_abort(cm_ctx *ctx, cm_chan *c) {
+    shm_chan *s = c->priv;
+    uint64_t zero = 0;
+    atomic_compare_exchange_strong(&s->peer_seg->abort, &zero, (uint64_t)ctx->rank + 1);
+    cm_wake_always(&s->peer_seg->waker);
 }
 
 /* ---- ring progress ---------------------------------------------------------------------------- */
@@ -148,15 +198,17 @@ static inline cm_slot_hdr *slot_at(char *slots, uint64_t i, int nslots, size_t s
     return (cm_slot_hdr *)(slots + (size_t)(i % (uint64_t)nslots) * (CM_SLOT_HDR_BYTES + slot_bytes));
 }
 
-int cm_shm_progress_send(cm_ctx *ctx, cm_chan *c) {
+static int shm_progress_send(cm_ctx *ctx, cm_chan *c) {
+    shm_chan *sc = c->priv;
+    const shm_ctx *t = sc->t;
     int moved = 0;
     while (c->sendq) {
         cm_op *op = c->sendq;
-        uint64_t tail = atomic_load_explicit(&c->tx->tail, memory_order_acquire);
-        if (c->tx_head - tail >= (uint64_t)ctx->nslots) break;
-        cm_slot_hdr *s = slot_at(c->tx_slots, c->tx_head, ctx->nslots, ctx->slot_bytes);
+        uint64_t tail = atomic_load_explicit(&sc->tx->tail, memory_order_acquire);
+        if (sc->tx_head - tail >= (uint64_t)t->nslots) break;
+        cm_slot_hdr *s = slot_at(sc->tx_slots, sc->tx_head, t->nslots, t->slot_bytes);
         uint64_t left = op->nbytes - op->done;
-        uint32_t len = (uint32_t)(left < ctx->slot_bytes ? left : ctx->slot_bytes);
+        uint32_t len = (uint32_t)(left < t->slot_bytes ? left : t->slot_bytes);
         uint32_t flags = 0;
         if (!op->started) {
             flags |= CM_SLOT_FIRST;
@@ -170,23 +222,25 @@ int cm_shm_progress_send(cm_ctx *ctx, cm_chan *c) {
         if (op->done == op->nbytes) flags |= CM_SLOT_LAST;
         s->len = len;
         s->flags = flags;
-        c->tx_head++;
-        atomic_store_explicit(&c->tx->head, c->tx_head, memory_order_release);
-        ctx->counters[CM_CNT_SHM_TX] += len;
-        cm_shm_notify(c->peer_seg);
+        sc->tx_head++;
+        atomic_store_explicit(&sc->tx->head, sc->tx_head, memory_order_release);
+        c->tp->tx_bytes += len;
+        cm_wake(&sc->peer_seg->waker);
         moved = 1;
         if (flags & CM_SLOT_LAST) cm_op_done(ctx, c, op, 1);
     }
     return moved;
 }
 
-int cm_shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
+static int shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
+    shm_chan *sc = c->priv;
+    const shm_ctx *t = sc->t;
     int moved = 0;
     c->rx_parked = 0;
     for (;;) {
-        uint64_t head = atomic_load_explicit(&c->rx->head, memory_order_acquire);
-        if (head == c->rx_tail) break;
-        cm_slot_hdr *s = slot_at(c->rx_slots, c->rx_tail, ctx->nslots, ctx->slot_bytes);
+        uint64_t head = atomic_load_explicit(&sc->rx->head, memory_order_acquire);
+        if (head == sc->rx_tail) break;
+        cm_slot_hdr *s = slot_at(sc->rx_slots, sc->rx_tail, t->nslots, t->slot_bytes);
         if (!c->rx_active) {
             if (!(s->flags & CM_SLOT_FIRST)) return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
             c->rx_hdr = s->hdr;
@@ -194,15 +248,77 @@ int cm_shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
             if (r < 0) return r;
             if (r == CM_EAGAIN) { c->rx_parked = 1; break; }   /* no receive posted yet: leave it in the ring */
         }
+        if (s->len > t->slot_bytes) return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
         int r = cm_deliver(ctx, c, (const char *)s + CM_SLOT_HDR_BYTES, s->len);
         if (r < 0) return r;
         uint32_t last = s->flags & CM_SLOT_LAST;
-        c->rx_tail++;
-        atomic_store_explicit(&c->rx->tail, c->rx_tail, memory_order_release);
-        ctx->counters[CM_CNT_SHM_RX] += s->len;
-        cm_shm_notify(c->peer_seg);
+        sc->rx_tail++;
+        atomic_store_explicit(&sc->rx->tail, sc->rx_tail, memory_order_release);
+        c->tp->rx_bytes += s->len;
+        cm_wake(&sc->peer_seg->waker);
         moved = 1;
         if (last) cm_message_done(ctx, c);
     }
     return moved;
+}
+
+static void shm_free(cm_ctx *ctx, cm_chan *c) { (void)ctx; free(c->priv); c->priv = NULL; }
+static void shm_release(cm_ctx *ctx, cm_transport *t) { (void)ctx; free(t->priv); t->priv = NULL; }
+
+static const cm_transport_ops shm_ops = {
+    .name = "shm",
+    .progress_send = shm_progress_send,
+    .progress_recv = shm_progress_recv,
+    .poll_fd = NULL,                      /* woken through the context's waker, in its segment */
+    .ready = shm_ready,
+    .alive = shm_alive,
+    .abort = shm_abort,
+    .free = shm_free,
+    .ctx_ready = shm_ctx_ready,
+    .ctx_alive = shm_ctx_alive,
+    .release = shm_release,
+};
+
+/* ---- set-up (transports/shm.py) ------------------------------------------------------------------ */
+int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes) {
+    if (!my_seg || nslots < 1 || slot_bytes < 64 || slot_bytes % 64 || local_index < 0 || local_index >= nlocal)
+        return CM_E_INVALID;
+    cm_transport *tp = cm_ctx_transport(ctx, &shm_ops);
+    if (!tp || tp->priv) return CM_E_INVALID;
+    shm_ctx *t = calloc(1, sizeof *t);
+    if (!t) return CM_E_NOMEM;
+    t->my_seg = my_seg;
+    t->local_index = local_index;
+    t->nlocal = nlocal;
+    t->nslots = nslots;
+    t->slot_bytes = slot_bytes;
+    t->chan_bytes = chan_bytes(nslots, slot_bytes);
+    tp->priv = t;
+    cm_waker_share(ctx, &t->my_seg->waker);       /* local peers wake this context in its segment */
+    return CM_OK;
+}
+
+int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid) {
+    cm_transport *tp = cm_ctx_transport(ctx, &shm_ops);
+    shm_ctx *t = tp ? tp->priv : NULL;
+    if (!t || peer < 0 || peer >= ctx->size || peer == ctx->rank || !peer_seg ||
+        peer_local_index < 0 || peer_local_index >= t->nlocal)
+        return CM_E_INVALID;
+    cm_seg_hdr *ps = peer_seg;
+    if (ps->magic != CM_SEG_MAGIC || ps->nslots != (uint32_t)t->nslots || ps->slot_bytes != t->slot_bytes)
+        return CM_E_INVALID;
+    shm_chan *s = calloc(1, sizeof *s);
+    if (!s) return CM_E_NOMEM;
+    s->t = t;
+    s->peer_seg = ps;
+    s->peer_pid = peer_pid;
+    s->tx = (cm_chan_ctrl *)((char *)peer_seg + CM_SEG_HDR_BYTES + (size_t)t->local_index * t->chan_bytes);
+    s->tx_slots = (char *)(s->tx + 1);
+    s->rx = (cm_chan_ctrl *)((char *)t->my_seg + CM_SEG_HDR_BYTES + (size_t)peer_local_index * t->chan_bytes);
+    s->rx_slots = (char *)(s->rx + 1);
+    s->tx_head = atomic_load(&s->tx->head);
+    s->rx_tail = atomic_load(&s->rx->tail);
+    int r = cm_ctx_attach(ctx, peer, tp, s);
+    if (r < 0) free(s);
+    return r;
 }

@@ -132,7 +132,7 @@ def stranger(rank: int, size: int) -> list:
 
     def listen_and_poke(self):
         addr = orig(self)
-        host, port = self.listener.getsockname()[:2]
+        host, port = self.mesh.listener.getsockname()[:2]
         s = socket.create_connection((host, port))
         s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
         self._stranger = s

@@ -6,11 +6,11 @@ import math
 from comms import algorithms
 from comms.rounds import contenders, doubtful, figures, lead, reps
 from comms.timed import PROBES, applies, combine, correction
-from comms.tuning import Link, Params, cost, default_rules
+from comms.tuning import AUTO, Link, Params, Route, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
 ONE_HOST = lambda n: (tuple(range(n)),)               # noqa: E731
-P = Params(Link(2.0, 10.0), Link(40.0, 1.5), 12.0)
+P = Params({"shm": Link(2.0, 10.0), "tcp": Link(40.0, 1.5)}, 12.0)
 
 
 def _table(n: int, hosts: list, rows: dict) -> dict:
@@ -60,10 +60,10 @@ def test_measurements_overrule_the_model_at_every_probe():
     measured fastest at small probes and ring at large ones makes the rules follow the table at
     every probe, for this layout only."""
     n, hosts = 2, ONE_HOST(2)
-    assert _rule_at(default_rules(NAMES, n, hosts, P, False), 8) == "direct"
+    assert _rule_at(default_rules(NAMES, n, hosts, P, AUTO), 8) == "direct"
     rows = {}
     for a in NAMES["all_reduce"]:
-        rows[a] = [cost("all_reduce", a, s, n, hosts, P, False) for s in PROBES]
+        rows[a] = [cost("all_reduce", a, s, n, hosts, P, AUTO) for s in PROBES]
         rows[a] = [t if math.isfinite(t) else None for t in rows[a]]
     fastest = lambda s: "tree" if s < 64 << 10 else "ring"          # noqa: E731
     for i, s in enumerate(PROBES):
@@ -71,14 +71,14 @@ def test_measurements_overrule_the_model_at_every_probe():
         for a in rows:
             if rows[a][i] is not None:
                 rows[a][i] = slowest * (0.5 if a == fastest(s) else 1.0 + 0.01 * len(a))
-    timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [2], rows))
-    rules = default_rules(NAMES, n, hosts, timed, False)
+    timed = Params(P.links, P.reduce_gbps, "test", _table(n, [2], rows))
+    rules = default_rules(NAMES, n, hosts, timed, AUTO)
     for s in PROBES:
         assert _rule_at(rules, s) == fastest(s), (s, rules)
     # another layout (a split sub-communicator, another host count) prices with the model alone
-    other = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(4, [4], rows))
+    other = Params(P.links, P.reduce_gbps, "test", _table(4, [4], rows))
     assert not applies(other.measured, n, hosts) and applies(timed.measured, n, hosts)
-    assert default_rules(NAMES, n, hosts, other, False) == default_rules(NAMES, n, hosts, P, False)
+    assert default_rules(NAMES, n, hosts, other, AUTO) == default_rules(NAMES, n, hosts, P, AUTO)
 
 
 def test_rounds_repeat_the_same_calls_on_every_rank():
@@ -113,10 +113,10 @@ def test_only_latency_bound_near_ties_go_to_fewer_waits():
                 rows[a][i] = 1000.0 * (2 + i)
         rows["rhd"][i] = 1000.0 * (1 + i)
         rows["recursive_doubling"][i] = 1000.0 * (1 + i) * 1.05
-    timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [2], rows))
-    assert latency_bound("all_reduce", "rhd", 64, n, hosts, P, False)
-    assert not latency_bound("all_reduce", "rhd", 32 << 20, n, hosts, P, False)
-    rules = default_rules(NAMES, n, hosts, timed, False)
+    timed = Params(P.links, P.reduce_gbps, "test", _table(n, [2], rows))
+    assert latency_bound("all_reduce", "rhd", 64, n, hosts, P, AUTO)
+    assert not latency_bound("all_reduce", "rhd", 32 << 20, n, hosts, P, AUTO)
+    rules = default_rules(NAMES, n, hosts, timed, AUTO)
     assert _rule_at(rules, 64) == "recursive_doubling" and _rule_at(rules, 32 << 20) == "rhd"
 
 
@@ -136,8 +136,9 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
     assert peer_waits("all_reduce", "direct", 4, ((0, 1), (2, 3))) == 3
     # sharing cores, direct's shm messages are one wait, its tcp messages one each
     assert peer_waits("all_reduce", "direct", 4, ((0, 1), (2, 3)), shared=True) == 3
-    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True, shared=True) == 3
-    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), forced_tcp=True) == 3
+    tcp = Route("tcp", "tcp", False)         # COMMS_TRANSPORT=tcp: every peer over tcp
+    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), route=tcp, shared=True) == 3
+    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), route=tcp) == 3
     assert peer_waits("all_reduce", "hierarchical", 4, ((0, 1), (2, 3))) == 4
     assert peer_waits("all_reduce", "direct", 2, ONE_HOST(2)) == peer_waits("all_reduce", "recursive_doubling", 2, ONE_HOST(2)) == 1
     assert peer_waits("broadcast", "ring", 4, hosts) == math.inf
@@ -151,8 +152,8 @@ def test_near_ties_go_to_fewer_waits_on_a_peer():
                     rows[a][i] = 1000.0 * (2 + i)
             rows["direct"][i] = 1000.0 * (1 + i) * (1 + max(0.0, -gap))
             rows["recursive_doubling"][i] = 1000.0 * (1 + i) * (1 + max(0.0, gap))
-        timed = Params(P.shm, P.tcp, P.reduce_gbps, "test", _table(n, [4], rows))
-        return default_rules(NAMES, n, hosts, timed, False, oversub)
+        timed = Params(P.links, P.reduce_gbps, "test", _table(n, [4], rows))
+        return default_rules(NAMES, n, hosts, timed, AUTO, oversub)
     assert _rule_at(rules(0.05, 1.0), 64) == "recursive_doubling"
     assert _rule_at(rules(TIE * 2, 1.0), 64) == "direct"
     assert _rule_at(rules(-0.05, 1.0), 64) == "recursive_doubling"

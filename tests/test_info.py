@@ -30,6 +30,15 @@ def test_info_single_process_json():
     assert "hierarchical" in info["algorithms"]["all_reduce"]
     topo = info["topology"]
     assert topo["size"] == 1 and len(topo["hosts"]) == 1 and topo["hosts"][0]["cores"] >= 1
+    # every registered transport, in init's order, with the cost model's default figures
+    from comms.transports import ORDER
+    assert [t["name"] for t in info["transports_available"]] == [cls.name for cls in ORDER]
+    for t, cls in zip(info["transports_available"], ORDER):
+        assert t["link"] == {"alpha_us": cls.link.alpha_us, "beta_gbps": cls.link.beta_gbps}
+        assert t["waits_together"] == cls.waits_together and isinstance(t["describe"], dict)
+    assert set(info["route"]) == {"intra", "inter", "together"}
+    assert {info["route"]["intra"], info["route"]["inter"]} <= {cls.name for cls in ORDER}
+    assert set(info["cost_model"]["links"]) >= {cls.name for cls in ORDER}
 
 
 def test_info_under_the_launcher_sees_the_group():
@@ -41,6 +50,9 @@ def test_info_under_the_launcher_sees_the_group():
     assert "[rank 0] 3 ranks on 1 host" in text and "ranks [0, 1, 2] (leader 0)" in text, text
     assert "1.5 ranks per core" in text or "ranks per core" in text
     assert "all_reduce:0-1024:ring  (user)" in text
+    assert "# transports (tried in this order)" in text and "route: shm inside a host, tcp between hosts" in text
+    cost_model = next(ln for ln in text.splitlines() if "# cost model (" in ln)
+    assert "shm Link(alpha_us=" in cost_model and "tcp Link(alpha_us=" in cost_model, cost_model
     assert "[rank 1] #" not in text        # only rank 0 prints
 
 
@@ -61,7 +73,10 @@ def test_calibration_is_cached_and_shared(tmp_path):
     first = spawn(calibrated_params, 2, timeout=120, env=env)
     assert first[0] == first[1], "ranks must price alike"
     p = first[0]["params"]
-    assert p["source"].startswith("calibrated") and 0.1 <= p["shm"]["alpha_us"] <= 1000
+    assert p["source"].startswith("calibrated") and 0.1 <= p["links"]["shm"]["alpha_us"] <= 1000
+    from comms.tuning import AUTO, Route
+    route = Route(*first[0]["route"])
+    assert route == AUTO                                 # one host: shm between the ranks, tcp were there two
     cache = json.loads((tmp_path / "comms" / "calibration.json").read_text())
     assert len(cache) == 1 and list(cache.values())[0]["source"] == p["source"]
     # every all_reduce algorithm was timed at every probe (hierarchical declines on one host), and
@@ -84,9 +99,9 @@ def test_calibration_is_cached_and_shared(tmp_path):
     for i, s in enumerate(PROBES):
         have = [a for a in rows if rows[a][i] is not None]
         want = min(have, key=lambda a: rows[a][i])
-        if latency_bound("all_reduce", want, s, 2, ((0, 1),), loaded, False):     # a near tie: fewest waits
+        if latency_bound("all_reduce", want, s, 2, ((0, 1),), loaded, route):     # a near tie: fewest waits
             near = [a for a in have if rows[a][i] <= rows[want][i] * (1 + tie)]
-            want = min(near, key=lambda a: (peer_waits("all_reduce", a, 2, ((0, 1),), shared=oversub > 1.0),
+            want = min(near, key=lambda a: (peer_waits("all_reduce", a, 2, ((0, 1),), route, oversub > 1.0),
                                             rows[a][i]))
         assert first[0]["chosen"][i] == want, (s, first[0]["chosen"], rows)
     # the probes took no sequence numbers from the program, and their scratch memory is gone

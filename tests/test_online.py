@@ -12,7 +12,7 @@ from comms.online import LEAD_MAX, PRUNE, PRUNE_AFTER, SIZING_CALLS, SWITCH, TIM
 from comms.selector import Selector, parse
 from comms.testing import spawn
 from comms.timed import PROBES, layout
-from comms.tuning import Link, Params, cost, default_rules
+from comms.tuning import AUTO, Link, Params, cost, default_rules
 
 ENV = {"COMMS_CALIBRATE": "0", "COMMS_ONLINE_ROUNDS": "2"}
 
@@ -156,7 +156,7 @@ def _measured(n: int, hosts: tuple, p: Params, times: dict) -> dict:
     def factor(a, s):
         f = times.get(a, 1.0)
         return f(s) if callable(f) else f
-    row = lambda a: [cost("all_reduce", a, s, n, hosts, p, False) * factor(a, s) for s in PROBES]  # noqa: E731
+    row = lambda a: [cost("all_reduce", a, s, n, hosts, p, AUTO) * factor(a, s) for s in PROBES]  # noqa: E731
     return {"layout": layout(n, hosts), "all_reduce": {a: row(a) for a in names}}
 
 
@@ -164,12 +164,12 @@ def test_calibrated_defaults_leave_close_calls_to_online_timing():
     """Where the timed figures of two algorithms lie within CONTEST of each other the rule names
     both (the cheaper first); far apart, one."""
     hosts = ((0, 1, 2, 3),)
-    base = Params(Link(2.0, 6.0), Link(40.0, 1.5), 8.0)
+    base = Params({"shm": Link(2.0, 6.0), "tcp": Link(40.0, 1.5)}, 8.0)
     names = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
 
     def rule_at(times: dict, m: int) -> str:
-        p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, times))
-        return next(r.split(":")[2] for r in default_rules(names, 4, hosts, p, False).split("#")
+        p = Params(base.links, base.reduce_gbps, "test", _measured(4, hosts, base, times))
+        return next(r.split(":")[2] for r in default_rules(names, 4, hosts, p, AUTO).split("#")
                     if int(r.split(":")[1].split("-")[0]) <= m < float(r.split(":")[1].split("-")[1]))
     m = 64 << 10
     plain = rule_at({}, m)
@@ -178,8 +178,8 @@ def test_calibrated_defaults_leave_close_calls_to_online_timing():
     # every other algorithm 3x its model: the pick stands alone
     assert rule_at({a: 3.0 for a in names["all_reduce"] if a != first}, m) == first
     # one other algorithm measured 5 % behind the pick: both are named, the pick first
-    other = next(a for a in names["all_reduce"] if a != first and cost("all_reduce", a, m, 4, hosts, base, False) < math.inf)
-    ratio = 1.05 * cost("all_reduce", first, m, 4, hosts, base, False) / cost("all_reduce", other, m, 4, hosts, base, False)
+    other = next(a for a in names["all_reduce"] if a != first and cost("all_reduce", a, m, 4, hosts, base, AUTO) < math.inf)
+    ratio = 1.05 * cost("all_reduce", first, m, 4, hosts, base, AUTO) / cost("all_reduce", other, m, 4, hosts, base, AUTO)
     times = {a: 3.0 for a in names["all_reduce"] if a not in (first, other)} | {other: ratio}
     assert rule_at(times, m) == f"{first}|{other}"
 
@@ -198,16 +198,16 @@ def test_a_neighbouring_sizes_pick_is_an_alternative_when_within_2x():
     """An algorithm that wins the sizes on both sides but timed 1.4x the pick at one probe (an
     outlier of one launch) stays an alternative there; at 2.5x it does not."""
     hosts = ((0, 1, 2, 3),)
-    base = Params(Link(2.0, 6.0), Link(40.0, 1.5), 8.0)
+    base = Params({"shm": Link(2.0, 6.0), "tcp": Link(40.0, 1.5)}, 8.0)
     names = {"all_reduce": ["ring", "rhd"]}
     m = 1 << 20
-    ring = lambda s: cost("all_reduce", "ring", s, 4, hosts, base, False)          # noqa: E731
-    rhd = lambda s: cost("all_reduce", "rhd", s, 4, hosts, base, False)            # noqa: E731
+    ring = lambda s: cost("all_reduce", "ring", s, 4, hosts, base, AUTO)          # noqa: E731
+    rhd = lambda s: cost("all_reduce", "rhd", s, 4, hosts, base, AUTO)            # noqa: E731
 
     def rules(at_m: float) -> str:
         times = {"ring": 1.0, "rhd": lambda s: (at_m if s == m else 0.5) * ring(s) / rhd(s)}
-        p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, times))
-        return default_rules(names, 4, hosts, p, False)
+        p = Params(base.links, base.reduce_gbps, "test", _measured(4, hosts, base, times))
+        return default_rules(names, 4, hosts, p, AUTO)
     assert f"all_reduce:{m}-{2 * m}:ring|rhd" in rules(1.4).split("#")
     assert f"all_reduce:{m}-{2 * m}:ring" in rules(2.5).split("#")
 
@@ -217,12 +217,12 @@ def test_no_alternatives_where_a_call_costs_more_than_contest_max_us():
     close the others timed: exploring would cost seconds there."""
     from comms.tuning import CONTEST_MAX_US
     hosts = ((0, 1, 2, 3),)
-    base = Params(Link(2.0, 6.0), Link(40.0, 1.5), 8.0)
-    p = Params(base.shm, base.tcp, base.reduce_gbps, "test", _measured(4, hosts, base, {}))
-    rules = default_rules({"all_reduce": ["ring", "rhd"]}, 4, hosts, p, False).split("#")
+    base = Params({"shm": Link(2.0, 6.0), "tcp": Link(40.0, 1.5)}, 8.0)
+    p = Params(base.links, base.reduce_gbps, "test", _measured(4, hosts, base, {}))
+    rules = default_rules({"all_reduce": ["ring", "rhd"]}, 4, hosts, p, AUTO).split("#")
     for r in rules:
         lo = int(r.split(":")[1].split("-")[0])
-        priced = min(cost("all_reduce", a, lo, 4, hosts, base, False) for a in ("ring", "rhd"))
+        priced = min(cost("all_reduce", a, lo, 4, hosts, base, AUTO) for a in ("ring", "rhd"))
         if priced > CONTEST_MAX_US:
             assert "|" not in r, r
     assert any("|" in r for r in rules) and "|" not in rules[-1]

@@ -48,6 +48,7 @@ def test_regret_tool_end_to_end(tmp_path, design):
     assert doc["rounds"] == (3 if design == "paired" else None)
     assert doc["pairing"] == ("round" if design == "paired" else None)
     assert doc["cost_model"]["source"] == "defaults" and any(r.startswith("broadcast:") for r in doc["rules"])
+    assert {"shm", "tcp"} <= set(doc["cost_model"]["links"])
     res = doc["ops"]["broadcast"]
     assert res["algorithms"] == algos and res["not_launched"] == ["hierarchical"]     # one host: it declines
     assert [r["bytes"] for r in res["rows"]] == [8, 65536]

@@ -130,7 +130,8 @@ def run_cases(rank: int, size: int, seed: int, ncases: int, big: bool = True) ->
             np.testing.assert_array_equal(out.view(np.uint8), ins[src].view(np.uint8), err_msg=what)
     stats = comm.stats()
     comm.close()
-    return digests + [f"stats:{stats['shm_tx_bytes'] > 0}:{stats['tcp_tx_bytes'] > 0}"]
+    from comms.transports import NAMES
+    return digests + ["stats:" + ",".join(sorted(n for n in NAMES if stats[f"{n}_tx_bytes"] > 0))]
 
 
 def transports_seen(rank: int, size: int) -> dict:
@@ -163,7 +164,8 @@ def calibrated_params(rank: int, size: int) -> dict:
     with comms.init(timeout=60) as comm:
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)
-        return {"params": comm._params.as_dict(), "rules": comm._selector.table(), "seq": comm._engine.seq,
+        return {"params": comm._params.as_dict(), "route": list(comm.route), "rules": comm._selector.table(),
+                "seq": comm._engine.seq,
                 "sum": x.tolist(), "scratch": comm._scratch.nbytes, "oversub": comm.oversubscription(),
                 "chosen": [comm.algorithm_for("all_reduce", s) for s in PROBES]}
 

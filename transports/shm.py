@@ -14,17 +14,27 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
+import re
 import shutil
+import struct
 
 from .. import config
 from ..cleanup import SHM_DIR, segment_name, sweep_stale_segments
 from ..errors import TransportError
-from .base import Transport
+from ..tuning import Link
+from .base import Endpoint, Transport
+
+config.declare("SHM_SLOT_BYTES", "size", 128 << 10, "Bytes per slot of a shared-memory channel (a pipeline chunk).")
+config.declare("SHM_SLOTS", int, 8, "Slots per shared-memory channel (chunks in flight per direction).")
+
+ADDR = struct.Struct("!QII")         # segment bytes, slots, slot bytes; the segment's name follows
+NAME = re.compile(r"comms\.\d+\.\d+\.[0-9a-f]+")
 
 
 class ShmTransport(Transport):
     name = "shm"
+    link = Link(1.5, 6.0)            # the cost model's figures until calibration measures them
+    waits_together = True            # one pass over the rings serves every exchange of a step
 
     def __init__(self, boot):
         super().__init__(boot)
@@ -37,14 +47,11 @@ class ShmTransport(Transport):
         self.slot_bytes = (config.get("SHM_SLOT_BYTES") + 63) // 64 * 64
 
     def can_connect(self, me, peer) -> bool:
-        forced = self.boot.forced_transport
-        if forced and forced != self.name:
-            return False
         return me.same_host(peer)
 
     def listen(self) -> bytes:
         from .._native import ffi, lib
-        if len(self.local) < 2 or self.boot.forced_transport not in (None, self.name):
+        if len(self.local) < 2:
             return b""
         sweep_stale_segments()
         nlocal = len(self.local)
@@ -62,7 +69,7 @@ class ShmTransport(Transport):
                                 self.nslots, self.slot_bytes)
         if rc != 0:
             raise TransportError(f"shm: native context rejected the segment layout (code {rc})")
-        return pickle.dumps((self.seg_name, self.seg_bytes, self.nslots, self.slot_bytes))
+        return ADDR.pack(self.seg_bytes, self.nslots, self.slot_bytes) + self.seg_name.encode()
 
     def _create_error(self, err: int, nlocal: int) -> TransportError:
         if err in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -78,9 +85,16 @@ class ShmTransport(Transport):
                 rank=self.boot.rank)
         return TransportError(f"shm: cannot create segment {self.seg_name}: {os.strerror(err)}", rank=self.boot.rank)
 
-    def connect(self, peer: int, address: bytes) -> None:
+    def _parse(self, peer: int, address: bytes) -> tuple[str, int, int, int]:
+        name = address[ADDR.size:].decode("ascii", "replace")
+        if len(address) <= ADDR.size or not NAME.fullmatch(name):
+            raise TransportError(f"shm: rank {peer} published a malformed address ({len(address)} bytes)",
+                                 rank=self.boot.rank, peer=peer)
+        return (name, *ADDR.unpack_from(address))
+
+    def connect(self, peer: int, address: bytes) -> Endpoint:
         from .._native import ffi, lib
-        name, nbytes, nslots, slot_bytes = pickle.loads(address)
+        name, nbytes, nslots, slot_bytes = self._parse(peer, address)
         if (nslots, slot_bytes) != (self.nslots, self.slot_bytes):
             raise TransportError(f"shm: rank {peer} uses {nslots} slots of {slot_bytes} B but rank "
                                  f"{self.boot.rank} uses {self.nslots} of {self.slot_bytes} B; set "
@@ -97,6 +111,7 @@ class ShmTransport(Transport):
         if rc != 0:
             raise TransportError(f"shm: segment of rank {peer} does not match this rank's layout (code {rc})",
                                  rank=self.boot.rank, peer=peer)
+        return Endpoint(peer, self)
 
     def finish(self) -> None:
         """Every local rank has mapped our segment: remove its name."""

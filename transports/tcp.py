@@ -1,47 +1,32 @@
 """TCP transport for peers on other hosts (and for local peers when COMMS_TRANSPORT=tcp).
 
-One connection per pair of ranks: the lower rank connects, the higher accepts. The connector
-opens with a hello (magic, communicator id, its rank); the acceptor drops any connection whose
-hello is wrong (a stranger on the port) with a warning and keeps waiting for its real peers.
-Established sockets are non-blocking with TCP_NODELAY and handed to native/tcp.c, which frames
-messages and sends/receives them without copies (sendmsg of header + payload, recv straight into
-the destination), pipelining large messages in chunks.
-
-Addresses: COMMS_SOCKET_ADDR if set; loopback when every rank is on this host; otherwise the local
-address of the route towards MASTER_ADDR.
+One connection per pair of ranks (transports/mesh.py: the lower rank dials, a hello keeps
+strangers out). Established sockets are non-blocking with TCP_NODELAY and handed to native/tcp.c,
+which frames messages and sends/receives them without copies (sendmsg of header + payload, recv
+straight into the destination), pipelining large messages in chunks.
 """
 from __future__ import annotations
 
-import os
-import pickle
-import select
 import socket
-import struct
-import time
 
 from .. import config
 from .. import log as clog
-from ..errors import CommTimeout, TransportError
-from .base import Transport
+from ..errors import TransportError
+from ..tuning import Link
+from .base import Endpoint, Transport
+from .mesh import Mesh
 
 log = clog.get("TRANSPORT")
-HELLO = struct.Struct("!4s16sii")
-MAGIC = b"CMTC"
 
-
-def _local_address(all_local: bool) -> str:
-    addr = config.get("SOCKET_ADDR")
-    if addr:
-        return addr
-    if all_local:
-        return "127.0.0.1"
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((master, 9))          # no packet is sent: this only picks a route
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
+config.declare("TCP_DELAY_US", float, 0.0, "Test hook: hold every TCP message this many microseconds before "
+               "sending (emulates network latency; netem is not available everywhere).")
+config.declare("TCP_CHUNK_BYTES", "size", 256 << 10, "Bytes per receive chunk when TCP data is reduced on arrival.")
+config.declare("TCP_BUFFER_BYTES", "size", 4 << 20, "SO_SNDBUF and SO_RCVBUF of each TCP data socket (the kernel "
+               "doubles them); 0 leaves both to the kernel's autotuning.")
+config.declare("TCP_NOTSENT_LOWAT", "size", 512 << 10, "TCP_NOTSENT_LOWAT of each TCP data socket: the most bytes "
+               "queued in the kernel but not yet sent; 0 leaves the kernel's default (no limit). A limit keeps the "
+               "sender's transmissions in its own thread instead of the softirq that handles incoming ACKs (on "
+               "another core, which reorders segments and triggers spurious retransmits).")
 
 
 def _tune(sock: socket.socket) -> None:
@@ -67,39 +52,21 @@ def _tune(sock: socket.socket) -> None:
 
 class TcpTransport(Transport):
     name = "tcp"
+    link = Link(40.0, 1.5)           # the cost model's figures until calibration measures them
+    waits_together = False           # every exchange costs its own syscalls and wake-ups
 
     def __init__(self, boot):
         super().__init__(boot)
-        self.listener: socket.socket | None = None
-        self.accepted: dict[int, socket.socket] = {}
+        self.mesh = Mesh(boot, b"CMTC", self.name)
 
     def can_connect(self, me, peer) -> bool:
-        forced = self.boot.forced_transport
-        return forced in (None, self.name)
+        return True                          # any pair that an earlier transport did not take
 
     def listen(self) -> bytes:
-        peers = self.boot.peers
-        all_local = all(p.same_host(peers[self.boot.rank]) for p in peers)
-        host = _local_address(all_local)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((host, 0))
-        self.listener.listen(max(16, self.boot.size))
-        return pickle.dumps(self.listener.getsockname()[:2])
+        return self.mesh.listen()
 
-    def _remaining(self) -> float:
-        left = self.boot.deadline - time.monotonic()
-        if left <= 0:
-            raise CommTimeout(f"init: rank {self.boot.rank} timed out connecting tcp peers", op="init",
-                              rank=self.boot.rank)
-        return left
-
-    def connect(self, peer: int, address: bytes) -> None:
-        if peer > self.boot.rank:
-            sock = self._dial(peer, pickle.loads(address))
-        else:
-            sock = self._accept(peer)
+    def connect(self, peer: int, address: bytes) -> Endpoint:
+        sock = self.mesh.connection(peer, address)
         _tune(sock)
         sock.setblocking(False)
         from .._native import lib
@@ -111,57 +78,10 @@ class TcpTransport(Transport):
         delay = config.get("TCP_DELAY_US")
         if delay > 0:
             lib.cm_ctx_set_tcp_delay(self.boot.engine.ctx, peer, int(delay * 1000))
-
-    def _dial(self, peer: int, addr) -> socket.socket:
-        last = None
-        while True:
-            try:
-                sock = socket.create_connection(addr, timeout=min(5.0, self._remaining()))
-                sock.sendall(HELLO.pack(MAGIC, self.boot.comm_key, self.boot.rank, self.boot.size))
-                sock.settimeout(None)
-                return sock
-            except CommTimeout:
-                raise CommTimeout(f"init: rank {self.boot.rank} could not connect to rank {peer} at {addr}: {last}",
-                                  op="init", rank=self.boot.rank, peer=peer) from None
-            except OSError as e:
-                last = e
-                time.sleep(0.05)
-
-    def _accept(self, peer: int) -> socket.socket:
-        while peer not in self.accepted:
-            left = self._remaining()
-            ready, _, _ = select.select([self.listener], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            sock, addr = self.listener.accept()
-            sock.settimeout(min(5.0, left))
-            try:
-                data = b""
-                while len(data) < HELLO.size:
-                    chunk = sock.recv(HELLO.size - len(data))
-                    if not chunk:
-                        break
-                    data += chunk
-                magic, key, rank, size = HELLO.unpack(data) if len(data) == HELLO.size else (b"", b"", -1, -1)
-            except (OSError, struct.error):
-                magic, key, rank, size = b"", b"", -1, -1
-            if magic != MAGIC or key != self.boot.comm_key or size != self.boot.size or not 0 <= rank < self.boot.rank \
-                    or rank in self.accepted:
-                log.warning("comms: rank %d rejected a connection from %s: not a peer of this communicator "
-                            "(bad hello)", self.boot.rank, addr)
-                sock.close()
-                continue
-            sock.settimeout(None)
-            self.accepted[rank] = sock
-        return self.accepted.pop(peer)
+        return Endpoint(peer, self)
 
     def finish(self) -> None:
-        self.close()
+        self.mesh.close()
 
     def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
-        for s in self.accepted.values():
-            s.close()
-        self.accepted.clear()
+        self.mesh.close()

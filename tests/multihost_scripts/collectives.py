@@ -36,12 +36,14 @@ def main() -> None:
     per_host = int(os.environ["LOCAL_WORLD_SIZE"])
     out = run_cases(rank, size, seed, ncases)
     digests, stats = out[:-1], out[-1]
-    assert stats == "stats:True:True", f"rank {rank}: expected traffic on shm and on tcp, got {stats}"
+    across = os.environ.get("MULTIHOST_ACROSS", "tcp")          # the transport expected between hosts
+    want_stats = "stats:" + ",".join(sorted({"shm", across}))
+    assert stats == want_stats, f"rank {rank}: expected traffic on shm and on {across}, got {stats}"
     same_host = [r for r in range(size) if r // per_host == rank // per_host]
     with comms.init(timeout=60) as comm:
         assert comm.rank == rank and comm.size == size
         assert comm.local_ranks == same_host, f"rank {rank}: local_ranks {comm.local_ranks}, want {same_host}"
-        want = {p: "shm" if p in same_host else "tcp" for p in range(size) if p != rank}
+        want = {p: "shm" if p in same_host else across for p in range(size) if p != rank}
         assert comm.transports == want, f"rank {rank}: transports {comm.transports}, want {want}"
         sums = gather_bytes(comm, hashlib.sha256("".join(digests).encode()).hexdigest().encode(), 64)
         assert len(set(sums)) == 1, f"rank {rank}: ranks computed different bits: {sums}"

@@ -1,0 +1,205 @@
+/* Sleeping and waking, for every transport.
+ *
+ * A wait that has spun and yielded without news sleeps until something can move, a deadline
+ * nears, or another thread wants the context (cm_ctx_kick). What it sleeps on depends on what its
+ * channels offer, never on which transports they are:
+ *
+ * - channels and transports that name a file descriptor (poll_fd, ctx_poll_fd: sockets, completion
+ *   queues) are polled together with the context's bell;
+ * - channels without one (shared-memory rings) are woken through the context's waker: whoever
+ *   publishes news for the context bumps its word and, if the context announced that it sleeps,
+ *   wakes it: with FUTEX_WAKE when it sleeps on the word, with one datagram to its bell when it
+ *   sleeps in poll() (a futex does not wake poll()).
+ *
+ * The announcement is Dekker-style: the sleeper stores `waiting`, fences, then re-checks every
+ * channel (ready, ctx_ready) before it sleeps; a waker publishes, fences, then reads `waiting`.
+ * One of the two always sees the other.
+ *
+ * The bell is a datagram socket bound to an abstract AF_UNIX address (nothing in the file system:
+ * it vanishes with the process, even after kill -9). Abstract addresses are per network namespace;
+ * a waker in another one cannot reach it, sets bell_broken, and the sleeper then caps its naps at
+ * 1 ms. Without a bell (socket creation failed) the same cap applies.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include "comms_native.h"
+
+#define MAX_FDS 512
+#define BROKEN_NAP_NS 1000000LL        /* the longest nap while a waker cannot reach the bell */
+
+static _Atomic int send_fd = -1;       /* one unbound socket of the process sends every ring */
+static _Atomic uint64_t bell_seq;
+
+int cm_bell_open(cm_ctx *ctx) {
+    cm_waker *w = &ctx->own_waker;
+    ctx->bell_fd = -1;
+    w->bell_len = 0;
+    atomic_store(&w->bell_broken, 1);
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return CM_OK;                       /* no bell: waits fall back to short naps */
+    struct sockaddr_un a;
+    memset(&a, 0, sizeof a);
+    a.sun_family = AF_UNIX;
+    int n = snprintf(a.sun_path + 1, sizeof a.sun_path - 1, "comms-bell.%d.%llu", (int)getpid(),
+                     (unsigned long long)atomic_fetch_add(&bell_seq, 1));
+    socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
+    if (bind(fd, (struct sockaddr *)&a, len) < 0) { close(fd); return CM_OK; }
+    ctx->bell_fd = fd;
+    w->bell_len = (uint32_t)(1 + n);
+    memcpy(w->bell, a.sun_path, w->bell_len);
+    atomic_store(&w->bell_broken, 0);
+    return CM_OK;
+}
+
+static void bell_ring(cm_waker *w) {
+    uint32_t len = w->bell_len;
+    if (!len || len > sizeof(((struct sockaddr_un *)0)->sun_path)) return;
+    int fd = atomic_load(&send_fd);
+    if (fd < 0) {
+        int mine = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (mine < 0) { atomic_store(&w->bell_broken, 1); return; }
+        int expect = -1;
+        if (atomic_compare_exchange_strong(&send_fd, &expect, mine)) fd = mine;
+        else { close(mine); fd = expect; }
+    }
+    struct sockaddr_un a;
+    memset(&a, 0, sizeof a);
+    a.sun_family = AF_UNIX;
+    memcpy(a.sun_path, w->bell, len);
+    char byte = 1;
+    ssize_t r = sendto(fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&a,
+                       (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len));
+    /* EAGAIN: its queue is full of rings already, it will wake; ECONNREFUSED/ENOENT: unreachable */
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) atomic_store(&w->bell_broken, 1);
+}
+
+static void bell_drain(cm_ctx *ctx) {
+    char buf[64];
+    if (ctx->bell_fd < 0) return;
+    while (recv(ctx->bell_fd, buf, sizeof buf, MSG_DONTWAIT) > 0) {}
+}
+
+void cm_wake(cm_waker *w) {
+    atomic_thread_fence(memory_order_seq_cst);
+    uint32_t how = atomic_load_explicit(&w->waiting, memory_order_relaxed);
+    if (how == CM_WAIT_FUTEX) {
+        atomic_fetch_add(&w->word, 1);
+        syscall(SYS_futex, &w->word, FUTEX_WAKE, 1, NULL, NULL, 0);
+    } else if (how == CM_WAIT_POLL) {
+        bell_ring(w);
+    }
+}
+
+void cm_wake_always(cm_waker *w) {
+    atomic_fetch_add(&w->word, 1);
+    atomic_thread_fence(memory_order_seq_cst);
+    syscall(SYS_futex, &w->word, FUTEX_WAKE, 1, NULL, NULL, 0);
+    if (atomic_load(&w->waiting) == CM_WAIT_POLL) bell_ring(w);
+}
+
+void cm_waker_share(cm_ctx *ctx, cm_waker *where) {
+    cm_waker *w = &ctx->own_waker;
+    atomic_store(&where->word, 0);
+    atomic_store(&where->waiting, CM_WAIT_NONE);
+    memcpy(where->bell, w->bell, sizeof where->bell);
+    where->bell_len = w->bell_len;
+    atomic_store(&where->bell_broken, atomic_load(&w->bell_broken));
+    ctx->waker = where;
+}
+
+/* Fill fds with every descriptor the context's transports and channels want polled; *nap is
+ * lowered to the shortest nap any of them allows. Returns the count. */
+static int gather_fds(cm_ctx *ctx, struct pollfd *fds, int max, int64_t *nap) {
+    int n = 0;
+    for (int i = 0; i < ctx->ntp && n < max; i++) {
+        cm_transport *t = &ctx->tp[i];
+        short ev = 0;
+        int fd = t->ops->ctx_poll_fd ? t->ops->ctx_poll_fd(ctx, t, &ev) : -1;
+        if (fd >= 0 && ev) { fds[n].fd = fd; fds[n].events = ev; fds[n++].revents = 0; }
+    }
+    for (int p = 0; p < ctx->size && n < max; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (!c->ops || !c->ops->poll_fd) continue;
+        short ev = 0;
+        int fd = c->ops->poll_fd(ctx, c, &ev, nap);
+        if (fd >= 0 && ev) { fds[n].fd = fd; fds[n].events = ev; fds[n++].revents = 0; }
+    }
+    return n;
+}
+
+/* Whether anything is ready now, checked after the sleep was announced. */
+static int news(cm_ctx *ctx) {
+    if (atomic_load(&ctx->kick)) return 1;
+    for (int i = 0; i < ctx->ntp; i++) {
+        cm_transport *t = &ctx->tp[i];
+        if (t->ops->ctx_ready && t->ops->ctx_ready(ctx, t)) return 1;
+    }
+    for (int p = 0; p < ctx->size; p++) {
+        cm_chan *c = &ctx->chans[p];
+        if (c->ops && c->ops->ready && c->ops->ready(ctx, c)) return 1;
+    }
+    return 0;
+}
+
+static struct timespec ts_of(int64_t ns) {
+    struct timespec ts = { .tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL };
+    return ts;
+}
+
+int cm_sleep(cm_ctx *ctx, int64_t timeout_ns) {
+    struct pollfd fds[MAX_FDS + 1];
+    int64_t nap = timeout_ns;
+    int n = gather_fds(ctx, fds, MAX_FDS, &nap);
+    cm_waker *w = ctx->waker;
+    if (n == 0 && ctx->waker_chans == 0) {          /* nothing to sleep on */
+        sched_yield();
+        return CM_OK;
+    }
+    if (n == 0) {                                   /* every channel is woken through the word */
+        uint32_t word = atomic_load(&w->word);
+        atomic_store(&w->waiting, CM_WAIT_FUTEX);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (!news(ctx)) {
+            struct timespec ts = ts_of(nap);
+            ctx->counters[CM_CNT_SLEEPS]++;
+            syscall(SYS_futex, &w->word, FUTEX_WAIT, word, &ts, NULL, 0);
+        }
+        atomic_store(&w->waiting, CM_WAIT_NONE);
+        return CM_OK;
+    }
+    if (ctx->bell_fd >= 0) { fds[n].fd = ctx->bell_fd; fds[n].events = POLLIN; fds[n++].revents = 0; }
+    if ((ctx->bell_fd < 0 || atomic_load(&w->bell_broken)) && nap > BROKEN_NAP_NS) nap = BROKEN_NAP_NS;
+    atomic_store(&w->waiting, CM_WAIT_POLL);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (!news(ctx)) {                               /* news that came before the announcement rang nothing */
+        struct timespec ts = ts_of(nap);
+        ctx->counters[CM_CNT_SLEEPS]++;
+        ppoll(fds, (nfds_t)n, &ts, NULL);
+    }
+    atomic_store(&w->waiting, CM_WAIT_NONE);
+    bell_drain(ctx);
+    return CM_OK;
+}
+
+int cm_nap(cm_ctx *ctx, int64_t timeout_ns) {
+    struct pollfd fds[MAX_FDS];
+    int64_t nap = timeout_ns;
+    int n = gather_fds(ctx, fds, MAX_FDS, &nap);
+    if (!n) return CM_OK;
+    struct timespec ts = ts_of(nap);
+    ctx->counters[CM_CNT_SLEEPS]++;
+    ppoll(fds, (nfds_t)n, &ts, NULL);
+    return CM_OK;
+}

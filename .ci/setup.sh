@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything comms needs on a fresh machine, idempotently, and leaves the venv in .venv:
-#   - Debian packages (iproute2 for the multi-host harness, iperf3 for bench.tcp_p2p) when run as root,
+#   - Debian packages (iproute2 for the multi-host harness, iperf3 for bench.tcp_p2p, libfabric for the
+#     rdma transport: its headers to build it, its library and fi_pingpong to run it) when run as root,
 #   - a virtual environment with the torch 2.13.0 CPU wheel installed FIRST (otherwise pip would
 #     pull a multi-GB CUDA build to satisfy the torch range),
 #   - comms itself, editable, with its test extras; this compiles native/ into comms._native.
@@ -20,6 +21,10 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     command -v gcc >/dev/null 2>&1 || need="$need gcc"
     command -v mpirun >/dev/null 2>&1 || need="$need openmpi-bin libopenmpi-dev"
     command -v iperf3 >/dev/null 2>&1 || need="$need iperf3"
+    # libfabric: the rdma transport builds against its headers and dlopens libfabric.so.1 at run time;
+    # the tests run it on the tcp and shm software providers, the benchmark holds it against fi_pingpong
+    [ -e /usr/include/rdma/fabric.h ] || need="$need libfabric-dev"
+    command -v fi_pingpong >/dev/null 2>&1 || need="$need libfabric-bin"
     if [ -n "$need" ]; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null) \
             || echo "setup: could not install$need; the tests that need them will say so" >&2

@@ -21,6 +21,7 @@ CORE = ["reduce.c", "wait.c", "ctx.c", "engine.c", "flight.c", "match.c", "rows.
 TRANSPORTS = {                        # one line each: the transport's own files
     "shm": ["shm.c"],
     "tcp": ["tcp.c"],
+    "rdma": ["rdma.h", "rdma.c", "rdma_ops.c", "rdma_fabric.c", "rdma_mr.c"],
 }
 CDEF = re.compile(r"/\* CDEF-BEGIN[^\n]*\n(.*?)/\* CDEF-END \*/", re.S)
 

@@ -1,6 +1,7 @@
-"""Several hosts simulated on this machine (tests/multihost.py): collectives across hosts, torchrun
-with c10d rendezvous running the DDP example, teardown and crash recovery, the link limiter, large
-point-to-point messages over TCP, and the TCP point-to-point benchmark (bench.tcp_p2p) end to end.
+"""Several hosts simulated on this machine (tests/multihost.py): collectives across hosts (over tcp,
+and over rdma on libfabric's tcp provider), torchrun with c10d rendezvous running the DDP example,
+MoE dispatch/combine over rdma, teardown and crash recovery, the link limiter, large point-to-point
+messages over TCP, and the TCP point-to-point benchmark (bench.tcp_p2p) end to end.
 
 Needs root (network, IPC, mount and UTS namespaces, tc); skipped otherwise. CI runs as root.
 """
@@ -45,11 +46,17 @@ def _wait_for(cond, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_every_collective_across_two_hosts():
-    """run_cases on 2 hosts x 2 ranks: shm inside a host, tcp across, same bits everywhere."""
+# between the simulated hosts: tcp by default, or rdma on libfabric's tcp provider (shm stays inside a host)
+ACROSS = {"tcp": {}, "rdma": {"COMMS_TRANSPORT": "shm,rdma", "FI_PROVIDER": "tcp"}}
+
+
+@pytest.mark.parametrize("across", ["tcp", "rdma"])
+def test_every_collective_across_two_hosts(across):
+    """run_cases on 2 hosts x 2 ranks: shm inside a host, tcp or rdma across, same bits everywhere."""
     links = _root_links()
     with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
-        results = sim.torchrun(str(SCRIPTS / "collectives.py"), "4242", "40", timeout=150)
+        results = sim.torchrun(str(SCRIPTS / "collectives.py"), "4242", "40", timeout=150,
+                               env={**ACROSS[across], "MULTIHOST_ACROSS": across})
         report = sim.report(results)
         assert all(r.ok for r in results), report
     assert not _mine(sim), "namespaces left behind"
@@ -67,18 +74,19 @@ def test_every_collective_across_two_hosts():
     for rank, f in seen.items():
         mates = [rank - rank % 2, rank - rank % 2 + 1]
         assert f["local"] == f"{mates[0]},{mates[1]}", report
-        want = ",".join(f"{p}:{'shm' if p in mates else 'tcp'}" for p in range(4) if p != rank)
+        want = ",".join(f"{p}:{'shm' if p in mates else across}" for p in range(4) if p != rank)
         assert f["transports"] == want, report
         assert f["topology_hosts"] in ("2", "n/a"), report      # n/a: this comms has no comm.topology
 
 
-def test_torchrun_c10d_runs_ddp_example_across_hosts():
+@pytest.mark.parametrize("across", ["tcp", "rdma"])
+def test_torchrun_c10d_runs_ddp_example_across_hosts(across):
     """torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d, DDP over the "comms" backend."""
     example = ROOT / "examples" / "ddp_train.py"
     assert example.exists(), f"{example} is missing"
     with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
         results = sim.torchrun(str(example), "--epochs", "2", rdzv="c10d", timeout=150,
-                               env={"COMMS_DEBUG": "INFO", "COMMS_DEBUG_SUBSYS": "INIT"})
+                               env={"COMMS_DEBUG": "INFO", "COMMS_DEBUG_SUBSYS": "INIT", **ACROSS[across]})
         report = sim.report(results)
         assert all(r.ok for r in results), report
     assert not _mine(sim)
@@ -93,8 +101,20 @@ def test_torchrun_c10d_runs_ddp_example_across_hosts():
             ranks.add(rank)
             by = dict(re.fullmatch(r"(\w+) to ranks \[(.*)\]", part.strip()).groups() for part in m.group(3).split(";"))
             mate = rank ^ 1                                  # c10d numbers the ranks of a node consecutively
-            assert by == {"shm": str(mate), "tcp": ", ".join(str(p) for p in range(4) if p not in (rank, mate))}, report
+            assert by == {"shm": str(mate), across: ", ".join(str(p) for p in range(4) if p not in (rank, mate))}, report
         assert len(ranks) == 2, report
+
+
+def test_moe_dispatch_combine_across_two_hosts_over_rdma():
+    """Hierarchical and flat dispatch/combine (normal and low-latency) between 2 hosts x 2 ranks,
+    rdma between the hosts: right rows and sums, and the tokens crossed over rdma."""
+    with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
+        results = sim.torchrun(str(SCRIPTS / "moe.py"), "rdma", timeout=180, env=ACROSS["rdma"])
+        report = sim.report(results)
+        assert all(r.ok for r in results), report
+    assert not _mine(sim)
+    oks = [ln for r in results for ln in r.lines() if ln.startswith("MULTIHOST-MOE-OK")]
+    assert sorted(int(ln.split()[1].split("=")[1]) for ln in oks) == [0, 1, 2, 3], report
 
 
 def test_three_hosts_on_a_bridge_are_separate_hosts():

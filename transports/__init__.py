@@ -8,8 +8,9 @@ native/build_cffi.py).
 from __future__ import annotations
 
 from .base import Endpoint, Request, Transport  # noqa: F401
+from .rdma import RdmaTransport
 from .shm import ShmTransport
 from .tcp import TcpTransport
 
-ORDER = (ShmTransport, TcpTransport)
+ORDER = (ShmTransport, RdmaTransport, TcpTransport)
 NAMES = tuple(t.name for t in ORDER)

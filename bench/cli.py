@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1,
                    help="below 64 KiB, time batches of this many ops (one sample each) instead of "
                         "single ops (default 1)")
+    p.add_argument("--hosts", type=int, default=None,
+                   help="simulated hosts (tests/multihost.py, root only): one torchrun agent per host; -np is "
+                        "--hosts x --ranks")
+    p.add_argument("--ranks", type=int, default=1, help="ranks per simulated host (default 1)")
+    p.add_argument("--rate", default=None, help="simulated hosts: tc rate limit of every link, e.g. 2gbit")
     p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
     return p
 
@@ -177,6 +182,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate; adds ``sizes`` (the sweep, in bytes)."""
     p = build_parser()
     ns = p.parse_args(argv)
+    if ns.hosts is not None:
+        if ns.hosts < 1 or ns.ranks < 1:
+            p.error("--hosts and --ranks must be positive")
+        ns.np = ns.hosts * ns.ranks
+    elif ns.rate:
+        p.error("--rate needs --hosts")
     if ns.np < 1:
         p.error("-np must be at least 1")
     if ns.launches < 1:

@@ -220,17 +220,20 @@ def run_launch(args, spec: backends.Spec, index: int, tmpdir: Path, prog: Progre
     return launch
 
 
-def run_all(args, specs: list[backends.Spec]) -> dict[str, list[report.Launch]]:
-    """``args.launches`` rounds; each round runs every backend once, order flipped every round."""
+def run_all(args, specs: list[backends.Spec], sim=None) -> dict[str, list[report.Launch]]:
+    """``args.launches`` rounds; each round runs every backend once, order flipped every round; on
+    the simulated hosts ``sim`` (entered) when given."""
+    from .launch import Launcher
     launches: dict[str, list[report.Launch]] = {s.label: [] for s in specs}
     prog = Progress(args.launches * len(specs))
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            launcher = Launcher(args, Path(tmp), sim)
             for i in range(args.launches):
                 order = specs if i % 2 == 0 else list(reversed(specs))
                 for s in order:
                     prog.start(f"{s.label} #{i + 1}")
-                    ln = run_launch(args, s, i, Path(tmp), prog)
+                    ln = launcher.launch(args, s, i, prog)
                     launches[s.label].append(ln)
                     prog.finish(ln)
     finally:
@@ -277,6 +280,8 @@ def resolve_backends(args) -> tuple[list[backends.Spec], list[tuple[str, str]]]:
     run, skipped = [], []
     for s in args.backends:
         why = backends.mpi_missing(launch_env(s)) if s.base == "mpi" else None
+        if s.base == "mpi" and getattr(args, "hosts", None):
+            why = "mpi: not run across simulated hosts (mpirun would need its own launch in every namespace)"
         if why:
             skipped.append((s.label, why))
         else:
@@ -306,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     specs, skipped = resolve_backends(args)
     for label, why in skipped:
-        note(f"{label}: {backends.MPI_MISSING.split(': ', 1)[1]}")
+        if not args.hosts:
+            note(f"{label}: {backends.MPI_MISSING.split(': ', 1)[1]}")
         note(f"{label}: {why}; skipping it")
     if not specs:
         note("no backend left to run")
@@ -321,8 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     info = report.machine_info(launch_env(), specs)
     print("\n".join(report.header(command, args, info, specs, skipped)), flush=True)
     t0 = time.monotonic()
+    sim = None
+    if args.hosts is not None:
+        from .launch import simulated_hosts
+        sim, why = simulated_hosts(args)
+        if why:
+            note(f"--hosts: {why}; run it as root (or use -np for one host)")
+            return 2
     try:
-        launches = run_all(args, specs)
+        if sim is not None:
+            with sim:
+                launches = run_all(args, specs, sim)
+        else:
+            launches = run_all(args, specs)
     except KeyboardInterrupt:
         note("interrupted; the running launch was stopped")
         return 130

@@ -69,6 +69,7 @@ class Bootstrap:
         self.allowed = allowed_transports()     # COMMS_TRANSPORT's list, in its order (None: auto)
         self.peers: list[PeerInfo] = []
         self.local_ranks: list[int] = []
+        self.oversubscribed = False
         self.engine: Engine | None = None
         self.transports = []
         self.chosen: dict[int, str] = {}
@@ -135,6 +136,7 @@ class Bootstrap:
         clog.set_rank(self.rank)
         cores = _host_cores([self.peers[r] for r in self.local_ranks], me.cores)
         spin, yields = _spin_policy(len(self.local_ranks), cores)
+        self.oversubscribed = len(self.local_ranks) > cores      # its ranks wait by sleeping, not spinning
         hosts = len({p.host for p in self.peers})
         log.info("rank %d of %d (%s) on %s: %d host%s; local ranks %s; %d usable cores%s; spin %d then %d yields",
                  self.rank, self.size, self.prefix, me.hostname, hosts, "" if hosts == 1 else "s", self.local_ranks,

@@ -179,7 +179,7 @@ static int on_landed(cm_ctx *ctx, rd_ctx *t, uint32_t tok) {
     rd_chan *rc = c && c->ops == &cm_rdma_ops ? c->priv : NULL;
     (void)t;
     if (!rc || !rc->rndv || (tok & 255) != rc->gen || (rc->direct != (slot == RD_DIRECT)) ||
-        (!rc->direct && !rc->busy[slot]))
+        (!rc->direct && (slot >= RD_SLOTS || !rc->busy[slot])))
         return cm_fail(ctx, CM_E_INVALID, rc ? peer : -1, 0, NULL);
     if (rc->direct) {
         if (++rc->landed_pieces < rc->pieces) return CM_OK;

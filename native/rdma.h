@@ -35,7 +35,7 @@ typedef struct {                       /* what the opened (or probed) provider o
 int cm_rdma_library(const char *path);     /* the libfabric to dlopen, before the first probe or open */
 int cm_rdma_probe(const char *node, const char *domain, cm_rdma_info *out);
 int cm_rdma_open(cm_ctx *ctx, const char *node, const char *domain, const char *shm_name, int mr_local,
-                 size_t eager_bytes, cm_rdma_info *out, void *addr, size_t *addrlen);
+                 int wait_fd, size_t eager_bytes, cm_rdma_info *out, void *addr, size_t *addrlen);
 int cm_rdma_add_peer(cm_ctx *ctx, int peer, const void *addr, size_t addrlen, int fd);
 int cm_rdma_pin(cm_ctx *ctx, uintptr_t base, uint64_t len);
 int cm_rdma_forget(cm_ctx *ctx, uintptr_t base, uint64_t len);
@@ -193,7 +193,7 @@ extern const cm_transport_ops cm_rdma_ops;
 
 /* rdma_fabric.c */
 int rd_library(const char *path);
-int rd_open(rd_ctx *t, const char *node, const char *domain, const char *shm_name);
+int rd_open(rd_ctx *t, const char *node, const char *domain, const char *shm_name, int wait_fd);
 void rd_close(rd_ctx *t);
 const char *rd_strerror(int err);
 int rd_probe(const char *node, const char *domain, cm_rdma_info *out);

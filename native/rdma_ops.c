@@ -248,14 +248,14 @@ int cm_rdma_probe(const char *node, const char *domain, cm_rdma_info *out) {
 }
 
 int cm_rdma_open(cm_ctx *ctx, const char *node, const char *domain, const char *shm_name, int mr_local,
-                 size_t eager_bytes, cm_rdma_info *out, void *addr, size_t *addrlen) {
+                 int wait_fd, size_t eager_bytes, cm_rdma_info *out, void *addr, size_t *addrlen) {
 #if CM_HAVE_FABRIC
     memset(out, 0, sizeof *out);
     cm_transport *tp = cm_ctx_transport(ctx, &cm_rdma_ops);
     if (!tp || tp->priv) { snprintf(out->error, sizeof out->error, "rdma is open already"); return CM_E_INVALID; }
     rd_ctx *t = calloc(1, sizeof *t);
     if (!t) return CM_E_NOMEM;
-    int r = rd_open(t, node, domain, shm_name);
+    int r = rd_open(t, node, domain, shm_name, wait_fd);
     if (r == CM_OK) {
         t->mr_mode = t->info.mr_mode | (mr_local ? FI_MR_LOCAL : 0);
         if (eager_bytes < 1024) eager_bytes = 1024;
@@ -279,7 +279,8 @@ int cm_rdma_open(cm_ctx *ctx, const char *node, const char *domain, const char *
     }
     return r;
 #else
-    (void)ctx; (void)node; (void)domain; (void)shm_name; (void)mr_local; (void)eager_bytes; (void)addr; (void)addrlen;
+    (void)ctx; (void)node; (void)domain; (void)shm_name; (void)mr_local; (void)wait_fd; (void)eager_bytes; (void)addr;
+    (void)addrlen;
     return cm_rdma_probe(NULL, NULL, out);
 #endif
 }
@@ -287,7 +288,8 @@ int cm_rdma_open(cm_ctx *ctx, const char *node, const char *domain, const char *
 int cm_rdma_add_peer(cm_ctx *ctx, int peer, const void *addr, size_t addrlen, int fd) {
 #if CM_HAVE_FABRIC
     rd_ctx *t = ctx_rdma(ctx);
-    if (!t || peer < 0 || peer >= ctx->size || peer == ctx->rank || !addr || !addrlen || addrlen > 1024 || fd < 0)
+    if (!t || peer < 0 || peer >= ctx->size || peer == ctx->rank || !addr || !addrlen || addrlen > 1024 || fd < 0 ||
+        ctx->size > (1 << 20))                   /* a write's 32-bit token holds the writer's rank in 20 bits */
         return CM_E_INVALID;
     if (fi_av_insert(t->av, addr, 1, &t->addr[peer], 0, NULL) != 1) return CM_E_INVALID;
     rd_chan *rc = calloc(1, sizeof *rc);

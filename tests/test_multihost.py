@@ -8,6 +8,7 @@ Needs root (network, IPC, mount and UTS namespaces, tc); skipped otherwise. CI r
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -236,3 +237,47 @@ def test_tcp_p2p_bench_runs_end_to_end(tmp_path):
     assert rnd["comms"]["retransmits"] >= 0 and rnd["iperf3"]["retransmits"] >= 0, rnd
     assert doc["median"]["ratio"] == pytest.approx(rnd["ratio"]) and doc["meets_bar"] == (rnd["ratio"] >= 0.9), doc
     assert not [n for n in ours() if n.startswith(f"cmh{proc.pid}")], "the bench left namespaces behind"
+
+
+@pytest.mark.skipif(shutil.which("fi_pingpong") is None,
+                    reason="fi_pingpong is not installed (.ci/setup.sh installs libfabric-bin when run as root)")
+def test_rdma_p2p_bench_runs_end_to_end(tmp_path):
+    """python -m bench.rdma_p2p, one short round: fi_pingpong and comms over rdma both measured at
+    every size, the rows, the verdict lines and the JSON (no timing assertion: see bench/README.md)."""
+    out_json = tmp_path / "rdma.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.rdma_p2p", "--rounds", "1", "--sizes", "8,2M",
+                           "--iters-scale", "0.05", "--json", str(out_json)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 0, out
+    assert len(re.findall(r"^\s+0\s+(8|2097152)\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+ (latency|bandwidth)",
+                          out, re.M)) == 2, out
+    assert re.search(r"^# 8 B: median latency ratio [0-9.]+ .*(meets|misses) the bar", out, re.M), out
+    assert re.search(r"^# 2097152 B: median bandwidth ratio [0-9.]+ .*(meets|misses) the bar", out, re.M), out
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "comms-rdma-p2p/1" and doc["bars"] == {"bandwidth": 0.8, "latency": 1.5}, doc
+    for r in doc["rounds"]:
+        assert r["comms"]["transport"] == "rdma" and r["comms"]["usec"] > 0 and r["fi_pingpong"]["usec"] > 0, r
+    assert doc["rounds"][-1]["stats"]["rdma_tx_bytes"] > 0, doc["rounds"][-1]
+    assert not ours(), "the bench left namespaces behind"
+
+
+def test_main_bench_across_simulated_hosts(tmp_path):
+    """python -m bench --hosts 2 --ranks 1: comms over rdma, and Gloo, across the hosts (MPI is not
+    run there, and says so)."""
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--hosts", "2", "--ranks", "1", "--backends",
+                           "comms@COMMS_TRANSPORT=rdma@FI_PROVIDER=tcp,gloo,mpi", "-b", "8", "-e", "64K",
+                           "-f", "8192", "--launches", "1", "-n", "5", "-w", "1", "--json", str(out_json)],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
+                          env={**os.environ, "COMMS_CALIBRATE": "0"})
+    out = proc.stdout
+    assert proc.returncode == 0, out
+    assert "mpi: not run across simulated hosts" in out, out
+    doc = json.loads(out_json.read_text())
+    rows = [r for r in doc["rows"] if r["place"] == "in"]
+    seen = {(r["backend"], r["bytes"]): r["transport"] for r in rows}
+    assert seen == {("comms@COMMS_TRANSPORT=rdma@FI_PROVIDER=tcp", 8): "rdma",
+                    ("comms@COMMS_TRANSPORT=rdma@FI_PROVIDER=tcp", 65536): "rdma",
+                    ("gloo", 8): "tcp", ("gloo", 65536): "tcp"}, out
+    assert all(r["wrong"] == 0 for r in rows), out

@@ -3,10 +3,10 @@
 A transport is two files: a C file in native/ that fills the engine's table of operations
 (native/comms_native.h: progress send and receive, the descriptor a sleeping wait polls, liveness,
 abort, free) and attaches one channel per peer, and a Python class here that sets the channels up.
-Registering it takes one line in each place: ``TRANSPORTS`` in native/build_cffi.py and ``ORDER``
-in comms/transports/__init__.py. Nothing else names transports: ``COMMS_TRANSPORT``'s choices,
-the cost model's link classes, ``comm.stats()``'s byte counters and ``comms.info`` come from
-``ORDER``.
+Registering it takes one line in each place: ``TRANSPORTS`` in native/build_cffi.py and
+``REGISTERED`` in comms/transports/__init__.py (its module names its class ``TRANSPORT``). Nothing
+else names transports: ``COMMS_TRANSPORT``'s choices, the cost model's link classes,
+``comm.stats()``'s byte counters and ``comms.info`` come from ``ORDER``.
 
 A transport is built per communicator during init, in three calls:
 

@@ -44,6 +44,9 @@ config.declare("RDMA_EAGER_BYTES", "size", 16 << 10, "Largest rdma message (with
                "rendezvous. 16K stays within tcp;ofi_rxm's eager protocol.")
 config.declare("RDMA_LIBFABRIC", str, "libfabric.so.1", "The libfabric library the rdma transport loads (dlopen): "
                "a path for a vendor's build, e.g. /opt/amazon/efa/lib/libfabric.so.")
+config.declare("RDMA_CQ_FD", str, "auto", "Whether the rdma completion queue has a wait descriptor: auto (only where a "
+               "host's ranks outnumber its cores, so sleep often; elsewhere they spin, and a descriptor costs the "
+               "software providers two syscalls per completion), on, off.")
 config.declare("RDMA_MR_LOCAL", bool, False, "Test hook: act as if the provider required FI_MR_LOCAL (register and "
                "pass descriptors for local buffers too), as verbs and EFA do and the software providers do not.")
 
@@ -126,8 +129,9 @@ class Pins:
     owner's range is forgotten before the next operation. Correctness never rests on this: a range
     not pinned is registered for one use, and pinning a range forgets every cached one it overlaps."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, small: int):
         self.engine = engine
+        self.small = small                      # buffers this small only ever travel as eager messages
         self.owners: dict[int, tuple] = {}      # id(owner) -> (base, nbytes, finalizer)
         self.dead: deque = deque()
 
@@ -135,6 +139,8 @@ class Pins:
         if self.dead:
             self._forget_dead()
         for obj in objs:
+            if getattr(obj, "nbytes", 0) <= self.small:    # no registration needed: skip the lookups
+                continue
             found = _owner_range(obj)
             if found is None:
                 continue
@@ -210,7 +216,7 @@ class RdmaTransport(Transport):
         _library()
         rc = lib.cm_rdma_open(self.boot.engine.ctx, node.encode(), config.get("RDMA_DOMAIN").encode(),
                               f"fi_shm://{segment_name()}".encode(), int(config.get("RDMA_MR_LOCAL")),
-                              config.get("RDMA_EAGER_BYTES"), info, blob, blen)
+                              int(self._cq_fd()), config.get("RDMA_EAGER_BYTES"), info, blob, blen)
         if rc != 0:
             why = ffi.string(info.error).decode() or f"code {rc}"
             provider = os.environ.get("FI_PROVIDER")
@@ -224,10 +230,16 @@ class RdmaTransport(Transport):
         self.info = _info_dict(info)
         log.info("comms: rank %d rdma: provider %s, fabric %s, domain %s, MR modes %s", self.boot.rank,
                  self.info["provider"], self.info["fabric"], self.info["domain"], ",".join(self.info["mr_mode"]))
-        self.pins = Pins(self.boot.engine)
+        self.pins = Pins(self.boot.engine, config.get("RDMA_EAGER_BYTES") - 128)   # minus the header, rounded
         fi = ffi.buffer(blob, blen[0])[:]
         liveness = self.mesh.listen()
         return ADDR.pack(len(fi), len(liveness)) + fi + liveness
+
+    def _cq_fd(self) -> bool:
+        want = config.get("RDMA_CQ_FD").lower()
+        if want not in ("auto", "on", "off"):
+            raise TransportError(f"COMMS_RDMA_CQ_FD={want!r}: expected auto, on or off", rank=self.boot.rank)
+        return self.boot.oversubscribed if want == "auto" else want == "on"
 
     def _parse(self, peer: int, address: bytes) -> tuple[bytes, bytes]:
         if len(address) >= ADDR.size:
@@ -268,3 +280,5 @@ class RdmaTransport(Transport):
             if ctx is None or lib.cm_rdma_mr_stats(ctx, out, 5) != 0:
                 return {}
         return {name: int(out[i]) for i, name in enumerate(MR_STATS)}
+
+TRANSPORT = RdmaTransport

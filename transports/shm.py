@@ -129,3 +129,5 @@ class ShmTransport(Transport):
         for addr, nbytes in self.mapped:
             lib.cm_shm_unmap(addr, nbytes)
         self.mapped = []
+
+TRANSPORT = ShmTransport

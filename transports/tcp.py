@@ -85,3 +85,5 @@ class TcpTransport(Transport):
 
     def close(self) -> None:
         self.mesh.close()
+
+TRANSPORT = TcpTransport

@@ -309,16 +309,34 @@ int rd_peer_gone(rd_chan *rc) {
     return rc->peer_closed;
 }
 
+/* The rank whose liveness connection has closed, waiting up to `ns` for one to (-1: none). */
+static int gone_peer(cm_ctx *ctx, int64_t ns) {
+    struct pollfd fds[256];
+    for (int64_t until = cm_now_ns() + ns;;) {
+        int n = 0;
+        for (int p = 0; p < ctx->size; p++) {
+            cm_chan *c = &ctx->chans[p];
+            if (c->ops != &cm_rdma_ops) continue;
+            rd_chan *rc = c->priv;
+            if (rd_peer_gone(rc)) return p;
+            if (rc->fd >= 0 && n < 256) { fds[n].fd = rc->fd; fds[n].events = POLLIN; fds[n++].revents = 0; }
+        }
+        int64_t left = until - cm_now_ns();
+        if (left <= 0 || !n) return -1;
+        poll(fds, (nfds_t)n, (int)(left / 1000000) + 1);
+    }
+}
+
 /* An error completion. Most often a peer died; providers say so poorly (the shm provider reports
- * EIO with no context), so a peer whose liveness connection has closed is blamed first. */
+ * EIO with no context) and sometimes before the kernel has closed the dead process's sockets, so
+ * a peer whose liveness connection closes within ERR_BLAME_NS is blamed first. */
+#define ERR_BLAME_NS 200000000LL
 static int cq_error(cm_ctx *ctx, rd_ctx *t) {
     struct fi_cq_err_entry err;
     memset(&err, 0, sizeof err);
     if (fi_cq_readerr(t->cq, &err, 0) < 0) return cm_fail(ctx, CM_E_SYS, -1, EIO, NULL);
-    for (int p = 0; p < ctx->size; p++) {
-        cm_chan *c = &ctx->chans[p];
-        if (c->ops == &cm_rdma_ops && rd_peer_gone(c->priv)) return cm_fail(ctx, CM_E_PEER_CLOSED, p, 0, NULL);
-    }
+    int dead = gone_peer(ctx, ERR_BLAME_NS);
+    if (dead >= 0) return cm_fail(ctx, CM_E_PEER_CLOSED, dead, 0, NULL);
     rd_req *r = err.op_context;
     int peer = r && (r->kind == RQ_TX || r->kind == RQ_WRITE) ? r->peer : -1;
     return rd_fail(ctx, peer, err.err ? err.err : EIO, NULL);

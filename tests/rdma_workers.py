@@ -132,3 +132,28 @@ def open_error(rank: int, size: int) -> tuple:
         return ("no error",)
     except comms.CommsError as e:
         return (type(e).__name__, str(e))
+
+
+def nothing_left_open(rank: int, size: int) -> dict:
+    """Communicators over rdma opened, used (eager and rendezvous, a sub-communicator) and closed
+    leave no descriptor behind: endpoints, completion queues, liveness sockets, registrations."""
+    def fds() -> set:
+        return set(os.listdir("/proc/self/fd"))
+    comm = comms.init(timeout=60)                     # the first: libfabric loads its providers once
+    comm.all_reduce(np.ones(4))
+    comm.close()
+    gc.collect()
+    before = fds()
+    for _ in range(3):
+        comm = comms.init(timeout=60)
+        x = np.ones(2 * MiB, np.float32)
+        comm.all_reduce(x)
+        sub = comm.split(rank % 2)
+        sub.all_reduce(x[:10])
+        sub.close()
+        comm.close()
+        del comm, sub, x
+        gc.collect()
+    after = fds()
+    return {"leaked": sorted(after - before), "shm": sorted(n for n in os.listdir("/dev/shm")
+                                                            if n.startswith(f"comms.{os.getuid()}.{os.getpid()}."))}

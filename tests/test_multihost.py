@@ -56,7 +56,7 @@ def test_every_collective_across_two_hosts(across):
     """run_cases on 2 hosts x 2 ranks: shm inside a host, tcp or rdma across, same bits everywhere."""
     links = _root_links()
     with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
-        results = sim.torchrun(str(SCRIPTS / "collectives.py"), "4242", "40", timeout=150,
+        results = sim.torchrun(str(SCRIPTS / "collectives.py"), "4242", "32", timeout=150,
                                env={**ACROSS[across], "MULTIHOST_ACROSS": across})
         report = sim.report(results)
         assert all(r.ok for r in results), report

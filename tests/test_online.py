@@ -119,10 +119,14 @@ def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast, rounds)
     o = out[0]
     assert all(o["right"])
     assert o["ran"][:2 * SIZING_CALLS] == ["ring"] * SIZING_CALLS + ["direct"] * SIZING_CALLS
-    # the slow one's turns: 3 untimed + 2 timed calls (2 ms each); the fast one's at most 64 + 32
+    # the slow one's turns: 3 untimed + 2 timed calls at 2-3 ms a call, 2 + 2 where a loaded machine
+    # stretched its sizing calls to 3-4 ms (comms.online.turn_calls); the fast one's at most 64 + 32
+    from comms.online import turn_calls
     rounds = o["ran"][2 * SIZING_CALLS:]
     decided = len(rounds) - next(i for i, a in enumerate(reversed(rounds)) if a != fast)
-    assert rounds[:decided].count(slow) == 2 * 5 and decided <= 2 * (5 + LEAD_MAX + TIMED_MAX)
+    sized = {2 * sum(turn_calls(ms / 1000)) for ms in (2.0, 2.5, 2.99, 3.0, 3.5, 3.99)}
+    assert sized == {2 * 5, 2 * 4}
+    assert rounds[:decided].count(slow) in sized and decided <= 2 * (5 + LEAD_MAX + TIMED_MAX)
     assert rounds[decided:] == [fast] * (len(rounds) - decided) and len(rounds) - decided >= 100
     assert o["forced"] == "ring" and o["after"] == [fast, True]
     assert o["choices"] == [{"alternatives": ["ring", "direct"], "chosen": fast, "timed": ["direct", "ring"]}]

@@ -27,7 +27,7 @@ def test_every_collective_over_rdma(provider, size):
     """Random cases of every collective (dtypes, ops, roots, splits, sizes up to MiBs: eager sends
     and rendezvous writes, in place and reduced through the staging slots), same bits on every rank,
     and rdma carried all of it."""
-    check(spawn(run_cases, size, timeout=240, args=(600 + size, 32), env=_env(provider)), size, "rdma")
+    check(spawn(run_cases, size, timeout=240, args=(600 + size, 28), env=_env(provider)), size, "rdma")
 
 
 def test_collectives_when_local_buffers_need_registering_too():
@@ -118,3 +118,9 @@ def test_a_provider_that_cannot_open_fails_every_rank_clearly(env, says):
         assert name == "TransportError", msg
         assert says in msg and "COMMS_TRANSPORT=rdma" in msg, msg
     assert "libfabric1" in out[0][1] or "no_such_provider" in out[0][1]
+
+
+@pytest.mark.parametrize("provider", ["tcp", "shm"])
+def test_closing_leaves_nothing_open(provider):
+    for o in spawn(rw.nothing_left_open, 3, timeout=120, env=_env(provider, COMMS_CALIBRATE="0")):
+        assert o == {"leaked": [], "shm": []}, o

@@ -96,6 +96,7 @@ typedef struct cm_transport cm_transport;
  * cm_message_done (match.c). A NULL entry is an operation the transport does not need. */
 typedef struct cm_transport_ops {
     const char *name;
+    int send_at_post;                                          /* small sends go out when posted */
     /* per channel */
     int (*progress_send)(cm_ctx *ctx, cm_chan *c);            /* while c->sendq is not empty */
     int (*progress_recv)(cm_ctx *ctx, cm_chan *c);            /* every pass (notices arrivals, EOF) */

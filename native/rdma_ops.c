@@ -176,6 +176,7 @@ static void rdma_release(cm_ctx *ctx, cm_transport *tp) {
 
 const cm_transport_ops cm_rdma_ops = {
     .name = "rdma",
+    .send_at_post = 1,
     .progress_send = rdma_progress_send,
     .progress_recv = rdma_progress_recv,
     .poll_fd = rdma_poll_fd,

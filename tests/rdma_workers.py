@@ -105,18 +105,21 @@ def endpoints(rank: int, size: int) -> dict:
     return out
 
 
-def victim_mid_transfer(rank: int, size: int) -> tuple:
-    """Rank 1 is killed with SIGKILL while its part of a 64 MiB all_reduce is on the wire."""
+def victim_mid_transfer(rank: int, size: int, mid: bool = True) -> tuple:
+    """Rank 1 is killed with SIGKILL while its part of a 64 MiB all_reduce is on the wire (``mid``:
+    the second one, or the first where a survivor is still in it), or between the two."""
     comm = comms.init(timeout=60, algo="all_reduce:ring")
     x = np.ones(16 * MiB, np.float32)
-    comm.all_reduce(x)
     t0 = time.monotonic()
     try:
+        # a survivor may still be in this one when rank 1 dies: rank 1's last message can be out of its
+        # hands (its send complete) and not yet delivered
+        comm.all_reduce(x)
         if rank == 1:
-            work = comm.all_reduce(x, async_op=True)
-            time.sleep(0.02)
+            if mid:
+                comm.all_reduce(x, async_op=True)
+                time.sleep(0.02)
             os.kill(os.getpid(), signal.SIGKILL)
-            work.wait()
         for _ in range(3):
             comm.all_reduce(x)
         return ("no error",)

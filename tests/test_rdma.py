@@ -85,7 +85,7 @@ def test_killed_rank_mid_transfer_is_reported_by_survivors(provider):
 
 def test_killed_rank_between_collectives_is_reported():
     with pytest.raises(RankFailed) as info:
-        spawn(fw.victim, 3, timeout=60, args=(True,), env=_env("tcp"))
+        spawn(rw.victim_mid_transfer, 3, timeout=60, args=(False,), env=_env("tcp", COMMS_CALIBRATE="0"))
     for r in (0, 2):
         name, msg, seq, peer, elapsed = info.value.results[r]
         assert name == "PeerError" and "rank 1" in msg and elapsed < 10, msg

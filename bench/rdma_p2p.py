@@ -33,17 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from . import cli
+from . import cli, p2p_common
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = p2p_common.ROOT
 SCHEMA = "comms-rdma-p2p/1"
 BW_BAR = 0.80                 # comms MB/s / fi_pingpong MB/s, at least (sizes >= 1 MiB)
 LAT_BAR = 1.5                 # comms usec / fi_pingpong usec, at most (sizes < 1 MiB)
@@ -93,27 +89,11 @@ def worker(args) -> int:
 
 
 # -- driver -----------------------------------------------------------------------------------------
-def _harness():
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import hostns
-    import multihost
-    return hostns, multihost
-
 
 def run_pingpong(sim, provider: str, size: int, iters: int) -> dict:
     """fi_pingpong host1 (server) <- host0 (client): the client's row."""
     argv = ["fi_pingpong", "-p", provider, "-e", "rdm", "-S", str(size), "-I", str(iters), "-B", str(PP_PORT)]
-    server = subprocess.Popen(["taskset", "-c", ",".join(map(str, sim.cpus[1])), "ip", "netns", "exec", sim.netns[1],
-                               *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        end = time.monotonic() + 10
-        while f":{PP_PORT}" not in sim.exec(1, ["ss", "-Hltn", f"sport = :{PP_PORT}"]).stdout:
-            if server.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"fi_pingpong server did not start: {server.communicate()[0]}")
-            time.sleep(0.05)
+    with p2p_common.server_on_host1(sim, argv, PP_PORT):
         client = ["fi_pingpong", "-p", provider, "-e", "rdm", "-S", str(size), "-I", str(iters), "-P", str(PP_PORT),
                   sim.addrs[1]]
         p = sim.exec(0, client, timeout=300)
@@ -122,12 +102,6 @@ def run_pingpong(sim, provider: str, size: int, iters: int) -> dict:
             raise RuntimeError(f"fi_pingpong client: exit {p.returncode}: {p.stdout[-2000:]}")
         row = rows[-1]
         return {"size": size, "iters": iters, "usec": float(row[6]), "mbps": float(row[5]), "row": " ".join(row)}
-    finally:
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
 
 
 def run_comms(sim, args, port: int) -> dict:
@@ -181,19 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--sizes needs at least one size; --rounds and --iters-scale must be positive")
     if args.worker:
         return worker(args)
-    hs, mh = _harness()
-    reason = hs.why_unavailable() or (None if shutil.which("fi_pingpong") else
-                                      "fi_pingpong is not on PATH (as root: apt-get install -y libfabric-bin, or "
-                                      "bash .ci/setup.sh)")
-    if reason:
-        print(f"rdma_p2p: {reason}", file=sys.stderr)
+    mh = p2p_common.simulated_hosts_or_reason("rdma_p2p", "fi_pingpong", "apt-get install -y libfabric-bin")
+    if mh is None:
         return 2
     print(f"# rdma_p2p: 2 simulated hosts x 1 rank, provider {args.provider}, {args.rounds} rounds, sizes "
           f"{', '.join(map(str, args.sizes))} B, link {'limited to ' + args.rate if args.rate else 'unshaped'}",
           flush=True)
     rounds = []
-    with mh.SimulatedHosts(hosts=2, ranks_per_host=1, rate=args.rate) as sim:
-        print(f"# cpus: host0 {sim.cpus[0]}, host1 {sim.cpus[1]}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    with p2p_common.two_hosts(mh, args.rate) as sim:
         print(f"{'round':>5} {'size':>9}  {'fi_pingpong us':>14} {'MB/s':>9}  {'comms us':>9} {'MB/s':>9}  "
               f"{'ratio':>6} {'(of)':<9}", flush=True)
         for i in range(args.rounds):
@@ -231,33 +200,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{med['fi_pingpong_mbps']:.1f} MB/s, comms {med['comms_usec']:.2f} us {med['comms_mbps']:.1f} MB/s): "
               f"{'meets' if med['meets_bar'] else 'misses'} the bar ({bar})", flush=True)
     if args.json:
-        doc = {"schema": SCHEMA, "command": " ".join(sys.argv), "options": {k: v for k, v in vars(args).items()
-                                                                             if k != "worker"},
-               "machine": {"nproc": os.cpu_count(), "loadavg": os.getloadavg(), "kernel": os.uname().release},
-               "rounds": rounds, "median": {str(k): v for k, v in medians.items()},
-               "bars": {"bandwidth": BW_BAR, "latency": LAT_BAR}, "meets_bars": ok}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        p2p_common.write_json(args.json, SCHEMA, args, machine=p2p_common.machine(), rounds=rounds,
+                              median={str(k): v for k, v in medians.items()},
+                              bars={"bandwidth": BW_BAR, "latency": LAT_BAR}, meets_bars=ok)
     return 1 if args.strict and not ok else 0
 
 
-def _main() -> int:
-    stopping = []
-
-    def terminate(signum, frame):
-        if not stopping:
-            stopping.append(signum)
-            raise KeyboardInterrupt(f"signal {signum}")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
-    try:
-        return main()
-    except RuntimeError as e:
-        print(f"rdma_p2p: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"rdma_p2p: interrupted ({e or 'SIGINT'}); the simulated hosts are torn down", file=sys.stderr)
-        return 130
-
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(p2p_common.run_main("rdma_p2p", main))

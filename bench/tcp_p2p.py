@@ -36,17 +36,14 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from . import cli
+from . import cli, p2p_common
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = p2p_common.ROOT
 SCHEMA = "comms-tcp-p2p/1"
 BAR = 0.90
 IPERF_PORT = 5201
@@ -113,28 +110,11 @@ def worker(args) -> int:
 
 
 # -- driver -----------------------------------------------------------------------------------------
-def _harness():
-    """tests/hostns.py and tests/multihost.py (and tests/netns.py, which they import), as bench.regret
-    imports them."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import hostns
-    import multihost
-    return hostns, multihost
-
 
 def run_iperf3(sim, seconds: float) -> dict:
     """One single-stream iperf3 run host0 -> host1; the receiver's bit rate and the raw summary."""
-    server = subprocess.Popen(["taskset", "-c", ",".join(map(str, sim.cpus[1])), "ip", "netns", "exec", sim.netns[1],
-                               "iperf3", "-s", "-1", "-B", sim.addrs[1], "-p", str(IPERF_PORT)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        end = time.monotonic() + 10
-        while f":{IPERF_PORT}" not in sim.exec(1, ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout:
-            if server.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"iperf3 server did not start: {server.communicate()[0]}")
-            time.sleep(0.05)
+    argv = ["iperf3", "-s", "-1", "-B", sim.addrs[1], "-p", str(IPERF_PORT)]
+    with p2p_common.server_on_host1(sim, argv, IPERF_PORT, grace=5.0):
         p = sim.exec(0, ["iperf3", "-c", sim.addrs[1], "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J"],
                      timeout=seconds + 60)
         try:
@@ -149,12 +129,6 @@ def run_iperf3(sim, seconds: float) -> dict:
                 "seconds": float(recv["seconds"]), "retransmits": sent.get("retransmits"),
                 "sender_bits_per_second": float(sent["bits_per_second"]),
                 "cpu_sender": cpu.get("host_total", 0.0) / 100, "cpu_receiver": cpu.get("remote_total", 0.0) / 100}
-    finally:
-        try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
 
 
 def _retransmits(sim) -> int:
@@ -189,9 +163,8 @@ def run_comms(sim, args, port: int) -> dict:
 
 
 def _machine() -> dict:
-    return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(),
-            "kernel": os.uname().release, "iperf3": subprocess.run(["iperf3", "--version"], stdout=subprocess.PIPE,
-                                                                  text=True).stdout.splitlines()[0]}
+    return dict(p2p_common.machine(), iperf3=subprocess.run(["iperf3", "--version"], stdout=subprocess.PIPE,
+                                                            text=True).stdout.splitlines()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,19 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker(args)
 
-    hs, mh = _harness()
-    reason = hs.why_unavailable() or (None if shutil.which("iperf3") else
-                                      "iperf3 is not on PATH (as root: DEBIAN_FRONTEND=noninteractive apt-get "
-                                      "install -y iperf3, or bash .ci/setup.sh)")
-    if reason:
-        print(f"tcp_p2p: {reason}", file=sys.stderr)
+    mh = p2p_common.simulated_hosts_or_reason("tcp_p2p", "iperf3",
+                                              "DEBIAN_FRONTEND=noninteractive apt-get install -y iperf3")
+    if mh is None:
         return 2
     print(f"# tcp_p2p: 2 simulated hosts x 1 rank, host0 -> host1, {args.rounds} rounds of {args.time:g} s, "
           f"comms messages of {args.size / 2**20:g} MiB, link {'limited to ' + args.rate if args.rate else 'unshaped'}",
           flush=True)
     rounds = []
-    with mh.SimulatedHosts(hosts=2, ranks_per_host=1, rate=args.rate) as sim:
-        print(f"# cpus: host0 {sim.cpus[0]}, host1 {sim.cpus[1]}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    with p2p_common.two_hosts(mh, args.rate) as sim:
         print(f"{'round':>5}  {'iperf3 Gbit/s':>13}  {'comms Gbit/s':>12}  {'ratio':>6}  {'retransmits iperf3/comms':>24}",
               flush=True)
         for i in range(args.rounds):
@@ -245,33 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# median ratio {med['ratio']:.3f}: {'meets' if meets else 'misses'} the bar "
           f"(comms >= {BAR:.0%} of iperf3)")
     if args.json:
-        doc = {"schema": SCHEMA, "command": " ".join(sys.argv), "options": {k: v for k, v in vars(args).items()
-                                                                             if k != "worker"},
-               "machine": _machine(), "rounds": rounds, "median": med, "bar": BAR, "meets_bar": meets}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        p2p_common.write_json(args.json, SCHEMA, args, machine=_machine(), rounds=rounds, median=med, bar=BAR,
+                              meets_bar=meets)
     if args.min_ratio is not None and med["ratio"] < args.min_ratio:
         return 1
     return 0
 
 
-def _main() -> int:
-    stopping = []
-
-    def terminate(signum, frame):
-        if not stopping:                 # the first signal stops the run; later ones must not cut the teardown short
-            stopping.append(signum)
-            raise KeyboardInterrupt(f"signal {signum}")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
-    try:
-        return main()
-    except RuntimeError as e:
-        print(f"tcp_p2p: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"tcp_p2p: interrupted ({e or 'SIGINT'}); the simulated hosts are torn down", file=sys.stderr)
-        return 130
-
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(p2p_common.run_main("tcp_p2p", main))

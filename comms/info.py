@@ -46,7 +46,8 @@ def gather(comm) -> dict:
         "topology": comm.topology.as_dict() if comm is not None else None,
         "transports": {str(k): v for k, v in comm.transports.items()} if comm is not None else {},
         "transports_available": transports_available(),
-        "route": comm.route._asdict() if comm is not None else None,
+        # one rank has no pair to route: its fallback would say nothing of a real job's
+        "route": comm.route._asdict() if comm is not None and comm.size > 1 else None,
         "config": [{"name": n, "value": v, "source": s, "doc": d} for n, v, s, d in config.snapshot()],
         "rules": sel.table(),
         "cost_model": comm._params.as_dict() if comm is not None and getattr(comm, "_params", None) else None,
@@ -69,6 +70,8 @@ def render(info: dict, comm) -> str:
     if route:
         out.append(f"  route: {route['intra']} inside a host, {route['inter']} between hosts, "
                    f"{route['intra']} exchanges of a step wait {'together' if route['together'] else 'apart'}")
+    else:
+        out.append("  route: chosen per pair of ranks when a job starts (run under comms.run or torchrun to see it)")
     out.append("\n# config")
     for c in info["config"]:
         out.append(f"{c['name']:<24} {str(c['value']):<12} ({c['source']})  {c['doc']}")

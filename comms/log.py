@@ -6,8 +6,8 @@ COMMS_DEBUG is set, comms attaches its own stderr handler, and each line is tagg
     myhost:4242 [1] comms INFO INIT rank 1 of 4 on myhost: local ranks [0, 1], ...
 
 (host:pid, [rank], level, subsystem). Without COMMS_DEBUG, warnings go through Python's logging
-as usual and nothing else is printed. Subsystems: INIT (bootstrap, topology), TRANSPORT (shm, tcp
-setup), ALGO (algorithm choices), TUNING (selection rules), COLL (failures of operations),
+as usual and nothing else is printed. Subsystems: INIT (bootstrap, topology), TRANSPORT (each registered
+transport's setup), ALGO (algorithm choices), TUNING (selection rules), COLL (failures of operations),
 FLIGHT (flight-recorder dumps). TRACE is Python's DEBUG level.
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ typedef struct {                       /* what the opened (or probed) provider o
     uint32_t tx_depth, rx_depth;
     int32_t wait_fd;                   /* 1: its completion queue gives a descriptor to sleep on */
     int32_t hardware;                  /* 1: not one of libfabric's software providers */
+    uint32_t prov_version;             /* the provider's FI_VERSION(major, minor) */
     char error[512];                   /* why opening failed */
 } cm_rdma_info;
 int cm_rdma_library(const char *path);     /* the libfabric to dlopen, before the first probe or open */

@@ -144,6 +144,7 @@ static void describe(const struct fi_info *fi, cm_rdma_info *out) {
     out->tx_depth = (uint32_t)fi->tx_attr->size;
     out->rx_depth = (uint32_t)fi->rx_attr->size;
     out->hardware = !software(fi->fabric_attr->prov_name);
+    out->prov_version = fi->fabric_attr->prov_version;
 }
 
 int rd_probe(const char *node, const char *domain, cm_rdma_info *out) {

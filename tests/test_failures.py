@@ -50,12 +50,9 @@ def test_skipped_collective_times_out_naming_op_seq_and_peer():
     assert timeouts and all("timed out after 3 s waiting for rank" in o[1] for o in timeouts), out
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-@pytest.mark.parametrize("big", [False, True])
-def test_killed_rank_is_reported_by_survivors(transport, big):
-    with pytest.raises(RankFailed) as info:
-        spawn(fw.victim, 3, timeout=60, args=(big,), env={"COMMS_TRANSPORT": transport})
-    err = info.value
+def assert_killed_rank_reported(err: RankFailed) -> None:
+    """Rank 1 of 3 died by SIGKILL; ranks 0 and 2 each raised PeerError naming rank 1 and the
+    all_reduce, within 10 s (workers return (name, message, seq, peer, seconds))."""
     assert err.rank == 1 and err.exc_type == "ProcessDied"
     assert set(err.results) == {0, 2}, err
     for r in (0, 2):
@@ -63,6 +60,14 @@ def test_killed_rank_is_reported_by_survivors(transport, big):
         assert name == "PeerError", msg
         assert "rank 1" in msg and "all_reduce (seq" in msg, msg
         assert elapsed < 10, msg
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("big", [False, True])
+def test_killed_rank_is_reported_by_survivors(transport, big):
+    with pytest.raises(RankFailed) as info:
+        spawn(fw.victim, 3, timeout=60, args=(big,), env={"COMMS_TRANSPORT": transport})
+    assert_killed_rank_reported(info.value)
 
 
 def test_stranger_on_the_tcp_port_is_rejected():

@@ -13,6 +13,7 @@ from comms.testing import RankFailed, spawn
 import fault_workers as fw
 import rdma_workers as rw
 from test_collectives import check
+from test_failures import assert_killed_rank_reported
 from workers import run_cases
 
 RDMA = {"COMMS_TRANSPORT": "rdma"}
@@ -69,26 +70,23 @@ def test_endpoints_send_over_the_rdma_channel():
         assert o["rdma_bytes"] >= 12 << 20 and o["other_bytes"] == 0, o
 
 
-@pytest.mark.parametrize("provider", ["tcp", "shm"])
-def test_killed_rank_mid_transfer_is_reported_by_survivors(provider):
+def test_killed_rank_mid_transfer_is_reported_by_survivors():
+    """Over the tcp provider, as between hosts (verbs and EFA alike keep their locks inside a process)."""
     with pytest.raises(RankFailed) as info:
-        spawn(rw.victim_mid_transfer, 3, timeout=90, env=_env(provider, COMMS_CALIBRATE="0"))
-    err = info.value
-    assert err.rank == 1 and err.exc_type == "ProcessDied"
-    assert set(err.results) == {0, 2}, err
-    for r in (0, 2):
-        name, msg, seq, peer, elapsed = err.results[r]
-        assert name == "PeerError", msg
-        assert "rank 1" in msg and "all_reduce (seq" in msg, msg
-        assert elapsed < 10, msg
+        spawn(rw.victim_mid_transfer, 3, timeout=90, env=_env("tcp", COMMS_CALIBRATE="0"))
+    assert_killed_rank_reported(info.value)
 
 
 def test_killed_rank_between_collectives_is_reported():
+    """Over the shm provider, the rank is killed outside libfabric: that provider guards each rank's
+    region with a spin lock its peers take too (libfabric 1.17), and a rank killed while holding it
+    leaves its peers spinning inside fi_send/fi_writedata for good (seen 1 launch in about 20 under
+    load, gdb: pthread_spin_lock under fi_writedata). No deadline reaches into a call that never
+    returns; rank 0 logs a warning at init, docs/rdma.md says so, and comms' own shm transport (the
+    default on one host) is the one tested mid-transfer there (test_failures)."""
     with pytest.raises(RankFailed) as info:
-        spawn(rw.victim_mid_transfer, 3, timeout=60, args=(False,), env=_env("tcp", COMMS_CALIBRATE="0"))
-    for r in (0, 2):
-        name, msg, seq, peer, elapsed = info.value.results[r]
-        assert name == "PeerError" and "rank 1" in msg and elapsed < 10, msg
+        spawn(rw.victim_mid_transfer, 3, timeout=60, args=(False,), env=_env("shm", COMMS_CALIBRATE="0"))
+    assert_killed_rank_reported(info.value)
 
 
 def test_mismatched_collectives_fail_on_every_rank():
@@ -124,3 +122,21 @@ def test_a_provider_that_cannot_open_fails_every_rank_clearly(env, says):
 def test_closing_leaves_nothing_open(provider):
     for o in spawn(rw.nothing_left_open, 3, timeout=120, env=_env(provider, COMMS_CALIBRATE="0")):
         assert o == {"leaked": [], "shm": []}, o
+
+
+def test_info_shows_the_provider_fabric_and_domain():
+    """python -m comms.info under the launcher with rdma forced: the provider libfabric chose (and
+    its version), its fabric and domain, and the route the cost model prices."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, **_env("tcp"))
+    out = subprocess.run([sys.executable, "-m", "comms.run", "-n", "2", "-m", "comms.info"],
+                         cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if "  rdma " in ln)
+    assert "provider tcp;ofi_rxm" in line and ", fabric " in line and ", domain " in line, line
+    assert "provider_version 1" in line and "hardware False" in line, line
+    assert "route: rdma inside a host, rdma between hosts" in out.stdout, out.stdout

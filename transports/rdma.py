@@ -65,7 +65,8 @@ def _info_dict(info) -> dict:
             "mr_mode": [name for bit, name in MR_MODES.items() if modes & bit] or ["none"],
             "max_msg_size": int(info.max_msg_size), "inject_size": int(info.inject_size),
             "cq_data_size": int(info.cq_data_size), "tx_depth": int(info.tx_depth), "rx_depth": int(info.rx_depth),
-            "cq_wait_fd": bool(info.wait_fd)}
+            "cq_wait_fd": bool(info.wait_fd),
+            "provider_version": f"{int(info.prov_version) >> 16}.{int(info.prov_version) & 0xffff}"}
 
 
 def probe(node: str = "", domain: str | None = None) -> dict:
@@ -228,8 +229,14 @@ class RdmaTransport(Transport):
             log.warning("comms: %s; tcp carries the traffic between hosts instead", msg)
             return b""
         self.info = _info_dict(info)
-        log.info("comms: rank %d rdma: provider %s, fabric %s, domain %s, MR modes %s", self.boot.rank,
-                 self.info["provider"], self.info["fabric"], self.info["domain"], ",".join(self.info["mr_mode"]))
+        log.info("comms: rank %d rdma: provider %s %s, fabric %s, domain %s, MR modes %s", self.boot.rank,
+                 self.info["provider"], self.info["provider_version"], self.info["fabric"], self.info["domain"],
+                 ",".join(self.info["mr_mode"]))
+        if self.info["provider"] == "shm" and self.boot.rank == 0:
+            log.warning("comms: rdma over libfabric's shm provider: it guards each rank's region with a spin lock "
+                        "that its peers take too, so a rank killed while holding it (inside a libfabric call) "
+                        "leaves its peers spinning in libfabric, where no comms deadline can reach them. comms' "
+                        "own shm transport (the default on one host) survives a kill -9.")
         self.pins = Pins(self.boot.engine, config.get("RDMA_EAGER_BYTES") - 128)   # minus the header, rounded
         fi = ffi.buffer(blob, blen[0])[:]
         liveness = self.mesh.listen()

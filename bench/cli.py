@@ -173,9 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulated hosts (tests/multihost.py, root only): one torchrun agent per host; -np is "
                         "--hosts x --ranks")
     p.add_argument("--ranks", type=int, default=1, help="ranks per simulated host (default 1)")
-    p.add_argument("--rate", default=None, help="simulated hosts: tc rate limit of every link, e.g. 2gbit")
+    sim_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
     return p
+
+
+def sim_options(p: argparse.ArgumentParser, rate_only: bool = False) -> None:
+    """--rate, --shaper and --cpus: how the simulated hosts (tests/hostns.py) are built."""
+    p.add_argument("--rate", default=None, help="simulated hosts: rate limit of every link, e.g. 2gbit")
+    p.add_argument("--shaper", choices=["tbf", "htb"], default="tbf",
+                   help="simulated hosts: the qdisc that enforces --rate (default tbf; htb: rate = ceil)")
+    p.add_argument("--cpus", choices=["split", "shared"], default="split",
+                   help="simulated hosts: each on its own share of the CPUs (split, default), or all on all")
+
+
+def sim_label(ns) -> str:
+    """How the simulated hosts were built, for headers: link and CPUs."""
+    link = f"links limited to {ns.rate} ({ns.shaper})" if ns.rate else "unshaped links"
+    return f"{link}, {ns.cpus} CPUs"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """How the benchmarks start one launch of ``bench.worker``: ``python -m comms.run`` on this host,
 or one torchrun agent per simulated host (tests/multihost.py's SimulatedHosts, root only) for
-``--hosts H --ranks M [--rate R]``. Used by ``python -m bench`` and ``python -m bench.regret``.
+``--hosts H --ranks M [--rate R] [--shaper tbf|htb] [--cpus split|shared]``. Used by ``python -m bench`` and ``python -m bench.regret``.
 
 Across simulated hosts Gloo must use the hosts' own interface: GLOO_SOCKET_IFNAME defaults to
 ``eth0`` there (``lo`` on one host). MPI does not run across them.
@@ -19,7 +19,7 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def simulated_hosts(args):
-    """(SimulatedHosts to enter, None) for ``args.hosts``/``args.ranks``/``args.rate``, or (None, why not)."""
+    """(SimulatedHosts to enter, None) for ``args.hosts``/``args.ranks``/``args.rate``/``cpus``/``shaper``, or (None, why not)."""
     if str(_TESTS) not in sys.path:
         sys.path.insert(0, str(_TESTS))
     import hostns
@@ -27,7 +27,7 @@ def simulated_hosts(args):
     why = hostns.why_unavailable()
     if why:
         return None, why
-    return multihost.SimulatedHosts(args.hosts, args.ranks, args.rate), None
+    return multihost.SimulatedHosts(args.hosts, args.ranks, args.rate, cpus=args.cpus, shaper=args.shaper), None
 
 
 class Launcher:

@@ -46,9 +46,11 @@ def simulated_hosts_or_reason(prog: str, tool: str, install_hint: str):
 
 
 @contextlib.contextmanager
-def two_hosts(multihost, rate: str | None):
-    """2 simulated hosts x 1 rank (``rate``: tc tbf on the link), after printing their CPUs."""
-    with multihost.SimulatedHosts(hosts=2, ranks_per_host=1, rate=rate) as sim:
+def two_hosts(multihost, args):
+    """2 simulated hosts x 1 rank (``args.rate``, ``args.shaper``, ``args.cpus``: bench.cli.sim_options),
+    after printing their CPUs."""
+    with multihost.SimulatedHosts(hosts=2, ranks_per_host=1, rate=args.rate, cpus=args.cpus,
+                                  shaper=args.shaper) as sim:
         print(f"# cpus: host0 {sim.cpus[0]}, host1 {sim.cpus[1]}; load average {os.getloadavg()[0]:.2f}", flush=True)
         yield sim
 

@@ -4,7 +4,7 @@ against libfabric's own ``fi_pingpong`` with the same provider, between the same
 The bars (the rdma transport's issue): comms' bandwidth at 1 MiB and 16 MiB at least 80 % of
 fi_pingpong's, and its 8 B latency at most 1.5x fi_pingpong's, on the same provider.
 
-    sudo .venv/bin/python -m bench.rdma_p2p [--rounds 5] [--sizes 8,1M,16M] [--provider tcp] [--rate R] [--json r.json]
+    sudo .venv/bin/python -m bench.rdma_p2p [--rounds 5] [--sizes 8,1M,16M] [--provider tcp] [--rate R [--shaper htb]] [--cpus shared] [--json r.json]
 
 Contract:
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="8,1M,16M", help="message sizes, comma-separated, K/M suffixes (default 8,1M,16M)")
     ap.add_argument("--provider", default="tcp", help="libfabric provider for both (default tcp: tcp;ofi_rxm)")
     ap.add_argument("--iters-scale", type=float, default=1.0, help="scale the round trips per size (default 1)")
-    ap.add_argument("--rate", default=None, help="limit the link (tc tbf), e.g. 2gbit")
+    cli.sim_options(ap)
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a median misses its bar")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds a comms launch may take")
@@ -159,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     if mh is None:
         return 2
     print(f"# rdma_p2p: 2 simulated hosts x 1 rank, provider {args.provider}, {args.rounds} rounds, sizes "
-          f"{', '.join(map(str, args.sizes))} B, link {'limited to ' + args.rate if args.rate else 'unshaped'}",
+          f"{', '.join(map(str, args.sizes))} B, {cli.sim_label(args)}",
           flush=True)
     rounds = []
-    with p2p_common.two_hosts(mh, args.rate) as sim:
+    with p2p_common.two_hosts(mh, args) as sim:
         print(f"{'round':>5} {'size':>9}  {'fi_pingpong us':>14} {'MB/s':>9}  {'comms us':>9} {'MB/s':>9}  "
               f"{'ratio':>6} {'(of)':<9}", flush=True)
         for i in range(args.rounds):

@@ -75,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-np", "--nranks", dest="np", type=int, default=None, help="ranks on this host (default 2)")
     p.add_argument("--hosts", type=int, default=None, help="simulated hosts (tests/multihost.py; root)")
     p.add_argument("--ranks", type=int, default=2, help="ranks per simulated host (default 2)")
-    p.add_argument("--rate", default=None, help="simulated hosts: tc rate limit of every link, e.g. 2gbit")
+    cli.sim_options(p)
     p.add_argument("--launches", type=int, default=3, help="fresh launches per variant (default 3)")
     p.add_argument("-n", "--iters", type=int, default=None, help="timed ops per size (default adaptive)")
     p.add_argument("-w", "--warmup", type=int, default=None)
@@ -121,7 +121,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.sizes = cli.size_sweep(a.minbytes, a.maxbytes, a.stepfactor)
     except ValueError as e:
         p.error(str(e))
-    a.config = (f"{a.hosts} hosts x {a.ranks} ranks" + (f", links {a.rate}" if a.rate else ", unshaped links")
+    a.config = (f"{a.hosts} hosts x {a.ranks} ranks, {cli.sim_label(a)}"
                 if a.hosts is not None else f"1 host x {a.np} ranks")
     # what bench.driver's launch helpers read
     a.batch, a.moe_experts, a.moe_topk, a.moe_hidden = 1, 0, 4, 1024

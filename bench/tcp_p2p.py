@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds, each one iperf3 and one comms run (default 5)")
     ap.add_argument("--time", type=float, default=5.0, help="seconds per measurement (default 5)")
     ap.add_argument("--size", type=cli.parse_size, default=16 << 20, help="comms message bytes, K/M/G suffixes (default 16M)")
-    ap.add_argument("--rate", default=None, help="limit the link (tc tbf), e.g. 2gbit")
+    cli.sim_options(ap)
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 when the median ratio is below this")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds a comms run may take beyond --time")
@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if mh is None:
         return 2
     print(f"# tcp_p2p: 2 simulated hosts x 1 rank, host0 -> host1, {args.rounds} rounds of {args.time:g} s, "
-          f"comms messages of {args.size / 2**20:g} MiB, link {'limited to ' + args.rate if args.rate else 'unshaped'}",
+          f"comms messages of {args.size / 2**20:g} MiB, {cli.sim_label(args)}",
           flush=True)
     rounds = []
-    with p2p_common.two_hosts(mh, args.rate) as sim:
+    with p2p_common.two_hosts(mh, args) as sim:
         print(f"{'round':>5}  {'iperf3 Gbit/s':>13}  {'comms Gbit/s':>12}  {'ratio':>6}  {'retransmits iperf3/comms':>24}",
               flush=True)
         for i in range(args.rounds):

@@ -16,7 +16,7 @@ Each simulated host gets
     hosts do not share cores; without this, ranks of one "host" spin on cores the other host's ranks and
     network stack need, and the topology detector cannot see the oversubscription. ``cpus="shared"``
     lets every host use every CPU;
-  - optionally a token-bucket rate limit (``tc qdisc ... tbf``) on both ends of every inter-host link,
+  - optionally a rate limit (``tc qdisc ... tbf``, or ``htb`` with rate = ceil) on both ends of every inter-host link,
     and (``delay_us``) latency, emulated by comms' TCP test hook COMMS_TCP_DELAY_US (no netem here).
 
 :meth:`HostNamespaces._host_command` is the command line that enters host i (its namespaces, the
@@ -83,7 +83,7 @@ class HostNamespaces:
 
     def __init__(self, hosts: int = 2, ranks_per_host: int = 2, rate: str | int | float | None = None,
                  prefix: str = PREFIX, subnet: str = SUBNET, echo: bool = False, shm_size: str = SHM_SIZE,
-                 delay_us: float | None = None, cpus: str = "split"):
+                 delay_us: float | None = None, cpus: str = "split", shaper: str = "tbf"):
         global _instances
         if not 1 <= hosts <= 200:
             raise ValueError(f"hosts must be in [1, 200], got {hosts}")
@@ -93,6 +93,9 @@ class HostNamespaces:
         self.rate = None if rate is None else parse_rate(rate)
         self.prefix, self.subnet, self.echo, self.shm_size = prefix, subnet, echo, shm_size
         self.delay_us = delay_us
+        if shaper not in ("tbf", "htb"):
+            raise ValueError(f"shaper must be 'tbf' or 'htb', got {shaper!r}")
+        self.shaper = shaper
         if cpus not in ("split", "shared"):
             raise ValueError(f"cpus must be 'split' or 'shared', got {cpus!r}")
         allowed = sorted(os.sched_getaffinity(0))
@@ -173,8 +176,13 @@ class HostNamespaces:
             rate_bytes = self.rate / 8
             burst = max(int(rate_bytes * 0.004), 64 * 1024)          # 4 ms of traffic, at least 64 KiB
             for ns, dev in shaped:
-                run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(self.rate)}bit",
-                      "burst", str(burst), "latency", "50ms"])
+                if self.shaper == "tbf":
+                    run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(self.rate)}bit",
+                         "burst", str(burst), "latency", "50ms"])
+                else:                      # htb: one class at rate = ceil, every packet through it
+                    run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "1"])
+                    run(["tc", "-n", ns, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate",
+                         f"{int(self.rate)}bit", "ceil", f"{int(self.rate)}bit"])
         self.shaped = shaped
         hosts_file = self.rundir / "hosts"
         hosts_file.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"

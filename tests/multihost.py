@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", default=None, help="limit every inter-host link (tc tbf), e.g. 2gbit, 200mbit")
     ap.add_argument("--delay-us", type=float, default=None,
                     help="latency added to every TCP message (comms' test hook COMMS_TCP_DELAY_US; no netem here)")
+    ap.add_argument("--shaper", choices=["tbf", "htb"], default="tbf", help="the qdisc enforcing --rate (default tbf)")
     ap.add_argument("--cpus", choices=["split", "shared"], default="split",
                     help="split: each host runs on its own share of the CPUs (default); shared: every host on all")
     ap.add_argument("--timeout", type=float, default=600, help="kill everything after S seconds (default 600)")
@@ -203,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, terminate)
     try:
         with SimulatedHosts(args.hosts, args.ranks, args.rate, echo=not args.quiet, delay_us=args.delay_us,
-                            cpus=args.cpus) as sim:
+                            cpus=args.cpus, shaper=args.shaper) as sim:
             print(f"multihost: {args.hosts} hosts x {args.ranks} ranks, namespaces {', '.join(sim.namespaces)}, "
                   f"addresses {', '.join(sim.addrs)}, cpus {' | '.join(','.join(map(str, c)) for c in sim.cpus)}"
-                  + (f", links limited to {args.rate}" if args.rate else ""),
+                  + (f", links limited to {args.rate} ({args.shaper})" if args.rate else ""),
                   flush=True)
             if args.raw:
                 results = sim.run([rest] * args.hosts, timeout=args.timeout)

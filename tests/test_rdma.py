@@ -28,7 +28,7 @@ def test_every_collective_over_rdma(provider, size):
     """Random cases of every collective (dtypes, ops, roots, splits, sizes up to MiBs: eager sends
     and rendezvous writes, in place and reduced through the staging slots), same bits on every rank,
     and rdma carried all of it."""
-    check(spawn(run_cases, size, timeout=240, args=(600 + size, 28), env=_env(provider)), size, "rdma")
+    check(spawn(run_cases, size, timeout=240, args=(600 + size, 20), env=_env(provider)), size, "rdma")
 
 
 def test_collectives_when_local_buffers_need_registering_too():

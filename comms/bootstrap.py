@@ -46,14 +46,20 @@ def _host_cores(local: list, fallback: int) -> int:
         return fallback
 
 
-def _spin_policy(nlocal: int, cores: int) -> tuple[int, int]:
-    """(polls before yielding, yields before sleeping): spin hard when every local rank has a core,
-    yield almost at once when they outnumber the cores (a spinning rank would steal the core its
-    peer needs)."""
+SPIN_MAX_NS = 200_000        # the longest adaptive spin where every local rank has a core
+SPIN_MIN_NS = 2_000          # the shortest (and the only one where they outnumber the cores)
+
+
+def _spin_policy(nlocal: int, cores: int) -> tuple[int, int, int, int]:
+    """(fixed polls, yields before sleeping, longest and shortest adaptive spin in ns). Where every
+    local rank has a core a wait may spin up to SPIN_MAX_NS, as far as its own waits show that it
+    pays (native/wait.c); where they outnumber the cores it spins SPIN_MIN_NS and yields (a
+    spinning rank would steal the core its peer needs). COMMS_SPIN fixes the spin at that many
+    polls instead."""
     spin = config.get("SPIN")
     if nlocal <= cores:
-        return (spin or 200_000), 200
-    return (spin or 64), 32
+        return spin, 200, SPIN_MAX_NS, SPIN_MIN_NS
+    return spin, 32, SPIN_MIN_NS, SPIN_MIN_NS
 
 
 class Bootstrap:
@@ -135,13 +141,14 @@ class Bootstrap:
         self.local_ranks = [p.rank for p in self.peers if p.same_host(me)]
         clog.set_rank(self.rank)
         cores = _host_cores([self.peers[r] for r in self.local_ranks], me.cores)
-        spin, yields = _spin_policy(len(self.local_ranks), cores)
+        spin, yields, spin_max, spin_min = _spin_policy(len(self.local_ranks), cores)
         self.oversubscribed = len(self.local_ranks) > cores      # its ranks wait by sleeping, not spinning
         hosts = len({p.host for p in self.peers})
-        log.info("rank %d of %d (%s) on %s: %d host%s; local ranks %s; %d usable cores%s; spin %d then %d yields",
+        log.info("rank %d of %d (%s) on %s: %d host%s; local ranks %s; %d usable cores%s; spin %s then %d yields",
                  self.rank, self.size, self.prefix, me.hostname, hosts, "" if hosts == 1 else "s", self.local_ranks,
-                 cores, " (oversubscribed)" if len(self.local_ranks) > cores else "", spin, yields)
-        self.engine = Engine(self.rank, self.size, spin, yields)
+                 cores, " (oversubscribed)" if len(self.local_ranks) > cores else "",
+                 f"{spin} polls" if spin else f"adaptive {spin_min / 1e3:g}-{spin_max / 1e3:g} us", yields)
+        self.engine = Engine(self.rank, self.size, spin, yields, spin_max, spin_min)
         try:
             self._connect(me)
         except BaseException:

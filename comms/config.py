@@ -67,7 +67,8 @@ declare("TRANSPORT", str, "auto",
 declare("HOST_ID", str, "", "Overrides the host identity (boot id, IPC namespace, /dev/shm probe); ranks with "
         "equal ids share memory.")
 declare("ALGO", str, "", "Algorithm selection overrides, e.g. 'all_reduce:0-64K:direct#all_reduce:64K-inf:ring'.")
-declare("SPIN", int, 0, "Polls before a waiting rank yields; 0 picks by oversubscription (ranks per core).")
+declare("SPIN", int, 0, "Polls before a waiting rank yields, fixed; 0: adaptive (a wait spins as long as this rank's "
+        "own waits show that spinning pays, less once its CPU is seen contended, never on tcp-only waits).")
 declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
         "MASTER_ADDR.")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "

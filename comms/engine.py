@@ -51,8 +51,8 @@ class Encoded:
 
 
 class Engine:
-    def __init__(self, rank: int, size: int, spin: int, yields: int):
-        self.ctx = lib.cm_ctx_new(rank, size, spin, yields)
+    def __init__(self, rank: int, size: int, spin: int, yields: int, spin_max_ns: int, spin_min_ns: int):
+        self.ctx = lib.cm_ctx_new(rank, size, spin, yields, spin_max_ns, spin_min_ns)
         if self.ctx == ffi.NULL:
             raise TransportError(f"cannot create the native context for rank {rank} of {size}")
         self.rank = rank
@@ -228,7 +228,7 @@ class Engine:
             if self.ctx is not None:
                 lib.cm_ctx_abort(self.ctx)
 
-    COUNTERS = ("plans", "sleeps", "busy_ns", "failed_plans")
+    COUNTERS = ("plans", "sleeps", "busy_ns", "failed_plans", "preempted_spins")
 
     def _raw_counters(self) -> dict:
         from .transports import NAMES
@@ -251,7 +251,7 @@ class Engine:
 
     def counters(self) -> dict:
         """Payload bytes each registered transport carried (``<name>_tx_bytes``, ``<name>_rx_bytes``),
-        plans run, sleeps, busy nanoseconds and failed plans, since :meth:`zero_counters`."""
+        plans run, sleeps, busy nanoseconds, failed plans and spins cut short by preemption, since :meth:`zero_counters`."""
         raw = self._raw_counters()
         base = getattr(self, "_counter_base", None) or {}
         return {n: v - base.get(n, 0) for n, v in raw.items()}

@@ -61,7 +61,7 @@ int cm_reduce_slots(void *dst, const void *base, size_t stride, int nslots, size
 int cm_div(void *buf, size_t count, int dtype, int64_t divisor);
 
 /* communicator context and the progress engine */
-cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields);
+cm_ctx *cm_ctx_new(int rank, int size, int spin_polls, int yields, int64_t spin_max_ns, int64_t spin_min_ns);
 void cm_ctx_free(cm_ctx *ctx);
 void cm_ctx_abort(cm_ctx *ctx);
 void cm_ctx_kick(cm_ctx *ctx);   /* from any thread: a sliced cm_exec_wait returns soon (CM_EAGAIN) */

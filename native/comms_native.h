@@ -97,6 +97,10 @@ typedef struct cm_transport cm_transport;
 typedef struct cm_transport_ops {
     const char *name;
     int send_at_post;                                          /* small sends go out when posted */
+    /* how long a wait on this transport's channels may poll before it sleeps: 0, not at all (the
+     * data comes through the kernel, and a sleep in poll() costs nothing the bytes did not);
+     * CM_SPIN_ADAPTIVE, the context's budget, which learns whether spinning pays (wait.c) */
+    int64_t spin_ns;
     /* per channel */
     int (*progress_send)(cm_ctx *ctx, cm_chan *c);            /* while c->sendq is not empty */
     int (*progress_recv)(cm_ctx *ctx, cm_chan *c);            /* every pass (notices arrivals, EOF) */
@@ -119,6 +123,7 @@ typedef struct cm_transport_ops {
 } cm_transport_ops;
 
 #define CM_MAX_TRANSPORTS 4
+#define CM_SPIN_ADAPTIVE (-1)
 
 struct cm_transport {            /* a transport in use by a context */
     const cm_transport_ops *ops;
@@ -158,7 +163,10 @@ struct cm_exec {
 
 struct cm_ctx {
     int rank, size;
-    int spin, yields;
+    /* waiting (wait.c): a fixed spin in polls (COMMS_SPIN; 0: adaptive), yields before sleeping,
+     * and the adaptive budget: its bounds, its value, and until when the CPU is known contended */
+    int spin_polls, yields;
+    int64_t spin_max_ns, spin_min_ns, spin_ns, contended_until;
     cm_chan *chans;
     cm_transport tp[CM_MAX_TRANSPORTS];
     int ntp;
@@ -183,7 +191,7 @@ struct cm_ctx {
     _Atomic uint64_t fr_next;
 };
 
-enum { CM_CNT_EXECS = 0, CM_CNT_SLEEPS, CM_CNT_BUSY_NS, CM_CNT_FAILED };
+enum { CM_CNT_EXECS = 0, CM_CNT_SLEEPS, CM_CNT_BUSY_NS, CM_CNT_FAILED, CM_CNT_PREEMPTED };
 
 /* engine.c */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op);
@@ -219,5 +227,10 @@ void cm_wake_always(cm_waker *w);        /* bump the word and wake the owner how
 void cm_waker_share(cm_ctx *ctx, cm_waker *where);   /* move the context's waker (shm: its segment) */
 int cm_sleep(cm_ctx *ctx, int64_t timeout_ns);       /* the engine's sleep: see wait.c */
 int cm_nap(cm_ctx *ctx, int64_t timeout_ns);         /* poll every fd, no announcement (tcp's bulk nap) */
+int64_t cm_spin_budget(cm_ctx *ctx, int64_t now);    /* how long an adaptive wait may spin now */
+void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns);    /* an idle stretch of a wait ended after idle_ns */
+void cm_spin_preempted(cm_ctx *ctx, int64_t now);    /* a spinning wait lost its CPU */
+#define CM_PREEMPT_GAP_NS 200000LL   /* a gap this long between two looks at the clock while spinning:                                       * the thread was off its CPU (64 idle passes take a few us) */
+#define CM_CONTENDED_NS 200000000LL  /* how long a preemption counts: spin little, yield, then sleep */
 
 #endif

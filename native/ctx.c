@@ -12,7 +12,7 @@
 #include <unistd.h>
 #include "comms_native.h"
 
-cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
+cm_ctx *cm_ctx_new(int rank, int size, int spin_polls, int yields, int64_t spin_max_ns, int64_t spin_min_ns) {
     if (size < 1 || rank < 0 || rank >= size) return NULL;
     cm_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return NULL;
@@ -20,8 +20,11 @@ cm_ctx *cm_ctx_new(int rank, int size, int spin, int yields) {
     if (!ctx->chans) { free(ctx); return NULL; }
     ctx->rank = rank;
     ctx->size = size;
-    ctx->spin = spin;
+    ctx->spin_polls = spin_polls;
     ctx->yields = yields;
+    ctx->spin_max_ns = spin_max_ns > 0 ? spin_max_ns : 0;
+    ctx->spin_min_ns = spin_min_ns < ctx->spin_max_ns ? spin_min_ns : ctx->spin_max_ns;
+    ctx->spin_ns = ctx->spin_max_ns;
     for (int p = 0; p < size; p++) ctx->chans[p].peer = p;
     ctx->waker = &ctx->own_waker;
     cm_bell_open(ctx);

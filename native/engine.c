@@ -13,9 +13,11 @@
  * gloo pair: every plan in flight ends with that error and the context must be rebuilt.
  *
  * Channels are driven through their transport's table of operations (comms_native.h): the engine
- * never asks which transport a channel belongs to. Waiting spins for `spin` polls, then yields
- * `yields` times, then sleeps (wait.c: on the waker's futex word, or in poll() over the
- * transports' descriptors), waking up at least every 20 ms to check liveness and deadlines.
+ * never asks which transport a channel belongs to. Waiting spins for as long as spinning pays
+ * (wait.c: not at all on kernel-fed transports, an adaptive budget on the others), then yields
+ * `yields` times, then sleeps (on the waker's futex word, or in poll() over the transports'
+ * descriptors), waking up at least every 20 ms. Deadlines and liveness are looked at while data
+ * moves too.
  * Nothing here takes the GIL; the caller serializes calls on one context.
  *
  * The context itself is in ctx.c, matching an arriving message to its receive in match.c, and the
@@ -325,39 +327,93 @@ static void fill_status(cm_ctx *ctx, cm_exec *e, cm_status *st) {
     st->local.magic = CM_MAGIC;
 }
 
+#define CONTENDED_YIELDS 32              /* yields before sleeping while the CPU is contended */
+
+/* How long this wait may spin before it yields and sleeps: 0 when every operation it still waits
+ * for is on a transport that says spinning never pays (tcp), else the context's adaptive budget.
+ * COMMS_SPIN (spin_polls) overrides the adaptive budget with a fixed count of polls. */
+static int64_t wait_spin_ns(cm_ctx *ctx, cm_exec *e, int64_t now) {
+    int64_t spin = 0;
+    for (int i = 0; i < e->nops; i++) {
+        cm_op *op = &e->ops[i];
+        if (op->complete) continue;
+        const cm_transport_ops *ops = op->peer >= 0 && op->peer < ctx->size ? ctx->chans[op->peer].ops : NULL;
+        if (!ops || ops->spin_ns == CM_SPIN_ADAPTIVE) return cm_spin_budget(ctx, now);   /* any source too */
+        if (ops->spin_ns > spin) spin = ops->spin_ns;
+    }
+    return spin;
+}
+
+/* Deadlines (of every plan in flight, not only the one waited for) and liveness, looked at while
+ * data moves as well as while idle: traffic with one peer, or a wait on another plan, must not
+ * postpone a timeout with another. Returns 1 when the context failed. */
+static int overdue(cm_ctx *ctx, cm_exec *e, int64_t now, int64_t *last_check) {
+    cm_exec *late = now >= e->deadline && !e->done ? e : NULL;
+    for (cm_exec *a = ctx->active; a && !late; a = a->next_active)
+        if (!a->done && now >= a->deadline) late = a;
+    if (late) {
+        cm_op *op;
+        int peer = first_pending_peer(late, &op);
+        cm_fail(ctx, CM_E_TIMEOUT, peer, 0, op);
+        return 1;
+    }
+    if (now - *last_check > 20000000LL) {            /* every 20 ms */
+        *last_check = now;
+        if (check_liveness(ctx) < 0) return 1;
+    }
+    return 0;
+}
+
 int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
-    int64_t start = cm_now_ns(), last_check = start;
-    int spins = 0, yields = 0;
+    int64_t start = cm_now_ns(), last_check = start, last_clock = start, idle_since = -1;
+    /* a sliced wait (the progress thread, block_ns >= 0) never spins: it sleeps at once, so an
+     * asynchronous operation in flight leaves the core to the thread that started it */
+    int64_t spin_ns = block_ns >= 0 ? 0 : wait_spin_ns(ctx, e, start);
+    int fixed = spin_ns > 0 && ctx->spin_polls > 0, adaptive = spin_ns > 0 && !fixed;
+    int polls = 0, yields = 0, spinning = spin_ns > 0;
+    unsigned passes = 0;
     for (;;) {
         if (e->done) { fill_status(ctx, e, st); return e->code; }
         int r = progress(ctx);
         if (r < 0) continue;                          /* e->done is set by cm_fail */
-        if (r > 0) { spins = 0; yields = 0; continue; }
-        if (++spins < ctx->spin) {
-            cpu_relax();
-            if ((spins & 255) || block_ns < 0) continue;
-            /* a sliced wait (the progress thread) gives the context up at once when kicked; its
-             * time slice is enforced after the spin phase, like the deadline */
-            if (atomic_exchange(&ctx->kick, 0)) {
-                fill_status(ctx, e, st);
-                return CM_EAGAIN;
+        passes++;
+        if (r > 0) {
+            if (idle_since >= 0 || (passes & 63) == 0) {
+                int64_t now = cm_now_ns();
+                if (idle_since >= 0 && adaptive) cm_spin_learn(ctx, now - idle_since);
+                idle_since = -1;
+                if (overdue(ctx, e, now, &last_check)) continue;
+                if (block_ns >= 0 && !e->done && (now - start >= block_ns || atomic_exchange(&ctx->kick, 0))) {
+                    fill_status(ctx, e, st);
+                    return CM_EAGAIN;
+                }
             }
+            polls = 0; yields = 0; spinning = spin_ns > 0;
             continue;
+        }
+        if (idle_since < 0) idle_since = last_clock = cm_now_ns();
+        if (spinning) {
+            ++polls;
+            if (fixed) spinning = polls < ctx->spin_polls;
+            else if ((polls & 63) == 0) {
+                int64_t now = cm_now_ns();
+                if (now - last_clock > CM_PREEMPT_GAP_NS) {     /* off the CPU while spinning */
+                    cm_spin_preempted(ctx, now);
+                    spin_ns = cm_spin_budget(ctx, now);
+                }
+                last_clock = now;
+                spinning = now - idle_since < spin_ns;
+            }
+            if (spinning) { cpu_relax(); continue; }
         }
         if (block_ns >= 0 && atomic_exchange(&ctx->kick, 0)) { fill_status(ctx, e, st); return CM_EAGAIN; }
         int64_t now = cm_now_ns();
-        if (now >= e->deadline) {
-            cm_op *op;
-            int peer = first_pending_peer(e, &op);
-            cm_fail(ctx, CM_E_TIMEOUT, peer, 0, op);
-            continue;
-        }
-        if (now - last_check > 20000000LL) {          /* every 20 ms of waiting */
-            last_check = now;
-            if (check_liveness(ctx) < 0) continue;
-        }
+        if (overdue(ctx, e, now, &last_check)) continue;
         if (block_ns >= 0 && now - start >= block_ns) { fill_status(ctx, e, st); return CM_EAGAIN; }
-        if (yields < ctx->yields) { yields++; sched_yield(); continue; }
+        /* yield before sleeping only where a spin was worth starting (on a contended CPU that hands
+         * it to whoever wants it); a wait on kernel-fed channels goes straight to poll() */
+        int ylim = now < ctx->contended_until && ctx->yields > CONTENDED_YIELDS ? CONTENDED_YIELDS : ctx->yields;
+        if (spin_ns > 0 && yields < ylim) { yields++; sched_yield(); continue; }
         int64_t nap = e->deadline - now;
         if (nap > 20000000LL) nap = 20000000LL;
         if (block_ns >= 0 && block_ns - (now - start) < nap) nap = block_ns - (now - start);
@@ -371,11 +427,8 @@ int cm_exec_test(cm_ctx *ctx, cm_exec *e, cm_status *st) {
     if (!e->done) {
         int r;
         do { r = progress(ctx); } while (r > 0 && !e->done);
-        if (!e->done && cm_now_ns() >= e->deadline) {
-            cm_op *op;
-            int peer = first_pending_peer(e, &op);
-            cm_fail(ctx, CM_E_TIMEOUT, peer, 0, op);
-        }
+        int64_t now = cm_now_ns(), no_liveness = now;
+        if (!e->done) overdue(ctx, e, now, &no_liveness);
     }
     if (!e->done) return CM_EAGAIN;
     fill_status(ctx, e, st);

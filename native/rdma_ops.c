@@ -176,6 +176,7 @@ static void rdma_release(cm_ctx *ctx, cm_transport *tp) {
 
 const cm_transport_ops cm_rdma_ops = {
     .name = "rdma",
+    .spin_ns = CM_SPIN_ADAPTIVE,          /* completions are polled; spin briefly, then the CQ's fd */
     .send_at_post = 1,
     .progress_send = rdma_progress_send,
     .progress_recv = rdma_progress_recv,

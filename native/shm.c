@@ -267,6 +267,7 @@ static void shm_release(cm_ctx *ctx, cm_transport *t) { (void)ctx; free(t->priv)
 
 static const cm_transport_ops shm_ops = {
     .name = "shm",
+    .spin_ns = CM_SPIN_ADAPTIVE,          /* the peer writes the ring directly: spinning can pay */
     .progress_send = shm_progress_send,
     .progress_recv = shm_progress_recv,
     .poll_fd = NULL,                      /* woken through the context's waker, in its segment */

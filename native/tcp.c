@@ -82,16 +82,12 @@ static int tcp_poll_fd(cm_ctx *ctx, cm_chan *c, short *events, int64_t *nap_ns) 
  * for at most BULK_NAP_NS. Only in contexts whose every channel has a descriptor to poll (this nap
  * neither announces a sleep nor polls the context's bell, so a channel woken through the waker,
  * such as shm's, could not wake it: see wait.c),
- * not close to the earliest deadline of a running plan (the engine checks deadlines only after its
- * spin phase, so that must run at full speed before a deadline), and not while another thread wants
+ * not close to the earliest deadline of a running plan, and not while another thread wants
  * the context (kick). A nap that times out leaves nothing moved on the next pass, so no nap
  * follows: a stalled peer gets the engine's own policy. */
 static void bulk_nap(cm_ctx *ctx) {
     if (ctx->waker_chans || ctx->failed || atomic_load(&ctx->kick)) return;
-    /* the engine looks at deadlines only once its spin phase is over: leave it the time to spin
-     * through it (about ctx->spin passes at a few us each) before the earliest deadline */
-    int64_t margin = (int64_t)ctx->spin * 4000;
-    if (margin < 2 * BULK_NAP_NS) margin = 2 * BULK_NAP_NS;
+    int64_t margin = 2 * BULK_NAP_NS;             /* wake before the earliest deadline */
     int64_t now = cm_now_ns(), until = now + BULK_NAP_NS;
     for (cm_exec *e = ctx->active; e; e = e->next_active)
         if (!e->done && e->deadline - margin < until) until = e->deadline - margin;
@@ -294,6 +290,7 @@ static void tcp_free(cm_ctx *ctx, cm_chan *c) {
 
 static const cm_transport_ops tcp_ops = {
     .name = "tcp",
+    .spin_ns = 0,                         /* bytes arrive through the kernel: sleep in poll() at once */
     .progress_send = tcp_progress_send,
     .progress_recv = tcp_progress_recv,
     .poll_fd = tcp_poll_fd,

@@ -15,6 +15,17 @@
  * channel (ready, ctx_ready) before it sleeps; a waker publishes, fences, then reads `waiting`.
  * One of the two always sees the other.
  *
+ * How long to spin first. A wait whose pending operations are all on transports whose data comes
+ * through the kernel (tcp: spin_ns 0) sleeps at once. The others (shm, rdma: CM_SPIN_ADAPTIVE) spin
+ * for the context's budget, which learns from the rank's own waits: each idle stretch of a wait
+ * (from the last progress to the next) pulls the budget towards twice its length when it was short
+ * enough to catch by spinning (at most spin_max_ns), and towards spin_min_ns when it was longer, so
+ * a rank whose peers keep it waiting long sleeps instead of burning a core it gains nothing from.
+ * A spinning wait that finds a gap in its own clock readings was preempted: something this rank
+ * cannot see (another job, the other host's ranks on a shared core, the kernel's network work)
+ * wants the CPU. For CM_CONTENDED_NS after that the budget stays at its minimum and the wait yields
+ * before it sleeps, as on a host with more ranks than cores.
+ *
  * The bell is a datagram socket bound to an abstract AF_UNIX address (nothing in the file system:
  * it vanishes with the process, even after kill -9). Abstract addresses are per network namespace;
  * a waker in another one cannot reach it, sets bell_broken, and the sleeper then caps its naps at
@@ -191,6 +202,23 @@ int cm_sleep(cm_ctx *ctx, int64_t timeout_ns) {
     atomic_store(&w->waiting, CM_WAIT_NONE);
     bell_drain(ctx);
     return CM_OK;
+}
+
+int64_t cm_spin_budget(cm_ctx *ctx, int64_t now) {
+    return now < ctx->contended_until ? ctx->spin_min_ns : ctx->spin_ns;
+}
+
+void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns) {
+    int64_t target = idle_ns <= ctx->spin_max_ns ? 2 * idle_ns : ctx->spin_min_ns;
+    int64_t b = ctx->spin_ns + (target - ctx->spin_ns) / 4;
+    if (b > ctx->spin_max_ns) b = ctx->spin_max_ns;
+    if (b < ctx->spin_min_ns) b = ctx->spin_min_ns;
+    ctx->spin_ns = b;
+}
+
+void cm_spin_preempted(cm_ctx *ctx, int64_t now) {
+    ctx->contended_until = now + CM_CONTENDED_NS;
+    ctx->counters[CM_CNT_PREEMPTED]++;
 }
 
 int cm_nap(cm_ctx *ctx, int64_t timeout_ns) {

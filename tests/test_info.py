@@ -155,4 +155,6 @@ def test_spin_policy_counts_the_cores_of_the_whole_host():
     assert _host_cores([peer([0]), peer([1])], 1) == 2
     assert _host_cores([peer([0]), peer([0])], 1) == 1                        # both bound to one core
     assert _host_cores([peer([0, 1]), SimpleNamespace(extra={})], 2) == 2     # a peer without facts: fallback
-    assert _spin_policy(2, _host_cores([peer([0]), peer([1])], 1))[0] > _spin_policy(2, 1)[0]
+    # (fixed polls, yields, longest spin, shortest): ranks with a core each may spin longer and yield more
+    own, shared = _spin_policy(2, _host_cores([peer([0]), peer([1])], 1)), _spin_policy(2, 1)
+    assert own[2] > shared[2] and own[1] > shared[1] and own[0] == shared[0] == 0

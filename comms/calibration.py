@@ -13,7 +13,10 @@ adds to every step. ``beta_gbps`` comes from a 4 MiB ping-pong.
 Every figure is the least of several runs, since other work on a shared machine only adds to it.
 Rank 0's parameters are published through the store so every rank prices alike and
 picks the same algorithm. A link shaped below what its NIC reports (tc, a busy fabric) is not part
-of the signature: delete the cache, or set COMMS_CALIBRATE=0, after changing it.
+of the signature, so cached figures of the link between hosts are checked at every init: rank 0
+and its peer on that link time a few 4 MiB ping-pongs (about 4 round trips, 0.15 s on a 2 Gbit/s
+link), and figures whose bandwidth is off by more than LINK_DRIFT either way are measured again
+(a job must not run for good on figures taken under other conditions).
 With COMMS_TUNE, every rank then times the candidate algorithms (comms.autotune), and the table
 is cached with the link figures.
 """
@@ -40,6 +43,7 @@ CALIBRATION_VERSION = "v9"     # part of the cache key: v2 measures alpha per pl
                                # moving the ranks and times the step latency twice, v9 keeps the
                                # link figures under "links", by transport name (the route's classes)
 HOP_ROUNDS = 50                # rounds of the ring inside one plan when measuring alpha
+LINK_DRIFT = 2.0               # a cached inter-host bandwidth this far from today's is measured again
 
 
 def signature(comm) -> str:
@@ -76,6 +80,34 @@ def _pingpong(comm, peer: int, nbytes: int, iters: int, leader: bool, stat=np.me
             comm.send(buf, peer, tag=0xCA1)
         times.append((time.perf_counter() - t0) / 2 * 1e6)
     return float(stat(times))
+
+
+def _beta(comm, other: int, lead: bool, reps: int, small: int) -> float:
+    """GB/s of a 4 MiB message between this rank and ``other``: the least of ``reps`` ping-pongs,
+    less the least one-way time of ``small`` 8 B ones, after untimed round trips of both sizes."""
+    _pingpong(comm, other, 8, small // 5, lead)               # warm up both paths
+    _pingpong(comm, other, 4 << 20, max(1, reps // 4), lead)
+    # least times: on a shared machine other work only ever adds to them
+    a = _pingpong(comm, other, 8, small, lead, np.min)        # one-way, per-call cost included
+    t = _pingpong(comm, other, 4 << 20, reps, lead, np.min)
+    return min(max((4 << 20) / max(t - a, 1e-3) / 1e3, 0.05), 100.0)
+
+
+def _link_holds(comm, cached: dict, cls: str, ring: list, key: str) -> bool:
+    """Collective over the communicator: whether the cached bandwidth of link class ``cls`` between
+    hosts (measured by ``ring[0]`` = rank 0 and ``ring[1]``) is still within LINK_DRIFT of what a
+    short ping-pong between them gives now. Every rank gets rank 0's answer."""
+    peer = ring[1]
+    if comm.rank in (0, peer):
+        now = _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, 3, 20)
+    if comm.rank == 0:
+        then = cached.get("links", {}).get(cls, {}).get("beta_gbps")
+        holds = bool(then) and 1 / LINK_DRIFT <= now / then <= LINK_DRIFT
+        if not holds:
+            log.warning("comms: the cached %s link figures (%s GB/s) do not match the link now (%.3f GB/s): "
+                        "calibrating again", cls, then, now)
+        comm._store.set(f"{key}/holds", "1" if holds else "0")
+    return comm._store.get(f"{key}/holds") == b"1"
 
 
 def _hops(comm, ring: list, rounds: int, reps: int) -> float:
@@ -189,6 +221,11 @@ def calibrate(comm) -> Params:
                 cached = json.load(f).get(sig)
         except (OSError, ValueError):
             cached = None
+        comm._store.set(f"{key}/cached", "1" if cached else "0")
+    if comm._store.get(f"{key}/cached") == b"1" and len(topo.hosts) > 1 \
+            and not _link_holds(comm, cached, route.inter, rings[route.inter], key) and comm.rank == 0:
+        cached = None
+    if comm.rank == 0:
         comm._store.set(f"{key}/measure", "0" if cached else "1")
     measure = comm._store.get(f"{key}/measure") == b"1"
     if measure:
@@ -196,14 +233,7 @@ def calibrate(comm) -> Params:
         for cls, ring in rings.items():
             peer = ring[1]
             if comm.rank in (0, peer):
-                lead = comm.rank == 0
-                other = peer if lead else 0
-                _pingpong(comm, other, 8, 20, lead)               # warm up both paths
-                _pingpong(comm, other, 4 << 20, 2, lead)
-                # least times: on a shared machine other work only ever adds to them
-                a = _pingpong(comm, other, 8, 100, lead, np.min)  # one-way, per-call cost included
-                t = _pingpong(comm, other, 4 << 20, 8, lead, np.min)
-                beta = min(max((4 << 20) / max(t - a, 1e-3) / 1e3, 0.05), 100.0)
+                beta = _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, 8, 100)
             if comm.rank in ring:
                 _hops(comm, ring, 5, 3)                           # warm up
                 hops[cls] = [_hops(comm, ring, HOP_ROUNDS, 7)]

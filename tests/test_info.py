@@ -158,3 +158,30 @@ def test_spin_policy_counts_the_cores_of_the_whole_host():
     # (fixed polls, yields, longest spin, shortest): ranks with a core each may spin longer and yield more
     own, shared = _spin_policy(2, _host_cores([peer([0]), peer([1])], 1)), _spin_policy(2, 1)
     assert own[2] > shared[2] and own[1] > shared[1] and own[0] == shared[0] == 0
+
+
+def test_cached_link_figures_that_no_longer_hold_are_measured_again(tmp_path):
+    """The calibration cache's key does not see a link's shaping: at init, rank 0 and its peer
+    between hosts check the cached bandwidth with a few 4 MiB ping-pongs, and figures off by more
+    than LINK_DRIFT (here: a cache entry edited to a twentieth of what was measured, as if taken on a
+    throttled link) are measured again; figures that hold are kept as they are."""
+    from comms.calibration import LINK_DRIFT
+    from comms.testing import spawn
+    from workers import two_host_params
+    env = {"XDG_CACHE_HOME": str(tmp_path), "COMMS_TUNE": ""}
+    path = tmp_path / "comms" / "calibration.json"
+    first = spawn(two_host_params, 2, timeout=120, env=env)[0]
+    inter = first["route"][1]
+    measured = first["params"]["links"][inter]["beta_gbps"]
+    assert first["params"]["source"].startswith("calibrated") and first["sum"] == [3.0] * 4
+    again = spawn(two_host_params, 2, timeout=120, env=env)[0]          # the link holds: kept
+    assert again["params"]["source"] == first["params"]["source"]
+    cache = json.loads(path.read_text())
+    (sig, entry), = cache.items()
+    entry["links"][inter]["beta_gbps"] = round(measured / (10 * LINK_DRIFT), 4)
+    entry["source"] = "calibrated long ago"
+    path.write_text(json.dumps(cache))
+    third = spawn(two_host_params, 2, timeout=120, env=env)[0]
+    assert third["params"]["source"].startswith("calibrated 2"), third["params"]["source"]
+    assert third["params"]["links"][inter]["beta_gbps"] > measured / (10 * LINK_DRIFT) * LINK_DRIFT
+    assert json.loads(path.read_text())[sig]["source"] == third["params"]["source"]

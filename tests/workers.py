@@ -291,3 +291,14 @@ def online_timed(rank: int, size: int, rules: str, slow: str | None, calls: int,
         choices = [{"alternatives": c["alternatives"], "chosen": c["chosen"], "timed": sorted(c["ratios"])}
                    for c in comm.online_choices()]
     return {"ran": ran, "right": right, "forced": forced, "after": after, "choices": choices}
+
+
+def two_host_params(rank: int, size: int) -> dict:
+    """Each rank its own host (COMMS_HOST_ID): the cost model's parameters after init, and the
+    all_reduce of 1..size still right."""
+    import os
+    os.environ["COMMS_HOST_ID"] = f"host{rank}"
+    with comms.init(timeout=60) as comm:
+        x = np.full(4, rank + 1, np.float32)
+        comm.all_reduce(x)
+        return {"params": comm._params.as_dict(), "route": list(comm.route), "sum": x.tolist()}

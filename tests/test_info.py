@@ -163,8 +163,10 @@ def test_spin_policy_counts_the_cores_of_the_whole_host():
 def test_cached_link_figures_that_no_longer_hold_are_measured_again(tmp_path):
     """The calibration cache's key does not see a link's shaping: at init, rank 0 and its peer
     between hosts check the cached bandwidth with a few 4 MiB ping-pongs, and figures off by more
-    than LINK_DRIFT (here: a cache entry edited to a twentieth of what was measured, as if taken on a
-    throttled link) are measured again; figures that hold are kept as they are."""
+    than LINK_DRIFT (here: a cache entry edited to a tenth of the drift below what was measured, as if
+    taken on a throttled link) are measured again; figures that hold are kept as they are (within
+    three inits: a loaded machine can move a loopback figure past the drift now and then, and a
+    figure measured again is then what the next init compares with)."""
     from comms.calibration import LINK_DRIFT
     from comms.testing import spawn
     from workers import two_host_params
@@ -174,14 +176,20 @@ def test_cached_link_figures_that_no_longer_hold_are_measured_again(tmp_path):
     inter = first["route"][1]
     measured = first["params"]["links"][inter]["beta_gbps"]
     assert first["params"]["source"].startswith("calibrated") and first["sum"] == [3.0] * 4
-    again = spawn(two_host_params, 2, timeout=120, env=env)[0]          # the link holds: kept
-    assert again["params"]["source"] == first["params"]["source"]
+    sources = [first["params"]["source"]]
+    for _ in range(3):                                                 # the link holds: kept
+        sources.append(spawn(two_host_params, 2, timeout=120, env=env)[0]["params"]["source"])
+        if sources[-1] == sources[-2]:
+            break
+    assert sources[-1] == sources[-2], sources
     cache = json.loads(path.read_text())
     (sig, entry), = cache.items()
-    entry["links"][inter]["beta_gbps"] = round(measured / (10 * LINK_DRIFT), 4)
+    measured = entry["links"][inter]["beta_gbps"]
+    stale = round(measured / (10 * LINK_DRIFT), 4)
+    entry["links"][inter]["beta_gbps"] = stale
     entry["source"] = "calibrated long ago"
     path.write_text(json.dumps(cache))
     third = spawn(two_host_params, 2, timeout=120, env=env)[0]
     assert third["params"]["source"].startswith("calibrated 2"), third["params"]["source"]
-    assert third["params"]["links"][inter]["beta_gbps"] > measured / (10 * LINK_DRIFT) * LINK_DRIFT
+    assert third["params"]["links"][inter]["beta_gbps"] > stale * LINK_DRIFT
     assert json.loads(path.read_text())[sig]["source"] == third["params"]["source"]

@@ -13,17 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import backends, driver, report
-
-_TESTS = Path(__file__).resolve().parent.parent / "tests"
+from . import backends, driver, p2p_common, report
 
 
 def simulated_hosts(args):
     """(SimulatedHosts to enter, None) for ``args.hosts``/``args.ranks``/``args.rate``/``cpus``/``shaper``, or (None, why not)."""
-    if str(_TESTS) not in sys.path:
-        sys.path.insert(0, str(_TESTS))
-    import hostns
-    import multihost
+    hostns, multihost = p2p_common.harness()
     why = hostns.why_unavailable()
     if why:
         return None, why

@@ -21,10 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def harness():
-    """tests/multihost.py, or None after printing why the simulated hosts (or ``tool``) are missing.
-
-    tests/hostns.py and tests/multihost.py (and tests/netns.py, which they import) are imported as
-    bench.regret imports them."""
+    """tests/hostns.py and tests/multihost.py (and tests/netns.py, which they import), for every
+    benchmark that builds simulated hosts (also bench.launch's ``--hosts``)."""
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)

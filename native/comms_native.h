@@ -230,7 +230,9 @@ int cm_nap(cm_ctx *ctx, int64_t timeout_ns);         /* poll every fd, no announ
 int64_t cm_spin_budget(cm_ctx *ctx, int64_t now);    /* how long an adaptive wait may spin now */
 void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns);    /* an idle stretch of a wait ended after idle_ns */
 void cm_spin_preempted(cm_ctx *ctx, int64_t now);    /* a spinning wait lost its CPU */
-#define CM_PREEMPT_GAP_NS 200000LL   /* a gap this long between two looks at the clock while spinning:                                       * the thread was off its CPU (64 idle passes take a few us) */
+/* a gap this long between two looks at the clock while spinning: the thread was off its CPU (64 idle
+ * passes take a few us) */
+#define CM_PREEMPT_GAP_NS 200000LL
 #define CM_CONTENDED_NS 200000000LL  /* how long a preemption counts: spin little, yield, then sleep */
 
 #endif

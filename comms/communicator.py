@@ -23,7 +23,8 @@ from . import checks, config, failures, flight
 from .checks import fast as _fast
 from . import log as clog
 from .algorithms.plan import COLL_IDS, Args, NotSupported, Plan
-from .dtypes import DTYPE_SIZES, ReduceOp
+from ._native import ffi
+from .dtypes import DTYPE_SIZES, ReduceOp, hot_dtypes
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
 from . import calibration, online
@@ -55,10 +56,16 @@ class Communicator(Operations):
         self._algo_now = algo                # the rules in force (set_algo)
         self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
+        # the fast path: (numpy or torch dtype, count, op) -> the all_reduce plan an earlier call of
+        # that shape built; emptied whenever _plans is, and once the communicator breaks or closes
+        self._hot: dict[tuple, Any] = {}     # -> its prepared native call (cm_call)
+        self._hot_plans: dict[tuple, Encoded] = {}
+        self._lock = boot.engine.lock
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
         self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
+        self._scratch_int = 0
         self._splits = 0
         self._broken: CommsError | None = None
         self._closed = False
@@ -71,6 +78,7 @@ class Communicator(Operations):
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params, self._route,
                                                           self.oversubscription()))
         self._plans.clear()                  # plans built during calibration used the provisional rules
+        self._drop_hot()
         self._ran.clear()
         self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
         # the flight recorder and the counters start after init's own traffic (calibration)
@@ -170,6 +178,7 @@ class Communicator(Operations):
         self._selector = self._selector.with_user(now)      # parses first: bad rules change nothing
         self._algo_now = now
         self._plans.clear()
+        self._drop_hot()
         self._ran.clear()
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -235,9 +244,40 @@ class Communicator(Operations):
             keep.append(buf)
             return checks.addr(buf)
         if self._scratch.nbytes < nbytes:
+            self._drop_hot()                 # their calls name the old scratch buffer
             self._scratch = np.empty(nbytes, np.uint8)
             self._scratch_ptr = checks.addr(self._scratch)
+            self._scratch_int = int(self._scratch_ptr)
         return self._scratch_ptr
+
+    def _keep_hot(self, enc: Encoded, count: int, dtype: int, op: ReduceOp) -> None:
+        """Let later synchronous all_reduce calls of this (dtype, count, op) go straight to ``enc``
+        in one native call (operations.all_reduce's fast path), unless something must see every
+        call: online timing (the caller checks enc.trial), a transport tracking buffers (rdma
+        registrations), a timeline, or a failure."""
+        if self._track is not None or self._engine.timeline is not None or self._broken or self._closed:
+            return
+        self._scratch_addr(enc.scratch_bytes, False, [])   # big enough now (a larger one empties _hot)
+        call = ffi.new("cm_call *")
+        call.ctx, call.steps, call.sig, call.nsteps = self._engine.ctx, enc.steps, enc.sig, enc.nsteps
+        call.scratch, call.timeout_ns = self._scratch_int, self._timeout_ns
+        if len(self._hot) >= PLAN_CACHE:
+            self._drop_hot()
+        for dt in hot_dtypes(dtype):
+            self._hot[(dt, count, op)] = call
+            self._hot_plans[(dt, count, op)] = enc
+
+    def _drop_hot(self) -> None:
+        self._hot.clear()
+        self._hot_plans.clear()
+
+    def _hot_failed(self, key: tuple, rc: int) -> CommsError:
+        """The error of a failed fast-path call (it ran the plan ``_hot_plans[key]``)."""
+        enc, call = self._hot_plans[key], self._hot[key]
+        with self._lock:
+            st = ffi.new("cm_status *", call.status)
+        st.code = rc
+        return self._fail(rc, st, enc.name, self._engine.seq, enc.plan)
 
     def _run(self, enc: Encoded, p_in: Any, p_out: Any, keep: list, async_op: bool, result: Any = None,
              timeout: float | None = None) -> Work | int | None:
@@ -271,6 +311,7 @@ class Communicator(Operations):
         exc = failures.build(self, rc, st, op, seq, plan, self.timeout if timeout is None else timeout)
         if self._broken is None:
             self._broken = exc
+            self._drop_hot()
             failures.publish(self, exc)
             self._engine.abort()
             try:
@@ -302,6 +343,7 @@ class Communicator(Operations):
         carrying ``reason``, and so do this rank's. Idempotent; close() still releases resources."""
         if self._broken is None:
             self._broken = PeerError(f"rank {self.rank} aborted the communicator: {reason}", rank=self.rank)
+            self._drop_hot()
             failures.publish(self, CommsError(reason))
             self._engine.abort()
 
@@ -310,6 +352,7 @@ class Communicator(Operations):
         if self._closed:
             return
         self._closed = True
+        self._drop_hot()
         if config.get("FLIGHT_AT_EXIT"):
             flight.dump(self, "close")
         if self._timeline is not None:

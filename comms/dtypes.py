@@ -31,6 +31,9 @@ _NUMPY_CODES = {
 # numpy dtype with the same bytes, for every code (bfloat16 is carried as uint16 bits)
 NUMPY_STORAGE = (np.float16, np.uint16, np.float32, np.float64, np.int8, np.uint8, np.int32, np.int64, np.bool_)
 _TORCH_CODES: dict[Any, int] = {}
+# (torch.Tensor, torch.strided) once a torch tensor was resolved: the fast paths compare a
+# buffer's type and layout with these without importing torch themselves
+TORCH_FAST: list = [None, None]
 
 
 class ReduceOp(enum.IntEnum):
@@ -96,7 +99,16 @@ def _torch_codes() -> dict:
             torch.float16: F16, torch.bfloat16: BF16, torch.float32: F32, torch.float64: F64,
             torch.int8: I8, torch.uint8: U8, torch.int32: I32, torch.int64: I64, torch.bool: BOOL,
         })
+        TORCH_FAST[:] = [torch.Tensor, torch.strided]
     return _TORCH_CODES
+
+
+def hot_dtypes(code: int) -> list:
+    """The dtype objects a buffer of ``code`` shows as ``buf.dtype``: numpy's (none for bfloat16),
+    and torch's once torch is in use (the fast paths' keys)."""
+    out = [dt for dt, c in _NUMPY_CODES.items() if c == code]
+    out += [dt for dt, c in _TORCH_CODES.items() if c == code]
+    return out
 
 
 def resolve(buf: Any, what: str = "buffer", writable: bool = False) -> View:

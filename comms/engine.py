@@ -60,13 +60,23 @@ class Engine:
         self.status = ffi.new("cm_status *")
         self.bufs = ffi.new("uintptr_t[4]")
         self._exec_out = ffi.new("cm_exec **")
-        self.seq = 0                 # collectives started on this context
         self.flight_capacity = 0
         self.timeline = None
         self._inflight: deque[tuple[Work, object, Callable]] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last collective started on this context (the native context
+        numbers each one as it starts, in the order plans reach it)."""
+        return int(lib.cm_ctx_seq(self.ctx)) if self.ctx is not None else 0
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        with self.lock:
+            lib.cm_ctx_set_seq(self.ctx, value)
 
     def set_timeline(self, timeline) -> None:
         """Record every plan's message times into ``timeline`` (comms.timeline.Timeline)."""
@@ -88,19 +98,17 @@ class Engine:
             self.flight_capacity = entries
 
     # -- one operation ------------------------------------------------------------------------
-    def _load(self, enc: Encoded, p_in, p_out, p_scratch) -> int:
-        """Fill the buffer table and give a collective the next sequence number (the caller holds
-        the lock, so numbers follow the order in which plans reach the engine, whatever thread
-        issued them; native copies both). Returns the sequence number (0 for p2p)."""
+    def _load(self, p_in, p_out, p_scratch) -> None:
+        """Fill the buffer table (the caller holds the lock; native copies it)."""
         b = self.bufs
         b[0] = p_in
         b[1] = p_out
         b[2] = p_scratch
-        if enc.is_coll:
-            self.seq += 1
-            enc.sig.seq = self.seq
-            return self.seq
-        return 0
+
+    def _seq_of(self, enc: Encoded) -> int:
+        """The number the context gave the plan just started (the caller holds the lock): its
+        sequence number if a collective, 0 for p2p."""
+        return int(lib.cm_ctx_seq(self.ctx)) if enc.is_coll else 0
 
     @contextlib.contextmanager
     def locked(self):
@@ -110,6 +118,10 @@ class Engine:
             yield self.ctx
         finally:
             self.lock.release()
+
+    def kick(self) -> None:
+        """Ask a sliced wait of the progress thread to give up the lock soon (any thread)."""
+        lib.cm_ctx_kick(self.ctx)
 
     def _acquire(self) -> None:
         """Take the context lock; if the progress thread holds it in a sliced wait, kick it out."""
@@ -127,10 +139,11 @@ class Engine:
             self.lock.release()
 
     def _run_locked(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int):
-        seq = self._load(enc, p_in, p_out, p_scratch)
+        self._load(p_in, p_out, p_scratch)
         if enc.any_source or self.timeline is not None:
             out = self._exec_out
             rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
+            seq = self._seq_of(enc)
             if out[0] != ffi.NULL:
                 t0 = time.monotonic_ns()
                 rc = lib.cm_exec_wait(self.ctx, out[0], -1, self.status)
@@ -142,6 +155,7 @@ class Engine:
         else:
             rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
                                  self.status)
+            seq = self._seq_of(enc)
         if rc:
             st = ffi.new("cm_status *", self.status[0])
             st.code = rc
@@ -157,8 +171,9 @@ class Engine:
         work._t0 = time.monotonic_ns()
         self._acquire()
         try:
-            work.seq = self._load(enc, p_in, p_out, p_scratch)
+            self._load(p_in, p_out, p_scratch)
             rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
+            work.seq = self._seq_of(enc)
             if out[0] == ffi.NULL:
                 st = ffi.new("cm_status *", self.status[0])
                 st.code = rc

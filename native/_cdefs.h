@@ -84,6 +84,20 @@ int cm_exec_op_times(cm_exec *e, int64_t *out, int max);   /* (post, done) ns pe
 void cm_ctx_set_trace(cm_ctx *ctx, int on);   /* the peer of a plan's i-th message (the source, for any-source receives) */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
+typedef struct {        /* a prepared synchronous call of an in-place plan (Python's fast path) */
+    cm_ctx *ctx;
+    const cm_step *steps;
+    const cm_hdr *sig;
+    int32_t nsteps;
+    int32_t pad;
+    uintptr_t scratch;  /* the caller's scratch buffer (0: none) */
+    int64_t timeout_ns; /* deadline: this long after the call starts */
+    cm_status status;   /* a failed call's status */
+} cm_call;
+int cm_call_run(cm_call *c, void *buf);            /* buf: a cffi buffer */
+int cm_call_run_addr(cm_call *c, uintptr_t buf);   /* buf: an address */
+uint64_t cm_ctx_seq(cm_ctx *ctx);             /* the number of the last collective started (each gets the next) */
+void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);
 
 /* rows of tokens (expert parallelism, native/rows.c): cross-memory attach and combine's sum */

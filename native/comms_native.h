@@ -163,6 +163,7 @@ struct cm_exec {
 
 struct cm_ctx {
     int rank, size;
+    uint64_t seq;                /* collectives started on the context (the last one's number) */
     /* waiting (wait.c): a fixed spin in polls (COMMS_SPIN; 0: adaptive), yields before sleeping,
      * and the adaptive budget: its bounds, its value, and until when the CPU is known contended */
     int spin_polls, yields;

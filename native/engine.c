@@ -225,6 +225,7 @@ static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr
 int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                   const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
     *out = NULL;
+    uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;   /* numbered even when it fails to start */
     if (ctx->failed) return ctx->status.code;
     int r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
     if (r < 0) return r;
@@ -241,6 +242,7 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
     for (int i = 0; i < nbufs; i++) e->bufs[i] = (char *)bufs[i];
     e->sig = *sig;
     e->sig.magic = CM_MAGIC;
+    e->sig.seq = seq;
     e->is_coll = sig->kind == CM_MSG_COLL;
     e->deadline = deadline_ns;
     e->next_active = ctx->active;
@@ -465,3 +467,18 @@ int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *
     cm_exec_free(ctx, e);
     return r;
 }
+
+/* The synchronous call of an in-place single-buffer collective from Python's fast path: buffers
+ * in = out = buf, the call's scratch; the deadline is the call's timeout from now. Two spellings of
+ * the buffer, so that Python passes what it has without converting it: a numpy array's cffi buffer
+ * (a pointer) or a torch tensor's data_ptr() (an integer). */
+static int call_run(cm_call *c, uintptr_t buf) {
+    uintptr_t bufs[3] = { buf, buf, c->scratch };
+    return cm_exec_run(c->ctx, c->steps, c->nsteps, bufs, 3, c->sig, cm_now_ns() + c->timeout_ns, &c->status);
+}
+
+int cm_call_run(cm_call *c, void *buf) { return call_run(c, (uintptr_t)buf); }
+int cm_call_run_addr(cm_call *c, uintptr_t buf) { return call_run(c, buf); }
+
+uint64_t cm_ctx_seq(cm_ctx *ctx) { return ctx->seq; }
+void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq) { ctx->seq = seq; }

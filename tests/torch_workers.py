@@ -52,6 +52,13 @@ def assert_same(a, b, what: str, exact: bool = True) -> None:
 
 
 # -- every op, comms against gloo ------------------------------------------------------------------
+def _layout(value):
+    """Nested lists of tensor shapes: what a future's value looks like."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return [_layout(v) for v in value]
+
+
 def every_op(group, rank: int, size: int, async_op: bool) -> dict:
     """Run every c10d operation once on ``group``; returns name -> outputs."""
     out = {}
@@ -60,90 +67,110 @@ def every_op(group, rank: int, size: int, async_op: bool) -> dict:
     n = torch.randint(1, 50, (6, 3), generator=g, dtype=torch.int64)
     root = 1 % size
 
-    def go(work):
+    futures = out["_futures"] = {}       # the layout of each async work's future value (None: no future)
+
+    def go(name, work):
+        name = f"{name}#{sum(k.startswith(name + '#') for k in futures)}"
         if async_op and isinstance(work, torch._C.Future):          # all_reduce_coalesced
             assert isinstance(work.wait(), list)
         elif async_op:
             assert isinstance(work, dist.Work), f"async call returned {work!r}"
             assert work.wait() is True
+            try:
+                futures[name] = _layout(work.get_future().wait())
+            except RuntimeError:                                    # Gloo has none for some ops
+                futures[name] = None
         else:
             assert work is None
 
     for op in ("SUM", "PRODUCT", "MIN", "MAX", "AVG"):
         t = x.clone()
-        go(dist.all_reduce(t, getattr(R, op), group=group, async_op=async_op))
+        go("all_reduce", dist.all_reduce(t, getattr(R, op), group=group, async_op=async_op))
         out[f"all_reduce_{op}"] = t
     for op in ("BAND", "BOR", "BXOR"):
         t = n.clone()
-        go(dist.all_reduce(t, getattr(R, op), group=group, async_op=async_op))
+        go("all_reduce", dist.all_reduce(t, getattr(R, op), group=group, async_op=async_op))
         out[f"all_reduce_{op}"] = t
     for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.uint8, torch.int32, torch.bool):
         t = (x * 3).to(dtype)
-        go(dist.all_reduce(t, R.MAX if dtype == torch.bool else R.SUM, group=group, async_op=async_op))
+        go("all_reduce", dist.all_reduce(t, R.MAX if dtype == torch.bool else R.SUM, group=group, async_op=async_op))
         out[f"all_reduce_{dtype}"] = t
     t = x.clone().t()                                       # not contiguous
-    go(dist.all_reduce(t, group=group, async_op=async_op))
+    go("all_reduce", dist.all_reduce(t, group=group, async_op=async_op))
     out["all_reduce_strided"] = t
     t = torch.complex(x, -x)
-    go(dist.all_reduce(t, group=group, async_op=async_op))
+    go("all_reduce", dist.all_reduce(t, group=group, async_op=async_op))
     out["all_reduce_complex"] = t
     ts = [x.clone(), x[:2].clone() * 2, x[1].clone()]
-    go(dist.all_reduce_coalesced(ts, group=group, async_op=async_op))
+    go("all_reduce_coalesced", dist.all_reduce_coalesced(ts, group=group, async_op=async_op))
     out["all_reduce_coalesced"] = ts
     for dtype in (torch.float32, torch.complex64, torch.int16, torch.float8_e4m3fn):
         if dtype in (torch.int16, torch.float8_e4m3fn) and group is not None:
             continue                                        # Gloo has no such broadcast
         t = (x * 10).to(dtype) if rank == root else torch.zeros(6, 3, dtype=dtype)
-        go(dist.broadcast(t, group_src=root, group=group, async_op=async_op))
+        go("broadcast", dist.broadcast(t, group_src=root, group=group, async_op=async_op))
         out[f"broadcast_{dtype}"] = t
         if dtype in (torch.int16, torch.float8_e4m3fn):     # moved as bytes: check against the root's
             want = (torch.randn(6, 3, generator=torch.Generator().manual_seed(7 + root)) * 10).to(dtype)
             assert torch.equal(t.view(torch.uint8), want.view(torch.uint8)), f"broadcast {dtype}"
             del out[f"broadcast_{dtype}"]
     t = x.clone()
-    go(dist.reduce(t, group_dst=root, op=R.MAX, group=group, async_op=async_op))
+    go("reduce", dist.reduce(t, group_dst=root, op=R.MAX, group=group, async_op=async_op))
     out["reduce"] = t if rank == root else []               # off the root the contents are unspecified
     ts = [torch.zeros(6, 3) for _ in range(size)]           # separate tensors
-    go(dist.all_gather(ts, x, group=group, async_op=async_op))
+    go("all_gather", dist.all_gather(ts, x, group=group, async_op=async_op))
     out["all_gather"] = ts
     flat = torch.zeros(size * 4, dtype=torch.int64)         # back-to-back views: gathered in place
-    go(dist.all_gather(list(flat.chunk(size)), n.view(-1)[:4].clone(), group=group, async_op=async_op))
+    go("all_gather", dist.all_gather(list(flat.chunk(size)), n.view(-1)[:4].clone(), group=group, async_op=async_op))
     out["all_gather_views"] = flat
     t = torch.zeros(size * 6, 3)
-    go(dist.all_gather_into_tensor(t, x, group=group, async_op=async_op))
+    go("all_gather_into_tensor", dist.all_gather_into_tensor(t, x, group=group, async_op=async_op))
     out["all_gather_into_tensor"] = t
     t = torch.zeros(3)
-    go(dist.reduce_scatter(t, [x[i % 6].clone() * (i + 1) for i in range(size)], group=group, async_op=async_op))
+    go("reduce_scatter", dist.reduce_scatter(t, [x[i % 6].clone() * (i + 1) for i in range(size)], group=group, async_op=async_op))
     out["reduce_scatter"] = t
     t = torch.zeros(2, 3)
-    go(dist.reduce_scatter_tensor(t, x[:2 * size].clone(), op=R.MAX, group=group, async_op=async_op))
+    go("reduce_scatter_tensor", dist.reduce_scatter_tensor(t, x[:2 * size].clone(), op=R.MAX, group=group, async_op=async_op))
     out["reduce_scatter_tensor"] = t
+    t = torch.zeros(size * 6, 3)                            # torch 2.13's names for the two above
+    go("all_gather_single", dist.all_gather_single(t, x, group=group, async_op=async_op))
+    out["all_gather_single"] = t
+    t = torch.zeros(2, 3)
+    go("reduce_scatter_single", dist.reduce_scatter_single(t, x[:2 * size].clone(), op=R.MAX, group=group, async_op=async_op))
+    out["reduce_scatter_single"] = t
+    ts, ys = [torch.zeros(size * 2, 3), torch.zeros(size, 3)], [x[:2].clone(), x[2:3].clone()]
+    with dist._coalescing_manager(group=group, async_ops=async_op) as cm:   # allgather_into_tensor_coalesced
+        for t, y in zip(ts, ys):
+            dist.all_gather_single(t, y, group=group)
+    if async_op:
+        cm.wait()
+    out["all_gather_single_coalesced"] = ts
     t = torch.zeros(size * 2, 3)
-    go(dist.all_to_all_single(t, x[:size * 2].clone(), group=group, async_op=async_op))
+    go("all_to_all_single", dist.all_to_all_single(t, x[:size * 2].clone(), group=group, async_op=async_op))
     out["all_to_all_single"] = t
     ins = [(p + 2 * rank) % 3 + 1 for p in range(size)]     # uneven: rank r sends (p + 2r) % 3 + 1 rows to p
     outs = [(rank + 2 * p) % 3 + 1 for p in range(size)]
     t = torch.zeros(sum(outs), 3)
-    go(dist.all_to_all_single(t, x[:sum(ins)].clone(), outs, ins, group=group, async_op=async_op))
+    go("all_to_all_single", dist.all_to_all_single(t, x[:sum(ins)].clone(), outs, ins, group=group, async_op=async_op))
     out["all_to_all_single_uneven"] = t
     ots = [torch.zeros(2, 2) for p in range(size)]
     its = [x[:2, :2].clone() + p for p in range(size)]
-    go(dist.all_to_all(ots, its, group=group, async_op=async_op))
+    go("all_to_all", dist.all_to_all(ots, its, group=group, async_op=async_op))
     out["all_to_all"] = ots
     if group is None:                                       # uneven lists: Gloo has none
         ots = [torch.zeros(p + 1, 2) for p in range(size)]
         its = [torch.full((rank + 1, 2), 10.0 * rank + p) for p in range(size)]
-        go(dist.all_to_all(ots, its, group=group, async_op=async_op))
+        go("all_to_all", dist.all_to_all(ots, its, group=group, async_op=async_op))
         for p in range(size):
             assert torch.equal(ots[p], torch.full((p + 1, 2), 10.0 * p + rank)), f"uneven all_to_all {ots}"
     ts = [torch.zeros(6, 3) for _ in range(size)] if rank == root else None
-    go(dist.gather(x.clone(), ts, group_dst=root, group=group, async_op=async_op))
+    go("gather", dist.gather(x.clone(), ts, group_dst=root, group=group, async_op=async_op))
     out["gather"] = ts if ts is not None else []
     t = torch.zeros(6, 3)
     src = [x.clone() + p for p in range(size)] if rank == root else None
-    go(dist.scatter(t, src, group_src=root, group=group, async_op=async_op))
+    go("scatter", dist.scatter(t, src, group_src=root, group=group, async_op=async_op))
     out["scatter"] = t
-    go(dist.barrier(group=group, async_op=async_op))
+    go("barrier", dist.barrier(group=group, async_op=async_op))
     return out
 
 
@@ -156,6 +183,10 @@ def compare_every_op(rank: int, size: int) -> list[str]:
         mine = every_op(None, rank, size, async_op)
         ref = every_op(gloo, rank, size, async_op)
         assert mine.keys() == ref.keys()
+        mine_f, ref_f = mine.pop("_futures"), ref.pop("_futures")
+        for name in mine_f.keys() & ref_f.keys():            # Gloo skips some broadcasts
+            m, r = mine_f[name], ref_f[name]
+            assert r is None or m == r, f"async {name}: the future holds {m}, Gloo's {r}"
         for k in mine:
             # float sums of more than 2 ranks may be added in another order than Gloo's
             assert_same(mine[k], ref[k], f"{k} async={async_op}", exact=size <= 2)

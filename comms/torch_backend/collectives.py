@@ -62,7 +62,7 @@ class Collectives:
         if type(tensors) is not list:
             tensors = [tensors]
         if len(tensors) == 1:                   # the hot path: comms takes the tensor as it is
-            op = ops.FAST_OPS[opts.reduceOp.op.value]
+            op = ops.FAST_OPS.get(hash(opts.reduceOp))
             if op is not None:
                 t = tensors[0]
                 td = opts.timeout
@@ -144,7 +144,7 @@ class Collectives:
         outs = one(output_lists, "allgather")
         inp = one(inputs, "allgather")
         call, post = self._allgather_call(outs, inp)
-        return self._issue(opts, [call], output_lists, post)
+        return self._issue(opts, [call], outs, post)      # the future holds the output tensors, as Gloo's
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
@@ -165,7 +165,8 @@ class Collectives:
     def all_gather_single(self, output, input, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
         c, post = self._all_gather_single_call(output, input)
-        return self._issue(opts, [c], [output], post)
+        # the future holds the output's blocks, one per rank, as Gloo's (it gathers into them)
+        return self._issue(opts, [c], list(output.chunk(self._comm.size)) if output.numel() else [output], post)
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
@@ -189,7 +190,7 @@ class Collectives:
             flat, post, _ = joined(outs, "gather", fill=False)
             flat = movable(flat)
         call = partial(self._comm.gather, flat, movable(ibuf).reshape(-1), opts.rootRank)
-        return self._issue(opts, [call], output_lists, post)
+        return self._issue(opts, [call], output_lists[0] if output_lists else [], post)   # as Gloo's
 
     def scatter(self, outputs, input_lists, opts=None):
         opts = opts if opts is not None else ScatterOptions()

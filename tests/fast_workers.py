@@ -1,0 +1,103 @@
+"""Rank functions of tests/test_fast_path.py: the synchronous all_reduce fast path (one native call
+for a shape an earlier call built a plan for) against the reference, its misuse and its failures."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import comms
+from comms.dtypes import BF16, BOOL, F16, F32, F64, I32, I64, U8, ReduceOp
+from reference_collectives import assert_close, random_input, reduce_all
+from workers import _wrap
+
+# (dtype, op, torch?) covered by repeated_calls: each shape is called several times with new data
+CASES = [(F32, ReduceOp.SUM, False), (F32, ReduceOp.SUM, True), (F64, ReduceOp.AVG, False),
+         (I32, ReduceOp.MAX, False), (I64, ReduceOp.PROD, True), (U8, ReduceOp.BXOR, False),
+         (BOOL, ReduceOp.BOR, False), (F16, ReduceOp.MIN, True), (BF16, ReduceOp.SUM, True)]
+
+
+def repeated_calls(rank: int, size: int, count: int) -> dict:
+    """Every case called 4 times with fresh random data; the results must match the reference
+    every time, and each call is one collective (the sequence number moves by one)."""
+    out: dict = {"seq_steps": [], "digests": []}
+    with comms.init(timeout=60) as comm:
+        for ci, (dtype, op, use_torch) in enumerate(CASES):
+            for call in range(4):
+                ins = [random_input(np.random.default_rng([ci, call, r]), dtype, count, op.name)
+                       for r in range(size)]
+                x = ins[rank].copy()
+                buf, view = _wrap(x, dtype, use_torch)
+                before = comm._engine.seq
+                comm.all_reduce(buf, op)
+                out["seq_steps"].append(comm._engine.seq - before)
+                assert_close(view, reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG), dtype, size,
+                             f"case {ci} call {call} rank {rank}")
+                out["digests"].append(view.tobytes().hex())
+        out["fast_shapes"] = len(comm._hot)
+    return out
+
+
+def misuse_on_a_fast_shape(rank: int, size: int) -> dict:
+    """After a float32 x 4 all_reduce ran (so the shape has a fast path), buffers of the same dtype
+    and count that cannot be used in place must still be refused before any byte moves; the
+    communicator stays usable."""
+    import torch
+    errors = {}
+    with comms.init(timeout=30) as comm:
+        for _ in range(3):
+            comm.all_reduce(np.ones(4, np.float32))
+        ro = np.ones(4, np.float32)
+        ro.flags.writeable = False
+        strided = np.ones(8, np.float32)[::2]
+        tstrided = torch.ones(8)[::2]
+        for name, buf in (("read-only", ro), ("strided", strided), ("torch strided", tstrided)):
+            try:
+                comm.all_reduce(buf)
+                errors[name] = None
+            except comms.InvalidUsage as e:
+                errors[name] = str(e)
+        x = np.full(4, rank + 1, np.float32)
+        comm.all_reduce(x)
+        return {"errors": errors, "after": x.tolist(), "ro": ro.tolist()}
+
+
+def rules_change_between_fast_calls(rank: int, size: int) -> dict:
+    """set_algo between calls of one shape: the next call runs the new rules' plan."""
+    out = {}
+    with comms.init(timeout=30) as comm:
+        for algo in ("ring", "direct", "rhd", "ring"):
+            comm.set_algo(f"all_reduce:{algo}")
+            for _ in range(3):
+                x = np.full(256, rank + 1, np.float32)
+                comm.all_reduce(x)
+            out[algo] = [comm.algorithm_ran("all_reduce", 1024), sorted(set(x.tolist()))]
+    return out
+
+
+def fails_on_a_fast_shape(rank: int, size: int, how: str) -> dict:
+    """A failure inside a fast-path call: ``mismatch`` (rank 1 calls with another count) or
+    ``timeout`` (rank 1 does not call at all). Every rank reports the exception it got, and whether
+    the next call raised too."""
+    with comms.init(timeout=1.5 if how == "timeout" else 30) as comm:
+        for _ in range(3):
+            comm.all_reduce(np.ones(4, np.float32))
+        seq = comm._engine.seq + 1
+        out = {"expected_seq": seq}
+        try:
+            if rank == 1 and how == "mismatch":
+                comm.all_reduce(np.ones(5, np.float32))
+            elif rank == 1 and how == "timeout":
+                time.sleep(3)
+                return out
+            else:
+                comm.all_reduce(np.ones(4, np.float32))
+            out["error"] = None
+        except comms.CommsError as e:
+            out["error"] = (type(e).__name__, e.op, e.seq, e.rank, e.peer)
+        try:
+            comm.all_reduce(np.ones(4, np.float32))
+            out["next"] = None
+        except comms.CommsError as e:
+            out["next"] = type(e).__name__
+        return out

@@ -1,0 +1,51 @@
+"""The synchronous all_reduce fast path: a numpy array or torch tensor whose (dtype, count, op) an
+earlier call planned goes to the engine in one native call (comms.operations). These tests call
+each shape repeatedly, so that every call after the first takes that path."""
+from __future__ import annotations
+
+import pytest
+
+from comms.testing import spawn
+from fast_workers import fails_on_a_fast_shape, misuse_on_a_fast_shape, repeated_calls, rules_change_between_fast_calls
+
+ENV = {"COMMS_CALIBRATE": "0"}     # the path does not depend on the cost model's figures
+
+
+@pytest.mark.parametrize("size,count", [(2, 2), (3, 1000), (4, 7)])
+def test_repeated_calls_match_the_reference_and_number_one_collective_each(size, count):
+    out = spawn(repeated_calls, size, timeout=120, args=(count,), env=ENV)
+    assert len({tuple(o["digests"]) for o in out}) == 1, "ranks computed different bits"
+    for o in out:
+        assert o["seq_steps"] == [1] * len(o["seq_steps"])
+        assert o["fast_shapes"] > 0, "no shape reached the fast path"
+
+
+def test_buffers_that_cannot_be_used_in_place_are_refused_on_a_fast_shape():
+    out = spawn(misuse_on_a_fast_shape, 2, timeout=60, env=ENV)
+    for rank, o in enumerate(out):
+        assert "read-only" in o["errors"]["read-only"]
+        assert "not C-contiguous" in o["errors"]["strided"]
+        assert "not contiguous" in o["errors"]["torch strided"]
+        assert o["after"] == [3.0] * 4 and o["ro"] == [1.0] * 4
+
+
+def test_set_algo_between_calls_of_one_shape():
+    out = spawn(rules_change_between_fast_calls, 3, timeout=60, env=ENV)
+    for o in out:
+        assert o == {"ring": ["ring", [6.0]], "direct": ["direct", [6.0]], "rhd": ["rhd", [6.0]]}
+
+
+def test_mismatch_inside_a_fast_call_is_reported_on_every_rank():
+    out = spawn(fails_on_a_fast_shape, 2, timeout=60, args=("mismatch",), env=ENV)
+    for rank, o in enumerate(out):
+        name, op, seq, who, peer = o["error"]
+        assert name in ("MismatchError", "PeerError") and op == "all_reduce" and who == rank
+        assert seq == o["expected_seq"], o
+        assert o["next"] is not None
+
+
+def test_timeout_inside_a_fast_call_names_the_operation_sequence_and_peer():
+    out = spawn(fails_on_a_fast_shape, 2, timeout=60, args=("timeout",), env=ENV)
+    name, op, seq, who, peer = out[0]["error"]
+    assert (name, op, seq, who, peer) == ("CommTimeout", "all_reduce", out[0]["expected_seq"], 0, 1)
+    assert out[0]["next"] is not None

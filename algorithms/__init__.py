@@ -47,3 +47,4 @@ def names(coll: str) -> list[str]:
 
 # importing the modules registers their algorithms
 from . import bruck, direct, hierarchical, linear, pairwise, recursive, ring, tree  # noqa: E402,F401
+from . import board  # noqa: E402,F401  (last: the fallback order of the selector's candidates)

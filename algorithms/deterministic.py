@@ -93,7 +93,7 @@ def plan(a: Args, algorithm: str) -> Plan | None:
     """The deterministic form of ``algorithm`` for a reduction, or None when the plan is already
     canonical (or the collective does not reduce)."""
     if a.coll == "all_reduce":
-        return None if algorithm == "direct" else all_reduce(a, algorithm)
+        return None if algorithm in ("direct", "board") else all_reduce(a, algorithm)   # rank order already
     if a.coll == "reduce":
         return reduce(a)
     if a.coll == "reduce_scatter":

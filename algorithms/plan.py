@@ -12,6 +12,10 @@ order:
   ``REDUCE_SLOTS`` (``buf[off:] = op over k of buf2[off2 + k*aux:]`` for k < peer, in order k = 0,
   1, ..., with float32 accumulation for half types) and ``DIV`` (``buf[off:] /= aux``) run locally,
   and only after every earlier message completed.
+- ``BOARD`` is an all_reduce of bytes ``[off, off + nbytes)`` of ``buf`` among every rank, which the
+  transport runs by itself (shm: shared slots, native/shm_board.c): the result is ``REDUCE_SLOTS``
+  over every rank's bytes in rank order. It runs after every earlier message completed, and the
+  plan goes on once it has.
 
 Buffers are numbered: ``IN`` (the caller's input), ``OUT`` (the caller's output; the same memory
 as IN for in-place calls) and ``SCRATCH`` (``Plan.scratch_bytes`` of temporary memory).
@@ -21,9 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SEND, RECV, RECV_REDUCE, COPY, REDUCE, REDUCE_SLOTS, DIV, PHASE = range(1, 9)
+SEND, RECV, RECV_REDUCE, COPY, REDUCE, REDUCE_SLOTS, DIV, PHASE, BOARD = range(1, 10)
 STEP_NAMES = {SEND: "send", RECV: "recv", RECV_REDUCE: "recv_reduce", COPY: "copy", REDUCE: "reduce",
-              REDUCE_SLOTS: "reduce_slots", DIV: "div", PHASE: "phase"}
+              REDUCE_SLOTS: "reduce_slots", DIV: "div", PHASE: "phase", BOARD: "board"}
 COMM_KINDS = frozenset({SEND, RECV, RECV_REDUCE})
 IN, OUT, SCRATCH = 0, 1, 2
 
@@ -78,6 +82,7 @@ class Args:
     recv_splits: tuple = ()
     hosts: tuple = ()          # ranks grouped by host (comms.topology), for hierarchical algorithms
     deterministic: bool = False  # COMMS_DETERMINISTIC: reductions in canonical order (algorithms.deterministic)
+    board: int = 0             # the largest all_reduce the transport runs by itself (BOARD; 0: none)
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,10 @@ class Builder:
     def div(self, buf: int, off: int, nbytes: int, divisor: int) -> None:
         if nbytes:
             self.steps.append(Step(DIV, -1, buf, off, nbytes, buf, off, divisor))
+
+    def board(self, buf: int, off: int, nbytes: int) -> None:
+        self.phase()
+        self.steps.append(Step(BOARD, -1, buf, off, nbytes))
 
     def send_pieces(self, peer: int, buf: int, pieces) -> None:
         for off, n in pieces:

@@ -58,7 +58,7 @@ def _args(comm, coll: str, nbytes: int):
     """(Args, input elements, output elements) of a float32 ``coll`` whose selector size is ``nbytes``."""
     from .algorithms.plan import Args
     n, es = comm.size, 4
-    common = dict(hosts=comm._hosts(), deterministic=comm._deterministic)
+    common = dict(hosts=comm._hosts(), deterministic=comm._deterministic, board=comm._board)
     if coll in ("all_reduce", "broadcast"):
         c = max(1, nbytes // es)
         return Args(coll, comm.rank, n, c, es, root=0 if coll == "broadcast" else -1, inplace=True, **common), c, c

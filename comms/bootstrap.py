@@ -247,7 +247,17 @@ class Bootstrap:
             return next((t.name for t in self.transports if t.can_connect(me, other)
                          and self._published[0].get(t.name)), "tcp")
         intra, inter = pick(True), pick(False)
-        return Route(intra, inter, classes[intra].waits_together)
+        return Route(intra, inter, classes[intra].waits_together, self.coll_bytes())
+
+    def coll_bytes(self) -> int:
+        """The largest all_reduce a transport runs by itself for this communicator (the board
+        algorithm; comms.algorithms.board): its Transport.coll_bytes when one transport carries
+        every pair of ranks, all on this host; 0 otherwise. The same on every rank."""
+        if self.size < 2 or len(self.local_ranks) != self.size:
+            return 0
+        names = {self.pair_transport(a, b) for a in range(self.size) for b in range(a + 1, self.size)}
+        t = next((t for t in self.transports if names == {t.name}), None)
+        return t.coll_bytes() if t is not None else 0
 
     def close_transports(self) -> None:
         for t in self.transports:

@@ -73,6 +73,7 @@ class Communicator(Operations):
         self._finalizer = weakref.finalize(self, _release, boot)
         flight.register(self)
         self._deterministic = config.get("DETERMINISTIC")
+        self._board = self._boot.coll_bytes()   # the largest all_reduce the transport runs by itself
         self._route = self._boot.route()     # the cost model's link classes, alike on every rank
         self._params = params if params is not None else calibration.calibrate(self)
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params, self._route,
@@ -223,7 +224,7 @@ class Communicator(Operations):
         enc = self._plans.get(key)
         if enc is None:
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], inplace=True,
-                        hosts=self._hosts(), deterministic=self._deterministic)
+                        hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
             enc = Encoded(self._selector.plan(args, values.nbytes), "all_reduce", MSG_COLL, COLL_IDS["all_reduce"],
                           dtype, int(ReduceOp.MAX), 0, count)
             self._remember(key, enc)

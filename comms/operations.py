@@ -78,7 +78,7 @@ class Operations:
         if enc is None:
             check_op(op, dtype, "all_reduce")
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
-                        inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
+                        inplace=True, hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
             enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
         if enc.trial is None:
             self._keep_hot(enc, count, dtype, op)

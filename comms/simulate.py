@@ -13,7 +13,7 @@ from collections import deque
 import numpy as np
 
 from . import reference
-from .algorithms.plan import (COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, REDUCE,
+from .algorithms.plan import (BOARD, COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, REDUCE,
                               REDUCE_SLOTS, SCRATCH, SEND, Plan)
 
 
@@ -29,6 +29,8 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
     fifo = {(s, d): deque() for s in range(n) for d in range(n)}
     pc = [0] * n
     pending: list[list] = [[] for _ in range(n)]   # posted receives not yet matched
+    boards: list[dict] = []                          # the k-th BOARD step: rank -> its bytes
+    nboard = [0] * n                                 # BOARD steps each rank has begun
 
     def try_recvs(r: int) -> bool:
         moved = False
@@ -82,7 +84,21 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
                 try_recvs(r)
                 if pending[r]:
                     break
-                if st.kind != PHASE:
+                if st.kind == BOARD:                 # publish, then wait until every rank has
+                    k = nboard[r]
+                    if len(boards) <= k:
+                        boards.append({})
+                    if r not in boards[k]:
+                        boards[k][r] = bufs[r][st.buf][st.off:st.off + st.nbytes].copy()
+                        moved = True
+                    if len(boards[k]) < n:
+                        break
+                    esize = np.dtype(reference.NUMPY_STORAGE[dtype]).itemsize
+                    stacked = np.concatenate([boards[k][q] for q in range(n)])
+                    reference.reduce_slots(bufs[r][st.buf][st.off:st.off + st.nbytes], stacked, st.nbytes, n,
+                                           st.nbytes // esize, dtype, op)
+                    nboard[r] += 1
+                elif st.kind != PHASE:
                     local(r, st)
                 pc[r] += 1
                 moved = True

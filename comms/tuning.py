@@ -37,6 +37,9 @@ CONTEST_SHARED = 0.50          # ...and this close where a host has more ranks t
 #                                launches measured 4 ranks on 2 cores 2x faster than the calibrating
 #                                launch, with rhd behind recursive doubling by 31 % at calibration and
 #                                ahead in 4 of the bench's 5 launches (0.81-0.96x; 32 KiB)
+BOARD_SHARE = 0.9              # board's price, as a share of direct's: forced in the bench (all_reduce, 3
+#                                launches, 8 B-2 KiB) board took 0.83-0.93x direct's time on 2 ranks
+#                                with a core each and 0.96-0.98x on 4 ranks sharing 2 cores
 CONTEST_MAX = 3                # at most this many alternatives per rule...
 CONTEST_MAX_US = 1000.0        # ...and only where the pick's timed price is at most this: exploring
 #                                costs a few dozen calls of each alternative, seconds of the job at
@@ -54,6 +57,7 @@ class Route(NamedTuple):
     intra: str
     inter: str
     together: bool
+    board: int = 0       # the largest all_reduce intra runs by itself for every rank (Transport.coll_bytes)
 
 
 AUTO = Route("shm", "tcp", True)        # what auto selection gives without RDMA hardware
@@ -179,6 +183,11 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     if algo == "hierarchical" and (H < 2 or n % H or len({len(h) for h in hosts}) > 1):
         return math.inf       # it would decline: hierarchical needs >= 2 hosts of equal size
     if coll == "all_reduce":
+        if algo == "board":
+            # direct's exchange through the transport's shared slots: no headers, rings or matching
+            if H > 1 or not route.board or m > route.board:
+                return math.inf
+            return BOARD_SHARE * (intra.t(1, (n - 1) * m) + _red(p, n * m))
         if algo == "direct":
             # one step; the rank's own thread moves every message, so the transfers to this host's
             # peers and to other hosts' add up. Intra exchanges that wait together (shm: one pass
@@ -257,7 +266,7 @@ def peer_waits(coll: str, algo: str, n: int, hosts: tuple, route: Route = AUTO,
     fold = 2 if n != p2 else 0
     local = L - 1 if route.together else 0             # direct's peers that wait together
     direct = (n - 1 - local) + (min(local, 1) if shared else local)
-    return {"direct": direct, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
+    return {"direct": direct, "board": 1, "ring": 2 * (n - 1), "recursive_doubling": _log2(p2) + fold,
             "rhd": 2 * _log2(p2) + fold, "tree": 2 * _log2(n),
             "hierarchical": 2 * (L - 1) + 2 * (H - 1)}.get(algo, math.inf)
 
@@ -298,7 +307,7 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, ov
     contest = CONTEST_SHARED if shared else CONTEST
     rules = []
     for coll, names in algos.items():
-        priced = [a for a in names if cost(coll, a, 1 << 20, n, hosts, p, route) < math.inf]
+        priced = [a for a in names if min(cost(coll, a, m, n, hosts, p, route) for m in (8, 1 << 20)) < math.inf]
         if len(priced) < 2:
             continue
         factor = {a: lambda m: 1.0 for a in priced}

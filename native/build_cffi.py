@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CORE = ["reduce.c", "wait.c", "ctx.c", "engine.c", "flight.c", "match.c", "rows.c"]
 TRANSPORTS = {                        # one line each: the transport's own files
-    "shm": ["shm.c"],
+    "shm": ["shm.h", "shm.c", "shm_board.c"],
     "tcp": ["tcp.c"],
     "rdma": ["rdma.h", "rdma.c", "rdma_ops.c", "rdma_fabric.c", "rdma_mr.c"],
 }

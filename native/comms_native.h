@@ -28,6 +28,7 @@ enum { CM_SUM = 0, CM_PROD, CM_MIN, CM_MAX, CM_BAND, CM_BOR, CM_BXOR, CM_NOPS };
 enum {
     CM_STEP_SEND = 1, CM_STEP_RECV = 2, CM_STEP_RECV_REDUCE = 3, CM_STEP_COPY = 4,
     CM_STEP_REDUCE = 5, CM_STEP_REDUCE_SLOTS = 6, CM_STEP_DIV = 7, CM_STEP_PHASE = 8,
+    CM_STEP_BOARD = 9,           /* a collective the transport runs by itself (coll_post) */
 };
 
 enum { CM_MSG_COLL = 1, CM_MSG_P2P = 2 };
@@ -120,6 +121,11 @@ typedef struct cm_transport_ops {
     void (*fail)(cm_ctx *ctx, cm_transport *t);     /* the context failed: revoke what peers may still touch */
     int (*busy)(cm_ctx *ctx, cm_transport *t);      /* 1: sends in flight that closing would drop */
     void (*release)(cm_ctx *ctx, cm_transport *t);  /* after every channel was freed */
+    /* a BOARD step: an in-place all_reduce of op->nbytes at op->ptr among every rank of the
+     * context, which the transport runs by itself (shm: through shared slots, shm_board.c). It
+     * completes the op with cm_op_complete from its progress hook, keeps op->peer on the rank it
+     * waits for, and returns CM_E_INVALID where it cannot serve the context or the size */
+    int (*coll_post)(cm_ctx *ctx, cm_transport *t, cm_op *op);
 } cm_transport_ops;
 
 #define CM_MAX_TRANSPORTS 4
@@ -179,6 +185,10 @@ struct cm_ctx {
     int bell_fd;                 /* this context's bell (-1: none), see wait.c */
     /* execs */
     cm_exec *active;
+    cm_exec sync_exec;           /* the one synchronous runs use while free (no allocation) */
+    int sync_busy;
+    cm_op *sync_ops;
+    int sync_ops_cap;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
     cm_op *anyq, *anyq_tail;     /* posted receives from any source */
     int progressed;
@@ -218,6 +228,7 @@ void cm_fr_end(cm_ctx *ctx, cm_exec *e);
 int cm_match(cm_ctx *ctx, cm_chan *c);
 int cm_deliver(cm_ctx *ctx, cm_chan *c, const char *data, size_t len);
 void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq);
+void cm_op_complete(cm_ctx *ctx, cm_op *op);     /* an op on no channel's queue (BOARD) */
 void cm_message_done(cm_ctx *ctx, cm_chan *c);
 void cm_unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op);
 

@@ -87,6 +87,7 @@ void cm_ctx_free(cm_ctx *ctx) {
     if (ctx->bell_fd >= 0) close(ctx->bell_fd);
     free(ctx->chans);
     free(ctx->fr);
+    free(ctx->sync_ops);
     free(ctx);
 }
 

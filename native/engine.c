@@ -90,7 +90,7 @@ static void post_any(cm_ctx *ctx, cm_exec *e, cm_op *op) {
     ctx->anyq_tail = op;
 }
 
-static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
+static cm_op *new_op(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
     cm_op *op = &e->ops[e->nops++];
     memset(op, 0, sizeof *op);
     op->exec = e;
@@ -101,6 +101,18 @@ static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
     op->nbytes = s->nbytes;
     if (ctx->trace) op->t_post = cm_now_ns();
     e->pending++;
+    return op;
+}
+
+/* the transport that runs BOARD steps (coll_post), or NULL */
+static cm_transport *coll_transport(cm_ctx *ctx) {
+    for (int i = 0; i < ctx->ntp; i++)
+        if (ctx->tp[i].ops->coll_post) return &ctx->tp[i];
+    return NULL;
+}
+
+static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
+    cm_op *op = new_op(ctx, e, s);
     if (s->peer == CM_ANY_SOURCE) { post_any(ctx, e, op); return; }
     cm_chan *c = &ctx->chans[s->peer];
     if (s->kind == CM_STEP_SEND) {
@@ -184,6 +196,12 @@ static void advance(cm_ctx *ctx, cm_exec *e) {
             break;
         case CM_STEP_PHASE:
             break;
+        case CM_STEP_BOARD: {
+            cm_op *op = new_op(ctx, e, s);
+            cm_transport *t = coll_transport(ctx);
+            r = t ? t->ops->coll_post(ctx, t, op) : CM_E_INVALID;
+            break;
+        }
         default:
             r = CM_E_INVALID;
         }
@@ -208,8 +226,14 @@ static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr
     if (!cm_dtype_size(sig->dtype)) return CM_E_INVALID;
     for (int i = 0; i < nsteps; i++) {
         const cm_step *s = &steps[i];
-        if (s->kind < CM_STEP_SEND || s->kind > CM_STEP_PHASE) return CM_E_INVALID;
+        if (s->kind < CM_STEP_SEND || s->kind > CM_STEP_BOARD) return CM_E_INVALID;
         if (s->kind == CM_STEP_PHASE) continue;
+        if (s->kind == CM_STEP_BOARD) {
+            if (s->buf < 0 || s->buf >= nbufs || (s->nbytes && !bufs[s->buf]) || !coll_transport(ctx) ||
+                sig->kind != CM_MSG_COLL)
+                return CM_E_INVALID;
+            continue;
+        }
         if (s->buf < 0 || s->buf >= nbufs || (s->nbytes && !bufs[s->buf])) return CM_E_INVALID;
         if (s->kind <= CM_STEP_RECV_REDUCE) {
             if (s->peer == CM_ANY_SOURCE && s->kind == CM_STEP_RECV && sig->kind == CM_MSG_P2P) continue;
@@ -222,22 +246,12 @@ static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr
     return CM_OK;
 }
 
-int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
-                  const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
-    *out = NULL;
-    uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;   /* numbered even when it fails to start */
-    if (ctx->failed) return ctx->status.code;
-    int r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
-    if (r < 0) return r;
-    cm_exec *e = calloc(1, sizeof *e);
-    int ncomm = 0;
-    for (int i = 0; i < nsteps; i++) ncomm += steps[i].kind <= CM_STEP_RECV_REDUCE;
-    if (!e || !(e->steps = malloc(sizeof(cm_step) * (size_t)(nsteps ? nsteps : 1))) ||
-        !(e->ops = malloc(sizeof(cm_op) * (size_t)(ncomm ? ncomm : 1)))) {
-        if (e) { free(e->steps); free(e); }
-        return CM_E_NOMEM;
-    }
-    memcpy(e->steps, steps, sizeof(cm_step) * (size_t)nsteps);
+/* Start a plan in ``e`` (zeroed by the caller): ``ops`` has room for its messages; ``steps`` is the
+ * plan itself (a synchronous run's, which outlives it) or the exec's own copy. */
+static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int nsteps, const uintptr_t *bufs,
+                      int nbufs, const cm_hdr *sig, uint64_t seq, int64_t deadline_ns) {
+    e->steps = steps;
+    e->ops = ops;
     e->nsteps = nsteps;
     for (int i = 0; i < nbufs; i++) e->bufs[i] = (char *)bufs[i];
     e->sig = *sig;
@@ -249,7 +263,6 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
     ctx->active = e;
     ctx->counters[CM_CNT_EXECS]++;
     cm_fr_start(ctx, e, steps);
-    *out = e;
     if (e->is_coll) {
         if (ctx->coll_queue_tail) ctx->coll_queue_tail->next_coll = e; else ctx->coll_queue = e;
         ctx->coll_queue_tail = e;
@@ -259,6 +272,42 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
         advance(ctx, e);
     }
     return ctx->failed ? ctx->status.code : CM_OK;
+}
+
+static int grow_sync_ops(cm_ctx *ctx, int n) {
+    cm_op *ops = realloc(ctx->sync_ops, sizeof(cm_op) * (size_t)(n > 0 ? n : 1));
+    if (!ops) return 0;
+    ctx->sync_ops = ops;
+    ctx->sync_ops_cap = n;
+    return 1;
+}
+
+static int count_ops(const cm_step *steps, int nsteps) {
+    int ncomm = 0;
+    for (int i = 0; i < nsteps; i++) ncomm += steps[i].kind <= CM_STEP_RECV_REDUCE || steps[i].kind == CM_STEP_BOARD;
+    return ncomm;
+}
+
+int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                  const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
+    *out = NULL;
+    uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;   /* numbered even when it fails to start */
+    if (ctx->failed) return ctx->status.code;
+    int r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
+    if (r < 0) return r;
+    cm_exec *e = calloc(1, sizeof *e);
+    int ncomm = count_ops(steps, nsteps);
+    cm_step *copy = NULL;
+    cm_op *ops = NULL;
+    if (!e || !(copy = malloc(sizeof(cm_step) * (size_t)(nsteps > 0 ? nsteps : 1))) ||
+        !(ops = malloc(sizeof(cm_op) * (size_t)(ncomm > 0 ? ncomm : 1)))) {
+        free(copy);
+        free(e);
+        return CM_E_NOMEM;
+    }
+    memcpy(copy, steps, sizeof(cm_step) * (size_t)nsteps);
+    *out = e;
+    return exec_begin(ctx, e, copy, ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
 }
 
 /* One pass over every transport and channel; returns 1 if anything moved, < 0 on failure. Queued
@@ -367,6 +416,7 @@ static int overdue(cm_ctx *ctx, cm_exec *e, int64_t now, int64_t *last_check) {
 }
 
 int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
+    if (e->done) { fill_status(ctx, e, st); return e->code; }   /* it ended as it started */
     int64_t start = cm_now_ns(), last_check = start, last_clock = start, idle_since = -1;
     /* a sliced wait (the progress thread, block_ns >= 0) never spins: it sleeps at once, so an
      * asynchronous operation in flight leaves the core to the thread that started it */
@@ -443,6 +493,7 @@ void cm_exec_free(cm_ctx *ctx, cm_exec *e) {
     cm_exec **pp = &ctx->active;
     while (*pp && *pp != e) pp = &(*pp)->next_active;
     if (*pp) *pp = e->next_active;
+    if (e == &ctx->sync_exec) { ctx->sync_busy = 0; return; }   /* the context's own: kept */
     free(e->steps);
     free(e->ops);
     free(e);
@@ -458,10 +509,25 @@ int cm_exec_op_times(cm_exec *e, int64_t *out, int max) {
 
 int cm_exec_peer(cm_exec *e, int i) { return i >= 0 && i < e->nops ? e->ops[i].peer : -1; }
 
+/* A synchronous run: start, wait, free. It runs in the context's own exec when that is free (no
+ * allocation, no copy of the steps: they outlive the call), else in a fresh one. */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st) {
-    cm_exec *e;
-    int r = cm_exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, &e);
+    cm_exec *e = NULL;
+    int r;
+    int ncomm = count_ops(steps, nsteps);
+    if (!ctx->sync_busy && !ctx->failed && (ncomm <= ctx->sync_ops_cap || grow_sync_ops(ctx, ncomm))) {
+        uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;
+        r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
+        if (r == CM_OK) {
+            e = &ctx->sync_exec;
+            memset(e, 0, sizeof *e);
+            ctx->sync_busy = 1;
+            r = exec_begin(ctx, e, (cm_step *)steps, ctx->sync_ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
+        }
+    } else {
+        r = cm_exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, &e);
+    }
     if (!e) { fill_status(ctx, NULL, st); if (st) st->code = r; return r; }
     r = cm_exec_wait(ctx, e, -1, st);
     cm_exec_free(ctx, e);

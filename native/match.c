@@ -118,6 +118,10 @@ void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq) {
         if (!c->sendq) c->sendq_tail = NULL;
         op->next = NULL;
     }
+    cm_op_complete(ctx, op);
+}
+
+void cm_op_complete(cm_ctx *ctx, cm_op *op) {
     op->complete = 1;
     if (ctx->trace) op->t_done = cm_now_ns();
     op->exec->pending--;

@@ -21,67 +21,19 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include "comms_native.h"
+#include "shm.h"
 
 /* CDEF-BEGIN: what transports/shm.py calls (native/build_cffi.py hands these lines to cffi) */
 int cm_shm_create(const char *name, size_t bytes, void **out);
 int cm_shm_attach(const char *name, size_t bytes, void **out);
 int cm_shm_unlink(const char *name);
 int cm_shm_unmap(void *addr, size_t bytes);
-size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes);
-void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes);
-int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes);
+size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes, size_t board_bytes);
+void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, size_t board_bytes);
+int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes,
+                   size_t board_bytes);
 int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_index, int peer_pid);
 /* CDEF-END */
-
-#define CM_SEG_MAGIC 0x636f6d6d73656732ULL
-#define CM_SEG_HDR_BYTES 4096
-#define CM_SLOT_HDR_BYTES 64
-#define CM_SLOT_FIRST 1u
-#define CM_SLOT_LAST 2u
-
-/* Each rank creates one segment holding its *inbound* rings, one per local peer (indexed by the
- * sender's local index), after a header with the abort word and the waker its peers wake it by. */
-typedef struct {
-    uint64_t magic;
-    uint32_t nlocal, nslots;
-    uint64_t slot_bytes;
-    char pad0[40];
-    _Atomic uint64_t abort;      /* (aborting rank + 1), set by any rank that aborts */
-    char pad1[56];
-    cm_waker waker;              /* the owner's (cm_waker_share): local peers wake it here */
-} cm_seg_hdr;
-
-typedef struct {
-    _Atomic uint64_t head;       /* slots produced (written by the sender) */
-    char pad0[56];
-    _Atomic uint64_t tail;       /* slots consumed (written by the receiver) */
-    char pad1[56];
-} cm_chan_ctrl;
-
-typedef struct {
-    uint32_t len;
-    uint32_t flags;
-    cm_hdr hdr;                  /* valid in the FIRST slot of a message */
-} cm_slot_hdr;
-
-typedef struct {                 /* the context's shm state (cm_transport.priv) */
-    cm_seg_hdr *my_seg;
-    int local_index, nlocal, nslots;
-    size_t slot_bytes, chan_bytes;
-} shm_ctx;
-
-typedef struct {                 /* one channel (cm_chan.priv) */
-    shm_ctx *t;
-    cm_chan_ctrl *tx, *rx;
-    char *tx_slots, *rx_slots;
-    uint64_t tx_head, rx_tail;
-    cm_seg_hdr *peer_seg;
-    int peer_pid;
-} shm_chan;
-
-_Static_assert(sizeof(cm_seg_hdr) <= CM_SEG_HDR_BYTES, "segment header too large");
-_Static_assert(sizeof(cm_slot_hdr) <= CM_SLOT_HDR_BYTES, "slot header too large");
 
 static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
@@ -89,8 +41,12 @@ static size_t chan_bytes(int nslots, size_t slot_bytes) {
     return sizeof(cm_chan_ctrl) + (size_t)nslots * (CM_SLOT_HDR_BYTES + slot_bytes);
 }
 
-size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes) {
-    return round_up(CM_SEG_HDR_BYTES + (size_t)nlocal * chan_bytes(nslots, slot_bytes), 4096);
+static size_t board_off(int nlocal, int nslots, size_t slot_bytes) {
+    return round_up(CM_SEG_HDR_BYTES + (size_t)nlocal * chan_bytes(nslots, slot_bytes), 64);
+}
+
+size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes, size_t board_bytes) {
+    return round_up(board_off(nlocal, nslots, slot_bytes) + cm_board_area_bytes(board_bytes), 4096);
 }
 
 static int shm_path(const char *name, char *buf, size_t n) {
@@ -142,12 +98,15 @@ int cm_shm_unlink(const char *name) {
 
 int cm_shm_unmap(void *addr, size_t bytes) { return munmap(addr, bytes) == 0 ? CM_OK : -errno; }
 
-void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes) {
+void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, size_t board_bytes) {
     cm_seg_hdr *h = seg;
     memset(h, 0, sizeof *h);
     h->nlocal = (uint32_t)nlocal;
     h->nslots = (uint32_t)nslots;
     h->slot_bytes = slot_bytes;
+    h->board_bytes = board_bytes;
+    h->board_off = board_off(nlocal, nslots, slot_bytes);
+    cm_board_init((char *)seg + h->board_off, board_bytes);
     for (int i = 0; i < nlocal; i++) {
         cm_chan_ctrl *c = (cm_chan_ctrl *)((char *)seg + CM_SEG_HDR_BYTES + (size_t)i * chan_bytes(nslots, slot_bytes));
         atomic_store(&c->head, 0);
@@ -171,13 +130,12 @@ static int shm_ready(cm_ctx *ctx, cm_chan *c) {
 }
 
 static int shm_ctx_ready(cm_ctx *ctx, cm_transport *t) {
-    (void)ctx;
-    return atomic_load(&((shm_ctx *)t->priv)->my_seg->abort) != 0;
+    return atomic_load(&((shm_ctx *)t->priv)->my_seg->abort) != 0 || cm_board_ready(ctx, t);
 }
 
 static int shm_ctx_alive(cm_ctx *ctx, cm_transport *t) {
     uint64_t a = atomic_load(&((shm_ctx *)t->priv)->my_seg->abort);
-    return a ? cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL) : CM_OK;
+    return a ? cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL) : cm_board_check(ctx, t);
 }
 
 static int shm_alive(cm_ctx *ctx, cm_chan *c) {
@@ -263,7 +221,13 @@ static int shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
 }
 
 static void shm_free(cm_ctx *ctx, cm_chan *c) { (void)ctx; free(c->priv); c->priv = NULL; }
-static void shm_release(cm_ctx *ctx, cm_transport *t) { (void)ctx; free(t->priv); t->priv = NULL; }
+static void shm_release(cm_ctx *ctx, cm_transport *t) {
+    (void)ctx;
+    shm_ctx *s = t->priv;
+    if (s) free(s->board_stage);
+    free(s);
+    t->priv = NULL;
+}
 
 static const cm_transport_ops shm_ops = {
     .name = "shm",
@@ -275,14 +239,18 @@ static const cm_transport_ops shm_ops = {
     .alive = shm_alive,
     .abort = shm_abort,
     .free = shm_free,
+    .progress = cm_board_progress,        /* the BOARD op in progress, if any */
     .ctx_ready = shm_ctx_ready,
     .ctx_alive = shm_ctx_alive,
     .release = shm_release,
+    .coll_post = cm_board_post,
 };
 
 /* ---- set-up (transports/shm.py) ------------------------------------------------------------------ */
-int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes) {
-    if (!my_seg || nslots < 1 || slot_bytes < 64 || slot_bytes % 64 || local_index < 0 || local_index >= nlocal)
+int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes,
+                   size_t board_bytes) {
+    if (!my_seg || nslots < 1 || slot_bytes < 64 || slot_bytes % 64 || local_index < 0 || local_index >= nlocal ||
+        ((cm_seg_hdr *)my_seg)->board_bytes != board_bytes)
         return CM_E_INVALID;
     cm_transport *tp = cm_ctx_transport(ctx, &shm_ops);
     if (!tp || tp->priv) return CM_E_INVALID;
@@ -294,6 +262,8 @@ int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int n
     t->nslots = nslots;
     t->slot_bytes = slot_bytes;
     t->chan_bytes = chan_bytes(nslots, slot_bytes);
+    t->board_bytes = board_bytes;
+    t->board = cm_board_of(my_seg);
     tp->priv = t;
     cm_waker_share(ctx, &t->my_seg->waker);       /* local peers wake this context in its segment */
     return CM_OK;
@@ -306,7 +276,8 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
         peer_local_index < 0 || peer_local_index >= t->nlocal)
         return CM_E_INVALID;
     cm_seg_hdr *ps = peer_seg;
-    if (ps->magic != CM_SEG_MAGIC || ps->nslots != (uint32_t)t->nslots || ps->slot_bytes != t->slot_bytes)
+    if (ps->magic != CM_SEG_MAGIC || ps->nslots != (uint32_t)t->nslots || ps->slot_bytes != t->slot_bytes ||
+        ps->board_bytes != t->board_bytes)
         return CM_E_INVALID;
     shm_chan *s = calloc(1, sizeof *s);
     if (!s) return CM_E_NOMEM;

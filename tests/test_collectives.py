@@ -28,7 +28,8 @@ def test_tcp(size):
 
 @pytest.mark.parametrize("algo", ["all_reduce:ring#reduce_scatter:ring#broadcast:ring",
                                   "all_reduce:direct#barrier:linear#all_gather:bruck#all_to_all:bruck",
-                                  "all_reduce:rhd", "all_reduce:recursive_doubling", "all_reduce:tree"])
+                                  "all_reduce:rhd", "all_reduce:recursive_doubling", "all_reduce:tree",
+                                  "all_reduce:board"])
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_forced_algorithms(algo, transport):
     results = spawn(run_cases, 3, timeout=180, args=(300, 40),

@@ -48,9 +48,16 @@ def run_plans(coll, algo, n, count, dtype, op, root=-1, inplace=False, splits=No
         kw = {}
         if splits is not None:
             kw = dict(send_splits=tuple(s * es for s in splits[r]), recv_splits=tuple(splits[p][r] * es for p in range(n)))
-        args = Args(coll, r, n, count, es, root=root, avg=op is ReduceOp.AVG, inplace=inplace, hosts=hosts, **kw)
+        args = Args(coll, r, n, count, es, root=root, avg=op is ReduceOp.AVG, inplace=inplace, hosts=hosts,
+                    board=board_bytes(hosts), **kw)
         plans.append(algorithms.get(coll, algo).fn(args))
     return plans
+
+
+def board_bytes(hosts: tuple) -> int:
+    """The board's capacity as a communicator on one host has it (comms.bootstrap: COMMS_SHM_BOARD_BYTES
+    with the test's largest count of 40 elements of 8 B in mind, so both use and decline show)."""
+    return 256 if len(hosts) <= 1 else 0
 
 
 def plans_or_decline(coll, algo, n, count, dtype, op, hosts, **kw):
@@ -77,6 +84,8 @@ def declined(algo: str, n: int, count: int, hosts: tuple, exc: Exception) -> boo
         return "equal splits" in str(exc)
     if algo == "recursive_halving":
         return n & (n - 1) != 0
+    if algo == "board":
+        return len(hosts) > 1 or "slots take" in str(exc)
     return (algo == "ring" and count < n) or (algo == "rhd" and count < p2)
 
 
@@ -272,7 +281,7 @@ def _deterministic_all_reduce(algo, n, hosts, ins, dtype, op):
     plans = []
     for r in range(n):
         a = Args("all_reduce", r, n, count, es, avg=op is ReduceOp.AVG, inplace=True, hosts=hosts,
-                 deterministic=True)
+                 deterministic=True, board=board_bytes(hosts))
         try:
             p = algorithms.get("all_reduce", algo).fn(a)
         except algorithms.NotSupported:

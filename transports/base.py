@@ -135,3 +135,8 @@ class Transport(ABC):
     def stats(self) -> dict:
         """Counters of this transport's own, merged into ``comm.stats()``."""
         return {}
+
+    def coll_bytes(self) -> int:
+        """The largest all_reduce this transport runs by itself (the BOARD step: its C ops table's
+        coll_post) when it carries every pair of ranks of the communicator; 0: none."""
+        return 0

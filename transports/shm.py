@@ -26,8 +26,10 @@ from .base import Endpoint, Transport
 
 config.declare("SHM_SLOT_BYTES", "size", 128 << 10, "Bytes per slot of a shared-memory channel (a pipeline chunk).")
 config.declare("SHM_SLOTS", int, 8, "Slots per shared-memory channel (chunks in flight per direction).")
+config.declare("SHM_BOARD_BYTES", "size", 4 << 10, "Payload bytes of each of a rank's two board slots: the largest "
+               "all_reduce the board algorithm serves on one host (0: no board).")
 
-ADDR = struct.Struct("!QII")         # segment bytes, slots, slot bytes; the segment's name follows
+ADDR = struct.Struct("!QIIQ")        # segment bytes, slots, slot bytes, board bytes; the segment's name follows
 NAME = re.compile(r"comms\.\d+\.\d+\.[0-9a-f]+")
 
 
@@ -45,6 +47,7 @@ class ShmTransport(Transport):
         self.local = boot.local_ranks            # ranks on this host, in rank order
         self.nslots = config.get("SHM_SLOTS")
         self.slot_bytes = (config.get("SHM_SLOT_BYTES") + 63) // 64 * 64
+        self.board_bytes = (config.get("SHM_BOARD_BYTES") + 63) // 64 * 64
 
     def can_connect(self, me, peer) -> bool:
         return me.same_host(peer)
@@ -55,7 +58,7 @@ class ShmTransport(Transport):
             return b""
         sweep_stale_segments()
         nlocal = len(self.local)
-        self.seg_bytes = lib.cm_shm_segment_bytes(nlocal, self.nslots, self.slot_bytes)
+        self.seg_bytes = lib.cm_shm_segment_bytes(nlocal, self.nslots, self.slot_bytes, self.board_bytes)
         self.seg_name = segment_name()
         out = ffi.new("void **")
         rc = lib.cm_shm_create(self.seg_name.encode(), self.seg_bytes, out)
@@ -64,12 +67,12 @@ class ShmTransport(Transport):
             raise self._create_error(-rc, nlocal)
         self.seg_addr = out[0]
         self.mapped.append((self.seg_addr, self.seg_bytes))
-        lib.cm_shm_init_segment(self.seg_addr, nlocal, self.nslots, self.slot_bytes)
+        lib.cm_shm_init_segment(self.seg_addr, nlocal, self.nslots, self.slot_bytes, self.board_bytes)
         rc = lib.cm_ctx_set_shm(self.boot.engine.ctx, self.seg_addr, self.local.index(self.boot.rank), nlocal,
-                                self.nslots, self.slot_bytes)
+                                self.nslots, self.slot_bytes, self.board_bytes)
         if rc != 0:
             raise TransportError(f"shm: native context rejected the segment layout (code {rc})")
-        return ADDR.pack(self.seg_bytes, self.nslots, self.slot_bytes) + self.seg_name.encode()
+        return ADDR.pack(self.seg_bytes, self.nslots, self.slot_bytes, self.board_bytes) + self.seg_name.encode()
 
     def _create_error(self, err: int, nlocal: int) -> TransportError:
         if err in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
@@ -85,7 +88,7 @@ class ShmTransport(Transport):
                 rank=self.boot.rank)
         return TransportError(f"shm: cannot create segment {self.seg_name}: {os.strerror(err)}", rank=self.boot.rank)
 
-    def _parse(self, peer: int, address: bytes) -> tuple[str, int, int, int]:
+    def _parse(self, peer: int, address: bytes) -> tuple[str, int, int, int, int]:
         name = address[ADDR.size:].decode("ascii", "replace")
         if len(address) <= ADDR.size or not NAME.fullmatch(name):
             raise TransportError(f"shm: rank {peer} published a malformed address ({len(address)} bytes)",
@@ -94,11 +97,12 @@ class ShmTransport(Transport):
 
     def connect(self, peer: int, address: bytes) -> Endpoint:
         from .._native import ffi, lib
-        name, nbytes, nslots, slot_bytes = self._parse(peer, address)
-        if (nslots, slot_bytes) != (self.nslots, self.slot_bytes):
-            raise TransportError(f"shm: rank {peer} uses {nslots} slots of {slot_bytes} B but rank "
-                                 f"{self.boot.rank} uses {self.nslots} of {self.slot_bytes} B; set "
-                                 "COMMS_SHM_SLOTS/COMMS_SHM_SLOT_BYTES alike on every rank", rank=self.boot.rank, peer=peer)
+        name, nbytes, nslots, slot_bytes, board_bytes = self._parse(peer, address)
+        if (nslots, slot_bytes, board_bytes) != (self.nslots, self.slot_bytes, self.board_bytes):
+            raise TransportError(f"shm: rank {peer} uses {nslots} slots of {slot_bytes} B and board slots of "
+                                 f"{board_bytes} B but rank {self.boot.rank} uses {self.nslots} of {self.slot_bytes} B "
+                                 f"and {self.board_bytes} B; set COMMS_SHM_SLOTS/COMMS_SHM_SLOT_BYTES/"
+                                 "COMMS_SHM_BOARD_BYTES alike on every rank", rank=self.boot.rank, peer=peer)
         out = ffi.new("void **")
         rc = lib.cm_shm_attach(name.encode(), nbytes, out)
         if rc != 0:
@@ -112,6 +116,9 @@ class ShmTransport(Transport):
             raise TransportError(f"shm: segment of rank {peer} does not match this rank's layout (code {rc})",
                                  rank=self.boot.rank, peer=peer)
         return Endpoint(peer, self)
+
+    def coll_bytes(self) -> int:
+        return self.board_bytes if self.seg_addr is not None else 0
 
     def finish(self) -> None:
         """Every local rank has mapped our segment: remove its name."""

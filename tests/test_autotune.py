@@ -219,7 +219,7 @@ class _Recorder:
     (the round's figures, the budget's clocks) comes back as 128 (µs per call: 1.28e-4 s)."""
 
     def __init__(self, size: int):
-        self.size, self.rank, self._deterministic = size, 0, False
+        self.size, self.rank, self._deterministic, self._board = size, 0, False, 0
         self.events: list = []
         self.algo = None
 

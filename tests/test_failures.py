@@ -107,7 +107,7 @@ def test_dev_shm_too_small_names_the_size():
                            f"mount -t tmpfs -o size=2m tmpfs /dev/shm && exec {sys.executable} -c \"$0\"", code],
                           cwd=root, capture_output=True, text=True, timeout=120)
     assert "FAILED" in proc.stdout, proc.stdout + proc.stderr
-    assert "/dev/shm is too small" in proc.stdout and "needs 16785408 bytes (16.0 MiB: 2 local ranks x 8 slots" in proc.stdout, proc.stdout
+    assert "/dev/shm is too small" in proc.stdout and "needs 16793600 bytes (16.0 MiB: 2 local ranks x 8 slots" in proc.stdout, proc.stdout
     assert proc.stdout.count("('TransportError'") == 2, proc.stdout   # both ranks fail, with the same cause
 
 

@@ -42,9 +42,12 @@ def test_single_rank_group_in_process():
         opts = dist.AllreduceOptions()
         opts.asyncOp = False
         w1 = pg.allreduce([t], opts)
-        w2 = pg.allreduce([t], opts)
+        u = torch.arange(3.0)
+        w2 = pg.allreduce([u], opts)
         assert w1 is not w2, "a handle someone holds must not be reused"
-        assert w2.is_completed() and w2.wait() and w2.get_future().value()[0] is t
+        assert w2.is_completed() and w2.wait() and w2.get_future().value()[0] is u
+        pg.allreduce([torch.ones(1)], opts)
+        assert w1.result()[0] is t and w2.result()[0] is u, "a kept handle keeps its own outputs"
         del w1, w2
         cached = weakref.ref(pg._done_work)
         for _ in range(3):

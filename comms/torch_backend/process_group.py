@@ -45,7 +45,8 @@ class ProcessGroupComms(Collectives, dist.ProcessGroup):
         self._global_ranks = list(global_ranks)
         self._group_name = ""
         self._group_desc = ""
-        self._done_work = DoneWork()
+        self._done_work = DoneWork(self)
+        self._last_outputs: list = []
 
     # -- identity (reached from C++ through the trampoline) ------------------------------------
     def getBackendName(self) -> str:
@@ -78,9 +79,10 @@ class ProcessGroupComms(Collectives, dist.ProcessGroup):
         the synchronous path allocates nothing."""
         w = self._done_work
         if sys.getrefcount(w) > 3:       # this attribute, ``w``, and getrefcount's argument
-            w = self._done_work = DoneWork()
-        w._outputs = outputs
-        return w
+            w._outputs = self._last_outputs          # someone kept it: it keeps the outputs it had
+            w = self._done_work = DoneWork(self)
+        self._last_outputs = outputs     # what the shared instance reports (a plain attribute: cheaper
+        return w                         # to set than one on the pybind Work object)
 
     # -- teardown -------------------------------------------------------------------------------
     def shutdown(self) -> None:

@@ -196,9 +196,10 @@ class DoneWork(dist.Work):
     group reuses one instance while nobody else holds it (see ``ProcessGroupComms._done``), so
     the output list of the latest synchronous call stays referenced until the next one."""
 
-    def __init__(self):
+    def __init__(self, group=None):
         super().__init__()
-        self._outputs: list = []
+        self._outputs: list | None = None     # None: the group's latest (``_last_outputs``)
+        self._group = group
 
     def wait(self, timeout=None) -> bool:
         return True
@@ -213,11 +214,13 @@ class DoneWork(dist.Work):
         return None
 
     def result(self) -> list:
+        if self._outputs is None:
+            return self._group._last_outputs if self._group is not None else []
         return self._outputs
 
     def get_future(self) -> torch.futures.Future:
         fut = torch.futures.Future()
-        fut.set_result(self._outputs)
+        fut.set_result(self.result())
         return fut
 
     def synchronize(self) -> None:

@@ -163,6 +163,8 @@ class GlooBackend(Backend):
             return f"moe tokens are {', '.join(cls.MOE_DTYPES)} (combine sums in float32), as in comms.moe"
         return super().native(op, place, dtype)
 
+    GROUP_BACKEND = "gloo"           # the torch.distributed backend the group is made with
+
     def __init__(self, timeout: float | None = None):
         import datetime
 
@@ -170,7 +172,9 @@ class GlooBackend(Backend):
         import torch.distributed as dist
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         kw = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
-        dist.init_process_group("gloo", init_method="env://", **kw)
+        if self.GROUP_BACKEND == "comms":
+            import comms  # noqa: F401 - registers the backend
+        dist.init_process_group(self.GROUP_BACKEND, init_method="env://", **kw)
         self._dist, self._torch = dist, torch
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.barrier = dist.barrier
@@ -239,7 +243,25 @@ class GlooBackend(Backend):
             self._dist.destroy_process_group()
 
 
-BACKENDS: dict[str, type[Backend]] = {"comms": CommsBackend, "gloo": GlooBackend, "mpi": MpiBackend}
+class TorchCommsBackend(GlooBackend):
+    """torch.distributed with the "comms" backend (``import comms``; ``init_process_group("comms")``):
+    the same calls as the gloo backend's, through c10d's dispatch into comms' process group. Set
+    beside ``comms`` it shows what torch.distributed adds to comms' own call."""
+    name = "torch"
+    GROUP_BACKEND = "comms"
+
+    def algorithm(self, op: str, msg_bytes: int) -> str:
+        return "comms"
+
+    def transport(self) -> str:
+        return "shm"
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": self._torch.__version__, "comms": __import__("comms").__version__}
+
+
+BACKENDS: dict[str, type[Backend]] = {"comms": CommsBackend, "gloo": GlooBackend, "mpi": MpiBackend,
+                                      "torch": TorchCommsBackend}
 DEFAULT_BACKENDS = ("comms", "gloo", "mpi")      # mpi is skipped with a note when it is not installed
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 

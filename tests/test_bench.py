@@ -181,27 +181,28 @@ def test_corrupted_result_is_counted_and_fails(tmp_path):
 
 
 def test_every_op_on_three_ranks_and_mpi_absent(tmp_path):
-    """All nine ops (and moe when comms.moe is there), both places, root 1, comms and gloo on 3
-    ranks: every check passes. mpirun is hidden from PATH, so the mpi backend is skipped with the
+    """All nine ops (and moe when comms.moe is there), both places, root 1, comms, torch.distributed
+    on the comms backend ("torch") and gloo on 3 ranks: every check passes. mpirun is hidden from PATH, so the mpi backend is skipped with the
     clear message, which is no failure."""
     bindir = Path(sys.executable).parent
     assert shutil.which("mpirun", path=str(bindir)) is None
     js = tmp_path / "ops.json"
     moe = ["moe", "--moe-hidden", "16", "--moe-experts", "6", "--moe-topk", "2"] if MOE_PRESENT else []
     p = bench("-np", "3", "-r", "1", "--ops", ",".join(ALL_OPS + moe[:1]), *moe[1:], "-b", "64", "-e", "4K",
-              "-f", "64", "--launches", "1", "-n", "10", "-w", "1", "--backends", "comms,gloo,mpi",
+              "-f", "64", "--launches", "1", "-n", "10", "-w", "1", "--backends", "comms,torch,gloo,mpi",
               "--json", str(js), env={"PATH": str(bindir)})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "mpi: Open MPI / mpi4py not installed (run with --install-mpi as root)" in p.stderr
     assert "# Skipped backend      : mpi" in p.stdout
     doc = json.loads(js.read_text())
     assert validate(doc, SCHEMA) == []
-    assert doc["skipped"][0]["label"] == "mpi" and {b["label"] for b in doc["backends"]} == {"comms", "gloo"}
+    assert doc["skipped"][0]["label"] == "mpi" and {b["label"] for b in doc["backends"]} == {"comms", "torch", "gloo"}
     ran = [r for r in doc["rows"] if not r["na"]]
     assert {r["op"] for r in ran} == set(ALL_OPS + moe[:1])
     assert all(r["wrong"] == 0 and r["time_us"]["median"] > 0 for r in ran)
     if MOE_PRESENT:     # comms.moe and gloo's all_to_all_single way: dispatch + combine checked exactly
-        assert {(r["backend"], r["place"]) for r in ran if r["op"] == "moe"} == {("comms", "out"), ("gloo", "out")}
+        assert {(r["backend"], r["place"]) for r in ran if r["op"] == "moe"} == \
+            {("comms", "out"), ("torch", "out"), ("gloo", "out")}
     assert {r["root"] for r in ran if r["op"] in ("broadcast", "reduce", "gather", "scatter")} == {1}
     # nccl-tests bus factors at 3 ranks
     factor = {r["op"]: r["bus_factor"] for r in ran}

@@ -164,12 +164,14 @@ struct cm_exec {
     cm_op *ops;
     int nops;
     uint64_t fr_id;              /* its flight-recorder entry */
+    uint64_t no;                 /* a collective's place in ctx->colls (the same on every rank) */
     int64_t t_start;
 };
 
 struct cm_ctx {
     int rank, size;
     uint64_t seq;                /* collectives started on the context (the last one's number) */
+    uint64_t colls;              /* the same count, never reset (cm_ctx_set_seq): the board's clock */
     /* waiting (wait.c): a fixed spin in polls (COMMS_SPIN; 0: adaptive), yields before sleeping,
      * and the adaptive budget: its bounds, its value, and until when the CPU is known contended */
     int spin_polls, yields;

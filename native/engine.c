@@ -258,6 +258,7 @@ static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int n
     e->sig.magic = CM_MAGIC;
     e->sig.seq = seq;
     e->is_coll = sig->kind == CM_MSG_COLL;
+    e->no = e->is_coll ? ++ctx->colls : 0;
     e->deadline = deadline_ns;
     e->next_active = ctx->active;
     ctx->active = e;

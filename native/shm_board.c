@@ -2,23 +2,26 @@
  * shared memory instead of messages (a BOARD step, the shm transport's coll_post).
  *
  * Each rank's segment ends with its board: a `done` word and two slots (header + payload), used
- * alternately by collective sequence number (slot seq & 1). For the BOARD op of collective s:
+ * alternately. Board ops are numbered by the context's count of collectives (cm_exec.no: the same
+ * on every rank, and never reset, unlike the sequence numbers, which calibration sets back to 0).
+ * For the BOARD op of collective number k:
  *
- * 1. post: the rank may overwrite slot s & 1 once every peer has read what it held (the peer's
- *    `done` has reached the seq last written there; when s - 1 ran on the board too this holds
- *    without looking, since a peer posts s - 1 only after finishing s - 2). It copies its buffer into the slot,
- *    writes the signature (collective, dtype, op, count, bytes), then publishes the slot with a
- *    release store of seq = s, and wakes the peers that announced a sleep;
- * 2. gather: in rank order, it waits for each peer's slot s & 1 to show seq = s, checks its
- *    signature against its own (a difference fails the context with CM_E_MISMATCH), and copies
- *    the payload into its staging area at that rank's place;
- * 3. once every rank's data is staged it publishes done = s (peers may reuse their slots), and
+ * 1. post: the rank may overwrite slot k & 1 once every peer has read what it held (the peer's
+ *    `done` has reached the number last written there; when k - 1 ran on the board too this
+ *    holds without looking, since a peer posts k - 1 only after finishing k - 2). It copies its
+ *    buffer into the slot, writes the signature (collective, dtype, op, count, bytes, sequence
+ *    number), then publishes the slot with a release store of k, and wakes the peers that
+ *    announced a sleep;
+ * 2. gather: in rank order, it waits for each peer's slot k & 1 to show k, checks its signature
+ *    against its own (a difference fails the context with CM_E_MISMATCH), and copies the payload
+ *    into its staging area at that rank's place;
+ * 3. once every rank's data is staged it publishes done = k (peers may reuse their slots), and
  *    reduces the staging area in rank order with the same kernel as the direct algorithm's
  *    REDUCE_SLOTS (float32 accumulation for half types): the same bits on every rank, and the
  *    same bits as direct's.
  *
- * A peer that is in a collective of another kind at the same sequence number (its message parked
- * at the head of our ring, or its slot published while our plan waits on messages) fails the
+ * A peer that is in a collective of another kind at the same number (its message parked at the
+ * head of our ring, or its slot published while our plan waits on messages) fails the
  * context with CM_E_MISMATCH, seen by cm_board_progress and cm_board_check. The wait itself is
  * the engine's: spin, yield, then sleep on the context's waker, which peers wake after publishing.
  */
@@ -30,11 +33,12 @@
 #define BOARD_HDR 64
 
 typedef struct {
-    _Atomic uint64_t seq;        /* the collective whose data the slot holds (0: none yet) */
+    _Atomic uint64_t no;         /* the collective whose data the slot holds (its cm_exec.no; 0: none) */
     uint8_t coll, dtype, redop, pad;
     uint32_t pad2;
     uint64_t count, nbytes;
-    char pad3[BOARD_HDR - 32];
+    uint64_t seq;                /* its sequence number, for the errors (cm_ctx_set_seq may reset those) */
+    char pad3[BOARD_HDR - 40];
 } board_slot;                    /* followed by board_bytes of payload */
 
 struct cm_board {
@@ -52,8 +56,8 @@ size_t cm_board_area_bytes(size_t board_bytes) {
     return board_bytes ? sizeof(struct cm_board) + 2 * slot_stride(board_bytes) : 0;
 }
 
-static board_slot *slot_of(struct cm_board *b, size_t board_bytes, uint64_t seq) {
-    return (board_slot *)((char *)(b + 1) + (seq & 1) * slot_stride(board_bytes));
+static board_slot *slot_of(struct cm_board *b, size_t board_bytes, uint64_t no) {
+    return (board_slot *)((char *)(b + 1) + (no & 1) * slot_stride(board_bytes));
 }
 
 void cm_board_init(void *area, size_t board_bytes) {
@@ -111,7 +115,7 @@ static int mismatch(cm_ctx *ctx, const board_slot *s, int q, cm_op *op) {
     h->redop = s->redop;
     h->root = -1;
     h->src = q;
-    h->seq = atomic_load(&s->seq);
+    h->seq = s->seq;
     h->count = s->count;
     h->nbytes = s->nbytes;
     return cm_fail(ctx, CM_E_MISMATCH, q, 0, op);
@@ -122,20 +126,20 @@ int cm_board_progress(cm_ctx *ctx, cm_transport *tp) {
     cm_op *op = t->board_op;
     if (!op) return 0;
     const cm_hdr *sig = &op->exec->sig;
-    uint64_t seq = sig->seq;
+    uint64_t no = op->exec->no, seq = sig->seq;
     size_t nb = op->nbytes;
     if (!t->board_posted) {
-        uint64_t last = t->board_written[seq & 1];
+        uint64_t last = t->board_written[no & 1];
         /* have the peers read what the slot holds? Surely if the previous collective ran here too:
          * every peer published it, so it had finished the one before (no look at their words) */
-        for (int q = 0; q < ctx->size && t->board_last + 1 != seq; q++) {
+        for (int q = 0; q < ctx->size && t->board_last + 1 != no; q++) {
             if (q == ctx->rank) continue;
             if (atomic_load_explicit(&cm_board_of(seg_of(ctx, t, q))->done, memory_order_acquire) < last) {
                 op->peer = q;
                 return 0;
             }
         }
-        board_slot *s = slot_of(t->board, t->board_bytes, seq);
+        board_slot *s = slot_of(t->board, t->board_bytes, no);
         memcpy((char *)(s + 1), op->ptr, nb);
         memcpy(t->board_stage + (size_t)ctx->rank * t->board_bytes, op->ptr, nb);
         s->coll = sig->coll;
@@ -143,8 +147,9 @@ int cm_board_progress(cm_ctx *ctx, cm_transport *tp) {
         s->redop = sig->redop;
         s->count = sig->count;
         s->nbytes = nb;
-        atomic_store_explicit(&s->seq, seq, memory_order_release);
-        t->board_written[seq & 1] = seq;
+        s->seq = seq;
+        atomic_store_explicit(&s->no, no, memory_order_release);
+        t->board_written[no & 1] = no;
         t->board_posted = 1;
         tp->tx_bytes += nb;
         wake_peers(ctx, t);
@@ -154,8 +159,8 @@ int cm_board_progress(cm_ctx *ctx, cm_transport *tp) {
         int q = t->board_next;
         if (q != ctx->rank) {
             cm_seg_hdr *seg = seg_of(ctx, t, q);
-            board_slot *s = slot_of(cm_board_of(seg), t->board_bytes, seq);
-            if (atomic_load_explicit(&s->seq, memory_order_acquire) != seq) {
+            board_slot *s = slot_of(cm_board_of(seg), t->board_bytes, no);
+            if (atomic_load_explicit(&s->no, memory_order_acquire) != no) {
                 cm_chan *c = &ctx->chans[q];
                 /* the peer sent a message of a collective with this number: it runs another kind */
                 if (c->rx_parked && c->rx_hdr.kind == CM_MSG_COLL && c->rx_hdr.seq == seq) {
@@ -174,10 +179,10 @@ int cm_board_progress(cm_ctx *ctx, cm_transport *tp) {
         t->board_next++;
         moved = 1;
     }
-    atomic_store_explicit(&t->board->done, seq, memory_order_release);
+    atomic_store_explicit(&t->board->done, no, memory_order_release);
     wake_peers(ctx, t);                               /* one may wait to reuse its slot */
     t->board_op = NULL;
-    t->board_last = seq;
+    t->board_last = no;
     size_t esz = cm_dtype_size(sig->dtype);
     int r = cm_reduce_slots(op->ptr, t->board_stage, t->board_bytes, ctx->size, nb / esz, sig->dtype,
                             sig->redop & CM_REDOP_MASK);
@@ -195,10 +200,10 @@ int cm_board_ready(cm_ctx *ctx, cm_transport *tp) {
     int q = op->peer;
     if (q < 0 || q >= ctx->size || q == ctx->rank) return 1;
     cm_seg_hdr *seg = seg_of(ctx, t, q);
-    uint64_t seq = op->exec->sig.seq;
+    uint64_t no = op->exec->no;
     if (!t->board_posted)
-        return atomic_load(&cm_board_of(seg)->done) >= t->board_written[seq & 1];
-    return atomic_load(&slot_of(cm_board_of(seg), t->board_bytes, seq)->seq) == seq;
+        return atomic_load(&cm_board_of(seg)->done) >= t->board_written[no & 1];
+    return atomic_load(&slot_of(cm_board_of(seg), t->board_bytes, no)->no) == no;
 }
 
 /* While a plan of messages waits (liveness checks, every 20 ms): a peer that published a board
@@ -207,11 +212,11 @@ int cm_board_check(cm_ctx *ctx, cm_transport *tp) {
     shm_ctx *t = tp->priv;
     cm_exec *e = ctx->coll_active;
     if (!t || !t->board_bytes || t->board_op || !e || !serves(ctx, tp, t)) return CM_OK;
-    uint64_t seq = e->sig.seq;
+    uint64_t no = e->no;
     for (int q = 0; q < ctx->size; q++) {
         if (q == ctx->rank) continue;
-        board_slot *s = slot_of(cm_board_of(seg_of(ctx, t, q)), t->board_bytes, seq);
-        if (atomic_load_explicit(&s->seq, memory_order_acquire) == seq) return mismatch(ctx, s, q, NULL);
+        board_slot *s = slot_of(cm_board_of(seg_of(ctx, t, q)), t->board_bytes, no);
+        if (atomic_load_explicit(&s->no, memory_order_acquire) == no) return mismatch(ctx, s, q, NULL);
     }
     return CM_OK;
 }

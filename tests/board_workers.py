@@ -89,3 +89,25 @@ def same_bits_as_direct(rank: int, size: int) -> dict:
                 got.append((comm.algorithm_ran("all_reduce", t.numel() * t.element_size()), t.view(torch.uint8).numpy().tobytes()))
             out[name] = [g[0] for g in got] + [got[0][1] == got[1][1], got[0][1].hex()]
     return out
+
+
+def across_a_sequence_reset(rank: int, size: int) -> dict:
+    """Calibration numbers its probes, then sets the sequence back to 0 on every rank (the user's
+    first collective is 1). Board all_reduces before and after the reset, at both slots' parities
+    and with other collectives between, must all complete with the right sums."""
+    sums = []
+    with comms.init(timeout=20) as comm:
+        for k in range(20):                                 # numbers 1..20 on the board
+            x = np.full(3, rank + k, np.float32)
+            comm.all_reduce(x)
+            sums.append(float(x[0]))
+        comm.barrier()
+        comm._engine.seq = 0                                # what calibration does
+        for k, kind in enumerate("abbaaba"):                # a: board all_reduce, b: broadcast
+            if kind == "b":
+                comm.broadcast(np.zeros(4, np.int32), root=0)
+                continue
+            x = np.full(3, rank * 10 + k, np.float32)
+            comm.all_reduce(x)
+            sums.append(float(x[0]))
+        return {"sums": sums, "seq": comm._engine.seq}

@@ -18,12 +18,12 @@ def check(results, size, transport):
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_shm(size):
-    check(spawn(run_cases, size, timeout=180, args=(100 + size, 60)), size, "shm")
+    check(spawn(run_cases, size, timeout=180, args=(100 + size, 45)), size, "shm")
 
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_tcp(size):
-    check(spawn(run_cases, size, timeout=180, args=(200 + size, 50), env={"COMMS_TRANSPORT": "tcp"}), size, "tcp")
+    check(spawn(run_cases, size, timeout=180, args=(200 + size, 40), env={"COMMS_TRANSPORT": "tcp"}), size, "tcp")
 
 
 @pytest.mark.parametrize("algo", ["all_reduce:ring#reduce_scatter:ring#broadcast:ring",
@@ -32,7 +32,7 @@ def test_tcp(size):
                                   "all_reduce:board"])
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_forced_algorithms(algo, transport):
-    results = spawn(run_cases, 3, timeout=180, args=(300, 40),
+    results = spawn(run_cases, 3, timeout=180, args=(300, 25),
                     env={"COMMS_ALGO": algo, "COMMS_TRANSPORT": transport})
     check(results, 3, transport)
 

@@ -11,7 +11,7 @@ from fast_workers import fails_on_a_fast_shape, misuse_on_a_fast_shape, repeated
 ENV = {"COMMS_CALIBRATE": "0"}     # the path does not depend on the cost model's figures
 
 
-@pytest.mark.parametrize("size,count", [(2, 2), (3, 1000), (4, 7)])
+@pytest.mark.parametrize("size,count", [(2, 2), (4, 1000)])
 def test_repeated_calls_match_the_reference_and_number_one_collective_each(size, count):
     out = spawn(repeated_calls, size, timeout=120, args=(count,), env=ENV)
     assert len({tuple(o["digests"]) for o in out}) == 1, "ranks computed different bits"

@@ -52,7 +52,7 @@ def test_transport_choice_and_host_identity():
 
 def test_host_id_override_splits_hosts():
     """Ranks with different COMMS_HOST_ID are different hosts: they must talk over TCP."""
-    out = spawn(_hosted, 4, timeout=60)
+    out = spawn(_hosted, 4, timeout=60, env={"COMMS_CALIBRATE": "0"})      # the choice, not the figures
     assert out[0] == {"transports": {1: "shm", 2: "tcp", 3: "tcp"}, "local": [0, 1]}
     assert out[3] == {"transports": {0: "tcp", 1: "tcp", 2: "shm"}, "local": [2, 3]}
 
@@ -82,7 +82,7 @@ def _mixed_cases(rank, size):
 
 
 def test_ranks_that_cannot_see_each_others_shm_probe_use_tcp():
-    out = spawn(_blind, 3, timeout=60)
+    out = spawn(_blind, 3, timeout=60, env={"COMMS_CALIBRATE": "0"})
     assert out[0] == {"transports": {1: "tcp", 2: "tcp"}, "local": [0]}
 
 

@@ -39,7 +39,7 @@ CONTEST_SHARED = 0.50          # ...and this close where a host has more ranks t
 #                                ahead in 4 of the bench's 5 launches (0.81-0.96x; 32 KiB)
 BOARD_SHARE = 0.9              # board's price, as a share of direct's: forced in the bench (all_reduce, 3
 #                                launches, 8 B-2 KiB) board took 0.83-0.93x direct's time on 2 ranks
-#                                with a core each and 0.96-0.98x on 4 ranks sharing 2 cores
+#                                with a core each and 0.96-0.99x on 4 ranks sharing 2 cores
 CONTEST_MAX = 3                # at most this many alternatives per rule...
 CONTEST_MAX_US = 1000.0        # ...and only where the pick's timed price is at most this: exploring
 #                                costs a few dozen calls of each alternative, seconds of the job at

@@ -24,7 +24,7 @@ from .checks import fast as _fast
 from . import log as clog
 from .algorithms.plan import COLL_IDS, Args, NotSupported, Plan
 from ._native import ffi
-from .dtypes import DTYPE_SIZES, ReduceOp, hot_dtypes
+from .dtypes import DTYPE_SIZES, ReduceOp
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
 from . import calibration, online
@@ -57,15 +57,14 @@ class Communicator(Operations):
         self._selector = Selector(algo)      # provisional: replaced once the cost model is calibrated
         self._plans: dict[tuple, Encoded] = {}
         # the fast path: (numpy or torch dtype, count, op) -> the all_reduce plan an earlier call of
-        # that shape built; emptied whenever _plans is, and once the communicator breaks or closes
-        self._hot: dict[tuple, Any] = {}     # -> its prepared native call (cm_call)
-        self._hot_plans: dict[tuple, Encoded] = {}
+        # that shape built, with its prepared call (Encoded.call); emptied whenever _plans is, and
+        # once the communicator breaks or closes
+        self._hot: dict[tuple, Encoded] = {}
         self._lock = boot.engine.lock
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
         self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
-        self._scratch_int = 0
         self._splits = 0
         self._broken: CommsError | None = None
         self._closed = False
@@ -73,8 +72,8 @@ class Communicator(Operations):
         self._finalizer = weakref.finalize(self, _release, boot)
         flight.register(self)
         self._deterministic = config.get("DETERMINISTIC")
-        self._board = self._boot.coll_bytes()   # the largest all_reduce the transport runs by itself
         self._route = self._boot.route()     # the cost model's link classes, alike on every rank
+        self._board = self._route.board      # the largest all_reduce the transport runs by itself
         self._params = params if params is not None else calibration.calibrate(self)
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params, self._route,
                                                           self.oversubscription()))
@@ -248,35 +247,34 @@ class Communicator(Operations):
             self._drop_hot()                 # their calls name the old scratch buffer
             self._scratch = np.empty(nbytes, np.uint8)
             self._scratch_ptr = checks.addr(self._scratch)
-            self._scratch_int = int(self._scratch_ptr)
         return self._scratch_ptr
 
-    def _keep_hot(self, enc: Encoded, count: int, dtype: int, op: ReduceOp) -> None:
-        """Let later synchronous all_reduce calls of this (dtype, count, op) go straight to ``enc``
-        in one native call (operations.all_reduce's fast path), unless something must see every
-        call: online timing (the caller checks enc.trial), a transport tracking buffers (rdma
-        registrations), a timeline, or a failure."""
-        if self._track is not None or self._engine.timeline is not None or self._broken or self._closed:
+    def _keep_hot(self, key: tuple, enc: Encoded) -> None:
+        """Let later synchronous all_reduce calls of ``key`` (the buffer's numpy or torch dtype,
+        count, op) go straight to ``enc`` in one native call (operations.all_reduce's fast path),
+        unless something must see every call: online timing (the caller checks enc.trial), a
+        transport tracking buffers (rdma registrations), a timeline, or a failure."""
+        if key in self._hot or self._track is not None or self._engine.timeline is not None or self._broken \
+                or self._closed:
             return
-        self._scratch_addr(enc.scratch_bytes, False, [])   # big enough now (a larger one empties _hot)
-        call = ffi.new("cm_call *")
-        call.ctx, call.steps, call.sig, call.nsteps = self._engine.ctx, enc.steps, enc.sig, enc.nsteps
-        call.scratch, call.timeout_ns = self._scratch_int, self._timeout_ns
         if len(self._hot) >= PLAN_CACHE:
             self._drop_hot()
-        for dt in hot_dtypes(dtype):
-            self._hot[(dt, count, op)] = call
-            self._hot_plans[(dt, count, op)] = enc
+        self._scratch_addr(enc.scratch_bytes, False, [])   # big enough now (a larger one empties _hot)
+        if enc.call is None:
+            call = enc.call = ffi.new("cm_call *")
+            call.ctx, call.steps, call.sig, call.nsteps = self._engine.ctx, enc.steps, enc.sig, enc.nsteps
+            call.scratch, call.timeout_ns = self._scratch_ptr, self._timeout_ns
+        self._hot[key] = enc
 
     def _drop_hot(self) -> None:
+        for enc in self._hot.values():
+            enc.call = None                   # it names this scratch buffer and context
         self._hot.clear()
-        self._hot_plans.clear()
 
-    def _hot_failed(self, key: tuple, rc: int) -> CommsError:
-        """The error of a failed fast-path call (it ran the plan ``_hot_plans[key]``)."""
-        enc, call = self._hot_plans[key], self._hot[key]
+    def _hot_failed(self, enc: Encoded, rc: int) -> CommsError:
+        """The error of a failed fast-path call of ``enc``."""
         with self._lock:
-            st = ffi.new("cm_status *", call.status)
+            st = ffi.new("cm_status *", enc.call.status)
         st.code = rc
         return self._fail(rc, st, enc.name, self._engine.seq, enc.plan)
 

@@ -103,14 +103,6 @@ def _torch_codes() -> dict:
     return _TORCH_CODES
 
 
-def hot_dtypes(code: int) -> list:
-    """The dtype objects a buffer of ``code`` shows as ``buf.dtype``: numpy's (none for bfloat16),
-    and torch's once torch is in use (the fast paths' keys)."""
-    out = [dt for dt, c in _NUMPY_CODES.items() if c == code]
-    out += [dt for dt, c in _TORCH_CODES.items() if c == code]
-    return out
-
-
 def resolve(buf: Any, what: str = "buffer", writable: bool = False) -> View:
     """A :class:`View` of ``buf``; raises InvalidUsage for anything comms cannot use in place."""
     if isinstance(buf, np.ndarray):

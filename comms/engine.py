@@ -30,12 +30,14 @@ log = clog.get("COLL")
 class Encoded:
     """A plan in the native step layout plus its message signature, ready to run; the
     communicator caches one per (collective, size, dtype, op, root, ...)."""
-    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll", "any_source", "trial")
+    __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll", "any_source", "trial",
+                 "call")
 
     def __init__(self, plan: Plan, name: str, kind: int, coll: int, dtype: int, redop: int, root: int,
                  count: int, tag: int = 0):
         self.plan, self.name, self.is_coll = plan, name, kind == 1
         self.trial = None            # the online trial (comms.online) this plan is an alternative of, while it lasts
+        self.call = None             # its prepared synchronous call (cm_call) while the fast path serves it
         self.any_source = any(s.peer == -1 and s.kind == 2 for s in plan.steps)
         self.nsteps = len(plan.steps)
         self.steps = ffi.new("cm_step[]", max(1, self.nsteps))
@@ -118,10 +120,6 @@ class Engine:
             yield self.ctx
         finally:
             self.lock.release()
-
-    def kick(self) -> None:
-        """Ask a sliced wait of the progress thread to give up the lock soon (any thread)."""
-        lib.cm_ctx_kick(self.ctx)
 
     def _acquire(self) -> None:
         """Take the context lock; if the progress thread holds it in a sliced wait, kick it out."""

@@ -36,41 +36,34 @@ class Operations:
     def all_reduce(self, buf: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:
         """Reduce ``buf`` across all ranks, in place; every rank gets the same bits."""
+        tb = type(buf)
         if not async_op and timeout is None:      # the fast path: a plan an earlier call of this shape built
-            tb = type(buf)
+            enc = None
             if tb is np.ndarray:
-                call = self._hot.get((buf.dtype, buf.size, op))
-                if call is not None:
+                enc = self._hot.get((buf.dtype, buf.size, op))
+                if enc is not None:
                     try:
-                        p = _from_buffer("char[]", buf, True)
+                        p, run = _from_buffer("char[]", buf, True), _RUN_PTR
                     except ValueError:            # not C-contiguous, or read-only: the checks below say which
-                        pass
-                    else:
-                        lk = self._lock
-                        if not lk.acquire(False):
-                            self._engine.kick()
-                            lk.acquire()
-                        try:
-                            rc = _RUN_PTR(call, p)
-                        finally:
-                            lk.release()
-                        if rc:
-                            raise self._hot_failed((buf.dtype, buf.size, op), rc)
-                        return None
+                        enc = None
             elif tb is TORCH_FAST[0]:
-                call = self._hot.get((buf.dtype, buf.numel(), op))
-                if call is not None and buf.is_cpu and buf.layout is TORCH_FAST[1] and buf.is_contiguous():
-                    lk = self._lock
-                    if not lk.acquire(False):
-                        self._engine.kick()
-                        lk.acquire()
-                    try:
-                        rc = _RUN_ADDR(call, buf.data_ptr())
-                    finally:
-                        lk.release()
-                    if rc:
-                        raise self._hot_failed((buf.dtype, buf.numel(), op), rc)
-                    return None
+                enc = self._hot.get((buf.dtype, buf.numel(), op))
+                if enc is not None:
+                    if buf.is_cpu and buf.layout is TORCH_FAST[1] and buf.is_contiguous():
+                        p, run = buf.data_ptr(), _RUN_ADDR
+                    else:
+                        enc = None
+            if enc is not None:
+                lk = self._lock
+                if not lk.acquire(False):
+                    self._engine._acquire()
+                try:
+                    rc = run(enc.call, p)
+                finally:
+                    lk.release()
+                if rc:
+                    raise self._hot_failed(enc, rc)
+                return None
         ptr, count, dtype = _fast(buf, "all_reduce", True)
         if type(op) is not ReduceOp:
             op = as_op(op)
@@ -80,8 +73,8 @@ class Operations:
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
                         inplace=True, hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
             enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
-        if enc.trial is None:
-            self._keep_hot(enc, count, dtype, op)
+        if enc.trial is None and (tb is np.ndarray or tb is TORCH_FAST[0]):
+            self._keep_hot((buf.dtype, count, op), enc)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
     def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False,

@@ -289,15 +289,24 @@ static int count_ops(const cm_step *steps, int nsteps) {
     return ncomm;
 }
 
-int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
-                  const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
+/* Number, check and start a plan. A synchronous run (``own``) takes the context's own exec when
+ * that is free: no allocation, and no copy of the steps, which outlive the run. Anything else gets
+ * a fresh exec with its own copy of the steps. */
+static int exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                      const cm_hdr *sig, int64_t deadline_ns, int own, cm_exec **out) {
     *out = NULL;
     uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;   /* numbered even when it fails to start */
     if (ctx->failed) return ctx->status.code;
     int r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
     if (r < 0) return r;
-    cm_exec *e = calloc(1, sizeof *e);
     int ncomm = count_ops(steps, nsteps);
+    if (own && !ctx->sync_busy && (ncomm <= ctx->sync_ops_cap || grow_sync_ops(ctx, ncomm))) {
+        cm_exec *e = *out = &ctx->sync_exec;
+        memset(e, 0, sizeof *e);
+        ctx->sync_busy = 1;
+        return exec_begin(ctx, e, (cm_step *)steps, ctx->sync_ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
+    }
+    cm_exec *e = calloc(1, sizeof *e);
     cm_step *copy = NULL;
     cm_op *ops = NULL;
     if (!e || !(copy = malloc(sizeof(cm_step) * (size_t)(nsteps > 0 ? nsteps : 1))) ||
@@ -309,6 +318,11 @@ int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t
     memcpy(copy, steps, sizeof(cm_step) * (size_t)nsteps);
     *out = e;
     return exec_begin(ctx, e, copy, ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
+}
+
+int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                  const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
+    return exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, 0, out);
 }
 
 /* One pass over every transport and channel; returns 1 if anything moved, < 0 on failure. Queued
@@ -510,25 +524,11 @@ int cm_exec_op_times(cm_exec *e, int64_t *out, int max) {
 
 int cm_exec_peer(cm_exec *e, int i) { return i >= 0 && i < e->nops ? e->ops[i].peer : -1; }
 
-/* A synchronous run: start, wait, free. It runs in the context's own exec when that is free (no
- * allocation, no copy of the steps: they outlive the call), else in a fresh one. */
+/* A synchronous run: start (in the context's own exec when free), wait, free. */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st) {
-    cm_exec *e = NULL;
-    int r;
-    int ncomm = count_ops(steps, nsteps);
-    if (!ctx->sync_busy && !ctx->failed && (ncomm <= ctx->sync_ops_cap || grow_sync_ops(ctx, ncomm))) {
-        uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;
-        r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
-        if (r == CM_OK) {
-            e = &ctx->sync_exec;
-            memset(e, 0, sizeof *e);
-            ctx->sync_busy = 1;
-            r = exec_begin(ctx, e, (cm_step *)steps, ctx->sync_ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
-        }
-    } else {
-        r = cm_exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, &e);
-    }
+    cm_exec *e;
+    int r = exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, 1, &e);
     if (!e) { fill_status(ctx, NULL, st); if (st) st->code = r; return r; }
     r = cm_exec_wait(ctx, e, -1, st);
     cm_exec_free(ctx, e);

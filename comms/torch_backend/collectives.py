@@ -28,8 +28,6 @@ from . import ops
 from .ops import joined, movable, one, staged
 from .work import CommsWork, RecvWork
 
-_FAST_OPS = ops.FAST_OPS
-
 
 def _options(cls, value, **fields):
     """c10d's Python API also passes a bare op or root instead of an options struct."""
@@ -64,15 +62,12 @@ class Collectives:
         if type(tensors) is not list:
             tensors = [tensors]
         if len(tensors) == 1:                   # the hot path: comms takes the tensor as it is
-            op = _FAST_OPS.get(hash(opts.reduceOp))
+            op = ops.FAST_OPS.get(hash(opts.reduceOp))
             if op is not None:
                 t = tensors[0]
-                td = opts.timeout               # unset (negative) unless a caller set one
+                td = opts.timeout
+                timeout = None if td.days < 0 else ops.seconds(td)
                 try:
-                    if td.days < 0 and not opts.asyncOp:
-                        self._comm.all_reduce(t, op)
-                        return self._done(tensors)
-                    timeout = None if td.days < 0 else ops.seconds(td)
                     if opts.asyncOp:
                         return CommsWork((self._comm.all_reduce(t, op, async_op=True, timeout=timeout),), tensors)
                     self._comm.all_reduce(t, op, timeout=timeout)

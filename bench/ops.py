@@ -154,7 +154,7 @@ class Op:
         return self.bus_factor(nranks)
 
     def msg_bytes(self, lay: Layout, nranks: int, es: int) -> int:
-        """The size comms' selector keys on (comms.selector): the per-rank buffer for all_reduce,
+        """The size comms' selector keys on (comms.selection.rules): the per-rank buffer for all_reduce,
         broadcast and reduce, the bytes a rank sends for all_gather, reduce_scatter, all_to_all, one
         block for gather and scatter."""
         return lay.block * es * (nranks - 1)

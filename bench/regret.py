@@ -24,7 +24,7 @@ Contract:
   a rank's per-op times are bimodal (a call that finds its peers done returns at once, one that
   waits for a descheduled peer takes milliseconds), and the median of such a distribution can rank
   an algorithm with rare long stalls ahead of one that is faster in total. The selector's timed
-  calibration (comms.autotune) measures means for the same reason.
+  online timing (comms.selection.online) measures means for the same reason.
 * The algorithm a row ran is what the worker reports (``Communicator.algorithm_ran``): a forced
   algorithm that declines a size (NotSupported, the selector fell back) shows ``-`` there; one
   whose plan function declines every size of the sweep (checked in-process first) is not launched.
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             driver.note(f"--hosts: {why}; run it as root (or use -np for one host)")
             return 2
     from comms import algorithms
-    from comms.tuning import describe_links
+    from comms.selection.model import describe_links
     load0 = os.getloadavg()
     t0 = time.monotonic()
     doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,

@@ -26,7 +26,7 @@ def init(rank: int | None = None, world_size: int | None = None, store: Any = No
 
     Without arguments, reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT as torchrun sets them.
     ``store`` may be any torch.distributed Store; ``timeout`` (seconds, default COMMS_TIMEOUT) is the
-    deadline of every wait; ``algo`` overrides COMMS_ALGO (see comms.selector for the grammar).
+    deadline of every wait; ``algo`` overrides COMMS_ALGO (see comms.selection.rules for the grammar).
     """
     rank = _env_int("RANK") if rank is None else int(rank)
     world_size = _env_int("WORLD_SIZE") if world_size is None else int(world_size)

@@ -23,12 +23,6 @@ Contract:
 * ``apply(pid, cpus)`` binds a process that has not started threads yet (a freshly started child):
   its later threads inherit the set. It never raises: binding is an optimisation, and a failure
   (a CPU taken offline since, a restricted container) leaves the process where it was.
-* ``arrangement(k, nlocal, cpus)`` is the k-th of a few placements of ``nlocal`` ranks that share
-  ``cpus`` (more ranks than CPUs), each CPU taking ``nlocal / len(cpus)`` of them: which ranks share
-  a CPU. The calibration times the algorithms under each in turn (comms.autotune): unbound, the
-  scheduler settles a launch's ranks into one of them for seconds at a time, and the placement
-  decides which algorithm wins (4 ranks on 2 CPUs, 1 MiB all_reduce: ring 1.06x rhd with ranks
-  {0, 2} and {1, 3} sharing, 1.4-1.5x with {0, 1} and {2, 3}, or {0, 3} and {1, 2}).
 """
 from __future__ import annotations
 
@@ -88,20 +82,6 @@ def apply(pid: int, cpus: set[int] | None) -> bool:
     except OSError:
         return False
     return True
-
-
-def arrangement(k: int, nlocal: int, cpus) -> list[int]:
-    """The CPU of each of ``nlocal`` local ranks in placement ``k`` (taken modulo 3): ranks
-    interleaved over the CPUs (local index i on CPU i mod C), in blocks (i * C // nlocal), and in
-    blocks shifted by one rank (((i + 1) mod nlocal) * C // nlocal). On 4 ranks and 2 CPUs these
-    are the three ways to pair them."""
-    avail = sorted(cpus)
-    c = len(avail)
-    k %= 3
-    if k == 0:
-        return [avail[i % c] for i in range(nlocal)]
-    shift = 0 if k == 1 else 1
-    return [avail[((i + shift) % nlocal) * c // nlocal] for i in range(nlocal)]
 
 
 def describe(bound: list[set[int] | None]) -> str:

@@ -31,7 +31,7 @@ from .engine import Engine
 from .errors import CommsError, CommTimeout, InvalidUsage, TransportError
 from .hostid import PeerInfo
 from .transports import NAMES, ORDER
-from .tuning import Route
+from .selection.model import Route
 
 log = clog.get("INIT")
 
@@ -227,7 +227,7 @@ class Bootstrap:
         return None
 
     def route(self) -> Route:
-        """The link classes of the cost model (comms.tuning): the transport that carries pairs of
+        """The link classes of the cost model (comms.selection.model): the transport that carries pairs of
         ranks on one host and the one that carries pairs on two, as every rank computes them
         (the most used where pairs differ; the transport auto picks where no such pair exists)."""
         classes = {cls.name: cls for cls in ORDER}

@@ -27,8 +27,10 @@ from ._native import ffi
 from .dtypes import DTYPE_SIZES, ReduceOp
 from .engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
-from . import calibration, online
-from .selector import Selector, build, defaults as selector_defaults
+from .selection import online
+from .selection.calibrate import Calibration, calibrate
+from .selection.model import cost
+from .selection.rules import Selector, build, defaults as selector_defaults
 from .transports.base import Endpoint
 from .operations import MSG_COLL, Operations
 from .work import Work
@@ -74,9 +76,11 @@ class Communicator(Operations):
         self._deterministic = config.get("DETERMINISTIC")
         self._route = self._boot.route()     # the cost model's link classes, alike on every rank
         self._board = self._route.board      # the largest all_reduce the transport runs by itself
-        self._params = params if params is not None else calibration.calibrate(self)
+        self._calibration = Calibration(params, "", "") if params is not None \
+            else calibrate(self, store, self._ring_probe)
+        self._params = self._calibration.params
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params, self._route,
-                                                          self.oversubscription()))
+                                                          self.oversubscription()), self._calibration.rules)
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._drop_hot()
         self._ran.clear()
@@ -116,10 +120,38 @@ class Communicator(Operations):
 
     @property
     def route(self):
-        """The link classes the cost model priced this communicator's traffic on (comms.tuning.Route):
+        """The link classes the cost model priced this communicator's traffic on (comms.selection.model.Route):
         the transport carrying pairs of ranks on one host, the one carrying pairs on two hosts, and
         whether the first's exchanges of one step wait as one. Every rank holds the same route."""
         return self._route
+
+    @property
+    def calibration(self) -> Calibration:
+        """The cost model's figures, the tuned rules (comms.tune) and the host signature they are
+        cached under (empty where calibration is off or inherited from a parent communicator)."""
+        return self._calibration
+
+    def price(self, coll: str, algo: str, nbytes: int) -> float:
+        """The cost model's µs for ``algo`` running ``coll`` of ``nbytes`` (the selector's message
+        size) on this communicator, with its figures and oversubscription; inf where not priced."""
+        return cost(coll, algo, nbytes, self.size, self._hosts(), self._params.loaded(self.oversubscription()),
+                    self._route)
+
+    def _ring_probe(self, right: int, left: int, rounds: int) -> float:
+        """Seconds of one native plan of ``rounds`` 8 B exchanges: send to ``right``, receive from
+        ``left`` (calibration's step latency)."""
+        from .algorithms.plan import IN, OUT, PHASE, RECV, SEND, Step
+        from .operations import MSG_P2P
+        src, dst = np.ones(2, np.float32), np.zeros(2, np.float32)
+        p_in, count, dtype = _fast(src, "calibration", False)
+        p_out = _fast(dst, "calibration", True)[0]
+        steps = []
+        for _ in range(rounds):
+            steps += [Step(SEND, right, IN, 0, src.nbytes), Step(RECV, left, OUT, 0, src.nbytes), Step(PHASE)]
+        enc = Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2)
+        t0 = time.perf_counter()
+        self._run(enc, p_in, p_out, [src, dst], False)
+        return time.perf_counter() - t0
 
     @property
     def transports(self) -> dict[int, str]:
@@ -159,12 +191,12 @@ class Communicator(Operations):
         return self._ran.get((coll, nbytes))
 
     def online_choices(self) -> list[dict]:
-        """What online timing (comms.online) decided so far, per plan key: the alternatives of the
+        """What online timing (comms.selection.online) decided so far, per plan key: the alternatives of the
         rule, the algorithm kept and each alternative's median time relative to the first."""
         return self._contests.choices()
 
     def set_algo(self, rules: str | None) -> None:
-        """Replace this communicator's user rules (the COMMS_ALGO grammar of comms.selector, e.g.
+        """Replace this communicator's user rules (the COMMS_ALGO grammar of comms.selection.rules, e.g.
         ``"all_reduce:ring"``; None: back to what init had, its ``algo`` argument or COMMS_ALGO).
         The default rules stay; plans built under the old rules are dropped, so the next call of
         each collective is planned afresh. Bad rules raise InvalidUsage and change nothing.
@@ -172,7 +204,7 @@ class Communicator(Operations):
         ``algo``): ranks planning one collective with different algorithms would exchange
         messages the others do not expect, and fail at the deadline. Sub-communicators made
         earlier keep their own rules; later splits inherit these. Online timing's decisions
-        (comms.online) are kept: a rule naming the same alternatives again reuses them."""
+        (comms.selection.online) are kept: a rule naming the same alternatives again reuses them."""
         self._check_open()
         now = rules if rules is not None else self._algo
         self._selector = self._selector.with_user(now)      # parses first: bad rules change nothing
@@ -217,7 +249,7 @@ class Communicator(Operations):
 
     def _agree_max(self, values: np.ndarray) -> None:
         """MAX all_reduce of ``values`` (float64), in place, planned by the rules' first choice
-        (never timed online: comms.online calls it to agree on its figures)."""
+        (never timed online: comms.selection.online calls it to agree on its figures)."""
         ptr, count, dtype = _fast(values, "all_reduce", True)
         key = ("online-agree", count)
         enc = self._plans.get(key)
@@ -282,7 +314,7 @@ class Communicator(Operations):
              timeout: float | None = None) -> Work | int | None:
         """Run ``enc`` on the engine now (or start it, with ``async_op``). ``timeout`` (seconds)
         replaces the communicator's deadline for this operation. A plan that is an alternative of
-        an online trial (comms.online) is counted by the trial, and timed when it says so."""
+        an online trial (comms.selection.online) is counted by the trial, and timed when it says so."""
         if self._broken is not None or self._closed:
             self._check_open()
         trial = enc.trial

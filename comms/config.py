@@ -72,16 +72,11 @@ declare("SPIN", int, 0, "Polls before a waiting rank yields, fixed; 0: adaptive 
 declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
         "MASTER_ADDR.")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
-        "is seen (cached in ~/.cache/comms); 0 uses the built-in defaults.")
-declare("TUNE", str, "all_reduce", "Collectives whose every algorithm is timed at calibration (comma-separated, of "
-        "all_reduce, broadcast, all_gather, reduce_scatter, all_to_all); the measurements correct the cost model's "
-        "prices for the communicator's layout. Empty: the model alone.")
-declare("TUNE_SECONDS", float, 20.0, "Seconds each COMMS_TUNE collective may spend timing; the probes stop (on "
-        "every rank alike) before one that would end later, and larger sizes keep the last probe's correction.")
+        "is seen (under 2 s; cached in ~/.cache/comms with the rules `python -m comms.tune` writes); 0 uses the "
+        "built-in defaults and no tuned rules.")
 declare("ONLINE_ROUNDS", int, 0, "Opt-in online timing: where a selection rule names alternatives "
-        "(all_reduce:16K-64K:direct|rhd, which calibration writes where its timings were too close to call), the "
-        "first calls of each size run them in this many rounds, timed, and every rank keeps the fastest "
-        "(comms.online). 0 (default): the first alternative runs, and no call of the job is spent on trials "
+        "(all_reduce:16K-64K:direct|rhd), the first calls of each size run them in this many rounds, timed, and "
+        "every rank keeps the fastest (comms.selection.online; python -m comms.tune runs the same trials). 0 (default): the first alternative runs, and no call of the job is spent on trials "
         "(the bench's 2000 calls of 8 B ran 3x slower while 6 rounds went on: 5.4 us against 1.75 us).")
 declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
         "element is reduced in rank order with float32 accumulation.")

@@ -36,7 +36,7 @@ class Encoded:
     def __init__(self, plan: Plan, name: str, kind: int, coll: int, dtype: int, redop: int, root: int,
                  count: int, tag: int = 0):
         self.plan, self.name, self.is_coll = plan, name, kind == 1
-        self.trial = None            # the online trial (comms.online) this plan is an alternative of, while it lasts
+        self.trial = None            # the online trial (comms.selection.online) this plan is an alternative of, while it lasts
         self.call = None             # its prepared synchronous call (cm_call) while the fast path serves it
         self.any_source = any(s.peer == -1 and s.kind == 2 for s in plan.steps)
         self.nsteps = len(plan.steps)

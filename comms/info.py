@@ -15,8 +15,8 @@ from dataclasses import asdict
 
 from . import algorithms, config
 from .api import init
-from .selector import Selector
-from .tuning import Link, describe_links
+from .selection.model import Link, describe_links
+from .selection.rules import Selector
 
 SIZES = [8 << (2 * i) for i in range(13)]      # 8 B .. 128 MiB, x4
 
@@ -50,11 +50,12 @@ def gather(comm) -> dict:
         "route": comm.route._asdict() if comm is not None and comm.size > 1 else None,
         "config": [{"name": n, "value": v, "source": s, "doc": d} for n, v, s, d in config.snapshot()],
         "rules": sel.table(),
-        "cost_model": comm._params.as_dict() if comm is not None and getattr(comm, "_params", None) else None,
+        "cost_model": comm.calibration.params.as_dict() if comm is not None else None,
         "oversubscription": comm.oversubscription() if comm is not None else 1.0,
         "algorithms": {c: {n: a.doc for n, a in algos.items()} for c, algos in algorithms.REGISTRY.items()},
         "selection": table,
-        "alternatives": {c: alts for c, alts in contested.items() if alts},   # timed online (comms.online)
+        "alternatives": {c: alts for c, alts in contested.items() if alts},   # timed online (comms.selection.online)
+        "tuned": comm.calibration.rules if comm is not None else "",
     }
 
 
@@ -81,24 +82,9 @@ def render(info: dict, comm) -> str:
         if info.get("oversubscription", 1.0) > 1.0:
             out.append(f"# priced with {info['oversubscription']:g} ranks per core: bandwidths and reduction speed "
                        f"divided by {info['oversubscription']:g} (every rank busy at once)")
-        timed = cm.get("measured")
-        if timed:
-            from .timed import PROBES
-            n, per_host = timed["layout"]
-            out.append(f"# timed at calibration ({n} ranks, ranks per host {per_host}), us per call, slowest rank; "
-                       f"prices are corrected to these")
-            for coll, rows in timed.items():
-                if coll == "layout":
-                    continue
-                algos = [a for a, row in rows.items() if any(t is not None for t in row)]
-                width = [max(10, len(a) + 2) for a in algos]
-                out.append(f"  {coll:<12}" + "".join(f"{a:>{w}}" for a, w in zip(algos, width)))
-                reached = max((len(rows[a]) for a in algos), default=0)
-                for i, size in enumerate(PROBES[:reached]):
-                    cells = [rows[a][i] if i < len(rows[a]) else None for a in algos]
-                    out.append(f"  {_size(size):>12}" + "".join(f"{'-' if t is None else f'{t:.1f}':>{w}}"
-                                                               for t, w in zip(cells, width)))
-    out.append("\n# selection rules (first match wins; user rules first)")
+    if comm is not None and comm.size > 1:
+        out.append(f"# tuned rules (python -m comms.tune): {'in use, listed below' if info['tuned'] else 'none for this host signature'}")
+    out.append("\n# selection rules (first match wins: user, then tuned, then the cost model's)")
     out.extend(f"  {r}" for r in info["rules"])
     out.append("\n# algorithms")
     for coll, algos in info["algorithms"].items():

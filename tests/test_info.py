@@ -66,85 +66,31 @@ def test_topology_with_emulated_hosts():
 
 
 def test_calibration_is_cached_and_shared(tmp_path):
+    """The first init on a host signature measures the links (rank 0's figures, alike on every
+    rank) with point-to-point messages only, caches them, and the next init reads them back;
+    COMMS_CALIBRATE=0 prices with the transports' defaults."""
+    from comms.selection.model import AUTO, Route
     from comms.testing import spawn
     from workers import calibrated_params
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     first = spawn(calibrated_params, 2, timeout=120, env=env)
     assert first[0] == first[1], "ranks must price alike"
     p = first[0]["params"]
-    assert p["source"].startswith("calibrated") and 0.1 <= p["links"]["shm"]["alpha_us"] <= 1000
-    from comms.tuning import AUTO, Route
+    assert p["source"].startswith("calibrated") and 0.05 <= p["links"]["shm"]["alpha_us"] <= 1000
+    assert p["links"]["shm"] != {"alpha_us": 1.5, "beta_gbps": 6.0}          # measured, not the default
     route = Route(*first[0]["route"])
     assert route[:3] == AUTO[:3]                         # one host: shm between the ranks, tcp were there two
     assert route.board == 4096                           # and the board (COMMS_SHM_BOARD_BYTES) for every rank
     cache = json.loads((tmp_path / "comms" / "calibration.json").read_text())
-    assert len(cache) == 1 and list(cache.values())[0]["source"] == p["source"]
-    # every all_reduce algorithm was timed at every probe (hierarchical declines on one host), and
-    # at each probe the rules pick the fastest, or, where the size is latency-bound, of those within
-    # the tie margin of the fastest (wider when ranks share cores), the one with the fewest waits on
-    # a peer (then the fastest)
-    from comms.timed import PROBES
-    timed = p["measured"]
-    assert timed["layout"] == [2, [2]]
-    rows = timed["all_reduce"]
-    assert all(t is None for t in rows["hierarchical"])
-    from comms.autotune import PRUNE_FROM
-    for a in ("direct", "ring", "recursive_doubling", "rhd", "tree"):
-        # timed at every probe below PRUNE_FROM; from there on it may be dropped once far behind
-        assert all(t is not None and 0 < t < 1e6 for t, s in zip(rows[a], PROBES) if s <= PRUNE_FROM), (a, rows[a])
-        assert all(t is None for t in rows[a][rows[a].index(None):]) if None in rows[a] else True, rows[a]
-    from comms.tuning import TIE, TIE_SHARED, Params, latency_bound, peer_waits
-    oversub = first[0]["oversub"]
-    tie, loaded = TIE_SHARED if oversub > 1.0 else TIE, Params.from_dict(p).loaded(oversub)
-    for i, s in enumerate(PROBES):
-        have = [a for a in rows if rows[a][i] is not None]
-        want = min(have, key=lambda a: rows[a][i])
-        if latency_bound("all_reduce", want, s, 2, ((0, 1),), loaded, route):     # a near tie: fewest waits
-            near = [a for a in have if rows[a][i] <= rows[want][i] * (1 + tie)]
-            want = min(near, key=lambda a: (peer_waits("all_reduce", a, 2, ((0, 1),), route, oversub > 1.0),
-                                            rows[a][i]))
-        assert first[0]["chosen"][i] == want, (s, first[0]["chosen"], rows)
-    # the probes took no sequence numbers from the program, and their scratch memory is gone
-    assert first[0]["seq"] == 1 and first[0]["sum"] == [3.0] * 4 and first[0]["scratch"] <= 64
+    assert list(cache) == [first[0]["signature"]] and cache[first[0]["signature"]]["source"] == p["source"]
+    assert "1x2" in first[0]["signature"] and first[0]["tuned"] == ""
+    # the measurements took no sequence numbers from the program: its first collective is 1
+    assert first[0]["seq"] == 1 and first[0]["sum"] == [3.0] * 4
     again = spawn(calibrated_params, 2, timeout=120, env=env)
     assert again[0]["params"] == p                      # read back, not measured again
-    untimed = spawn(calibrated_params, 2, timeout=120, env=dict(env, XDG_CACHE_HOME=str(tmp_path / "u"),
-                                                                COMMS_TUNE=""))
-    assert untimed[0]["params"]["measured"] is None and untimed[0]["seq"] == 1
-    # a budget too small for a second probe: every rank stops after the first, alike
-    short = spawn(calibrated_params, 2, timeout=120, env=dict(env, XDG_CACHE_HOME=str(tmp_path / "s"),
-                                                              COMMS_TUNE_SECONDS="0.000001"))
-    assert short[0] == short[1] and short[0]["seq"] == 1
-    assert {len(r) for r in short[0]["params"]["measured"]["all_reduce"].values()} == {1}
     off = spawn(calibrated_params, 2, timeout=120, env=dict(env, COMMS_CALIBRATE="0"))
-    assert off[0]["params"]["source"] == "defaults"
+    assert off[0]["params"]["source"] == "defaults" and off[0]["signature"] == ""
     assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules
-
-
-def test_calibration_times_every_placement_of_ranks_sharing_cores(tmp_path):
-    """4 ranks on 2 CPUs, unbound: each sweep of the timed candidates pins the ranks in another
-    placement (which ranks share a CPU), even on a budget of 3 s, and every rank gets its CPUs back
-    before init returns."""
-    import pytest
-    from comms.binding import arrangement
-    from comms.testing import spawn
-    from workers import placements_at_calibration
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs 2 CPUs to place ranks on")
-    out = spawn(placements_at_calibration, 4, timeout=180,
-                env={"XDG_CACHE_HOME": str(tmp_path), "COMMS_TUNE_SECONDS": "3"})
-    for r in out:
-        assert r["timed"] and r["oversub"] == 2.0
-        # the three sweeps' placements in order (each sweep gets its share of even a short budget),
-        # then any rounds of the last sweep of doubtful probes going round them, then its own CPUs
-        placed, back = r["calls"][:-1], r["calls"][-1]
-        assert len(placed) >= 3, r
-        assert placed == [[arrangement(k % 3, 4, r["cpus"])[r["local"]]] for k in range(len(placed))], r
-        assert back == r["cpus"] and r["after"] == r["cpus"]
-    # the three placements pair the ranks in the three possible ways
-    pairs = {frozenset(frozenset(i for i in range(4) if arrangement(k, 4, [0, 1])[i] == c) for c in (0, 1))
-             for k in range(3)}
-    assert len(pairs) == 3
 
 
 def test_spin_policy_counts_the_cores_of_the_whole_host():
@@ -168,10 +114,10 @@ def test_cached_link_figures_that_no_longer_hold_are_measured_again(tmp_path):
     taken on a throttled link) are measured again; figures that hold are kept as they are (within
     three inits: a loaded machine can move a loopback figure past the drift now and then, and a
     figure measured again is then what the next init compares with)."""
-    from comms.calibration import LINK_DRIFT
+    from comms.selection.calibrate import LINK_DRIFT
     from comms.testing import spawn
     from workers import two_host_params
-    env = {"XDG_CACHE_HOME": str(tmp_path), "COMMS_TUNE": ""}
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
     path = tmp_path / "comms" / "calibration.json"
     first = spawn(two_host_params, 2, timeout=120, env=env)[0]
     inter = first["route"][1]

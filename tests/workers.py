@@ -159,36 +159,16 @@ def deterministic_digests(rank: int, size: int, count: int) -> dict:
     return out
 
 
-def calibrated_params(rank: int, size: int) -> dict:
-    from comms.timed import PROBES
+def calibrated_params(rank: int, size: int, sizes: tuple = ()) -> dict:
+    """The cost model's figures after init, the selection table, the algorithm chosen at each of
+    ``sizes`` (all_reduce), the sequence number of the first collective and its sum."""
     with comms.init(timeout=60) as comm:
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)
-        return {"params": comm._params.as_dict(), "route": list(comm.route), "rules": comm._selector.table(),
-                "seq": comm._engine.seq,
-                "sum": x.tolist(), "scratch": comm._scratch.nbytes, "oversub": comm.oversubscription(),
-                "chosen": [comm.algorithm_for("all_reduce", s) for s in PROBES]}
-
-
-def placements_at_calibration(rank: int, size: int) -> dict:
-    """Ranks sharing two CPUs unbound: the CPU sets the calibration pinned this rank to, in order,
-    and its CPUs once init is done."""
-    import os
-    cpus = sorted(os.sched_getaffinity(0))[:2]
-    os.sched_setaffinity(0, set(cpus))
-    calls, real = [], os.sched_setaffinity
-
-    def spy(pid, mask):
-        calls.append(sorted(mask))
-        real(pid, mask)
-    os.sched_setaffinity = spy
-    try:
-        with comms.init(timeout=60) as comm:
-            timed = comm._params.measured is not None
-            return {"cpus": cpus, "calls": calls, "after": sorted(os.sched_getaffinity(0)), "timed": timed,
-                    "local": comm.topology.local_index[rank], "oversub": comm.oversubscription()}
-    finally:
-        os.sched_setaffinity = real
+        return {"params": comm.calibration.params.as_dict(), "route": list(comm.route),
+                "rules": comm._selector.table(), "tuned": comm.calibration.rules,
+                "signature": comm.calibration.signature, "seq": comm._engine.seq, "sum": x.tolist(),
+                "chosen": [comm.algorithm_for("all_reduce", s) for s in sizes]}
 
 
 def tcp_round_trip_us(rank: int, size: int) -> float:
@@ -261,7 +241,7 @@ def switched_algorithms(rank: int, size: int) -> dict:
 
 def online_timed(rank: int, size: int, rules: str, slow: str | None, calls: int, async_calls: bool = False,
                  delay: float = 0.002) -> dict:
-    """Online timing (comms.online) under ``rules`` naming alternatives: ``calls`` all_reduces of
+    """Online timing (comms.selection.online) under ``rules`` naming alternatives: ``calls`` all_reduces of
     1 MiB (the algorithm each ran, and whether each sum was right), where every synchronous run of
     a plan of algorithm ``slow`` is held ``delay`` seconds longer; then a forced algorithm and back
     (the decision is kept), and what online_choices reports."""
@@ -301,4 +281,4 @@ def two_host_params(rank: int, size: int) -> dict:
     with comms.init(timeout=60) as comm:
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)
-        return {"params": comm._params.as_dict(), "route": list(comm.route), "sum": x.tolist()}
+        return {"params": comm.calibration.params.as_dict(), "route": list(comm.route), "sum": x.tolist()}

@@ -29,7 +29,7 @@ message on it and return a :class:`Request` with ``test()`` and ``wait(timeout)`
 one-sided put/get in the contract: no code path would serve it (the rdma transport's RMA writes
 are its own rendezvous protocol, inside the engine).
 
-Class attributes the cost model reads (comms.tuning): ``link``, the default latency and
+Class attributes the cost model reads (comms.selection.model): ``link``, the default latency and
 bandwidth of one stream over the transport until calibration measures them, and
 ``waits_together``, whether the exchanges of one plan step with several peers wait as one (one
 pass over shared-memory rings serves them all) or each costs its own syscalls and wake-up.
@@ -39,7 +39,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from ..tuning import Link
+from ..selection.model import Link
 
 
 class Request:

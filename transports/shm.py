@@ -21,7 +21,7 @@ import struct
 from .. import config
 from ..cleanup import SHM_DIR, segment_name, sweep_stale_segments
 from ..errors import TransportError
-from ..tuning import Link
+from ..selection.model import Link
 from .base import Endpoint, Transport
 
 config.declare("SHM_SLOT_BYTES", "size", 128 << 10, "Bytes per slot of a shared-memory channel (a pipeline chunk).")

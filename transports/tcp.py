@@ -12,7 +12,7 @@ import socket
 from .. import config
 from .. import log as clog
 from ..errors import TransportError
-from ..tuning import Link
+from ..selection.model import Link
 from .base import Endpoint, Transport
 from .mesh import Mesh
 

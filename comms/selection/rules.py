@@ -1,47 +1,44 @@
-"""Algorithm selection: rules in one string grammar, defaults included.
+"""Selection rules: one string grammar for the user's overrides, the tuned rules and the defaults.
 
-Grammar (COMMS_ALGO, and ``init(algo=...)``): rules separated by ``#``; each rule is
+Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): rules separated by ``#``; each is
 ``collective:low-high:algorithm`` or ``collective:algorithm`` (every size). Sizes are bytes with
-optional K/M/G suffixes (binary); ``inf`` is unbounded; a rule covers low <= bytes < high. Example:
+optional K/M/G suffixes (binary); ``inf`` is unbounded; a rule covers low <= bytes < high:
 
     all_reduce:0-64K:direct#all_reduce:64K-inf:ring
 
-The algorithm may be a list of alternatives, ``direct|rhd``: the communicator times them on the
-first calls of each size and keeps the fastest (comms.online); until then, and with online timing
-off, the first is the choice. The calibrated defaults write such rules where the timed figures
-were too close to call.
+An algorithm may be a list of alternatives, ``direct|rhd``: with online timing on
+(COMMS_ONLINE_ROUNDS, comms.selection.online) the first calls of each size time them and keep the
+fastest; otherwise the first is the choice.
 
-User rules are consulted first, then the defaults (written in the same grammar: the cost model of
-comms.tuning prices every algorithm for this communicator's topology and writes the cheapest per
-size range as rules), then every registered algorithm of the collective. An algorithm that
-declines a case (NotSupported) passes it to the next candidate. The message size is the per-rank
-buffer for all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
+Layers, the first rule that covers a case wins: the user's rules; the tuned rules that
+``python -m comms.tune`` wrote into the calibration cache for this host signature; the cost model's
+defaults (comms.selection.model); then every registered algorithm. An algorithm that declines a
+case (NotSupported) passes it to the next candidate. The message size is the per-rank buffer for
+all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import algorithms, config
-from . import log as clog
-from .algorithms import deterministic
-from .algorithms.plan import Args, NotSupported, Plan
-from .config import _size
-from .errors import InvalidUsage
-from .tuning import AUTO, Params, Route, default_rules
+from .. import algorithms, config
+from .. import log as clog
+from ..algorithms import deterministic
+from ..algorithms.plan import Args, NotSupported, Plan
+from ..config import _size
+from ..errors import InvalidUsage
+from .model import AUTO, Params, Route, default_rules
 
 log = clog.get("ALGO")
 
-
+# collectives with one algorithm worth using at every size
 STATIC = "#".join(["reduce:binomial", "gather:linear", "scatter:linear", "barrier:dissemination"])
 
 
-def defaults(size: int = 2, hosts: tuple = (), params=None, route: Route = AUTO, oversub: float = 1.0) -> str:
-    """The default rules for ``size`` ranks on ``hosts`` whose traffic takes ``route``'s link
-    classes (``oversub``: the most ranks per core of any host): the cost model's choices plus the
-    collectives that have one algorithm worth using."""
+def defaults(size: int = 2, hosts: tuple = (), params: Params | None = None, route: Route = AUTO,
+             oversub: float = 1.0) -> str:
+    """The default rules for ``size`` ranks on ``hosts``: the cost model's choices and STATIC."""
     names = {c: list(a) for c, a in algorithms.REGISTRY.items()}
-    priced = default_rules(names, size, hosts, params or Params(), route, oversub)
-    return "#".join(filter(None, [priced, STATIC]))
+    return "#".join(filter(None, [default_rules(names, size, hosts, params or Params(), route, oversub), STATIC]))
 
 
 def build(args: Args, name: str) -> Plan:
@@ -57,17 +54,11 @@ class Rule(NamedTuple):
     coll: str
     low: int
     high: float
-    names: tuple                   # the algorithms the rule names, the first choice first
-
-    @property
-    def algorithm(self) -> str:
-        """The first choice."""
-        return self.names[0]
+    names: tuple                   # the algorithms named, the first choice first
 
     @property
     def alternatives(self) -> tuple:
-        """The algorithms online timing chooses among (comms.online): every one named, where the
-        rule names several; empty otherwise."""
+        """What online timing chooses among: every algorithm named, where there are several."""
         return self.names if len(self.names) > 1 else ()
 
     def __str__(self) -> str:
@@ -76,6 +67,7 @@ class Rule(NamedTuple):
 
 
 def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
+    """The rules of ``text``; InvalidUsage naming ``source`` and the rule for anything malformed."""
     rules = []
     for item in filter(None, (t.strip() for t in text.split("#"))):
         parts = item.split(":")
@@ -106,41 +98,34 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
     return rules
 
 
-def _user_rules(override: str | None) -> list[Rule]:
-    """``override`` parsed (an init argument or set_algo's), or COMMS_ALGO's rules when None."""
-    if override is not None:
-        return parse(override, "algo override")
-    return parse(config.get("ALGO"), "COMMS_ALGO")
-
-
 class Selector:
-    def __init__(self, override: str | None = None, default: str | None = None):
-        self.user = _user_rules(override)
+    """The layers of rules (user, tuned, default) and the registry's fallback order."""
+
+    def __init__(self, override: str | None = None, default: str | None = None, tuned: str = ""):
+        self.user = parse(override if override is not None else config.get("ALGO"),
+                          "algo override" if override is not None else "COMMS_ALGO")
+        self.tuned = parse(tuned, "tuned rules (comms.tune)")
         self.default = parse(default if default is not None else defaults(), "defaults")
 
     def with_user(self, override: str | None) -> "Selector":
-        """A selector with these defaults and ``override`` as the user rules (None: COMMS_ALGO's)."""
+        """These tuned and default rules with ``override`` as the user's (None: COMMS_ALGO's)."""
         sel = Selector.__new__(Selector)
-        sel.user, sel.default = _user_rules(override), self.default
+        sel.__dict__.update(self.__dict__)
+        sel.user = Selector(override, "", "").user
         return sel
 
+    def _covering(self, coll: str, nbytes: int):
+        return (r for r in self.user + self.tuned + self.default if r.coll == coll and r.low <= nbytes < r.high)
+
     def contest(self, coll: str, nbytes: int) -> tuple:
-        """The alternatives of the first rule that covers ``coll`` at ``nbytes`` (empty when that
-        rule names one algorithm, or none covers it): what comms.online times."""
-        for rule in self.user + self.default:
-            if rule.coll == coll and rule.low <= nbytes < rule.high:
-                return rule.alternatives
-        return ()
+        """The alternatives of the first rule covering ``coll`` at ``nbytes`` (empty if it names one)."""
+        return next((r.alternatives for r in self._covering(coll, nbytes)), ())
 
     def candidates(self, coll: str, nbytes: int) -> list[str]:
         out = []
-        for rule in self.user + self.default:
-            if rule.coll == coll and rule.low <= nbytes < rule.high:
-                out += [a for a in rule.names if a not in out]
-        for name in algorithms.names(coll):
-            if name not in out:
-                out.append(name)
-        return out
+        for rule in self._covering(coll, nbytes):
+            out += [a for a in rule.names if a not in out]
+        return out + [a for a in algorithms.names(coll) if a not in out]
 
     def plan(self, args: Args, nbytes: int) -> Plan:
         reasons = []
@@ -155,4 +140,5 @@ class Selector:
         raise InvalidUsage(f"no algorithm can run {args.coll} of {nbytes} B on {args.size} ranks: {'; '.join(reasons)}")
 
     def table(self) -> list[str]:
-        return [str(r) + "  (user)" for r in self.user] + [str(r) for r in self.default]
+        return [f"{r}  (user)" for r in self.user] + [f"{r}  (tuned)" for r in self.tuned] \
+            + [str(r) for r in self.default]

@@ -1,10 +1,9 @@
-"""Online timing: where a selection rule names alternatives, the application's own calls choose.
+"""Timing of alternatives: the one mechanism behind online choices and ``python -m comms.tune``.
 
 A rule of the selector's grammar may name several algorithms, ``all_reduce:16K-64K:direct|rhd``.
-The calibrated defaults write such rules where the timed figures of one launch could not tell the
-algorithms apart (comms.tuning, :data:`comms.tuning.CONTEST`): the machine's state differs from one
-launch to the next by more than that, so the launch that runs the job decides, on its own calls.
-Users may write such rules too (``COMMS_ALGO``, ``set_algo``).
+With COMMS_ONLINE_ROUNDS > 0 (opt-in: off by default, so no job changes algorithm midway unless
+asked to) the calls of each size time them and keep the fastest. ``python -m comms.tune`` runs the
+same trials on purpose, on every algorithm at a sweep of sizes, and writes the winners as rules.
 
 Contract, per plan key (collective, count, dtype, op, root, ...) whose first matching rule names
 two or more alternatives that build a plan (one that declines the case drops out):
@@ -18,16 +17,12 @@ two or more alternatives that build a plan (one that declines the case drops out
   order anyway). Every call computes the user's result; only the algorithm differs.
 * Timing. A synchronous call is timed from entry to return; an asynchronous one is counted but
   not timed (its completion overlaps other work).
-* Pruning. When more than :data:`PRUNE_AFTER` rounds are asked for, the call after the first
-  PRUNE_AFTER rounds agrees on their figures (one MAX all_reduce, as below), and an alternative
-  more than :data:`PRUNE` slower than the round's fastest in every one of those rounds runs no
-  more turns. With one alternative left, it is the decision.
 * Decision, at the key's next call: every rank contributes its mean time per round and
   alternative (``inf`` where it timed none), and one MAX all_reduce gives every rank the same
   figures, the slowest rank's (a collective ends when its slowest rank does). Over the rounds in
-  which every alternative still in has a figure, each one's ratio to the first of them is the
-  median of its per-round ratios; the lowest ratio wins if below ``1 - SWITCH``, else the first
-  alternative (the rule's own pick) stays; when the pick was dropped, the lowest wins. The same
+  which every alternative has a figure, each one's ratio to the first is the median of its
+  per-round ratios; the lowest ratio wins if below ``1 - SWITCH``, else the first alternative (the
+  rule's own pick) stays. The same
   figures on every rank give the same algorithm on every rank, kept for the communicator's life
   (``set_algo`` does not reset it).
 * ``COMMS_ONLINE_ROUNDS=0`` turns this off: the first alternative runs. Under
@@ -44,17 +39,20 @@ from typing import Callable
 
 import numpy as np
 
-from . import log as clog
+from .. import log as clog
 
 log = clog.get("ALGO")
 
-SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it
-SIZING_CALLS = 4         # calls per alternative that size the turns (the first untimed)
-LEAD_S = 0.006           # a turn starts with about this long of untimed calls (at most LEAD_MAX)...
-TIMED_S = 0.004          # ...then about this long of timed ones (at least one, at most TIMED_MAX)
-LEAD_MAX, TIMED_MAX = 64, 32
-PRUNE_AFTER = 2          # after this many rounds (if more follow), the ranks agree on the figures...
-PRUNE = 0.25             # ...and drop an alternative this much slower than the round's fastest in each
+SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it: the
+#                          median over rounds of paired ratios; 2 % is below every margin the regret bar
+#                          cares about (10 %) and keeps the pick on exact ties
+SIZING_CALLS = 4         # calls per alternative that size the turns, the first untimed (it may build
+#                          buffers and fault pages in)
+LEAD_S = 0.006           # a turn starts with about this long of untimed calls (turn_calls: a 4 ms tbf
+#                          burst must drain)...
+TIMED_S = 0.004          # ...then about this long of timed ones: 4 ms is 4 scheduler ticks here, so a
+#                          rank descheduled once shows in the mean as it does in a job
+LEAD_MAX, TIMED_MAX = 64, 32     # the calls of a turn at 8 B (1-5 us a call) stay under 0.5 ms
 
 
 def turn_calls(seconds_per_call: float) -> tuple[int, int]:
@@ -77,10 +75,8 @@ class Trial:
 
     A schedule is a list of turns (round, alternative, untimed calls, timed calls). Phases, one
     after the other: the sizing turns (:data:`SIZING_CALLS` calls of each alternative, the first
-    untimed), whose agreed times size each alternative's turn (:func:`turn_calls`); the first
-    :data:`PRUNE_AFTER` rounds, after which the alternatives far behind drop out (:meth:`prune`);
-    the remaining rounds. Each round runs every alternative still in one turn, the order reversed
-    every other round.
+    untimed), whose agreed times size each alternative's turn (:func:`turn_calls`); then the
+    rounds, each running every alternative one turn, the order reversed every other round.
 
     The communicator brackets every call of a plan marked with a trial with :meth:`begin` and
     :meth:`end` (nothing else per call, so that a call inside a trial costs little more than one
@@ -91,7 +87,6 @@ class Trial:
         self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
         self._plans = {} if plans is None else plans
         self._ran = {} if ran is None else ran
-        self.alive = list(range(len(self.alts)))
         self._algo = None
         self.phase = "sizing"
         self._clear(1)
@@ -103,7 +98,7 @@ class Trial:
         self._n = [[0] * len(self.alts) for _ in range(rows)]
 
     def _begin(self, rounds) -> None:
-        k = self.alive
+        k = list(range(len(self.alts)))
         self.schedule = [(r, a, *self._turns_of[a]) for r in rounds for a in (k if r % 2 == 0 else k[::-1])]
         self.turn, self.done = -1, False
         self._next_turn()
@@ -146,25 +141,11 @@ class Trial:
         self._n[row][alt] += 1
 
     def plan_rounds(self, seconds_per_call) -> None:
-        """Start the rounds (the first PRUNE_AFTER of them, if more follow), each alternative's
-        turn sized from its agreed time per call."""
+        """Start the rounds, each alternative's turn sized from its agreed time per call."""
         self._turns_of = [turn_calls(float(t)) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
         self._clear(self.rounds)
-        early = PRUNE_AFTER < self.rounds
-        self.phase = "early" if early else "rounds"
-        self._begin(range(PRUNE_AFTER if early else self.rounds))
-
-    def prune(self, agreed: np.ndarray) -> None:
-        """Drop the alternatives that the agreed figures of the first rounds put more than
-        :data:`PRUNE` behind the round's fastest in every one of them, then start the remaining
-        rounds (none when one alternative is left)."""
-        rows = agreed[:PRUNE_AFTER]
-        def behind(a: int) -> bool:
-            return all(np.isfinite(row[self.alive]).all() and row[a] > (1 + PRUNE) * row[self.alive].min()
-                       for row in rows)
-        self.alive = [a for a in self.alive if not behind(a)]
         self.phase = "rounds"
-        self._begin(range(PRUNE_AFTER, self.rounds) if len(self.alive) > 1 else ())
+        self._begin(range(self.rounds))
 
     def figures(self) -> np.ndarray:
         """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
@@ -172,27 +153,22 @@ class Trial:
                          for srow, nrow in zip(self._sum, self._n)], np.float64)
 
 
-def decide(alts: list[str], agreed: np.ndarray, alive: list[int] | None = None) -> tuple[int, dict[str, float]]:
+def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
     """The winner's index from the agreed figures (rounds x alternatives, the slowest rank's), and
-    every alternative's median ratio to the first over the rounds where both have a figure.
-
-    Among the ``alive`` alternatives (all by default), over the rounds where all of them have a
-    figure: the one with the lowest median per-round ratio wins if it is the first alternative
-    (the rule's pick) or at least ``SWITCH`` faster than it; when the pick was dropped (not alive)
-    the lowest wins outright. No such round: the first alive alternative."""
-    alive = list(range(len(alts))) if alive is None else alive
-    ref = alive[0]
+    every alternative's median ratio to the first over the rounds where both have a figure. Over
+    the rounds where every alternative has a figure, the lowest median ratio wins if it is the
+    first (the rule's pick) or at least ``SWITCH`` faster than it; no such round: the first."""
     ratios = {}
     for i, a in enumerate(alts):
         both = [float(row[i] / row[0]) for row in agreed if np.isfinite(row[[0, i]]).all() and row[0] > 0]
         if both:
             ratios[a] = statistics.median(both)
-    full = [row for row in agreed if np.isfinite(row[alive]).all() and row[ref] > 0]
+    full = [row for row in agreed if np.isfinite(row).all() and row[0] > 0]
     if not full:
-        return ref, ratios
-    med = {i: statistics.median(float(row[i] / row[ref]) for row in full) for i in alive}
-    best = min(alive, key=lambda i: (med[i], i))
-    return (best if ref != 0 or med[best] < 1 - SWITCH else 0), ratios
+        return 0, ratios
+    med = [statistics.median(float(row[i] / row[0]) for row in full) for i in range(len(alts))]
+    best = min(range(len(alts)), key=lambda i: (med[i], i))
+    return (best if med[best] < 1 - SWITCH else 0), ratios
 
 
 class Contests:
@@ -234,19 +210,16 @@ class Contests:
                 enc.trial = trial
         if trial.done and trial.phase == "sizing":
             trial.plan_rounds(self._agreed(trial)[0])
-        if trial.done and trial.phase == "early":
-            trial.prune(self._agreed(trial))
         if not trial.done:
             return trial.encs[trial.alt]
-        win, ratios = decide(trial.alts, self._agreed(trial), trial.alive)
+        win, ratios = decide(trial.alts, self._agreed(trial))
         for enc in trial.encs:
             enc.trial = None
         del self._trials[cid]
         self.decided[cid] = (trial.encs[win], ratios)
-        dropped = "|".join(a for i, a in enumerate(trial.alts) if i not in trial.alive)
-        log.info("comms: %s of %d B: timed %s over %d rounds%s (time / %s's: %s) -> %s", key[0], nbytes,
-                 "|".join(trial.alts), trial.rounds, f", {dropped} dropped after {PRUNE_AFTER}" if dropped else "",
-                 trial.alts[0], ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
+        log.info("comms: %s of %d B: timed %s over %d rounds (time / %s's: %s) -> %s", key[0], nbytes,
+                 "|".join(trial.alts), trial.rounds, trial.alts[0],
+                 ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
         return trial.encs[win]
 
     def _agreed(self, trial: Trial) -> np.ndarray:

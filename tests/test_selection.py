@@ -1,11 +1,11 @@
-"""The cost model (comms.tuning): how steps are priced per link, and the rules it writes."""
+"""Selection: the cost model (comms.selection.model), how steps are priced per link and the rules it
+writes; the layers of rules; the tuning step (python -m comms.tune) and what init does with it."""
 from __future__ import annotations
 
 import math
 
 from comms import algorithms
-from comms.calibration import CALIBRATION_VERSION
-from comms.tuning import AUTO, Link, Params, Route, cost, default_rules
+from comms.selection.model import AUTO, Link, Params, Route, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
 ONE_HOST = lambda n: (tuple(range(n)),)               # noqa: E731
@@ -98,7 +98,6 @@ def test_registered_transports_bring_their_links(monkeypatch):
     import comms.transports as transports
     from comms.transports import ShmTransport, TcpTransport
     from comms.transports.base import Transport
-    from comms.tuning import peer_waits
 
     class FakeTransport(Transport):
         name = "fake"
@@ -121,11 +120,6 @@ def test_registered_transports_bring_their_links(monkeypatch):
     assert Params.from_dict(cached.as_dict()) == cached
     half = cached.loaded(2.0)
     assert half.links["fake"] == Link(2.5, 10.0) and half.links["gone"] == Link(9.0, 0.5)
-    # the fake's exchanges wait apart: direct on 2 hosts x 2 ranks waits on every peer, shared or not
-    route = Route("fake", "tcp", FakeTransport.waits_together)
-    assert peer_waits("all_reduce", "direct", 4, TWO_HOSTS, route, shared=True) == 3
-    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), route, shared=True) == 3
-    assert peer_waits("all_reduce", "direct", 4, ONE_HOST(4), AUTO, shared=True) == 1
 
 
 def test_rules_follow_the_per_step_latency():
@@ -143,19 +137,6 @@ def test_rules_follow_the_per_step_latency():
         ranges = [r.split(":")[1].split("-") for r in rules.split("#")]
         assert ranges[0][0] == "0" and ranges[-1][1] == "inf"
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-
-
-def test_calibration_cache_key_is_versioned():
-    # v1 entries measured alpha as a ping-pong, per call; v2 ones hold no timed candidates; v3
-    # ones timed them at every fourth power of two only (their tables do not fit today's PROBES); v4
-    # ones timed short bursts through the engine alone, which ranked algorithms unlike a job; v5 ones
-    # timed turns from their barrier, sized by one warm-up call (inside a link's burst allowance); v6
-    # ones kept a probe's winner that a spell had put ahead of both neighbours' (never re-timed); v7
-    # ones timed each confirming round right after moving the ranks (its first turn ran slow) and
-    # took the step latency from one run of hops; v8 ones kept the link figures as fixed "shm" and
-    # "tcp" fields instead of under "links", by transport name
-    from comms.timed import PROBES
-    assert CALIBRATION_VERSION == "v9" and len(PROBES) == 23 and PROBES[1] == 2 * PROBES[0]
 
 
 def test_oversubscribed_hosts_share_bandwidth_and_reduction():
@@ -188,11 +169,81 @@ def test_direct_pays_for_every_tcp_exchange_it_makes():
         assert default_rules(NAMES, n, ONE_HOST(n), p, AUTO).split("#")[0].endswith(":direct")
 
 
-def test_step_latency_is_the_least_of_its_runs_of_hops():
-    """The hops run before and after the timed candidates; a run that caught the machine in a slow
-    state (6.1 us, against 2.3 us twenty seconds later, on 4 ranks sharing 2 CPUs) does not set the
-    step latency, in either order; figures are clamped to 0.05-1000 us."""
-    from comms.calibration import _alpha
-    assert _alpha("shm", [6.147, 2.295]) == 2.295 and _alpha("shm", [2.295, 6.147]) == 2.295
-    assert _alpha("tcp", [41.0]) == 41.0
-    assert _alpha("shm", [0.001, 0.002]) == 0.05 and _alpha("tcp", [5000.0, 2000.0]) == 1000.0
+def test_rules_cover_each_size_up_to_the_next():
+    from comms.selection.model import ranges
+    assert ranges("all_reduce", [8, 32, 128, 512], ["board", "board", "ring", "rhd"]) == \
+        ["all_reduce:0-128:board", "all_reduce:128-512:ring", "all_reduce:512-inf:rhd"]
+    assert ranges("broadcast", [64], ["ring"]) == ["broadcast:0-inf:ring"]
+
+
+def test_layers_user_then_tuned_then_model_then_registry():
+    from comms.selection.rules import Selector
+    sel = Selector("all_reduce:0-1K:ring", "all_reduce:0-inf:direct", "all_reduce:0-64K:rhd")
+    assert sel.candidates("all_reduce", 100)[:3] == ["ring", "rhd", "direct"]
+    assert sel.candidates("all_reduce", 4096)[:2] == ["rhd", "direct"]
+    assert sel.candidates("all_reduce", 1 << 20)[0] == "direct"
+    assert set(sel.candidates("all_reduce", 1 << 20)) == set(algorithms.REGISTRY["all_reduce"])
+    assert [r for r in sel.table() if r.endswith("(tuned)")] == ["all_reduce:0-65536:rhd  (tuned)"]
+    later = sel.with_user("all_reduce:tree")
+    assert later.candidates("all_reduce", 100)[:2] == ["tree", "rhd"] and sel.user[0].names == ("ring",)
+
+
+def test_tuning_never_times_what_the_model_calls_grossly_worse():
+    """The tuner's candidates are the algorithms priced within GROSS of the cheapest, cheapest
+    first: on 2 hosts x 2 ranks over a slow link, at 16 MiB, neither the flat ring (2.76x
+    hierarchical's price: it puts 1.5x the bytes on the link, every step bound by it) nor direct
+    (4x the bytes) is a candidate, however a timing might go."""
+    from types import SimpleNamespace
+
+    from comms.selection.tune import GROSS, candidates
+    p = Params(links(Link(1.0, 10.0), Link(50.0, 0.25)), 10.0)
+    m = 16 << 20
+
+    def price(coll, algo, nbytes):
+        return cost(coll, algo, nbytes, 4, TWO_HOSTS, p, AUTO)
+    got = candidates(SimpleNamespace(price=price), "all_reduce", m)
+    prices = {a: price("all_reduce", a, m) for a in algorithms.REGISTRY["all_reduce"]}
+    assert got[0] == min(prices, key=prices.get) == "hierarchical"
+    assert all(prices[a] <= GROSS * prices["hierarchical"] for a in got)
+    assert not {"direct", "ring", "tree", "board"} & set(got) and len(got) >= 2
+    assert got == sorted(got, key=prices.get)
+
+
+def test_tune_writes_rules_that_later_inits_use(tmp_path):
+    """``python -m comms.tune`` on 2 ranks times the candidates at each size, writes the winners as
+    rules into the cache entry of the host signature, and the next init uses them after the
+    user's rules and before the model's; ``--dry-run`` writes nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from comms.testing import spawn
+    from workers import calibrated_params
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("COMMS_ALGO", None)
+    cmd = [sys.executable, "-m", "comms.tune", "-n", "2", "-b", "8", "-e", "32K", "-f", "64", "--rounds", "2"]
+    dry = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=180)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    cache = tmp_path / "comms" / "calibration.json"
+    assert "rules" not in next(iter(json.loads(cache.read_text()).values()))
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (sig, entry), = json.loads(cache.read_text()).items()
+    rules = entry["rules"].split("#")
+    assert f"[rank 0] {entry['rules']}" in p.stdout and f"written for {sig}" in p.stdout
+    # sizes 8 B, 512 B and 32 KiB: each pick covers its size up to the next one's, 0 to inf in all
+    edges = [r.split(":")[1].split("-") for r in rules]
+    assert edges[0][0] == "0" and edges[-1][1] == "inf" and all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    assert {e for pair in edges for e in pair} <= {"0", "512", "32768", "inf"}
+    pick = {int(lo): r.split(":")[2] for r, (lo, _) in zip(rules, edges)}
+    sizes = (8, 512, 32768)
+    out = spawn(calibrated_params, 2, timeout=120, args=(sizes,), env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert out[0]["tuned"] == entry["rules"] and out[0]["signature"] == sig
+    assert [r.replace("  (tuned)", "") for r in out[0]["rules"] if r.endswith("(tuned)")] == \
+        [str(r) for r in __import__("comms.selection.rules", fromlist=["parse"]).parse(entry["rules"])]
+    want = [pick[max(lo for lo in pick if lo <= s)] for s in sizes]
+    assert out[0]["chosen"] == want and out[0]["sum"] == [3.0] * 4
+    user = spawn(calibrated_params, 2, timeout=120, args=(sizes,),
+                 env={"XDG_CACHE_HOME": str(tmp_path), "COMMS_ALGO": "all_reduce:tree"})
+    assert user[0]["chosen"] == ["tree"] * 3

@@ -1,0 +1,209 @@
+"""The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth.
+
+As NCCL's tuning.cc does, each algorithm's plan is priced per link class, plus the local reduction
+speed. A link class is a transport (every registered one brings default figures, ``Transport.link``;
+calibration measures the ones a job uses), and :class:`Params` holds them by transport name. A
+communicator's :class:`Route` names the classes its traffic takes: ``intra`` between ranks of one
+host, ``inter`` between hosts, and whether intra's exchanges of one step wait as one.
+
+Each step is priced on the link it uses. The recursive algorithms' exchange with rank ^ d stays on
+intra while the partners share a host. A step of a flat algorithm that spans hosts is bound by the
+slower class. Direct's one step adds up the bytes to every peer, since the rank's one thread moves
+them all. The model is about bytes on each link first: an algorithm that puts more bytes on the
+slow link than another is priced behind it whatever the latencies, so no measurement is needed to
+rank them at large sizes, and a measurement (comms.selection.tune) never outvotes it there.
+
+:func:`default_rules` writes the cheapest algorithm per size range in the selector's grammar.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+from ..algorithms.ring import CHAIN_SEGMENT_BYTES
+from ..algorithms.tree import SEGMENT_BYTES as TREE_SEGMENT_BYTES
+
+SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB: where a rule may change
+BOARD_SHARE = 0.9        # board's price as a share of direct's. Forced in the bench (all_reduce, 3
+#                          launches, 8 B-2 KiB), board took 0.83-0.93x direct's time on 2 ranks with a
+#                          core each and 0.96-0.99x on 4 ranks sharing 2 cores
+COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
+#                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
+PAIRWISE_BATCH = 8       # pairwise all_to_all posts this many exchanges before it waits (one step latency
+#                          per batch: algorithms/pairwise.py keeps that many in flight)
+
+
+class Route(NamedTuple):
+    """The link classes of a communicator's traffic (Bootstrap.route): the transport between ranks
+    of one host, the one between hosts, whether the first's exchanges of one step wait as one
+    (Transport.waits_together), and the largest all_reduce intra runs by itself (0: none)."""
+    intra: str
+    inter: str
+    together: bool
+    board: int = 0
+
+
+AUTO = Route("shm", "tcp", True)        # what auto selection gives without RDMA hardware
+
+
+@dataclass(frozen=True)
+class Link:
+    alpha_us: float          # one step's latency
+    beta_gbps: float         # GB/s of one stream
+
+    def t(self, steps: float, nbytes: float) -> float:
+        return steps * self.alpha_us + nbytes / (self.beta_gbps * 1e3)
+
+
+def _registered() -> dict:
+    """Every registered transport's default link, by name (imported late: transports import Link)."""
+    from ..transports import ORDER
+    return {cls.name: cls.link for cls in ORDER}
+
+
+def describe_links(links: dict) -> str:
+    """``shm Link(...), tcp Link(...)`` from :attr:`Params.links` or its dict form."""
+    return ", ".join(f"{name} {link if isinstance(link, Link) else Link(**link)}" for name, link in links.items())
+
+
+@dataclass(frozen=True)
+class Params:
+    """The model's figures: a :class:`Link` per transport name, the reduction speed, their source."""
+    links: dict = field(default_factory=_registered)
+    reduce_gbps: float = 8.0     # until calibration measures it: below the 11.6-15.1 GB/s of cm_reduce
+    #                              (float32 SUM, 32 MiB) on the dev VM, as a slower host's would be
+    source: str = "defaults"
+
+    def link(self, name: str) -> Link:
+        """This model's figures for ``name``, else its registered default, else the contract's."""
+        if name in self.links:
+            return self.links[name]
+        from ..transports.base import Transport
+        return _registered().get(name, Transport.link)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Params":
+        links = _registered()
+        links.update({name: Link(**link) for name, link in d.get("links", {}).items()})
+        return cls(links, d["reduce_gbps"], d.get("source", "cache"))
+
+    def loaded(self, oversub: float) -> "Params":
+        """With ``oversub`` ranks per core all busy at once: bandwidths and reduction speed (measured
+        by two ranks while the others waited) shared that many ways; latencies already include it."""
+        if oversub <= 1.0:
+            return self
+        return Params({n: Link(k.alpha_us, k.beta_gbps / oversub) for n, k in self.links.items()},
+                      self.reduce_gbps / oversub, self.source)
+
+
+def _log2(n: int) -> int:
+    return max(1, math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def _recursive(n: int, hosts: tuple, p: Params, route: Route, nbytes, rounds: int, m: float) -> float:
+    """The recursive algorithms' exchanges with rank ^ d (d < p2, the power-of-two core), ``rounds``
+    of ``nbytes(d)`` each, each on the link its pairs use, plus the fold of the n - p2 extra ranks."""
+    host_of = {r: i for i, group in enumerate(hosts) for r in group}
+
+    def link(pairs) -> Link:
+        apart = any(host_of.get(a, 0) != host_of.get(b, 0) for a, b in pairs)
+        return p.link(route.inter if apart else route.intra)
+    p2 = 1 << (n.bit_length() - 1)
+    total, d = 0.0, 1
+    while d < p2:
+        total += rounds * link([(r, r ^ d) for r in range(p2)]).t(1, nbytes(d))
+        d <<= 1
+    if n != p2:
+        total += 2 * link([(r, r - p2) for r in range(p2, n)]).t(1, m)
+    return total
+
+
+def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: Route) -> float:
+    """Estimated µs of ``algo`` for ``coll`` of ``m`` bytes (the selector's message size: the
+    per-rank buffer for all_reduce and broadcast, the bytes a rank sends otherwise) on ``n`` ranks
+    of ``hosts``; inf where the algorithm would decline or is not priced."""
+    if n == 1:
+        return 0.0
+    H = max(1, len(hosts))
+    L = n // H if hosts and n % H == 0 else n
+    intra, inter = p.link(route.intra), p.link(route.inter)
+    flat = intra if H == 1 or route.intra == route.inter else \
+        Link(max(intra.alpha_us, inter.alpha_us), min(intra.beta_gbps, inter.beta_gbps))
+    red = lambda nbytes: nbytes / (p.reduce_gbps * 1e3)          # noqa: E731
+    copy = lambda nbytes: nbytes / (COPY_GBPS * 1e3)             # noqa: E731
+    p2 = 1 << (n.bit_length() - 1)
+    blk = m / max(1, n - 1)
+    if algo == "hierarchical" and (H < 2 or n % H or len({len(h) for h in hosts}) > 1):
+        return math.inf                 # it declines: it needs two or more hosts of equal size
+    prices = {}
+    if coll == "all_reduce":
+        # direct: intra exchanges that wait together cost one step latency; each inter one its own
+        intra_steps = 1 if route.together else L - 1
+        direct = intra.t(intra_steps, (L - 1) * m) + inter.t(n - L, (n - L) * m) + red(n * m)
+        prices = {
+            "direct": direct,
+            "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
+            "ring": flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + red((n - 1) * m / n),
+            "recursive_doubling": _recursive(n, hosts, p, route, lambda d: m, 1, m) + red((_log2(p2) + 1) * m),
+            "rhd": _recursive(n, hosts, p, route, lambda d: m * d / p2, 2, m)
+            + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
+            "tree": flat.t(2 * _log2(n), 2 * m + 2 * _log2(n) * min(m, TREE_SEGMENT_BYTES)) + red(m),
+            "hierarchical": intra.t(2 * (L - 1), 2 * (L - 1) * m / L)
+            + inter.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
+        }
+    elif coll == "reduce_scatter":
+        prices = {
+            "ring": flat.t(n - 1, m) + red(m),
+            "recursive_halving": math.inf if n & (n - 1) else flat.t(_log2(n), m) + red(m) + copy(2 * n * blk),
+            "hierarchical": intra.t(L - 1, (L - 1) * H * blk) + inter.t(H - 1, (H - 1) * blk) + red(m),
+        }
+    elif coll == "all_gather":
+        prices = {"ring": flat.t(n - 1, m), "bruck": flat.t(_log2(n), m) + copy(n * blk),
+                  "hierarchical": inter.t(H - 1, (H - 1) * blk) + intra.t(L - 1, (L - 1) * H * blk)}
+    elif coll == "broadcast":
+        tseg, rseg = min(m, TREE_SEGMENT_BYTES), min(m, CHAIN_SEGMENT_BYTES)
+        prices = {
+            "binomial": flat.t(_log2(n) + max(0, m / max(tseg, 1) - 1), tseg * _log2(n) + m),
+            "ring": flat.t(n - 1 + max(0, m / max(rseg, 1) - 1), rseg * (n - 1) + m),
+            "hierarchical": inter.t(_log2(H), _log2(H) * m) + intra.t(_log2(L), _log2(L) * m),
+        }
+    elif coll == "all_to_all":
+        prices = {
+            "pairwise": flat.t(1 + (n - 1) / PAIRWISE_BATCH, m),
+            "bruck": flat.t(_log2(n), _log2(n) * n * blk / 2) + copy(2 * n * blk * _log2(n)),
+            "hierarchical": intra.t(1 + (L - 1) / PAIRWISE_BATCH, (L - 1) * H * blk)
+            + inter.t(1 + (H - 1) / PAIRWISE_BATCH, (H - 1) * L * blk),
+        }
+    return prices.get(algo, math.inf)
+
+
+def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, oversub: float = 1.0) -> str:
+    """The cheapest priced algorithm per size range, per collective with two or more priced ones,
+    in the selector's grammar, for ``n`` ranks on ``hosts`` (``oversub``: the most ranks per core
+    of any host, see :meth:`Params.loaded`). Ties go to the registry's order."""
+    p = p.loaded(oversub)
+    rules = []
+    for coll, names in algos.items():
+        priced = [a for a in names if min(cost(coll, a, m, n, hosts, p, route) for m in (8, 1 << 20)) < math.inf]
+        if len(priced) < 2:
+            continue
+        best = [min(priced, key=lambda a: (cost(coll, a, m, n, hosts, p, route), priced.index(a))) for m in SIZES]
+        rules += ranges(coll, SIZES, best)
+    return "#".join(rules)
+
+
+def ranges(coll: str, sizes: list, picks: list) -> list[str]:
+    """Rules from the pick at each of ``sizes`` (ascending): each pick covers its size up to the
+    next one's, the first from 0 and the last to inf; equal neighbours merge."""
+    rules, start = [], 0
+    for i in range(1, len(sizes) + 1):
+        if i == len(sizes) or picks[i] != picks[start]:
+            low = 0 if start == 0 else sizes[start]
+            high = "inf" if i == len(sizes) else str(sizes[i])
+            rules.append(f"{coll}:{low}-{high}:{picks[start]}")
+            start = i
+    return rules

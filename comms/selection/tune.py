@@ -1,0 +1,143 @@
+"""``python -m comms.tune``: time every algorithm on this machine and keep the winners as rules.
+
+    python -m comms.tune -n N [--ops all_reduce,...] [-b 8] [-e 64M] [-f 4] [--rounds 5] [--dry-run]
+
+Outside a launcher it starts N local ranks of itself through ``comms.run``; under one (``comms.run``
+or torchrun on several hosts, RANK and WORLD_SIZE set) every rank takes part. For each op and each
+size of the sweep it makes the op's calls under a rule naming the candidates, with online timing
+on (comms.selection.online, the one timing mechanism: paired rounds, the slowest rank's figures,
+every rank deciding alike) until the trial decides. The candidates are the algorithms the cost
+model prices within :data:`GROSS` of its cheapest, cheapest first, so a timing never picks what
+the model calls grossly worse (more bytes on the slow link), and the model's pick stays on ties.
+Rank 0 writes the winners as rules (each covering its size up to the next one's) into the
+calibration cache entry of this host signature and prints them; later inits on the signature use
+them after the user's rules and before the model's (comms.selection.rules). ``--dry-run`` prints
+without writing. The signature includes the host layout, so tune with the layout the job runs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..config import _size
+from .model import ranges
+
+GROSS = 2.0              # candidates the model prices within this of its cheapest. #25 saw a pick that
+#                          moved 2.7x the inter-host bytes win one calibration's timing; closer than 2x
+#                          is left to the timing, since the model's step latency on ranks sharing cores
+#                          moved 2-5x between runs (calibrate.HOP_REPS)
+OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
+MAX_CALLS = 200_000      # per size: a trial of 7 algorithms x 5 rounds at 8 B makes a few thousand
+
+
+def _caller(comm, op: str, nbytes: int):
+    """A call of ``op`` whose selector message size is about ``nbytes``, and that size."""
+    n = comm.size
+    per = max(1, nbytes // 4 // (1 if op in ("all_reduce", "broadcast") else n - 1))
+    if op == "all_reduce":
+        buf = np.ones(per, np.float32)
+        return (lambda: comm.all_reduce(buf)), buf.nbytes
+    if op == "broadcast":
+        buf = np.ones(per, np.float32)
+        return (lambda: comm.broadcast(buf, 0)), buf.nbytes
+    if op == "all_gather":
+        inp, out = np.ones(per, np.float32), np.empty(per * n, np.float32)
+        return (lambda: comm.all_gather(out, inp)), inp.nbytes * (n - 1)
+    if op == "reduce_scatter":
+        inp, out = np.ones(per * n, np.float32), np.empty(per, np.float32)
+        return (lambda: comm.reduce_scatter(out, inp)), out.nbytes * (n - 1)
+    inp, out = np.ones(per * n, np.float32), np.empty(per * n, np.float32)
+    return (lambda: comm.all_to_all_single(out, inp)), per * 4 * (n - 1)
+
+
+def candidates(comm, op: str, nbytes: int) -> list[str]:
+    """The algorithms priced within GROSS of the model's cheapest at ``nbytes``, cheapest first."""
+    from .. import algorithms
+    prices = {a: comm.price(op, a, nbytes) for a in algorithms.names(op)}
+    low = min(prices.values())
+    return sorted((a for a, t in prices.items() if t <= GROSS * low and math.isfinite(t)), key=prices.get)
+
+
+def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:
+    """Collective: the trial's winner at each size, as (selector sizes, picks)."""
+    done, picks, at = len(comm.online_choices()), [], []
+    for nbytes in sizes:
+        call, m = _caller(comm, op, nbytes)
+        if at and m <= at[-1]:
+            continue
+        names = candidates(comm, op, m)
+        comm.set_algo(f"{op}:{m}-{m + 1}:{'|'.join(names)}")
+        for _ in range(MAX_CALLS if len(names) > 1 else 1):
+            call()
+            if len(comm.online_choices()) > done:
+                break
+        else:
+            if len(names) > 1:
+                raise RuntimeError(f"comms.tune: {op} of {m} B did not decide in {MAX_CALLS} calls")
+        choices = comm.online_choices()
+        picks.append(choices[-1]["chosen"] if len(choices) > done else comm.algorithm_ran(op, m))
+        done = len(choices)
+        at.append(m)
+    comm.set_algo(None)
+    return at, picks
+
+
+def _parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m comms.tune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", "--nproc", type=int, default=None, help="ranks to start (outside a launcher)")
+    ap.add_argument("--ops", default="all_reduce", help=f"comma-separated, of {', '.join(OPS)}")
+    ap.add_argument("-b", "--minbytes", default="8")
+    ap.add_argument("-e", "--maxbytes", default="64M")
+    ap.add_argument("-f", "--stepfactor", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of each trial (COMMS_ONLINE_ROUNDS)")
+    ap.add_argument("--dry-run", action="store_true", help="print the rules, do not write them")
+    ns = ap.parse_args(argv)
+    ns.ops = [o.strip() for o in ns.ops.split(",") if o.strip()]
+    bad = [o for o in ns.ops if o not in OPS]
+    if bad or ns.stepfactor < 2 or ns.rounds < 1:
+        ap.error(f"unknown ops {bad}" if bad else "need -f >= 2 and --rounds >= 1")
+    ns.minbytes, ns.maxbytes = _size(ns.minbytes), _size(ns.maxbytes)
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ns = _parse(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        from ..run import launch
+        n = ns.nproc or len(os.sched_getaffinity(0))
+        return launch(["-m", "comms.tune", *argv], n)
+    os.environ["COMMS_ONLINE_ROUNDS"] = str(ns.rounds)
+    from .. import init
+    from .calibrate import save_rules
+    comm = init()
+    try:
+        if not comm.calibration.signature:
+            raise SystemExit("comms.tune: calibration is off (COMMS_CALIBRATE=0) or there is one rank: "
+                             "nothing to tune for")
+        sizes, s = [], max(1, ns.minbytes)
+        while s <= ns.maxbytes:
+            sizes.append(s)
+            s *= ns.stepfactor
+        t0, rules = time.perf_counter(), []
+        for op in ns.ops:
+            at, picks = sweep(comm, op, sizes)
+            rules += ranges(op, at, picks)
+        choices = comm.online_choices()
+        if comm.rank == 0:
+            note = f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {ns.rounds} rounds, {time.perf_counter() - t0:.0f} s"
+            for c in choices:
+                ratios = ", ".join(f"{a} {r:.3f}" for a, r in c["ratios"].items())
+                print(f"# {c['key'][0]} {c['key'][1:]}: {c['chosen']} (time / first's: {ratios})")
+            print("#".join(rules))
+            if not ns.dry_run:
+                save_rules(comm.calibration.signature, "#".join(rules), note)
+                print(f"# written for {comm.calibration.signature}")
+    finally:
+        comm.close()
+    return 0

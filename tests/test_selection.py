@@ -24,7 +24,7 @@ def test_one_host_recursive_algorithms_keep_their_step_counts():
         p2 = 1 << (n.bit_length() - 1)
         lg, fold = int(math.log2(p2)), (2 if n != p2 else 0)
         for m in (8, 1 << 16, 1 << 22):
-            rd = shm.t(lg + fold, (lg + fold) * m) + (lg + 1) * m / 10e3
+            rd = shm.t(lg + fold, (lg + fold) * m) + (lg + (n != p2)) * m / 10e3      # a reduction per exchange
             rhd = shm.t(2 * lg + fold, 2 * m * (p2 - 1) / p2 + fold * m) + (m * (p2 - 1) / p2 + (m if fold else 0)) / 10e3
             assert math.isclose(cost("all_reduce", "recursive_doubling", m, n, ONE_HOST(n), p, AUTO), rd)
             assert math.isclose(cost("all_reduce", "rhd", m, n, ONE_HOST(n), p, AUTO), rhd)
@@ -36,13 +36,13 @@ def test_recursive_steps_are_priced_on_the_link_they_use():
     p = Params(links(Link(1.0, 10.0), Link(40.0, 1.0)), 1e6)
     shm, tcp = p.link("shm"), p.link("tcp")
     assert math.isclose(cost("all_reduce", "recursive_doubling", 8, 4, TWO_HOSTS, p, AUTO),
-                        shm.t(1, 8) + tcp.t(1, 8) + 3 * 8 / 1e9)
+                        shm.t(1, 8) + tcp.t(1, 8) + 2 * 8 / 1e9)
     # rhd: halving moves m/2 across hosts (d = 2) and m/4 inside (d = 1), doubling the same back
     m = 1 << 20
     want = 2 * (tcp.t(1, m / 2) + shm.t(1, m / 4)) + 0.75 * m / 1e9     # reduced on arrival: 3/4 of m
     assert math.isclose(cost("all_reduce", "rhd", m, 4, TWO_HOSTS, p, AUTO), want)
     # forcing tcp prices every step on tcp
-    assert math.isclose(cost("all_reduce", "recursive_doubling", 8, 4, TWO_HOSTS, p, TCP), tcp.t(2, 16) + 24 / 1e9)
+    assert math.isclose(cost("all_reduce", "recursive_doubling", 8, 4, TWO_HOSTS, p, TCP), tcp.t(2, 16) + 16 / 1e9)
 
 
 def test_flat_steps_over_hosts_are_bound_by_the_slower_link():
@@ -68,7 +68,7 @@ def test_a_third_transport_is_priced_from_its_own_link():
     assert p.link("fake") is fake
     # recursive doubling: the rank ^ 1 exchange on shm, the rank ^ 2 one on fake
     assert math.isclose(cost("all_reduce", "recursive_doubling", 8, 4, TWO_HOSTS, p, route),
-                        1.0 + 3.0 + 8 / 10e3 + 8 / 12e3 + 3 * 8 / 1e9)
+                        1.0 + 3.0 + 8 / 10e3 + 8 / 12e3 + 2 * 8 / 1e9)
     m = 1 << 20
     # direct: one shm step latency for the host's peer, one fake step latency per cross-host peer
     assert math.isclose(cost("all_reduce", "direct", m, 4, TWO_HOSTS, p, route),
@@ -123,10 +123,10 @@ def test_registered_transports_bring_their_links(monkeypatch):
 
 
 def test_rules_follow_the_per_step_latency():
-    """Two ranks of one host: a small per-step latency moves the direct -> ring switch down, a
+    """Four ranks of one host: a small per-step latency moves the direct -> ring switch down, a
     large one up; the rules are contiguous and cover every size."""
-    fast = default_rules(NAMES, 2, ONE_HOST(2), Params(links(Link(0.5, 20.0), Link(40.0, 1.5)), 14.0), AUTO)
-    slow = default_rules(NAMES, 2, ONE_HOST(2), Params(links(Link(20.0, 20.0), Link(40.0, 1.5)), 14.0), AUTO)
+    fast = default_rules(NAMES, 4, ONE_HOST(4), Params(links(Link(0.5, 20.0), Link(40.0, 1.5)), 14.0), AUTO)
+    slow = default_rules(NAMES, 4, ONE_HOST(4), Params(links(Link(20.0, 20.0), Link(40.0, 1.5)), 14.0), AUTO)
 
     def switch(rules: str) -> int:
         first = rules.split("#")[0]

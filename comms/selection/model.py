@@ -148,7 +148,9 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             "direct": direct,
             "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
             "ring": flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + red((n - 1) * m / n),
-            "recursive_doubling": _recursive(n, hosts, p, route, lambda d: m, 1, m) + red((_log2(p2) + 1) * m),
+            # each exchange reduces the whole buffer, and so does the fold of the extra ranks
+            "recursive_doubling": _recursive(n, hosts, p, route, lambda d: m, 1, m)
+            + red((_log2(p2) + (n != p2)) * m),
             "rhd": _recursive(n, hosts, p, route, lambda d: m * d / p2, 2, m)
             + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
             "tree": flat.t(2 * _log2(n), 2 * m + 2 * _log2(n) * min(m, TREE_SEGMENT_BYTES)) + red(m),

@@ -1,6 +1,6 @@
 """Hierarchical algorithms: shared memory inside each host, one crossing of the network per block.
 
-``Args.hosts`` groups the ranks by host (from comms.topology); these algorithms need at least two
+``Args.hosts`` groups the ranks by host (from comms.runtime.topology); these algorithms need at least two
 hosts with the same number of ranks L each, and decline otherwise. Member j of a host is "local
 index j"; the ranks with local index j on every host form column j. Columns give every rank its
 own path across the network, so all NICs (and all cores) work at once.

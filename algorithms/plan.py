@@ -25,20 +25,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SEND, RECV, RECV_REDUCE, COPY, REDUCE, REDUCE_SLOTS, DIV, PHASE, BOARD = range(1, 10)
-STEP_NAMES = {SEND: "send", RECV: "recv", RECV_REDUCE: "recv_reduce", COPY: "copy", REDUCE: "reduce",
-              REDUCE_SLOTS: "reduce_slots", DIV: "div", PHASE: "phase", BOARD: "board"}
+from ..errors import NotSupported  # noqa: F401  (the one NotSupported: an algorithm declines a case)
+from ..runtime.native import BUF_IN, BUF_OUT, BUF_SCRATCH, STEPS
+
+# the step kinds and buffer ids, as native/_cdefs.h declares them
+SEND, RECV, RECV_REDUCE, COPY, REDUCE, REDUCE_SLOTS, DIV, PHASE, BOARD = (
+    STEPS[k] for k in ("send", "recv", "recv_reduce", "copy", "reduce", "reduce_slots", "div", "phase", "board"))
+STEP_NAMES = {code: name for name, code in STEPS.items()}
 COMM_KINDS = frozenset({SEND, RECV, RECV_REDUCE})
-IN, OUT, SCRATCH = 0, 1, 2
+IN, OUT, SCRATCH = BUF_IN, BUF_OUT, BUF_SCRATCH
 
 # collective ids carried in message headers
 COLL_IDS = {"all_reduce": 1, "broadcast": 2, "reduce": 3, "all_gather": 4, "reduce_scatter": 5,
             "all_to_all": 6, "gather": 7, "scatter": 8, "barrier": 9}
 COLL_NAMES = {v: k for k, v in COLL_IDS.items()}
-
-
-class NotSupported(Exception):
-    """Raised by an algorithm that declines a case; the selector then tries the next candidate."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Args:
     inplace: bool = False
     send_splits: tuple = ()
     recv_splits: tuple = ()
-    hosts: tuple = ()          # ranks grouped by host (comms.topology), for hierarchical algorithms
+    hosts: tuple = ()          # ranks grouped by host (comms.runtime.topology), for hierarchical algorithms
     deterministic: bool = False  # COMMS_DETERMINISTIC: reductions in canonical order (algorithms.deterministic)
     board: int = 0             # the largest all_reduce the transport runs by itself (BOARD; 0: none)
 

@@ -12,8 +12,7 @@ from . import config
 from .api import create, init
 from .communicator import Communicator
 from .dtypes import AVG, BAND, BOR, BXOR, MAX, MIN, PROD, SUM, ReduceOp
-from .errors import (CommsError, CommTimeout, InvalidUsage, MismatchError, NotSupported, PeerError,
-                     TransportError)
+from .errors import CommsError, CommTimeout, InvalidUsage, MismatchError, NotSupported, PeerError, TransportError
 from .work import Work
 
 __version__ = "0.1.0"
@@ -26,7 +25,7 @@ __all__ = [
 ]
 
 
-from . import log as _log
+from .diag import log as _log
 
 _log.setup()
 

@@ -5,7 +5,7 @@ import os
 from typing import Any, Sequence
 
 from . import config
-from .bootstrap import Bootstrap, default_store
+from .runtime.bootstrap import Bootstrap, default_store
 from .communicator import Communicator
 from .errors import InvalidUsage
 

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._native import ffi
+from .runtime.native import ffi
 from .dtypes import _NUMPY_CODES, DTYPE_NAMES, View, resolve
 from .errors import InvalidUsage
 

@@ -19,13 +19,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import checks, config, failures, flight
+from . import checks, config
+from .runtime import failures
+from .diag import flight
 from .checks import fast as _fast
-from . import log as clog
+from .diag import log as clog
 from .algorithms.plan import COLL_IDS, Args, NotSupported, Plan
-from ._native import ffi
+from .runtime.native import ffi
 from .dtypes import DTYPE_SIZES, ReduceOp
-from .engine import Encoded
+from .runtime.engine import Encoded
 from .errors import CommsError, InvalidUsage, PeerError
 from .selection import online
 from .selection.calibrate import Calibration, calibrate
@@ -90,7 +92,7 @@ class Communicator(Operations):
         self._engine.zero_counters()
         self._timeline = None
         if config.get("TRACE"):
-            from .timeline import Timeline
+            from .diag.timeline import Timeline
             self._timeline = Timeline(config.get("TRACE") if prefix == "comms/0/" or not prefix.startswith("comms/")
                                       else f"{config.get('TRACE')}.{prefix.strip('/').replace('/', '_')}",
                                       self.rank, self.transports)
@@ -112,9 +114,9 @@ class Communicator(Operations):
 
     @property
     def topology(self):
-        """Hosts, leaders, cores, NUMA, NICs, RDMA devices and /dev/shm (comms.topology.Topology)."""
+        """Hosts, leaders, cores, NUMA, NICs, RDMA devices and /dev/shm (comms.runtime.topology.Topology)."""
         if self._topology is None:
-            from .topology import Topology
+            from .runtime.topology import Topology
             self._topology = Topology.from_peers(self._boot.peers)
         return self._topology
 
@@ -159,7 +161,7 @@ class Communicator(Operations):
         return dict(self._boot.chosen)
 
     def flight_record(self) -> list[dict]:
-        """The last plans this communicator ran (see comms.flight), oldest first."""
+        """The last plans this communicator ran (see comms.diag.flight), oldest first."""
         return flight.records(self)
 
     def stats(self) -> dict:

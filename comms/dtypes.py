@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import InvalidUsage
+from .runtime.native import DTYPES, OPS
 
-# dtype codes, as in native/comms_native.h
-F16, BF16, F32, F64, I8, U8, I32, I64, BOOL = range(9)
+# dtype codes, as native/_cdefs.h declares them
+F16, BF16, F32, F64, I8, U8, I32, I64, BOOL = DTYPES
 DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64", "bool")
 DTYPE_SIZES = (2, 2, 4, 8, 1, 1, 4, 8, 1)
 FLOATING = frozenset({F16, BF16, F32, F64})
@@ -38,18 +39,18 @@ TORCH_FAST: list = [None, None]
 
 class ReduceOp(enum.IntEnum):
     """Reduction ops. The value is the wire code; the native kernel op is ``kernel``."""
-    SUM = 0
-    PROD = 1
-    MIN = 2
-    MAX = 3
-    BAND = 4
-    BOR = 5
-    BXOR = 6
-    AVG = 0x10          # SUM, then divide by the number of ranks
+    SUM = OPS["SUM"]
+    PROD = OPS["PROD"]
+    MIN = OPS["MIN"]
+    MAX = OPS["MAX"]
+    BAND = OPS["BAND"]
+    BOR = OPS["BOR"]
+    BXOR = OPS["BXOR"]
+    AVG = 0x10          # API only (above native/_cdefs.h's CM_REDOP_MASK): SUM, then divide by the ranks
 
     @property
     def kernel(self) -> int:
-        return 0 if self is ReduceOp.AVG else int(self)
+        return OPS["SUM"] if self is ReduceOp.AVG else int(self)
 
     @property
     def bitwise(self) -> bool:

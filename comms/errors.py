@@ -47,19 +47,9 @@ class NotSupported(CommsError):
     """An optional feature (a transport's put/get, an algorithm for a case) is not available."""
 
 
-# Native return codes (native/comms_native.h); kept in sync by tests/test_native.py.
-OK = 0
-EAGAIN = 1
-E_TIMEOUT = -1
-E_PEER_CLOSED = -2
-E_PEER_DEAD = -3
-E_PEER_ABORTED = -4
-E_MISMATCH = -5
-E_TRUNCATE = -6
-E_SYS = -7
-E_INVALID = -8
-E_NOMEM = -9
-E_ABORTED = -10
+# Native return codes, as native/_cdefs.h declares them (read through comms.runtime.native)
+from .runtime.native import (E_ABORTED, E_INVALID, E_MISMATCH, E_NOMEM, E_PEER_ABORTED,  # noqa: E402
+                             E_PEER_CLOSED, E_PEER_DEAD, E_SYS, E_TIMEOUT, E_TRUNCATE, EAGAIN, OK)
 
 _CODE_NAMES = {
     E_TIMEOUT: "timeout", E_PEER_CLOSED: "peer closed", E_PEER_DEAD: "peer died",

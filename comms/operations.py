@@ -14,16 +14,16 @@ import numpy as np
 from . import checks
 from .algorithms.plan import IN, OUT, Args, Plan, Step, RECV, SEND
 from .checks import fast as _fast
-from ._native import ffi, lib
+from .runtime.native import ffi, lib
 from .dtypes import DTYPE_SIZES, TORCH_FAST, ReduceOp, as_op, check_op, resolve
-from .engine import Encoded
+from .runtime.engine import Encoded
 from .errors import InvalidUsage
 from .work import Work
 
 _from_buffer = ffi.from_buffer
 _RUN_PTR, _RUN_ADDR = lib.cm_call_run, lib.cm_call_run_addr
 
-MSG_COLL, MSG_P2P = 1, 2
+from .runtime.native import MSG_COLL, MSG_P2P  # noqa: E402,F401
 ANY_SOURCE = -1
 COUNT_ANY = (1 << 64) - 1
 

@@ -2,6 +2,34 @@
  * set-up functions, which its C file declares between CDEF markers (native/build_cffi.py).
  * Plain C only (no preprocessor); layouts must match comms_native.h. */
 
+/* The codes shared with Python, declared here only: the C core includes this file, and Python
+ * reads the values through cffi (comms.runtime.native), so nothing copies them by hand. */
+
+/* return codes */
+enum {
+    CM_OK = 0, CM_EAGAIN = 1,
+    CM_E_TIMEOUT = -1, CM_E_PEER_CLOSED = -2, CM_E_PEER_DEAD = -3, CM_E_PEER_ABORTED = -4,
+    CM_E_MISMATCH = -5, CM_E_TRUNCATE = -6, CM_E_SYS = -7, CM_E_INVALID = -8, CM_E_NOMEM = -9,
+    CM_E_ABORTED = -10
+};
+
+/* dtypes and reduction ops */
+enum { CM_F16 = 0, CM_BF16 = 1, CM_F32 = 2, CM_F64 = 3, CM_I8 = 4, CM_U8 = 5, CM_I32 = 6, CM_I64 = 7, CM_BOOL = 8,
+       CM_NDTYPES = 9 };
+enum { CM_SUM = 0, CM_PROD = 1, CM_MIN = 2, CM_MAX = 3, CM_BAND = 4, CM_BOR = 5, CM_BXOR = 6, CM_NOPS = 7 };
+
+/* plan steps (algorithms/plan.py documents them) and the buffers they name */
+enum {
+    CM_STEP_SEND = 1, CM_STEP_RECV = 2, CM_STEP_RECV_REDUCE = 3, CM_STEP_COPY = 4,
+    CM_STEP_REDUCE = 5, CM_STEP_REDUCE_SLOTS = 6, CM_STEP_DIV = 7, CM_STEP_PHASE = 8,
+    CM_STEP_BOARD = 9            /* a collective the transport runs by itself (coll_post) */
+};
+enum { CM_BUF_IN = 0, CM_BUF_OUT = 1, CM_BUF_SCRATCH = 2 };
+
+/* message kinds */
+enum { CM_MSG_COLL = 1, CM_MSG_P2P = 2 };
+
+
 typedef struct {
     uint32_t magic;
     uint8_t kind;       /* CM_MSG_COLL or CM_MSG_P2P */

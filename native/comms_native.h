@@ -2,6 +2,8 @@
  *
  * The C core owns no Python objects. Every function returns 0 (CM_OK), CM_EAGAIN (1) for "not
  * done yet", or a negative CM_E_* code; comms/errors.py maps the codes to exceptions in one place.
+ * The codes Python uses (return codes, dtypes, ops, plan steps, buffers, message kinds) are
+ * declared once, in _cdefs.h, and Python reads them from there through cffi (comms.runtime.native).
  */
 #ifndef COMMS_NATIVE_H
 #define COMMS_NATIVE_H
@@ -12,26 +14,6 @@
 
 #include "_cdefs.h"
 
-/* return codes (mirrored in comms/errors.py) */
-enum {
-    CM_OK = 0, CM_EAGAIN = 1,
-    CM_E_TIMEOUT = -1, CM_E_PEER_CLOSED = -2, CM_E_PEER_DEAD = -3, CM_E_PEER_ABORTED = -4,
-    CM_E_MISMATCH = -5, CM_E_TRUNCATE = -6, CM_E_SYS = -7, CM_E_INVALID = -8, CM_E_NOMEM = -9,
-    CM_E_ABORTED = -10,
-};
-
-/* dtypes and reduction ops (mirrored in comms/dtypes.py) */
-enum { CM_F16 = 0, CM_BF16, CM_F32, CM_F64, CM_I8, CM_U8, CM_I32, CM_I64, CM_BOOL, CM_NDTYPES };
-enum { CM_SUM = 0, CM_PROD, CM_MIN, CM_MAX, CM_BAND, CM_BOR, CM_BXOR, CM_NOPS };
-
-/* plan steps (mirrored in algorithms/plan.py) */
-enum {
-    CM_STEP_SEND = 1, CM_STEP_RECV = 2, CM_STEP_RECV_REDUCE = 3, CM_STEP_COPY = 4,
-    CM_STEP_REDUCE = 5, CM_STEP_REDUCE_SLOTS = 6, CM_STEP_DIV = 7, CM_STEP_PHASE = 8,
-    CM_STEP_BOARD = 9,           /* a collective the transport runs by itself (coll_post) */
-};
-
-enum { CM_MSG_COLL = 1, CM_MSG_P2P = 2 };
 #define CM_MAGIC 0x436f6d6dU     /* "Comm" */
 #define CM_COUNT_ANY UINT64_MAX   /* sig.count that is not compared (uneven all_to_all) */
 #define CM_MAX_BUFS 4

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from comms.cleanup import pid_alive
+from comms.runtime.cleanup import pid_alive
 
 sys.path.insert(0, os.path.dirname(__file__))
 

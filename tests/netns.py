@@ -34,7 +34,7 @@ def run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 def alive(pid: int) -> bool:
     """True if ``pid`` runs (zombies, which may linger in containers, count as dead)."""
-    from comms.cleanup import pid_alive
+    from comms.runtime.cleanup import pid_alive
     return pid_alive(pid)
 
 

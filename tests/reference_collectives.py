@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from comms import reference
+from comms.testing import reference
 from comms.dtypes import BF16, BOOL, DTYPE_SIZES, F16, FLOATING, NUMPY_STORAGE
 
 

@@ -87,7 +87,7 @@ def test_ranks_that_cannot_see_each_others_shm_probe_use_tcp():
 
 
 def _blind(rank, size):
-    from comms.hostid import PeerInfo
+    from comms.runtime.hostid import PeerInfo
     PeerInfo.sees_probe_of = lambda self, other: other.rank == self.rank   # as if /dev/shm were private
     return transports_seen(rank, size)
 

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from comms.topology import parse_cpulist
+from comms.runtime.topology import parse_cpulist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +97,7 @@ def test_spin_policy_counts_the_cores_of_the_whole_host():
     """Ranks bound one core each (comms.run --bind) see one CPU apiece but are not oversubscribed."""
     from types import SimpleNamespace
 
-    from comms.bootstrap import _host_cores, _spin_policy
+    from comms.runtime.bootstrap import _host_cores, _spin_policy
     peer = lambda cpus: SimpleNamespace(extra={"topology": {"cpus": cpus}})   # noqa: E731
     assert _host_cores([peer([0]), peer([1])], 1) == 2
     assert _host_cores([peer([0]), peer([0])], 1) == 1                        # both bound to one core

@@ -2,7 +2,7 @@
 
 Neither needs the native extension. If ``import comms`` fails (``comms/__init__.py`` imports the
 native extension and it is not built), the launcher is run through a stub ``comms`` package so
-that only ``comms/run.py`` and ``comms/cleanup.py`` are loaded, and the spawn tests are skipped
+that only ``comms/launch/run.py`` and ``comms/runtime/cleanup.py`` are loaded, and the spawn tests are skipped
 (the spawned ranks must import ``comms.testing``). Child programs live in ``launcher_scripts/``.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def launch(args: list[str], timeout: float = 60, cwd: Path = ROOT) -> tuple[subp
 
 def _alive(pid: int) -> bool:
     """True if ``pid`` runs (zombies, which may linger in containers, count as dead)."""
-    from comms.cleanup import pid_alive
+    from comms.runtime.cleanup import pid_alive
     return pid_alive(pid)
 
 
@@ -73,12 +73,13 @@ def _assert_all_dead(pids: dict[str, int]) -> None:
 # ------------------------------------------------------------------------------------- launcher
 
 def _run_module():
-    """``comms.run``, or (when ``import comms`` fails) comms/run.py loaded as a standalone module."""
+    """``comms.launch.run``, or (when ``import comms`` fails) comms/launch/run.py loaded as a standalone
+    module."""
     if _comms_importable() is None:
-        import comms.run
-        return comms.run
+        import comms.launch.run
+        return comms.launch.run
     import importlib.util
-    spec = importlib.util.spec_from_file_location("_comms_run_standalone", ROOT / "comms" / "run.py")
+    spec = importlib.util.spec_from_file_location("_comms_run_standalone", ROOT / "comms" / "launch" / "run.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -147,7 +148,7 @@ def test_launcher_bind_none_and_oversubscribed_ranks_stay_unbound():
 
 
 def test_binding_plan_orders_physical_cores_first(monkeypatch):
-    from comms import binding
+    from comms.launch import binding
     topo = {0: (0, 0, 0), 1: (0, 1, 0), 2: (0, 0, 1), 3: (0, 1, 1)}      # cpu -> (package, core, SMT index)
     monkeypatch.setattr(binding, "_topology", lambda c: topo[c])
     assert binding.order([3, 2, 1, 0]) == [0, 1, 2, 3]
@@ -202,7 +203,10 @@ def test_launcher_sigint_kills_ranks(tmp_path):
         end = time.monotonic() + 30
         while len(_pids(tmp_path)) < 2 and time.monotonic() < end:
             time.sleep(0.05)
-        time.sleep(0.2)  # let rank 0 finish so that only rank 1 is running
+        pids = _pids(tmp_path)
+        while _alive(pids["rank0.pid"]) and time.monotonic() < end:     # rank 0 exits; rank 1 hangs on
+            time.sleep(0.05)
+        assert not _alive(pids["rank0.pid"]) and _alive(pids["rank1.pid"])
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=10)
     finally:

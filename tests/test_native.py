@@ -1,4 +1,4 @@
-"""The native kernels against their numpy twins (comms.reference), bit for bit, and the native
+"""The native kernels against their numpy twins (comms.testing.reference), bit for bit, and the native
 return codes against comms.errors."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from comms import errors, reference
+from comms import errors
+from comms.testing import reference
 from comms._native import ffi, lib
 from comms.dtypes import BF16, DTYPE_SIZES, F16, FLOATING, NUMPY_STORAGE, ReduceOp
 
@@ -101,10 +102,33 @@ def test_div_rejects_integers():
     assert lib.cm_div(ptr(x), 4, 6, 2) == errors.E_INVALID
 
 
-def test_return_codes_match_errors_module():
-    with open(os.path.join(ROOT, "native", "comms_native.h")) as f:
-        text = f.read()
-    codes = dict(re.findall(r"CM_E_([A-Z_]+) = (-\d+)", text))
-    assert codes, "no codes found in comms_native.h"
-    for name, value in codes.items():
-        assert getattr(errors, f"E_{name}") == int(value), name
+def test_only_the_native_wrapper_imports_the_core():
+    """comms.runtime.native is the one module that imports comms._native; every other module of
+    the package reaches the core, and the codes it shares with Python, through it."""
+    import ast
+    found = []
+    for d in ("comms", "transports", "algorithms"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, d)):
+            for f in files:
+                path = os.path.join(dirpath, f)
+                if not f.endswith(".py") or path.endswith(os.path.join("runtime", "native.py")):
+                    continue
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_native") \
+                            or isinstance(node, ast.Import) and any(a.name.endswith("_native") for a in node.names):
+                        found.append(os.path.relpath(path, ROOT))
+    assert not found, f"modules importing comms._native directly: {found}"
+
+
+def test_every_native_error_code_has_a_name_and_an_exception():
+    """Every CM_E_* code the header declares maps to its own message and an exception class (one
+    function, errors.error_class), read from the compiled core, not from a copy."""
+    with open(os.path.join(ROOT, "native", "_cdefs.h")) as f:
+        names = re.findall(r"\bCM_E_([A-Z_]+) =", f.read())
+    assert len(names) >= 10
+    for name in names:
+        code = getattr(lib, f"CM_E_{name}")
+        assert getattr(errors, f"E_{name}") == code < 0
+        assert not errors.code_name(code).startswith("error "), name
+        assert issubclass(errors.error_class(code), errors.CommsError)
+

@@ -1,4 +1,4 @@
-"""Every algorithm's plans, run in-process over the in-memory transport (comms.simulate), against
+"""Every algorithm's plans, run in-process over the in-memory transport (comms.testing.simulate), against
 the numpy reference, with hypothesis drawing world sizes, dtypes, ops, counts, roots and
 in-place/out-of-place. Fast: no processes, no native code."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from comms import algorithms, simulate
+from comms import algorithms
+from comms.testing import simulate
 from comms.algorithms import deterministic  # noqa: F401  (algorithms.deterministic)
 from comms.algorithms.plan import Args
 from comms.dtypes import BOOL, DTYPE_SIZES, FLOATING, ReduceOp
@@ -55,7 +56,7 @@ def run_plans(coll, algo, n, count, dtype, op, root=-1, inplace=False, splits=No
 
 
 def board_bytes(hosts: tuple) -> int:
-    """The board's capacity as a communicator on one host has it (comms.bootstrap: COMMS_SHM_BOARD_BYTES
+    """The board's capacity as a communicator on one host has it (comms.runtime.bootstrap: COMMS_SHM_BOARD_BYTES
     with the test's largest count of 40 elements of 8 B in mind, so both use and decline show)."""
     return 256 if len(hosts) <= 1 else 0
 
@@ -303,7 +304,7 @@ def test_deterministic_mode_is_bitwise_identical_across_algorithms_and_sizes(lay
     # arbitrary floats (not small integers) so that the order of operations shows in the bits
     ins = [rng.standard_normal(count).astype(np.float32) for _ in range(n)]
     if dtype == 1:
-        from comms import reference
+        from comms.testing import reference
         ins = [reference.f32_to_bf16(x) for x in ins]
     else:
         ins = [x.astype({0: np.float16, 2: np.float32, 3: np.float64}[dtype]) for x in ins]

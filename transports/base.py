@@ -17,7 +17,7 @@ A transport is built per communicator during init, in three calls:
 2. ``can_connect(me, peer) -> bool`` for each pair (two PeerInfo): may this transport carry the
    traffic between them? Init gives a pair to the first transport in ``ORDER`` that says yes and
    for which both ranks published an address. The answer depends only on the two PeerInfo and the
-   configuration, so every rank computes the same choice for every pair (:func:`comms.bootstrap`
+   configuration, so every rank computes the same choice for every pair (:func:`comms.runtime.bootstrap`
    uses that for the cost model's route).
 3. ``connect(peer, address) -> Endpoint`` for every peer that chose this transport: the channel
    is then attached to the native engine. Then ``finish()`` once every rank connected (a store
@@ -98,7 +98,7 @@ class Transport(ABC):
     def __init__(self, boot):
         """``boot`` is the init-time context (rank, size, PeerInfo of all ranks, the native engine,
         the store, the deadline, the transports COMMS_TRANSPORT lists); see
-        :class:`comms.bootstrap.Bootstrap`. Only listed transports are built when it lists some."""
+        :class:`comms.runtime.bootstrap.Bootstrap`. Only listed transports are built when it lists some."""
         self.boot = boot
 
     @property

@@ -20,7 +20,7 @@ import struct
 import time
 
 from .. import config
-from .. import log as clog
+from ..diag import log as clog
 from ..errors import CommTimeout, TransportError
 
 log = clog.get("TRANSPORT")

@@ -28,7 +28,7 @@ from collections import deque
 import numpy as np
 
 from .. import config
-from .. import log as clog
+from ..diag import log as clog
 from ..errors import TransportError
 from ..selection.model import Link
 from .base import Endpoint, Transport
@@ -58,7 +58,7 @@ _probed: dict = {}
 
 
 def _info_dict(info) -> dict:
-    from .._native import ffi
+    from ..runtime.native import ffi
     modes = int(info.mr_mode)
     return {"provider": ffi.string(info.provider).decode(), "fabric": ffi.string(info.fabric).decode(),
             "domain": ffi.string(info.domain).decode(), "hardware": bool(info.hardware),
@@ -75,7 +75,7 @@ def probe(node: str = "", domain: str | None = None) -> dict:
     domain = config.get("RDMA_DOMAIN") if domain is None else domain
     key = (node, domain, os.environ.get("FI_PROVIDER"), config.get("RDMA_LIBFABRIC"))
     if key not in _probed:
-        from .._native import ffi, lib
+        from ..runtime.native import ffi, lib
         _library()
         info = ffi.new("cm_rdma_info *")
         rc = lib.cm_rdma_probe(node.encode(), domain.encode(), info)
@@ -84,7 +84,7 @@ def probe(node: str = "", domain: str | None = None) -> dict:
 
 
 def _library() -> None:
-    from .._native import lib
+    from ..runtime.native import lib
     if lib.cm_rdma_library(config.get("RDMA_LIBFABRIC").encode()) != 0:
         raise TransportError(f"COMMS_RDMA_LIBFABRIC={config.get('RDMA_LIBFABRIC')!r}: another libfabric is loaded "
                              "in this process already")
@@ -151,7 +151,7 @@ class Pins:
                 self._pin(owner, base, nbytes, rec)
 
     def _pin(self, owner, base: int, nbytes: int, old) -> None:
-        from .._native import lib
+        from ..runtime.native import lib
         if old is not None:
             old[2].detach()
         fin = weakref.finalize(owner, _died, weakref.ref(self), id(owner), base, nbytes)
@@ -165,7 +165,7 @@ class Pins:
             lib.cm_rdma_pin(ctx, base, nbytes)
 
     def _forget_dead(self) -> None:
-        from .._native import lib
+        from ..runtime.native import lib
         with self.engine.locked() as ctx:
             while self.dead:
                 base, nbytes = self.dead.popleft()
@@ -208,8 +208,8 @@ class RdmaTransport(Transport):
     def listen(self) -> bytes:
         if not self._wanted():
             return b""
-        from .._native import ffi, lib
-        from ..cleanup import segment_name
+        from ..runtime.native import ffi, lib
+        from ..runtime.cleanup import segment_name
         info = ffi.new("cm_rdma_info *")
         blob = ffi.new("char[1024]")
         blen = ffi.new("size_t *", 1024)
@@ -257,7 +257,7 @@ class RdmaTransport(Transport):
                              rank=self.boot.rank, peer=peer)
 
     def connect(self, peer: int, address: bytes) -> Endpoint:
-        from .._native import lib
+        from ..runtime.native import lib
         fi, liveness = self._parse(peer, address)
         sock = self.mesh.connection(peer, liveness)
         sock.setblocking(False)
@@ -281,7 +281,7 @@ class RdmaTransport(Transport):
     def stats(self) -> dict:
         if self.info is None:
             return {}
-        from .._native import ffi, lib
+        from ..runtime.native import ffi, lib
         out = ffi.new("uint64_t[5]")
         with self.boot.engine.locked() as ctx:
             if ctx is None or lib.cm_rdma_mr_stats(ctx, out, 5) != 0:

@@ -4,7 +4,7 @@ Each rank creates one /dev/shm segment holding its inbound rings (one per local 
 every local peer's segment. As soon as every local rank has mapped every segment, each rank
 unlinks its own: from then on the segments have no name, and the kernel frees them when the last
 process exits, even after ``kill -9``. A rank killed during init leaves a named segment behind;
-its name carries the creator's pid, and :func:`comms.cleanup.sweep_stale_segments` (run at every
+its name carries the creator's pid, and :func:`comms.runtime.cleanup.sweep_stale_segments` (run at every
 init and by the launchers) removes it.
 
 Space is reserved with posix_fallocate, so a /dev/shm too small fails at init with the size it
@@ -19,7 +19,7 @@ import shutil
 import struct
 
 from .. import config
-from ..cleanup import SHM_DIR, segment_name, sweep_stale_segments
+from ..runtime.cleanup import SHM_DIR, segment_name, sweep_stale_segments
 from ..errors import TransportError
 from ..selection.model import Link
 from .base import Endpoint, Transport
@@ -53,7 +53,7 @@ class ShmTransport(Transport):
         return me.same_host(peer)
 
     def listen(self) -> bytes:
-        from .._native import ffi, lib
+        from ..runtime.native import ffi, lib
         if len(self.local) < 2:
             return b""
         sweep_stale_segments()
@@ -96,7 +96,7 @@ class ShmTransport(Transport):
         return (name, *ADDR.unpack_from(address))
 
     def connect(self, peer: int, address: bytes) -> Endpoint:
-        from .._native import ffi, lib
+        from ..runtime.native import ffi, lib
         name, nbytes, nslots, slot_bytes, board_bytes = self._parse(peer, address)
         if (nslots, slot_bytes, board_bytes) != (self.nslots, self.slot_bytes, self.board_bytes):
             raise TransportError(f"shm: rank {peer} uses {nslots} slots of {slot_bytes} B and board slots of "
@@ -126,12 +126,12 @@ class ShmTransport(Transport):
 
     def unlink(self) -> None:
         if self.seg_name:
-            from .._native import lib
+            from ..runtime.native import lib
             lib.cm_shm_unlink(self.seg_name.encode())
             self.seg_name = None
 
     def close(self) -> None:
-        from .._native import lib
+        from ..runtime.native import lib
         self.unlink()
         for addr, nbytes in self.mapped:
             lib.cm_shm_unmap(addr, nbytes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 
 from .. import config
-from .. import log as clog
+from ..diag import log as clog
 from ..errors import TransportError
 from ..selection.model import Link
 from .base import Endpoint, Transport
@@ -69,7 +69,7 @@ class TcpTransport(Transport):
         sock = self.mesh.connection(peer, address)
         _tune(sock)
         sock.setblocking(False)
-        from .._native import lib
+        from ..runtime.native import lib
         rc = lib.cm_ctx_add_tcp_peer(self.boot.engine.ctx, peer, sock.fileno(), config.get("TCP_CHUNK_BYTES"))
         if rc != 0:
             sock.close()

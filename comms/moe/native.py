@@ -16,7 +16,7 @@ import os
 import torch
 
 from .. import errors
-from .._native import ffi, lib
+from ..runtime.native import ffi, lib
 from ..dtypes import BF16, F16, F32, F64
 
 _SUM_CODES = {torch.bfloat16: BF16, torch.float16: F16, torch.float32: F32, torch.float64: F64}

@@ -34,7 +34,7 @@ import torch
 from .. import config, errors
 from ..communicator import Communicator
 from ..dtypes import ReduceOp
-from ..log import get as get_logger
+from ..diag.log import get as get_logger
 from . import native
 from .layout import offsets
 

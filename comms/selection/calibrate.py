@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .. import config
-from .. import log as clog
+from ..diag import log as clog
 from .model import Params, describe_links
 
 log = clog.get("TUNING")
@@ -127,7 +127,7 @@ def _beta(comm, peer: int, lead: bool, reps: int) -> float:
 
 
 def _reduce_gbps() -> float:
-    from .._native import ffi, lib
+    from ..runtime.native import ffi, lib
     x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)
     best = float("inf")
     for _ in range(4):

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import log as clog
+from ..diag import log as clog
 
 log = clog.get("ALGO")
 

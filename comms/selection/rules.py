@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .. import algorithms, config
-from .. import log as clog
+from ..diag import log as clog
 from ..algorithms import deterministic
 from ..algorithms.plan import Args, NotSupported, Plan
 from ..config import _size

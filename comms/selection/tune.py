@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = _parse(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        from ..run import launch
+        from ..launch.run import launch
         n = ns.nproc or len(os.sched_getaffinity(0))
         return launch(["-m", "comms.tune", *argv], n)
     os.environ["COMMS_ONLINE_ROUNDS"] = str(ns.rounds)

@@ -37,9 +37,10 @@ def main() -> None:
             # 1. a stream of synchronous sends, odd sizes
             for i, n in enumerate(sizes):
                 comm.send(payload(n, i), 1)
-            # 2. sent long before the receive is posted (rank 1 sleeps, then computes)
+            # 2. sent long before the receive is posted: rank 1 first takes the marker behind them
             for i, n in enumerate(sizes[:3]):
                 comm.send(payload(n, 100 + i), 1, tag=2)
+            comm.send(np.zeros(1, np.uint8), 1, tag=8)
             # 3. the receive is posted while the message arrives (rank 1 waits for tag 5 meanwhile)
             big = comm.send(payload(64 * MiB, 300), 1, tag=3, async_op=True)
             comm.send(payload(16, 301), 1, tag=5)
@@ -64,7 +65,7 @@ def main() -> None:
                 buf = np.zeros(n, np.uint8)
                 comm.recv(buf, 0)
                 expect(buf, i, f"stream message {i}")
-            time.sleep(0.3)
+            comm.recv(np.zeros(1, np.uint8), 0, tag=8)     # behind the tag 2 messages: they came first
             for i, n in enumerate(sizes[:3]):
                 buf = np.zeros(n, np.uint8)
                 comm.recv(buf, 0, tag=2)

@@ -23,11 +23,11 @@ import threading
 import time
 import weakref
 
-from . import config
+from .. import config
 from . import log as clog
-from ._native import ffi, lib
-from .algorithms.plan import COLL_NAMES, COMM_KINDS, SEND
-from .dtypes import DTYPE_NAMES
+from ..runtime.native import ffi, lib
+from ..algorithms.plan import COLL_NAMES, COMM_KINDS, SEND
+from ..dtypes import DTYPE_NAMES
 
 log = clog.get("FLIGHT")
 STATES = {1: "started", 2: "done", 3: "failed"}

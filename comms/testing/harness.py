@@ -23,7 +23,7 @@ Contract:
   ``.failures`` records every failure. When ``timeout`` passes first, :class:`SpawnTimeout` names the ranks still
   running. A rank counts as finished once it has reported *and* exited.
 * Always, before returning or raising: every rank is killed and joined, the store is closed and
-  ``comms.cleanup.sweep_stale_segments`` is run for the ranks' pids.
+  ``comms.runtime.cleanup.sweep_stale_segments`` is run for the ranks' pids.
 
 Only the standard library is imported at module level (the children import this module first).
 """
@@ -39,7 +39,7 @@ import traceback
 from typing import Any, Callable
 
 FAIL_GRACE_S = 5.0
-# 5 s, not 2: a survivor of a killed tcp peer first waits up to comms.failures.REASON_WAIT (1 s) for
+# 5 s, not 2: a survivor of a killed tcp peer first waits up to comms.runtime.failures.REASON_WAIT (1 s) for
 # the reason the peer never published, then closes and exits; under the full suite on 2 cores that
 # once took more than 2 s, and the survivors were killed before they reported their PeerError
 
@@ -236,7 +236,7 @@ def spawn(fn: Callable[..., Any], world_size: int, timeout: float = 60.0, args: 
             r.close()
         del store
         try:
-            from comms.cleanup import sweep_stale_segments
+            from comms.runtime.cleanup import sweep_stale_segments
             sweep_stale_segments({p.pid for p in procs if p.pid is not None})
         except Exception:  # noqa: BLE001 - cleanup must not mask the real outcome
             pass

@@ -25,13 +25,13 @@ import os
 import time
 from datetime import timedelta
 
-from . import config
-from . import log as clog
+from .. import config
+from ..diag import log as clog
 from .engine import Engine
-from .errors import CommsError, CommTimeout, InvalidUsage, TransportError
+from ..errors import CommsError, CommTimeout, InvalidUsage, TransportError
 from .hostid import PeerInfo
-from .transports import NAMES, ORDER
-from .selection.model import Route
+from ..transports import NAMES, ORDER
+from ..selection.model import Route
 
 log = clog.get("INIT")
 

@@ -1,6 +1,6 @@
 """Logging: ``COMMS_DEBUG=WARN|INFO|TRACE`` and ``COMMS_DEBUG_SUBSYS=INIT,TRANSPORT,ALGO,...``.
 
-Every subsystem logs through ``comms.log.get(SUBSYS)`` (a logger named ``comms.<subsys>``). When
+Every subsystem logs through ``comms.diag.log.get(SUBSYS)`` (a logger named ``comms.<subsys>``). When
 COMMS_DEBUG is set, comms attaches its own stderr handler, and each line is tagged like NCCL's:
 
     myhost:4242 [1] comms INFO INIT rank 1 of 4 on myhost: local ranks [0, 1], ...
@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 
-from . import config
+from .. import config
 
 SUBSYSTEMS = ("INIT", "TRANSPORT", "ALGO", "TUNING", "COLL", "FLIGHT")
 LEVELS = {"WARN": logging.WARNING, "WARNING": logging.WARNING, "INFO": logging.INFO, "TRACE": logging.DEBUG,

@@ -2,7 +2,7 @@
 
 Two ranks may share memory when they see the same kernel (boot id), the same IPC namespace and the
 same /dev/shm (device and inode of the mount), and when each finds the probe file the other created
-in /dev/shm (:func:`comms.bootstrap` checks this both ways). LOCAL_WORLD_SIZE and hostnames are
+in /dev/shm (:func:`comms.runtime.bootstrap` checks this both ways). LOCAL_WORLD_SIZE and hostnames are
 never used. ``COMMS_HOST_ID`` overrides the whole identity (containers that share a host, tests
 that simulate several hosts); the probe is then skipped.
 """
@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import asdict, dataclass, field
 
-from . import config
+from .. import config
 from .cleanup import SHM_DIR, segment_name
 
 
@@ -81,7 +81,7 @@ class PeerInfo:
     @classmethod
     def from_json(cls, d, rank: int) -> "PeerInfo":
         """The PeerInfo rank ``rank`` published (JSON from the store), its fields' types checked."""
-        from .errors import TransportError
+        from ..errors import TransportError
         types = {"rank": int, "host": str, "hostname": str, "pid": int, "pid_ns": int, "cores": int, "probe": str,
                  "extra": dict}
         if not isinstance(d, dict) or set(d) != set(types) or \

@@ -16,11 +16,11 @@ import time
 from collections import deque
 from typing import Callable
 
-from . import log as clog
-from ._native import ffi, lib
-from .algorithms.plan import Plan
-from .errors import EAGAIN, TransportError
-from .work import Work
+from ..diag import log as clog
+from .native import ffi, lib
+from ..algorithms.plan import Plan
+from ..errors import EAGAIN, TransportError
+from ..work import Work
 
 SLICE_NS = 1_000_000        # how long the progress thread waits natively before releasing the lock
 
@@ -81,7 +81,7 @@ class Engine:
             lib.cm_ctx_set_seq(self.ctx, value)
 
     def set_timeline(self, timeline) -> None:
-        """Record every plan's message times into ``timeline`` (comms.timeline.Timeline)."""
+        """Record every plan's message times into ``timeline`` (comms.diag.timeline.Timeline)."""
         with self.lock:
             self.timeline = timeline
             lib.cm_ctx_set_trace(self.ctx, 1)
@@ -244,7 +244,7 @@ class Engine:
     COUNTERS = ("plans", "sleeps", "busy_ns", "failed_plans", "preempted_spins")
 
     def _raw_counters(self) -> dict:
-        from .transports import NAMES
+        from ..transports import NAMES
         out = ffi.new("uint64_t[8]")
         pair = ffi.new("uint64_t[2]")
         raw = {}

@@ -3,7 +3,7 @@
 The in-memory transport keeps one FIFO of messages per ordered pair of ranks. The simulator
 steps the ranks round-robin with the same semantics as native/engine.c: consecutive
 communication steps are posted together; sends deliver at once; a local step or PHASE waits for
-every posted receive; receives match in order. Reductions use :mod:`comms.reference`. A plan set
+every posted receive; receives match in order. Reductions use :mod:`comms.testing.reference`. A plan set
 that can make no progress raises :class:`Deadlock`, naming the stuck steps.
 """
 from __future__ import annotations
@@ -13,8 +13,7 @@ from collections import deque
 import numpy as np
 
 from . import reference
-from .algorithms.plan import (BOARD, COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, REDUCE,
-                              REDUCE_SLOTS, SCRATCH, SEND, Plan)
+from ..algorithms.plan import (BOARD, COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, REDUCE, REDUCE_SLOTS, SCRATCH, SEND, Plan)
 
 
 class Deadlock(RuntimeError):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from . import errors
-from .algorithms.plan import COLL_NAMES, STEP_NAMES
-from .dtypes import DTYPE_NAMES, ReduceOp
-from .errors import CommsError, MismatchError, error_class
+from .. import errors
+from ..algorithms.plan import COLL_NAMES, STEP_NAMES
+from ..dtypes import DTYPE_NAMES, ReduceOp
+from ..errors import CommsError, MismatchError, error_class
 
 REASON_WAIT = timedelta(seconds=1.0)
 

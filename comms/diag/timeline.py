@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from .algorithms.plan import COMM_KINDS, STEP_NAMES
+from ..algorithms.plan import COMM_KINDS, STEP_NAMES
 
 TRACK_COLL, TRACK_MSG = 0, 1
 

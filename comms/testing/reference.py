@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dtypes import BF16, BOOL, F16, FLOATING, NUMPY_STORAGE
+from ..dtypes import BF16, BOOL, F16, FLOATING, NUMPY_STORAGE
 
 # kernel op codes (ReduceOp.kernel)
 SUM, PROD, MIN, MAX, BAND, BOR, BXOR = range(7)

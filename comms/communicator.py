@@ -66,7 +66,8 @@ class Communicator(Operations):
         self._hot: dict[tuple, Encoded] = {}
         self._lock = boot.engine.lock
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
-        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
+        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran,
+                                        config.get("ONLINE_TURN_MS"))
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
         self._splits = 0
@@ -86,7 +87,8 @@ class Communicator(Operations):
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._drop_hot()
         self._ran.clear()
-        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran)
+        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran,
+                                        config.get("ONLINE_TURN_MS"))
         # the flight recorder and the counters start after init's own traffic (calibration)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         self._engine.zero_counters()

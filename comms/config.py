@@ -78,6 +78,10 @@ declare("ONLINE_ROUNDS", int, 0, "Opt-in online timing: where a selection rule n
         "(all_reduce:16K-64K:direct|rhd), the first calls of each size run them in this many rounds, timed, and "
         "every rank keeps the fastest (comms.selection.online; python -m comms.tune runs the same trials). 0 (default): the first alternative runs, and no call of the job is spent on trials "
         "(the bench's 2000 calls of 8 B ran 3x slower while 6 rounds went on: 5.4 us against 1.75 us).")
+declare("ONLINE_TURN_MS", float, 10.0, "How long one turn of an alternative lasts in online timing, about (60 % "
+        "untimed, 40 % timed; the calls of a turn are capped alike). python -m comms.tune uses 100: on 2 simulated "
+        "hosts at 2 Gbit/s (tbf), 10 ms turns timed recursive doubling at 0.81x hierarchical at 32 KiB, where the "
+        "bench's 0.4 s per size measured 1.14x.")
 declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
         "element is reduced in rank order with float32 accumulation.")
 declare("MOE_SINGLE_COPY", bool, True, "Expert-parallel dispatch/combine between ranks of one host writes token rows "

@@ -1,25 +1,21 @@
 """Calibration: the cost model's link figures, measured once per host signature and cached.
 
-The first init on a host signature (CPU, cores, host layout, link classes, NICs and their speeds,
-kernel) measures, on rank 0 and its peers, each link class of the communicator's route
-(comms.selection.model.Route) and the reduction speed, and caches them by transport name in
-``~/.cache/comms/calibration.json``. That takes well under 2 s (tests/test_selection.py checks the
-figures' shape, bench's init timing the seconds):
+The first init on a host signature (CPU, cores, hosts x ranks, link classes, NICs, kernel)
+measures each link class of the route and the reduction speed on rank 0 and its peers, in well
+under 2 s, and caches them by transport name in ``~/.cache/comms/calibration.json``:
 
-* ``alpha_us``: one step of a plan: 8 B passed around a ring of the link's ranks, every member
-  sending and receiving in each of :data:`HOP_ROUNDS` rounds of one native plan, the least of
-  :data:`HOP_REPS` runs. It leaves out the per-call cost every algorithm pays alike and includes
-  what ranks sharing cores add to every step.
-* ``beta_gbps``: a 4 MiB ping-pong between rank 0 and its first peer on the link, less the 8 B
-  one, the least of several (other work on a shared machine only adds to a time).
-* ``reduce_gbps``: rank 0's float32 SUM of 32 MiB, beyond the caches.
+* ``alpha_us``: one plan step: 8 B around a ring of the link's ranks, every member sending and
+  receiving in each of :data:`HOP_ROUNDS` rounds of one native plan, the least of :data:`HOP_REPS`
+  runs, with every rank in such a ring at once (no per-call cost; what ranks sharing cores, and
+  the kernel's work on their packets, add to a step is in);
+* ``beta_gbps``: a 4 MiB ping-pong less an 8 B one, the least of several;
+* ``reduce_gbps``: a float32 SUM of 32 MiB, beyond the caches.
 
-Rank 0's figures go to every rank through the store, so every rank prices alike. The entry also
-holds the rules ``python -m comms.tune`` wrote for the signature (:func:`save_rules`). A shaped or
-busy link is not part of the signature, so at every init with cached figures of a link between
-hosts, rank 0 and its peer time a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s); a bandwidth off
-by more than :data:`LINK_DRIFT` drops the entry, tuned rules and all, and measures again.
-COMMS_CALIBRATE=0 uses the transports' default figures and no cache.
+Every rank gets rank 0's figures through the store. The entry also keeps the rules
+``python -m comms.tune`` wrote (:func:`save_rules`). Shaping is not in the signature, so an init
+with cached figures of a link between hosts checks them with a few 4 MiB ping-pongs (about 0.2 s
+at 2 Gbit/s) and measures again, dropping the tuned rules, when the bandwidth moved more than
+:data:`LINK_DRIFT`. COMMS_CALIBRATE=0 uses the transports' defaults and no cache.
 """
 from __future__ import annotations
 
@@ -152,15 +148,23 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
         return Calibration(Params(), "", "")
     key, sig = f"{comm.prefix}calibration", signature(comm)
     topo, route = comm.topology, comm.route
-    rings = {}                           # link class -> the ranks that measure it, rank 0 first
-    if len(topo.hosts) > 1:
-        rings[route.inter] = sorted(h.leader for h in topo.hosts)
-    if len(topo.hosts[0].ranks) > 1 and route.intra not in rings:
-        rings[route.intra] = sorted(topo.hosts[0].ranks)
+    # link class -> ring_of(rank): the ring that rank runs. Every rank runs one at once, as in a
+    # collective's steps: between hosts the ranks of one local index (rank 0's: the leaders), inside
+    # a host its ranks. Measured with the leaders alone while the other ranks idled, on 2 simulated
+    # hosts x 2 ranks sharing 2 CPUs under htb, the tcp step came out at 8.8 us where an 8 B
+    # recursive doubling took 170-180 us, and the model chose hierarchical at 8 KiB, 1.86x behind
+    # recursive doubling (bench.regret)
+    hosts = [sorted(h.ranks) for h in topo.hosts]
+    where = {r: (i, k) for i, h in enumerate(hosts) for k, r in enumerate(h)}
+    rings = {}
+    if len(hosts) > 1:
+        rings[route.inter] = lambda r: [h[where[r][1]] for h in hosts if where[r][1] < len(h)]
+    if len(hosts[0]) > 1 and route.intra not in rings:
+        rings[route.intra] = lambda r: hosts[where[r][0]]
     cached = _agree(store, f"{key}/cached", comm.rank, lambda: json.dumps(_load().get(sig)))
     entry = json.loads(cached)
     if entry and len(topo.hosts) > 1:
-        peer = rings[route.inter][1]
+        peer = rings[route.inter](0)[1]
         now = _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, 4) if comm.rank in (0, peer) else 0.0
 
         def holds() -> str:
@@ -174,11 +178,12 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
             entry = None
     if not entry:
         links = {}
-        for cls, members in rings.items():
-            peer = members[1]
+        for cls, ring_of in rings.items():
+            peer, members = ring_of(0)[1], ring_of(comm.rank)
             beta = _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, 6) if comm.rank in (0, peer) else 0
             alpha = float("inf")
-            if comm.rank in members:
+            _agree(store, f"{key}/{cls}/rings", comm.rank, lambda: "go")     # every ring starts together
+            if len(members) > 1:
                 i = members.index(comm.rank)
                 right, left = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
                 ring(right, left, 5)                                   # warm up

@@ -1,34 +1,20 @@
 """Timing of alternatives: the one mechanism behind online choices and ``python -m comms.tune``.
 
-A rule of the selector's grammar may name several algorithms, ``all_reduce:16K-64K:direct|rhd``.
-With COMMS_ONLINE_ROUNDS > 0 (opt-in: off by default, so no job changes algorithm midway unless
-asked to) the calls of each size time them and keep the fastest. ``python -m comms.tune`` runs the
-same trials on purpose, on every algorithm at a sweep of sizes, and writes the winners as rules.
+A rule may name several algorithms, ``all_reduce:16K-64K:direct|rhd``. With COMMS_ONLINE_ROUNDS > 0
+(opt-in, so no job changes algorithm midway unless asked to) the calls of each plan key
+(collective, count, dtype, op, ...) time the alternatives that build a plan and keep the fastest;
+``python -m comms.tune`` runs the same trials on purpose and writes the winners as rules.
 
-Contract, per plan key (collective, count, dtype, op, root, ...) whose first matching rule names
-two or more alternatives that build a plan (one that declines the case drops out):
-
-* Schedule. The key's first calls run every alternative :data:`SIZING_CALLS` times; at the next
-  call one MAX all_reduce agrees on each one's time per call, which sizes its turn: about
-  :data:`LEAD_S` of untimed calls, then about :data:`TIMED_S` of timed ones (:func:`turn_calls`).
-  Then ``rounds`` rounds run every alternative one turn each, the order reversed every other
-  round so that a drift of the machine hits each alike. The calls count whether synchronous or
-  not, so every rank runs the same alternative at the same call (the ranks' calls are matched in
-  order anyway). Every call computes the user's result; only the algorithm differs.
-* Timing. A synchronous call is timed from entry to return; an asynchronous one is counted but
-  not timed (its completion overlaps other work).
-* Decision, at the key's next call: every rank contributes its mean time per round and
-  alternative (``inf`` where it timed none), and one MAX all_reduce gives every rank the same
-  figures, the slowest rank's (a collective ends when its slowest rank does). Over the rounds in
-  which every alternative has a figure, each one's ratio to the first is the median of its
-  per-round ratios; the lowest ratio wins if below ``1 - SWITCH``, else the first alternative (the
-  rule's own pick) stays. The same
-  figures on every rank give the same algorithm on every rank, kept for the communicator's life
-  (``set_algo`` does not reset it).
-* ``COMMS_ONLINE_ROUNDS=0`` turns this off: the first alternative runs. Under
-  ``COMMS_DETERMINISTIC=1`` the switch does not change any result; otherwise, as with any
-  change of algorithm, the last bits of a floating-point reduction may differ between the calls
-  before the decision and those after (never between ranks).
+* Schedule: every alternative runs :data:`SIZING_CALLS` calls; one MAX all_reduce agrees on each
+  one's time per call, which sizes its turn (:func:`turn_calls`: untimed lead-in, then timed
+  calls); then ``rounds`` rounds of one turn each, the order reversed every other round. Every
+  rank runs the same alternative at the same call, and every call computes the user's result.
+* Timing: synchronous calls from entry to return; asynchronous ones are counted, not timed.
+* Decision: one MAX all_reduce gives every rank the slowest rank's mean per round and alternative;
+  over the rounds where all have a figure, the lowest median per-round ratio to the first wins if
+  below ``1 - SWITCH``, else the first (the rule's pick) stays. It is kept for the communicator's
+  life (``set_algo`` does not reset it). Without COMMS_DETERMINISTIC the last bits of a float sum
+  may differ before and after the switch (never between ranks).
 """
 from __future__ import annotations
 
@@ -55,36 +41,30 @@ TIMED_S = 0.004          # ...then about this long of timed ones: 4 ms is 4 sche
 LEAD_MAX, TIMED_MAX = 64, 32     # the calls of a turn at 8 B (1-5 us a call) stay under 0.5 ms
 
 
-def turn_calls(seconds_per_call: float) -> tuple[int, int]:
+def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
     """(untimed, timed) calls of a turn of an alternative that takes ``seconds_per_call``. The
     untimed lead-in lets a link's token bucket spend the credit it gathered while a lighter
     alternative ran: on 2 simulated hosts under a 2 Gbit/s tbf (a 4 ms burst), turns of 64 calls
     of 16 KiB, all but the first timed, put recursive doubling at 0.97-1.00x hierarchical, where
-    the bench's turns of 280 calls measured 1.17x."""
+    the bench's turns of 280 calls measured 1.17x. ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches
+    the turn and its caps: ``python -m comms.tune`` takes turns 10x as long (see its --turn-ms)."""
     t = max(seconds_per_call, 1e-7)
-    return max(1, min(LEAD_MAX, math.ceil(LEAD_S / t))), max(1, min(TIMED_MAX, math.ceil(TIMED_S / t)))
+    lead, timed, lmax, tmax = LEAD_S * scale, TIMED_S * scale, LEAD_MAX * scale, TIMED_MAX * scale
+    return max(1, int(min(lmax, math.ceil(lead / t)))), max(1, int(min(tmax, math.ceil(timed / t))))
 
 
 class Trial:
-    """One key's schedule and this rank's timings, sans-I/O apart from two dicts it keeps current:
-    ``plans`` (the communicator's plan cache) holds the encoded plan of the alternative whose turn
-    it is under ``key`` (and loses ``key`` once a phase's turns are over, so that the next call
-    goes to :meth:`Contests.pick`), and ``ran`` maps ``ran_key`` (collective, bytes) to the
-    algorithm of the call begun last. ``encs`` are the alternatives' encoded plans, each marked
-    with this trial (``enc.trial``) while it lasts.
-
-    A schedule is a list of turns (round, alternative, untimed calls, timed calls). Phases, one
-    after the other: the sizing turns (:data:`SIZING_CALLS` calls of each alternative, the first
-    untimed), whose agreed times size each alternative's turn (:func:`turn_calls`); then the
-    rounds, each running every alternative one turn, the order reversed every other round.
-
-    The communicator brackets every call of a plan marked with a trial with :meth:`begin` and
-    :meth:`end` (nothing else per call, so that a call inside a trial costs little more than one
-    outside)."""
+    """One key's schedule, a list of turns (round, alternative, untimed calls, timed calls), and
+    this rank's timings. It keeps two of the communicator's dicts current: ``plans[key]`` holds the
+    encoded plan whose turn it is (dropped when a phase ends, so the next call reaches
+    :meth:`Contests.pick`), ``ran[ran_key]`` the algorithm of the call begun last. The communicator
+    brackets each call of a plan marked with the trial (``enc.trial``) with :meth:`begin` and
+    :meth:`end`, and nothing else."""
 
     def __init__(self, alts: list[str], rounds: int, encs: list | None = None, key: tuple = (),
-                 ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None):
+                 ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None, scale: float = 1.0):
         self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
+        self.scale = scale
         self._plans = {} if plans is None else plans
         self._ran = {} if ran is None else ran
         self._algo = None
@@ -142,7 +122,7 @@ class Trial:
 
     def plan_rounds(self, seconds_per_call) -> None:
         """Start the rounds, each alternative's turn sized from its agreed time per call."""
-        self._turns_of = [turn_calls(float(t)) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
+        self._turns_of = [turn_calls(float(t), self.scale) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
         self._clear(self.rounds)
         self.phase = "rounds"
         self._begin(range(self.rounds))
@@ -172,15 +152,12 @@ def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
 
 
 class Contests:
-    """A communicator's online timings: the trials in progress and the decisions, per (plan key,
-    alternatives). ``agree`` is the communicator's MAX all_reduce of a float64 array, in place,
-    which every rank calls at the same point; ``plans`` and ``ran`` are its plan cache (key ->
-    encoded plan) and its record of the algorithm each (collective, bytes) last ran, which the
-    trials keep current (:class:`Trial`). The communicator brackets every run of a plan marked
-    with a trial with the trial's ``begin`` and ``end``."""
+    """A communicator's trials in progress and decisions, per (plan key, alternatives). ``agree``
+    is its MAX all_reduce of a float64 array in place; ``plans`` and ``ran`` as for :class:`Trial`."""
 
-    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict):
-        self.rounds = rounds
+    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict,
+                 turn_ms: float = 1e3 * (LEAD_S + TIMED_S)):
+        self.rounds, self.scale = rounds, turn_ms / (1e3 * (LEAD_S + TIMED_S))
         self._agree, self._plans, self._ran = agree, plans, ran
         self._trials: dict[tuple, Trial] = {}
         self.decided: dict[tuple, tuple] = {}           # (key, alts) -> (encoded plan, ratios)
@@ -205,7 +182,8 @@ class Contests:
                     encs.append(enc)
             if len(names) < 2 or self.rounds < 1:
                 return None
-            trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key, self._plans, self._ran)
+            trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key, self._plans, self._ran,
+                                                self.scale)
             for enc in encs:
                 enc.trial = trial
         if trial.done and trial.phase == "sizing":

@@ -32,7 +32,7 @@ GROSS = 2.0              # candidates the model prices within this of its cheape
 #                          is left to the timing, since the model's step latency on ranks sharing cores
 #                          moved 2-5x between runs (calibrate.HOP_REPS)
 OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
-MAX_CALLS = 200_000      # per size: a trial of 7 algorithms x 5 rounds at 8 B makes a few thousand
+MAX_CALLS = 200_000      # per size: 7 algorithms x 11 rounds x at most 960 calls a turn (100 ms turns) is ~74,000
 
 
 def _caller(comm, op: str, nbytes: int):

@@ -66,8 +66,7 @@ class Communicator(Operations):
         self._hot: dict[tuple, Encoded] = {}
         self._lock = boot.engine.lock
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
-        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran,
-                                        config.get("ONLINE_TURN_MS"))
+        self._contests = self._new_contests()
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
         self._splits = 0
@@ -87,8 +86,7 @@ class Communicator(Operations):
         self._plans.clear()                  # plans built during calibration used the provisional rules
         self._drop_hot()
         self._ran.clear()
-        self._contests = online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran,
-                                        config.get("ONLINE_TURN_MS"))
+        self._contests = self._new_contests()
         # the flight recorder and the counters start after init's own traffic (calibration)
         self._engine.set_flight_capacity(config.get("FLIGHT_RECORDER"))
         self._engine.zero_counters()
@@ -250,6 +248,15 @@ class Communicator(Operations):
                 self._ran.pop(next(iter(self._ran)))
             self._ran[(name, nbytes)] = enc.plan.algorithm
         return enc
+
+    def _new_contests(self) -> online.Contests:
+        """Online timing over this communicator's plan cache, as the knobs say."""
+        return online.Contests(config.get("ONLINE_ROUNDS"), self._agree_max, self._plans, self._ran,
+                               config.get("ONLINE_TURN_MS"))
+
+    def online_decided(self) -> int:
+        """How many online-timing decisions were made so far (cheap: what online_choices lists)."""
+        return len(self._contests.decided)
 
     def _agree_max(self, values: np.ndarray) -> None:
         """MAX all_reduce of ``values`` (float64), in place, planned by the rules' first choice

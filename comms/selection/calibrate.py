@@ -122,18 +122,25 @@ def _beta(comm, peer: int, lead: bool, reps: int) -> float:
     return min(max((4 << 20) / max(big - small, 1e-3) / 1e3, 0.05), 100.0)
 
 
+def _beta_from_rank0(comm, peer: int, reps: int) -> float:
+    """:func:`_beta` between rank 0 and ``peer``, on those two ranks; 0.0 on the others."""
+    if comm.rank not in (0, peer):
+        return 0.0
+    return _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, reps)
+
+
 def _reduce_gbps() -> float:
     from ..runtime.native import ffi, lib
     x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)
     best = float("inf")
     for _ in range(4):
         t0 = time.perf_counter()
-        lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, 2, 0)
+        lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, lib.CM_F32, lib.CM_SUM)
         best = min(best, time.perf_counter() - t0)
     return round(min(x.nbytes / best / 1e9, 100.0), 3)
 
 
-def _agree(store, key: str, rank: int, value: Callable[[], str] | None) -> str:
+def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
     """Rank 0's ``value()`` published under ``key``; every rank returns it."""
     if rank == 0:
         store.set(key, value())
@@ -165,7 +172,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
     entry = json.loads(cached)
     if entry and len(topo.hosts) > 1:
         peer = rings[route.inter](0)[1]
-        now = _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, 4) if comm.rank in (0, peer) else 0.0
+        now = _beta_from_rank0(comm, peer, 4)
 
         def holds() -> str:
             then = entry.get("links", {}).get(route.inter, {}).get("beta_gbps") or 0.0
@@ -180,7 +187,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
         links = {}
         for cls, ring_of in rings.items():
             peer, members = ring_of(0)[1], ring_of(comm.rank)
-            beta = _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, 6) if comm.rank in (0, peer) else 0
+            beta = _beta_from_rank0(comm, peer, 6)
             alpha = float("inf")
             _agree(store, f"{key}/{cls}/rings", comm.rank, lambda: "go")     # every ring starts together
             if len(members) > 1:

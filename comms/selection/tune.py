@@ -65,7 +65,7 @@ def candidates(comm, op: str, nbytes: int) -> list[str]:
 
 def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:
     """Collective: the trial's winner at each size, as (selector sizes, picks)."""
-    done, picks, at = len(comm.online_choices()), [], []
+    done, picks, at = comm.online_decided(), [], []
     for nbytes in sizes:
         call, m = _caller(comm, op, nbytes)
         if at and m <= at[-1]:
@@ -74,7 +74,7 @@ def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:
         comm.set_algo(f"{op}:{m}-{m + 1}:{'|'.join(names)}")
         for _ in range(MAX_CALLS if len(names) > 1 else 1):
             call()
-            if len(comm.online_choices()) > done:
+            if comm.online_decided() > done:      # not online_choices(): it builds a list per call
                 break
         else:
             if len(names) > 1:

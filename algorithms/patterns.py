@@ -61,3 +61,16 @@ def dissemination_distances(size: int) -> list[int]:
         out.append(d)
         d <<= 1
     return out
+
+
+def skip_ring(rank: int, size: int) -> list[int]:
+    """The ranks ``rank`` watches in the control plane's heartbeat graph: rank ± 1, 2, 4, ... (mod
+    size), each once, never itself. The graph is symmetric (a watches b when b watches a), every
+    rank has about 2·log2(size) neighbours, and any rank reaches any other in log2(size) hops, so a
+    failure notice floods the survivors in a few hops even after some ranks died."""
+    out: list[int] = []
+    for d in dissemination_distances(size):
+        for peer in ((rank + d) % size, (rank - d) % size):
+            if peer != rank and peer not in out:
+                out.append(peer)
+    return out

@@ -9,18 +9,18 @@ See README.md for the API, comms.errors for the exception tree, comms.config for
 from __future__ import annotations
 
 from . import config
-from .api import create, init
+from .api import create, init, join
 from .communicator import Communicator
 from .dtypes import AVG, BAND, BOR, BXOR, MAX, MIN, PROD, SUM, ReduceOp
-from .errors import CommsError, CommTimeout, InvalidUsage, MismatchError, NotSupported, PeerError, TransportError
+from .errors import CommsError, CommTimeout, InvalidUsage, MismatchError, NotSupported, PeerError, Revoked, TransportError
 from .work import Work
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "create", "Communicator", "Work", "ReduceOp",
+    "init", "create", "join", "Communicator", "Work", "ReduceOp",
     "SUM", "PROD", "MIN", "MAX", "AVG", "BAND", "BOR", "BXOR",
-    "CommsError", "CommTimeout", "InvalidUsage", "MismatchError", "NotSupported", "PeerError", "TransportError",
+    "CommsError", "CommTimeout", "InvalidUsage", "MismatchError", "NotSupported", "PeerError", "Revoked", "TransportError",
     "config",
 ]
 

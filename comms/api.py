@@ -42,8 +42,26 @@ def init(rank: int | None = None, world_size: int | None = None, store: Any = No
 
 
 def create(rank: int, size: int, store: Any, prefix: str, timeout: float, algo: str | None,
-           members: Sequence[int] | None, params=None) -> Communicator:
-    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init and split; a split
-    inherits its parent's cost-model ``params`` instead of calibrating)."""
+           members: Sequence[int] | None, params=None, control=None) -> Communicator:
+    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init, split, shrink and
+    grow; a split inherits its parent's cost-model ``params`` instead of calibrating, and its
+    ``control`` plane: (plane, plane ranks); None starts a new plane)."""
     boot = Bootstrap(rank, size, store, prefix, timeout).run()
-    return Communicator(boot, store, prefix, timeout, algo, members, params)
+    return Communicator(boot, store, prefix, timeout, algo, members, params, control)
+
+
+def join(name: str = "default", store: Any = None, timeout: float | None = None, algo: str | None = None) -> Communicator:
+    """A replacement's way in: wait until a group calls ``comm.grow()`` (same ``name``), then become
+    its newest rank(s). ``store``: the group's store (default: MASTER_ADDR:MASTER_PORT, as a client)."""
+    from datetime import timedelta
+    from .control import membership
+    timeout = float(config.get("TIMEOUT") if timeout is None else timeout)
+    if store is None:
+        from torch.distributed import TCPStore
+        try:
+            host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        except (KeyError, ValueError):
+            raise InvalidUsage("comms.join(): MASTER_ADDR and MASTER_PORT must name the group's store, or pass "
+                               "store=") from None
+        store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
+    return membership.join(store, name, timeout, algo)

@@ -28,7 +28,9 @@ from .algorithms.plan import COLL_IDS, Args, NotSupported, Plan
 from .runtime.native import ffi
 from .dtypes import DTYPE_SIZES, ReduceOp
 from .runtime.engine import Encoded
+from .control import wire
 from .errors import CommsError, InvalidUsage, PeerError
+from .runtime.native import E_PEER_CLOSED, E_PEER_DEAD, E_REVOKED
 from .selection import online
 from .selection.calibrate import Calibration, calibrate
 from .selection.model import cost
@@ -45,7 +47,7 @@ class Communicator(Operations):
     """A group of ``size`` ranks. Create with :func:`comms.init` or :meth:`split`."""
 
     def __init__(self, boot, store, prefix: str, timeout: float, algo: str | None, members: Sequence[int] | None,
-                 params=None):
+                 params=None, control=None):
         self._boot = boot
         hooks = [h for t in boot.transports if (h := t.buffer_hook()) is not None]
         self._track = hooks[0] if len(hooks) == 1 else (lambda keep: [h(keep) for h in hooks]) if hooks else None
@@ -69,11 +71,15 @@ class Communicator(Operations):
         self._contests = self._new_contests()
         self._scratch = np.empty(0, np.uint8)
         self._scratch_ptr: Any = 0
-        self._splits = 0
+        self._splits = self._shrinks = self._grows = 0
         self._broken: CommsError | None = None
         self._closed = False
         self._topology = None
-        self._finalizer = weakref.finalize(self, _release, boot)
+        self._failed: dict[int, str] = {}    # rank -> cause, as the control plane declared them
+        self._revoker: int | None = None
+        self._control_link: list = [None, wire.token(prefix)]     # the plane, this communicator's token
+        self._finalizer = weakref.finalize(self, _release, boot, self._control_link)
+        self._plane_ranks = self._attach_control(control)
         flight.register(self)
         self._deterministic = config.get("DETERMINISTIC")
         self._route = self._boot.route()     # the cost model's link classes, alike on every rank
@@ -98,6 +104,43 @@ class Communicator(Operations):
                                       self.rank, self.transports)
             self._engine.set_timeline(self._timeline)
             atexit.register(self._timeline.write)
+
+    def _attach_control(self, control) -> list[int]:
+        """Subscribe to a control plane: the parent's for a split (``control``: (plane, the plane's
+        ranks of this communicator's)), else a new one (comms.control.plane), unless COMMS_CONTROL
+        is off or the communicator has one rank. Returns the plane ranks of this communicator's."""
+        if control is not None:
+            plane, ranks = control
+        elif config.get("CONTROL") and self.size > 1:
+            from .control.plane import create as create_plane
+            plane, ranks = create_plane(self._boot), list(range(self.size))
+        else:
+            plane, ranks = None, []
+        if plane is not None:
+            self._control_link[0] = plane
+            plane.subscribe(self, self._control_link[1], ranks)
+        return ranks
+
+    def _peers_failed(self, failed: dict[int, str]) -> None:
+        """The control plane's thread: ranks of this communicator failed (rank -> cause). Every
+        pending and later operation fails with PeerError naming them."""
+        self._failed.update(failed)
+        self._engine.revoke(E_PEER_DEAD, min(failed))
+
+    def _revoked_by(self, origin: int) -> None:
+        """A rank (``origin``, -1: unknown) revoked this communicator (any thread)."""
+        if self._revoker is None:
+            self._revoker = origin
+        self._engine.revoke(E_REVOKED, origin)
+
+    @property
+    def control(self):
+        """The control plane (comms.control.plane.Plane) this communicator is subscribed to, or None."""
+        return self._control_link[0]
+
+    def failed_ranks(self) -> dict[int, str]:
+        """The ranks of this communicator declared failed so far, with their causes."""
+        return dict(self._failed)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -314,10 +357,10 @@ class Communicator(Operations):
             enc.call = None                   # it names this scratch buffer and context
         self._hot.clear()
 
-    def _hot_failed(self, enc: Encoded, rc: int) -> CommsError:
-        """The error of a failed fast-path call of ``enc``."""
+    def _hot_failed(self, enc: Encoded, call, rc: int) -> CommsError:
+        """The error of a failed fast-path call of ``enc`` (through ``call``, its cm_call)."""
         with self._lock:
-            st = ffi.new("cm_status *", enc.call.status)
+            st = ffi.new("cm_status *", call.status)
         st.code = rc
         return self._fail(rc, st, enc.name, self._engine.seq, enc.plan)
 
@@ -350,12 +393,19 @@ class Communicator(Operations):
         return work
 
     def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None, timeout: float | None = None) -> CommsError:
+        plane, peer = self._control_link[0], int(st.peer) if st is not None else -1
+        if plane is not None and rc in (E_PEER_DEAD, E_PEER_CLOSED) and 0 <= peer < self.size \
+                and peer not in self._failed:        # a transport saw it first: every rank must know (shrink)
+            plane.declare(self._plane_ranks[peer], wire.GONE)
         exc = failures.build(self, rc, st, op, seq, plan, self.timeout if timeout is None else timeout)
         if self._broken is None:
             self._broken = exc
             self._drop_hot()
-            failures.publish(self, exc)
-            self._engine.abort()
+            told = rc in (E_PEER_DEAD, E_REVOKED) and bool(self._failed or self._revoker is not None)
+            if not told:                          # else the control plane told everyone (and the store may be gone)
+                failures.publish(self, exc)
+            if not (rc == E_REVOKED and self.control is not None):
+                self._engine.abort()              # a revoke reaches the peers as Revoked, not as an abort
             try:
                 flight.dump(self, str(exc))
             except OSError as e:
@@ -376,9 +426,39 @@ class Communicator(Operations):
         pairs = everyone.reshape(self.size, 2)
         group = sorted((r for r in range(self.size) if pairs[r, 0] == mine[0]), key=lambda r: (pairs[r, 1], r))
         from .api import create
+        plane = self._control_link[0]
         return create(group.index(self.rank), len(group), self._store,
                       f"{self.prefix}split{self._splits}/{mine[0]}/", self.timeout, self._algo_now,
-                      [self.members[r] for r in group], self._params)
+                      [self.members[r] for r in group], self._params,
+                      control=(plane, [self._plane_ranks[r] for r in group]))
+
+    def revoke(self) -> None:
+        """Revoke the communicator: every pending and later operation on it, on every rank, fails
+        with :class:`comms.errors.Revoked` (the control plane tells the others within milliseconds).
+        Idempotent. The survivors may then :meth:`shrink` it (with no failure: to the same ranks)."""
+        from .control import membership
+        membership.revoke(self)
+
+    def shrink(self) -> "Communicator":
+        """Collective over the survivors, after a failure or a revoke: agree on the failed ranks
+        (comms.control.membership) and return a new communicator of the others, ranks renumbered
+        in order, with its own transports, topology and control plane. This one stays broken; close
+        it. Raises PeerError on a rank the others declared failed."""
+        from .control import membership
+        return membership.shrink(self)
+
+    def grow(self, count: int | None = None, name: str = "default") -> "Communicator":
+        """Collective: bring in ``count`` newcomers that called ``comms.join(name)`` (None: as many
+        as wait now, which may be none). Returns the larger communicator, where this one's ranks
+        keep their numbers and the newcomers follow, or this communicator when none joined."""
+        self._check_open()
+        from .control import membership
+        return membership.grow(self, count, name)
+
+    def joiners_waiting(self, name: str = "default") -> int:
+        """How many newcomers wait in ``comms.join(name)`` (a store read; not collective)."""
+        from .control import membership
+        return membership.waiting(self, name)
 
     def abort(self, reason: str = "aborted by the application") -> None:
         """Abort the communicator: every peer's pending and later operations fail with a PeerError
@@ -414,6 +494,8 @@ class Communicator(Operations):
         return f"<comms.Communicator rank {self.rank} of {self.size}>"
 
 
-def _release(boot) -> None:
+def _release(boot, control_link: list) -> None:
+    if control_link[0] is not None:
+        control_link[0].unsubscribe(control_link[1])     # before the context goes: no revoke after it
     boot.engine.close()
     boot.close_transports()

@@ -3,7 +3,8 @@
     CommsError
     ├── InvalidUsage        the caller misused the API (bad root, wrong dtype, BAND on floats...)
     │   └── MismatchError   ranks called a collective differently (detected from the message header)
-    ├── PeerError           a peer failed: it died, closed its connection, or aborted the communicator
+    ├── PeerError           a peer failed: it died, hung, was cut off, closed its connection, or aborted
+    │   └── Revoked         a rank revoked the communicator (comm.revoke()); shrink() still works
     ├── CommTimeout         a wait passed its deadline (also a ``TimeoutError``)
     └── TransportError      a transport broke or could not be set up; the communicator is unusable
 
@@ -32,7 +33,17 @@ class MismatchError(InvalidUsage):
 
 
 class PeerError(CommsError):
-    """A remote rank died, closed its connection, or aborted the communicator."""
+    """A remote rank died, hung, was cut off, closed its connection, or aborted the communicator.
+    ``failed``: the ranks known to have failed (empty where the error names only ``peer``)."""
+
+    def __init__(self, msg: str, *, failed: tuple = (), **kw):
+        super().__init__(msg, **kw)
+        self.failed = tuple(failed)
+
+
+class Revoked(PeerError):
+    """A rank revoked the communicator: every pending and later operation fails with this error,
+    on every rank, until the survivors ``shrink()`` it into a new one."""
 
 
 class CommTimeout(CommsError, TimeoutError):
@@ -49,13 +60,13 @@ class NotSupported(CommsError):
 
 # Native return codes, as native/_cdefs.h declares them (read through comms.runtime.native)
 from .runtime.native import (E_ABORTED, E_INVALID, E_MISMATCH, E_NOMEM, E_PEER_ABORTED,  # noqa: E402
-                             E_PEER_CLOSED, E_PEER_DEAD, E_SYS, E_TIMEOUT, E_TRUNCATE, EAGAIN, OK)
+                             E_PEER_CLOSED, E_PEER_DEAD, E_REVOKED, E_SYS, E_TIMEOUT, E_TRUNCATE, EAGAIN, OK)
 
 _CODE_NAMES = {
     E_TIMEOUT: "timeout", E_PEER_CLOSED: "peer closed", E_PEER_DEAD: "peer died",
     E_PEER_ABORTED: "peer aborted", E_MISMATCH: "mismatch", E_TRUNCATE: "size mismatch",
     E_SYS: "system error", E_INVALID: "invalid argument", E_NOMEM: "out of memory",
-    E_ABORTED: "communicator aborted",
+    E_ABORTED: "communicator aborted", E_REVOKED: "communicator revoked",
 }
 
 
@@ -65,6 +76,8 @@ def error_class(code: int) -> type[CommsError]:
         return CommTimeout
     if code in (E_MISMATCH, E_TRUNCATE):
         return MismatchError
+    if code == E_REVOKED:
+        return Revoked
     if code in (E_PEER_CLOSED, E_PEER_DEAD, E_PEER_ABORTED):
         return PeerError
     if code == E_INVALID:

@@ -53,16 +53,16 @@ class Operations:
                         p, run = buf.data_ptr(), _RUN_ADDR
                     else:
                         enc = None
-            if enc is not None:
+            if enc is not None and (call := enc.call) is not None:   # another thread may drop it (abort)
                 lk = self._lock
                 if not lk.acquire(False):
                     self._engine._acquire()
                 try:
-                    rc = run(enc.call, p)
+                    rc = run(call, p)
                 finally:
                     lk.release()
                 if rc:
-                    raise self._hot_failed(enc, rc)
+                    raise self._hot_failed(enc, call, rc)
                 return None
         ptr, count, dtype = _fast(buf, "all_reduce", True)
         if type(op) is not ReduceOp:

@@ -10,7 +10,7 @@ enum {
     CM_OK = 0, CM_EAGAIN = 1,
     CM_E_TIMEOUT = -1, CM_E_PEER_CLOSED = -2, CM_E_PEER_DEAD = -3, CM_E_PEER_ABORTED = -4,
     CM_E_MISMATCH = -5, CM_E_TRUNCATE = -6, CM_E_SYS = -7, CM_E_INVALID = -8, CM_E_NOMEM = -9,
-    CM_E_ABORTED = -10
+    CM_E_ABORTED = -10, CM_E_REVOKED = -11
 };
 
 /* dtypes and reduction ops */
@@ -92,6 +92,7 @@ int cm_div(void *buf, size_t count, int dtype, int64_t divisor);
 cm_ctx *cm_ctx_new(int rank, int size, int spin_polls, int yields, int64_t spin_max_ns, int64_t spin_min_ns);
 void cm_ctx_free(cm_ctx *ctx);
 void cm_ctx_abort(cm_ctx *ctx);
+void cm_ctx_revoke(cm_ctx *ctx, int code, int peer);   /* from any thread: fail the context at its next check */
 void cm_ctx_kick(cm_ctx *ctx);   /* from any thread: a sliced cm_exec_wait returns soon (CM_EAGAIN) */
 int cm_ctx_pending(cm_ctx *ctx);
 int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max);   /* newest last; safe to call while another thread waits */

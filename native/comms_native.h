@@ -164,6 +164,8 @@ struct cm_ctx {
     int waker_chans;             /* channels woken through the waker (no poll_fd) */
     int trace;                   /* record per-message times for timelines */
     _Atomic int kick;            /* another thread wants the context: end a sliced wait early */
+    _Atomic int revoked;         /* set by another thread (cm_ctx_revoke): the code to fail with, 0: none */
+    _Atomic int revoke_peer;     /* the peer that code names (-1: none) */
     cm_waker *waker;             /* &own_waker, or where a transport moved it (shm: its segment) */
     cm_waker own_waker;
     int bell_fd;                 /* this context's bell (-1: none), see wait.c */
@@ -190,6 +192,7 @@ enum { CM_CNT_EXECS = 0, CM_CNT_SLEEPS, CM_CNT_BUSY_NS, CM_CNT_FAILED, CM_CNT_PR
 
 /* engine.c */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op);
+int cm_check_revoked(cm_ctx *ctx);       /* the owner's side of cm_ctx_revoke: fails the context once */
 int cm_progress(cm_ctx *ctx);            /* one pass over every transport and channel */
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

@@ -91,6 +91,26 @@ void cm_ctx_free(cm_ctx *ctx) {
     free(ctx);
 }
 
+/* Another thread (the control plane) learned that this context must fail: a peer was declared
+ * dead, or the communicator was revoked. Only atomics are touched here; the thread that owns the
+ * context fails it at its next check (cm_check_revoked: every start, and every liveness check of a
+ * wait, which the kick brings forward); CM_E_ABORTED aborts it there (cm_ctx_abort: the peers are
+ * told). The first code stays. */
+void cm_ctx_revoke(cm_ctx *ctx, int code, int peer) {
+    int none = 0;
+    if (code >= 0) return;
+    atomic_store(&ctx->revoke_peer, peer);
+    if (atomic_compare_exchange_strong(&ctx->revoked, &none, code)) cm_ctx_kick(ctx);
+}
+
+int cm_check_revoked(cm_ctx *ctx) {
+    int code = atomic_load(&ctx->revoked);
+    if (!code) return CM_OK;
+    if (ctx->failed) return ctx->status.code;
+    if (code == CM_E_ABORTED) { cm_ctx_abort(ctx); return ctx->status.code; }   /* an abort tells the peers */
+    return cm_fail(ctx, code, atomic_load(&ctx->revoke_peer), 0, NULL);
+}
+
 void cm_ctx_kick(cm_ctx *ctx) {
     atomic_store(&ctx->kick, 1);
     cm_wake_always(ctx->waker);                /* it may sleep on the word or in poll() */

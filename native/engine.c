@@ -297,6 +297,7 @@ static int exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintp
     *out = NULL;
     uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;   /* numbered even when it fails to start */
     if (ctx->failed) return ctx->status.code;
+    if (atomic_load(&ctx->revoked)) return cm_check_revoked(ctx);
     int r = validate(ctx, steps, nsteps, bufs, nbufs, sig);
     if (r < 0) return r;
     int ncomm = count_ops(steps, nsteps);
@@ -372,6 +373,7 @@ static int first_pending_peer(cm_exec *e, cm_op **which) {
 }
 
 static int check_liveness(cm_ctx *ctx) {
+    if (atomic_load(&ctx->revoked)) return cm_check_revoked(ctx);
     for (int i = 0; i < ctx->ntp; i++) {
         cm_transport *t = &ctx->tp[i];
         int r = t->ops->ctx_alive ? t->ops->ctx_alive(ctx, t) : CM_OK;

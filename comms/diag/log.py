@@ -7,7 +7,7 @@ COMMS_DEBUG is set, comms attaches its own stderr handler, and each line is tagg
 
 (host:pid, [rank], level, subsystem). Without COMMS_DEBUG, warnings go through Python's logging
 as usual and nothing else is printed. Subsystems: INIT (bootstrap, topology), TRANSPORT (each registered
-transport's setup), ALGO (algorithm choices), TUNING (selection rules), COLL (failures of operations),
+transport's setup), ALGO (algorithm choices), TUNING (selection rules), COLL (failures of operations), CONTROL (the control plane: failures, revokes, refused strangers),
 FLIGHT (flight-recorder dumps). TRACE is Python's DEBUG level.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 
 from .. import config
 
-SUBSYSTEMS = ("INIT", "TRANSPORT", "ALGO", "TUNING", "COLL", "FLIGHT")
+SUBSYSTEMS = ("INIT", "TRANSPORT", "ALGO", "TUNING", "COLL", "FLIGHT", "CONTROL")
 LEVELS = {"WARN": logging.WARNING, "WARNING": logging.WARNING, "INFO": logging.INFO, "TRACE": logging.DEBUG,
           "DEBUG": logging.DEBUG, "ERROR": logging.ERROR}
 _rank = "-"

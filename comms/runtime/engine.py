@@ -19,7 +19,7 @@ from typing import Callable
 from ..diag import log as clog
 from .native import ffi, lib
 from ..algorithms.plan import Plan
-from ..errors import EAGAIN, TransportError
+from ..errors import E_ABORTED, EAGAIN, TransportError
 from ..work import Work
 
 SLICE_NS = 1_000_000        # how long the progress thread waits natively before releasing the lock
@@ -59,6 +59,7 @@ class Engine:
             raise TransportError(f"cannot create the native context for rank {rank} of {size}")
         self.rank = rank
         self.lock = threading.Lock()
+        self._revoke_lock = threading.Lock()     # revoke (any thread) against close freeing the context
         self.status = ffi.new("cm_status *")
         self.bufs = ffi.new("uintptr_t[4]")
         self._exec_out = ffi.new("cm_exec **")
@@ -236,10 +237,25 @@ class Engine:
             return len(self._inflight)
 
     def abort(self) -> None:
-        """Tell every peer this context is dead; in-flight operations end with an error."""
-        with self.lock:
+        """Tell every peer this context is dead; in-flight operations end with an error. From any
+        thread: where a wait holds the context (another thread blocked in an operation, or the
+        progress thread), that wait aborts it at once instead (cm_ctx_revoke with CM_E_ABORTED)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                if self.ctx is not None:
+                    lib.cm_ctx_abort(self.ctx)
+            finally:
+                self.lock.release()
+        else:
+            self.revoke(E_ABORTED, -1)
+
+    def revoke(self, code: int, peer: int) -> None:
+        """From any thread (the control plane's): fail the context with ``code`` (naming ``peer``) at
+        its owner's next check, waking a wait blocked in it. Takes no engine lock: a blocked wait
+        holds it; cm_ctx_revoke touches only atomics, and close() cannot free the context meanwhile."""
+        with self._revoke_lock:
             if self.ctx is not None:
-                lib.cm_ctx_abort(self.ctx)
+                lib.cm_ctx_revoke(self.ctx, code, peer)
 
     COUNTERS = ("plans", "sleeps", "busy_ns", "failed_plans", "preempted_spins")
 
@@ -282,7 +298,7 @@ class Engine:
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(timeout=5.0)
-        with self.lock:
+        with self.lock, self._revoke_lock:
             if self.ctx is not None:
                 lib.cm_ctx_free(self.ctx)
                 self.ctx = None

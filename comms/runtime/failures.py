@@ -8,6 +8,7 @@ see "peer aborted" or "peer closed" can say why; :func:`peer_reason` reads it ba
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 from .. import errors
@@ -16,6 +17,7 @@ from ..dtypes import DTYPE_NAMES, ReduceOp
 from ..errors import CommsError, MismatchError, error_class
 
 REASON_WAIT = timedelta(seconds=1.0)
+VERDICT_WAIT_S = 0.3     # a notice floods the survivors in milliseconds; a peer's abort may come first
 
 
 def describe(h) -> str:
@@ -58,6 +60,25 @@ def publish(comm, exc: CommsError) -> None:
         pass
 
 
+def _verdict(comm, rc: int) -> bool:
+    """Whether the control plane declared ranks of ``comm`` failed or revoked it. A peer that
+    aborted or closed may have heard of it just before this rank did: wait briefly for the notice."""
+    if comm.control is not None:
+        until = time.monotonic() + VERDICT_WAIT_S
+        while not comm._failed and comm._revoker is None and time.monotonic() < until:
+            time.sleep(0.005)
+    return bool(comm._failed) or comm._revoker is not None
+
+
+def failed_error(comm, where: str, op: str, seq: int) -> errors.PeerError:
+    """PeerError naming the ranks the control plane declared failed, and how each was detected."""
+    failed = dict(comm._failed)
+    names = ", ".join(str(r) for r in sorted(failed))
+    msg = f"{where}: rank{'s' if len(failed) > 1 else ''} {names} failed: " + \
+        "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
+    return errors.PeerError(msg, op=op, seq=seq, rank=comm.rank, peer=min(failed), failed=tuple(sorted(failed)))
+
+
 def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsError:
     rank, peer = comm.rank, int(st.peer) if st is not None else -1
     where = f"{op} (seq {seq}) on rank {rank}" if seq else f"{op} on rank {rank}"
@@ -78,6 +99,15 @@ def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsEr
         mine = st.want_bytes
         msg = (f"{where}: size mismatch with rank {peer}: rank {rank} expected {mine} B but rank {peer} sent "
                f"{st.remote.nbytes} B ({describe(st.remote)})")
+    elif rc in (errors.E_PEER_DEAD, errors.E_PEER_CLOSED, errors.E_PEER_ABORTED) and _verdict(comm, rc) \
+            and comm._failed:
+        return failed_error(comm, where, op, seq)
+    elif rc == errors.E_REVOKED or (rc == errors.E_PEER_ABORTED and comm._revoker is not None):
+        peer = comm._revoker if rc != errors.E_REVOKED else peer
+        who = f"rank {peer}" if peer is not None and peer >= 0 else "a rank"
+        return errors.Revoked(f"{where}: the communicator was revoked by {who} (comm.revoke()); the survivors may "
+                              f"shrink() it", op=op, seq=seq, rank=rank, peer=peer if peer is not None and peer >= 0 else None,
+                              failed=tuple(sorted(comm._failed)))
     elif rc == errors.E_PEER_DEAD:
         msg = f"{where}: rank {peer} died (its process is gone)"
     elif rc in (errors.E_PEER_CLOSED, errors.E_PEER_ABORTED):
@@ -93,7 +123,7 @@ def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsEr
         elif rc == errors.E_PEER_CLOSED:
             msg += " (it exited or crashed)"
     elif rc == errors.E_ABORTED:
-        msg = f"{where}: the communicator was aborted"
+        msg = f"{where}: the communicator was aborted" + (f" ({comm._broken})" if comm._broken is not None else "")
     elif rc == errors.E_INVALID and peer >= 0:
         cls = errors.TransportError
         msg = f"{where}: received a malformed message from rank {peer}"

@@ -90,10 +90,11 @@ class ProcessGroupComms(Collectives, dist.ProcessGroup):
         self._comm.close()
 
     def abort(self) -> None:
-        """Fail started work here and on every peer, then release the communicator."""
+        """Fail started work here and on every peer, then release the communicator. Threads blocked
+        in this group's operations (and the progress thread) are released at once."""
         comm = self._comm
         if not comm._closed:
-            comm._engine.abort()
+            comm.abort("the process group was aborted")
         comm.close()
 
     def __repr__(self) -> str:

@@ -1,0 +1,1 @@
+"""Runnable examples: python -m comms.examples.<name> (each module says what it shows)."""

@@ -24,7 +24,9 @@ window is *busy* while a view handed out by :meth:`Windows.take` is alive (a cal
 is such a view: zero copy), and only a window that is not busy is handed out again, so no
 exchange writes into memory a caller still holds. At most one window is retired per exchange
 (announced as ``drop``, so every peer unmaps it too): one that a larger one replaces, or an idle
-one beyond :data:`KEEP_IDLE`.
+one beyond :data:`KEEP_IDLE`. A new window is 1.25 times the request rounded up to :data:`ALIGN`,
+so that sizes that vary a little from call to call keep reusing it; its space is reserved in
+/dev/shm when it is made (a full /dev/shm fails there, naming the size, never with SIGBUS later).
 """
 from __future__ import annotations
 

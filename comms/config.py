@@ -94,8 +94,9 @@ declare("ONLINE_TURN_MS", float, 10.0, "How long one turn of an alternative last
 declare("DETERMINISTIC", bool, False, "Bitwise-identical reductions whatever algorithm or size is chosen: every "
         "element is reduced in rank order with float32 accumulation.")
 declare("MOE_SINGLE_COPY", bool, True, "Expert-parallel dispatch/combine between ranks of one host writes token rows "
-        "straight into the peers' memory (Linux cross-memory attach, one copy) when the kernel allows it "
-        "(probed at Dispatcher creation); 0 moves them through the communicator's all_to_all.")
+        "straight into the peers' shared-memory receive windows (/dev/shm, one copy; no ptrace permission) when "
+        "every rank can map its peers' (probed at Dispatcher creation); 0 moves them through the communicator's "
+        "all_to_all.")
 declare("BIND", str, "auto", "CPU binding of the ranks comms.run starts (its --bind): auto (one core per rank when "
         "every rank can have its own, else none), core (rank i on the i-th core, wrapping), none.")
 declare("DEBUG", str, "WARN", "Log level: WARN, INFO or TRACE. Lines are tagged with rank, host and subsystem.")

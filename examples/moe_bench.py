@@ -7,7 +7,7 @@ Both sides route the same tokens (random top-K over E experts, each token sent o
 destination rank, the same routing math):
 
 - comms: ``comms.moe.Dispatcher.dispatch`` / ``combine``: one count exchange, then the rows are
-  written straight into the peers' tensors (single copy by cross-memory attach, or an uneven
+  written straight into the peers' receive windows (single copy into shared memory, or an uneven
   ``all_to_all`` over shared memory with ``COMMS_MOE_SINGLE_COPY=0``), combine summed natively
   (float32, fixed order);
 - Gloo, the usual CPU way (``bench/moe_gloo.py``, which ``python -m bench --ops moe --backends

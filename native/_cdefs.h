@@ -129,8 +129,6 @@ uint64_t cm_ctx_seq(cm_ctx *ctx);             /* the number of the last collecti
 void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);
 
-/* rows of tokens (expert parallelism, native/rows.c): cross-memory attach and combine's sum */
-int cm_cma_allow(void);
-int cm_rows_write(int pid, const void *base, uint64_t row_bytes, const int64_t *idx, uint64_t n, uint64_t raddr);
-int cm_rows_read(int pid, void *dst, uint64_t raddr, uint64_t nbytes);
+/* rows of tokens (expert parallelism, native/rows.c): receive windows and combine's sum */
+int cm_window_map(const char *name, uint64_t *bytes, int create, void **out);
 int cm_sum_rows(void *out, int dtype, uint64_t hidden, uint64_t ntok, const int64_t *start, const uint64_t *rows);

@@ -1,103 +1,57 @@
 /* Rows of tokens for expert-parallel dispatch and combine on one host.
  *
- * cm_rows_write copies rows of this process's memory straight into another process's memory with
- * process_vm_writev (Linux cross-memory attach, CMA): one copy by the kernel, no staging buffer, no
- * shared segment. The rows are picked by index (a gather) and land contiguously at the remote
- * address; runs of consecutive indices travel as one iovec. The remote range must stay allocated
- * until the writer is done: the caller's protocol (an address exchange before, a barrier after)
- * guarantees it. cm_rows_read reads a remote range (used to probe whether CMA is permitted).
- * cm_cma_allow lets any process of this user attach (needed under Yama ptrace_scope = 1).
+ * cm_window_map maps a receive window of the single-copy exchange (comms/moe/windows.py): a POSIX
+ * shared-memory segment of this user (mode 0600) that the owner creates and its peers map, so a
+ * writer copies rows straight into a peer's memory without any ptrace permission. Creating
+ * reserves the space (posix_fallocate: a full /dev/shm fails here, never with SIGBUS later);
+ * every mapping is populated up front (MAP_POPULATE), so no page faults land in an exchange.
+ * Naming and unlinking are the caller's (comms/moe/windows.py); cm_shm_unmap releases a mapping.
  *
  * cm_sum_rows is combine's reduction: out[t] = the sum of the rows listed for token t, widened to
  * float32, accumulated from 0 in the listed order, rounded once to the output dtype. It gives the
  * same bits as comms.moe.layout.sum_blocks (its torch reference): zeros for a token without rows.
  *
- * Every function returns CM_OK or a CM_E_* code (CM_E_PEER_DEAD when the other process is gone,
- * CM_E_SYS with errno set for any other system error: EPERM where attaching is not allowed).
+ * cm_window_map returns 0 or -errno (as cm_shm_create does); cm_sum_rows CM_OK or CM_E_INVALID.
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <sys/prctl.h>
-#include <sys/uio.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include "comms_native.h"
 #include "half.h"
 
-#define IOV_BATCH 1024          /* iovecs per process_vm_writev (the kernel's UIO_MAXIOV) */
 #define SUM_BLOCK 1024          /* float32 accumulator elements kept in L1 */
 
-int cm_cma_allow(void) {
-#ifdef PR_SET_PTRACER
-    if (prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0) != 0 && errno != EINVAL) return CM_E_SYS;
-#endif
-    return 0;
-}
-
-static int sys_error(void) { return errno == ESRCH ? CM_E_PEER_DEAD : CM_E_SYS; }
-
-/* write every byte of lv[0..nl) to [raddr, ...) of pid, resuming after partial transfers */
-static int write_all(pid_t pid, struct iovec *lv, int nl, uint64_t raddr) {
-    uint64_t total = 0, done = 0;
-    for (int i = 0; i < nl; i++) total += lv[i].iov_len;
-    while (done < total) {
-        struct iovec rv = {(void *)(uintptr_t)(raddr + done), (size_t)(total - done)};
-        ssize_t n = process_vm_writev(pid, lv, (unsigned long)nl, &rv, 1, 0);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return sys_error();
-        }
-        if (n == 0) { errno = EIO; return CM_E_SYS; }
-        done += (uint64_t)n;
-        while (n > 0 && nl > 0) {                     /* skip what went */
-            if ((size_t)n >= lv->iov_len) { n -= (ssize_t)lv->iov_len; lv++; nl--; }
-            else { lv->iov_base = (char *)lv->iov_base + n; lv->iov_len -= (size_t)n; n = 0; }
-        }
+/* create (O_EXCL, 0600, *bytes reserved) or open (at least *bytes; *bytes becomes its size)
+ * /dev/shm/<name> and map all of it shared, read-write, populated; *out gets the address */
+int cm_window_map(const char *name, uint64_t *bytes, int create, void **out) {
+    char path[256];
+    if (!name || !*name || strchr(name, '/') || snprintf(path, sizeof path, "/%s", name) >= (int)sizeof path)
+        return -EINVAL;
+    int fd = shm_open(path, create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
+    if (fd < 0) return -errno;
+    uint64_t size = *bytes;
+    if (create) {
+        int rc = posix_fallocate(fd, 0, (off_t)size);
+        if (rc != 0) { close(fd); shm_unlink(path); return -rc; }
+    } else {
+        struct stat st;
+        if (fstat(fd, &st) < 0 || (uint64_t)st.st_size < size || st.st_size == 0) { close(fd); return -EBADMSG; }
+        size = (uint64_t)st.st_size;
     }
-    return 0;
-}
-
-int cm_rows_write(int pid, const void *base, uint64_t row_bytes, const int64_t *idx, uint64_t n, uint64_t raddr) {
-    struct iovec lv[IOV_BATCH];
-    if (!n || !row_bytes) return 0;
-    if (!idx) {
-        lv[0].iov_base = (void *)base;
-        lv[0].iov_len = (size_t)(n * row_bytes);
-        return write_all(pid, lv, 1, raddr);
+    void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    int err = errno;
+    close(fd);
+    if (p == MAP_FAILED) {
+        if (create) shm_unlink(path);
+        return -err;
     }
-    uint64_t i = 0, out = 0;
-    while (i < n) {
-        int nl = 0;
-        uint64_t bytes = 0;
-        while (i < n && nl < IOV_BATCH) {
-            int64_t r = idx[i];
-            uint64_t run = 1;
-            if (r < 0) return CM_E_INVALID;
-            while (i + run < n && idx[i + run] == r + (int64_t)run) run++;
-            lv[nl].iov_base = (char *)base + (uint64_t)r * row_bytes;
-            lv[nl].iov_len = (size_t)(run * row_bytes);
-            nl++;
-            bytes += run * row_bytes;
-            i += run;
-        }
-        int rc = write_all(pid, lv, nl, raddr + out);
-        if (rc) return rc;
-        out += bytes;
-    }
-    return 0;
-}
-
-int cm_rows_read(int pid, void *dst, uint64_t raddr, uint64_t nbytes) {
-    uint64_t done = 0;
-    while (done < nbytes) {
-        struct iovec lv = {(char *)dst + done, (size_t)(nbytes - done)};
-        struct iovec rv = {(void *)(uintptr_t)(raddr + done), (size_t)(nbytes - done)};
-        ssize_t n = process_vm_readv(pid, &lv, 1, &rv, 1, 0);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return sys_error();
-        }
-        if (n == 0) { errno = EIO; return CM_E_SYS; }
-        done += (uint64_t)n;
-    }
+    *bytes = size;
+    *out = p;
     return 0;
 }
 

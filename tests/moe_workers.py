@@ -190,7 +190,7 @@ def run_ll_case(ep: Dispatcher, case: dict, world: int, rank: int) -> None:
 def run_cases(rank: int, world: int, cases: list[dict], single_copy: bool) -> dict:
     """Every case through normal, cached, fp8 and low-latency mode, checked against the reference;
     returns the load statistics so the parent can check them too. ``single_copy``: whether the
-    dispatchers must be using the cross-memory-attach exchange."""
+    dispatchers must be using the single-copy exchange (shared-memory windows)."""
     comm = _init()
     by_e: dict[int, Dispatcher] = {}
     for case in cases:
@@ -264,7 +264,7 @@ def run_bad_inputs(rank: int, world: int) -> dict:
     }
     def moved() -> int:                   # through the rings, or written straight into peers (single copy)
         st = ep.link_stats()
-        return st["shm_tx_bytes"] + st.get("cma_tx_bytes", 0)
+        return st["shm_tx_bytes"] + st["window_tx_bytes"]
 
     for name, fn in scenarios.items():
         before = moved()

@@ -218,7 +218,7 @@ def draw_cases(world: int, n: int) -> list[dict]:
 
 @pytest.mark.parametrize("world,single_copy", [(1, True), (2, True), (3, True), (4, True), (3, False)])
 def test_dispatch_combine_properties(world, single_copy):
-    """Single copy (cross-memory attach, the default on one host) and the all_to_all path."""
+    """Single copy (shared-memory receive windows, the default on one host) and the all_to_all path."""
     cases = edge_cases(world) + draw_cases(world, 16)
     results = spawn(run_cases, world, timeout=200, args=(cases, single_copy and world > 1),
                     env={"COMMS_MOE_SINGLE_COPY": "1" if single_copy else "0"})

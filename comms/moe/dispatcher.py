@@ -38,7 +38,7 @@ import torch
 
 from ..communicator import Communicator
 from ..errors import InvalidUsage, MismatchError
-from . import checks, fp8 as fp8mod, layout as lay, low_latency, native
+from . import checks, fp8 as fp8mod, layout as lay, low_latency
 from .checks import COUNT, EXTRA, FIELDS, FLAG_FP8, Stages
 from .hierarchical import Hierarchical, Topology
 from .rows import BufferPool, Scratch
@@ -83,7 +83,10 @@ class Dispatcher:
 
     Memory: outputs of 4 MiB or more (recv_x, combine's result) come from a pool of huge-page
     mappings that are reused once every tensor and view of them is gone, and the staging buffers
-    (packed send rows, rows coming back) are kept between calls; :meth:`close` releases both."""
+    (packed send rows, rows coming back) are kept between calls. With the single-copy exchange
+    (one host) recv_x is a view of this rank's shared-memory receive window instead, which is
+    likewise reused only once every tensor and view of it is gone (:mod:`comms.moe.windows`).
+    :meth:`close` releases all of them."""
 
     def __init__(self, group: Any, num_experts: int, hidden: int, *, hierarchical: Any = "auto"):
         self.comm = comm = resolve_group(group)
@@ -167,11 +170,10 @@ class Dispatcher:
         y = y.contiguous()
         if self.hier is not None:
             return self.hier.combine(y, handle.route, handle.num_tokens)
-        back = self._scratch.get("back", sum(handle.send_counts), self.hidden, y.dtype)
         out = self._pool.empty((handle.num_tokens, self.hidden), y.dtype)
         if self.single.enabled:
-            pointers = stages.run(0, self.single.combine, y, handle.send_counts, handle.recv_counts, back)
-            return native.sum_rows(out, pointers, handle.send_idx)
+            return stages.run(0, self.single.combine, y, handle.send_counts, handle.recv_counts, handle.send_idx, out)
+        back = self._scratch.get("back", sum(handle.send_counts), self.hidden, y.dtype)
         stages.run(0, self.comm.all_to_all, back, y, out_splits=handle.send_counts, in_splits=handle.recv_counts)
         return lay.sum_blocks(back, handle.send_idx, handle.send_counts, handle.num_tokens, out=out)
 
@@ -196,21 +198,24 @@ class Dispatcher:
 
     def link_stats(self) -> dict:
         """Byte counters summed over the communicators this dispatcher uses (the group, and the
-        intra- and inter-host ones of the hierarchical mode), plus ``cma_tx_bytes``: rows written
-        straight into peers by the single-copy exchange (:mod:`comms.moe.single_copy`)."""
+        intra- and inter-host ones of the hierarchical mode), plus ``window_tx_bytes``: rows written
+        straight into the peers' receive windows by the single-copy exchange
+        (:mod:`comms.moe.single_copy`)."""
         comms_ = [self.comm] + (self.hier.comms() if self.hier is not None else [])
         total: dict = {}
         for c in comms_:
             for key, v in c.stats().items():
                 total[key] = total.get(key, 0) + v
-        total["cma_tx_bytes"] = self.single.tx_bytes
+        total["window_tx_bytes"] = self.single.tx_bytes
         return total
 
     def close(self) -> None:
-        """Drop the staging buffers and close the sub-communicators of the hierarchical mode (the
-        group itself stays open)."""
+        """Drop the staging buffers and the single-copy exchange's windows, and close the
+        sub-communicators of the hierarchical mode (the group itself stays open). Tensors already
+        returned stay valid."""
         self._scratch.clear()
         self._pool.clear()
+        self.single.close()
         if self.hier is not None:
             self.hier.close()
 
@@ -234,17 +239,17 @@ class Dispatcher:
         (:mod:`comms.moe.single_copy`) when every rank is on this host, else with one uneven
         all_to_all for each."""
         comm, send, R = self.comm, layout.send_idx, sum(recv_counts)
-        recv_payload = self._pool.empty((R, payload.shape[1]), payload.dtype)
         parts = []
         if idx is not None:
             parts += [idx.to(torch.int32), w.view(torch.int32)]
         if scales is not None:
             parts.append(scales.view(torch.int32))
         meta = torch.cat(parts, dim=1).index_select(0, send) if parts else None
-        recv_meta = torch.empty(R, meta.shape[1], dtype=torch.int32) if parts else None
         if self.single.enabled:
-            self.single.dispatch(payload, send, layout.send_counts, recv_counts, recv_payload, meta, recv_meta)
+            recv_payload, recv_meta = self.single.dispatch(payload, send, layout.send_counts, recv_counts, meta)
         else:
+            recv_payload = self._pool.empty((R, payload.shape[1]), payload.dtype)
+            recv_meta = torch.empty(R, meta.shape[1], dtype=torch.int32) if parts else None
             packed = self._scratch.get("send", send.numel(), payload.shape[1], payload.dtype)
             torch.index_select(payload, 0, send, out=packed)
             comm.all_to_all(recv_payload, packed, out_splits=recv_counts, in_splits=layout.send_counts)

@@ -3,11 +3,11 @@
 - :func:`sum_rows`: combine's reduction, ``out[t]`` = the rows listed for token t summed in the
   listed order, widened to float32 and rounded once (the same bits as the torch reference
   :func:`comms.moe.layout.sum_blocks_reference`).
-- :func:`rows_write` / :func:`rows_read`: cross-memory attach between processes of one host
-  (:mod:`comms.moe.single_copy` owns the protocol that makes them safe).
+- :func:`row_pointers`: the addresses of a tensor's rows, as :func:`sum_rows` takes them.
 
-Failures raise from the one exception tree: a vanished process is a :class:`~comms.errors.PeerError`,
-any other system error a :class:`~comms.errors.TransportError` naming errno.
+(The receive windows of the single-copy exchange are mapped in :mod:`comms.moe.windows`.)
+
+Failures raise from the one exception tree (:func:`check`).
 """
 from __future__ import annotations
 
@@ -57,26 +57,3 @@ def row_pointers(rows: torch.Tensor, first: int = 0, count: int | None = None) -
     count = rows.shape[0] - first if count is None else count
     stride = rows.shape[1] * rows.element_size()
     return torch.arange(first, first + count, dtype=torch.int64).mul_(stride).add_(rows.data_ptr())
-
-
-def rows_write(pid: int, src: torch.Tensor, index: torch.Tensor | None, raddr: int, *, what: str,
-               rank: int, peer: int) -> None:
-    """Write rows ``index`` of ``src`` (all rows when None) contiguously to ``raddr`` in process ``pid``."""
-    n = src.shape[0] if index is None else index.numel()
-    if not n:
-        return
-    row = src.shape[1] * src.element_size() if src.dim() == 2 else src.element_size()
-    idx = ffi.NULL if index is None else ffi.cast("int64_t *", index.data_ptr())
-    rc = lib.cm_rows_write(pid, ffi.cast("void *", src.data_ptr()), row, idx, n, raddr)
-    check(rc, f"{what}: writing {n} rows into rank {peer}", rank=rank, peer=peer)
-
-
-def rows_read(pid: int, dst, raddr: int, nbytes: int) -> int:
-    """Read ``nbytes`` at ``raddr`` of process ``pid`` into the buffer at address ``dst``; returns
-    the native code (the caller decides whether failing is an error)."""
-    return lib.cm_rows_read(pid, ffi.cast("void *", dst), raddr, nbytes)
-
-
-def allow_attach() -> None:
-    """Let processes of this user attach to this one (Yama ptrace_scope 1); harmless elsewhere."""
-    lib.cm_cma_allow()

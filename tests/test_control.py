@@ -226,7 +226,7 @@ def test_authenticated_plane_refuses_a_stranger(caplog):
 
 
 def test_elastic_inference_example_keeps_serving_and_takes_a_replacement():
-    out = subprocess.run([sys.executable, "-m", "comms.examples.elastic_inference", "--replicas", "3",
+    out = subprocess.run([sys.executable, "examples/elastic_inference.py", "--replicas", "3",
                           "--kill-rank", "1", "--kill-at", "5", "--steps", "20"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240)
     summary = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """A data-parallel inference loop that keeps serving when a replica dies, and takes a replacement back.
 
-    python -m comms.examples.elastic_inference --replicas 4 --kill-rank 2 --kill-at 10
+    python examples/elastic_inference.py --replicas 4 --kill-rank 2 --kill-at 10
 
 The supervisor (this module's ``main``, standing in for an elastic agent) hosts the store and
 starts the replicas. Each step, every replica serves its share of a batch of requests with its
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     env = dict(os.environ, WORLD_SIZE=str(args.replicas), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port),
                TORCHELASTIC_USE_AGENT_STORE="True")
-    cmd = [sys.executable, "-m", "comms.examples.elastic_inference", "--worker", *(argv or sys.argv[1:])]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *(argv or sys.argv[1:])]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, text=True)
              for r in range(args.replicas)]
     replaced = False

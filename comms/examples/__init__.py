@@ -1,1 +1,0 @@
-"""Runnable examples: python -m comms.examples.<name> (each module says what it shows)."""

@@ -53,10 +53,15 @@ class Encoded:
 
 
 class Engine:
-    def __init__(self, rank: int, size: int, spin: int, yields: int, spin_max_ns: int, spin_min_ns: int):
+    def __init__(self, rank: int, size: int, spin: int, yields: int, spin_max_ns: int, spin_min_ns: int,
+                 unexpected: tuple[int, int] | None = None):
+        """``unexpected``: the most bytes of one early p2p message and of those kept aside per peer
+        (COMMS_UNEXPECTED_MSG_BYTES, COMMS_UNEXPECTED_PEER_BYTES); None keeps the native defaults."""
         self.ctx = lib.cm_ctx_new(rank, size, spin, yields, spin_max_ns, spin_min_ns)
         if self.ctx == ffi.NULL:
             raise TransportError(f"cannot create the native context for rank {rank} of {size}")
+        if unexpected is not None:
+            lib.cm_ctx_set_unexp_limits(self.ctx, *unexpected)
         self.rank = rank
         self.lock = threading.Lock()
         self.status = ffi.new("cm_status *")

@@ -96,7 +96,17 @@ def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsEr
         msg = f"{where}: the communicator was aborted"
     elif rc == errors.E_INVALID and peer >= 0:
         cls = errors.TransportError
-        msg = f"{where}: received a malformed message from rank {peer}"
+        msg = (f"{where}: received a malformed message from rank {peer} (a header that is not comms', a payload "
+               "that does not fit the size its header declares, or a broken frame)")
+    elif rc == errors.E_LIMIT:
+        n, queued, limit = st.remote.nbytes, st.done_bytes, st.want_bytes
+        early = f"rank {peer} sent a {n} B message (tag {st.remote.tag}) before its receive was posted"
+        if n > limit:
+            msg = (f"{where}: {early}: more than the {limit} B an early message may hold "
+                   "(COMMS_UNEXPECTED_MSG_BYTES, COMMS_UNEXPECTED_PEER_BYTES); post the receive earlier or raise them")
+        else:
+            msg = (f"{where}: {early} with {queued} B from it kept aside already: more than the {limit} B allowed "
+                   "per peer (COMMS_UNEXPECTED_PEER_BYTES); post receives earlier or raise it")
     else:
         msg = f"{where}: {errors.code_name(rc)} (code {rc}, errno {st.sys_errno if st is not None else 0})"
     return cls(msg, op=op, seq=seq, rank=rank, peer=peer if peer >= 0 else None)

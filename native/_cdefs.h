@@ -112,6 +112,11 @@ int cm_exec_op_times(cm_exec *e, int64_t *out, int max);   /* (post, done) ns pe
 void cm_ctx_set_trace(cm_ctx *ctx, int on);   /* the peer of a plan's i-th message (the source, for any-source receives) */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
+/* the bounds of a plan (plan_check.c), checked once when it is encoded: why a step does not fit */
+enum { CM_PLAN_FITS = 0, CM_PLAN_BAD_KIND = 1, CM_PLAN_BAD_BUF = 2, CM_PLAN_PAST_BUF = 3, CM_PLAN_PAST_BUF2 = 4,
+       CM_PLAN_PART_ELEMENT = 5, CM_PLAN_BAD_SLOTS = 6 };
+typedef struct { int32_t step; int32_t reason; } cm_plan_fault;   /* the first step that does not fit (-1: none) */
+int cm_plan_check(const cm_step *steps, int nsteps, const uint64_t *lens, int nbufs, int dtype, cm_plan_fault *out);
 /* the unexpected queue (match.c): the most bytes one early p2p message may have, and the most queued
  * per peer; a message over either fails the context with CM_E_LIMIT before anything is allocated.
  * A new context starts with the defaults below (MiB), which are also the knobs' (comms.config). */

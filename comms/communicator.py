@@ -193,7 +193,8 @@ class Communicator(Operations):
         steps = []
         for _ in range(rounds):
             steps += [Step(SEND, right, IN, 0, src.nbytes), Step(RECV, left, OUT, 0, src.nbytes), Step(PHASE)]
-        enc = Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2)
+        enc = Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2,
+                      lens=(src.nbytes, dst.nbytes))
         t0 = time.perf_counter()
         self._run(enc, p_in, p_out, [src, dst], False)
         return time.perf_counter() - t0
@@ -266,15 +267,17 @@ class Communicator(Operations):
             raise type(self._broken)(f"rank {self.rank}: the communicator was aborted by an earlier error: "
                                      f"{self._broken}", rank=self.rank)
 
-    def _plan(self, key: tuple, args: Args, nbytes: int, dtype: int, op: ReduceOp | None, count: int) -> Encoded:
-        """The cached, encoded plan for ``key``; built (and the selector consulted) on first use."""
+    def _plan(self, key: tuple, args: Args, nbytes: int, dtype: int, op: ReduceOp | None, count: int,
+              lens: tuple[int, int]) -> Encoded:
+        """The cached, encoded plan for ``key``; built (and the selector consulted) on first use, and
+        checked against ``lens``, the bytes of the call's input and output (``key`` must fix them)."""
         enc = self._plans.get(key)
         if enc is None:
             name = args.coll
 
             def encode(plan: Plan) -> Encoded:
                 return Encoded(plan, name, MSG_COLL, COLL_IDS[name], dtype, int(op) if op is not None else 0,
-                               args.root, count)
+                               args.root, count, lens=lens)
 
             def alternative(algo: str) -> Encoded | None:
                 try:
@@ -311,7 +314,7 @@ class Communicator(Operations):
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], inplace=True,
                         hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
             enc = Encoded(self._selector.plan(args, values.nbytes), "all_reduce", MSG_COLL, COLL_IDS["all_reduce"],
-                          dtype, int(ReduceOp.MAX), 0, count)
+                          dtype, int(ReduceOp.MAX), 0, count, lens=(values.nbytes, values.nbytes))
             self._remember(key, enc)
         self._run(enc, ptr, ptr, [values], False)
 

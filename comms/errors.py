@@ -6,7 +6,8 @@
     ├── PeerError           a peer failed: it died, hung, was cut off, closed its connection, or aborted
     │   └── Revoked         a rank revoked the communicator (comm.revoke()); shrink() still works
     ├── CommTimeout         a wait passed its deadline (also a ``TimeoutError``)
-    └── TransportError      a transport broke or could not be set up; the communicator is unusable
+    └── TransportError      a transport broke or could not be set up, a peer sent a malformed message,
+                            or more early messages than the limits allow; the communicator is unusable
 
 After any error other than ``InvalidUsage`` raised before a byte moved, the communicator is
 aborted: the peers are told, and every later operation raises. Native return codes are mapped to
@@ -59,7 +60,7 @@ class NotSupported(CommsError):
 
 
 # Native return codes, as native/_cdefs.h declares them (read through comms.runtime.native)
-from .runtime.native import (E_ABORTED, E_INVALID, E_MISMATCH, E_NOMEM, E_PEER_ABORTED,  # noqa: E402
+from .runtime.native import (E_ABORTED, E_INVALID, E_LIMIT, E_MISMATCH, E_NOMEM, E_PEER_ABORTED,  # noqa: E402
                              E_PEER_CLOSED, E_PEER_DEAD, E_REVOKED, E_SYS, E_TIMEOUT, E_TRUNCATE, EAGAIN, OK)
 
 _CODE_NAMES = {
@@ -67,6 +68,7 @@ _CODE_NAMES = {
     E_PEER_ABORTED: "peer aborted", E_MISMATCH: "mismatch", E_TRUNCATE: "size mismatch",
     E_SYS: "system error", E_INVALID: "invalid argument", E_NOMEM: "out of memory",
     E_ABORTED: "communicator aborted", E_REVOKED: "communicator revoked",
+    E_LIMIT: "unexpected-message limit exceeded",
 }
 
 

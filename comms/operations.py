@@ -72,7 +72,8 @@ class Operations:
             check_op(op, dtype, "all_reduce")
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
                         inplace=True, hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
-            enc = self._plan(("all_reduce", count, dtype, op), args, count * DTYPE_SIZES[dtype], dtype, op, count)
+            nb = count * DTYPE_SIZES[dtype]
+            enc = self._plan(("all_reduce", count, dtype, op), args, nb, dtype, op, count, (nb, nb))
         if enc.trial is None and (tb is np.ndarray or tb is TORCH_FAST[0]):
             self._keep_hot((buf.dtype, count, op), enc)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
@@ -86,7 +87,8 @@ class Operations:
         if enc is None:
             root = checks.root(root, self.size, "broadcast")
             args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
-            enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, None, count)
+            nb = count * DTYPE_SIZES[dtype]
+            enc = self._plan(key, args, nb, dtype, None, count, (nb, nb))
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
     def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False,
@@ -102,7 +104,8 @@ class Operations:
             check_op(op, dtype, "reduce")
             args = Args("reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root,
                         avg=op is ReduceOp.AVG, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
-            enc = self._plan(key, args, count * DTYPE_SIZES[dtype], dtype, op, count)
+            nb = count * DTYPE_SIZES[dtype]
+            enc = self._plan(key, args, nb, dtype, op, count, (nb, nb))
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
     def all_gather(self, out: Any, inp: Any, *, async_op: bool = False,
@@ -119,7 +122,7 @@ class Operations:
             raise InvalidUsage("all_gather: input overlaps the output other than at this rank's block")
         args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
-                         None, vi.count)
+                         None, vi.count, (vi.nbytes, vo.nbytes))
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
@@ -135,7 +138,7 @@ class Operations:
                                f"{self.size} x {vo.count} = {self.size * vo.count}")
         args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
-                         op, vi.count)
+                         op, vi.count, (vi.nbytes, vo.nbytes))
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
@@ -164,7 +167,7 @@ class Operations:
         recv = tuple(s * rb for s in outs)
         args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
-                         None, COUNT_ANY if uneven else vi.count)
+                         None, COUNT_ANY if uneven else vi.count, (vi.nbytes, vo.nbytes))
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
@@ -173,17 +176,18 @@ class Operations:
         None on other ranks."""
         root = checks.root(root, self.size, "gather")
         vi = resolve(inp, "gather input")
-        vo_ptr = 0
+        vo_ptr = vo_bytes = 0
         if self.rank == root:
             vo = resolve(out, "gather output", writable=True)
             checks.same_dtype(vi, vo, "gather")
             if vo.count != self.size * vi.count:
                 raise InvalidUsage(f"gather: output has {vo.count} elements, expected size x input = "
                                    f"{self.size * vi.count}")
-            vo_ptr = vo.ptr
+            vo_ptr, vo_bytes = vo.ptr, vo.nbytes
         inplace = self.rank == root and vi.ptr == vo_ptr + root * vi.nbytes
         args = Args("gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], root=root, inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count)
+        enc = self._plan(("gather", vi.count, vi.dtype, root, inplace), args, vi.nbytes, vi.dtype, None, vi.count,
+                         (vi.nbytes, vo_bytes))
         return self._run(enc, vi.ptr, vo_ptr, [out, inp], async_op, out, timeout)
 
     def scatter(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
@@ -191,17 +195,18 @@ class Operations:
         """Rank r receives block r of ``inp`` of ``root`` into ``out``; ``inp`` may be None off root."""
         root = checks.root(root, self.size, "scatter")
         vo = resolve(out, "scatter output", writable=True)
-        vi_ptr = 0
+        vi_ptr = vi_bytes = 0
         if self.rank == root:
             vi = resolve(inp, "scatter input")
             checks.same_dtype(vi, vo, "scatter")
             if vi.count != self.size * vo.count:
                 raise InvalidUsage(f"scatter: input has {vi.count} elements, expected size x output = "
                                    f"{self.size * vo.count}")
-            vi_ptr = vi.ptr
+            vi_ptr, vi_bytes = vi.ptr, vi.nbytes
         inplace = self.rank == root and vo.ptr == vi_ptr + root * vo.nbytes
         args = Args("scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vo.dtype], root=root, inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
-        enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count)
+        enc = self._plan(("scatter", vo.count, vo.dtype, root, inplace), args, vo.nbytes, vo.dtype, None, vo.count,
+                         (vi_bytes, vo.nbytes))
         return self._run(enc, vi_ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def barrier(self, *, async_op: bool = False,
@@ -209,7 +214,8 @@ class Operations:
         """Return once every rank has entered the barrier."""
         enc = self._plans.get(("barrier",))
         if enc is None:
-            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1, hosts=self._hosts(), deterministic=self._deterministic), 0, 4, None, 0)
+            enc = self._plan(("barrier",), Args("barrier", self.rank, self.size, 0, 1, hosts=self._hosts(), deterministic=self._deterministic), 0, 4, None, 0,
+                             (0, 0))
         return self._run(enc, 0, 0, [], async_op, None, timeout)
 
     # -- point to point ------------------------------------------------------------------------
@@ -225,7 +231,7 @@ class Operations:
             nbytes = count * DTYPE_SIZES[dtype]
             b = IN if kind == SEND else OUT
             enc = Encoded(Plan(name, (Step(kind, peer, b, 0, nbytes),)), name, MSG_P2P, 0, dtype, 0, -1, count,
-                          int(tag))
+                          int(tag), lens=(nbytes, nbytes))
             self._remember(key, enc)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 

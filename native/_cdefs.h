@@ -10,7 +10,7 @@ enum {
     CM_OK = 0, CM_EAGAIN = 1,
     CM_E_TIMEOUT = -1, CM_E_PEER_CLOSED = -2, CM_E_PEER_DEAD = -3, CM_E_PEER_ABORTED = -4,
     CM_E_MISMATCH = -5, CM_E_TRUNCATE = -6, CM_E_SYS = -7, CM_E_INVALID = -8, CM_E_NOMEM = -9,
-    CM_E_ABORTED = -10, CM_E_REVOKED = -11
+    CM_E_ABORTED = -10, CM_E_REVOKED = -11, CM_E_LIMIT = -12
 };
 
 /* dtypes and reduction ops */
@@ -113,6 +113,16 @@ int cm_exec_op_times(cm_exec *e, int64_t *out, int max);   /* (post, done) ns pe
 void cm_ctx_set_trace(cm_ctx *ctx, int on);   /* the peer of a plan's i-th message (the source, for any-source receives) */
 int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
+/* the bounds of a plan (plan_check.c), checked once when it is encoded: why a step does not fit */
+enum { CM_PLAN_FITS = 0, CM_PLAN_BAD_KIND = 1, CM_PLAN_BAD_BUF = 2, CM_PLAN_PAST_BUF = 3, CM_PLAN_PAST_BUF2 = 4,
+       CM_PLAN_PART_ELEMENT = 5, CM_PLAN_BAD_SLOTS = 6 };
+typedef struct { int32_t step; int32_t reason; } cm_plan_fault;   /* the first step that does not fit (-1: none) */
+int cm_plan_check(const cm_step *steps, int nsteps, const uint64_t *lens, int nbufs, int dtype, cm_plan_fault *out);
+/* the unexpected queue (match.c): the most bytes one early p2p message may have, and the most queued
+ * per peer; a message over either fails the context with CM_E_LIMIT before anything is allocated.
+ * A new context starts with the defaults below (MiB), which are also the knobs' (comms.config). */
+enum { CM_UNEXP_MSG_MIB = 1024, CM_UNEXP_PEER_MIB = 2048 };
+void cm_ctx_set_unexp_limits(cm_ctx *ctx, uint64_t msg_bytes, uint64_t peer_bytes);
 typedef struct {        /* a prepared synchronous call of an in-place plan (Python's fast path) */
     cm_ctx *ctx;
     const cm_step *steps;

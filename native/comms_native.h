@@ -127,6 +127,7 @@ struct cm_chan {
     cm_op *sendq, *sendq_tail;
     cm_op *recvq, *recvq_tail;
     cm_unexp *unexp, *unexp_tail;
+    uint64_t unexp_bytes;        /* bytes the messages on unexp hold, entries included (bounded: match.c) */
     /* the incoming message in progress (match.c) */
     int rx_active;
     int rx_parked;               /* a collective's message is waiting for its receive to be posted */
@@ -178,6 +179,7 @@ struct cm_ctx {
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
     cm_op *anyq, *anyq_tail;     /* posted receives from any source */
     int progressed;
+    uint64_t unexp_msg_max, unexp_peer_max;   /* cm_ctx_set_unexp_limits */
     /* the first error, after which the context is unusable */
     int failed;
     cm_status status;
@@ -216,8 +218,9 @@ int cm_match(cm_ctx *ctx, cm_chan *c);
 int cm_deliver(cm_ctx *ctx, cm_chan *c, const char *data, size_t len);
 void cm_op_done(cm_ctx *ctx, cm_chan *c, cm_op *op, int from_sendq);
 void cm_op_complete(cm_ctx *ctx, cm_op *op);     /* an op on no channel's queue (BOARD) */
-void cm_message_done(cm_ctx *ctx, cm_chan *c);
+int cm_message_done(cm_ctx *ctx, cm_chan *c);     /* < 0: the message broke its header's promise */
 void cm_unexp_to_op(cm_ctx *ctx, cm_chan *c, cm_unexp *u, cm_op *op);
+void cm_unexp_drop(cm_chan *c, cm_unexp *u);     /* unlink u from c's queue, free it, uncount its bytes */
 
 /* wait.c */
 int cm_bell_open(cm_ctx *ctx);

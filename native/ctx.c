@@ -27,6 +27,7 @@ cm_ctx *cm_ctx_new(int rank, int size, int spin_polls, int yields, int64_t spin_
     ctx->spin_ns = ctx->spin_max_ns;
     for (int p = 0; p < size; p++) ctx->chans[p].peer = p;
     ctx->waker = &ctx->own_waker;
+    cm_ctx_set_unexp_limits(ctx, (uint64_t)CM_UNEXP_MSG_MIB << 20, (uint64_t)CM_UNEXP_PEER_MIB << 20);
     cm_bell_open(ctx);
     return ctx;
 }

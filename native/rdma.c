@@ -144,13 +144,13 @@ int rd_start_rndv(cm_ctx *ctx, cm_chan *c) {
     return r < 0 ? r : CM_OK;
 }
 
-static void end_rndv(cm_ctx *ctx, cm_chan *c) {
+static int end_rndv(cm_ctx *ctx, cm_chan *c) {
     rd_chan *rc = c->priv;
     rd_mr_release(rc->t, rc->dest_mr);
     rc->dest_mr = NULL;
     rc->rndv = 0;
     c->tp->rx_bytes += rc->total;
-    cm_message_done(ctx, c);
+    return cm_message_done(ctx, c);
 }
 
 /* Reduce the landed slots that come next in offset order, and grant them again. */
@@ -168,7 +168,7 @@ static int reduce_landed(cm_ctx *ctx, cm_chan *c) {
             break;
         }
     }
-    if (c->rx_op->done == rc->total) { end_rndv(ctx, c); return CM_OK; }
+    if (c->rx_op->done == rc->total) return end_rndv(ctx, c);
     int r = rd_grant(ctx, c);
     return r < 0 ? r : CM_OK;
 }
@@ -184,8 +184,7 @@ static int on_landed(cm_ctx *ctx, rd_ctx *t, uint32_t tok) {
     if (rc->direct) {
         if (++rc->landed_pieces < rc->pieces) return CM_OK;
         if (c->rx_op) c->rx_op->done = rc->total; else c->rx_unexp->got = rc->total;
-        end_rndv(ctx, c);
-        return CM_OK;
+        return end_rndv(ctx, c);
     }
     rc->landed[slot] = 1;
     return reduce_landed(ctx, c);

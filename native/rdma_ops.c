@@ -100,7 +100,7 @@ static int rdma_progress_recv(cm_ctx *ctx, cm_chan *c) {
             rd_repost(rc->t, r);
             if (e < 0) return e;
             c->tp->rx_bytes += m->hdr.nbytes;
-            cm_message_done(ctx, c);
+            if ((e = cm_message_done(ctx, c)) < 0) return e;
         } else {
             rd_repost(rc->t, r);
             e = rd_start_rndv(ctx, c);

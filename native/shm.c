@@ -198,24 +198,31 @@ static int shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
     for (;;) {
         uint64_t head = atomic_load_explicit(&sc->rx->head, memory_order_acquire);
         if (head == sc->rx_tail) break;
+        /* a sender never runs more than the ring ahead: a head beyond that would replay old slots */
+        if (head - sc->rx_tail > (uint64_t)t->nslots) return cm_fail(ctx, CM_E_INVALID, c->peer, 0, c->rx_op);
         cm_slot_hdr *s = slot_at(sc->rx_slots, sc->rx_tail, t->nslots, t->slot_bytes);
+        /* the peer's process can write the slot while we read it: its length and flags are read
+         * once, checked, and only those copies used (the header is copied by c->rx_hdr = s->hdr) */
+        uint32_t len = *(volatile uint32_t *)&s->len, flags = *(volatile uint32_t *)&s->flags;
+        /* a slot that starts a message must come between messages, and only such a slot may */
+        if ((flags & CM_SLOT_FIRST) ? c->rx_active : !c->rx_active)
+            return cm_fail(ctx, CM_E_INVALID, c->peer, 0, c->rx_op);
         if (!c->rx_active) {
-            if (!(s->flags & CM_SLOT_FIRST)) return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
             c->rx_hdr = s->hdr;
             int r = cm_match(ctx, c);
             if (r < 0) return r;
             if (r == CM_EAGAIN) { c->rx_parked = 1; break; }   /* no receive posted yet: leave it in the ring */
         }
-        if (s->len > t->slot_bytes) return cm_fail(ctx, CM_E_INVALID, c->peer, 0, NULL);
-        int r = cm_deliver(ctx, c, (const char *)s + CM_SLOT_HDR_BYTES, s->len);
+        if (len > t->slot_bytes) return cm_fail(ctx, CM_E_INVALID, c->peer, 0, c->rx_op);
+        int r = cm_deliver(ctx, c, (const char *)s + CM_SLOT_HDR_BYTES, len);
         if (r < 0) return r;
-        uint32_t last = s->flags & CM_SLOT_LAST;
+        uint32_t last = flags & CM_SLOT_LAST;
         sc->rx_tail++;
         atomic_store_explicit(&sc->rx->tail, sc->rx_tail, memory_order_release);
-        c->tp->rx_bytes += s->len;
+        c->tp->rx_bytes += len;
         cm_wake(&sc->peer_seg->waker);
         moved = 1;
-        if (last) cm_message_done(ctx, c);
+        if (last && (r = cm_message_done(ctx, c)) < 0) return r;
     }
     return moved;
 }

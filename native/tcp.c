@@ -192,15 +192,11 @@ static int hold_p2p(cm_ctx *ctx, cm_chan *c) {
 /* The receive of the unexpected message arriving on c was posted: copy what is buffered into it
  * and receive the rest in place (as cm_unexp_to_op in match.c does at the end, only earlier). */
 static cm_op *unexp_to_direct(cm_chan *c) {
-    cm_unexp *u = c->rx_unexp, **pp = &c->unexp, *prev = NULL;
-    cm_op *op = u->waiter;
+    cm_unexp *u = c->rx_unexp;
+    cm_op *op = u->waiter;                 /* its size equals the message's (engine.c: post) */
     memcpy(op->ptr, u->data, u->got);
     op->done = u->got;
-    while (*pp != u) { prev = *pp; pp = &(*pp)->next; }
-    *pp = u->next;
-    if (c->unexp_tail == u) c->unexp_tail = prev;
-    free(u->data);
-    free(u);
+    cm_unexp_drop(c, u);
     c->rx_unexp = NULL;
     c->rx_op = op;
     return op;
@@ -232,7 +228,12 @@ static int tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
             if (m == CM_EAGAIN) return moved;      /* header held until a receive is posted */
             t->rx_hdr_got = 0;
             t->bounce_fill = 0;
-            if (c->rx_hdr.nbytes == 0) { cm_message_done(ctx, c); moved = 1; continue; }
+            if (c->rx_hdr.nbytes == 0) {
+                int d = cm_message_done(ctx, c);
+                if (d < 0) return d;
+                moved = 1;
+                continue;
+            }
         }
         uint64_t total = c->rx_hdr.nbytes;
         cm_op *op = c->rx_op;
@@ -255,7 +256,7 @@ static int tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
                 t->bounce_fill -= whole;
                 if (t->bounce_fill) memmove(t->bounce, t->bounce + whole, t->bounce_fill);
             }
-            if (op->done == total) cm_message_done(ctx, c);
+            if (op->done == total && (rc = cm_message_done(ctx, c)) < 0) return rc;
         } else {
             if (!op && c->rx_unexp->waiter) op = unexp_to_direct(c);
             char *dst = op ? op->ptr + op->done : c->rx_unexp->data + c->rx_unexp->got;
@@ -268,7 +269,7 @@ static int tcp_progress_recv(cm_ctx *ctx, cm_chan *c) {
             moved = 1;
             c->tp->rx_bytes += (size_t)r;
             if (op) op->done += (size_t)r; else c->rx_unexp->got += (size_t)r;
-            if ((op ? op->done : c->rx_unexp->got) == total) cm_message_done(ctx, c);
+            if ((op ? op->done : c->rx_unexp->got) == total && (rc = cm_message_done(ctx, c)) < 0) return rc;
         }
     }
 }

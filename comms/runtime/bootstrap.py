@@ -148,7 +148,8 @@ class Bootstrap:
                  self.rank, self.size, self.prefix, me.hostname, hosts, "" if hosts == 1 else "s", self.local_ranks,
                  cores, " (oversubscribed)" if len(self.local_ranks) > cores else "",
                  f"{spin} polls" if spin else f"adaptive {spin_min / 1e3:g}-{spin_max / 1e3:g} us", yields)
-        self.engine = Engine(self.rank, self.size, spin, yields, spin_max, spin_min)
+        self.engine = Engine(self.rank, self.size, spin, yields, spin_max, spin_min,
+                             (config.get("UNEXPECTED_MSG_BYTES"), config.get("UNEXPECTED_PEER_BYTES")))
         try:
             self._connect(me)
         except BaseException:

@@ -20,6 +20,7 @@ from ..diag import log as clog
 from .native import ffi, lib
 from ..algorithms.plan import Plan
 from ..errors import E_ABORTED, EAGAIN, TransportError
+from . import failures
 from ..work import Work
 
 SLICE_NS = 1_000_000        # how long the progress thread waits natively before releasing the lock
@@ -29,12 +30,19 @@ log = clog.get("COLL")
 
 class Encoded:
     """A plan in the native step layout plus its message signature, ready to run; the
-    communicator caches one per (collective, size, dtype, op, root, ...)."""
+    communicator caches one per (collective, size, dtype, op, root, ...).
+
+    Bounds: ``lens`` are the byte lengths of the input and output buffers of the call the plan is
+    encoded for (0 where the call passes none); with the plan's own scratch they are the lengths
+    native/plan_check.c checks every step against, here, once. A plan with a step past a buffer
+    raises InvalidUsage and is never run. The cache key of the plan must fix those lengths (it
+    holds the count and dtype, or the splits): every later call with it passes buffers at least
+    as long, and neither it nor the engine checks them again (the fast path stays as it was)."""
     __slots__ = ("plan", "steps", "nsteps", "scratch_bytes", "sig", "name", "is_coll", "any_source", "trial",
                  "call")
 
     def __init__(self, plan: Plan, name: str, kind: int, coll: int, dtype: int, redop: int, root: int,
-                 count: int, tag: int = 0):
+                 count: int, tag: int = 0, *, lens: tuple[int, int]):
         self.plan, self.name, self.is_coll = plan, name, kind == 1
         self.trial = None            # the online trial (comms.selection.online) this plan is an alternative of, while it lasts
         self.call = None             # its prepared synchronous call (cm_call) while the fast path serves it
@@ -46,6 +54,10 @@ class Encoded:
             c.kind, c.peer, c.buf, c.buf2 = s.kind, s.peer, s.buf, s.buf2
             c.off, c.off2, c.nbytes, c.aux = s.off, s.off2, s.nbytes, s.aux
         self.scratch_bytes = plan.scratch_bytes
+        bounds = (int(lens[0]), int(lens[1]), plan.scratch_bytes)
+        fault = ffi.new("cm_plan_fault *")
+        if lib.cm_plan_check(self.steps, self.nsteps, ffi.new("uint64_t[3]", bounds), 3, dtype, fault):
+            raise failures.plan_error(name, plan, fault, bounds, dtype)
         self.sig = ffi.new("cm_hdr *")
         sig = self.sig
         sig.kind, sig.coll, sig.dtype, sig.redop, sig.root = kind, coll, dtype, redop, root
@@ -53,10 +65,15 @@ class Encoded:
 
 
 class Engine:
-    def __init__(self, rank: int, size: int, spin: int, yields: int, spin_max_ns: int, spin_min_ns: int):
+    def __init__(self, rank: int, size: int, spin: int, yields: int, spin_max_ns: int, spin_min_ns: int,
+                 unexpected: tuple[int, int] | None = None):
+        """``unexpected``: the most bytes of one early p2p message and of those kept aside per peer
+        (COMMS_UNEXPECTED_MSG_BYTES, COMMS_UNEXPECTED_PEER_BYTES); None keeps the native defaults."""
         self.ctx = lib.cm_ctx_new(rank, size, spin, yields, spin_max_ns, spin_min_ns)
         if self.ctx == ffi.NULL:
             raise TransportError(f"cannot create the native context for rank {rank} of {size}")
+        if unexpected is not None:
+            lib.cm_ctx_set_unexp_limits(self.ctx, *unexpected)
         self.rank = rank
         self.lock = threading.Lock()
         self._revoke_lock = threading.Lock()     # revoke (any thread) against close freeing the context

@@ -2,8 +2,10 @@
 
 :func:`build` maps a native status to the exception tree (comms.errors) with a message naming the
 operation, its sequence number, this rank and the peer; for a mismatch it names what both sides
-called. :func:`publish` stores the reason under ``<prefix>abort/<rank>`` so that ranks which only
-see "peer aborted" or "peer closed" can say why; :func:`peer_reason` reads it back, briefly.
+called. :func:`plan_error` says which step of a plan does not fit the buffers of the call it was
+encoded for (native/plan_check.c). :func:`publish` stores the reason under ``<prefix>abort/<rank>``
+so that ranks which only see "peer aborted" or "peer closed" can say why; :func:`peer_reason`
+reads it back, briefly.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from datetime import timedelta
 
 from .. import errors
 from ..algorithms.plan import COLL_NAMES, STEP_NAMES
-from ..dtypes import DTYPE_NAMES, ReduceOp
+from ..dtypes import DTYPE_NAMES, DTYPE_SIZES, ReduceOp
 from ..errors import CommsError, MismatchError, error_class
+from .native import lib
 
 REASON_WAIT = timedelta(seconds=1.0)
 VERDICT_WAIT_S = 0.3     # a notice floods the survivors in milliseconds; a peer's abort may come first
@@ -79,6 +82,36 @@ def failed_error(comm, where: str, op: str, seq: int) -> errors.PeerError:
     return errors.PeerError(msg, op=op, seq=seq, rank=comm.rank, peer=min(failed), failed=tuple(sorted(failed)))
 
 
+_PLAN_FAULTS = {
+    lib.CM_PLAN_BAD_KIND: "is of no known kind",
+    lib.CM_PLAN_BAD_BUF: "names a buffer the call does not pass",
+    lib.CM_PLAN_PAST_BUF: "touches bytes [{off}, {end}) of the {buf} buffer, which holds {len} B",
+    lib.CM_PLAN_PAST_BUF2: "reads past the end of the {buf2} buffer, which holds {len2} B",
+    lib.CM_PLAN_PART_ELEMENT: "reduces {n} B, not a whole number of {esz} B elements",
+    lib.CM_PLAN_BAD_SLOTS: "reduces {slots} slots",
+}
+_BUF_NAMES = ("input", "output", "scratch")
+
+
+def plan_error(name: str, plan, fault, lens: tuple, dtype: int) -> CommsError:
+    """The error of a plan of ``dtype`` that cm_plan_check refused (``fault``: its cm_plan_fault) for
+    buffers of ``lens`` bytes (input, output, scratch): what its step would touch, and where."""
+    cls = error_class(errors.E_INVALID)
+    head = f"{name}: plan {plan.algorithm!r} refused before any byte moved"
+    if not 0 <= fault.step < len(plan.steps):
+        return cls(f"{head}: its buffer table is malformed", op=name)
+    s = plan.steps[fault.step]
+
+    def named(b: int) -> tuple[str, int]:
+        return (_BUF_NAMES[b], lens[b]) if 0 <= b < len(lens) else (f"#{b}", 0)
+
+    (buf, blen), (buf2, blen2) = named(s.buf), named(s.buf2)
+    what = _PLAN_FAULTS.get(fault.reason, f"does not fit (reason {fault.reason})").format(
+        off=s.off, end=s.off + s.nbytes, buf=buf, len=blen, buf2=buf2, len2=blen2, n=s.nbytes, slots=s.peer,
+        esz=DTYPE_SIZES[dtype] if 0 <= dtype < len(DTYPE_SIZES) else 0)
+    return cls(f"{head}: step {fault.step} ({s}) {what}", op=name)
+
+
 def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsError:
     rank, peer = comm.rank, int(st.peer) if st is not None else -1
     where = f"{op} (seq {seq}) on rank {rank}" if seq else f"{op} on rank {rank}"
@@ -126,7 +159,17 @@ def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsEr
         msg = f"{where}: the communicator was aborted" + (f" ({comm._broken})" if comm._broken is not None else "")
     elif rc == errors.E_INVALID and peer >= 0:
         cls = errors.TransportError
-        msg = f"{where}: received a malformed message from rank {peer}"
+        msg = (f"{where}: received a malformed message from rank {peer} (a header that is not comms', a payload "
+               "that does not fit the size its header declares, or a broken frame)")
+    elif rc == errors.E_LIMIT:
+        n, queued, limit = st.remote.nbytes, st.done_bytes, st.want_bytes
+        early = f"rank {peer} sent a {n} B message (tag {st.remote.tag}) before its receive was posted"
+        if n > limit:
+            msg = (f"{where}: {early}: more than the {limit} B an early message may hold "
+                   "(COMMS_UNEXPECTED_MSG_BYTES, COMMS_UNEXPECTED_PEER_BYTES); post the receive earlier or raise them")
+        else:
+            msg = (f"{where}: {early} with {queued} B from it kept aside already: more than the {limit} B allowed "
+                   "per peer (COMMS_UNEXPECTED_PEER_BYTES); post receives earlier or raise it")
     else:
         msg = f"{where}: {errors.code_name(rc)} (code {rc}, errno {st.sys_errno if st is not None else 0})"
     return cls(msg, op=op, seq=seq, rank=rank, peer=peer if peer >= 0 else None)

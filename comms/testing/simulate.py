@@ -4,7 +4,10 @@ The in-memory transport keeps one FIFO of messages per ordered pair of ranks. Th
 steps the ranks round-robin with the same semantics as native/engine.c: consecutive
 communication steps are posted together; sends deliver at once; a local step or PHASE waits for
 every posted receive; receives match in order. Reductions use :mod:`comms.testing.reference`. A plan set
-that can make no progress raises :class:`Deadlock`, naming the stuck steps.
+that can make no progress raises :class:`Deadlock`, naming the stuck steps. Before anything runs,
+each plan is encoded as the engine would run it (comms.runtime.engine.Encoded), which checks every
+step against the buffers' lengths (native/plan_check.c): a step past a buffer raises InvalidUsage
+here, where numpy's slices would silently clip it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from collections import deque
 import numpy as np
 
 from . import reference
+from ..runtime.engine import Encoded
+from ..runtime.native import MSG_COLL
 from ..algorithms.plan import (BOARD, COMM_KINDS, COPY, DIV, IN, OUT, PHASE, RECV, REDUCE, REDUCE_SLOTS, SCRATCH, SEND, Plan)
 
 
@@ -24,6 +29,8 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
     """Execute ``plans[r]`` with IN = ``inputs[r]``, OUT = ``outputs[r]`` (uint8 views; they may be
     the same array for in-place calls) and a fresh scratch buffer per rank."""
     n = len(plans)
+    for r in range(n):
+        Encoded(plans[r], "simulate", MSG_COLL, 0, dtype, 0, -1, 0, lens=(inputs[r].nbytes, outputs[r].nbytes))
     bufs = [{IN: inputs[r], OUT: outputs[r], SCRATCH: np.zeros(plans[r].scratch_bytes, np.uint8)} for r in range(n)]
     fifo = {(s, d): deque() for s in range(n) for d in range(n)}
     pc = [0] * n

@@ -37,6 +37,10 @@ def init(rank: int | None = None, world_size: int | None = None, store: Any = No
         raise InvalidUsage(f"comms.init(): timeout must be positive, got {timeout}")
     if store is None:
         store = default_store(rank, world_size, timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt not in ("", "0"):                 # torchrun restarted the group: the agent's store still
+            from torch.distributed import PrefixStore    # holds the keys (and counters) of earlier attempts
+            store = PrefixStore(f"comms-attempt-{int(attempt)}/", store)
     generation = (store.add("comms/init", 1) - 1) // world_size
     return create(rank, world_size, store, f"comms/{generation}/", timeout, algo, None)
 

@@ -148,8 +148,9 @@ def expect_shm(op: Op, slots: list, head: int) -> tuple[str, bytes, bool]:
 
 # ---- the harness -------------------------------------------------------------------------------
 class _Comm:
-    """What comms.runtime.failures.build reads of a communicator: no store, so no peer's reason."""
-    rank, prefix, _store = 0, "fuzz/", None
+    """What comms.runtime.failures.build reads of a communicator: no store, so no peer's reason; no
+    control plane, so no failed ranks and no revoke."""
+    rank, prefix, _store, control, _failed, _revoker, _broken = 0, "fuzz/", None, None, {}, None, None
 
 
 def engine(transport: str) -> Engine:

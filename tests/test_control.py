@@ -234,3 +234,19 @@ def test_elastic_inference_example_keeps_serving_and_takes_a_replacement():
     assert summary["replaced"] and summary["reports"] == 3 and summary["final_size"] == 3, summary   # 2 + the newcomer
     assert summary["sizes_seen"] == [2, 3] and summary["all_correct"] and summary["steps"] >= 20, summary
     assert "rank 1 failed" in out.stderr
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_max_restarts_restarts_reinitialises_and_continues(tmp_path, nproc):
+    """examples/elastic_restart.py under torchrun --max-restarts: rank 1 is killed in the first
+    attempt; the survivors fail fast, torchrun restarts the group, which re-initialises the "comms"
+    backend and finishes from its checkpoint with the right sum."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "1",
+                          "--monitor-interval", "0.2", "examples/elastic_restart.py", "--steps", "20",
+                          "--checkpoint", str(tmp_path / "ckpt.json"), "--crash-at", "8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240, env=dict(os.environ, COMMS_TIMEOUT="300"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"steps": 20, "attempt": 1, "correct": True}, report
+    assert "exitcode: -9" in out.stderr                        # the first attempt did lose rank 1

@@ -147,13 +147,19 @@ class Collectives:
         return self._issue(opts, [call], outs, post)      # the future holds the output tensors, as Gloo's
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
+        """``output_lists[r][i]`` receives rank r's ``inputs[i]`` (c10d's layout: one list per rank)."""
         opts = opts if opts is not None else AllgatherOptions()
+        self._check_list(output_lists, "allgather_coalesced output")
+        for r, outs in enumerate(output_lists):
+            if len(outs) != len(inputs):
+                raise InvalidUsage(f"allgather_coalesced: output list {r} holds {len(outs)} tensors for "
+                                   f"{len(inputs)} inputs")
         calls, posts = [], []
-        for outs, inp in zip(output_lists, inputs, strict=True):
-            c, p = self._allgather_call(outs, inp)
+        for i, inp in enumerate(inputs):
+            c, p = self._allgather_call([outs[i] for outs in output_lists], inp)
             calls.append(c)
             posts.append(p)
-        return self._issue(opts, calls, output_lists, ops.chain(*posts))
+        return self._issue(opts, calls, ops.per_rank(output_lists), ops.chain(*posts))
 
     def _allgather_call(self, outs, inp):
         self._check_list(outs, "allgather output")
@@ -165,13 +171,17 @@ class Collectives:
     def all_gather_single(self, output, input, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
         c, post = self._all_gather_single_call(output, input)
-        # the future holds the output's blocks, one per rank, as Gloo's (it gathers into them)
-        return self._issue(opts, [c], list(output.chunk(self._comm.size)) if output.numel() else [output], post)
+        # the future holds the output's blocks, one per rank (empty ones too), as Gloo's (it gathers into them)
+        return self._issue(opts, [c], list(output.tensor_split(self._comm.size)), post)
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
         pairs = [self._all_gather_single_call(o, i) for o, i in zip(outputs, inputs, strict=True)]
-        return self._issue(opts, [c for c, _ in pairs], list(outputs), ops.chain(*(p for _, p in pairs)))
+        # the future holds, per rank, that rank's block of every output, as Gloo's (which runs
+        # allgather_coalesced on the outputs' chunks)
+        blocks = [o.tensor_split(self._comm.size) for o in outputs]
+        return self._issue(opts, [c for c, _ in pairs], ops.per_rank([list(b) for b in zip(*blocks)]),
+                           ops.chain(*(p for _, p in pairs)))
 
     def _all_gather_single_call(self, output, input):
         obuf, post = staged(output)

@@ -1,6 +1,7 @@
 """The bench's backends: one adapter per library, all with the surface of
 :class:`bench.backend_base.Backend`, in a registry (:data:`BACKENDS`): comms and gloo here, MPI in
-:mod:`bench.mpi_backend`.
+:mod:`bench.mpi_backend`; "torch" (torch.distributed on the comms backend) and "numpy" (comms on
+numpy views) are variants of gloo's and comms' adapters.
 
 :class:`Spec` is one entry of ``--backends``: a library plus environment overrides applied to that
 backend's launches only (``comms@COMMS_FLIGHT_RECORDER=0``), labelled as given.
@@ -20,7 +21,7 @@ from .backend_base import BOTH, Backend
 from .mpi_backend import MPI_MISSING, MpiBackend, mpi_missing
 
 __all__ = ["BACKENDS", "BOTH", "DEFAULT_BACKENDS", "MPI_MISSING", "Backend", "CommsBackend", "GlooBackend",
-           "MpiBackend", "Spec", "make", "mpi_missing"]
+           "MpiBackend", "NumpyCommsBackend", "Spec", "make", "mpi_missing"]
 
 _RACE = "sending and receiving one buffer at once races; the library has no send-recv-replace"
 
@@ -260,8 +261,26 @@ class TorchCommsBackend(GlooBackend):
         return {"torch": self._torch.__version__, "comms": __import__("comms").__version__}
 
 
+class NumpyCommsBackend(CommsBackend):
+    """comms' own calls on numpy views of the bench's buffers (``comm.all_reduce(ndarray)``, no torch
+    in the call): the native figure the torch backend's per-call overhead is held against
+    (``--backends numpy,torch,gloo --compare torch,numpy``). The views share the buffers' memory,
+    so the checks read the results as for comms."""
+    name = "numpy"
+    OPS = Backend.OPS                        # moe takes torch tensors
+
+    @classmethod
+    def native(cls, op, place, dtype):
+        if dtype == "bfloat16":
+            return "numpy has no bfloat16"
+        return super().native(op, place, dtype)
+
+    def bind(self, op, place, inp, out, root):
+        return super().bind(op, place, inp.numpy(), out.numpy(), root)
+
+
 BACKENDS: dict[str, type[Backend]] = {"comms": CommsBackend, "gloo": GlooBackend, "mpi": MpiBackend,
-                                      "torch": TorchCommsBackend}
+                                      "torch": TorchCommsBackend, "numpy": NumpyCommsBackend}
 DEFAULT_BACKENDS = ("comms", "gloo", "mpi")      # mpi is skipped with a note when it is not installed
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 

@@ -180,6 +180,21 @@ def test_corrupted_result_is_counted_and_fails(tmp_path):
     assert doc["launches"]["comms"][0]["doc"]["corrupt"] is True
 
 
+def test_numpy_backend_runs_every_op_on_numpy_views(tmp_path):
+    """"numpy": comms' own calls on numpy views of the buffers (the reference of the torch path's
+    overhead): every op runs and checks exactly; bfloat16, which numpy lacks, is n/a."""
+    js = tmp_path / "numpy.json"
+    p = bench("--ops", ",".join(ALL_OPS), "-b", "64", "-e", "64", *QUICK, "--backends", "numpy", "--json", str(js))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads(js.read_text())
+    assert validate(doc, SCHEMA) == []
+    ran = [r for r in doc["rows"] if not r["na"]]
+    assert {r["op"] for r in ran} == set(ALL_OPS) and {r["library"] for r in ran} == {"numpy"}
+    assert all(r["wrong"] == 0 for r in ran)
+    assert backends.NumpyCommsBackend.native("all_reduce", "in", "bfloat16") == "numpy has no bfloat16"
+    assert backends.NumpyCommsBackend.native("all_reduce", "in", "float16") is None
+
+
 def test_every_op_on_three_ranks_and_mpi_absent(tmp_path):
     """All nine ops (and moe when comms.moe is there), both places, root 1, comms, torch.distributed
     on the comms backend ("torch") and gloo on 3 ranks: every check passes. mpirun is hidden from PATH, so the mpi backend is skipped with the

@@ -145,9 +145,13 @@ def test_destroy_drains_and_reinit_works(two_ranks):
 
 @pytest.mark.parametrize("size,seed", [(2, 11), (3, 12)])
 def test_differential_against_gloo(size, seed):
+    """Random sequences through comms and Gloo: outputs and futures' values alike, no warning
+    but torch's own deprecation notices (see torch_differential)."""
     counts = spawn(torch_differential.differential, size, timeout=180, args=(seed, 150))
+    futures = counts[0].pop("futures")
     assert set(counts[0]) == set(torch_differential.COLLS)
     assert sum(counts[0].values()) > 120          # outputs compared (barrier has none)
+    assert futures > 40                           # future tensors compared with Gloo's
 
 
 def test_ddp_matches_gloo(clients):
@@ -163,7 +167,7 @@ def test_dtensor_tensor_parallel_matches_gloo(clients):
 
 
 def test_functional_collectives_match_gloo(clients):
-    assert clients[0]["functional"] == 16
+    assert clients[0]["functional"] == 22
 
 
 def _launch(script: str, *args: str) -> str:

@@ -3,6 +3,7 @@ functional collectives) twice in one job, once over the comms world group and on
 group, and returning both results for comparison."""
 from __future__ import annotations
 
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -220,14 +221,28 @@ def _funcol(group, rank: int, size: int) -> list[torch.Tensor]:
         *fc.all_reduce_coalesced([x, x[0] * 2], "sum", group),
         *fc.all_gather_into_tensor_coalesced([x, x[:1]], group),
         *fc.reduce_scatter_tensor_coalesced([x, x * 3], "sum", [0, 0], group),
+        # torch 2.13's names for the four above
+        fc.all_gather_single(x, 1, group),
+        fc.reduce_scatter_single(x, "max", 0, group),
+        *fc.all_gather_single_coalesced([x, x[:1]], group),
+        *fc.reduce_scatter_single_coalesced([x, x * 3], "sum", [0, 0], group),
     ]
     return [fc.wait_tensor(o) if isinstance(o, fc.AsyncCollectiveTensor) else o for o in outs]
 
 
+# torch 2.13's own notices for the deprecated functional spellings _funcol calls on purpose
+FUNCOL_DEPRECATIONS = r"`torch\.distributed\._functional_collectives\.\w+` is deprecated"
+
+
 def functional(rank: int, size: int) -> int:
+    """Functional collectives (every spelling torch 2.13 has) on comms and Gloo: the same results,
+    and no warning but torch's deprecation notices."""
     gloo = _init("functional")
-    mine = [t.clone() for t in _funcol(dist.group.WORLD, rank, size)]
-    ref = _funcol(gloo, rank, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=FUNCOL_DEPRECATIONS, category=FutureWarning)
+        mine = [t.clone() for t in _funcol(dist.group.WORLD, rank, size)]
+        ref = _funcol(gloo, rank, size)
     _same(mine, ref, "functional collectives")
     dist.destroy_process_group()
     return len(mine)

@@ -19,14 +19,20 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch._C._distributed_c10d import (AllgatherOptions, AllreduceCoalescedOptions, AllreduceOptions,
                                         AllToAllOptions, BarrierOptions, BroadcastOptions, GatherOptions,
                                         ReduceOptions, ReduceScatterOptions, ScatterOptions)
 
 from ..errors import InvalidUsage
+from ..runtime.native import lib
 from . import ops
 from .ops import joined, movable, one, staged
 from .work import CommsWork, RecvWork
+
+_FAST_OPS_GET = ops.FAST_OPS.get
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+_RUN_ADDR = lib.cm_call_run_addr
 
 
 def _options(cls, value, **fields):
@@ -61,12 +67,29 @@ class Collectives:
             opts = _options(AllreduceOptions, opts, reduceOp=lambda v: v)
         if type(tensors) is not list:
             tensors = [tensors]
-        if len(tensors) == 1:                   # the hot path: comms takes the tensor as it is
-            op = ops.FAST_OPS.get(hash(opts.reduceOp))
+        if len(tensors) == 1:                   # comms takes the tensor as it is
+            op = _FAST_OPS_GET(hash(opts.reduceOp))
             if op is not None:
                 t = tensors[0]
-                td = opts.timeout
-                timeout = None if td.days < 0 else ops.seconds(td)
+                unset = opts.timeout.days < 0   # c10d's unset timeout is -1 ms
+                if not opts.asyncOp and unset and type(t) is _TENSOR:
+                    # The hot path (dist.all_reduce(t) of a shape an earlier call planned): what
+                    # Communicator.all_reduce's own fast path does, without a second call, its
+                    # argument checks or a dict lookup more; one native call of the prepared plan.
+                    comm = self._comm
+                    enc = comm._hot.get((t.dtype, t.numel(), op))
+                    if enc is not None and t.is_cpu and t.layout is _STRIDED and t.is_contiguous():
+                        lk = comm._lock
+                        if not lk.acquire(False):
+                            comm._engine._acquire()
+                        try:
+                            rc = _RUN_ADDR(enc.call, t.data_ptr())
+                        finally:
+                            lk.release()
+                        if rc:
+                            raise comm._hot_failed(enc, rc)
+                        return self._done(tensors)
+                timeout = None if unset else ops.seconds(opts.timeout)
                 try:
                     if opts.asyncOp:
                         return CommsWork((self._comm.all_reduce(t, op, async_op=True, timeout=timeout),), tensors)
@@ -147,13 +170,19 @@ class Collectives:
         return self._issue(opts, [call], outs, post)      # the future holds the output tensors, as Gloo's
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
+        """``output_lists[r][i]`` receives rank r's ``inputs[i]`` (c10d's layout: one list per rank)."""
         opts = opts if opts is not None else AllgatherOptions()
+        self._check_list(output_lists, "allgather_coalesced output")
+        for r, outs in enumerate(output_lists):
+            if len(outs) != len(inputs):
+                raise InvalidUsage(f"allgather_coalesced: output list {r} holds {len(outs)} tensors for "
+                                   f"{len(inputs)} inputs")
         calls, posts = [], []
-        for outs, inp in zip(output_lists, inputs, strict=True):
-            c, p = self._allgather_call(outs, inp)
+        for i, inp in enumerate(inputs):
+            c, p = self._allgather_call([outs[i] for outs in output_lists], inp)
             calls.append(c)
             posts.append(p)
-        return self._issue(opts, calls, output_lists, ops.chain(*posts))
+        return self._issue(opts, calls, ops.per_rank(output_lists), ops.chain(*posts))
 
     def _allgather_call(self, outs, inp):
         self._check_list(outs, "allgather output")
@@ -165,13 +194,17 @@ class Collectives:
     def all_gather_single(self, output, input, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
         c, post = self._all_gather_single_call(output, input)
-        # the future holds the output's blocks, one per rank, as Gloo's (it gathers into them)
-        return self._issue(opts, [c], list(output.chunk(self._comm.size)) if output.numel() else [output], post)
+        # the future holds the output's blocks, one per rank (empty ones too), as Gloo's (it gathers into them)
+        return self._issue(opts, [c], list(output.tensor_split(self._comm.size)), post)
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         opts = opts if opts is not None else AllgatherOptions()
         pairs = [self._all_gather_single_call(o, i) for o, i in zip(outputs, inputs, strict=True)]
-        return self._issue(opts, [c for c, _ in pairs], list(outputs), ops.chain(*(p for _, p in pairs)))
+        # the future holds, per rank, that rank's block of every output, as Gloo's (which runs
+        # allgather_coalesced on the outputs' chunks)
+        blocks = [o.tensor_split(self._comm.size) for o in outputs]
+        return self._issue(opts, [c for c, _ in pairs], ops.per_rank([list(b) for b in zip(*blocks)]),
+                           ops.chain(*(p for _, p in pairs)))
 
     def _all_gather_single_call(self, output, input):
         obuf, post = staged(output)

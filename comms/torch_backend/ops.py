@@ -182,6 +182,12 @@ def equal_splits(rows: int, size: int, what: str) -> list[int]:
     return [rows // size] * size
 
 
+def per_rank(lists: list) -> list:
+    """The value of a future over one output list per rank, as Gloo gives it: the lists themselves
+    when there are several, the only one's tensors otherwise."""
+    return lists if len(lists) > 1 else (list(lists[0]) if lists else [])
+
+
 def chain(*posts: Post) -> Post:
     """One post step running ``posts`` in order (None if there is nothing to run)."""
     todo = [p for p in posts if p is not None]

@@ -16,8 +16,9 @@ Contract of :class:`CommsWork`:
   subclasses; ``CommTimeout`` also when ``timeout`` passes first), else returns True. ``timeout``
   may be a ``timedelta`` (C++ passes one; zero or negative means none) or seconds.
 * ``is_completed()`` never blocks; it is True once the outcome is settled (success or failure).
-* ``get_future()`` returns a ``torch.futures.Future`` completed with the list of output tensors,
-  or with the error. Its callbacks never run on the comms progress thread: completions seen there
+* ``get_future()`` returns a ``torch.futures.Future`` completed with the operation's outputs laid
+  out as Gloo's future holds them (the process group chooses the value: a flat list of tensors,
+  or one list per rank for the coalesced all-gathers), or with the error. Its callbacks never run on the comms progress thread: completions seen there
   are handed to a small pool of threads (:func:`_deliver`), so a callback may start and even wait
   for other comms work (PowerSGD's DDP hook does). A future completed by a waiter runs its
   callbacks on the waiter's thread, as torch does.

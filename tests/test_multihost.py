@@ -281,3 +281,33 @@ def test_main_bench_across_simulated_hosts(tmp_path):
                     ("comms@COMMS_TRANSPORT=rdma@FI_PROVIDER=tcp", 65536): "rdma",
                     ("gloo", 8): "tcp", ("gloo", 65536): "tcp"}, out
     assert all(r["wrong"] == 0 for r in rows), out
+
+
+def test_a_cut_link_is_known_on_both_sides_within_seconds(tmp_path):
+    """2 hosts x 2 ranks at COMMS_TIMEOUT=300: once the ranks work, the veth goes down. No process
+    dies and no connection closes; the control plane's heartbeats stop, and every rank raises
+    PeerError naming the two ranks on the other side, within seconds of the cut."""
+    import threading
+    with SimulatedHosts(hosts=2, ranks_per_host=2) as sim:
+        box = {}
+        job = threading.Thread(target=lambda: box.update(results=sim.torchrun(
+            str(SCRIPTS / "link_cut.py"), timeout=150, env={"CUT_DIR": str(tmp_path), "COMMS_TIMEOUT": "300"})))
+        job.start()
+        _wait_for(lambda: len(list(tmp_path.glob("ready.*"))) == 4 or not job.is_alive(), timeout_s=120)
+        assert job.is_alive(), sim.report(box.get("results", []))
+        cut = time.time()
+        subprocess.run(["ip", "-n", sim.netns[0], "link", "set", "eth0", "down"], check=True)
+        job.join(200)
+        results = box["results"]
+        report = sim.report(results)
+    lines = [ln for r in results for ln in r.lines() if "CUT rank=" in ln]
+    seen = {}
+    for ln in lines:
+        f = dict(kv.split("=", 1) for kv in ln[ln.index("CUT ") + 4:].split(" msg=")[0].split())
+        seen[int(f["rank"])] = (f, ln)
+    assert sorted(seen) == [0, 1, 2, 3], report
+    for rank, (f, ln) in seen.items():
+        other = {"0": "2,3", "1": "2,3", "2": "0,1", "3": "0,1"}[str(rank)]
+        assert f["name"] == "PeerError" and f["failed"] == other, ln
+        assert "control connection was lost" in ln, ln
+        assert float(f["at"]) - cut < 10, ln          # heartbeat timeout (1 s), not COMMS_TIMEOUT (300 s)

@@ -3,6 +3,10 @@
 Each knob is declared once, with its name, type, default and doc, and is read from the environment
 variable ``COMMS_<NAME>``. Values that differ from the default are logged once at INFO level.
 ``python -m comms.info`` prints every knob with its value and where the value came from.
+
+A knob declared ``secret=True`` (the job's auth token) never has its value logged, printed or put
+in an error message: the override log says only that it is set, and :func:`snapshot` shows
+:data:`HIDDEN` in its place (an unset secret shows its empty default).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class Param:
     type: Any
     default: Any
     doc: str
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -51,10 +56,14 @@ PARAMS: dict[str, Param] = {}
 # before a communicator exists).
 
 
-def declare(name: str, type_: Any, default: Any, doc: str) -> Param:
+HIDDEN = "<hidden>"
+
+
+def declare(name: str, type_: Any, default: Any, doc: str, secret: bool = False) -> Param:
+    """Declare knob ``name`` (read from ``COMMS_<name>``); ``secret``: its value is never logged or shown."""
     if name in PARAMS:
         raise RuntimeError(f"config knob COMMS_{name} declared twice")
-    p = Param(name, type_, default, doc)
+    p = Param(name, type_, default, doc, secret)
     PARAMS[name] = p
     return p
 
@@ -118,13 +127,20 @@ def get(name: str) -> Any:
         value = parse(raw)
     except ValueError as e:
         from .errors import InvalidUsage
-        raise InvalidUsage(f"{p.env}={raw!r} is not a valid {getattr(p.type, '__name__', p.type)}: {e}") from None
+        shown = HIDDEN if p.secret else repr(raw)
+        raise InvalidUsage(f"{p.env}={shown} is not a valid {getattr(p.type, '__name__', p.type)}"
+                           f"{'' if p.secret else f': {e}'}") from None
     if value != p.default and p.env not in _logged:
         _logged.add(p.env)
-        log.info("%s set by environment to %r (default %r)", p.env, value, p.default)
+        if p.secret:
+            log.info("%s set by environment (value hidden)", p.env)
+        else:
+            log.info("%s set by environment to %r (default %r)", p.env, value, p.default)
     return value
 
 
 def snapshot() -> list[tuple[str, Any, str, str]]:
-    """(env name, value, source, doc) for every knob, in declaration order."""
-    return [(p.env, get(p.name), source(p.name), p.doc) for p in PARAMS.values()]
+    """(env name, value, source, doc) for every knob, in declaration order; a secret knob that is
+    set shows :data:`HIDDEN` instead of its value."""
+    return [(p.env, HIDDEN if p.secret and source(p.name) == "env" else get(p.name), source(p.name), p.doc)
+            for p in PARAMS.values()]

@@ -8,6 +8,7 @@ from . import config
 from .runtime.bootstrap import Bootstrap, default_store
 from .communicator import Communicator
 from .errors import InvalidUsage
+from .security.store import secure
 
 
 def _env_int(name: str) -> int:
@@ -43,7 +44,11 @@ def init(rank: int | None = None, world_size: int | None = None, store: Any = No
 
 def create(rank: int, size: int, store: Any, prefix: str, timeout: float, algo: str | None,
            members: Sequence[int] | None, params=None) -> Communicator:
-    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init and split; a split
-    inherits its parent's cost-model ``params`` instead of calibrating)."""
-    boot = Bootstrap(rank, size, store, prefix, timeout).run()
+    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init, split and the
+    torch.distributed backend; a split inherits its parent's cost-model ``params`` instead of
+    calibrating). This is where a store enters comms: with a job secret (COMMS_AUTH_TOKEN or
+    COMMS_AUTH_TOKEN_FILE) every value comms sets or gets in it is authenticated from here on
+    (comms.security.store), and the transports' hellos prove the secret (transports/mesh.py)."""
+    store, secret = secure(store, rank)
+    boot = Bootstrap(rank, size, store, prefix, timeout, secret).run()
     return Communicator(boot, store, prefix, timeout, algo, members, params)

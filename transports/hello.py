@@ -3,7 +3,7 @@ forms, and the checks of each. Pure functions of bytes: no sockets here.
 
 Without a job secret (the plain hello, as before authentication existed), the dialer sends
 
-    PLAIN = magic (4 s) | communicator key (16 s) | dialer rank (i32) | size (i32)      24 bytes
+    PLAIN = magic (4 s) | communicator key (16 s) | dialer rank (i32) | size (i32)      28 bytes
 
 and the acceptor sends nothing back.
 
@@ -11,7 +11,7 @@ With a job secret (comms.security.token), a mutual challenge-response in three m
 ``K = derive(secret, "hello")``; the secret itself never crosses the wire:
 
 1. acceptor -> dialer: ``nonce_a`` (16 random bytes), as soon as it accepts the connection;
-2. dialer -> acceptor: ``AUTH = PLAIN fields | nonce_d (16 s) | mac_d (32 s)`` (72 bytes), where
+2. dialer -> acceptor: ``AUTH = PLAIN fields | nonce_d (16 s) | mac_d (32 s)`` (76 bytes), where
    ``mac_d = HMAC-SHA256(K, "dial" | nonce_a | PLAIN fields | nonce_d)``;
 3. acceptor -> dialer: ``mac_a = HMAC-SHA256(K, "accept" | nonce_d | nonce_a | PLAIN fields |
    acceptor rank (i32))`` (32 bytes), only once ``mac_d`` checked out.

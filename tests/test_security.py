@@ -124,6 +124,20 @@ def test_token_value_is_never_logged_or_shown(no_token, caplog):
     assert shown["COMMS_AUTH_TOKEN"] == config.HIDDEN
 
 
+def test_info_says_whether_the_job_is_authenticated(no_token, capsys):
+    from comms.info import main
+    main([])
+    assert "unauthenticated: set COMMS_AUTH_TOKEN or COMMS_AUTH_TOKEN_FILE" in capsys.readouterr().out
+    no_token.setenv("COMMS_AUTH_TOKEN", "do-not-print-me")
+    main([])
+    out = capsys.readouterr().out
+    assert "authenticated (COMMS_AUTH_TOKEN)" in out and "unauthenticated" not in out
+    assert "do-not-print-me" not in out
+    main(["--json"])
+    out = capsys.readouterr().out
+    assert '"authenticated": true' in out and "do-not-print-me" not in out
+
+
 # -- the store -------------------------------------------------------------------------------------
 def test_store_without_a_secret_is_left_alone(no_token):
     raw = HashStore()

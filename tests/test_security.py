@@ -382,3 +382,13 @@ def test_the_dialer_gives_up_at_the_init_deadline_when_never_challenged():
         dialer, dialed = _dial_in_thread(b"job", address, timeout=1.0)
         dialer.join(10)
     assert isinstance(dialed[0], CommTimeout) and time.monotonic() - t0 < 5, dialed
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_the_data_path_after_init_is_the_same_with_a_secret(transport):
+    out = spawn(sw.calls_per_all_reduce, 2, timeout=90, env=dict(NO_TOKEN, COMMS_TRANSPORT=transport,
+                                                                 COMMS_CALIBRATE="0"))
+    for seen in out:
+        assert seen["none"] and seen["token"] == seen["none"], seen
+        assert not any(f.startswith(("token.py", "store.py", "hello.py", "mesh.py")) or "hmac" in f or "digest" in f
+                       for f in seen["token"]), seen

@@ -41,16 +41,17 @@ class _Recorder:
 
 
 class TamperingStore:
-    """The job's store, but right after a value is set under a key ending in ``victim``, an
-    attacker overwrites it: ``flip`` changes one byte of the value and keeps the tag, ``untagged``
+    """The job's store, but a value set under a key ending in ``victim`` is replaced by an
+    attacker's before anyone reads it: ``flip`` changes one byte of the value and keeps the tag, ``untagged``
     writes the value without its tag, ``stranger`` tags it with another secret."""
 
     def __init__(self, store, victim: str, how: str):
         self._store, self.victim, self.how = store, victim, how
 
     def set(self, key, value):
-        self._store.set(key, value)
-        if key.endswith(self.victim):
+        if not key.endswith(self.victim):
+            self._store.set(key, value)
+        else:        # the attacker's value is the only one anyone can read (no race with the real one)
             raw = bytes(value)
             body = raw[:-TAG_BYTES]
             if self.how == "flip":

@@ -8,6 +8,7 @@ from . import config
 from .runtime.bootstrap import Bootstrap, default_store
 from .communicator import Communicator
 from .errors import InvalidUsage
+from .security.store import secure
 
 
 def _env_int(name: str) -> int:
@@ -47,10 +48,15 @@ def init(rank: int | None = None, world_size: int | None = None, store: Any = No
 
 def create(rank: int, size: int, store: Any, prefix: str, timeout: float, algo: str | None,
            members: Sequence[int] | None, params=None, control=None) -> Communicator:
-    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init, split, shrink and
-    grow; a split inherits its parent's cost-model ``params`` instead of calibrating, and its
-    ``control`` plane: (plane, plane ranks); None starts a new plane)."""
-    boot = Bootstrap(rank, size, store, prefix, timeout).run()
+    """Bootstrap a communicator under ``prefix`` in ``store`` (used by init, split, shrink, grow,
+    join and the torch.distributed backend; a split inherits its parent's cost-model ``params``
+    instead of calibrating, and its ``control`` plane: (plane, plane ranks); None starts a new
+    plane). This is where a store enters comms: with a job secret (COMMS_AUTH_TOKEN or
+    COMMS_AUTH_TOKEN_FILE) every value comms sets or gets in it is authenticated from here on
+    (comms.security.store), the transports' hellos prove the secret (transports/mesh.py), and the
+    control plane admits only the job's CURVE key pair (comms.control.plane)."""
+    store, secret = secure(store, rank)
+    boot = Bootstrap(rank, size, store, prefix, timeout, secret).run()
     return Communicator(boot, store, prefix, timeout, algo, members, params, control)
 
 
@@ -68,4 +74,4 @@ def join(name: str = "default", store: Any = None, timeout: float | None = None,
             raise InvalidUsage("comms.join(): MASTER_ADDR and MASTER_PORT must name the group's store, or pass "
                                "store=") from None
         store = TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
-    return membership.join(store, name, timeout, algo)
+    return membership.join(secure(store)[0], name, timeout, algo)

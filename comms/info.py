@@ -1,5 +1,6 @@
-"""``python -m comms.info [--json]``: the topology, the registered transports (with the cost
-model's route), every config knob with its value and source, and the algorithm selection table.
+"""``python -m comms.info [--json]``: whether the job is authenticated, the topology, the registered
+transports (with the cost model's route), every config knob with its value and source (a secret's
+value hidden), and the algorithm selection table.
 
 Under a launcher (RANK and WORLD_SIZE set, e.g. ``python -m comms.run -n 4 -m comms.info``) it
 initialises a communicator and rank 0 prints what the whole group sees; otherwise it describes
@@ -15,6 +16,7 @@ from dataclasses import asdict
 
 from . import algorithms, config
 from .api import init
+from .security import token
 from .selection.model import Link, describe_links
 from .selection.rules import Selector
 
@@ -37,12 +39,28 @@ def transports_available() -> list[dict]:
              "describe": cls.describe()} for cls in ORDER]
 
 
+def security() -> dict:
+    """Whether this process runs an authenticated job, and from which knob (never the token)."""
+    if not token.authenticated():
+        return {"authenticated": False, "source": None}
+    source = "COMMS_AUTH_TOKEN" if config.source("AUTH_TOKEN") == "env" else "COMMS_AUTH_TOKEN_FILE"
+    return {"authenticated": True, "source": source}
+
+
+def describe_security(sec: dict) -> str:
+    if not sec["authenticated"]:
+        return "unauthenticated: set COMMS_AUTH_TOKEN or COMMS_AUTH_TOKEN_FILE"
+    return (f"authenticated ({sec['source']}): store values carry HMAC tags, data-plane connections open with a "
+            "mutual challenge-response")
+
+
 def gather(comm) -> dict:
     sel = comm._selector if comm is not None else Selector()
     table = {coll: {_size(n): sel.candidates(coll, n)[0] for n in SIZES} for coll in algorithms.REGISTRY}
     contested = {coll: {_size(n): list(alts) for n in SIZES if (alts := sel.contest(coll, n))}
                  for coll in algorithms.REGISTRY}
     return {
+        "security": security(),
         "topology": comm.topology.as_dict() if comm is not None else None,
         "transports": {str(k): v for k, v in comm.transports.items()} if comm is not None else {},
         "transports_available": transports_available(),
@@ -60,7 +78,8 @@ def gather(comm) -> dict:
 
 
 def render(info: dict, comm) -> str:
-    out = ["# topology", comm.topology.describe() if comm is not None else "(no communicator)"]
+    out = ["# security", describe_security(info["security"]),
+           "\n# topology", comm.topology.describe() if comm is not None else "(no communicator)"]
     if info["transports"]:
         out.append("transports from rank 0: " + ", ".join(f"{p}: {t}" for p, t in info["transports"].items()))
     out.append("\n# transports (tried in this order)")

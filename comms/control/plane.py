@@ -23,6 +23,7 @@ wire); a stranger fails the handshake, is logged, and the job goes on. Messages 
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import weakref
@@ -41,6 +42,17 @@ log = clog.get("CONTROL")
 BYE_GRACE_S = 0.1    # a dropped connection waits this long for the BYE that may have crossed it (a clean close)
 TICK_S = 0.05        # the thread's longest sleep while something is due
 IDLE_S = 0.5         # ... and while nothing is (closing wakes it through its command socket)
+
+
+_LIVE: "weakref.WeakSet[Plane]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """A process that ends normally says BYE on every plane it still has: its peers must not take
+    the end of a finished rank for a failure (a rank still running its last calls with others)."""
+    for plane in list(_LIVE):
+        plane.close()
 
 
 def _pid_state(pid: int) -> str | None:
@@ -79,6 +91,7 @@ class Plane:
         self._cmd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        _LIVE.add(self)
         self._peers: dict[int, list] = {}
         self.ctx = zmq.Context()
         self._auth = None

@@ -78,16 +78,17 @@ class Collectives:
                     # argument checks or a dict lookup more; one native call of the prepared plan.
                     comm = self._comm
                     enc = comm._hot.get((t.dtype, t.numel(), op))
-                    if enc is not None and t.is_cpu and t.layout is _STRIDED and t.is_contiguous():
+                    if enc is not None and (call := enc.call) is not None and t.is_cpu and t.layout is _STRIDED \
+                            and t.is_contiguous():      # (call: another thread may drop it, as abort does)
                         lk = comm._lock
                         if not lk.acquire(False):
                             comm._engine._acquire()
                         try:
-                            rc = _RUN_ADDR(enc.call, t.data_ptr())
+                            rc = _RUN_ADDR(call, t.data_ptr())
                         finally:
                             lk.release()
                         if rc:
-                            raise comm._hot_failed(enc, rc)
+                            raise comm._hot_failed(enc, call, rc)
                         return self._done(tensors)
                 timeout = None if unset else ops.seconds(opts.timeout)
                 try:

@@ -397,9 +397,13 @@ class Communicator(Operations):
 
     def _fail(self, rc: int, st, op: str, seq: int, plan: Plan | None, timeout: float | None = None) -> CommsError:
         plane, peer = self._control_link[0], int(st.peer) if st is not None else -1
-        if plane is not None and rc in (E_PEER_DEAD, E_PEER_CLOSED) and 0 <= peer < self.size \
-                and peer not in self._failed:        # a transport saw it first: every rank must know (shrink)
-            plane.declare(self._plane_ranks[peer], wire.GONE)
+        if plane is not None and 0 <= peer < self.size and peer not in self._failed:
+            # a transport saw it first, and every rank must know (shrink): a process that is gone, or
+            # one that said goodbye and closed while this call needed it (not a closed connection
+            # alone: an aborting peer closes its connections too)
+            pr = self._plane_ranks[peer]
+            if rc == E_PEER_DEAD or (rc == E_PEER_CLOSED and pr in plane.left):
+                plane.declare(pr, wire.GONE)
         exc = failures.build(self, rc, st, op, seq, plan, self.timeout if timeout is None else timeout)
         if self._broken is None:
             self._broken = exc

@@ -204,6 +204,10 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* engine.c: the CM_* code of a system call that failed with err (CM_E_NOMEM for no space or memory,
+ * else CM_E_SYS), err stored in *sys_errno when not NULL: errno never becomes a return code */
+int cm_sys_fail(int err, int *sys_errno);
+
 /* ctx.c: a transport's instance in a context, and a channel to a peer */
 cm_transport *cm_ctx_transport(cm_ctx *ctx, const cm_transport_ops *ops);
 int cm_ctx_attach(cm_ctx *ctx, int peer, cm_transport *t, void *priv);

@@ -9,7 +9,11 @@
  * then releases tail + 1. Either side wakes the other after publishing, but only when the other
  * has announced that it sleeps (cm_wake: Dekker-style, both sides fence before checking).
  *
- * The cm_shm_* segment functions return 0 or -errno (not CM_E_* codes).
+ * The cm_shm_* segment functions return CM_* codes only, like the rest of the core: CM_OK,
+ * CM_E_INVALID (a bad name, or a segment that is not comms' or too small), CM_E_NOMEM (no room in
+ * /dev/shm or memory), or CM_E_SYS (any other failed system call). The errno behind a failure goes to
+ * *sys_errno (when not NULL; 0 on success), never into the return code, where a -errno would read as
+ * some CM_E_* code (-ENOENT as CM_E_PEER_CLOSED, -EPERM as CM_E_TIMEOUT).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,10 +28,10 @@
 #include "shm.h"
 
 /* CDEF-BEGIN: what transports/shm.py calls (native/build_cffi.py hands these lines to cffi) */
-int cm_shm_create(const char *name, size_t bytes, void **out);
-int cm_shm_attach(const char *name, size_t bytes, void **out);
-int cm_shm_unlink(const char *name);
-int cm_shm_unmap(void *addr, size_t bytes);
+int cm_shm_create(const char *name, size_t bytes, void **out, int *sys_errno);
+int cm_shm_attach(const char *name, size_t bytes, void **out, int *sys_errno);
+int cm_shm_unlink(const char *name, int *sys_errno);
+int cm_shm_unmap(void *addr, size_t bytes, int *sys_errno);
 size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes, size_t board_bytes);
 void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, size_t board_bytes);
 int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes,
@@ -54,49 +58,61 @@ static int shm_path(const char *name, char *buf, size_t n) {
     return snprintf(buf, n, "/%s", name) >= (int)n ? -1 : 0;
 }
 
-int cm_shm_create(const char *name, size_t bytes, void **out) {
+static int shm_done(int *sys_errno) {
+    if (sys_errno) *sys_errno = 0;
+    return CM_OK;
+}
+
+static int shm_invalid(int err, int *sys_errno) {    /* not a failed system call: errno says why */
+    if (sys_errno) *sys_errno = err;
+    return CM_E_INVALID;
+}
+
+int cm_shm_create(const char *name, size_t bytes, void **out, int *sys_errno) {
     char path[256];
-    if (shm_path(name, path, sizeof path) < 0) return CM_E_INVALID;
+    if (shm_path(name, path, sizeof path) < 0) return shm_invalid(EINVAL, sys_errno);
     int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (fd < 0) return -errno;
+    if (fd < 0) return cm_sys_fail(errno, sys_errno);
     /* reserve the pages now: a /dev/shm that is too small fails here, not with SIGBUS later */
     int rc = posix_fallocate(fd, 0, (off_t)bytes);
     if (rc != 0) {
         close(fd);
         shm_unlink(path);
-        return -rc;                       /* -ENOSPC etc.; Python names the size needed */
+        return cm_sys_fail(rc, sys_errno);      /* ENOSPC etc.: CM_E_NOMEM; Python names the size needed */
     }
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int err = errno;
     close(fd);
-    if (p == MAP_FAILED) { shm_unlink(path); return -err; }
+    if (p == MAP_FAILED) { shm_unlink(path); return cm_sys_fail(err, sys_errno); }
     *out = p;
-    return CM_OK;
+    return shm_done(sys_errno);
 }
 
-int cm_shm_attach(const char *name, size_t bytes, void **out) {
+int cm_shm_attach(const char *name, size_t bytes, void **out, int *sys_errno) {
     char path[256];
-    if (shm_path(name, path, sizeof path) < 0) return CM_E_INVALID;
+    if (shm_path(name, path, sizeof path) < 0) return shm_invalid(EINVAL, sys_errno);
     int fd = shm_open(path, O_RDWR, 0600);
-    if (fd < 0) return -errno;
+    if (fd < 0) return cm_sys_fail(errno, sys_errno);
     struct stat st;
-    if (fstat(fd, &st) < 0 || (size_t)st.st_size < bytes) { close(fd); return -EBADMSG; }
+    if (fstat(fd, &st) < 0 || (size_t)st.st_size < bytes) { close(fd); return shm_invalid(EBADMSG, sys_errno); }
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int err = errno;
     close(fd);
-    if (p == MAP_FAILED) return -err;
-    if (((cm_seg_hdr *)p)->magic != CM_SEG_MAGIC) { munmap(p, bytes); return -EBADMSG; }
+    if (p == MAP_FAILED) return cm_sys_fail(err, sys_errno);
+    if (((cm_seg_hdr *)p)->magic != CM_SEG_MAGIC) { munmap(p, bytes); return shm_invalid(EBADMSG, sys_errno); }
     *out = p;
-    return CM_OK;
+    return shm_done(sys_errno);
 }
 
-int cm_shm_unlink(const char *name) {
+int cm_shm_unlink(const char *name, int *sys_errno) {
     char path[256];
-    if (shm_path(name, path, sizeof path) < 0) return CM_E_INVALID;
-    return shm_unlink(path) == 0 ? CM_OK : -errno;
+    if (shm_path(name, path, sizeof path) < 0) return shm_invalid(EINVAL, sys_errno);
+    return shm_unlink(path) == 0 ? shm_done(sys_errno) : cm_sys_fail(errno, sys_errno);
 }
 
-int cm_shm_unmap(void *addr, size_t bytes) { return munmap(addr, bytes) == 0 ? CM_OK : -errno; }
+int cm_shm_unmap(void *addr, size_t bytes, int *sys_errno) {
+    return munmap(addr, bytes) == 0 ? shm_done(sys_errno) : cm_sys_fail(errno, sys_errno);
+}
 
 void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, size_t board_bytes) {
     cm_seg_hdr *h = seg;

@@ -170,6 +170,10 @@ struct cm_ctx {
     cm_waker *waker;             /* &own_waker, or where a transport moved it (shm: its segment) */
     cm_waker own_waker;
     int bell_fd;                 /* this context's bell (-1: none), see wait.c */
+    /* what a sleeping wait polls (struct pollfd[]): room for every channel, every transport and
+     * the bell, sized when the context is made, so no peer is ever left out (wait.c) */
+    void *pollfds;
+    int pollfds_cap;
     /* execs */
     cm_exec *active;
     cm_exec sync_exec;           /* the one synchronous runs use while free (no allocation) */

@@ -19,13 +19,19 @@
 #include <errno.h>
 #include <stdio.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include "shm.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434               /* the same on every architecture (Linux 5.3) */
+#endif
 
 /* CDEF-BEGIN: what transports/shm.py calls (native/build_cffi.py hands these lines to cffi) */
 int cm_shm_create(const char *name, size_t bytes, void **out, int *sys_errno);
@@ -154,9 +160,35 @@ static int shm_ctx_alive(cm_ctx *ctx, cm_transport *t) {
     return a ? cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL) : cm_board_check(ctx, t);
 }
 
+/* Liveness of a peer's process. kill(pid, 0) only says that *some* process has that pid: a pid
+ * reused after the peer died, or the peer's own zombie, passes it. A pidfd names the process
+ * itself and polls readable (POLLIN) once it exited, so the peer's pidfd is opened when it is
+ * connected (transports/shm.py passes a pid only for a peer in this pid namespace) and polled here;
+ * kill(pid, 0) stays for kernels without pidfd_open (before 5.3: ENOSYS) or where it is refused. */
+static void open_pidfd(shm_chan *s) {
+    s->pidfd = -1;
+    if (s->peer_pid <= 0) return;
+    int fd = (int)syscall(SYS_pidfd_open, (pid_t)s->peer_pid, 0);
+    if (fd >= 0) {
+        s->pidfd = fd;                             /* close-on-exec; closed by shm_free */
+    } else if (errno == ESRCH) {
+        s->peer_gone = 1;                          /* it exited before we connected */
+    }
+}
+
 static int shm_alive(cm_ctx *ctx, cm_chan *c) {
     shm_chan *s = c->priv;
-    if (s->peer_pid > 0 && kill(s->peer_pid, 0) < 0 && errno == ESRCH) return cm_fail(ctx, CM_E_PEER_DEAD, c->peer, 0, NULL);
+    int dead = s->peer_gone;
+    if (!dead && s->pidfd >= 0) {
+        struct pollfd p = { .fd = s->pidfd, .events = POLLIN, .revents = 0 };
+        dead = poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR));
+    } else if (!dead && s->peer_pid > 0) {
+        dead = kill(s->peer_pid, 0) < 0 && errno == ESRCH;
+    }
+    if (dead) {
+        s->peer_gone = 1;
+        return cm_fail(ctx, CM_E_PEER_DEAD, c->peer, 0, NULL);
+    }
     return CM_OK;
 }
 
@@ -243,7 +275,13 @@ static int shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
     return moved;
 }
 
-static void shm_free(cm_ctx *ctx, cm_chan *c) { (void)ctx; free(c->priv); c->priv = NULL; }
+static void shm_free(cm_ctx *ctx, cm_chan *c) {
+    (void)ctx;
+    shm_chan *s = c->priv;
+    if (s && s->pidfd >= 0) close(s->pidfd);
+    free(s);
+    c->priv = NULL;
+}
 static void shm_release(cm_ctx *ctx, cm_transport *t) {
     (void)ctx;
     shm_ctx *s = t->priv;
@@ -307,6 +345,7 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
     s->t = t;
     s->peer_seg = ps;
     s->peer_pid = peer_pid;
+    open_pidfd(s);
     s->tx = (cm_chan_ctrl *)((char *)peer_seg + CM_SEG_HDR_BYTES + (size_t)t->local_index * t->chan_bytes);
     s->tx_slots = (char *)(s->tx + 1);
     s->rx = (cm_chan_ctrl *)((char *)t->my_seg + CM_SEG_HDR_BYTES + (size_t)peer_local_index * t->chan_bytes);
@@ -314,6 +353,9 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
     s->tx_head = atomic_load(&s->tx->head);
     s->rx_tail = atomic_load(&s->rx->tail);
     int r = cm_ctx_attach(ctx, peer, tp, s);
-    if (r < 0) free(s);
+    if (r < 0) {
+        if (s->pidfd >= 0) close(s->pidfd);
+        free(s);
+    }
     return r;
 }

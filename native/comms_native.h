@@ -188,8 +188,8 @@ struct cm_ctx {
     int failed;
     cm_status status;
     uint64_t counters[8];
-    /* flight recorder: a ring of the last fr_cap plans */
-    cm_fr_entry *fr;
+    /* flight recorder: a ring of the last fr_cap plans (flight.c) */
+    struct cm_fr_slot *fr;
     uint32_t fr_cap;
     _Atomic uint64_t fr_next;
 };

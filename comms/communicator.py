@@ -489,6 +489,7 @@ class Communicator(Operations):
         if not self._engine.drain(self.timeout):
             self._engine.abort()
             self._engine.drain(5.0)
+        flight.unregister(self)                  # no SIGUSR1 dump of it from now on; then free
         self._finalizer()
 
     def __enter__(self) -> "Communicator":

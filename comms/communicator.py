@@ -403,7 +403,7 @@ class Communicator(Operations):
             # alone: an aborting peer closes its connections too)
             pr = self._plane_ranks[peer]
             if rc == E_PEER_DEAD or (rc == E_PEER_CLOSED and pr in plane.left):
-                plane.declare(pr, wire.GONE)
+                plane.declare(pr, plane.death_cause(pr) if rc == E_PEER_DEAD else wire.GONE)
         exc = failures.build(self, rc, st, op, seq, plan, self.timeout if timeout is None else timeout)
         if self._broken is None:
             self._broken = exc
@@ -489,6 +489,7 @@ class Communicator(Operations):
         if not self._engine.drain(self.timeout):
             self._engine.abort()
             self._engine.drain(5.0)
+        flight.unregister(self)                  # no SIGUSR1 dump of it from now on; then free
         self._finalizer()
 
     def __enter__(self) -> "Communicator":

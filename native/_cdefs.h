@@ -140,5 +140,5 @@ void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);
 
 /* rows of tokens (expert parallelism, native/rows.c): receive windows and combine's sum */
-int cm_window_map(const char *name, uint64_t *bytes, int create, void **out);
+int cm_window_map(const char *name, uint64_t *bytes, int create, void **out, int *sys_errno);
 int cm_sum_rows(void *out, int dtype, uint64_t hidden, uint64_t ntok, const int64_t *start, const uint64_t *rows);

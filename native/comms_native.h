@@ -170,6 +170,10 @@ struct cm_ctx {
     cm_waker *waker;             /* &own_waker, or where a transport moved it (shm: its segment) */
     cm_waker own_waker;
     int bell_fd;                 /* this context's bell (-1: none), see wait.c */
+    /* what a sleeping wait polls (struct pollfd[]): room for every channel, every transport and
+     * the bell, sized when the context is made, so no peer is ever left out (wait.c) */
+    void *pollfds;
+    int pollfds_cap;
     /* execs */
     cm_exec *active;
     cm_exec sync_exec;           /* the one synchronous runs use while free (no allocation) */
@@ -184,8 +188,8 @@ struct cm_ctx {
     int failed;
     cm_status status;
     uint64_t counters[8];
-    /* flight recorder: a ring of the last fr_cap plans */
-    cm_fr_entry *fr;
+    /* flight recorder: a ring of the last fr_cap plans (flight.c) */
+    struct cm_fr_slot *fr;
     uint32_t fr_cap;
     _Atomic uint64_t fr_next;
 };
@@ -203,6 +207,10 @@ static inline void cpu_relax(void) {
     __asm__ __volatile__("yield");
 #endif
 }
+
+/* engine.c: the CM_* code of a system call that failed with err (CM_E_NOMEM for no space or memory,
+ * else CM_E_SYS), err stored in *sys_errno when not NULL: errno never becomes a return code */
+int cm_sys_fail(int err, int *sys_errno);
 
 /* ctx.c: a transport's instance in a context, and a channel to a peer */
 cm_transport *cm_ctx_transport(cm_ctx *ctx, const cm_transport_ops *ops);

@@ -6,6 +6,7 @@
  * no plan runs.
  */
 #define _GNU_SOURCE
+#include <poll.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,9 @@ cm_ctx *cm_ctx_new(int rank, int size, int spin_polls, int yields, int64_t spin_
     cm_ctx *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return NULL;
     ctx->chans = calloc((size_t)size, sizeof(cm_chan));
-    if (!ctx->chans) { free(ctx); return NULL; }
+    ctx->pollfds_cap = size + CM_MAX_TRANSPORTS + 1;      /* a channel per peer, the transports, the bell */
+    ctx->pollfds = calloc((size_t)ctx->pollfds_cap, sizeof(struct pollfd));
+    if (!ctx->chans || !ctx->pollfds) { free(ctx->chans); free(ctx->pollfds); free(ctx); return NULL; }
     ctx->rank = rank;
     ctx->size = size;
     ctx->spin_polls = spin_polls;
@@ -87,6 +90,7 @@ void cm_ctx_free(cm_ctx *ctx) {
     while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
     if (ctx->bell_fd >= 0) close(ctx->bell_fd);
     free(ctx->chans);
+    free(ctx->pollfds);
     free(ctx->fr);
     free(ctx->sync_ops);
     free(ctx);

@@ -66,6 +66,12 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     return code;
 }
 
+/* The CM_* code (comms_native.h) of a failed system call whose errno is err, which goes to *sys_errno. */
+int cm_sys_fail(int err, int *sys_errno) {
+    if (sys_errno) *sys_errno = err;
+    return err == ENOSPC || err == ENOMEM || err == EFBIG ? CM_E_NOMEM : CM_E_SYS;
+}
+
 /* ---- plans ------------------------------------------------------------------------------------ */
 /* A receive from any source takes the oldest complete early message with its tag, on any channel
  * (lowest rank first), or waits in ctx->anyq; cm_match offers it every p2p message with its tag

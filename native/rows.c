@@ -11,7 +11,8 @@
  * float32, accumulated from 0 in the listed order, rounded once to the output dtype. It gives the
  * same bits as comms.moe.layout.sum_blocks (its torch reference): zeros for a token without rows.
  *
- * cm_window_map returns 0 or -errno (as cm_shm_create does); cm_sum_rows CM_OK or CM_E_INVALID.
+ * cm_window_map returns CM_OK, CM_E_INVALID, CM_E_NOMEM or CM_E_SYS with the errno in *sys_errno (as
+ * cm_shm_create does); cm_sum_rows CM_OK or CM_E_INVALID.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,19 +29,26 @@
 
 /* create (O_EXCL, 0600, *bytes reserved) or open (at least *bytes; *bytes becomes its size)
  * /dev/shm/<name> and map all of it shared, read-write, populated; *out gets the address */
-int cm_window_map(const char *name, uint64_t *bytes, int create, void **out) {
+int cm_window_map(const char *name, uint64_t *bytes, int create, void **out, int *sys_errno) {
     char path[256];
-    if (!name || !*name || strchr(name, '/') || snprintf(path, sizeof path, "/%s", name) >= (int)sizeof path)
-        return -EINVAL;
+    if (sys_errno) *sys_errno = 0;
+    if (!name || !*name || strchr(name, '/') || snprintf(path, sizeof path, "/%s", name) >= (int)sizeof path) {
+        cm_sys_fail(EINVAL, sys_errno);
+        return CM_E_INVALID;
+    }
     int fd = shm_open(path, create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
-    if (fd < 0) return -errno;
+    if (fd < 0) return cm_sys_fail(errno, sys_errno);
     uint64_t size = *bytes;
     if (create) {
         int rc = posix_fallocate(fd, 0, (off_t)size);
-        if (rc != 0) { close(fd); shm_unlink(path); return -rc; }
+        if (rc != 0) { close(fd); shm_unlink(path); return cm_sys_fail(rc, sys_errno); }
     } else {
         struct stat st;
-        if (fstat(fd, &st) < 0 || (uint64_t)st.st_size < size || st.st_size == 0) { close(fd); return -EBADMSG; }
+        if (fstat(fd, &st) < 0 || (uint64_t)st.st_size < size || st.st_size == 0) {
+            close(fd);
+            cm_sys_fail(EBADMSG, sys_errno);
+            return CM_E_INVALID;
+        }
         size = (uint64_t)st.st_size;
     }
     void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
@@ -48,11 +56,11 @@ int cm_window_map(const char *name, uint64_t *bytes, int create, void **out) {
     close(fd);
     if (p == MAP_FAILED) {
         if (create) shm_unlink(path);
-        return -err;
+        return cm_sys_fail(err, sys_errno);
     }
     *bytes = size;
     *out = p;
-    return 0;
+    return CM_OK;
 }
 
 /* one block of hidden channels [h0, h0 + m) of one token */

@@ -9,25 +9,35 @@
  * then releases tail + 1. Either side wakes the other after publishing, but only when the other
  * has announced that it sleeps (cm_wake: Dekker-style, both sides fence before checking).
  *
- * The cm_shm_* segment functions return 0 or -errno (not CM_E_* codes).
+ * The cm_shm_* segment functions return CM_* codes only, like the rest of the core: CM_OK,
+ * CM_E_INVALID (a bad name, or a segment that is not comms' or too small), CM_E_NOMEM (no room in
+ * /dev/shm or memory), or CM_E_SYS (any other failed system call). The errno behind a failure goes to
+ * *sys_errno (when not NULL; 0 on success), never into the return code, where a -errno would read as
+ * some CM_E_* code (-ENOENT as CM_E_PEER_CLOSED, -EPERM as CM_E_TIMEOUT).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include "shm.h"
 
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434               /* the same on every architecture (Linux 5.3) */
+#endif
+
 /* CDEF-BEGIN: what transports/shm.py calls (native/build_cffi.py hands these lines to cffi) */
-int cm_shm_create(const char *name, size_t bytes, void **out);
-int cm_shm_attach(const char *name, size_t bytes, void **out);
-int cm_shm_unlink(const char *name);
-int cm_shm_unmap(void *addr, size_t bytes);
+int cm_shm_create(const char *name, size_t bytes, void **out, int *sys_errno);
+int cm_shm_attach(const char *name, size_t bytes, void **out, int *sys_errno);
+int cm_shm_unlink(const char *name, int *sys_errno);
+int cm_shm_unmap(void *addr, size_t bytes, int *sys_errno);
 size_t cm_shm_segment_bytes(int nlocal, int nslots, size_t slot_bytes, size_t board_bytes);
 void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, size_t board_bytes);
 int cm_ctx_set_shm(cm_ctx *ctx, void *my_seg, int local_index, int nlocal, int nslots, size_t slot_bytes,
@@ -54,49 +64,61 @@ static int shm_path(const char *name, char *buf, size_t n) {
     return snprintf(buf, n, "/%s", name) >= (int)n ? -1 : 0;
 }
 
-int cm_shm_create(const char *name, size_t bytes, void **out) {
+static int shm_done(int *sys_errno) {
+    if (sys_errno) *sys_errno = 0;
+    return CM_OK;
+}
+
+static int shm_invalid(int err, int *sys_errno) {    /* not a failed system call: errno says why */
+    if (sys_errno) *sys_errno = err;
+    return CM_E_INVALID;
+}
+
+int cm_shm_create(const char *name, size_t bytes, void **out, int *sys_errno) {
     char path[256];
-    if (shm_path(name, path, sizeof path) < 0) return CM_E_INVALID;
+    if (shm_path(name, path, sizeof path) < 0) return shm_invalid(EINVAL, sys_errno);
     int fd = shm_open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (fd < 0) return -errno;
+    if (fd < 0) return cm_sys_fail(errno, sys_errno);
     /* reserve the pages now: a /dev/shm that is too small fails here, not with SIGBUS later */
     int rc = posix_fallocate(fd, 0, (off_t)bytes);
     if (rc != 0) {
         close(fd);
         shm_unlink(path);
-        return -rc;                       /* -ENOSPC etc.; Python names the size needed */
+        return cm_sys_fail(rc, sys_errno);      /* ENOSPC etc.: CM_E_NOMEM; Python names the size needed */
     }
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int err = errno;
     close(fd);
-    if (p == MAP_FAILED) { shm_unlink(path); return -err; }
+    if (p == MAP_FAILED) { shm_unlink(path); return cm_sys_fail(err, sys_errno); }
     *out = p;
-    return CM_OK;
+    return shm_done(sys_errno);
 }
 
-int cm_shm_attach(const char *name, size_t bytes, void **out) {
+int cm_shm_attach(const char *name, size_t bytes, void **out, int *sys_errno) {
     char path[256];
-    if (shm_path(name, path, sizeof path) < 0) return CM_E_INVALID;
+    if (shm_path(name, path, sizeof path) < 0) return shm_invalid(EINVAL, sys_errno);
     int fd = shm_open(path, O_RDWR, 0600);
-    if (fd < 0) return -errno;
+    if (fd < 0) return cm_sys_fail(errno, sys_errno);
     struct stat st;
-    if (fstat(fd, &st) < 0 || (size_t)st.st_size < bytes) { close(fd); return -EBADMSG; }
+    if (fstat(fd, &st) < 0 || (size_t)st.st_size < bytes) { close(fd); return shm_invalid(EBADMSG, sys_errno); }
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     int err = errno;
     close(fd);
-    if (p == MAP_FAILED) return -err;
-    if (((cm_seg_hdr *)p)->magic != CM_SEG_MAGIC) { munmap(p, bytes); return -EBADMSG; }
+    if (p == MAP_FAILED) return cm_sys_fail(err, sys_errno);
+    if (((cm_seg_hdr *)p)->magic != CM_SEG_MAGIC) { munmap(p, bytes); return shm_invalid(EBADMSG, sys_errno); }
     *out = p;
-    return CM_OK;
+    return shm_done(sys_errno);
 }
 
-int cm_shm_unlink(const char *name) {
+int cm_shm_unlink(const char *name, int *sys_errno) {
     char path[256];
-    if (shm_path(name, path, sizeof path) < 0) return CM_E_INVALID;
-    return shm_unlink(path) == 0 ? CM_OK : -errno;
+    if (shm_path(name, path, sizeof path) < 0) return shm_invalid(EINVAL, sys_errno);
+    return shm_unlink(path) == 0 ? shm_done(sys_errno) : cm_sys_fail(errno, sys_errno);
 }
 
-int cm_shm_unmap(void *addr, size_t bytes) { return munmap(addr, bytes) == 0 ? CM_OK : -errno; }
+int cm_shm_unmap(void *addr, size_t bytes, int *sys_errno) {
+    return munmap(addr, bytes) == 0 ? shm_done(sys_errno) : cm_sys_fail(errno, sys_errno);
+}
 
 void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, size_t board_bytes) {
     cm_seg_hdr *h = seg;
@@ -138,9 +160,35 @@ static int shm_ctx_alive(cm_ctx *ctx, cm_transport *t) {
     return a ? cm_fail(ctx, CM_E_PEER_ABORTED, (int)a - 1, 0, NULL) : cm_board_check(ctx, t);
 }
 
+/* Liveness of a peer's process. kill(pid, 0) only says that *some* process has that pid: a pid
+ * reused after the peer died, or the peer's own zombie, passes it. A pidfd names the process
+ * itself and polls readable (POLLIN) once it exited, so the peer's pidfd is opened when it is
+ * connected (transports/shm.py passes a pid only for a peer in this pid namespace) and polled here;
+ * kill(pid, 0) stays for kernels without pidfd_open (before 5.3: ENOSYS) or where it is refused. */
+static void open_pidfd(shm_chan *s) {
+    s->pidfd = -1;
+    if (s->peer_pid <= 0) return;
+    int fd = (int)syscall(SYS_pidfd_open, (pid_t)s->peer_pid, 0);
+    if (fd >= 0) {
+        s->pidfd = fd;                             /* close-on-exec; closed by shm_free */
+    } else if (errno == ESRCH) {
+        s->peer_gone = 1;                          /* it exited before we connected */
+    }
+}
+
 static int shm_alive(cm_ctx *ctx, cm_chan *c) {
     shm_chan *s = c->priv;
-    if (s->peer_pid > 0 && kill(s->peer_pid, 0) < 0 && errno == ESRCH) return cm_fail(ctx, CM_E_PEER_DEAD, c->peer, 0, NULL);
+    int dead = s->peer_gone;
+    if (!dead && s->pidfd >= 0) {
+        struct pollfd p = { .fd = s->pidfd, .events = POLLIN, .revents = 0 };
+        dead = poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR));
+    } else if (!dead && s->peer_pid > 0) {
+        dead = kill(s->peer_pid, 0) < 0 && errno == ESRCH;
+    }
+    if (dead) {
+        s->peer_gone = 1;
+        return cm_fail(ctx, CM_E_PEER_DEAD, c->peer, 0, NULL);
+    }
     return CM_OK;
 }
 
@@ -227,7 +275,13 @@ static int shm_progress_recv(cm_ctx *ctx, cm_chan *c) {
     return moved;
 }
 
-static void shm_free(cm_ctx *ctx, cm_chan *c) { (void)ctx; free(c->priv); c->priv = NULL; }
+static void shm_free(cm_ctx *ctx, cm_chan *c) {
+    (void)ctx;
+    shm_chan *s = c->priv;
+    if (s && s->pidfd >= 0) close(s->pidfd);
+    free(s);
+    c->priv = NULL;
+}
 static void shm_release(cm_ctx *ctx, cm_transport *t) {
     (void)ctx;
     shm_ctx *s = t->priv;
@@ -291,6 +345,7 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
     s->t = t;
     s->peer_seg = ps;
     s->peer_pid = peer_pid;
+    open_pidfd(s);
     s->tx = (cm_chan_ctrl *)((char *)peer_seg + CM_SEG_HDR_BYTES + (size_t)t->local_index * t->chan_bytes);
     s->tx_slots = (char *)(s->tx + 1);
     s->rx = (cm_chan_ctrl *)((char *)t->my_seg + CM_SEG_HDR_BYTES + (size_t)peer_local_index * t->chan_bytes);
@@ -298,6 +353,9 @@ int cm_ctx_add_shm_peer(cm_ctx *ctx, int peer, void *peer_seg, int peer_local_in
     s->tx_head = atomic_load(&s->tx->head);
     s->rx_tail = atomic_load(&s->rx->tail);
     int r = cm_ctx_attach(ctx, peer, tp, s);
-    if (r < 0) free(s);
+    if (r < 0) {
+        if (s->pidfd >= 0) close(s->pidfd);
+        free(s);
+    }
     return r;
 }

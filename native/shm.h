@@ -59,7 +59,12 @@ typedef struct {                 /* one channel (cm_chan.priv) */
     char *tx_slots, *rx_slots;
     uint64_t tx_head, rx_tail;
     cm_seg_hdr *peer_seg;
+    /* the peer's liveness (shm.c: shm_alive): a pidfd of its process, opened at connect time
+     * (-1: none; then kill(peer_pid, 0), where pidfd_open is missing), or gone: it had exited
+     * before the connect */
     int peer_pid;
+    int pidfd;
+    int peer_gone;
 } shm_chan;
 
 _Static_assert(sizeof(cm_seg_hdr) <= CM_SEG_HDR_BYTES, "segment header too large");

@@ -47,7 +47,6 @@
 #include <unistd.h>
 #include "comms_native.h"
 
-#define MAX_FDS 512
 #define BROKEN_NAP_NS 1000000LL        /* the longest nap while a waker cannot reach the bell */
 
 static _Atomic int send_fd = -1;       /* one unbound socket of the process sends every ring */
@@ -130,10 +129,13 @@ void cm_waker_share(cm_ctx *ctx, cm_waker *where) {
     ctx->waker = where;
 }
 
-/* Fill fds with every descriptor the context's transports and channels want polled; *nap is
- * lowered to the shortest nap any of them allows. Returns the count. */
-static int gather_fds(cm_ctx *ctx, struct pollfd *fds, int max, int64_t *nap) {
-    int n = 0;
+/* Fill the context's pollfd table with every descriptor its transports and channels want polled;
+ * *nap is lowered to the shortest nap any of them allows. Returns the count. The table has room
+ * for one descriptor per channel and transport plus the bell (cm_ctx_new), so every peer is
+ * polled, however many there are. */
+static int gather_fds(cm_ctx *ctx, int64_t *nap) {
+    struct pollfd *fds = ctx->pollfds;
+    int n = 0, max = ctx->pollfds_cap - 1;          /* the last entry is the bell's */
     for (int i = 0; i < ctx->ntp && n < max; i++) {
         cm_transport *t = &ctx->tp[i];
         short ev = 0;
@@ -170,9 +172,9 @@ static struct timespec ts_of(int64_t ns) {
 }
 
 int cm_sleep(cm_ctx *ctx, int64_t timeout_ns) {
-    struct pollfd fds[MAX_FDS + 1];
+    struct pollfd *fds = ctx->pollfds;
     int64_t nap = timeout_ns;
-    int n = gather_fds(ctx, fds, MAX_FDS, &nap);
+    int n = gather_fds(ctx, &nap);
     cm_waker *w = ctx->waker;
     if (n == 0 && ctx->waker_chans == 0) {          /* nothing to sleep on */
         sched_yield();
@@ -222,12 +224,11 @@ void cm_spin_preempted(cm_ctx *ctx, int64_t now) {
 }
 
 int cm_nap(cm_ctx *ctx, int64_t timeout_ns) {
-    struct pollfd fds[MAX_FDS];
     int64_t nap = timeout_ns;
-    int n = gather_fds(ctx, fds, MAX_FDS, &nap);
+    int n = gather_fds(ctx, &nap);
     if (!n) return CM_OK;
     struct timespec ts = ts_of(nap);
     ctx->counters[CM_CNT_SLEEPS]++;
-    ppoll(fds, (nfds_t)n, &ts, NULL);
+    ppoll(ctx->pollfds, (nfds_t)n, &ts, NULL);
     return CM_OK;
 }

@@ -20,9 +20,14 @@ import struct
 
 from .. import config
 from ..runtime.cleanup import SHM_DIR, segment_name, sweep_stale_segments
-from ..errors import TransportError
+from ..errors import E_NOMEM, TransportError, code_name
 from ..selection.model import Link
 from .base import Endpoint, Transport
+
+def _reason(rc: int, err: int) -> str:
+    """Why a cm_shm_* call failed: its errno when it names one, else its CM_E_* code."""
+    return os.strerror(err) if err > 0 else code_name(rc)
+
 
 config.declare("SHM_SLOT_BYTES", "size", 128 << 10, "Bytes per slot of a shared-memory channel (a pipeline chunk).")
 config.declare("SHM_SLOTS", int, 8, "Slots per shared-memory channel (chunks in flight per direction).")
@@ -61,10 +66,11 @@ class ShmTransport(Transport):
         self.seg_bytes = lib.cm_shm_segment_bytes(nlocal, self.nslots, self.slot_bytes, self.board_bytes)
         self.seg_name = segment_name()
         out = ffi.new("void **")
-        rc = lib.cm_shm_create(self.seg_name.encode(), self.seg_bytes, out)
+        err = ffi.new("int *")
+        rc = lib.cm_shm_create(self.seg_name.encode(), self.seg_bytes, out, err)
         if rc != 0:
             self.seg_name = None
-            raise self._create_error(-rc, nlocal)
+            raise self._create_error(rc, err[0], nlocal)
         self.seg_addr = out[0]
         self.mapped.append((self.seg_addr, self.seg_bytes))
         lib.cm_shm_init_segment(self.seg_addr, nlocal, self.nslots, self.slot_bytes, self.board_bytes)
@@ -74,8 +80,9 @@ class ShmTransport(Transport):
             raise TransportError(f"shm: native context rejected the segment layout (code {rc})")
         return ADDR.pack(self.seg_bytes, self.nslots, self.slot_bytes, self.board_bytes) + self.seg_name.encode()
 
-    def _create_error(self, err: int, nlocal: int) -> TransportError:
-        if err in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+    def _create_error(self, rc: int, err: int, nlocal: int) -> TransportError:
+        """The error of a failed cm_shm_create: ``rc`` its CM_E_* code, ``err`` the errno behind it."""
+        if rc == E_NOMEM or err in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             try:
                 free = shutil.disk_usage(SHM_DIR).free
             except OSError:
@@ -86,7 +93,7 @@ class ShmTransport(Transport):
                 f"{self.slot_bytes} B) but only {free} bytes are free; enlarge /dev/shm "
                 f"(docker run --shm-size), lower COMMS_SHM_SLOTS / COMMS_SHM_SLOT_BYTES, or set COMMS_TRANSPORT=tcp",
                 rank=self.boot.rank)
-        return TransportError(f"shm: cannot create segment {self.seg_name}: {os.strerror(err)}", rank=self.boot.rank)
+        return TransportError(f"shm: cannot create segment {self.seg_name}: {_reason(rc, err)}", rank=self.boot.rank)
 
     def _parse(self, peer: int, address: bytes) -> tuple[str, int, int, int, int]:
         name = address[ADDR.size:].decode("ascii", "replace")
@@ -104,10 +111,11 @@ class ShmTransport(Transport):
                                  f"and {self.board_bytes} B; set COMMS_SHM_SLOTS/COMMS_SHM_SLOT_BYTES/"
                                  "COMMS_SHM_BOARD_BYTES alike on every rank", rank=self.boot.rank, peer=peer)
         out = ffi.new("void **")
-        rc = lib.cm_shm_attach(name.encode(), nbytes, out)
+        err = ffi.new("int *")
+        rc = lib.cm_shm_attach(name.encode(), nbytes, out, err)
         if rc != 0:
             raise TransportError(f"shm: rank {self.boot.rank} cannot map segment {name} of rank {peer}: "
-                                 f"{os.strerror(-rc)}", rank=self.boot.rank, peer=peer)
+                                 f"{_reason(rc, err[0])}", rank=self.boot.rank, peer=peer)
         self.mapped.append((out[0], nbytes))
         me, them = self.boot.peers[self.boot.rank], self.boot.peers[peer]
         pid = them.pid if me.same_pid_namespace(them) else 0
@@ -126,15 +134,15 @@ class ShmTransport(Transport):
 
     def unlink(self) -> None:
         if self.seg_name:
-            from ..runtime.native import lib
-            lib.cm_shm_unlink(self.seg_name.encode())
+            from ..runtime.native import ffi, lib
+            lib.cm_shm_unlink(self.seg_name.encode(), ffi.NULL)
             self.seg_name = None
 
     def close(self) -> None:
-        from ..runtime.native import lib
+        from ..runtime.native import ffi, lib
         self.unlink()
         for addr, nbytes in self.mapped:
-            lib.cm_shm_unmap(addr, nbytes)
+            lib.cm_shm_unmap(addr, nbytes, ffi.NULL)
         self.mapped = []
 
 TRANSPORT = ShmTransport

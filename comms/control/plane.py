@@ -212,6 +212,12 @@ class Plane:
         """Flood a REVOKE of ``token`` to every rank (its subscribers fail with Revoked)."""
         self._command(b"revoke" + token)
 
+    def death_cause(self, plane_rank: int) -> int:
+        """The cause to declare for ``plane_rank``, which a transport saw die (its pidfd): a zombie
+        when its /proc says so (this rank sees its pid), else gone."""
+        pid = self.local_pids.get(plane_rank)
+        return wire.ZOMBIE if pid is not None and _pid_state(pid) == "Z" else wire.GONE
+
     def declare(self, plane_rank: int, cause: int) -> None:
         """Declare ``plane_rank`` failed from this rank (a transport saw it die first)."""
         self._command(b"fail" + plane_rank.to_bytes(4, "big") + bytes([cause]))

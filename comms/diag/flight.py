@@ -37,19 +37,14 @@ _lock = threading.Lock()
 
 
 def records(comm) -> list[dict]:
-    """The flight recorder of ``comm``, oldest first."""
-    engine = comm._engine
-    if engine.ctx is None:
+    """The flight recorder of ``comm``, oldest first: a copy of whole entries, taken under the
+    engine's handle lock (Engine.read_flight), so a dump racing close() never reads a freed context."""
+    entries = comm._engine.read_flight()
+    if not entries:
         return []
-    cap = engine.flight_capacity
-    if not cap:
-        return []
-    buf = ffi.new("cm_fr_entry[]", cap)
-    n = lib.cm_ctx_flight(engine.ctx, buf, cap)
     plans = {int(ffi.cast("uintptr_t", enc.steps)): enc for enc in list(comm._plans.values())}
     out = []
-    for i in range(n):
-        e = buf[i]
+    for e in entries:
         enc = plans.get(int(e.plan))
         steps = enc.plan.steps if enc is not None else ()
         peers = sorted({s.peer for s in steps if s.kind in COMM_KINDS and s.peer >= 0})
@@ -105,11 +100,20 @@ def register(comm) -> None:
             atexit.register(_at_exit)
 
 
+def unregister(comm) -> None:
+    """No more SIGUSR1 or exit dumps of ``comm`` (its close, before anything is freed). A dump the
+    watcher already started finishes safely: it reads under the engine's handle lock, which close
+    takes to free the context, and reads nothing after that."""
+    _live.discard(comm)
+
+
 def _watch() -> None:
     while True:
         time.sleep(0.1)
         if lib.cm_sigusr1_take():
             for comm in list(_live):
+                if comm._closed:
+                    continue
                 try:
                     dump(comm, "SIGUSR1")
                 except Exception as e:          # a dump must never take the process down

@@ -58,16 +58,17 @@ def map_window(name: str, nbytes: int, create: bool) -> np.ndarray:
     :class:`~comms.errors.TransportError` naming the segment and errno."""
     size = ffi.new("uint64_t *", nbytes)
     out = ffi.new("void **")
-    rc = lib.cm_window_map(name.encode(), size, 1 if create else 0, out)
+    sys_errno = ffi.new("int *")
+    rc = lib.cm_window_map(name.encode(), size, 1 if create else 0, out, sys_errno)
     if rc != 0:
-        err = -rc
+        err = sys_errno[0]
         hint = " (/dev/shm is too small: enlarge it, or set COMMS_MOE_SINGLE_COPY=0)" \
-            if err in (28, 12, 27) else ""                    # ENOSPC, ENOMEM, EFBIG
+            if rc == errors.E_NOMEM else ""
         raise errors.TransportError(f"cannot {'create' if create else 'map'} shared-memory window {name} "
                                     f"of {nbytes} bytes: {os.strerror(err) if err > 0 else errors.code_name(rc)}"
                                     f"{hint}")
     n = int(size[0])
-    ptr = ffi.gc(ffi.cast("char *", out[0]), lambda p, n=n: lib.cm_shm_unmap(p, n), n)
+    ptr = ffi.gc(ffi.cast("char *", out[0]), lambda p, n=n: lib.cm_shm_unmap(p, n, ffi.NULL), n)
     return np.frombuffer(ffi.buffer(ptr, n), np.uint8)
 
 

@@ -76,7 +76,10 @@ class Engine:
             lib.cm_ctx_set_unexp_limits(self.ctx, *unexpected)
         self.rank = rank
         self.lock = threading.Lock()
-        self._revoke_lock = threading.Lock()     # revoke (any thread) against close freeing the context
+        # the context's handle: what other threads do to the context without the engine lock, which
+        # a wait blocked in native code holds (revoke, flight-recorder reads), against close freeing
+        # it, and resizing the flight recorder freeing the old ring
+        self._revoke_lock = threading.Lock()
         self.status = ffi.new("cm_status *")
         self.bufs = ffi.new("uintptr_t[4]")
         self._exec_out = ffi.new("cm_exec **")
@@ -112,10 +115,22 @@ class Engine:
         self.timeline.record(enc, seq, t0, time.monotonic_ns(), list(times[0:2 * n]), rc == 0)
 
     def set_flight_capacity(self, entries: int) -> None:
-        with self.lock:
+        with self.lock, self._revoke_lock:           # no reader copies the ring it frees
             if lib.cm_ctx_flight_capacity(self.ctx, entries) != 0:
                 raise TransportError(f"cannot allocate a flight recorder of {entries} entries")
             self.flight_capacity = entries
+
+    def read_flight(self):
+        """A copy of the flight recorder (cm_fr_entry[], oldest first), from any thread, also while
+        another one waits in native code: it takes the context's handle lock, not the engine lock,
+        so close() cannot free the context, nor a resize the ring, while it is copied. The copy
+        holds whole entries only (native/flight.c); [] once closed."""
+        with self._revoke_lock:
+            if self.ctx is None or not self.flight_capacity:
+                return []
+            buf = ffi.new("cm_fr_entry[]", self.flight_capacity)
+            n = lib.cm_ctx_flight(self.ctx, buf, self.flight_capacity)
+        return [buf[i] for i in range(n)]
 
     # -- one operation ------------------------------------------------------------------------
     def _load(self, p_in, p_out, p_scratch) -> None:

@@ -66,8 +66,9 @@ def worker() -> int:
             while True:                              # until a member fails
                 ok, op = run_op(comm, k)
                 ops += 1
-                if not ok:
+                if not ok:                       # told at once: a victim's own report would die with it
                     wrong.append((r, k, op))
+                    store.set(f"chaos/wrong/{store.add('chaos/wrong', 1)}", json.dumps([int(wid), r, k, op]))
                     print(f"chaos[{wid}]: WRONG result of op {k} ({op}) in round {r}", file=sys.stderr, flush=True)
                 k += 1
         except comms.PeerError as e:

@@ -48,6 +48,8 @@ class Run:
     ranks: list = field(default_factory=list)
     detect: list = field(default_factory=list)       # seconds, one per survivor and failure
     kinds: dict = field(default_factory=dict)
+    by_kind: dict = field(default_factory=dict)      # failure -> its detection times
+    ops: dict = field(default_factory=dict)          # worker -> operations it checked, as it last reported
     grows: int = 0
     problems: list = field(default_factory=list)
 
@@ -131,7 +133,9 @@ def _round(run: Run, r: int, rng: random.Random) -> None:
     want = sorted(v.wid for v in victims)
     for s, key in zip(survivors, keys):
         det = json.loads(run.store.get(key))
+        run.ops[s.wid] = det["ops"]
         run.detect.append(det["t"] - t_sig)
+        run.by_kind.setdefault(kind, []).append(det["t"] - t_sig)
         if det["size"] != len(survivors):
             run.problems.append(f"round {r}: rank {s.wid} shrank to {det['size']}, not {len(survivors)}")
         if len(det["failed"]) != len(victims):
@@ -205,14 +209,17 @@ def supervise(run: Run) -> dict:
         key = f"chaos/final/{rk.wid}"
         if run.store.check([key]):
             finals[rk.wid] = json.loads(run.store.get(key))
-    wrong = [w for f in finals.values() for w in f["wrong"]]
+            run.ops[rk.wid] = finals[rk.wid]["ops"]
+    nwrong = run.store.add("chaos/wrong", 0)           # [worker, round, op number, collective] of each
+    wrong = [json.loads(run.store.get(k)) if run.store.check([k]) else "lost" for k in
+             (f"chaos/wrong/{i}" for i in range(1, nwrong + 1))]
     bad_exit = {rk.wid: rk.proc.returncode for rk in run.ranks if not rk.died and rk.proc.returncode != 0}
     d = sorted(run.detect)
     leaks = _leaks(run, fds0)
     summary = {"rounds": a.rounds, "survived": survived, "ranks": a.full, "hosts": a.hosts, "seed": a.seed,
                "failures": run.kinds, "grows": run.grows, "processes": len(run.ranks),
                "detect_median_s": statistics.median(d) if d else None, "detect_max_s": d[-1] if d else None,
-               "detections": len(d), "ops_checked": sum(f["ops"] for f in finals.values()),
+               "detections": len(d), "detect_by_kind": {k: [statistics.median(v), max(v)] for k, v in run.by_kind.items()}, "ops_checked": sum(run.ops.values()),
                "wrong": len(wrong), "wrong_ops": wrong[:20], "bad_exits": bad_exit, "problems": run.problems,
                "error": error, "leaks": leaks, "seconds": time.monotonic() - t0, "logs": run.logdir}
     summary["ok"] = (survived == a.rounds and not wrong and not bad_exit and not run.problems and error is None

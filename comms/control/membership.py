@@ -22,6 +22,7 @@ Values read from the store are parsed strictly (JSON lists of rank numbers, chec
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import timedelta
@@ -32,6 +33,13 @@ from ..errors import CommTimeout, InvalidUsage, PeerError, TransportError
 
 POLL_S = 0.005        # how often an agreement looks at the store again (they last milliseconds)
 GRANT_FIELDS = {"prefix": str, "rank": int, "size": int}
+
+
+def child_prefix(comm, what: str) -> str:
+    """The store prefix of what ``comm`` makes next (``what``: "shrink1", "grow2", ...): of fixed
+    length, hashed from comm's, so that a job that recovers many times does not nest its prefixes."""
+    digest = hashlib.blake2b(f"{comm.prefix}{what}".encode(), digest_size=12).hexdigest()
+    return f"comms/m/{digest}/"
 
 
 def revoke(comm) -> None:
@@ -65,7 +73,7 @@ def _ranks(comm, raw: bytes, who: int) -> set[int]:
 
 def agree(comm, epoch: int) -> list[int]:
     """The failed ranks every survivor of ``comm`` agrees on (see the module docstring)."""
-    store, base = comm._store, f"{comm.prefix}shrink{epoch}/agree/"
+    store, base = comm._store, f"{child_prefix(comm, f'shrink{epoch}')}agree/"
     deadline = time.monotonic() + comm.timeout
     failed: set[int] = set(comm.failed_ranks())
     published = None
@@ -104,7 +112,7 @@ def shrink(comm):
     failed = agree(comm, epoch)
     survivors = [r for r in range(comm.size) if r not in failed]
     from ..api import create
-    return create(survivors.index(comm.rank), len(survivors), comm._store, f"{comm.prefix}shrink{epoch}/comm/",
+    return create(survivors.index(comm.rank), len(survivors), comm._store, f"{child_prefix(comm, f'shrink{epoch}')}comm/",
                   comm.timeout, comm._algo_now, [comm.members[r] for r in survivors], comm._params)
 
 
@@ -135,7 +143,7 @@ def grow(comm, count: int | None, name: str):
     if n == 0:
         return comm
     comm._grows += 1
-    prefix, size = f"{comm.prefix}grow{comm._grows}/", comm.size + n
+    prefix, size = child_prefix(comm, f"grow{comm._grows}"), comm.size + n
     if comm.rank == 0:
         _store_call(comm, "grow", comm._store.add, base + "granted", n)
         for i in range(n):

@@ -203,11 +203,6 @@ class Plane:
         if last:
             self.close()
 
-    def failures(self, plane_ranks: list[int]) -> dict[int, str]:
-        """The failed ranks among ``plane_ranks`` (as indexes into it) and their causes."""
-        with self._lock:
-            return {i: self._text(p) for i, p in enumerate(plane_ranks) if p in self.failed}
-
     def revoke(self, token: bytes) -> None:
         """Flood a REVOKE of ``token`` to every rank (its subscribers fail with Revoked)."""
         self._command(b"revoke" + token)

@@ -69,7 +69,7 @@ def publish(comm, exc: CommsError) -> None:
         pass
 
 
-def _verdict(comm, rc: int) -> bool:
+def _verdict(comm) -> bool:
     """Whether the control plane declared ranks of ``comm`` failed or revoked it. A peer that
     aborted or closed may have heard of it just before this rank did: wait briefly for the notice."""
     if comm.control is not None:
@@ -138,7 +138,7 @@ def build(comm, rc: int, st, op: str, seq: int, plan, timeout: float) -> CommsEr
         mine = st.want_bytes
         msg = (f"{where}: size mismatch with rank {peer}: rank {rank} expected {mine} B but rank {peer} sent "
                f"{st.remote.nbytes} B ({describe(st.remote)})")
-    elif rc in (errors.E_PEER_DEAD, errors.E_PEER_CLOSED, errors.E_PEER_ABORTED) and _verdict(comm, rc) \
+    elif rc in (errors.E_PEER_DEAD, errors.E_PEER_CLOSED, errors.E_PEER_ABORTED) and _verdict(comm) \
             and comm._failed:
         return failed_error(comm, where, op, seq)
     elif rc == errors.E_REVOKED or (rc == errors.E_PEER_ABORTED and comm._revoker is not None):

@@ -86,6 +86,71 @@ def test_survivors_shrink_after_a_kill_and_renumber_in_order():
         assert gathered == [0, 2, 3]
 
 
+class _Survivor:
+    """What shrink's agreement reads of a communicator: its rank, size, store, deadline, prefix and
+    the failed ranks its control plane reported."""
+    def __init__(self, rank, size, store, failed):
+        self.rank, self.size, self._store, self.timeout, self.prefix = rank, size, store, 20.0, "comms/t/"
+        self._failed = failed
+
+    def failed_ranks(self):
+        return self._failed
+
+
+def _agree_all(store, views: dict) -> dict:
+    import threading
+    from comms.control.membership import agree
+    out = {}
+
+    def one(rank):
+        try:
+            out[rank] = agree(_Survivor(rank, len(views), store, views[rank]), 1)
+        except Exception as e:                    # noqa: BLE001 - the test looks at which
+            out[rank] = e
+    threads = [threading.Thread(target=one, args=(r,)) for r in views]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+@pytest.mark.parametrize("secret", [None, b"s" * 32])
+def test_a_partition_that_leaves_both_sides_the_store_lets_one_side_shrink(secret):
+    """Hosts {0, 1} and {2, 3} lose each other but both reach the store: each side converges on the
+    other's failure, and without a decision both would build a communicator under one prefix."""
+    from torch.distributed import HashStore
+    from comms.errors import PeerError
+    from comms.security.store import AuthenticatedStore
+    store = HashStore() if secret is None else AuthenticatedStore(HashStore(), secret)
+    for _ in range(3):
+        out = _agree_all(store, {0: [2, 3], 1: [2, 3], 2: [0, 1], 3: [0, 1]})
+        won = sorted(r for r, v in out.items() if isinstance(v, list))
+        assert won in ([0, 1], [2, 3]), out
+        lost = sorted(set(out) - set(won))
+        assert all(out[r] == lost for r in won), out
+        for r in lost:
+            assert isinstance(out[r], PeerError) and "decided first" in str(out[r]) and r in out[r].failed, out[r]
+        store = HashStore() if secret is None else AuthenticatedStore(HashStore(), secret)
+
+
+def test_a_survivor_that_learns_of_a_failure_after_the_decision_adopts_it():
+    """Ranks 0, 1 and 3 agreed that 2 failed and rank 0 decided; then rank 1 sees 3 fail too. It
+    takes the decided set (the next communicator's init finds 3) instead of waiting for rank 0's
+    view to change until the deadline."""
+    import json as _json
+    from torch.distributed import HashStore
+    from comms.control.membership import agree, child_prefix
+    store = HashStore()
+    base = f"{child_prefix(_Survivor(0, 4, store, []), 'shrink1')}agree/"
+    store.set(f"{base}1", _json.dumps([2]))
+    store.set(f"{base}3", _json.dumps([2]))
+    assert agree(_Survivor(0, 4, store, [2]), 1) == [2]
+    t0 = time.monotonic()
+    assert agree(_Survivor(1, 4, store, [2, 3]), 1) == [2]
+    assert time.monotonic() - t0 < 5
+
+
 def test_a_replacement_joins_through_grow():
     out = spawn(cw.grow_with_joiner, 3, timeout=90)
     assert out == [(0, 3, 6.0), (1, 3, 6.0), (2, 3, 6.0)]

@@ -13,8 +13,15 @@
 Agreement (as MPIX_Comm_agree does for a set): each survivor publishes the failed set it knows in
 the store, adds every set the others publish to its own, and republishes until the sets of every
 rank not in it are equal to its own. Failures only ever join the set, so this ends once notices
-stop arriving. A failure that happens after a rank ended the agreement is found by the new
-communicator's control plane; its init then fails at the deadline, and the survivors shrink again.
+stop arriving. The first rank to get there writes its set as the decision, with the store's
+compare-and-set; every other rank adopts the decision as soon as it sees it, so exactly one set
+stands per shrink. A failure that happens after the decision is found by the new communicator's
+control plane; its init then fails at the deadline, and the survivors shrink again.
+
+Partitions: when the hosts lose each other but every side still reaches the store, each side
+converges on the other's failure. The side that decides first goes on; the other side's ranks
+find themselves in the decided set and raise PeerError from shrink. A side that cannot reach the
+store raises TransportError. Either way one communicator goes on, never two under one prefix.
 
 The store must outlive the failed ranks: under torchrun or comms.run the agent hosts it; a store
 hosted by rank 0's process dies with rank 0, and shrink then raises TransportError saying so.
@@ -30,6 +37,7 @@ from datetime import timedelta
 import numpy as np
 
 from ..errors import CommTimeout, InvalidUsage, PeerError, TransportError
+from ..security.store import claim
 
 POLL_S = 0.005        # how often an agreement looks at the store again (they last milliseconds)
 GRANT_FIELDS = {"prefix": str, "rank": int, "size": int}
@@ -60,15 +68,15 @@ def _store_call(comm, what: str, fn, *args):
                              "agent hosts it)", op=what, rank=comm.rank) from None
 
 
-def _ranks(comm, raw: bytes, who: int) -> set[int]:
+def _ranks(comm, raw: bytes, who: int | None) -> set[int]:
     try:
         value = json.loads(raw)
         if isinstance(value, list) and all(isinstance(r, int) and 0 <= r < comm.size for r in value):
             return set(value)
     except ValueError:
         pass
-    raise TransportError(f"shrink: rank {who}'s failed set in the store is malformed", op="shrink", rank=comm.rank,
-                         peer=who)
+    whose = "the decided failed set" if who is None else f"rank {who}'s failed set"
+    raise TransportError(f"shrink: {whose} in the store is malformed", op="shrink", rank=comm.rank, peer=who)
 
 
 def agree(comm, epoch: int) -> list[int]:
@@ -96,14 +104,35 @@ def agree(comm, epoch: int) -> list[int]:
         if union != failed:
             failed = union
             continue
-        if len(views) == len(live) and all(v == failed for v in views.values()):
-            return mine
+        decided = _decision(comm, base, mine if len(views) == len(live) and all(v == failed for v in views.values())
+                            else None)
+        if decided is not None:
+            if comm.rank in decided:
+                raise PeerError(f"shrink: rank {comm.rank} is in the failed set {sorted(decided)} that the other "
+                                f"side decided first (a partition: the side that reaches the store first goes on; "
+                                f"this rank saw {mine} fail)", op="shrink", rank=comm.rank,
+                                failed=tuple(sorted(set(decided) | failed)))
+            return sorted(decided)
         if time.monotonic() > deadline:
             missing = [r for r in live if r not in views or views[r] != failed]
             raise CommTimeout(f"shrink (agreement) on rank {comm.rank} timed out after {comm.timeout:g} s: ranks "
                               f"{missing} did not agree on the failed set {mine}", op="shrink", rank=comm.rank,
                               peer=missing[0] if missing else None)
         time.sleep(POLL_S)
+
+
+def _decision(comm, base: str, mine: list[int] | None) -> set[int] | None:
+    """The failed set decided for this shrink: the first rank to converge writes its set (a
+    compare-and-set on the store, so one decision stands even if a partition left two sides that
+    each converged on the other's failure); later ranks adopt it. ``mine`` is None while this rank
+    has not converged: it then only reads a decision, if there is one yet."""
+    key = f"{base}decided"
+    store = comm._store
+    if mine is None:
+        if not _store_call(comm, "shrink", store.check, [key]):
+            return None
+        return _ranks(comm, _store_call(comm, "shrink", store.get, key), None)
+    return _ranks(comm, _store_call(comm, "shrink", claim, store, key, json.dumps(mine)), None)
 
 
 def shrink(comm):

@@ -41,7 +41,7 @@ TAG_BYTES = 32
 
 class AuthenticatedStore:
     """A torch.distributed Store seen through HMAC tags (see the module docstring). Offers the
-    operations comms uses: ``set``, ``get``, ``wait``, ``check``, ``add``, ``set_timeout``; any
+    operations comms uses: ``set``, ``get``, ``claim``, ``wait``, ``check``, ``add``, ``set_timeout``; any
     other attribute is absent on purpose, so that no value bypasses the tags."""
 
     def __init__(self, store: Any, secret: bytes, rank: int | None = None):
@@ -68,7 +68,15 @@ class AuthenticatedStore:
     def get(self, key: str) -> bytes:
         """The value under ``key`` (blocking as the store's own get), once its tag is checked;
         TransportError when it does not authenticate."""
-        raw = bytes(self._store.get(key))
+        return self._open(key, bytes(self._store.get(key)))
+
+    def claim(self, key: str, value: str | bytes) -> bytes:
+        """Set ``key`` to ``value`` unless it holds a value already (the store's compare-and-set:
+        one writer wins); the value in place afterwards, checked as :meth:`get` checks it."""
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return self._open(key, bytes(self._store.compare_set(key, "", data + self._tag(key, data))))
+
+    def _open(self, key: str, raw: bytes) -> bytes:
         data, tag = raw[:-TAG_BYTES], raw[-TAG_BYTES:]
         if len(raw) < TAG_BYTES or not hmac.compare_digest(tag, self._tag(key, data)):
             where = f" (read by rank {self.rank})" if self.rank is not None else ""
@@ -104,3 +112,11 @@ def secure(store: Any, rank: int | None = None) -> tuple[Any, bytes | None]:
     if secret is None:
         return store, None
     return AuthenticatedStore(store, secret, rank), secret
+
+
+def claim(store: Any, key: str, value: str) -> bytes:
+    """First write wins: set ``key`` to ``value`` unless it has a value, and return the value in
+    place (authenticated when ``store`` is an AuthenticatedStore)."""
+    if isinstance(store, AuthenticatedStore):
+        return store.claim(key, value)
+    return bytes(store.compare_set(key, "", value.encode()))

@@ -3,6 +3,7 @@ detect it, shrink, check and go on, and replacements join back.
 
     python tests/chaos.py --ranks 4 --rounds 100 [--seed S] [--json FILE]
     python tests/chaos.py --hosts 2 --ranks-per-host 2 --rounds 20      (simulated hosts, root only)
+        [--cpus shared|split] [--rate 2gbit [--shaper tbf|htb]]
 
 The supervisor (this module's ``main``) hosts the store and starts the ranks; they run the mixed
 collectives of bench.mixed (all_reduce, all_gather, broadcast, reduce_scatter, all_to_all) without

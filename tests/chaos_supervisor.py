@@ -220,6 +220,7 @@ def supervise(run: Run) -> dict:
     d = sorted(run.detect)
     leaks = _leaks(run, fds0)
     summary = {"rounds": a.rounds, "survived": survived, "ranks": a.full, "hosts": a.hosts, "seed": a.seed,
+               "link": None if run.sim is None else {"cpus": a.cpus, "rate": a.rate, "shaper": a.shaper if a.rate else None},
                "failures": run.kinds, "grows": run.grows, "processes": len(run.ranks),
                "detect_median_s": statistics.median(d) if d else None, "detect_max_s": d[-1] if d else None,
                "detections": len(d), "detect_by_kind": {k: [statistics.median(v), max(v)] for k, v in run.by_kind.items()}, "ops_checked": sum(run.ops.values()),
@@ -250,6 +251,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--kinds", default=None, help="failures in this order, cycling (kill,stop,cut); default: "
                    "each round one at random")
+    p.add_argument("--cpus", choices=("shared", "split"), default="shared",
+                   help="simulated hosts: both on every CPU, or each on its own")
+    p.add_argument("--rate", default=None, help="simulated hosts: shape the link to this rate (e.g. 2gbit)")
+    p.add_argument("--shaper", choices=("tbf", "htb"), default="tbf", help="with --rate: the qdisc")
     p.add_argument("--comms-timeout", type=float, default=60.0, help="COMMS_TIMEOUT of the ranks")
     p.add_argument("--json", default=None)
     p.add_argument("--verbose", "-v", action="store_true")
@@ -269,7 +274,8 @@ def main(argv=None) -> int:
     sim = None
     if a.hosts:
         from hostns import HostNamespaces
-        sim = HostNamespaces(hosts=2, ranks_per_host=a.ranks_per_host, cpus="shared").__enter__()
+        sim = HostNamespaces(hosts=2, ranks_per_host=a.ranks_per_host, cpus=a.cpus, rate=a.rate,
+                             shaper=a.shaper).__enter__()
         _enter_netns(sim.netns[0])                 # the store lives on host 0 (threads started later follow)
     try:
         store = TCPStore(sim.master_addr if sim else "127.0.0.1", 0, is_master=True, wait_for_workers=False)

@@ -30,7 +30,7 @@ from .dtypes import DTYPE_SIZES, ReduceOp
 from .runtime.engine import Encoded
 from .control import wire
 from .errors import CommsError, InvalidUsage, PeerError
-from .runtime.native import E_PEER_CLOSED, E_PEER_DEAD, E_REVOKED
+from .runtime.native import E_ABORTED, E_PEER_ABORTED, E_PEER_CLOSED, E_PEER_DEAD, E_REVOKED
 from .selection import online
 from .selection.calibrate import Calibration, calibrate
 from .selection.model import cost
@@ -41,6 +41,11 @@ from .work import Work
 
 log = clog.get("COLL")
 PLAN_CACHE = 4096
+
+
+# failures a rank learns from elsewhere (a peer's death, abort or close, a revoke) or that the user
+# caused here (abort()): not told to the peers as this rank's own
+_LEARNED = frozenset((E_PEER_DEAD, E_PEER_CLOSED, E_PEER_ABORTED, E_REVOKED, E_ABORTED))
 
 
 class Communicator(Operations):
@@ -132,6 +137,11 @@ class Communicator(Operations):
         if self._revoker is None:
             self._revoker = origin
         self._engine.revoke(E_REVOKED, origin)
+
+    def _aborted_by(self, origin: int) -> None:
+        """Rank ``origin`` aborted this communicator on an error it found itself (control plane's
+        thread): every pending and later call fails, with the reason that rank left in the store."""
+        self._engine.revoke(E_PEER_ABORTED, origin)
 
     @property
     def control(self):
@@ -413,6 +423,10 @@ class Communicator(Operations):
                 failures.publish(self, exc)
             if not (rc == E_REVOKED and self.control is not None):
                 self._engine.abort()              # a revoke reaches the peers as Revoked, not as an abort
+            if plane is not None and rc not in _LEARNED:
+                # found here (a mismatch, a timeout, a malformed message): a peer that waits on a
+                # third rank, or expects nothing from this one, hears of it now, not at its deadline
+                plane.abort(self._control_link[1])
             try:
                 flight.dump(self, str(exc))
             except OSError as e:

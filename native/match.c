@@ -60,6 +60,25 @@ static int malformed(cm_ctx *ctx, cm_chan *c, const cm_op *op) {
     return cm_fail(ctx, CM_E_INVALID, c->peer, 0, op);
 }
 
+static int same_coll(const cm_hdr *h, const cm_hdr *s) {
+    return h->seq == s->seq && h->coll == s->coll && h->dtype == s->dtype && h->redop == s->redop &&
+           h->root == s->root && (h->count == s->count || h->count == CM_COUNT_ANY || s->count == CM_COUNT_ANY);
+}
+
+/* A collective message that no posted receive wants. It may belong to a later collective, or to
+ * the running one at a step not reached yet (CM_EAGAIN: it waits). One that carries the running
+ * collective's number with another signature, or an older number, can never be received: its
+ * sender called a different collective. Found here, while the ranks that disagree wait on third
+ * ranks, it fails the context with CM_E_MISMATCH at once instead of at the deadline. */
+static int coll_unposted(cm_ctx *ctx, cm_chan *c) {
+    const cm_hdr *h = &c->rx_hdr;
+    const cm_exec *e = ctx->coll_active;
+    if (!e || !e->started || h->seq > e->sig.seq || (h->seq == e->sig.seq && same_coll(h, &e->sig)))
+        return CM_EAGAIN;
+    ctx->status.remote = *h;
+    return cm_fail(ctx, CM_E_MISMATCH, c->peer, 0, NULL);
+}
+
 /* Match the header in c->rx_hdr to a posted receive. CM_OK: c->rx_op or c->rx_unexp is set and
  * c->rx_active = 1; CM_EAGAIN: a collective message whose receive is not posted yet; < 0: error. */
 int cm_match(cm_ctx *ctx, cm_chan *c) {
@@ -71,11 +90,8 @@ int cm_match(cm_ctx *ctx, cm_chan *c) {
     if (h->kind == CM_MSG_COLL) {
         cm_op *op = c->recvq;
         while (op && !op->exec->is_coll) op = op->next;
-        if (!op) return CM_EAGAIN;
-        const cm_hdr *s = &op->exec->sig;
-        int same = h->seq == s->seq && h->coll == s->coll && h->dtype == s->dtype && h->redop == s->redop &&
-                   h->root == s->root &&
-                   (h->count == s->count || h->count == CM_COUNT_ANY || s->count == CM_COUNT_ANY);
+        if (!op) return coll_unposted(ctx, c);
+        int same = same_coll(h, &op->exec->sig);
         if (!same || h->nbytes != op->nbytes) {
             ctx->status.remote = *h;
             return cm_fail(ctx, same ? CM_E_TRUNCATE : CM_E_MISMATCH, c->peer, 0, op);

@@ -87,6 +87,26 @@ def mismatched_op(rank: int, size: int) -> tuple:
         comm.close()
 
 
+def mismatch_among_four(rank: int, size: int, transport: str) -> tuple:
+    """Rank 3 calls all_gather where the others broadcast: rank 3 waits for rank 0, which sends it
+    nothing; the broadcast reaches rank 3 from another rank, whose message no receive of rank 3
+    wants. Every rank must fail with the mismatch, long before the 60 s deadline."""
+    comm = comms.init(timeout=60)
+    comm.barrier()
+    t0 = time.monotonic()
+    try:
+        if rank == 3:
+            comm.all_gather(np.zeros((size, 6), np.float32), np.ones(6, np.float32))
+        else:
+            comm.broadcast(np.ones(6, np.float32), root=0)
+        comm.barrier()
+        return ("no error", "", None, None, time.monotonic() - t0)
+    except comms.CommsError as e:
+        return (*_err(e), time.monotonic() - t0)
+    finally:
+        comm.close()
+
+
 def skipped_collective(rank: int, size: int) -> tuple:
     """Rank 2 skips one all_reduce and stays away past the deadline: every other rank times out
     (or hears of a timeout) naming the operation and sequence number; rank 2 fails when it returns."""

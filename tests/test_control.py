@@ -186,8 +186,10 @@ KEY = bytes(range(16))
                 max_size=20), st.binary(min_size=8, max_size=8), st.integers(0, 9))
 def test_wire_round_trips(entries, tok, origin):
     assert wire.parse(wire.fail(KEY, entries), KEY, 10).entries == tuple(entries)
-    m = wire.parse(wire.revoke(KEY, tok, origin), KEY, 10)
-    assert (m.kind, m.token, m.origin) == (wire.REVOKE, tok, origin)
+    for kind in (wire.REVOKE, wire.ABORT):
+        m = wire.parse(wire.revoke(KEY, tok, origin, kind), KEY, 10)
+        assert (m.kind, m.token, m.origin) == (kind, tok, origin)
+    assert wire.parse(wire.revoke(KEY, tok, origin, 9), KEY, 10) is None     # no such kind
     assert wire.parse(wire.bye(KEY, origin), KEY, 10).origin == origin
     frame = wire.fail(KEY, entries)
     for cut in range(len(frame)):                   # every truncation is dropped

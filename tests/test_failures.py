@@ -37,6 +37,17 @@ def test_mismatched_collectives_fail_on_every_rank():
         assert "all_reduce(seq 1" in msg and ("broadcast(seq 1" in msg or "barrier(seq 2" in msg), msg
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_mismatch_among_four_ranks_is_known_long_before_the_deadline(transport):
+    out = spawn(fw.mismatch_among_four, 4, timeout=120, args=(transport,), env={"COMMS_TRANSPORT": transport})
+    for rank, (name, msg, seq, peer, elapsed) in enumerate(out):
+        assert name == "MismatchError", (rank, msg)
+        # whichever rank saw it names both calls (rank 3's all_gather against a broadcast, or the
+        # barrier after it that a rank done with its broadcast began)
+        assert "all_gather(seq 2" in msg and ("broadcast(seq 2" in msg or "barrier(seq 3" in msg), (rank, msg)
+        assert elapsed < 20, (rank, elapsed, msg)
+
+
 def test_skipped_collective_times_out_naming_op_seq_and_peer():
     out = spawn(fw.skipped_collective, 4, timeout=60)
     for rank, (name, msg, seq, peer, elapsed) in enumerate(out):

@@ -87,6 +87,7 @@ class Plane:
         self.timeout_ms = self.ivl_ms * max(1, config.get("HEARTBEAT_MISSES"))
         self._subs: dict[bytes, tuple] = {}             # token -> (weakref to comm, plane ranks)
         self._revoked: set[bytes] = set()
+        self._aborted: set[bytes] = set()
         self._lock = threading.RLock()
         self._cmd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -207,6 +208,11 @@ class Plane:
         """Flood a REVOKE of ``token`` to every rank (its subscribers fail with Revoked)."""
         self._command(b"revoke" + token)
 
+    def abort(self, token: bytes) -> None:
+        """Flood an ABORT of ``token``: this rank's communicator failed on an error it found itself,
+        and its subscribers elsewhere fail at once, naming this rank."""
+        self._command(b"abort." + token)
+
     def death_cause(self, plane_rank: int) -> int:
         """The cause to declare for ``plane_rank``, which a transport saw die (its pidfd): a zombie
         when its /proc says so (this rank sees its pid), else gone."""
@@ -275,6 +281,8 @@ class Plane:
             return True
         if msg.startswith(b"revoke"):
             self._on_revoke(msg[6:], self.rank)
+        elif msg.startswith(b"abort."):
+            self._on_revoke(msg[6:], self.rank, wire.ABORT)
         elif msg.startswith(b"fail"):
             self._learn([(int.from_bytes(msg[4:8], "big"), msg[8], self.rank)])
         return False
@@ -291,8 +299,8 @@ class Plane:
                             len(frames))
             elif msg.kind == wire.FAIL:
                 self._learn(msg.entries)
-            elif msg.kind == wire.REVOKE:
-                self._on_revoke(msg.token, msg.origin)
+            elif msg.kind in (wire.REVOKE, wire.ABORT):
+                self._on_revoke(msg.token, msg.origin, msg.kind)
             elif msg.kind == wire.BYE:
                 self.left.add(msg.origin)
 
@@ -347,17 +355,23 @@ class Plane:
                 for token in list(self._subs):
                     self._notify_one(token, {r for r, _, _ in new})
 
-    def _on_revoke(self, token: bytes, origin: int) -> None:
+    def _on_revoke(self, token: bytes, origin: int, kind: int = wire.REVOKE) -> None:
+        """A REVOKE or ABORT of ``token``: flooded on the first time only, and told to its subscriber."""
+        seen = self._revoked if kind == wire.REVOKE else self._aborted
         with self._lock:
-            if token in self._revoked:
+            if token in seen:
                 return
-            self._revoked.add(token)
-            self._flood(wire.revoke(self.key, token, origin))
+            seen.add(token)
+            self._flood(wire.revoke(self.key, token, origin, kind))
             sub = self._subs.get(token)
             comm = sub[0]() if sub else None
             if comm is not None:
                 ranks = sub[1]
-                comm._revoked_by(ranks.index(origin) if origin in ranks else -1)
+                who = ranks.index(origin) if origin in ranks else -1
+                if kind == wire.REVOKE:
+                    comm._revoked_by(who)
+                elif origin != self.rank and who >= 0:
+                    comm._aborted_by(who)
 
 
 def local_pids(boot) -> dict[int, int]:

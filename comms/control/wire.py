@@ -10,6 +10,9 @@ Kinds:
 
 * ``FAIL``: ranks declared failed, each with its cause and the rank that detected it;
 * ``REVOKE``: a communicator (named by an 8-byte token of its store prefix) was revoked by a rank;
+* ``ABORT``: the same layout: a rank's communicator failed on an error it found itself (ranks that
+  called different collectives, a timeout, a malformed message); its peers fail at once too, and
+  read the reason it left in the store, even those that wait on third ranks or on nothing from it;
 * ``BYE``: the sender closes its plane on purpose; a connection it drops afterwards is no failure.
 """
 from __future__ import annotations
@@ -19,11 +22,11 @@ import struct
 from typing import NamedTuple
 
 MAGIC, VERSION = b"CMCP", 1
-FAIL, REVOKE, BYE = 1, 2, 3
+FAIL, REVOKE, BYE, ABORT = 1, 2, 3, 4
 HEADER = struct.Struct("!4sBB16s")
 ENTRY = struct.Struct("!iBi")          # failed rank, cause, detecting rank
 COUNT = struct.Struct("!H")
-REVOKE_BODY = struct.Struct("!8si")    # communicator token, revoking rank (in plane ranks)
+REVOKE_BODY = struct.Struct("!8si")    # communicator token, revoking (aborting) rank (in plane ranks)
 BYE_BODY = struct.Struct("!i")
 MAX_ENTRIES = 4096
 
@@ -42,8 +45,8 @@ CAUSES = {
 class Message(NamedTuple):
     kind: int
     entries: tuple = ()        # FAIL: ((rank, cause, detector), ...)
-    token: bytes = b""         # REVOKE
-    origin: int = -1           # REVOKE, BYE
+    token: bytes = b""         # REVOKE, ABORT
+    origin: int = -1           # REVOKE, ABORT, BYE
 
 
 def token(prefix: str) -> bytes:
@@ -57,8 +60,9 @@ def fail(key: bytes, entries) -> bytes:
         b"".join(ENTRY.pack(r, c, d) for r, c, d in entries)
 
 
-def revoke(key: bytes, tok: bytes, origin: int) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, REVOKE, key) + REVOKE_BODY.pack(tok, origin)
+def revoke(key: bytes, tok: bytes, origin: int, kind: int = REVOKE) -> bytes:
+    """A REVOKE (or, with ``kind=ABORT``, an ABORT) of the communicator ``tok`` by ``origin``."""
+    return HEADER.pack(MAGIC, VERSION, kind, key) + REVOKE_BODY.pack(tok, origin)
 
 
 def bye(key: bytes, rank: int) -> bytes:
@@ -84,9 +88,9 @@ def parse(frame: bytes, key: bytes, size: int) -> Message | None:
         if any(not (0 <= r < size and 0 <= d < size and c in CAUSES) for r, c, d in entries):
             return None
         return Message(FAIL, entries=entries)
-    if kind == REVOKE and len(body) == REVOKE_BODY.size:
+    if kind in (REVOKE, ABORT) and len(body) == REVOKE_BODY.size:
         tok, origin = REVOKE_BODY.unpack(body)
-        return Message(REVOKE, token=tok, origin=origin) if 0 <= origin < size else None
+        return Message(kind, token=tok, origin=origin) if 0 <= origin < size else None
     if kind == BYE and len(body) == BYE_BODY.size:
         (origin,) = BYE_BODY.unpack(body)
         return Message(BYE, origin=origin) if 0 <= origin < size else None

@@ -70,6 +70,9 @@ class Run:
             cmd = ["ip", "netns", "exec", self.sim.netns[host], *cmd]   # execs: the pid is the rank's
         with open(os.path.join(self.logdir, f"rank{wid}.log"), "w") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if self.args.verbose:
+            print(f"chaos: worker {wid} (pid {proc.pid}) on host {host}" + ("" if join_round is None else
+                  f", joins after round {join_round}"), file=sys.stderr, flush=True)
         rank = Rank(wid, host, proc)
         self.ranks.append(rank)
         return rank
@@ -113,6 +116,9 @@ def _round(run: Run, r: int, rng: random.Random) -> None:
     grow = a.full - left if (left <= 2 or r % 10 == 9) else 0
     last = r == a.rounds - 1
     run.store.set(f"chaos/plan/{r}", json.dumps({"kind": kind, "grow": grow, "last": last}))
+    if a.verbose:
+        print(f"chaos: round {r}: {kind} of workers {[v.wid for v in victims]} among {[m.wid for m in members]}, "
+              f"grow {grow}", file=sys.stderr, flush=True)
     homes = [h for h in range(max(a.hosts, 1))           # where the replacements go
              for _ in range(a.ranks_per_host - sum(m.host == h and m not in victims for m in members))]
     if grow and kind != "cut":        # they start now and wait in comms.join() until the members grow()

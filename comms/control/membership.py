@@ -36,9 +36,11 @@ from datetime import timedelta
 
 import numpy as np
 
+from ..diag import log as clog
 from ..errors import CommTimeout, InvalidUsage, PeerError, TransportError
 from ..security.store import claim
 
+log = clog.get("CONTROL")
 POLL_S = 0.005        # how often an agreement looks at the store again (they last milliseconds)
 GRANT_FIELDS = {"prefix": str, "rank": int, "size": int}
 
@@ -174,6 +176,8 @@ def grow(comm, count: int | None, name: str):
     comm._grows += 1
     prefix, size = child_prefix(comm, f"grow{comm._grows}"), comm.size + n
     if comm.rank == 0:
+        log.info("comms: grow(%r): rank 0 of %s grants tickets %d-%d (ranks %d-%d of %d)", name, comm.prefix, first,
+                 first + n - 1, comm.size, size - 1, size)
         _store_call(comm, "grow", comm._store.add, base + "granted", n)
         for i in range(n):
             _store_call(comm, "grow", comm._store.set, f"{base}ticket/{first + i}",
@@ -187,6 +191,7 @@ def join(store, name: str, timeout: float, algo: str | None):
     base = _join_base(name)
     ticket = store.add(base + "tickets", 1) - 1
     key = f"{base}ticket/{ticket}"
+    log.info("comms: join(%r): waiting with ticket %d", name, ticket)
     try:
         store.wait([key], timedelta(seconds=timeout))
     except Exception as e:

@@ -115,9 +115,10 @@ def _beta(comm, peer: int, reps: int) -> float:
 
 def _reduce_gbps() -> float:
     """GB/s of a float32 SUM of 32 MiB, beyond the caches, the least of 4."""
-    from ..runtime.native import ffi, lib
+    from ..dtypes import F32
+    from ..runtime.native import OPS, ffi, reduce
     x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)
-    best = _least(lambda: lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, lib.CM_F32, lib.CM_SUM), 4)
+    best = _least(lambda: reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, F32, OPS["SUM"]), 4)
     return round(min(x.nbytes / best / 1e9, 100.0), 3)
 
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .runtime.native import lib
+from .runtime import native
 
 log = logging.getLogger("comms.tuning")
 
@@ -108,10 +108,10 @@ declare("FLIGHT_RECORDER", int, 1024, "Entries in each communicator's flight rec
 declare("FLIGHT_DIR", str, "", "Directory for flight-recorder dumps, written on error or timeout, on SIGUSR1, and "
         "at exit with COMMS_FLIGHT_AT_EXIT=1; empty disables dumps.")
 declare("FLIGHT_AT_EXIT", bool, False, "Also dump the flight recorder when a communicator closes or the process exits.")
-declare("UNEXPECTED_MSG_BYTES", "size", lib.CM_UNEXP_MSG_MIB << 20, "The largest point-to-point message a rank "
+declare("UNEXPECTED_MSG_BYTES", "size", native.UNEXP_MSG_MIB << 20, "The largest point-to-point message a rank "
         "accepts before its receive is posted (it is kept aside until then); a larger one fails the communicator "
         "with an error naming the sender, before anything is allocated for it.")
-declare("UNEXPECTED_PEER_BYTES", "size", lib.CM_UNEXP_PEER_MIB << 20, "The most bytes of such early messages kept "
+declare("UNEXPECTED_PEER_BYTES", "size", native.UNEXP_PEER_MIB << 20, "The most bytes of such early messages kept "
         "aside from one peer at a time (payload and bookkeeping); one more fails the communicator with an error "
         "naming the sender.")
 declare("TRACE", str, "", "Write a Chrome/Perfetto timeline of the collectives to this file (one per rank: "

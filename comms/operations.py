@@ -14,14 +14,15 @@ import numpy as np
 from . import checks
 from .algorithms.plan import IN, OUT, Args, Plan, Step, RECV, SEND
 from .checks import fast as _fast
-from .runtime.native import ffi, lib
+from .runtime import native
+from .runtime.native import ffi
 from .dtypes import DTYPE_SIZES, TORCH_FAST, ReduceOp, as_op, check_op, resolve
 from .runtime.engine import Encoded
 from .errors import InvalidUsage
 from .work import Work
 
 _from_buffer = ffi.from_buffer
-_RUN_PTR, _RUN_ADDR = lib.cm_call_run, lib.cm_call_run_addr
+_RUN_PTR, _RUN_ADDR = native.call_run, native.call_run_addr
 
 from .runtime.native import MSG_COLL, MSG_P2P  # noqa: E402,F401
 ANY_SOURCE = -1

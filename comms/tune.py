@@ -1,7 +1,5 @@
 """``python -m comms.tune``: time every algorithm here and keep the winners (comms.selection.tune)."""
-import sys
-
 from .selection.tune import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -10,7 +10,7 @@ import types
 
 from comms._native import ffi, lib
 from comms.diag import flight
-from comms.runtime import engine as engine_mod
+from comms.runtime import native
 from comms.runtime.engine import Engine
 from comms.testing import spawn
 
@@ -25,9 +25,6 @@ class SlowReader:
         self.freed_now = threading.Event()
         self.freed: set[int] = set()
         self.read_freed: list[int] = []
-
-    def __getattr__(self, name):
-        return getattr(lib, name)
 
     @staticmethod
     def key(ctx) -> int:
@@ -47,14 +44,21 @@ class SlowReader:
         self.freed_now.set()
 
 
+def slow_core(monkeypatch) -> SlowReader:
+    """A SlowReader in place of the wrapper's ctx_flight and ctx_free, the calls the engine makes for
+    a dump and for close."""
+    slow = SlowReader()
+    monkeypatch.setattr(native, "ctx_flight", slow.cm_ctx_flight)
+    monkeypatch.setattr(native, "ctx_free", slow.cm_ctx_free)
+    return slow
+
+
 def fake_comm(engine):
     return types.SimpleNamespace(_engine=engine, _plans={}, _boot=types.SimpleNamespace(chosen={}))
 
 
 def test_a_dump_racing_close_never_reads_a_freed_context(monkeypatch):
-    slow = SlowReader()
-    monkeypatch.setattr(flight, "lib", slow)
-    monkeypatch.setattr(engine_mod, "lib", slow)
+    slow = slow_core(monkeypatch)
     eng = Engine(0, 1, 0, 0, 0, 0)
     eng.set_flight_capacity(16)
     comm = fake_comm(eng)
@@ -74,9 +78,7 @@ def test_a_dump_racing_close_never_reads_a_freed_context(monkeypatch):
 
 def test_capacity_changes_wait_for_a_reader(monkeypatch):
     """Resizing the ring frees the old one: not while a dump copies it."""
-    slow = SlowReader()
-    monkeypatch.setattr(flight, "lib", slow)
-    monkeypatch.setattr(engine_mod, "lib", slow)
+    slow = slow_core(monkeypatch)
     eng = Engine(0, 1, 0, 0, 0, 0)
     eng.set_flight_capacity(16)
     order = []

@@ -102,22 +102,50 @@ def test_div_rejects_integers():
     assert lib.cm_div(ptr(x), 4, 6, 2) == errors.E_INVALID
 
 
-def test_only_the_native_wrapper_imports_the_core():
-    """comms.runtime.native is the one module that imports comms._native; every other module of
-    the package reaches the core, and the codes it shares with Python, through it."""
+def _reaches_the_core(source: str) -> list[str]:
+    """What in ``source`` goes around comms.runtime.native's named calls: an import of
+    comms._native, any binding of the wrapper's ``lib`` (``from ...native import lib``,
+    ``native.lib``, ``getattr(native, "lib")``), and any C name (``cm_*``, ``CM_*``) reached as an
+    attribute, whatever object it is reached on."""
     import ast
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_native") \
+                or isinstance(node, ast.Import) and any(a.name.endswith("_native") for a in node.names):
+            found.append(f"line {node.lineno}: imports comms._native")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "native" \
+                and any(a.name == "lib" for a in node.names):
+            found.append(f"line {node.lineno}: imports the wrapper's lib")
+        elif isinstance(node, ast.Attribute) and (node.attr == "lib" or node.attr.lower().startswith("cm_")):
+            found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "getattr" and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant) and str(node.args[1].value) in ("lib", "_native"):
+            found.append(f"line {node.lineno}: getattr(..., {node.args[1].value!r})")
+    return found
+
+
+def test_the_core_check_catches_each_way_around_the_wrapper():
+    assert _reaches_the_core("from ..runtime import native\nnative.exec_run(1)\nx = native.OK") == []
+    for bad in ("from comms._native import ffi", "import comms._native", "from ..runtime.native import ffi, lib",
+                "from ..runtime import native\nnative.lib.cm_exec_run(1)", "x.cm_exec_run(1)", "y = core.CM_F32",
+                "getattr(native, 'lib')"):
+        assert _reaches_the_core(bad), bad
+
+
+def test_only_the_native_wrapper_reaches_the_core():
+    """comms.runtime.native is the one module that imports comms._native and makes its calls; every
+    other module of the package reaches the core, and the codes it shares with Python, through its
+    named functions and constants (parsed, so a comment or a string naming them does not count)."""
     found = []
     for d in ("comms", "transports", "algorithms"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, d)):
             for f in files:
                 path = os.path.join(dirpath, f)
-                if not f.endswith(".py") or path.endswith(os.path.join("runtime", "native.py")):
+                if not f.endswith(".py") or path.endswith(os.path.join("comms", "runtime", "native.py")):
                     continue
-                for node in ast.walk(ast.parse(open(path).read())):
-                    if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_native") \
-                            or isinstance(node, ast.Import) and any(a.name.endswith("_native") for a in node.names):
-                        found.append(os.path.relpath(path, ROOT))
-    assert not found, f"modules importing comms._native directly: {found}"
+                with open(path) as fh:
+                    found += [f"{os.path.relpath(path, ROOT)} {w}" for w in _reaches_the_core(fh.read())]
+    assert not found, f"modules going around comms.runtime.native: {found}"
 
 
 def test_every_native_error_code_has_a_name_and_an_exception():

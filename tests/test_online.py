@@ -45,7 +45,7 @@ def _drain(t: Trial) -> list[tuple[int, int, bool]]:
 def test_sizing_turns_then_rounds_of_turns_sized_by_time_reversed_every_other_round():
     plans, ran = {}, {}
     t = Trial(["a", "b", "c"], rounds=3, key=("k",), plans=plans, ran=ran)
-    assert t.phase == "sizing" and t.calls == 3 * SIZING_CALLS
+    assert t.phase == "sizing" and sum(lead + timed for _, _, lead, timed in t.schedule) == 3 * SIZING_CALLS
     sizing = _drain(t)
     assert [alt for _, alt, _ in sizing] == [0] * SIZING_CALLS + [1] * SIZING_CALLS + [2] * SIZING_CALLS
     assert [timed for _, _, timed in sizing] == ([False] + [True] * (SIZING_CALLS - 1)) * 3
@@ -54,7 +54,8 @@ def test_sizing_turns_then_rounds_of_turns_sized_by_time_reversed_every_other_ro
     # a: 2 ms a call, 3 untimed + 2 timed; b: 1 s, one of each; c: 1 us, the most of each
     assert turn_calls(0.002) == (3, 2) and turn_calls(1.0) == (1, 1) and turn_calls(1e-6) == (LEAD_MAX, TIMED_MAX)
     t.plan_rounds(np.array([0.002, 1.0, math.inf]))
-    assert t.phase == "rounds" and not t.done and t.calls == 3 * (5 + 2 + 2)
+    assert t.phase == "rounds" and not t.done
+    assert sum(lead + timed for _, _, lead, timed in t.schedule) == 3 * (5 + 2 + 2)
     turns = _drain(t)
     assert [alt for _, alt, _ in turns] == ([0] * 5 + [1] * 2 + [2] * 2 + [2] * 2 + [1] * 2 + [0] * 5
                                             + [0] * 5 + [1] * 2 + [2] * 2)

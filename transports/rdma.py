@@ -75,17 +75,18 @@ def probe(node: str = "", domain: str | None = None) -> dict:
     domain = config.get("RDMA_DOMAIN") if domain is None else domain
     key = (node, domain, os.environ.get("FI_PROVIDER"), config.get("RDMA_LIBFABRIC"))
     if key not in _probed:
-        from ..runtime.native import ffi, lib
+        from ..runtime import native
+        from ..runtime.native import ffi
         _library()
         info = ffi.new("cm_rdma_info *")
-        rc = lib.cm_rdma_probe(node.encode(), domain.encode(), info)
+        rc = native.rdma_probe(node.encode(), domain.encode(), info)
         _probed[key] = _info_dict(info) if rc == 0 else {"error": ffi.string(info.error).decode()}
     return _probed[key]
 
 
 def _library() -> None:
-    from ..runtime.native import lib
-    if lib.cm_rdma_library(config.get("RDMA_LIBFABRIC").encode()) != 0:
+    from ..runtime import native
+    if native.rdma_library(config.get("RDMA_LIBFABRIC").encode()) != 0:
         raise TransportError(f"COMMS_RDMA_LIBFABRIC={config.get('RDMA_LIBFABRIC')!r}: another libfabric is loaded "
                              "in this process already")
 
@@ -151,7 +152,7 @@ class Pins:
                 self._pin(owner, base, nbytes, rec)
 
     def _pin(self, owner, base: int, nbytes: int, old) -> None:
-        from ..runtime.native import lib
+        from ..runtime import native
         if old is not None:
             old[2].detach()
         fin = weakref.finalize(owner, _died, weakref.ref(self), id(owner), base, nbytes)
@@ -161,16 +162,16 @@ class Pins:
             if ctx is None:
                 return
             if old is not None:
-                lib.cm_rdma_forget(ctx, old[0], old[1])
-            lib.cm_rdma_pin(ctx, base, nbytes)
+                native.rdma_forget(ctx, old[0], old[1])
+            native.rdma_pin(ctx, base, nbytes)
 
     def _forget_dead(self) -> None:
-        from ..runtime.native import lib
+        from ..runtime import native
         with self.engine.locked() as ctx:
             while self.dead:
                 base, nbytes = self.dead.popleft()
                 if ctx is not None:
-                    lib.cm_rdma_forget(ctx, base, nbytes)
+                    native.rdma_forget(ctx, base, nbytes)
 
 
 class RdmaTransport(Transport):
@@ -208,14 +209,15 @@ class RdmaTransport(Transport):
     def listen(self) -> bytes:
         if not self._wanted():
             return b""
-        from ..runtime.native import ffi, lib
+        from ..runtime import native
+        from ..runtime.native import ffi
         from ..runtime.cleanup import segment_name
         info = ffi.new("cm_rdma_info *")
         blob = ffi.new("char[1024]")
         blen = ffi.new("size_t *", 1024)
         node = local_address(self.mesh.all_local())
         _library()
-        rc = lib.cm_rdma_open(self.boot.engine.ctx, node.encode(), config.get("RDMA_DOMAIN").encode(),
+        rc = native.rdma_open(self.boot.engine.ctx, node.encode(), config.get("RDMA_DOMAIN").encode(),
                               f"fi_shm://{segment_name()}".encode(), int(config.get("RDMA_MR_LOCAL")),
                               int(self._cq_fd()), config.get("RDMA_EAGER_BYTES"), info, blob, blen)
         if rc != 0:
@@ -257,11 +259,11 @@ class RdmaTransport(Transport):
                              rank=self.boot.rank, peer=peer)
 
     def connect(self, peer: int, address: bytes) -> Endpoint:
-        from ..runtime.native import lib
+        from ..runtime import native
         fi, liveness = self._parse(peer, address)
         sock = self.mesh.connection(peer, liveness)
         sock.setblocking(False)
-        rc = lib.cm_rdma_add_peer(self.boot.engine.ctx, peer, fi, len(fi), sock.fileno())
+        rc = native.rdma_add_peer(self.boot.engine.ctx, peer, fi, len(fi), sock.fileno())
         if rc != 0:
             sock.close()
             raise TransportError(f"rdma: rank {self.boot.rank} cannot add rank {peer}'s endpoint to its address "
@@ -281,10 +283,11 @@ class RdmaTransport(Transport):
     def stats(self) -> dict:
         if self.info is None:
             return {}
-        from ..runtime.native import ffi, lib
+        from ..runtime import native
+        from ..runtime.native import ffi
         out = ffi.new("uint64_t[5]")
         with self.boot.engine.locked() as ctx:
-            if ctx is None or lib.cm_rdma_mr_stats(ctx, out, 5) != 0:
+            if ctx is None or native.rdma_mr_stats(ctx, out, 5) != 0:
                 return {}
         return {name: int(out[i]) for i, name in enumerate(MR_STATS)}
 

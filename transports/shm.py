@@ -58,23 +58,24 @@ class ShmTransport(Transport):
         return me.same_host(peer)
 
     def listen(self) -> bytes:
-        from ..runtime.native import ffi, lib
+        from ..runtime import native
+        from ..runtime.native import ffi
         if len(self.local) < 2:
             return b""
         sweep_stale_segments()
         nlocal = len(self.local)
-        self.seg_bytes = lib.cm_shm_segment_bytes(nlocal, self.nslots, self.slot_bytes, self.board_bytes)
+        self.seg_bytes = native.shm_segment_bytes(nlocal, self.nslots, self.slot_bytes, self.board_bytes)
         self.seg_name = segment_name()
         out = ffi.new("void **")
         err = ffi.new("int *")
-        rc = lib.cm_shm_create(self.seg_name.encode(), self.seg_bytes, out, err)
+        rc = native.shm_create(self.seg_name.encode(), self.seg_bytes, out, err)
         if rc != 0:
             self.seg_name = None
             raise self._create_error(rc, err[0], nlocal)
         self.seg_addr = out[0]
         self.mapped.append((self.seg_addr, self.seg_bytes))
-        lib.cm_shm_init_segment(self.seg_addr, nlocal, self.nslots, self.slot_bytes, self.board_bytes)
-        rc = lib.cm_ctx_set_shm(self.boot.engine.ctx, self.seg_addr, self.local.index(self.boot.rank), nlocal,
+        native.shm_init_segment(self.seg_addr, nlocal, self.nslots, self.slot_bytes, self.board_bytes)
+        rc = native.ctx_set_shm(self.boot.engine.ctx, self.seg_addr, self.local.index(self.boot.rank), nlocal,
                                 self.nslots, self.slot_bytes, self.board_bytes)
         if rc != 0:
             raise TransportError(f"shm: native context rejected the segment layout (code {rc})")
@@ -103,7 +104,8 @@ class ShmTransport(Transport):
         return (name, *ADDR.unpack_from(address))
 
     def connect(self, peer: int, address: bytes) -> Endpoint:
-        from ..runtime.native import ffi, lib
+        from ..runtime import native
+        from ..runtime.native import ffi
         name, nbytes, nslots, slot_bytes, board_bytes = self._parse(peer, address)
         if (nslots, slot_bytes, board_bytes) != (self.nslots, self.slot_bytes, self.board_bytes):
             raise TransportError(f"shm: rank {peer} uses {nslots} slots of {slot_bytes} B and board slots of "
@@ -112,14 +114,14 @@ class ShmTransport(Transport):
                                  "COMMS_SHM_BOARD_BYTES alike on every rank", rank=self.boot.rank, peer=peer)
         out = ffi.new("void **")
         err = ffi.new("int *")
-        rc = lib.cm_shm_attach(name.encode(), nbytes, out, err)
+        rc = native.shm_attach(name.encode(), nbytes, out, err)
         if rc != 0:
             raise TransportError(f"shm: rank {self.boot.rank} cannot map segment {name} of rank {peer}: "
                                  f"{_reason(rc, err[0])}", rank=self.boot.rank, peer=peer)
         self.mapped.append((out[0], nbytes))
         me, them = self.boot.peers[self.boot.rank], self.boot.peers[peer]
         pid = them.pid if me.same_pid_namespace(them) else 0
-        rc = lib.cm_ctx_add_shm_peer(self.boot.engine.ctx, peer, out[0], self.local.index(peer), pid)
+        rc = native.ctx_add_shm_peer(self.boot.engine.ctx, peer, out[0], self.local.index(peer), pid)
         if rc != 0:
             raise TransportError(f"shm: segment of rank {peer} does not match this rank's layout (code {rc})",
                                  rank=self.boot.rank, peer=peer)
@@ -134,15 +136,17 @@ class ShmTransport(Transport):
 
     def unlink(self) -> None:
         if self.seg_name:
-            from ..runtime.native import ffi, lib
-            lib.cm_shm_unlink(self.seg_name.encode(), ffi.NULL)
+            from ..runtime import native
+            from ..runtime.native import ffi
+            native.shm_unlink(self.seg_name.encode(), ffi.NULL)
             self.seg_name = None
 
     def close(self) -> None:
-        from ..runtime.native import ffi, lib
+        from ..runtime import native
+        from ..runtime.native import ffi
         self.unlink()
         for addr, nbytes in self.mapped:
-            lib.cm_shm_unmap(addr, nbytes, ffi.NULL)
+            native.shm_unmap(addr, nbytes, ffi.NULL)
         self.mapped = []
 
 TRANSPORT = ShmTransport

@@ -69,15 +69,15 @@ class TcpTransport(Transport):
         sock = self.mesh.connection(peer, address)
         _tune(sock)
         sock.setblocking(False)
-        from ..runtime.native import lib
-        rc = lib.cm_ctx_add_tcp_peer(self.boot.engine.ctx, peer, sock.fileno(), config.get("TCP_CHUNK_BYTES"))
+        from ..runtime import native
+        rc = native.ctx_add_tcp_peer(self.boot.engine.ctx, peer, sock.fileno(), config.get("TCP_CHUNK_BYTES"))
         if rc != 0:
             sock.close()
             raise TransportError(f"tcp: native context rejected the socket of rank {peer} (code {rc})")
         sock.detach()                         # the engine owns and closes the fd now
         delay = config.get("TCP_DELAY_US")
         if delay > 0:
-            lib.cm_ctx_set_tcp_delay(self.boot.engine.ctx, peer, int(delay * 1000))
+            native.ctx_set_tcp_delay(self.boot.engine.ctx, peer, int(delay * 1000))
         return Endpoint(peer, self)
 
     def finish(self) -> None:

@@ -25,7 +25,8 @@ import weakref
 
 from .. import config
 from . import log as clog
-from ..runtime.native import ffi, lib
+from ..runtime import native
+from ..runtime.native import ffi
 from ..algorithms.plan import COLL_NAMES, COMM_KINDS, SEND
 from ..dtypes import DTYPE_NAMES
 
@@ -94,7 +95,7 @@ def register(comm) -> None:
     _live.add(comm)
     with _lock:
         if _watcher is None:
-            lib.cm_sigusr1_install()
+            native.sigusr1_install()
             _watcher = threading.Thread(target=_watch, name="comms-flight", daemon=True)
             _watcher.start()
             atexit.register(_at_exit)
@@ -110,7 +111,7 @@ def unregister(comm) -> None:
 def _watch() -> None:
     while True:
         time.sleep(0.1)
-        if lib.cm_sigusr1_take():
+        if native.sigusr1_take():
             for comm in list(_live):
                 if comm._closed:
                     continue

@@ -7,28 +7,18 @@
 
 (The receive windows of the single-copy exchange are mapped in :mod:`comms.moe.windows`.)
 
-Failures raise from the one exception tree (:func:`check`).
+Failures raise from the one exception tree (comms.runtime.native.check).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from .. import errors
-from ..runtime.native import ffi, lib
+from ..runtime import native as core
+from ..runtime.native import check, ffi
 from ..dtypes import BF16, F16, F32, F64
 
 _SUM_CODES = {torch.bfloat16: BF16, torch.float16: F16, torch.float32: F32, torch.float64: F64}
-
-
-def check(rc: int, what: str, *, rank: int | None = None, peer: int | None = None) -> None:
-    """Raise for a native return code of a row kernel (errno is read right after the call)."""
-    if rc == errors.OK:
-        return
-    err = ffi.errno
-    detail = f"{errors.code_name(rc)}" + (f", errno {err} ({os.strerror(err)})" if rc == errors.E_SYS else "")
-    raise errors.error_class(rc)(f"{what}: {detail}", op=what.split(":")[0], rank=rank, peer=peer)
 
 
 def sum_rows(out: torch.Tensor, pointers: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -46,8 +36,8 @@ def sum_rows(out: torch.Tensor, pointers: torch.Tensor, token: torch.Tensor) -> 
     if token.numel():
         torch.cumsum(torch.bincount(token, minlength=T), 0, out=start[1:])
         order = pointers.index_select(0, torch.argsort(token, stable=True)).contiguous()
-    rc = lib.cm_sum_rows(ffi.cast("void *", out.data_ptr()), code, H, T,
-                         ffi.cast("int64_t *", start.data_ptr()), ffi.cast("uint64_t *", order.data_ptr()))
+    rc = core.sum_rows(ffi.cast("void *", out.data_ptr()), code, H, T,
+                       ffi.cast("int64_t *", start.data_ptr()), ffi.cast("uint64_t *", order.data_ptr()))
     check(rc, "combine: summing rows")
     return out
 

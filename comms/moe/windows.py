@@ -39,7 +39,8 @@ import numpy as np
 
 from .. import errors
 from ..runtime.cleanup import PREFIX, SHM_DIR
-from ..runtime.native import ffi, lib
+from ..runtime import native
+from ..runtime.native import ffi
 
 ALIGN = 1 << 20                 # window sizes are multiples of this
 KEEP_IDLE = 4                   # idle windows kept for reuse beyond the busy ones
@@ -59,7 +60,7 @@ def map_window(name: str, nbytes: int, create: bool) -> np.ndarray:
     size = ffi.new("uint64_t *", nbytes)
     out = ffi.new("void **")
     sys_errno = ffi.new("int *")
-    rc = lib.cm_window_map(name.encode(), size, 1 if create else 0, out, sys_errno)
+    rc = native.window_map(name.encode(), size, 1 if create else 0, out, sys_errno)
     if rc != 0:
         err = sys_errno[0]
         hint = " (/dev/shm is too small: enlarge it, or set COMMS_MOE_SINGLE_COPY=0)" \
@@ -68,7 +69,7 @@ def map_window(name: str, nbytes: int, create: bool) -> np.ndarray:
                                     f"of {nbytes} bytes: {os.strerror(err) if err > 0 else errors.code_name(rc)}"
                                     f"{hint}")
     n = int(size[0])
-    ptr = ffi.gc(ffi.cast("char *", out[0]), lambda p, n=n: lib.cm_shm_unmap(p, n, ffi.NULL), n)
+    ptr = ffi.gc(ffi.cast("char *", out[0]), lambda p, n=n: native.shm_unmap(p, n, ffi.NULL), n)
     return np.frombuffer(ffi.buffer(ptr, n), np.uint8)
 
 

@@ -17,7 +17,8 @@ from collections import deque
 from typing import Callable
 
 from ..diag import log as clog
-from .native import ffi, lib
+from . import native
+from .native import ffi
 from ..algorithms.plan import Plan
 from ..errors import E_ABORTED, EAGAIN, TransportError
 from . import failures
@@ -56,7 +57,7 @@ class Encoded:
         self.scratch_bytes = plan.scratch_bytes
         bounds = (int(lens[0]), int(lens[1]), plan.scratch_bytes)
         fault = ffi.new("cm_plan_fault *")
-        if lib.cm_plan_check(self.steps, self.nsteps, ffi.new("uint64_t[3]", bounds), 3, dtype, fault):
+        if native.plan_check(self.steps, self.nsteps, ffi.new("uint64_t[3]", bounds), 3, dtype, fault):
             raise failures.plan_error(name, plan, fault, bounds, dtype)
         self.sig = ffi.new("cm_hdr *")
         sig = self.sig
@@ -69,11 +70,11 @@ class Engine:
                  unexpected: tuple[int, int] | None = None):
         """``unexpected``: the most bytes of one early p2p message and of those kept aside per peer
         (COMMS_UNEXPECTED_MSG_BYTES, COMMS_UNEXPECTED_PEER_BYTES); None keeps the native defaults."""
-        self.ctx = lib.cm_ctx_new(rank, size, spin, yields, spin_max_ns, spin_min_ns)
+        self.ctx = native.ctx_new(rank, size, spin, yields, spin_max_ns, spin_min_ns)
         if self.ctx == ffi.NULL:
             raise TransportError(f"cannot create the native context for rank {rank} of {size}")
         if unexpected is not None:
-            lib.cm_ctx_set_unexp_limits(self.ctx, *unexpected)
+            native.ctx_set_unexp_limits(self.ctx, *unexpected)
         self.rank = rank
         self.lock = threading.Lock()
         # the context's handle: what other threads do to the context without the engine lock, which
@@ -94,29 +95,29 @@ class Engine:
     def seq(self) -> int:
         """The sequence number of the last collective started on this context (the native context
         numbers each one as it starts, in the order plans reach it)."""
-        return int(lib.cm_ctx_seq(self.ctx)) if self.ctx is not None else 0
+        return int(native.ctx_seq(self.ctx)) if self.ctx is not None else 0
 
     @seq.setter
     def seq(self, value: int) -> None:
         with self.lock:
-            lib.cm_ctx_set_seq(self.ctx, value)
+            native.ctx_set_seq(self.ctx, value)
 
     def set_timeline(self, timeline) -> None:
         """Record every plan's message times into ``timeline`` (comms.diag.timeline.Timeline)."""
         with self.lock:
             self.timeline = timeline
-            lib.cm_ctx_set_trace(self.ctx, 1)
+            native.ctx_set_trace(self.ctx, 1)
 
     def _trace(self, enc: Encoded, seq: int, handle, t0: int, rc: int) -> None:
         if self.timeline is None:
             return
         times = ffi.new("int64_t[]", 2 * max(1, enc.nsteps))
-        n = lib.cm_exec_op_times(handle, times, enc.nsteps)
+        n = native.exec_op_times(handle, times, enc.nsteps)
         self.timeline.record(enc, seq, t0, time.monotonic_ns(), list(times[0:2 * n]), rc == 0)
 
     def set_flight_capacity(self, entries: int) -> None:
         with self.lock, self._revoke_lock:           # no reader copies the ring it frees
-            if lib.cm_ctx_flight_capacity(self.ctx, entries) != 0:
+            if native.ctx_flight_capacity(self.ctx, entries) != 0:
                 raise TransportError(f"cannot allocate a flight recorder of {entries} entries")
             self.flight_capacity = entries
 
@@ -129,7 +130,7 @@ class Engine:
             if self.ctx is None or not self.flight_capacity:
                 return []
             buf = ffi.new("cm_fr_entry[]", self.flight_capacity)
-            n = lib.cm_ctx_flight(self.ctx, buf, self.flight_capacity)
+            n = native.ctx_flight(self.ctx, buf, self.flight_capacity)
         return [buf[i] for i in range(n)]
 
     # -- one operation ------------------------------------------------------------------------
@@ -143,7 +144,7 @@ class Engine:
     def _seq_of(self, enc: Encoded) -> int:
         """The number the context gave the plan just started (the caller holds the lock): its
         sequence number if a collective, 0 for p2p."""
-        return int(lib.cm_ctx_seq(self.ctx)) if enc.is_coll else 0
+        return int(native.ctx_seq(self.ctx)) if enc.is_coll else 0
 
     @contextlib.contextmanager
     def locked(self):
@@ -157,7 +158,7 @@ class Engine:
     def _acquire(self) -> None:
         """Take the context lock; if the progress thread holds it in a sliced wait, kick it out."""
         if not self.lock.acquire(blocking=False):
-            lib.cm_ctx_kick(self.ctx)
+            native.ctx_kick(self.ctx)
             self.lock.acquire()
 
     def run(self, enc: Encoded, p_in, p_out, p_scratch, deadline_ns: int):
@@ -173,18 +174,18 @@ class Engine:
         self._load(p_in, p_out, p_scratch)
         if enc.any_source or self.timeline is not None:
             out = self._exec_out
-            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
+            rc = native.exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
             seq = self._seq_of(enc)
             if out[0] != ffi.NULL:
                 t0 = time.monotonic_ns()
-                rc = lib.cm_exec_wait(self.ctx, out[0], -1, self.status)
-                source = lib.cm_exec_peer(out[0], 0)
+                rc = native.exec_wait(self.ctx, out[0], -1, self.status)
+                source = native.exec_peer(out[0], 0)
                 self._trace(enc, seq, out[0], t0, rc)
-                lib.cm_exec_free(self.ctx, out[0])
+                native.exec_free(self.ctx, out[0])
                 if not rc:
                     return None, source, seq
         else:
-            rc = lib.cm_exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
+            rc = native.exec_run(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns,
                                  self.status)
             seq = self._seq_of(enc)
         if rc:
@@ -203,7 +204,7 @@ class Engine:
         self._acquire()
         try:
             self._load(p_in, p_out, p_scratch)
-            rc = lib.cm_exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
+            rc = native.exec_start(self.ctx, enc.steps, enc.nsteps, self.bufs, 3, enc.sig, deadline_ns, out)
             work.seq = self._seq_of(enc)
             if out[0] == ffi.NULL:
                 st = ffi.new("cm_status *", self.status[0])
@@ -236,12 +237,12 @@ class Engine:
                     return
                 work, handle, on_done = self._inflight[0]
             with self.lock:
-                rc = lib.cm_exec_wait(self.ctx, handle, SLICE_NS, st)
+                rc = native.exec_wait(self.ctx, handle, SLICE_NS, st)
                 if rc != EAGAIN:
                     status = ffi.new("cm_status *", st[0])
-                    work.source = lib.cm_exec_peer(handle, 0) if not rc else None
+                    work.source = native.exec_peer(handle, 0) if not rc else None
                     self._trace(work._enc, work.seq, handle, work._t0, rc)
-                    lib.cm_exec_free(self.ctx, handle)
+                    native.exec_free(self.ctx, handle)
             if rc == EAGAIN:
                 continue
             with self._cv:
@@ -275,7 +276,7 @@ class Engine:
         if self.lock.acquire(blocking=False):
             try:
                 if self.ctx is not None:
-                    lib.cm_ctx_abort(self.ctx)
+                    native.ctx_abort(self.ctx)
             finally:
                 self.lock.release()
         else:
@@ -287,7 +288,7 @@ class Engine:
         holds it; cm_ctx_revoke touches only atomics, and close() cannot free the context meanwhile."""
         with self._revoke_lock:
             if self.ctx is not None:
-                lib.cm_ctx_revoke(self.ctx, code, peer)
+                native.ctx_revoke(self.ctx, code, peer)
 
     COUNTERS = ("plans", "sleeps", "busy_ns", "failed_plans", "preempted_spins")
 
@@ -298,10 +299,10 @@ class Engine:
         raw = {}
         with self.lock:
             if self.ctx is not None:
-                lib.cm_ctx_counters(self.ctx, out, 8)
+                native.ctx_counters(self.ctx, out, 8)
             for name in NAMES:               # every registered transport, used or not
                 if self.ctx is not None:
-                    lib.cm_ctx_transport_bytes(self.ctx, name.encode(), pair)
+                    native.ctx_transport_bytes(self.ctx, name.encode(), pair)
                 raw[f"{name}_tx_bytes"], raw[f"{name}_rx_bytes"] = int(pair[0]), int(pair[1])
         raw.update((n, int(out[i])) for i, n in enumerate(self.COUNTERS))
         return raw
@@ -320,7 +321,7 @@ class Engine:
     def transport_of(self, peer: int) -> str | None:
         """The name of the transport whose channel carries ``peer`` (None: no channel)."""
         with self.lock:
-            name = lib.cm_ctx_chan_transport(self.ctx, peer) if self.ctx is not None else ffi.NULL
+            name = native.ctx_chan_transport(self.ctx, peer) if self.ctx is not None else ffi.NULL
         return ffi.string(name).decode() if name != ffi.NULL else None
 
     def close(self) -> None:
@@ -332,5 +333,5 @@ class Engine:
             t.join(timeout=5.0)
         with self.lock, self._revoke_lock:
             if self.ctx is not None:
-                lib.cm_ctx_free(self.ctx)
+                native.ctx_free(self.ctx)
                 self.ctx = None

@@ -18,7 +18,7 @@ from ..algorithms.plan import COLL_NAMES, STEP_NAMES
 from ..dtypes import DTYPE_NAMES, DTYPE_SIZES, ReduceOp
 from ..diag import log as clog
 from ..errors import CommsError, MismatchError, TransportError, error_class
-from .native import lib
+from . import native
 
 log = clog.get("COLL")
 
@@ -89,12 +89,12 @@ def failed_error(comm, where: str, op: str, seq: int) -> errors.PeerError:
 
 
 _PLAN_FAULTS = {
-    lib.CM_PLAN_BAD_KIND: "is of no known kind",
-    lib.CM_PLAN_BAD_BUF: "names a buffer the call does not pass",
-    lib.CM_PLAN_PAST_BUF: "touches bytes [{off}, {end}) of the {buf} buffer, which holds {len} B",
-    lib.CM_PLAN_PAST_BUF2: "reads past the end of the {buf2} buffer, which holds {len2} B",
-    lib.CM_PLAN_PART_ELEMENT: "reduces {n} B, not a whole number of {esz} B elements",
-    lib.CM_PLAN_BAD_SLOTS: "reduces {slots} slots",
+    native.PLAN_BAD_KIND: "is of no known kind",
+    native.PLAN_BAD_BUF: "names a buffer the call does not pass",
+    native.PLAN_PAST_BUF: "touches bytes [{off}, {end}) of the {buf} buffer, which holds {len} B",
+    native.PLAN_PAST_BUF2: "reads past the end of the {buf2} buffer, which holds {len2} B",
+    native.PLAN_PART_ELEMENT: "reduces {n} B, not a whole number of {esz} B elements",
+    native.PLAN_BAD_SLOTS: "reduces {slots} slots",
 }
 _BUF_NAMES = ("input", "output", "scratch")
 

@@ -25,6 +25,15 @@ def read_text(path: str) -> str:
         return ""
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo; "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def _ns_inode(kind: str) -> int:
     try:
         return os.stat(f"/proc/self/ns/{kind}").st_ino

@@ -1,12 +1,18 @@
-"""The one Python module that imports the C core (``comms._native``, cffi API mode).
+"""The one Python module that imports the C core (``comms._native``, cffi API mode) and makes its calls.
 
-Everything else reaches the core through here: ``ffi`` and ``lib`` for the calls, and the codes
-the core and Python share (return codes, dtypes, reduction ops, plan steps, buffers, message
-kinds), which are declared once, in native/_cdefs.h, and read here from the compiled module, so
-no Python file copies a value by hand. tests/test_native.py checks that no other module imports
-``comms._native``. Return codes become exceptions in one function, comms.errors.error_class.
+Everything else reaches the core through here: ``ffi`` for the C types, a named function for each
+native call (bound once to the cffi function itself, so a call through it costs no Python frame: the
+per-call fast path ``call_run`` is as direct as ``lib.cm_call_run``), and the codes the core and
+Python share (return codes, dtypes, reduction ops, plan steps, buffers, message kinds, plan faults,
+limits), which are declared once, in native/_cdefs.h, and read here from the compiled module, so no
+Python file copies a value by hand. Every call returns what the C function returns; return codes
+become exceptions in :func:`check` (classes from comms.errors.error_class), or at the caller where
+its message says more (a transport naming its peer). tests/test_native.py checks, by parsing the
+sources, that no other module imports ``comms._native`` or reaches its ``lib``.
 """
 from __future__ import annotations
+
+import os
 
 from .._native import ffi, lib
 
@@ -31,7 +37,47 @@ STEPS = {"send": lib.CM_STEP_SEND, "recv": lib.CM_STEP_RECV, "recv_reduce": lib.
 BUF_IN, BUF_OUT, BUF_SCRATCH = lib.CM_BUF_IN, lib.CM_BUF_OUT, lib.CM_BUF_SCRATCH
 MSG_COLL, MSG_P2P = lib.CM_MSG_COLL, lib.CM_MSG_P2P
 
-__all__ = ["ffi", "lib", "OK", "EAGAIN", "E_TIMEOUT", "E_PEER_CLOSED", "E_PEER_DEAD", "E_PEER_ABORTED",
-           "E_MISMATCH", "E_TRUNCATE", "E_SYS", "E_INVALID", "E_NOMEM", "E_ABORTED", "E_REVOKED", "E_LIMIT", "DTYPES",
-           "OPS", "STEPS",
-           "BUF_IN", "BUF_OUT", "BUF_SCRATCH", "MSG_COLL", "MSG_P2P"]
+# what cm_plan_check found wrong with a plan (cm_plan_fault.code); the unexpected-message limits' defaults
+PLAN_BAD_KIND, PLAN_BAD_BUF, PLAN_BAD_SLOTS = lib.CM_PLAN_BAD_KIND, lib.CM_PLAN_BAD_BUF, lib.CM_PLAN_BAD_SLOTS
+PLAN_PAST_BUF, PLAN_PAST_BUF2, PLAN_PART_ELEMENT = lib.CM_PLAN_PAST_BUF, lib.CM_PLAN_PAST_BUF2, lib.CM_PLAN_PART_ELEMENT
+UNEXP_MSG_MIB, UNEXP_PEER_MIB = lib.CM_UNEXP_MSG_MIB, lib.CM_UNEXP_PEER_MIB
+
+
+def check(rc: int, what: str, *, rank: int | None = None, peer: int | None = None) -> None:
+    """Raise for a native return code other than OK: comms.errors.error_class(rc) with ``what``, the
+    code's name and, for E_SYS, the errno (read right after the call, so call this at once)."""
+    if rc == OK:
+        return
+    err = ffi.errno
+    from .. import errors          # late: comms.errors reads the codes above from this module
+    detail = errors.code_name(rc) + (f", errno {err} ({os.strerror(err)})" if rc == E_SYS else "")
+    raise errors.error_class(rc)(f"{what}: {detail}", op=what.split(":")[0], rank=rank, peer=peer)
+
+
+# The calls, named after their C functions less ``cm_`` (see native/_cdefs.h for each contract).
+# A context (one per communicator: comms.runtime.engine) and its plans' execution
+ctx_new, ctx_free, ctx_abort, ctx_revoke, ctx_kick = \
+    lib.cm_ctx_new, lib.cm_ctx_free, lib.cm_ctx_abort, lib.cm_ctx_revoke, lib.cm_ctx_kick
+ctx_seq, ctx_set_seq, ctx_set_trace, ctx_set_unexp_limits = \
+    lib.cm_ctx_seq, lib.cm_ctx_set_seq, lib.cm_ctx_set_trace, lib.cm_ctx_set_unexp_limits
+ctx_counters, ctx_transport_bytes, ctx_chan_transport = \
+    lib.cm_ctx_counters, lib.cm_ctx_transport_bytes, lib.cm_ctx_chan_transport
+ctx_flight_capacity, ctx_flight = lib.cm_ctx_flight_capacity, lib.cm_ctx_flight
+plan_check = lib.cm_plan_check
+exec_run, exec_start, exec_wait, exec_peer, exec_free, exec_op_times = \
+    lib.cm_exec_run, lib.cm_exec_start, lib.cm_exec_wait, lib.cm_exec_peer, lib.cm_exec_free, lib.cm_exec_op_times
+# the per-call fast path: a prepared cm_call on a cffi buffer, or on an address (torch)
+call_run, call_run_addr = lib.cm_call_run, lib.cm_call_run_addr
+# kernels
+reduce, sum_rows = lib.cm_reduce, lib.cm_sum_rows
+# transports: tcp sockets, shared-memory segments, RDMA (libfabric)
+ctx_add_tcp_peer, ctx_set_tcp_delay = lib.cm_ctx_add_tcp_peer, lib.cm_ctx_set_tcp_delay
+shm_segment_bytes, shm_create, shm_init_segment, shm_attach, shm_unlink, shm_unmap = \
+    lib.cm_shm_segment_bytes, lib.cm_shm_create, lib.cm_shm_init_segment, lib.cm_shm_attach, lib.cm_shm_unlink, \
+    lib.cm_shm_unmap
+ctx_set_shm, ctx_add_shm_peer, window_map = lib.cm_ctx_set_shm, lib.cm_ctx_add_shm_peer, lib.cm_window_map
+rdma_library, rdma_probe, rdma_open, rdma_add_peer = \
+    lib.cm_rdma_library, lib.cm_rdma_probe, lib.cm_rdma_open, lib.cm_rdma_add_peer
+rdma_pin, rdma_forget, rdma_mr_stats = lib.cm_rdma_pin, lib.cm_rdma_forget, lib.cm_rdma_mr_stats
+# the flight recorder's SIGUSR1 flag (comms.diag.flight)
+sigusr1_install, sigusr1_take = lib.cm_sigusr1_install, lib.cm_sigusr1_take

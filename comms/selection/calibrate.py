@@ -1,21 +1,14 @@
 """Calibration: the cost model's link figures, measured once per host signature and cached.
 
-The first init on a host signature (CPU, cores, hosts x ranks, link classes, NICs, kernel)
-measures each link class of the route and the reduction speed on rank 0 and its peers, in well
-under 2 s, and caches them by transport name in ``~/.cache/comms/calibration.json``:
-
-* ``alpha_us``: one plan step: 8 B around a ring of the link's ranks, every member sending and
-  receiving in each of :data:`HOP_ROUNDS` rounds of one native plan, the least of :data:`HOP_REPS`
-  runs, with every rank in such a ring at once (no per-call cost; what ranks sharing cores, and
-  the kernel's work on their packets, add to a step is in);
-* ``beta_gbps``: a 4 MiB ping-pong less an 8 B one, the least of several;
-* ``reduce_gbps``: a float32 SUM of 32 MiB, beyond the caches.
-
-Every rank gets rank 0's figures through the store. The entry also keeps the rules
-``python -m comms.tune`` wrote (:func:`save_rules`). Shaping is not in the signature, so an init
-with cached figures of a link between hosts checks them with a few 4 MiB ping-pongs (about 0.2 s
-at 2 Gbit/s) and measures again, dropping the tuned rules, when the bandwidth moved more than
-:data:`LINK_DRIFT`. COMMS_CALIBRATE=0 uses the transports' defaults and no cache.
+A first init on a host :func:`signature` measures, in well under 2 s on rank 0 and its peers, and
+caches by transport name in ``~/.cache/comms/calibration.json`` (every rank gets rank 0's figures):
+``alpha_us``, one plan step (the least of :data:`HOP_REPS` plans of :data:`HOP_ROUNDS` 8 B rounds
+around a ring of the link's ranks, all such rings at once: what ranks sharing cores, and the kernel's
+work on their packets, add to a step is in); ``beta_gbps``, a 4 MiB ping-pong less an 8 B one; and
+``reduce_gbps``, a float32 SUM of 32 MiB. The entry also keeps the rules ``python -m comms.tune``
+wrote (:func:`save_rules`). Shaping is not in the signature, so cached figures of a link between
+hosts are checked with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and measured again, the
+tuned rules dropped, when off by more than :data:`LINK_DRIFT`. COMMS_CALIBRATE=0: defaults, no cache.
 """
 from __future__ import annotations
 
@@ -29,6 +22,7 @@ import numpy as np
 
 from .. import config
 from ..diag import log as clog
+from ..runtime.hostid import cpu_model
 from .model import Params, describe_links
 
 log = clog.get("TUNING")
@@ -46,45 +40,33 @@ class Calibration(NamedTuple):
 
 
 def signature(comm) -> str:
-    topo = comm.topology
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        pass
-    classes = ",".join(sorted({comm.route.intra, comm.route.inter}))
+    """The cache key of ``comm``'s host: what its figures and tuned rules depend on."""
+    topo, route = comm.topology, comm.route
     nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in topo.hosts[0].nics)
-    layout = f"{len(topo.hosts)}x{len(topo.hosts[0].ranks)}"
     det = "|deterministic" if config.get("DETERMINISTIC") else ""      # other plans, other tuned rules
-    return f"{FORMAT}|{platform.machine()}|{cpu}|{topo.hosts[0].cores} cores|{layout}|{classes}|nics {nics}|" \
-           f"{platform.release()}{det}"
+    return f"{FORMAT}|{platform.machine()}|{cpu_model()}|{topo.hosts[0].cores} cores|" \
+           f"{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|{','.join(sorted({route.intra, route.inter}))}|" \
+           f"nics {nics}|{platform.release()}{det}"
 
 
-def cache_path() -> str:
+def _load() -> tuple[str, dict]:
+    """The cache's path (under XDG_CACHE_HOME, else ~/.cache) and its entries; {} where unreadable."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "comms", "calibration.json")
-
-
-def _load() -> dict:
+    path = os.path.join(base, "comms", "calibration.json")
     try:
-        with open(cache_path()) as f:
+        with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
+        return path, data if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        return {}
+        return path, {}
 
 
-def _store_entry(sig: str, entry: dict | None) -> None:
-    """Write (None: drop) the cache entry of ``sig``, atomically."""
-    path = cache_path()
+def _store_entry(sig: str, entry: dict) -> None:
+    """Write the cache entry of ``sig``, atomically; a warning where the cache cannot be written."""
+    path, everything = _load()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        everything = _load()
-        if entry is None:
-            everything.pop(sig, None)
-        else:
-            everything[sig] = entry
+        everything[sig] = entry
         with open(f"{path}.{os.getpid()}", "w") as f:
             json.dump(everything, f, indent=1)
         os.replace(f"{path}.{os.getpid()}", path)
@@ -94,49 +76,49 @@ def _store_entry(sig: str, entry: dict | None) -> None:
 
 def save_rules(sig: str, rules: str, note: str) -> None:
     """Record ``rules`` (the selector's grammar) as the tuned rules of signature ``sig``."""
-    entry = _load().get(sig)
+    entry = _load()[1].get(sig)
     if entry is None:
         raise RuntimeError(f"no calibration cached for {sig!r}: tune with calibration on")
     entry["rules"], entry["tuned"] = rules, note
     _store_entry(sig, entry)
 
 
-def _pingpong(comm, peer: int, nbytes: int, iters: int, lead: bool) -> float:
-    """Least one-way µs of ``nbytes`` between this rank and ``peer`` over ``iters`` round trips."""
-    buf = np.ones(max(1, nbytes // 4), np.float32)          # touched: no page faults in the timing
+def _least(fn: Callable[[], object], reps: int) -> float:
+    """The least seconds ``fn()`` took over ``reps`` calls."""
     best = float("inf")
-    for _ in range(iters):
+    for _ in range(reps):
         t0 = time.perf_counter()
-        for send in ((True, False) if lead else (False, True)):
-            (comm.send if send else comm.recv)(buf, peer, tag=0xCA1)
-        best = min(best, (time.perf_counter() - t0) / 2 * 1e6)
+        fn()
+        best = min(best, time.perf_counter() - t0)
     return best
 
 
-def _beta(comm, peer: int, lead: bool, reps: int) -> float:
-    """GB/s of 4 MiB between this rank and ``peer``, after an untimed round trip of each size."""
-    _pingpong(comm, peer, 8, 2, lead)
-    _pingpong(comm, peer, 4 << 20, 1, lead)
-    small = _pingpong(comm, peer, 8, 20, lead)
-    big = _pingpong(comm, peer, 4 << 20, reps, lead)
+def _pingpong(comm, peer: int, nbytes: int, iters: int, lead: bool) -> float:
+    """Least one-way µs of ``nbytes`` between this rank and ``peer`` over ``iters`` round trips."""
+    buf = np.ones(max(1, nbytes // 4), np.float32)          # touched: no page faults in the timing
+    order = (comm.send, comm.recv) if lead else (comm.recv, comm.send)
+    return _least(lambda: [f(buf, peer, tag=0xCA1) for f in order], iters) / 2 * 1e6
+
+
+def _beta(comm, peer: int, reps: int) -> float:
+    """GB/s of 4 MiB between rank 0 and ``peer`` (the least of ``reps``, after an untimed round trip
+    of each size), on those two ranks; 0.0 on the others."""
+    if comm.rank not in (0, peer):
+        return 0.0
+    other, lead = (peer, True) if comm.rank == 0 else (0, False)
+    _pingpong(comm, other, 8, 2, lead)
+    _pingpong(comm, other, 4 << 20, 1, lead)
+    small = _pingpong(comm, other, 8, 20, lead)
+    big = _pingpong(comm, other, 4 << 20, reps, lead)
     return min(max((4 << 20) / max(big - small, 1e-3) / 1e3, 0.05), 100.0)
 
 
-def _beta_from_rank0(comm, peer: int, reps: int) -> float:
-    """:func:`_beta` between rank 0 and ``peer``, on those two ranks; 0.0 on the others."""
-    if comm.rank not in (0, peer):
-        return 0.0
-    return _beta(comm, peer if comm.rank == 0 else 0, comm.rank == 0, reps)
-
-
 def _reduce_gbps() -> float:
-    from ..runtime.native import ffi, lib
+    """GB/s of a float32 SUM of 32 MiB, beyond the caches, the least of 4."""
+    from ..dtypes import F32
+    from ..runtime.native import OPS, ffi, reduce
     x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)
-    best = float("inf")
-    for _ in range(4):
-        t0 = time.perf_counter()
-        lib.cm_reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, lib.CM_F32, lib.CM_SUM)
-        best = min(best, time.perf_counter() - t0)
+    best = _least(lambda: reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, F32, OPS["SUM"]), 4)
     return round(min(x.nbytes / best / 1e9, 100.0), 3)
 
 
@@ -153,26 +135,21 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
     seconds."""
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Calibration(Params(), "", "")
-    key, sig = f"{comm.prefix}calibration", signature(comm)
-    topo, route = comm.topology, comm.route
-    # link class -> ring_of(rank): the ring that rank runs. Every rank runs one at once, as in a
-    # collective's steps: between hosts the ranks of one local index (rank 0's: the leaders), inside
-    # a host its ranks. Measured with the leaders alone while the other ranks idled, on 2 simulated
-    # hosts x 2 ranks sharing 2 CPUs under htb, the tcp step came out at 8.8 us where an 8 B
-    # recursive doubling took 170-180 us, and the model chose hierarchical at 8 KiB, 1.86x behind
-    # recursive doubling (bench.regret)
-    hosts = [sorted(h.ranks) for h in topo.hosts]
+    key, sig, route = f"{comm.prefix}calibration", signature(comm), comm.route
+    # link class -> ring_of(rank), the ring that rank runs, every rank in one at once as in a collective's
+    # steps: between hosts the ranks of one local index, inside a host its ranks. Timed with the leaders
+    # alone (2 simulated hosts x 2 ranks sharing 2 CPUs, htb), the tcp step came out at 8.8 us where an 8 B
+    # recursive doubling took 170-180 us, and the model chose hierarchical at 8 KiB, 1.86x behind it
+    hosts = [sorted(h.ranks) for h in comm.topology.hosts]
     where = {r: (i, k) for i, h in enumerate(hosts) for k, r in enumerate(h)}
     rings = {}
     if len(hosts) > 1:
         rings[route.inter] = lambda r: [h[where[r][1]] for h in hosts if where[r][1] < len(h)]
     if len(hosts[0]) > 1 and route.intra not in rings:
         rings[route.intra] = lambda r: hosts[where[r][0]]
-    cached = _agree(store, f"{key}/cached", comm.rank, lambda: json.dumps(_load().get(sig)))
-    entry = json.loads(cached)
-    if entry and len(topo.hosts) > 1:
-        peer = rings[route.inter](0)[1]
-        now = _beta_from_rank0(comm, peer, 4)
+    entry = json.loads(_agree(store, f"{key}/cached", comm.rank, lambda: json.dumps(_load()[1].get(sig))))
+    if entry and len(hosts) > 1:
+        now = _beta(comm, rings[route.inter](0)[1], 4)
 
         def holds() -> str:
             then = entry.get("links", {}).get(route.inter, {}).get("beta_gbps") or 0.0
@@ -186,9 +163,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
     if not entry:
         links = {}
         for cls, ring_of in rings.items():
-            peer, members = ring_of(0)[1], ring_of(comm.rank)
-            beta = _beta_from_rank0(comm, peer, 6)
-            alpha = float("inf")
+            members, beta, alpha = ring_of(comm.rank), _beta(comm, ring_of(0)[1], 6), float("inf")
             _agree(store, f"{key}/{cls}/rings", comm.rank, lambda: "go")     # every ring starts together
             if len(members) > 1:
                 i = members.index(comm.rank)
@@ -200,8 +175,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
         def measured() -> str:
             d = Params().as_dict()
             d["links"].update(links)
-            d["reduce_gbps"] = _reduce_gbps()
-            d["source"] = f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            d["reduce_gbps"], d["source"] = _reduce_gbps(), f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}"
             _store_entry(sig, d)
             return json.dumps(d)
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

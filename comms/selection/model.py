@@ -1,19 +1,13 @@
 """The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth.
 
-As NCCL's tuning.cc does, each algorithm's plan is priced per link class, plus the local reduction
-speed. A link class is a transport (every registered one brings default figures, ``Transport.link``;
-calibration measures the ones a job uses), and :class:`Params` holds them by transport name. A
-communicator's :class:`Route` names the classes its traffic takes: ``intra`` between ranks of one
-host, ``inter`` between hosts, and whether intra's exchanges of one step wait as one.
-
-Each step is priced on the link it uses. The recursive algorithms' exchange with rank ^ d stays on
-intra while the partners share a host. A step of a flat algorithm that spans hosts is bound by the
-slower class. Direct's one step adds up the bytes to every peer, since the rank's one thread moves
-them all. The model is about bytes on each link first: an algorithm that puts more bytes on the
-slow link than another is priced behind it whatever the latencies, so no measurement is needed to
-rank them at large sizes, and a measurement (comms.selection.tune) never outvotes it there.
-
-:func:`default_rules` writes the cheapest algorithm per size range in the selector's grammar.
+As NCCL's tuning.cc does, a plan is priced per link class, plus the local reduction speed. A link
+class is a transport (each registered one brings default figures, ``Transport.link``; calibration
+measures those a job uses); :class:`Params` holds them by name, and a communicator's :class:`Route`
+names the classes its traffic takes. Each step is priced on the link it uses: the recursive
+algorithms' exchange with rank ^ d stays on intra while the partners share a host; a flat step
+spanning hosts is bound by the slower class; direct's one step adds up the bytes to every peer (one
+thread moves them all). An algorithm that puts more bytes on the slow link than another is priced
+behind it whatever the latencies, so a measurement (comms.selection.tune) never outvotes it there.
 """
 from __future__ import annotations
 

@@ -1,20 +1,13 @@
 """Timing of alternatives: the one mechanism behind online choices and ``python -m comms.tune``.
 
 A rule may name several algorithms, ``all_reduce:16K-64K:direct|rhd``. With COMMS_ONLINE_ROUNDS > 0
-(opt-in, so no job changes algorithm midway unless asked to) the calls of each plan key
-(collective, count, dtype, op, ...) time the alternatives that build a plan and keep the fastest;
-``python -m comms.tune`` runs the same trials on purpose and writes the winners as rules.
-
-* Schedule: every alternative runs :data:`SIZING_CALLS` calls; one MAX all_reduce agrees on each
-  one's time per call, which sizes its turn (:func:`turn_calls`: untimed lead-in, then timed
-  calls); then ``rounds`` rounds of one turn each, the order reversed every other round. Every
-  rank runs the same alternative at the same call, and every call computes the user's result.
-* Timing: synchronous calls from entry to return; asynchronous ones are counted, not timed.
-* Decision: one MAX all_reduce gives every rank the slowest rank's mean per round and alternative;
-  over the rounds where all have a figure, the lowest median per-round ratio to the first wins if
-  below ``1 - SWITCH``, else the first (the rule's pick) stays. It is kept for the communicator's
-  life (``set_algo`` does not reset it). Without COMMS_DETERMINISTIC the last bits of a float sum
-  may differ before and after the switch (never between ranks).
+(opt-in: no job changes algorithm midway unless asked to) the calls of each plan key time the
+alternatives that build a plan: :data:`SIZING_CALLS` calls each, whose agreed time per call sizes
+each one's turn (:func:`turn_calls`), then ``rounds`` rounds of one turn each, the order reversed
+every other round. Every rank runs the same alternative at the same call, and every call computes
+the user's result. The slowest rank's figures decide (:func:`decide`), for the communicator's life
+(``set_algo`` does not reset it); without COMMS_DETERMINISTIC a float sum's last bits may differ
+before and after the switch (never between ranks). ``python -m comms.tune`` runs the same trials.
 """
 from __future__ import annotations
 
@@ -43,11 +36,10 @@ LEAD_MAX, TIMED_MAX = 64, 32     # the calls of a turn at 8 B (1-5 us a call) st
 
 def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
     """(untimed, timed) calls of a turn of an alternative that takes ``seconds_per_call``. The
-    untimed lead-in lets a link's token bucket spend the credit it gathered while a lighter
-    alternative ran: on 2 simulated hosts under a 2 Gbit/s tbf (a 4 ms burst), turns of 64 calls
-    of 16 KiB, all but the first timed, put recursive doubling at 0.97-1.00x hierarchical, where
-    the bench's turns of 280 calls measured 1.17x. ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches
-    the turn and its caps: ``python -m comms.tune`` takes turns 10x as long (see its --turn-ms)."""
+    untimed lead-in spends the credit a link's token bucket gathered while a lighter alternative
+    ran: on 2 simulated hosts under a 2 Gbit/s tbf (4 ms burst), turns of 64 calls of 16 KiB, all
+    timed but the first, put recursive doubling at 0.97-1.00x hierarchical where the bench's turns
+    of 280 calls measured 1.17x. ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches turn and caps."""
     t = max(seconds_per_call, 1e-7)
     lead, timed, lmax, tmax = LEAD_S * scale, TIMED_S * scale, LEAD_MAX * scale, TIMED_MAX * scale
     return max(1, int(min(lmax, math.ceil(lead / t)))), max(1, int(min(tmax, math.ceil(timed / t))))
@@ -55,31 +47,26 @@ def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
 
 class Trial:
     """One key's schedule, a list of turns (round, alternative, untimed calls, timed calls), and
-    this rank's timings. It keeps two of the communicator's dicts current: ``plans[key]`` holds the
+    this rank's timings. It keeps two of the communicator's dicts current: ``plans[key]``, the
     encoded plan whose turn it is (dropped when a phase ends, so the next call reaches
-    :meth:`Contests.pick`), ``ran[ran_key]`` the algorithm of the call begun last. The communicator
-    brackets each call of a plan marked with the trial (``enc.trial``) with :meth:`begin` and
-    :meth:`end`, and nothing else."""
+    :meth:`Contests.pick`), and ``ran[ran_key]``, the algorithm of the call begun last. The
+    communicator brackets each call of a plan marked with the trial (``enc.trial``) with
+    :meth:`begin` and :meth:`end`, and nothing else."""
 
     def __init__(self, alts: list[str], rounds: int, encs: list | None = None, key: tuple = (),
                  ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None, scale: float = 1.0):
         self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
-        self.scale = scale
+        self.scale, self._algo, self.phase = scale, None, "sizing"
         self._plans = {} if plans is None else plans
         self._ran = {} if ran is None else ran
-        self._algo = None
-        self.phase = "sizing"
-        self._clear(1)
-        self._turns_of = [(1, SIZING_CALLS - 1)] * len(self.alts)
-        self._begin(range(1))
+        self._begin(1, [(1, SIZING_CALLS - 1)] * len(self.alts))
 
-    def _clear(self, rows: int) -> None:
-        self._sum = [[0.0] * len(self.alts) for _ in range(rows)]
-        self._n = [[0] * len(self.alts) for _ in range(rows)]
-
-    def _begin(self, rounds) -> None:
+    def _begin(self, rounds: int, turns_of: list) -> None:
+        """Start ``rounds`` rounds of one turn per alternative, ``turns_of[a]`` its calls."""
+        self._sum = [[0.0] * len(self.alts) for _ in range(rounds)]
+        self._n = [[0] * len(self.alts) for _ in range(rounds)]
         k = list(range(len(self.alts)))
-        self.schedule = [(r, a, *self._turns_of[a]) for r in rounds for a in (k if r % 2 == 0 else k[::-1])]
+        self.schedule = [(r, a, *turns_of[a]) for r in range(rounds) for a in (k if r % 2 == 0 else k[::-1])]
         self.turn, self.done = -1, False
         self._next_turn()
 
@@ -95,18 +82,12 @@ class Trial:
             self._plans[self.key] = self.encs[self.alt]
             self._algo = self.encs[self.alt].plan.algorithm
 
-    @property
-    def calls(self) -> int:
-        """Calls of the current schedule still to start."""
-        return self.lead + self.timed + sum(t[2] + t[3] for t in self.schedule[self.turn + 1:])
-
     def begin(self, timeable: bool) -> float:
-        """Count a call of the current turn. Its timed calls are timed as one stretch, from the first
-        one's start to the last one's return, so that the time between calls counts as in a job (on
-        4 ranks sharing 2 cores, timing each call alone put recursive doubling at 0.99x direct at
-        8 KiB, where the bench's loops measured 0.71x: a rank descheduled between two calls is
-        seen by the loop, not by the calls). A stretch holding an asynchronous call (not
-        ``timeable``) is not timed. Returns the stretch's start, 0.0 during the lead-in."""
+        """Count a call of the current turn; returns its stretch's start, 0.0 during the lead-in.
+        The timed calls are timed as one stretch, first start to last return, so the time between
+        calls counts as in a job (on 4 ranks sharing 2 cores, timing each call alone put recursive
+        doubling at 0.99x direct at 8 KiB where the bench's loops measured 0.71x). A stretch
+        holding an asynchronous call (not ``timeable``) is not timed."""
         self._ran[self.ran_key] = self._algo
         if self.lead:
             self.lead -= 1
@@ -122,19 +103,15 @@ class Trial:
         stretch is recorded, and the turn moves on, once its calls are spent."""
         if not (self.lead or self.timed):
             if t0 and self._sync:
-                self.record(self.row, self.alt, time.perf_counter() - t0, self._stretch)
+                self._sum[self.row][self.alt] += time.perf_counter() - t0
+                self._n[self.row][self.alt] += self._stretch
             self._next_turn()
-
-    def record(self, row: int, alt: int, seconds: float, calls: int = 1) -> None:
-        self._sum[row][alt] += seconds
-        self._n[row][alt] += calls
 
     def plan_rounds(self, seconds_per_call) -> None:
         """Start the rounds, each alternative's turn sized from its agreed time per call."""
-        self._turns_of = [turn_calls(float(t), self.scale) if math.isfinite(t) else (1, 1) for t in seconds_per_call]
-        self._clear(self.rounds)
         self.phase = "rounds"
-        self._begin(range(self.rounds))
+        self._begin(self.rounds, [turn_calls(float(t), self.scale) if math.isfinite(t) else (1, 1)
+                                  for t in seconds_per_call])
 
     def figures(self) -> np.ndarray:
         """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
@@ -183,14 +160,10 @@ class Contests:
             return got[0]
         trial = self._trials.get(cid)
         if trial is None:
-            names, encs = [], []
-            for a in alts:
-                enc = build(a)
-                if enc is not None:
-                    names.append(a)
-                    encs.append(enc)
-            if len(names) < 2 or self.rounds < 1:
+            built = [(a, enc) for a in alts if (enc := build(a)) is not None]
+            if len(built) < 2 or self.rounds < 1:
                 return None
+            names, encs = [a for a, _ in built], [enc for _, enc in built]
             trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key, self._plans, self._ran,
                                                 self.scale)
             for enc in encs:
@@ -210,8 +183,7 @@ class Contests:
         return trial.encs[win]
 
     def _agreed(self, trial: Trial) -> np.ndarray:
-        """The trial's figures so far, the slowest rank's (one MAX all_reduce, in place on the fresh
-        array that :meth:`Trial.figures` returns)."""
+        """The trial's figures so far, the slowest rank's (agreed in place on a fresh array)."""
         figures = trial.figures()
         self._agree(figures.ravel())
         return figures

@@ -1,23 +1,19 @@
 """Selection rules: one string grammar for the user's overrides, the tuned rules and the defaults.
 
-Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): rules separated by ``#``; each is
-``collective:low-high:algorithm`` or ``collective:algorithm`` (every size). Sizes are bytes with
-optional K/M/G suffixes (binary); ``inf`` is unbounded; a rule covers low <= bytes < high:
+Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): rules separated by ``#``, each
+``collective:low-high:algorithm`` or ``collective:algorithm`` (every size), covering low <= bytes <
+high; sizes take binary K/M/G suffixes, ``inf`` is unbounded: ``all_reduce:0-64K:direct#all_reduce:64K-inf:ring``.
+An algorithm may be a list of alternatives, ``direct|rhd``: with online timing on (comms.selection.online)
+the first calls time them and keep the fastest; otherwise the first is the choice.
 
-    all_reduce:0-64K:direct#all_reduce:64K-inf:ring
-
-An algorithm may be a list of alternatives, ``direct|rhd``: with online timing on
-(COMMS_ONLINE_ROUNDS, comms.selection.online) the first calls of each size time them and keep the
-fastest; otherwise the first is the choice.
-
-Layers, the first rule that covers a case wins: the user's rules; the tuned rules that
-``python -m comms.tune`` wrote into the calibration cache for this host signature; the cost model's
-defaults (comms.selection.model); then every registered algorithm. An algorithm that declines a
-case (NotSupported) passes it to the next candidate. The message size is the per-rank buffer for
-all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
+Layers, the first rule covering a case wins: the user's; the tuned ones ``python -m comms.tune`` cached
+for this host signature; the cost model's defaults (comms.selection.model); then every registered
+algorithm. One that declines a case (NotSupported) passes it to the next. The message size is the
+per-rank buffer for all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
 """
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 from .. import algorithms, config
@@ -71,20 +67,17 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
     rules = []
     for item in filter(None, (t.strip() for t in text.split("#"))):
         parts = item.split(":")
-        if len(parts) == 2:
-            coll, algo, low, high = parts[0], parts[1], 0, float("inf")
-        elif len(parts) == 3:
-            coll, rng, algo = parts
-            lo, sep, hi = rng.partition("-")
+        if len(parts) not in (2, 3):
+            raise InvalidUsage(f"{source}: rule {item!r} must be collective:low-high:algorithm")
+        coll, algo, low, high = parts[0], parts[-1], 0, float("inf")
+        if len(parts) == 3:
+            lo, sep, hi = parts[1].partition("-")
             if not sep:
-                raise InvalidUsage(f"{source}: range {rng!r} in {item!r} must be low-high")
+                raise InvalidUsage(f"{source}: range {parts[1]!r} in {item!r} must be low-high")
             try:
-                low = _size(lo)
-                high = float("inf") if hi.strip().lower() == "inf" else _size(hi)
+                low, high = _size(lo), float("inf") if hi.strip().lower() == "inf" else _size(hi)
             except ValueError:
                 raise InvalidUsage(f"{source}: bad size in {item!r}") from None
-        else:
-            raise InvalidUsage(f"{source}: rule {item!r} must be collective:low-high:algorithm")
         if coll not in algorithms.REGISTRY:
             raise InvalidUsage(f"{source}: unknown collective {coll!r} (known: {', '.join(algorithms.REGISTRY)})")
         names = [a.strip() for a in algo.split("|")]
@@ -109,8 +102,7 @@ class Selector:
 
     def with_user(self, override: str | None) -> "Selector":
         """These tuned and default rules with ``override`` as the user's (None: COMMS_ALGO's)."""
-        sel = Selector.__new__(Selector)
-        sel.__dict__.update(self.__dict__)
+        sel = copy.copy(self)
         sel.user = Selector(override, "", "").user
         return sel
 
@@ -122,12 +114,14 @@ class Selector:
         return next((r.alternatives for r in self._covering(coll, nbytes)), ())
 
     def candidates(self, coll: str, nbytes: int) -> list[str]:
+        """The algorithms to try in order: those of every covering rule, then the registry's."""
         out = []
         for rule in self._covering(coll, nbytes):
             out += [a for a in rule.names if a not in out]
         return out + [a for a in algorithms.names(coll) if a not in out]
 
     def plan(self, args: Args, nbytes: int) -> Plan:
+        """The first candidate's plan that builds; InvalidUsage with every one's reason if none does."""
         reasons = []
         for name in self.candidates(args.coll, nbytes):
             try:
@@ -140,5 +134,6 @@ class Selector:
         raise InvalidUsage(f"no algorithm can run {args.coll} of {nbytes} B on {args.size} ranks: {'; '.join(reasons)}")
 
     def table(self) -> list[str]:
+        """Every rule, first to last, the user's and tuned ones marked."""
         return [f"{r}  (user)" for r in self.user] + [f"{r}  (tuned)" for r in self.tuned] \
             + [str(r) for r in self.default]

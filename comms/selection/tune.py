@@ -2,17 +2,13 @@
 
     python -m comms.tune -n N [--ops all_reduce,...] [-b 8] [-e 64M] [-f 4] [--rounds 11] [--turn-ms 100] [--dry-run]
 
-Outside a launcher it starts N local ranks of itself through ``comms.run``; under one (``comms.run``
-or torchrun on several hosts, RANK and WORLD_SIZE set) every rank takes part. For each op and each
-size of the sweep it makes the op's calls under a rule naming the candidates, with online timing
-on (comms.selection.online, the one timing mechanism: paired rounds, the slowest rank's figures,
-every rank deciding alike) until the trial decides. The candidates are the algorithms the cost
-model prices within :data:`GROSS` of its cheapest, cheapest first, so a timing never picks what
-the model calls grossly worse (more bytes on the slow link), and the model's pick stays on ties.
-Rank 0 writes the winners as rules (each covering its size up to the next one's) into the
-calibration cache entry of this host signature and prints them; later inits on the signature use
-them after the user's rules and before the model's (comms.selection.rules). ``--dry-run`` prints
-without writing. The signature includes the host layout, so tune with the layout the job runs.
+Outside a launcher it starts N local ranks of itself through ``comms.run``; under one (RANK and
+WORLD_SIZE set) every rank takes part. For each op and size it makes the op's calls under a rule
+naming the :func:`candidates`, with online timing on (comms.selection.online, the one timing
+mechanism), until the trial decides. Rank 0 prints the winners as rules (each covering its size up
+to the next one's) and, unless ``--dry-run``, writes them into the calibration cache entry of this
+host signature, which holds the host layout; later inits there use them after the user's rules and
+before the model's (comms.selection.rules).
 """
 from __future__ import annotations
 
@@ -38,25 +34,22 @@ MAX_CALLS = 200_000      # per size: 7 algorithms x 11 rounds x at most 960 call
 def _caller(comm, op: str, nbytes: int):
     """A call of ``op`` whose selector message size is about ``nbytes``, and that size."""
     n = comm.size
-    per = max(1, nbytes // 4 // (1 if op in ("all_reduce", "broadcast") else n - 1))
-    if op == "all_reduce":
-        buf = np.ones(per, np.float32)
-        return (lambda: comm.all_reduce(buf)), buf.nbytes
-    if op == "broadcast":
-        buf = np.ones(per, np.float32)
-        return (lambda: comm.broadcast(buf, 0)), buf.nbytes
+    if op in ("all_reduce", "broadcast"):
+        buf = np.ones(max(1, nbytes // 4), np.float32)
+        return (lambda: comm.all_reduce(buf)) if op == "all_reduce" else (lambda: comm.broadcast(buf, 0)), buf.nbytes
+    per = max(1, nbytes // 4 // (n - 1))
+    part, whole = np.ones(per, np.float32), np.ones(per * n, np.float32)
     if op == "all_gather":
-        inp, out = np.ones(per, np.float32), np.empty(per * n, np.float32)
-        return (lambda: comm.all_gather(out, inp)), inp.nbytes * (n - 1)
+        return (lambda: comm.all_gather(whole, part)), part.nbytes * (n - 1)
     if op == "reduce_scatter":
-        inp, out = np.ones(per * n, np.float32), np.empty(per, np.float32)
-        return (lambda: comm.reduce_scatter(out, inp)), out.nbytes * (n - 1)
-    inp, out = np.ones(per * n, np.float32), np.empty(per * n, np.float32)
-    return (lambda: comm.all_to_all_single(out, inp)), per * 4 * (n - 1)
+        return (lambda: comm.reduce_scatter(part, whole)), part.nbytes * (n - 1)
+    out = np.empty_like(whole)
+    return (lambda: comm.all_to_all_single(out, whole)), part.nbytes * (n - 1)
 
 
 def candidates(comm, op: str, nbytes: int) -> list[str]:
-    """The algorithms priced within GROSS of the model's cheapest at ``nbytes``, cheapest first."""
+    """The algorithms priced within GROSS of the model's cheapest at ``nbytes``, cheapest first (the
+    model's pick stays on ties): a timing never picks what the model calls grossly worse."""
     from .. import algorithms
     prices = {a: comm.price(op, a, nbytes) for a in algorithms.names(op)}
     low = min(prices.values())
@@ -110,14 +103,13 @@ def _parse(argv) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line above; 0 when the rules were printed (and written)."""
     argv = sys.argv[1:] if argv is None else argv
     ns = _parse(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         from ..launch.run import launch
-        n = ns.nproc or len(os.sched_getaffinity(0))
-        return launch(["-m", "comms.tune", *argv], n)
-    os.environ["COMMS_ONLINE_ROUNDS"] = str(ns.rounds)
-    os.environ["COMMS_ONLINE_TURN_MS"] = str(ns.turn_ms)
+        return launch(["-m", "comms.tune", *argv], ns.nproc or len(os.sched_getaffinity(0)))
+    os.environ["COMMS_ONLINE_ROUNDS"], os.environ["COMMS_ONLINE_TURN_MS"] = str(ns.rounds), str(ns.turn_ms)
     from .. import init
     from .calibrate import save_rules
     comm = init()
@@ -125,14 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         if not comm.calibration.signature:
             raise SystemExit("comms.tune: calibration is off (COMMS_CALIBRATE=0) or there is one rank: "
                              "nothing to tune for")
-        sizes, s = [], max(1, ns.minbytes)
-        while s <= ns.maxbytes:
-            sizes.append(s)
-            s *= ns.stepfactor
+        sizes = [s for s in (max(1, ns.minbytes) * ns.stepfactor ** k for k in range(64)) if s <= ns.maxbytes]
         t0, rules = time.perf_counter(), []
         for op in ns.ops:
-            at, picks = sweep(comm, op, sizes)
-            rules += ranges(op, at, picks)
+            rules += ranges(op, *sweep(comm, op, sizes))
         choices = comm.online_choices()
         if comm.rank == 0:
             note = f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {ns.rounds} rounds, {time.perf_counter() - t0:.0f} s"

@@ -25,14 +25,14 @@ from torch._C._distributed_c10d import (AllgatherOptions, AllreduceCoalescedOpti
                                         ReduceOptions, ReduceScatterOptions, ScatterOptions)
 
 from ..errors import InvalidUsage
-from ..runtime.native import lib
+from ..runtime import native
 from . import ops
 from .ops import joined, movable, one, staged
 from .work import CommsWork, RecvWork
 
 _FAST_OPS_GET = ops.FAST_OPS.get
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
-_RUN_ADDR = lib.cm_call_run_addr
+_RUN_ADDR = native.call_run_addr
 
 
 def _options(cls, value, **fields):

@@ -121,10 +121,13 @@ def _round(run: Run, r: int, rng: random.Random) -> None:
               f"grow {grow}", file=sys.stderr, flush=True)
     homes = [h for h in range(max(a.hosts, 1))           # where the replacements go
              for _ in range(a.ranks_per_host - sum(m.host == h and m not in victims for m in members))]
-    if grow and kind != "cut":        # they start now and wait in comms.join() until the members grow()
+    run.wait_for(f"round {r}: members running", lambda: run.store.add(f"chaos/ready/{r}", 0) == len(members), 120)
+    # the replacements start once the last ones run as members: join() hands out tickets in the order
+    # processes ask, so a replacement started while the last round's were still on their way could
+    # take a ticket granted to them (the grow of a cut round grants before its replacements start)
+    if grow and kind != "cut":        # they wait in comms.join() until the members grow()
         for h in homes:
             run.start(h, join_round=r)
-    run.wait_for(f"round {r}: members running", lambda: run.store.add(f"chaos/ready/{r}", 0) == len(members), 120)
     time.sleep(rng.uniform(0.05, 0.3))
     t_sig = time.time()
     if kind == "cut":

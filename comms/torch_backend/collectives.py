@@ -27,7 +27,7 @@ from torch._C._distributed_c10d import (AllgatherOptions, AllreduceCoalescedOpti
 
 from ..errors import InvalidUsage
 from ..runtime.native import lib
-from . import ops
+from . import ops, peek
 from .ops import joined, movable, one, staged
 from .work import CommsWork, RecvWork
 
@@ -35,6 +35,7 @@ _FAST_OPS_GET = ops.FAST_OPS.get
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
 _RUN_ADDR = lib.cm_call_run_addr
 _refs = sys.getrefcount
+_PEEK_ON, _PEEK, _PEEK_OP, _read_op = peek.ON, lib.cm_opts_peek, peek.SYNC_OPS.get, peek.read_sync_op
 
 
 def _options(cls, value, **fields):
@@ -68,8 +69,9 @@ class Collectives:
     # -- reductions ---------------------------------------------------------------------------
     def allreduce(self, tensors, opts=None):
         if type(opts) is AllreduceOptions and type(tensors) is list and len(tensors) == 1 \
-                and type(t := tensors[0]) is _TENSOR and (op := _FAST_OPS_GET(hash(opts.reduceOp))) is not None \
-                and opts.timeout.days < 0 and not opts.asyncOp:     # c10d's unset timeout is -1 ms
+                and type(t := tensors[0]) is _TENSOR \
+                and (op := _PEEK_OP(_PEEK(id(opts))) if _PEEK_ON else _read_op(opts)) is not None:
+            # (op: synchronous, the timeout unset, not PREMUL_SUM; read from the options' memory, see .peek)
             # The hot path (dist.all_reduce(t) of a shape an earlier call planned): what
             # Communicator.all_reduce's own fast path does, without a second call, its argument
             # checks or a dict lookup more; one native call of the prepared plan.

@@ -135,6 +135,10 @@ typedef struct {        /* a prepared synchronous call of an in-place plan (Pyth
 } cm_call;
 int cm_call_run(cm_call *c, void *buf);            /* buf: a cffi buffer */
 int cm_call_run_addr(cm_call *c, uintptr_t buf);   /* buf: an address */
+/* a torch c10d options object's fields read from its memory (native/peek.c; comms/torch_backend/peek.py
+ * finds the offsets): reduce op | asyncOp << 8 | (timeout < 0) << 9, or -1 (no layout, no object) */
+void cm_opts_layout(int on, uint32_t value, uint32_t op, uint32_t timeout_ms, uint32_t async_op);
+int32_t cm_opts_peek(uintptr_t obj);      /* obj: the Python object's address, id() */
 uint64_t cm_ctx_seq(cm_ctx *ctx);             /* the number of the last collective started (each gets the next) */
 void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);

@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CORE = ["reduce.c", "wait.c", "ctx.c", "engine.c", "plan_check.c", "flight.c", "match.c", "rows.c"]
+CORE = ["reduce.c", "wait.c", "ctx.c", "engine.c", "plan_check.c", "flight.c", "match.c", "rows.c", "peek.c"]
 TRANSPORTS = {                        # one line each: the transport's own files
     "shm": ["shm.h", "shm.c", "shm_board.c"],
     "tcp": ["tcp.c"],

@@ -67,6 +67,30 @@ def test_single_rank_group_in_process():
         dist.destroy_process_group()
 
 
+def test_allreduce_options_read_from_memory_agree_with_pybind():
+    """The hot path's reading of AllreduceOptions (comms.torch_backend.peek) finds torch 2.13's
+    layout, and gives pybind's answer for every op, asyncOp and timeout; COMMS_TORCH_PEEK=0 turns it off."""
+    import datetime
+    from comms.runtime.native import lib
+    from comms.torch_backend import peek
+    assert peek.ON, "no AllreduceOptions layout found: the hot path reads the options through pybind"
+    kinds = list(dist.ReduceOp.RedOpType.__members__.values())
+    seen = set()
+    for kind in kinds:
+        rop = dist._make_nccl_premul_sum(2.0) if kind == dist.ReduceOp.RedOpType.PREMUL_SUM else dist.ReduceOp(kind)
+        for async_op in (False, True):
+            for ms in (-1, 0, 1, 5000):
+                o = dist.AllreduceOptions()
+                o.reduceOp, o.asyncOp, o.timeout = rop, async_op, datetime.timedelta(milliseconds=ms)
+                got = peek.SYNC_OPS.get(lib.cm_opts_peek(id(o)))
+                assert got == peek.read_sync_op(o), (kind, async_op, ms)
+                seen.add(got)
+    assert len(seen) == len(kinds), "one op per kind but PREMUL_SUM (None)"
+    env = dict(os.environ, COMMS_TORCH_PEEK="0")
+    code = "import comms.torch_backend.peek as p, sys; sys.exit(0 if p.ON is False else 1)"
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
 # Several rank functions share one job (importing torch in fresh processes dominates the runtime).
 TWO_RANKS = ["compare_every_op", "premul_and_avg", "objects", "work_semantics", "timeouts", "teardown"]
 THREE_RANKS = ["compare_every_op", "point_to_point", "subgroups"]

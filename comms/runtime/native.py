@@ -68,6 +68,8 @@ exec_run, exec_start, exec_wait, exec_peer, exec_free, exec_op_times = \
     lib.cm_exec_run, lib.cm_exec_start, lib.cm_exec_wait, lib.cm_exec_peer, lib.cm_exec_free, lib.cm_exec_op_times
 # the per-call fast path: a prepared cm_call on a cffi buffer, or on an address (torch)
 call_run, call_run_addr = lib.cm_call_run, lib.cm_call_run_addr
+# torch's AllreduceOptions read from memory (comms.torch_backend.peek)
+opts_peek, opts_layout = lib.cm_opts_peek, lib.cm_opts_layout
 # kernels
 reduce, sum_rows = lib.cm_reduce, lib.cm_sum_rows
 # transports: tcp sockets, shared-memory segments, RDMA (libfabric)

@@ -8,8 +8,9 @@
 :func:`register` (called by ``import comms``) registers the backend with
 ``dist.Backend.register_backend("comms", create, extended_api=True, devices=["cpu"])``. It imports
 only ``torch.distributed``; the process group (:mod:`.process_group`, with its operations in
-:mod:`.collectives`, its work objects in :mod:`.work` and argument plumbing in :mod:`.ops`) is
-imported when the first group is created.
+:mod:`.collectives`, its work objects in :mod:`.work`, argument plumbing in :mod:`.ops` and the
+hot path's reading of all_reduce options in :mod:`.peek`) is imported when the first group is
+created.
 
 Each group is one comms communicator, bootstrapped through the store c10d hands the backend
 (``extended_api=True`` also passes the global ranks of a subgroup). Every c10d operation is

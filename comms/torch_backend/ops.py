@@ -31,7 +31,7 @@ from ..errors import InvalidUsage
 Post = Callable[[], None] | None
 
 _T = dist.ReduceOp.RedOpType
-_OPS = {_T.SUM: ReduceOp.SUM, _T.AVG: ReduceOp.AVG, _T.PRODUCT: ReduceOp.PROD, _T.MIN: ReduceOp.MIN,
+OPS = {_T.SUM: ReduceOp.SUM, _T.AVG: ReduceOp.AVG, _T.PRODUCT: ReduceOp.PROD, _T.MIN: ReduceOp.MIN,
         _T.MAX: ReduceOp.MAX, _T.BAND: ReduceOp.BAND, _T.BOR: ReduceOp.BOR, _T.BXOR: ReduceOp.BXOR}
 PREMUL_SUM = _T.PREMUL_SUM
 
@@ -42,7 +42,7 @@ PREMUL_SUM = _T.PREMUL_SUM
 # its factor: :func:`reduce_op`), are left out and take the general path.
 def _by_hash() -> dict:
     seen: dict = {}
-    for t, op in _OPS.items():
+    for t, op in OPS.items():
         seen.setdefault(hash(dist.ReduceOp(t)), []).append(op)
     for factor in (2.0, torch.ones(1)):       # PREMUL_SUM (with either kind of factor) must not pose as an op
         try:
@@ -65,7 +65,7 @@ def reduce_op(rop) -> tuple[ReduceOp, float | torch.Tensor | None]:
         if factor is None:
             raise InvalidUsage("PREMUL_SUM: the reduce op carries no factor")
         return ReduceOp.SUM, factor
-    op = _OPS.get(kind)
+    op = OPS.get(kind)
     if op is None:
         raise InvalidUsage(f"unsupported reduction op {rop!r}")
     return op, None

@@ -78,8 +78,11 @@ declare("TRANSPORT", str, "auto",
 declare("HOST_ID", str, "", "Overrides the host identity (boot id, IPC namespace, /dev/shm probe); ranks with "
         "equal ids share memory.")
 declare("ALGO", str, "", "Algorithm selection overrides, e.g. 'all_reduce:0-64K:direct#all_reduce:64K-inf:ring'.")
-declare("SPIN", int, 0, "Polls before a waiting rank yields, fixed; 0: adaptive (a wait spins as long as this rank's "
+declare("SPIN", int, 0, "Polls before a waiting rank yields, fixed; 0: automatic (1 poll where the local ranks "
+        "outnumber the cores; else adaptive: a wait spins as long as this rank's "
         "own waits show that spinning pays, less once its CPU is seen contended, never on tcp-only waits).")
+declare("YIELDS", int, 0, "sched_yield() calls before a waiting rank that has stopped spinning sleeps; 0: "
+        "automatic (200 where every local rank has a core, 32 where they outnumber the cores).")
 declare("SOCKET_ADDR", str, "", "Address the TCP transport listens on; default: the interface that reaches "
         "MASTER_ADDR.")
 declare("CALIBRATE", bool, True, "Measure link latency/bandwidth for the cost model the first time a host signature "
@@ -99,8 +102,8 @@ declare("MOE_SINGLE_COPY", bool, True, "Expert-parallel dispatch/combine between
         "straight into the peers' shared-memory receive windows (/dev/shm, one copy; no ptrace permission) when "
         "every rank can map its peers' (probed at Dispatcher creation); 0 moves them through the communicator's "
         "all_to_all.")
-declare("BIND", str, "auto", "CPU binding of the ranks comms.run starts (its --bind): auto (one core per rank when "
-        "every rank can have its own, else none), core (rank i on the i-th core, wrapping), none.")
+declare("BIND", str, "auto", "CPU binding of the ranks comms.run starts (its --bind): auto or core (rank i on the i-th "
+        "core, wrapping: one core per rank where they fit, else spread evenly), none.")
 declare("DEBUG", str, "WARN", "Log level: WARN, INFO or TRACE. Lines are tagged with rank, host and subsystem.")
 declare("DEBUG_SUBSYS", str, "ALL", "Subsystems to log, comma-separated: INIT, TRANSPORT, ALGO, TUNING, COLL, FLIGHT "
         "(ALL for every one).")

@@ -48,19 +48,25 @@ def _host_cores(local: list, fallback: int) -> int:
 
 
 SPIN_MAX_NS = 200_000        # the longest adaptive spin where every local rank has a core
-SPIN_MIN_NS = 2_000          # the shortest (and the only one where they outnumber the cores)
+SPIN_MIN_NS = 2_000          # the shortest adaptive spin (a preempted rank's, for a while)
+# Where ranks outnumber the cores a wait polls once, then yields: its peers need the core it holds.
+# An adaptive spin reads the clock every 64 polls, so even a 2 us budget polled 64 times first:
+# 8 B all_reduce, 4 ranks on 2 cores (python -m bench -np 4 --backends comms@COMMS_SPIN=N, 5
+# launches each, one run): 1 poll 12.0 us, 4 polls 12.4, 16 polls 13.9, 64 polls 24.1; the adaptive
+# spin, in four other runs: 15.5-24.0 us (MPI in the same runs: 7.4-11.3 us).
+OVERSUBSCRIBED_POLLS = 1
 
 
 def _spin_policy(nlocal: int, cores: int) -> tuple[int, int, int, int]:
     """(fixed polls, yields before sleeping, longest and shortest adaptive spin in ns). Where every
     local rank has a core a wait may spin up to SPIN_MAX_NS, as far as its own waits show that it
-    pays (native/wait.c); where they outnumber the cores it spins SPIN_MIN_NS and yields (a
-    spinning rank would steal the core its peer needs). COMMS_SPIN fixes the spin at that many
-    polls instead."""
-    spin = config.get("SPIN")
+    pays (native/wait.c); where they outnumber the cores it polls OVERSUBSCRIBED_POLLS times
+    and yields (a spinning rank would steal the core its peer needs). COMMS_SPIN fixes the spin
+    at that many polls instead, COMMS_YIELDS the yields before a wait sleeps."""
+    spin, yields = config.get("SPIN"), config.get("YIELDS")
     if nlocal <= cores:
-        return spin, 200, SPIN_MAX_NS, SPIN_MIN_NS
-    return spin, 32, SPIN_MIN_NS, SPIN_MIN_NS
+        return spin, yields or 200, SPIN_MAX_NS, SPIN_MIN_NS
+    return spin or OVERSUBSCRIBED_POLLS, yields or 32, SPIN_MIN_NS, SPIN_MIN_NS
 
 
 class Bootstrap:

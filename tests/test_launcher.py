@@ -133,16 +133,22 @@ def test_launcher_binds_one_core_per_rank_when_they_fit():
         assert thread == main and bound == main, rows            # later threads inherit; the env says so
 
 
-def test_launcher_bind_none_and_oversubscribed_ranks_stay_unbound():
-    every = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+def test_launcher_bind_none_leaves_ranks_unbound_and_oversubscribed_ranks_are_spread():
+    cpus = sorted(os.sched_getaffinity(0))
+    every = ",".join(map(str, cpus))
     proc, _ = launch(["-n", "2", "--bind", "none", str(SCRIPTS / "affinity.py")])
     assert proc.returncode == 0, proc.stderr
     assert {v for v in _affinities(proc.stdout).values()} == {(every, every, "")}, proc.stdout
-    n = len(os.sched_getaffinity(0)) + 1           # auto: more ranks than CPUs are left to the scheduler
+    n = 2 * len(cpus)                              # auto: more ranks than CPUs, spread evenly
     proc, _ = launch(["-n", str(n), str(SCRIPTS / "affinity.py")])
     assert proc.returncode == 0, proc.stderr
     rows = _affinities(proc.stdout)
-    assert sorted(rows) == list(range(n)) and {v for v in rows.values()} == {(every, every, "")}, proc.stdout
+    assert sorted(rows) == list(range(n)), proc.stdout
+    per_cpu = {}
+    for main, thread, bound in rows.values():
+        assert main.isdigit() and thread == main == bound, rows
+        per_cpu[int(main)] = per_cpu.get(int(main), 0) + 1
+    assert per_cpu == {c: 2 for c in cpus}, per_cpu
     proc, _ = launch(["-n", "2", "--bind", "socket", str(SCRIPTS / "affinity.py")])
     assert proc.returncode == 2 and "--bind" in proc.stderr, proc.stderr
 
@@ -155,7 +161,7 @@ def test_binding_plan_orders_physical_cores_first(monkeypatch):
     topo = {0: (0, 0, 0), 1: (0, 0, 1), 2: (0, 1, 0), 3: (0, 1, 1)}      # siblings numbered next to each other
     assert binding.order([0, 1, 2, 3]) == [0, 2, 1, 3]
     assert binding.plan(2, "auto", [0, 1, 2, 3]) == [{0}, {2}]
-    assert binding.plan(5, "auto", [0, 1, 2, 3]) == [None] * 5
+    assert binding.plan(5, "auto", [0, 1, 2, 3]) == [{0}, {2}, {1}, {3}, {0}]
     assert binding.plan(5, "core", [0, 1, 2, 3]) == [{0}, {2}, {1}, {3}, {0}]
     assert binding.plan(2, "none", [0, 1, 2, 3]) == [None, None]
     with pytest.raises(ValueError, match="must be one of"):

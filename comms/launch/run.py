@@ -25,9 +25,9 @@ Contract:
   On SIGINT/SIGTERM/SIGHUP the ranks are killed and the status is 128 + the signal number (a
   second signal skips the grace). Bad command lines exit 2.
 * ``--bind auto|core|none`` (default ``COMMS_BIND``, auto) binds each rank to a core of its own,
-  as ``mpirun --bind-to core`` does (see comms.launch.binding): auto binds when every rank can have a CPU
-  of the launcher's affinity to itself, and leaves oversubscribed ranks to the scheduler. Each rank
-  gets COMMS_BOUND_CPUS (its CPU list, empty when unbound).
+  as ``mpirun --bind-to core`` does (see comms.launch.binding): auto gives rank i CPU i of the
+  launcher's affinity, wrapping when there are more ranks than CPUs. Each rank gets
+  COMMS_BOUND_CPUS (its CPU list, empty when unbound).
 * After every rank is gone, ``comms.runtime.cleanup.sweep_stale_segments`` removes shared-memory segments
   the ranks left behind.
 
@@ -86,8 +86,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--master-port", type=int, default=0,
                         help="port of the TCPStore the launcher hosts (default: a free one)")
     parser.add_argument("--bind", choices=("auto", "core", "none"), default=None,
-                        help="CPU binding: auto (one core per rank when they fit; default, or COMMS_BIND), "
-                             "core, none")
+                        help="CPU binding: auto (rank i on CPU i, wrapping; default, or COMMS_BIND), "
+                             "core (the same), none")
     takes_value = {"-n", "--nproc", "--timeout", "--master-port", "--bind"}
     i, cmd = 0, None
     while i < len(argv):

@@ -40,6 +40,7 @@ from . import wire
 log = clog.get("CONTROL")
 
 BYE_GRACE_S = 0.1    # a dropped connection waits this long for the BYE that may have crossed it (a clean close)
+CONNECT_WAIT_S = 5.0  # the longest init waits for the plane's handshakes (a silent neighbour is found later)
 TICK_S = 0.05        # the thread's longest sleep while something is due
 IDLE_S = 0.5         # ... and while nothing is (closing wakes it through its command socket)
 
@@ -92,6 +93,7 @@ class Plane:
         self._cmd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._connected = threading.Event()         # every neighbour's handshake done (wait_connected)
         _LIVE.add(self)
         self._peers: dict[int, list] = {}
         self.ctx = zmq.Context()
@@ -160,8 +162,15 @@ class Plane:
             d.connect(endpoints[p])
             self._peers[p] = [d, mon, False, None]      # socket, monitor, handshaken, dropped at
         self._started = time.monotonic()
+        if not self._peers:
+            self._connected.set()
         self._thread = threading.Thread(target=self._loop, name=f"comms-control-{self.rank}", daemon=True)
         self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait until every neighbour this rank connects to has completed its handshake (at most
+        ``timeout`` s); whether they all have. A neighbour that never does is declared SILENT later."""
+        return self._connected.wait(max(0.0, timeout))
 
     def close(self) -> None:
         """Say BYE to the neighbours and stop (idempotent; from any thread, the plane's own too)."""
@@ -314,6 +323,8 @@ class Plane:
         entry = self._peers[p]
         if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             entry[2], entry[3] = True, None
+            if all(e[2] for e in self._peers.values()):
+                self._connected.set()
         elif ev["event"] == zmq.EVENT_DISCONNECTED and entry[2] and entry[3] is None:
             entry[3] = time.monotonic()
 
@@ -402,5 +413,9 @@ def create(boot) -> Plane:
         raise TransportError("init (control): a rank published a malformed control-plane endpoint", op="init",
                              rank=boot.rank)
     plane.start(endpoints)
+    # init returns with the plane armed: a neighbour that dies during the first call is known the
+    # way later ones are (a connection that never came up is only found SILENT after 5 s)
+    if not plane.wait_connected(min(CONNECT_WAIT_S, max(0.0, boot.deadline - time.monotonic()))):
+        log.info("comms: rank %d's control plane is still connecting to some neighbours; init goes on", boot.rank)
     return plane
 

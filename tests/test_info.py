@@ -93,18 +93,22 @@ def test_calibration_is_cached_and_shared(tmp_path):
     assert any(r.startswith("all_reduce:0-") for r in off[0]["rules"])   # defaults written as rules
 
 
-def test_spin_policy_counts_the_cores_of_the_whole_host():
+def test_spin_policy_counts_the_cores_of_the_whole_host(monkeypatch):
     """Ranks bound one core each (comms.run --bind) see one CPU apiece but are not oversubscribed."""
     from types import SimpleNamespace
 
-    from comms.runtime.bootstrap import _host_cores, _spin_policy
+    from comms.runtime.bootstrap import OVERSUBSCRIBED_POLLS, _host_cores, _spin_policy
     peer = lambda cpus: SimpleNamespace(extra={"topology": {"cpus": cpus}})   # noqa: E731
     assert _host_cores([peer([0]), peer([1])], 1) == 2
     assert _host_cores([peer([0]), peer([0])], 1) == 1                        # both bound to one core
     assert _host_cores([peer([0, 1]), SimpleNamespace(extra={})], 2) == 2     # a peer without facts: fallback
     # (fixed polls, yields, longest spin, shortest): ranks with a core each may spin longer and yield more
     own, shared = _spin_policy(2, _host_cores([peer([0]), peer([1])], 1)), _spin_policy(2, 1)
-    assert own[2] > shared[2] and own[1] > shared[1] and own[0] == shared[0] == 0
+    assert own[2] > shared[2] and own[1] > shared[1]
+    assert own[0] == 0 and shared[0] == OVERSUBSCRIBED_POLLS       # adaptive; polls once where they share
+    monkeypatch.setenv("COMMS_SPIN", "7")                            # the user's count wins in both
+    monkeypatch.setenv("COMMS_YIELDS", "5")
+    assert [p[:2] for p in (_spin_policy(2, 2), _spin_policy(2, 1))] == [(7, 5), (7, 5)]
 
 
 def test_cached_link_figures_that_no_longer_hold_are_measured_again(tmp_path):

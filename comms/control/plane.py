@@ -162,8 +162,6 @@ class Plane:
             d.connect(endpoints[p])
             self._peers[p] = [d, mon, False, None]      # socket, monitor, handshaken, dropped at
         self._started = time.monotonic()
-        if not self._peers:
-            self._connected.set()
         self._thread = threading.Thread(target=self._loop, name=f"comms-control-{self.rank}", daemon=True)
         self._thread.start()
 
@@ -264,8 +262,10 @@ class Plane:
             monitors[entry[1]] = p
         try:
             while True:
-                due = any(e[3] is not None for e in self._peers.values()) or \
-                    any(not e[2] for e in self._peers.values())
+                connecting = any(not e[2] for e in self._peers.values())
+                if not connecting:                    # every neighbour handshaken, or given up as failed
+                    self._connected.set()
+                due = connecting or any(e[3] is not None for e in self._peers.values())
                 events = dict(poller.poll(int((TICK_S if due else IDLE_S) * 1000)))
                 if self._cmd_in in events and self._on_command(self._cmd_in.recv()):
                     break
@@ -323,8 +323,6 @@ class Plane:
         entry = self._peers[p]
         if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             entry[2], entry[3] = True, None
-            if all(e[2] for e in self._peers.values()):
-                self._connected.set()
         elif ev["event"] == zmq.EVENT_DISCONNECTED and entry[2] and entry[3] is None:
             entry[3] = time.monotonic()
 

@@ -92,13 +92,14 @@ def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast, rounds)
     o = out[0]
     assert all(o["right"])
     assert o["ran"][:2 * SIZING_CALLS] == ["ring"] * SIZING_CALLS + ["direct"] * SIZING_CALLS
-    # the slow one's turns: 3 untimed + 2 timed calls at 2-3 ms a call, 2 + 2 where a loaded machine
-    # stretched its sizing calls to 3-4 ms (comms.selection.online.turn_calls); the fast one's at most 64 + 32
+    # the slow one's turns (comms.selection.online.turn_calls): 3 untimed + 2 timed calls at 2-3 ms a
+    # call; fewer where a loaded machine stretched its sizing calls (CI once measured over 4 ms: 2 + 1),
+    # down to 1 + 1 from 6 ms; the fast one's at most 64 + 32
     from comms.selection.online import turn_calls
     rounds = o["ran"][2 * SIZING_CALLS:]
     decided = len(rounds) - next(i for i, a in enumerate(reversed(rounds)) if a != fast)
-    sized = {n_rounds * sum(turn_calls(ms / 1000)) for ms in (2.0, 2.5, 2.99, 3.0, 3.5, 3.99)}
-    assert sized == {n_rounds * 5, n_rounds * 4}
+    sized = {n_rounds * sum(turn_calls(ms / 1000)) for ms in (2.0, 2.5, 2.99, 3.0, 3.99, 4.0, 5.99, 6.0, 50.0)}
+    assert sized == {n_rounds * 5, n_rounds * 4, n_rounds * 3, n_rounds * 2}
     assert rounds[:decided].count(slow) in sized and decided <= n_rounds * (5 + LEAD_MAX + TIMED_MAX)
     assert rounds[decided:] == [fast] * (len(rounds) - decided) and len(rounds) - decided >= 50
     assert o["forced"] == "ring" and o["after"] == [fast, True]

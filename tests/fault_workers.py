@@ -90,11 +90,13 @@ def mismatched_op(rank: int, size: int) -> tuple:
 def mismatch_among_four(rank: int, size: int, transport: str) -> tuple:
     """Rank 3 calls all_gather where the others broadcast: rank 3 waits for rank 0, which sends it
     nothing; the broadcast reaches rank 3 from another rank, whose message no receive of rank 3
-    wants. Every rank must fail with the mismatch, long before the 60 s deadline."""
+    wants. Every rank must fail with the mismatch, long before the 60 s deadline. The barrier before
+    is inside the try: a rank descheduled in it (4 ranks, 2 cores) may find the abort of a rank that
+    already saw the mismatch before it reads its last barrier message, and fails there, naming it."""
     comm = comms.init(timeout=60)
-    comm.barrier()
     t0 = time.monotonic()
     try:
+        comm.barrier()
         if rank == 3:
             comm.all_gather(np.zeros((size, 6), np.float32), np.ones(6, np.float32))
         else:

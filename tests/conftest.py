@@ -43,24 +43,29 @@ def _our_segments() -> list[str]:
         return []
 
 
-def _children() -> list[int]:
+def _children(pid: int | None = None) -> list[int]:
+    """The live child processes of ``pid`` (this one), multiprocessing's helpers left out, but the
+    children of its fork server (where comms.testing.spawn starts ranks) counted."""
+    pid = os.getpid() if pid is None else pid
     try:
-        with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
             pids = [int(p) for p in f.read().split()]
     except OSError:
         return []
     alive = []
-    for pid in pids:
+    for child in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
+            with open(f"/proc/{child}/stat") as f:
                 if f.read().split(") ", 1)[1].startswith("Z"):
                     continue
-            with open(f"/proc/{pid}/cmdline") as f:
-                if "multiprocessing.resource_tracker" in f.read():   # multiprocessing's own helper
-                    continue
+            with open(f"/proc/{child}/cmdline") as f:
+                cmdline = f.read()
         except OSError:
             continue
-        alive.append(pid)
+        if "multiprocessing.forkserver" in cmdline:
+            alive += _children(child)
+        elif "multiprocessing.resource_tracker" not in cmdline:
+            alive.append(child)
     return alive
 
 

@@ -1,7 +1,7 @@
 """``python -m bench.regret``: how much the selector's default choice loses against the best forced algorithm.
 
     python -m bench.regret [--ops all_reduce,...] [-b 8 -e 64M -f 4] [-np N | --hosts H --ranks M [--rate R]]
-                           [--launches K] [--separate] [--json FILE] [--bar 0.10] [--strict]
+                           [--launches K] [--separate] [--tune] [--json FILE] [--bar 0.10] [--strict]
 
 Contract:
 
@@ -38,6 +38,9 @@ Contract:
   launcher (which also calibrates, if on and not cached) and the header prints whether calibration
   was on, the cost-model parameters and the selection rules in use. A
   COMMS_ALGO set by the caller is reported, since then the default run is not the default.
+  ``--tune`` runs ``python -m comms.tune`` once first, under the same launcher, over the run's ops
+  and sizes; it writes its rules into the pinned cache, so ``auto`` is what a user gets after
+  tuning (calibration must be on).
 * Exit status: 0; 1 when a launch failed or a check found wrong elements; 2 for a bad command line
   or a missing prerequisite; 3 with ``--strict`` when a choice regret exceeds the bar.
 """
@@ -97,6 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--separate", action="store_true",
                    help="one series of launches per variant (default: every launch measures all of them, paired)")
     p.add_argument("--strict", action="store_true", help="exit 3 when a choice regret exceeds the bar")
+    p.add_argument("--tune", action="store_true",
+                   help="run python -m comms.tune over the same ops and sizes first; auto then uses its rules")
     p.add_argument("--json", metavar="FILE", default=None)
     p.add_argument("-v", "--verbose", action="store_true", help="copy the ranks' output to stderr")
     a = p.parse_args(argv)
@@ -234,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
             sim_ctx.__enter__()
         try:
             launcher = Launcher(args, Path(tmp), sim_ctx)
+            if args.tune:
+                tune = ["-m", "comms.tune", "--ops", ",".join(args.ops), "-b", str(args.minbytes),
+                        "-e", str(args.maxbytes), "-f", str(max(2, int(args.stepfactor)))]
+                rc, secs, lines = launcher.command(None, tune, None, 3600)
+                doc["tune"] = {"exit": rc, "seconds": round(secs, 1)}
+                print(f"# comms.tune {' '.join(tune[2:])}: exit {rc} in {secs:.0f} s")
+                if rc:
+                    driver.note(f"comms.tune failed (exit {rc}): {' | '.join(lines[-5:])}")
+                    return 1
             info = launcher.info() or {}
             knobs = {c["name"]: c for c in info.get("config", [])}
             cal = knobs.get("COMMS_CALIBRATE", {})

@@ -241,3 +241,22 @@ def test_regret_simulated_hosts_need_root(monkeypatch, capsys):
     monkeypatch.setattr(hostns, "why_unavailable", lambda: "simulated hosts need root (running as uid 1000)")
     assert regret.main(["--hosts", "2", "--ranks", "2"]) == 2
     assert "need root" in capsys.readouterr().err
+
+
+def test_regret_tool_tunes_first_when_asked(tmp_path):
+    """``--tune``: comms.tune runs once under the same launcher over the run's ops and sizes, into
+    the run's pinned cache, and the rules the default then uses include its tuned ones; the
+    caller's cache is left as it was."""
+    out_json = tmp_path / "regret.json"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), COMMS_CALIBRATE="1")
+    env.pop("COMMS_ALGO", None)
+    p = subprocess.run([sys.executable, "-m", "bench.regret", "--ops", "all_reduce", "-np", "2", "-b", "8", "-e", "8",
+                        "--launches", "1", "-n", "10", "-w", "2", "--rounds", "2", "--tune", "--json", str(out_json)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "# comms.tune --ops all_reduce -b 8 -e 8 -f 4: exit 0" in p.stdout, p.stdout
+    doc = json.loads(out_json.read_text())
+    assert doc["tune"]["exit"] == 0
+    tuned = [r for r in doc["rules"] if r.endswith("(tuned)")]
+    assert tuned and all(r.startswith("all_reduce:") for r in tuned), doc["rules"]
+    assert not (tmp_path / "cache" / "comms" / "calibration.json").exists()

@@ -186,11 +186,12 @@ class Communicator(Operations):
         cached under (empty where calibration is off or inherited from a parent communicator)."""
         return self._calibration
 
-    def price(self, coll: str, algo: str, nbytes: int) -> float:
+    def price(self, coll: str, algo: str, nbytes: int, steps: bool = True) -> float:
         """The cost model's µs for ``algo`` running ``coll`` of ``nbytes`` (the selector's message
-        size) on this communicator, with its figures and oversubscription; inf where not priced."""
-        return cost(coll, algo, nbytes, self.size, self._hosts(), self._params.loaded(self.oversubscription()),
-                    self._route)
+        size) on this communicator, with its figures and oversubscription; inf where not priced.
+        ``steps=False``: the bytes' time alone, every step latency left out."""
+        params = self._params.loaded(self.oversubscription())
+        return cost(coll, algo, nbytes, self.size, self._hosts(), params if steps else params.bytes_only(), self._route)
 
     def _ring_probe(self, right: int, left: int, rounds: int) -> float:
         """Seconds of one native plan of ``rounds`` 8 B exchanges: send to ``right``, receive from

@@ -209,24 +209,30 @@ def test_layers_user_then_tuned_then_model_then_registry():
 
 
 def test_tuning_never_times_what_the_model_calls_grossly_worse():
-    """The tuner's candidates are the algorithms priced within GROSS of the cheapest, cheapest
-    first: on 2 hosts x 2 ranks over a slow link, at 16 MiB, direct (4x hierarchical's bytes on
-    the link) is no candidate, however a timing might go; the flat ring (1.5x) is one."""
+    """The tuner's candidates, cheapest first: on 2 hosts x 2 ranks over a slow link, at 16 MiB,
+    direct (4x hierarchical's bytes on the link) is no candidate, however a timing might go; the
+    flat ring (1.5x) is one. At 512 B, where latency decides, every algorithm whose bytes cost less
+    than the cheapest's whole price is one, rhd's twice the steps of recursive doubling included."""
     from types import SimpleNamespace
 
     from comms.selection.tune import GROSS, candidates
     p = Params(links(Link(1.0, 10.0), Link(50.0, 0.25)), 10.0)
-    m = 16 << 20
 
-    def price(coll, algo, nbytes):
-        return cost(coll, algo, nbytes, 4, TWO_HOSTS, p, AUTO)
-    got = candidates(SimpleNamespace(price=price), "all_reduce", m)
+    def price(coll, algo, nbytes, steps=True):
+        return cost(coll, algo, nbytes, 4, TWO_HOSTS, p if steps else p.bytes_only(), AUTO)
+    comm = SimpleNamespace(price=price)
+    m = 16 << 20
+    got = candidates(comm, "all_reduce", m)
     prices = {a: price("all_reduce", a, m) for a in algorithms.REGISTRY["all_reduce"]}
-    assert got[0] == min(prices, key=prices.get) == "hierarchical"
-    assert all(prices[a] <= GROSS * prices["hierarchical"] for a in got)
-    assert prices["direct"] > 3.5 * prices["hierarchical"] and 1.3 < prices["ring"] / prices["hierarchical"] < 1.6
+    data = {a: price("all_reduce", a, m, False) for a in prices}
+    assert got[0] == min(prices, key=prices.get) == "hierarchical" == min(data, key=data.get)
+    assert all(data[a] <= GROSS * data["hierarchical"] for a in got)
+    assert data["direct"] > 3.5 * data["hierarchical"] and 1.3 < data["ring"] / data["hierarchical"] < 1.6
     assert not {"direct", "board"} & set(got) and "ring" in got
     assert got == sorted(got, key=prices.get)
+    small = candidates(comm, "all_reduce", 512)
+    assert small[0] == "recursive_doubling" and {"rhd", "ring", "direct", "tree", "hierarchical"} <= set(small)
+    assert price("all_reduce", "rhd", 512) > 1.5 * price("all_reduce", "recursive_doubling", 512)
 
 
 def test_tune_writes_rules_that_later_inits_use(tmp_path):

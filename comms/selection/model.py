@@ -92,6 +92,10 @@ class Params:
         links.update({name: Link(**link) for name, link in d.get("links", {}).items()})
         return cls(links, d["reduce_gbps"], d.get("source", "cache"))
 
+    def bytes_only(self) -> "Params":
+        """These figures with every step latency zero: what moving and reducing the bytes costs."""
+        return Params({n: Link(0.0, k.beta_gbps) for n, k in self.links.items()}, self.reduce_gbps, self.source)
+
     def loaded(self, oversub: float) -> "Params":
         """With ``oversub`` ranks per core all busy at once: bandwidths and reduction speed (measured
         by two ranks while the others waited) shared that many ways; latencies already include it."""

@@ -23,10 +23,11 @@ import numpy as np
 from ..config import _size
 from .model import ranges
 
-GROSS = 2.0              # candidates the model prices within this of its cheapest. #25 saw a pick that
-#                          moved 2.7x the inter-host bytes win one calibration's timing; closer than 2x
-#                          is left to the timing, since the model's step latency on ranks sharing cores
-#                          moved 2-5x between runs (calibrate.HOP_REPS)
+GROSS = 2.0              # a candidate moves and reduces its bytes in at most this times the time the
+#                          frugalest one does. #25 saw a pick that moved 2.7x the inter-host bytes win
+#                          one calibration's timing; the step latencies are left to the timing, since
+#                          on ranks sharing cores the calibrated one moved 2-37x between fresh
+#                          calibrations (2 simulated hosts x 2 ranks, shared CPUs: shm 2.3-84.6 us)
 OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
 MAX_CALLS = 200_000      # per size: 7 algorithms x 11 rounds x at most 960 calls a turn (100 ms turns) is ~74,000
 
@@ -48,12 +49,19 @@ def _caller(comm, op: str, nbytes: int):
 
 
 def candidates(comm, op: str, nbytes: int) -> list[str]:
-    """The algorithms priced within GROSS of the model's cheapest at ``nbytes``, cheapest first (the
-    model's pick stays on ties): a timing never picks what the model calls grossly worse."""
+    """The algorithms the model does not call grossly worse at ``nbytes``, cheapest first (the
+    model's pick stays on ties): those whose bytes take at most GROSS times the least any takes
+    (the price without step latencies), or less than the cheapest's whole price (latency decides
+    there). A timing never picks what puts far more bytes on a link, and judges the gaps that are
+    step latency alone: on 2 simulated hosts x 2 ranks sharing 2 CPUs, rhd, priced 1.7-2.0x
+    recursive doubling at 512 B (twice its steps; the price moved with the calibration), measured
+    0.90x its time."""
     from .. import algorithms
     prices = {a: comm.price(op, a, nbytes) for a in algorithms.names(op)}
-    low = min(prices.values())
-    return sorted((a for a, t in prices.items() if t <= GROSS * low and math.isfinite(t)), key=prices.get)
+    data = {a: comm.price(op, a, nbytes, steps=False) for a in prices}
+    least, cheapest = min(data.values()), min(prices.values())
+    return sorted((a for a, t in prices.items() if math.isfinite(t) and (data[a] <= GROSS * least or data[a] < cheapest)),
+                  key=prices.get)
 
 
 def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:

@@ -9,8 +9,8 @@ spanning hosts is bound by the slower class; direct's one step adds up the bytes
 thread moves them all). A host's ranks share its link: where k of them cross it in the same step,
 each gets 1/k of its bandwidth (2 simulated hosts x 2 ranks under a 2 Gbit/s tbf, 16 MiB: direct,
 recursive doubling, rhd and hierarchical, whose every rank crosses at once, measured 2.4-2.8x the
-model's time without this, ring and tree, one stream each way, 1.1-1.3x). An algorithm that puts more bytes on the slow link than another is priced
-behind it whatever the latencies, so a measurement (comms.selection.tune) never outvotes it there.
+model's time without this, ring and tree, one stream each way, 1.1-1.3x). An algorithm that puts
+more bytes on the slow link than another is priced behind it whatever the latencies, so a measurement (comms.selection.tune) never outvotes it there.
 """
 from __future__ import annotations
 
@@ -180,8 +180,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             + red((_log2(p2) + (n != p2)) * m),
             "rhd": _recursive(n, host_of, p, route, lambda d: m * d / p2, 2, m)
             + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
-            "tree": 2 * _binomial(n, host_of, p, route, m) + red(_log2(n) * m),    # the root reduces a
-            #                                                            child's bytes per level
+            # tree: up and down the binomial tree; the root reduces one child's bytes per level
+            "tree": 2 * _binomial(n, host_of, p, route, m) + red(_log2(n) * m),
             "hierarchical": intra.t(2 * (L - 1), 2 * (L - 1) * m / L)
             + crossing.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
         }

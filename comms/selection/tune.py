@@ -60,8 +60,8 @@ def candidates(comm, op: str, nbytes: int) -> list[str]:
     prices = {a: comm.price(op, a, nbytes) for a in algorithms.names(op)}
     data = {a: comm.price(op, a, nbytes, steps=False) for a in prices}
     least, cheapest = min(data.values()), min(prices.values())
-    return sorted((a for a, t in prices.items() if math.isfinite(t) and (data[a] <= GROSS * least or data[a] < cheapest)),
-                  key=prices.get)
+    keep = (a for a, t in prices.items() if math.isfinite(t) and (data[a] <= GROSS * least or data[a] < cheapest))
+    return sorted(keep, key=prices.get)
 
 
 def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:

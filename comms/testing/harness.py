@@ -5,7 +5,8 @@ processes and returns their return values ordered by rank. The processes are for
 multiprocessing's fork server, which has imported numpy and torch (:data:`PRELOAD`) and nothing
 else: a fresh interpreter spent about 1 s of CPU a rank importing torch (a 4-rank no-op took 4.4 s
 on 2 cores), which ``comms.init`` needs for torchrun's TCPStore. Each child takes this process's
-environment and working directory at the call, as a spawned one would.
+environment at the call, as a spawned one would (multiprocessing itself passes the working
+directory and ``sys.path``).
 
 Contract:
 
@@ -70,8 +71,8 @@ class SpawnTimeout(RankFailed, TimeoutError):
 PRELOAD = ["numpy", "torch", "torch.distributed"]
 
 
-def _trampoline(payload: bytes, rank: int, env: dict[str, str | None], cwd: str, conn) -> None:
-    """Child entry point: take the environment and directory, unpickle and call fn, send the outcome."""
+def _trampoline(payload: bytes, rank: int, env: dict[str, str | None], conn) -> None:
+    """Child entry point: take the environment, unpickle and call fn, send the outcome."""
     try:
         os.setsid()  # own process group, so the parent can kill grandchildren with it
     except OSError:
@@ -79,7 +80,6 @@ def _trampoline(payload: bytes, rank: int, env: dict[str, str | None], cwd: str,
     faulthandler.enable(all_threads=True)  # a fatal signal prints every thread's Python stack
     os.environ.clear()                     # the fork server's environment is the one it started with
     os.environ.update({k: v for k, v in env.items() if v is not None})
-    os.chdir(cwd)
     code = 0
     try:
         fn, args, kwargs = pickle.loads(payload)
@@ -163,7 +163,7 @@ def spawn(fn: Callable[..., Any], world_size: int, timeout: float = 60.0, args: 
             child_env = dict(os.environ, **base, RANK=str(rank), LOCAL_RANK=str(rank))
             child_env.update(env or {})
             r, w = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_trampoline, args=(payload, rank, child_env, os.getcwd(), w),
+            p = ctx.Process(target=_trampoline, args=(payload, rank, child_env, w),
                             name=f"comms-rank-{rank}", daemon=False)
             p.start()
             w.close()

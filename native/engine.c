@@ -494,7 +494,10 @@ int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
         if (block_ns >= 0 && block_ns - (now - start) < nap) nap = block_ns - (now - start);
         if (nap < 1000) nap = 1000;
         cm_sleep(ctx, nap);
-        if (check_liveness(ctx) < 0) continue;
+        /* what arrived during the sleep is taken first: a peer that finished this plan and then
+         * aborted on a later one (a mismatch it found) must not void data already here; liveness
+         * is looked at when nothing moved */
+        if (progress(ctx) == 0) check_liveness(ctx);
     }
 }
 

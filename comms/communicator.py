@@ -297,7 +297,8 @@ class Communicator(Operations):
                     return None
 
             alts = self._selector.contest(name, nbytes)
-            enc = self._contests.pick(key, alts, nbytes, (name, nbytes), alternative) if alts else None
+            enc = self._contests.pick(key, alts, nbytes, (name, nbytes), alternative,
+                                      lambda a: self.price(name, a, nbytes) / 1e6) if alts else None
             if enc is None:
                 enc = encode(self._selector.plan(args, nbytes))
             self._remember(key, enc)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from comms import InvalidUsage
-from comms.selection.online import LEAD_MAX, SIZING_CALLS, SWITCH, TIMED_MAX, Trial, decide, turn_calls
+from comms.selection.online import LEAD_MAX, SWITCH, TIMED_MAX, Trial, decide, turn_calls
 from comms.selection.rules import Selector, parse
 from comms.testing import spawn
 
-ENV = {"COMMS_CALIBRATE": "0", "COMMS_ONLINE_ROUNDS": "2"}
+ENV = {"COMMS_CALIBRATE": "0", "COMMS_ONLINE_ROUNDS": "2", "COMMS_ONLINE_TURN_MS": "5"}
 
 
 def test_rules_name_alternatives_in_the_grammar():
@@ -32,7 +32,7 @@ def test_rules_name_alternatives_in_the_grammar():
 
 
 def _drain(t: Trial) -> list[tuple[int, int, bool]]:
-    """Run a phase's calls: (round, alternative, timed) per call."""
+    """Run the trial's calls: (round, alternative, timed) per call."""
     got = []
     while not t.done:
         row, alt = t.row, t.alt
@@ -42,20 +42,14 @@ def _drain(t: Trial) -> list[tuple[int, int, bool]]:
     return got
 
 
-def test_sizing_turns_then_rounds_of_turns_sized_by_time_reversed_every_other_round():
+def test_rounds_of_turns_sized_by_price_reversed_every_other_round():
     plans, ran = {}, {}
-    t = Trial(["a", "b", "c"], rounds=3, key=("k",), plans=plans, ran=ran)
-    assert t.phase == "sizing" and sum(lead + timed for _, _, lead, timed in t.schedule) == 3 * SIZING_CALLS
-    sizing = _drain(t)
-    assert [alt for _, alt, _ in sizing] == [0] * SIZING_CALLS + [1] * SIZING_CALLS + [2] * SIZING_CALLS
-    assert [timed for _, _, timed in sizing] == ([False] + [True] * (SIZING_CALLS - 1)) * 3
-    f = t.figures()
-    assert f.shape == (1, 3) and np.isfinite(f).all()
-    # a: 2 ms a call, 3 untimed + 2 timed; b: 1 s, one of each; c: 1 us, the most of each
-    assert turn_calls(0.002) == (3, 2) and turn_calls(1.0) == (1, 1) and turn_calls(1e-6) == (LEAD_MAX, TIMED_MAX)
-    t.plan_rounds(np.array([0.002, 1.0, math.inf]))
-    assert t.phase == "rounds" and not t.done
-    assert sum(lead + timed for _, _, lead, timed in t.schedule) == 3 * (5 + 2 + 2)
+    # a: 2 ms a call, 3 untimed + 2 timed; b: 1 s, one of each; c: not priced, one of each
+    assert turn_calls(0.002) == (3, 2) and turn_calls(1.0) == (1, 1) and turn_calls(math.inf) == (1, 1)
+    assert turn_calls(1e-6) == (LEAD_MAX, TIMED_MAX) and turn_calls(1e-6, 0.5) == (LEAD_MAX // 2, TIMED_MAX // 2)
+    assert turn_calls(0.002, 10) == (30, 20)
+    t = Trial(["a", "b", "c"], [0.002, 1.0, math.inf], 3, key=("k",), plans=plans, ran=ran)
+    assert not t.done and sum(lead + timed for _, _, lead, timed in t.schedule) == 3 * (5 + 2 + 2)
     turns = _drain(t)
     assert [alt for _, alt, _ in turns] == ([0] * 5 + [1] * 2 + [2] * 2 + [2] * 2 + [1] * 2 + [0] * 5
                                             + [0] * 5 + [1] * 2 + [2] * 2)
@@ -63,6 +57,15 @@ def test_sizing_turns_then_rounds_of_turns_sized_by_time_reversed_every_other_ro
     assert [timed for _, _, timed in turns[:9]] == [False] * 3 + [True] * 2 + [False, True] * 2
     assert t.figures().shape == (3, 3) and np.isfinite(t.figures()).all() and t.done
     assert ("k",) not in plans
+
+
+def _schedule(alts: list[str], seconds: dict, rounds: int, scale: float) -> list[str]:
+    """The algorithm of every call of a trial's rounds, as comms.selection.online sizes them."""
+    out = []
+    for r in range(rounds):
+        for a in (alts if r % 2 == 0 else alts[::-1]):
+            out += [a] * sum(turn_calls(seconds[a], scale))
+    return out
 
 
 def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly_faster():
@@ -81,42 +84,30 @@ def test_the_decision_pairs_rounds_and_keeps_the_first_unless_another_is_clearly
 
 @pytest.mark.parametrize("slow,fast,rounds", [("ring", "direct", 2), ("direct", "ring", 2), ("ring", "direct", 5)])
 def test_ranks_time_the_alternatives_and_all_keep_the_faster(slow, fast, rounds):
-    """2 ranks, all_reduce:ring|direct of 1 MiB, one algorithm held 2 ms per call: the sizing
-    turns come first, every sum is right, and after the rounds every rank runs the faster; forcing
-    an algorithm and going back keeps the decision."""
-    n_rounds = rounds
+    """2 ranks, all_reduce:ring|direct of 1 MiB, one algorithm held 2 ms per call: the turns run as
+    their prices size them, every sum is right, and after the rounds every rank runs the faster;
+    forcing an algorithm and going back keeps the decision."""
     from workers import online_timed
     out = spawn(online_timed, 2, timeout=120, args=("all_reduce:ring|direct", slow, 400),
                 env=dict(ENV, COMMS_ONLINE_ROUNDS=str(rounds)))
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])
-    assert o["ran"][:2 * SIZING_CALLS] == ["ring"] * SIZING_CALLS + ["direct"] * SIZING_CALLS
-    # the slow one's turns (comms.selection.online.turn_calls): 3 untimed + 2 timed calls at 2-3 ms a
-    # call; fewer where a loaded machine stretched its sizing calls (CI once measured over 4 ms: 2 + 1),
-    # down to 1 + 1 from 6 ms; the fast one's at most 64 + 32
-    from comms.selection.online import turn_calls
-    rounds = o["ran"][2 * SIZING_CALLS:]
-    decided = len(rounds) - next(i for i, a in enumerate(reversed(rounds)) if a != fast)
-    sized = {n_rounds * sum(turn_calls(ms / 1000)) for ms in (2.0, 2.5, 2.99, 3.0, 3.99, 4.0, 5.99, 6.0, 50.0)}
-    assert sized == {n_rounds * 5, n_rounds * 4, n_rounds * 3, n_rounds * 2}
-    assert rounds[:decided].count(slow) in sized and decided <= n_rounds * (5 + LEAD_MAX + TIMED_MAX)
-    assert rounds[decided:] == [fast] * (len(rounds) - decided) and len(rounds) - decided >= 50
+    trial = _schedule(["ring", "direct"], o["seconds"], rounds, 0.5)
+    assert o["ran"] == trial + [fast] * (len(o["ran"]) - len(trial)) and len(o["ran"]) - len(trial) >= 50
     assert o["forced"] == "ring" and o["after"] == [fast, True]
     assert o["choices"] == [{"alternatives": ["ring", "direct"], "chosen": fast, "timed": ["direct", "ring"]}]
 
 
 def test_asynchronous_calls_follow_the_schedule_untimed_and_keep_the_first():
-    """Async calls are counted, not timed: the sizing agrees on no time (turns of one untimed and
-    one timed call), the rounds time nothing, and the first alternative stays."""
+    """Async calls are counted, not timed: the rounds time nothing, and the first alternative stays."""
     from workers import online_timed
-    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 20, True), env=ENV)
+    out = spawn(online_timed, 2, timeout=120, args=("all_reduce:direct|ring", "direct", 120, True), env=ENV)
     assert out[0] == out[1], "ranks disagree"
     o = out[0]
     assert all(o["right"])
-    sizing = ["direct"] * SIZING_CALLS + ["ring"] * SIZING_CALLS
-    rounds = ["direct"] * 2 + ["ring"] * 2 + ["ring"] * 2 + ["direct"] * 2
-    assert o["ran"] == sizing + rounds + ["direct"] * (20 - len(sizing) - len(rounds))
+    trial = _schedule(["direct", "ring"], o["seconds"], 2, 0.5)
+    assert o["ran"] == trial + ["direct"] * (120 - len(trial)) and len(trial) < 100
     assert o["choices"] == [{"alternatives": ["direct", "ring"], "chosen": "direct", "timed": []}]
 
 

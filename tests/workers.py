@@ -244,7 +244,8 @@ def online_timed(rank: int, size: int, rules: str, slow: str | None, calls: int,
     """Online timing (comms.selection.online) under ``rules`` naming alternatives: ``calls`` all_reduces of
     1 MiB (the algorithm each ran, and whether each sum was right), where every synchronous run of
     a plan of algorithm ``slow`` is held ``delay`` seconds longer; then a forced algorithm and back
-    (the decision is kept), and what online_choices reports."""
+    (the decision is kept), what online_choices reports, and the model's seconds per call of ring
+    and direct (what sized the turns)."""
     with comms.init(timeout=60, algo=rules) as comm:
         run = comm._engine.run
 
@@ -270,7 +271,8 @@ def online_timed(rank: int, size: int, rules: str, slow: str | None, calls: int,
         after = [comm.algorithm_ran("all_reduce", 1 << 20), bool(np.all(x == size))]
         choices = [{"alternatives": c["alternatives"], "chosen": c["chosen"], "timed": sorted(c["ratios"])}
                    for c in comm.online_choices()]
-    return {"ran": ran, "right": right, "forced": forced, "after": after, "choices": choices}
+        seconds = {a: comm.price("all_reduce", a, 1 << 20) / 1e6 for a in ("ring", "direct")}
+    return {"ran": ran, "right": right, "forced": forced, "after": after, "choices": choices, "seconds": seconds}
 
 
 def two_host_params(rank: int, size: int) -> dict:

@@ -2,12 +2,14 @@
 
 A rule may name several algorithms, ``all_reduce:16K-64K:direct|rhd``. With COMMS_ONLINE_ROUNDS > 0
 (opt-in: no job changes algorithm midway unless asked to) the calls of each plan key time the
-alternatives that build a plan: :data:`SIZING_CALLS` calls each, whose agreed time per call sizes
-each one's turn (:func:`turn_calls`), then ``rounds`` rounds of one turn each, the order reversed
-every other round. Every rank runs the same alternative at the same call, and every call computes
-the user's result. The slowest rank's figures decide (:func:`decide`), for the communicator's life
-(``set_algo`` does not reset it); without COMMS_DETERMINISTIC a float sum's last bits may differ
-before and after the switch (never between ranks). ``python -m comms.tune`` runs the same trials.
+alternatives that build a plan: ``rounds`` rounds of one turn each, the order reversed every other
+round, each turn sized by :func:`turn_calls` from the cost model's price of its alternative (a
+mispriced one gets a longer or shorter turn, never a wrong figure: its timed calls measure it).
+Every rank runs the same alternative at the same call, and every call computes the user's result.
+After the last turn one MAX all_reduce agrees on the slowest rank's figures, which decide
+(:func:`decide`) for the communicator's life (``set_algo`` does not reset it); without
+COMMS_DETERMINISTIC a float sum's last bits may differ before and after the switch (never between
+ranks).
 """
 from __future__ import annotations
 
@@ -25,8 +27,6 @@ log = clog.get("ALGO")
 SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it: the
 #                          median over rounds of paired ratios; 2 % is below every margin the regret bar
 #                          cares about (10 %) and keeps the pick on exact ties
-SIZING_CALLS = 4         # calls per alternative that size the turns, the first untimed (it may build
-#                          buffers and fault pages in)
 LEAD_S = 0.006           # a turn starts with about this long of untimed calls (turn_calls: a 4 ms tbf
 #                          burst must drain)...
 TIMED_S = 0.004          # ...then about this long of timed ones: 4 ms is 4 scheduler ticks here, so a
@@ -35,39 +35,35 @@ LEAD_MAX, TIMED_MAX = 64, 32     # the calls of a turn at 8 B (1-5 us a call) st
 
 
 def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
-    """(untimed, timed) calls of a turn of an alternative that takes ``seconds_per_call``. The
-    untimed lead-in spends the credit a link's token bucket gathered while a lighter alternative
-    ran: on 2 simulated hosts under a 2 Gbit/s tbf (4 ms burst), turns of 64 calls of 16 KiB, all
-    timed but the first, put recursive doubling at 0.97-1.00x hierarchical where the bench's turns
-    of 280 calls measured 1.17x. ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches turn and caps."""
-    t = max(seconds_per_call, 1e-7)
-    lead, timed, lmax, tmax = LEAD_S * scale, TIMED_S * scale, LEAD_MAX * scale, TIMED_MAX * scale
-    return max(1, int(min(lmax, math.ceil(lead / t)))), max(1, int(min(tmax, math.ceil(timed / t))))
+    """(untimed, timed) calls of a turn of an alternative priced ``seconds_per_call``, at least one
+    of each. The untimed lead-in spends the credit a link's token bucket gathered while a lighter
+    alternative ran: on 2 simulated hosts under a 2 Gbit/s tbf (4 ms burst), turns of 64 calls of
+    16 KiB, all timed but the first, put recursive doubling at 0.97-1.00x hierarchical where the
+    bench's turns of 280 calls measured 1.17x. ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches
+    turn and caps."""
+    t = max(seconds_per_call, 1e-7) / scale
+    return (max(1, int(min(LEAD_MAX * scale, math.ceil(LEAD_S / t)))),
+            max(1, int(min(TIMED_MAX * scale, math.ceil(TIMED_S / t)))))
 
 
 class Trial:
     """One key's schedule, a list of turns (round, alternative, untimed calls, timed calls), and
     this rank's timings. It keeps two of the communicator's dicts current: ``plans[key]``, the
-    encoded plan whose turn it is (dropped when a phase ends, so the next call reaches
+    encoded plan whose turn it is (dropped after the last turn, so the next call reaches
     :meth:`Contests.pick`), and ``ran[ran_key]``, the algorithm of the call begun last. The
     communicator brackets each call of a plan marked with the trial (``enc.trial``) with
     :meth:`begin` and :meth:`end`, and nothing else."""
 
-    def __init__(self, alts: list[str], rounds: int, encs: list | None = None, key: tuple = (),
-                 ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None, scale: float = 1.0):
-        self.alts, self.rounds, self.encs, self.key, self.ran_key = list(alts), rounds, encs or [], key, ran_key
-        self.scale, self._algo, self.phase = scale, None, "sizing"
+    def __init__(self, alts: list[str], seconds: list[float], rounds: int, encs: list | None = None,
+                 key: tuple = (), ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None,
+                 scale: float = 1.0):
+        self.alts, self.encs, self.key, self.ran_key = list(alts), encs or [], key, ran_key
         self._plans = {} if plans is None else plans
         self._ran = {} if ran is None else ran
-        self._begin(1, [(1, SIZING_CALLS - 1)] * len(self.alts))
-
-    def _begin(self, rounds: int, turns_of: list) -> None:
-        """Start ``rounds`` rounds of one turn per alternative, ``turns_of[a]`` its calls."""
-        self._sum = [[0.0] * len(self.alts) for _ in range(rounds)]
-        self._n = [[0] * len(self.alts) for _ in range(rounds)]
-        k = list(range(len(self.alts)))
-        self.schedule = [(r, a, *turns_of[a]) for r in range(rounds) for a in (k if r % 2 == 0 else k[::-1])]
-        self.turn, self.done = -1, False
+        turns, k = [turn_calls(s, scale) for s in seconds], list(range(len(alts)))
+        self.schedule = [(r, a, *turns[a]) for r in range(rounds) for a in (k if r % 2 == 0 else k[::-1])]
+        self._sum, self._n = np.zeros((rounds, len(alts))), np.zeros((rounds, len(alts)))
+        self.turn, self.done, self._algo = -1, False, None
         self._next_turn()
 
     def _next_turn(self) -> None:
@@ -103,20 +99,13 @@ class Trial:
         stretch is recorded, and the turn moves on, once its calls are spent."""
         if not (self.lead or self.timed):
             if t0 and self._sync:
-                self._sum[self.row][self.alt] += time.perf_counter() - t0
-                self._n[self.row][self.alt] += self._stretch
+                self._sum[self.row, self.alt] += time.perf_counter() - t0
+                self._n[self.row, self.alt] += self._stretch
             self._next_turn()
-
-    def plan_rounds(self, seconds_per_call) -> None:
-        """Start the rounds, each alternative's turn sized from its agreed time per call."""
-        self.phase = "rounds"
-        self._begin(self.rounds, [turn_calls(float(t), self.scale) if math.isfinite(t) else (1, 1)
-                                  for t in seconds_per_call])
 
     def figures(self) -> np.ndarray:
         """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
-        return np.array([[s / n if n else np.inf for s, n in zip(srow, nrow)]
-                         for srow, nrow in zip(self._sum, self._n)], np.float64)
+        return np.where(self._n > 0, self._sum / np.maximum(self._n, 1), np.inf)
 
 
 def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
@@ -148,12 +137,13 @@ class Contests:
         self._trials: dict[tuple, Trial] = {}
         self.decided: dict[tuple, tuple] = {}           # (key, alts) -> (encoded plan, ratios)
 
-    def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object]):
+    def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object],
+             seconds: Callable[[str], float]):
         """The encoded plan the next call of ``key`` runs under a rule naming ``alts`` (for the
         caller to cache), or None when fewer than two alternatives build a plan (the caller plans
         as without alternatives); ``build(name)`` encodes an alternative's plan, None when it
-        declines. The call after each phase of a trial agrees on its figures (one MAX all_reduce,
-        every rank alike) and starts the next phase or decides."""
+        declines, and ``seconds(name)`` is its price per call. The call after the last turn agrees
+        on the figures (every rank alike) and decides."""
         cid = (key, alts)
         got = self.decided.get(cid)
         if got is not None:
@@ -164,29 +154,23 @@ class Contests:
             if len(built) < 2 or self.rounds < 1:
                 return None
             names, encs = [a for a, _ in built], [enc for _, enc in built]
-            trial = self._trials[cid] = Trial(names, self.rounds, encs, key, ran_key, self._plans, self._ran,
-                                                self.scale)
+            trial = self._trials[cid] = Trial(names, [seconds(a) for a in names], self.rounds, encs, key, ran_key,
+                                                self._plans, self._ran, self.scale)
             for enc in encs:
                 enc.trial = trial
-        if trial.done and trial.phase == "sizing":
-            trial.plan_rounds(self._agreed(trial)[0])
         if not trial.done:
             return trial.encs[trial.alt]
-        win, ratios = decide(trial.alts, self._agreed(trial))
+        figures = trial.figures()
+        self._agree(figures.ravel())
+        win, ratios = decide(trial.alts, figures)
         for enc in trial.encs:
             enc.trial = None
         del self._trials[cid]
         self.decided[cid] = (trial.encs[win], ratios)
         log.info("comms: %s of %d B: timed %s over %d rounds (time / %s's: %s) -> %s", key[0], nbytes,
-                 "|".join(trial.alts), trial.rounds, trial.alts[0],
+                 "|".join(trial.alts), self.rounds, trial.alts[0],
                  ", ".join(f"{a} {r:.3f}" for a, r in ratios.items()) or "none timed", trial.alts[win])
         return trial.encs[win]
-
-    def _agreed(self, trial: Trial) -> np.ndarray:
-        """The trial's figures so far, the slowest rank's (agreed in place on a fresh array)."""
-        figures = trial.figures()
-        self._agree(figures.ravel())
-        return figures
 
     def choices(self) -> list[dict]:
         """The decisions so far: key, alternatives, chosen algorithm, ratios to the first."""

@@ -190,8 +190,8 @@ class Communicator(Operations):
         """The cost model's µs for ``algo`` running ``coll`` of ``nbytes`` (the selector's message
         size) on this communicator, with its figures and oversubscription; inf where not priced.
         ``steps=False``: the bytes' time alone, every step latency left out."""
-        params = self._params.loaded(self.oversubscription())
-        return cost(coll, algo, nbytes, self.size, self._hosts(), params if steps else params.bytes_only(), self._route)
+        params = self._params.scaled(self.oversubscription(), 1.0 if steps else 0.0)
+        return cost(coll, algo, nbytes, self.size, self._hosts(), params, self._route)
 
     def _ring_probe(self, right: int, left: int, rounds: int) -> float:
         """Seconds of one native plan of ``rounds`` 8 B exchanges: send to ``right``, receive from

@@ -138,7 +138,7 @@ def test_registered_transports_bring_their_links(monkeypatch):
                                "reduce_gbps": 7.0, "source": "test"})
     assert cached.links == {**registered, "fake": Link(2.5, 20.0), "gone": Link(9.0, 1.0)}
     assert Params.from_dict(cached.as_dict()) == cached
-    half = cached.loaded(2.0)
+    half = cached.scaled(2.0)
     assert half.links["fake"] == Link(2.5, 10.0) and half.links["gone"] == Link(9.0, 0.5)
 
 
@@ -163,10 +163,11 @@ def test_oversubscribed_hosts_share_bandwidth_and_reduction():
     """With 2 ranks per core every per-byte cost doubles (the latency already includes it), so the
     whole-buffer direct exchange gives way to the bandwidth-lean algorithms at smaller sizes."""
     p = Params(links(Link(5.0, 40.0), Link(40.0, 1.5)), 16.0)
-    assert p.loaded(1.0) is p
-    half = p.loaded(2.0)
+    assert p.scaled(1.0) == p and p.scaled(0.5) == p
+    half = p.scaled(2.0)
     shm, tcp = half.link("shm"), half.link("tcp")
     assert (shm.alpha_us, shm.beta_gbps, tcp.beta_gbps, half.reduce_gbps) == (5.0, 20.0, 0.75, 8.0)
+    assert p.scaled(alpha=0.0).link("tcp") == Link(0.0, 1.5) and p.scaled(alpha=0.0).reduce_gbps == 16.0
     m = 1 << 16
     assert math.isclose(cost("all_reduce", "direct", m, 4, ONE_HOST(4), half, AUTO),
                         5.0 + 3 * m / 20e3 + 4 * m / 8e3)
@@ -219,7 +220,7 @@ def test_tuning_never_times_what_the_model_calls_grossly_worse():
     p = Params(links(Link(1.0, 10.0), Link(50.0, 0.25)), 10.0)
 
     def price(coll, algo, nbytes, steps=True):
-        return cost(coll, algo, nbytes, 4, TWO_HOSTS, p if steps else p.bytes_only(), AUTO)
+        return cost(coll, algo, nbytes, 4, TWO_HOSTS, p.scaled(alpha=1.0 if steps else 0.0), AUTO)
     comm = SimpleNamespace(price=price)
     m = 16 << 20
     got = candidates(comm, "all_reduce", m)

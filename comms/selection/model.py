@@ -92,17 +92,14 @@ class Params:
         links.update({name: Link(**link) for name, link in d.get("links", {}).items()})
         return cls(links, d["reduce_gbps"], d.get("source", "cache"))
 
-    def bytes_only(self) -> "Params":
-        """These figures with every step latency zero: what moving and reducing the bytes costs."""
-        return Params({n: Link(0.0, k.beta_gbps) for n, k in self.links.items()}, self.reduce_gbps, self.source)
-
-    def loaded(self, oversub: float) -> "Params":
-        """With ``oversub`` ranks per core all busy at once: bandwidths and reduction speed (measured
-        by two ranks while the others waited) shared that many ways; latencies already include it."""
-        if oversub <= 1.0:
-            return self
-        return Params({n: Link(k.alpha_us, k.beta_gbps / oversub) for n, k in self.links.items()},
-                      self.reduce_gbps / oversub, self.source)
+    def scaled(self, share: float = 1.0, alpha: float = 1.0) -> "Params":
+        """These figures with the bandwidths and reduction speed divided by ``share`` and the step
+        latencies times ``alpha``. ``scaled(k)``: k ranks per core all busy at once (the bandwidths
+        were measured by two ranks while the others waited; the latencies include the sharing);
+        ``scaled(alpha=0)``: what moving and reducing the bytes alone costs."""
+        share = max(share, 1.0)
+        return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share) for n, k in self.links.items()},
+                      self.reduce_gbps / share, self.source)
 
 
 def _log2(n: int) -> int:
@@ -214,8 +211,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, oversub: float = 1.0) -> str:
     """The cheapest priced algorithm per size range, per collective with two or more priced ones,
     in the selector's grammar, for ``n`` ranks on ``hosts`` (``oversub``: the most ranks per core
-    of any host, see :meth:`Params.loaded`). Ties go to the registry's order."""
-    p = p.loaded(oversub)
+    of any host, see :meth:`Params.scaled`). Ties go to the registry's order."""
+    p = p.scaled(oversub)
     rules = []
     for coll, names in algos.items():
         priced = [a for a in names if min(cost(coll, a, m, n, hosts, p, route) for m in (8, 1 << 20)) < math.inf]

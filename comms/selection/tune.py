@@ -1,26 +1,19 @@
-"""``python -m comms.tune``: time every algorithm on this machine and keep the winners as rules.
+"""Tuning: time the algorithms on this machine and keep the winners as rules (``python -m comms.tune``,
+comms/tune.py, is its command line).
 
-    python -m comms.tune -n N [--ops all_reduce,...] [-b 8] [-e 64M] [-f 4] [--rounds 11] [--turn-ms 100] [--dry-run]
-
-Outside a launcher it starts N local ranks of itself through ``comms.run``; under one (RANK and
-WORLD_SIZE set) every rank takes part. For each op and size it makes the op's calls under a rule
-naming the :func:`candidates`, with online timing on (comms.selection.online, the one timing
-mechanism), until the trial decides. Rank 0 prints the winners as rules (each covering its size up
-to the next one's) and, unless ``--dry-run``, writes them into the calibration cache entry of this
-host signature, which holds the host layout; later inits there use them after the user's rules and
-before the model's (comms.selection.rules).
+For each op and size, :func:`sweep` makes the op's calls under a rule naming the :func:`candidates`,
+with online timing on (comms.selection.online, the one timing mechanism), until the trial decides;
+:func:`tune` turns the winners into rules, each covering its size up to the next one's, which
+:func:`comms.selection.calibrate.save_rules` keeps in the calibration cache entry of this host
+signature; later inits there use them after the user's rules and before the model's
+(comms.selection.rules).
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
-import time
 
 import numpy as np
 
-from ..config import _size
 from .model import ranges
 
 GROSS = 2.0              # a candidate moves and reduces its bytes in at most this times the time the
@@ -88,57 +81,6 @@ def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:
     return at, picks
 
 
-def _parse(argv) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m comms.tune", description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", "--nproc", type=int, default=None, help="ranks to start (outside a launcher)")
-    ap.add_argument("--ops", default="all_reduce", help=f"comma-separated, of {', '.join(OPS)}")
-    ap.add_argument("-b", "--minbytes", default="8")
-    ap.add_argument("-e", "--maxbytes", default="64M")
-    ap.add_argument("-f", "--stepfactor", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=11, help="rounds of each trial (COMMS_ONLINE_ROUNDS; default 11: "
-                    "on 2 simulated hosts sharing 2 CPUs, 5 rounds put direct ahead of recursive doubling at 32 B and "
-                    "512 B, 0.80-0.96x, where the bench measured it 1.3-1.5x behind)")
-    ap.add_argument("--turn-ms", type=float, default=100.0, help="length of one turn (COMMS_ONLINE_TURN_MS); "
-                    "default 100: a token bucket's credit and the scheduler's ticks average out")
-    ap.add_argument("--dry-run", action="store_true", help="print the rules, do not write them")
-    ns = ap.parse_args(argv)
-    ns.ops = [o.strip() for o in ns.ops.split(",") if o.strip()]
-    bad = [o for o in ns.ops if o not in OPS]
-    if bad or ns.stepfactor < 2 or ns.rounds < 1:
-        ap.error(f"unknown ops {bad}" if bad else "need -f >= 2 and --rounds >= 1")
-    ns.minbytes, ns.maxbytes = _size(ns.minbytes), _size(ns.maxbytes)
-    return ns
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line above; 0 when the rules were printed (and written)."""
-    argv = sys.argv[1:] if argv is None else argv
-    ns = _parse(argv)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        from ..launch.run import launch
-        return launch(["-m", "comms.tune", *argv], ns.nproc or len(os.sched_getaffinity(0)))
-    os.environ["COMMS_ONLINE_ROUNDS"], os.environ["COMMS_ONLINE_TURN_MS"] = str(ns.rounds), str(ns.turn_ms)
-    from .. import init
-    from .calibrate import save_rules
-    comm = init()
-    try:
-        if not comm.calibration.signature:
-            raise SystemExit("comms.tune: calibration is off (COMMS_CALIBRATE=0) or there is one rank: "
-                             "nothing to tune for")
-        sizes = [s for s in (max(1, ns.minbytes) * ns.stepfactor ** k for k in range(64)) if s <= ns.maxbytes]
-        t0, rules = time.perf_counter(), []
-        for op in ns.ops:
-            rules += ranges(op, *sweep(comm, op, sizes))
-        choices = comm.online_choices()
-        if comm.rank == 0:
-            note = f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {ns.rounds} rounds, {time.perf_counter() - t0:.0f} s"
-            for c in choices:
-                ratios = ", ".join(f"{a} {r:.3f}" for a, r in c["ratios"].items())
-                print(f"# {c['key'][0]} {c['key'][1:]}: {c['chosen']} (time / first's: {ratios})")
-            print("#".join(rules))
-            if not ns.dry_run:
-                save_rules(comm.calibration.signature, "#".join(rules), note)
-                print(f"# written for {comm.calibration.signature}")
-    finally:
-        comm.close()
-    return 0
+def tune(comm, ops: list[str], sizes: list[int]) -> str:
+    """Collective: the winners of ``ops`` at ``sizes`` as rules (the selector's grammar)."""
+    return "#".join(rule for op in ops for rule in ranges(op, *sweep(comm, op, sizes)))

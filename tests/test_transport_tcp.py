@@ -53,3 +53,35 @@ def test_zero_leaves_the_kernel_defaults(sock, monkeypatch):
     _tune(sock)
     assert sock.getsockopt(socket.IPPROTO_TCP, LOWAT) == kernel_lowat
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == kernel_sndbuf
+
+
+def _congestion_of(sock) -> str:
+    from comms.transports.tcp import TCP_CONGESTION
+    return sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16).split(b"\0")[0].decode()
+
+
+def _allowed() -> set[str]:
+    return set(Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split())
+
+
+def test_congestion_control_is_the_first_the_kernel_accepts(sock, monkeypatch):
+    """cubic where this process may set it (root, or allowed), else reno, which is always allowed; a
+    name the kernel does not know is skipped."""
+    monkeypatch.delenv("COMMS_TCP_CONGESTION", raising=False)
+    _tune(sock)
+    import os
+    loaded = set(Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split())
+    may_cubic = "cubic" in _allowed() or ("cubic" in loaded and os.geteuid() == 0)
+    assert _congestion_of(sock) == ("cubic" if may_cubic else "reno")
+    monkeypatch.setenv("COMMS_TCP_CONGESTION", "no-such-cc,reno")
+    _tune(sock)
+    assert _congestion_of(sock) == "reno"
+
+
+def test_empty_congestion_knob_leaves_the_system_default(monkeypatch):
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    monkeypatch.setenv("COMMS_TCP_CONGESTION", "")
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as c:
+        server.accept()[0].close()
+        _tune(c)
+        assert _congestion_of(c) == default

@@ -63,6 +63,16 @@ def dissemination_distances(size: int) -> list[int]:
     return out
 
 
+def crossing_first(p: int, hosts: tuple = ()) -> list[int]:
+    """The distances d = 1, 2, 4, ... < ``p`` of exchanges with rank ^ d among ranks 0..p-1, those
+    whose pairs cross hosts (``hosts``: ranks grouped by host) first, largest first, then the rest
+    in ascending order (all ascending on one host). Every rank gets the same order."""
+    host_of = {r: i for i, group in enumerate(hosts) for r in group}
+    ds = dissemination_distances(p)
+    crossing = [d for d in ds if any(host_of.get(r, 0) != host_of.get(r ^ d, 0) for r in range(p))]
+    return crossing[::-1] + [d for d in ds if d not in crossing]
+
+
 def skip_ring(rank: int, size: int) -> list[int]:
     """The ranks ``rank`` watches in the control plane's heartbeat graph: rank ± 1, 2, 4, ... (mod
     size), each once, never itself. The graph is symmetric (a watches b when b watches a), every

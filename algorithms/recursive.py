@@ -4,7 +4,11 @@ Both run on the largest power of two p <= n. The n - p "extra" ranks first fold 
 partner (rank - p), sit out, and get the result back at the end (the usual MPICH treatment).
 
 - recursive_doubling: log2(p) steps; in step d every rank swaps its whole buffer with rank ^ d and
-  reduces. Latency-optimal, moves the whole buffer every step.
+  reduces. Latency-optimal, moves the whole buffer every step. The steps that cross hosts come
+  first (patterns.crossing_first), so a call ends on the fast link: on 2 simulated hosts x 2 ranks
+  sharing 2 CPUs (2 Gbit/s htb), 64 B took 79 us against 195 us with the intra-host step first
+  (bench.regret, 3 launches; most likely because a call that began on shared memory waited for
+  the host's other rank, still asleep in poll() on the previous call's last tcp step).
 - rhd: reduce-scatter by recursive halving (each step swaps half of the current range with
   rank ^ d, d = p/2 .. 1, and reduces the incoming half on arrival, chunk by chunk, as the ring
   does) so rank i ends owning block i, then all-gather by recursive doubling. 2 log2(p) steps and
@@ -13,7 +17,7 @@ partner (rank - p), sit out, and get the result back at the end (the usual MPICH
 from __future__ import annotations
 
 from . import algorithm
-from .patterns import blocks
+from .patterns import blocks, crossing_first
 from .plan import IN, OUT, SCRATCH, Args, Builder, NotSupported, Plan
 
 
@@ -48,14 +52,12 @@ def all_reduce_recursive_doubling(a: Args) -> Plan:
     b.scratch_bytes = nb
     p, core = _fold(b, a, nb)
     if core:
-        d = 1
-        while d < p:
+        for d in crossing_first(p, a.hosts):
             partner = a.rank ^ d
             b.send(partner, OUT, 0, nb)
             b.recv(partner, SCRATCH, 0, nb)
             b.phase()
             b.reduce(OUT, 0, SCRATCH, 0, nb)
-            d <<= 1
         if a.avg:
             b.div(OUT, 0, nb, a.size)
         _unfold(b, a, p, nb)

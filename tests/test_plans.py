@@ -334,3 +334,16 @@ def test_deterministic_mode_changes_bits_only_where_order_matters():
     assert u8(plain["ring"]).tobytes() != u8(plain["direct"]).tobytes()   # the test data is order-sensitive
     det = {a: _deterministic_all_reduce(a, n, (), ins, 2, ReduceOp.SUM)[0] for a in ("ring", "direct", "tree")}
     assert u8(det["ring"]).tobytes() == u8(det["direct"]).tobytes() == u8(det["tree"]).tobytes()
+
+
+def test_recursive_doubling_crosses_hosts_first():
+    """The exchanges that cross hosts come first, largest distance first, then the rest ascending."""
+    from comms.algorithms.patterns import crossing_first
+    assert crossing_first(4) == [1, 2] and crossing_first(4, ((0, 1), (2, 3))) == [2, 1]
+    assert crossing_first(4, ((0, 2), (1, 3))) == [1, 2]
+    assert crossing_first(8, ((0, 1, 2, 3), (4, 5, 6, 7))) == [4, 1, 2]
+    assert crossing_first(8, ((0, 1), (2, 3), (4, 5), (6, 7))) == [4, 2, 1]
+    from comms.algorithms.plan import SEND
+    for hosts, first in [((), 1), (((0, 1), (2, 3)), 2)]:
+        plan = run_plans("all_reduce", "recursive_doubling", 4, 8, DTYPES[0], OPS[0], hosts=hosts)[0]
+        assert next(s.peer for s in plan.steps if s.kind == SEND) == first

@@ -83,6 +83,7 @@ class Args:
     hosts: tuple = ()          # ranks grouped by host (comms.runtime.topology), for hierarchical algorithms
     deterministic: bool = False  # COMMS_DETERMINISTIC: reductions in canonical order (algorithms.deterministic)
     board: int = 0             # the largest all_reduce the transport runs by itself (BOARD; 0: none)
+    crowded: bool = False      # some host has more ranks than cores (Communicator.oversubscription() > 1)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,13 @@ Both run on the largest power of two p <= n. The n - p "extra" ranks first fold 
 partner (rank - p), sit out, and get the result back at the end (the usual MPICH treatment).
 
 - recursive_doubling: log2(p) steps; in step d every rank swaps its whole buffer with rank ^ d and
-  reduces. Latency-optimal, moves the whole buffer every step. The steps that cross hosts come
-  first (patterns.crossing_first), so a call ends on the fast link: on 2 simulated hosts x 2 ranks
-  sharing 2 CPUs (2 Gbit/s htb), 64 B took 79 us against 195 us with the intra-host step first
-  (bench.regret, 3 launches; most likely because a call that began on shared memory waited for
-  the host's other rank, still asleep in poll() on the previous call's last tcp step).
+  reduces. Latency-optimal, moves the whole buffer every step. Where every host has a core per
+  rank, the steps that cross hosts come first (patterns.crossing_first) and a call ends on the
+  fast link; where a host has more ranks than cores (``Args.crowded``), the steps go in ascending
+  distance, intra-host first. On 2 simulated hosts x 2 ranks (2 Gbit/s tbf, bench.regret, 3
+  launches, 8 B-4 KiB): with the hosts sharing both CPUs (each sees a core per rank), crossing
+  first took 84-106 us against 186-199 us; with each host pinned to one CPU, ascending took 37-48
+  us against 58-75 us.
 - rhd: reduce-scatter by recursive halving (each step swaps half of the current range with
   rank ^ d, d = p/2 .. 1, and reduces the incoming half on arrival, chunk by chunk, as the ring
   does) so rank i ends owning block i, then all-gather by recursive doubling. 2 log2(p) steps and
@@ -17,7 +19,7 @@ partner (rank - p), sit out, and get the result back at the end (the usual MPICH
 from __future__ import annotations
 
 from . import algorithm
-from .patterns import blocks, crossing_first
+from .patterns import blocks, crossing_first, dissemination_distances
 from .plan import IN, OUT, SCRATCH, Args, Builder, NotSupported, Plan
 
 
@@ -52,7 +54,7 @@ def all_reduce_recursive_doubling(a: Args) -> Plan:
     b.scratch_bytes = nb
     p, core = _fold(b, a, nb)
     if core:
-        for d in crossing_first(p, a.hosts):
+        for d in dissemination_distances(p) if a.crowded else crossing_first(p, a.hosts):
             partner = a.rank ^ d
             b.send(partner, OUT, 0, nb)
             b.recv(partner, SCRATCH, 0, nb)

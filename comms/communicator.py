@@ -324,7 +324,8 @@ class Communicator(Operations):
         enc = self._plans.get(key)
         if enc is None:
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], inplace=True,
-                        hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
+                        hosts=self._hosts(), deterministic=self._deterministic, board=self._board,
+                        crowded=self.oversubscription() > 1)
             enc = Encoded(self._selector.plan(args, values.nbytes), "all_reduce", MSG_COLL, COLL_IDS["all_reduce"],
                           dtype, int(ReduceOp.MAX), 0, count, lens=(values.nbytes, values.nbytes))
             self._remember(key, enc)

@@ -72,7 +72,8 @@ class Operations:
         if enc is None:
             check_op(op, dtype, "all_reduce")
             args = Args("all_reduce", self.rank, self.size, count, DTYPE_SIZES[dtype], avg=op is ReduceOp.AVG,
-                        inplace=True, hosts=self._hosts(), deterministic=self._deterministic, board=self._board)
+                        inplace=True, hosts=self._hosts(), deterministic=self._deterministic, board=self._board,
+                        crowded=self.oversubscription() > 1)
             nb = count * DTYPE_SIZES[dtype]
             enc = self._plan(("all_reduce", count, dtype, op), args, nb, dtype, op, count, (nb, nb))
         if enc.trial is None and (tb is np.ndarray or tb is TORCH_FAST[0]):

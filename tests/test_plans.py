@@ -343,7 +343,9 @@ def test_recursive_doubling_crosses_hosts_first():
     assert crossing_first(4, ((0, 2), (1, 3))) == [1, 2]
     assert crossing_first(8, ((0, 1, 2, 3), (4, 5, 6, 7))) == [4, 1, 2]
     assert crossing_first(8, ((0, 1), (2, 3), (4, 5), (6, 7))) == [4, 2, 1]
-    from comms.algorithms.plan import SEND
-    for hosts, first in [((), 1), (((0, 1), (2, 3)), 2)]:
-        plan = run_plans("all_reduce", "recursive_doubling", 4, 8, DTYPES[0], OPS[0], hosts=hosts)[0]
+    from comms.algorithms.plan import SEND, Args
+    # where a host has more ranks than cores, intra-host first
+    for hosts, crowded, first in [((), False, 1), (((0, 1), (2, 3)), False, 2), (((0, 1), (2, 3)), True, 1)]:
+        plan = algorithms.get("all_reduce", "recursive_doubling").fn(Args("all_reduce", 0, 4, 8, 4, hosts=hosts,
+                                                                             crowded=crowded))
         assert next(s.peer for s in plan.steps if s.kind == SEND) == first

@@ -142,6 +142,7 @@ int32_t cm_opts_peek(uintptr_t obj);      /* obj: the Python object's address, i
 uint64_t cm_ctx_seq(cm_ctx *ctx);             /* the number of the last collective started (each gets the next) */
 void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);
+int64_t cm_spin_budget(cm_ctx *ctx, int64_t now);   /* how long an adaptive wait may spin now (native/wait.c) */
 
 /* rows of tokens (expert parallelism, native/rows.c): receive windows and combine's sum */
 int cm_window_map(const char *name, uint64_t *bytes, int create, void **out, int *sys_errno);

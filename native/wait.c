@@ -23,8 +23,11 @@
  * a rank whose peers keep it waiting long sleeps instead of burning a core it gains nothing from.
  * A spinning wait that finds a gap in its own clock readings was preempted: something this rank
  * cannot see (another job, the other host's ranks on a shared core, the kernel's network work)
- * wants the CPU. For CM_CONTENDED_NS after that the budget stays at its minimum and the wait yields
- * before it sleeps, as on a host with more ranks than cores.
+ * wants the CPU. So does one whose thread, every RUN_DELAY_EVERY_NS, finds that it spent more
+ * than RUN_DELAY_SHARE of the time waiting in a run queue (a spinner that is never preempted
+ * still delays the peer it waits for, which queues behind it). For CM_CONTENDED_NS after either
+ * the budget stays at its minimum and the wait yields before it sleeps, as on a host with more
+ * ranks than cores.
  *
  * The bell is a datagram socket bound to an abstract AF_UNIX address (nothing in the file system:
  * it vanishes with the process, even after kill -9). Abstract addresses are per network namespace;
@@ -33,12 +36,14 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -48,6 +53,8 @@
 #include "comms_native.h"
 
 #define BROKEN_NAP_NS 1000000LL        /* the longest nap while a waker cannot reach the bell */
+#define RUN_DELAY_EVERY_NS 2000000LL   /* how often a spinning thread looks at its run-queue wait */
+#define RUN_DELAY_SHARE 10             /* percent of that time spent waiting for a CPU: contended */
 
 static _Atomic int send_fd = -1;       /* one unbound socket of the process sends every ring */
 static _Atomic uint64_t bell_seq;
@@ -206,7 +213,36 @@ int cm_sleep(cm_ctx *ctx, int64_t timeout_ns) {
     return CM_OK;
 }
 
+/* This thread's run_delay: the nanoseconds it has been runnable but not running, from
+ * /proc/thread-self/schedstat (its second field); -1 where the kernel does not say. Opened and
+ * closed each time (about 10 us, at most once per RUN_DELAY_EVERY_NS of waiting), so no
+ * descriptor outlives the thread that read it. */
+static int64_t run_delay_ns(void) {
+    int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char buf[96];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *field = strchr(buf, ' ');
+    return field ? strtoll(field + 1, NULL, 10) : -1;
+}
+
+static __thread int64_t rd_at = -1, rd_last;      /* this thread's last sample: when, and its value */
+
 int64_t cm_spin_budget(cm_ctx *ctx, int64_t now) {
+    /* A spinning wait keeps a core that a peer may need: where this thread itself spent more than
+     * RUN_DELAY_SHARE of the time since the last sample waiting for a CPU, the CPUs it runs on are
+     * wanted by more threads than they have (the host's own ranks, others the topology cannot see,
+     * the kernel's network work), and the context counts as contended (cm_spin_preempted). */
+    if (rd_at < 0 || now - rd_at >= RUN_DELAY_EVERY_NS) {
+        int64_t rd = run_delay_ns();
+        if (rd >= 0 && rd_at >= 0 && (rd - rd_last) * 100 > (now - rd_at) * RUN_DELAY_SHARE)
+            cm_spin_preempted(ctx, now);
+        rd_at = now;
+        rd_last = rd;
+    }
     return now < ctx->contended_until ? ctx->spin_min_ns : ctx->spin_ns;
 }
 

@@ -20,3 +20,36 @@ def test_a_long_wait_sleeps(transport, async_op):
     assert out["cpu"] < 0.25 * out["wall"], out          # spinning through it would cost ~1.0
     assert out["sleeps"] >= 1, out
 
+
+
+def test_a_spinning_thread_that_waits_for_its_cpu_counts_the_cpu_contended():
+    """native/wait.c: a thread that spent over a tenth of the last 2 ms waiting in a run queue (here:
+    pinned to one CPU with a busy process) finds its context contended: the spin budget drops from
+    its maximum to its minimum, and the preempted-spins counter counts it. Nothing is spinning
+    meanwhile, so the other signal (a gap in a spinner's own clock readings) plays no part."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from comms.runtime import native
+    ctx = native.ctx_new(0, 1, 0, 0, 200_000, 2_000)
+    mask = os.sched_getaffinity(0)
+    cpu = max(mask)
+    hog = None
+    try:
+        assert native.spin_budget(ctx, native.now_ns()) == 200_000          # the first look only samples
+        os.sched_setaffinity(0, {cpu})
+        hog = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
+        budgets, end = [], time.monotonic() + 1.0
+        while time.monotonic() < end and 2_000 not in budgets:
+            budgets.append(native.spin_budget(ctx, native.now_ns()))
+        counters = native.ffi.new("uint64_t[8]")
+        native.ctx_counters(ctx, counters, 8)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        os.sched_setaffinity(0, mask)
+        native.ctx_free(ctx)
+    assert budgets[-1] == 2_000, budgets[-5:]
+    assert counters[4] >= 1                                  # preempted_spins (comms.runtime.engine.COUNTERS)

@@ -70,6 +70,8 @@ exec_run, exec_start, exec_wait, exec_peer, exec_free, exec_op_times = \
 call_run, call_run_addr = lib.cm_call_run, lib.cm_call_run_addr
 # torch's AllreduceOptions read from memory (comms.torch_backend.peek)
 opts_peek, opts_layout = lib.cm_opts_peek, lib.cm_opts_layout
+# the wait policy's spin budget now (native/wait.c), and the engine's clock
+spin_budget, now_ns = lib.cm_spin_budget, lib.cm_now_ns
 # kernels
 reduce, sum_rows = lib.cm_reduce, lib.cm_sum_rows
 # transports: tcp sockets, shared-memory segments, RDMA (libfabric)

@@ -274,3 +274,24 @@ def test_tune_writes_rules_that_later_inits_use(tmp_path):
     user = spawn(calibrated_params, 2, timeout=120, args=(sizes,),
                  env={"XDG_CACHE_HOME": str(tmp_path), "COMMS_ALGO": "all_reduce:tree"})
     assert user[0]["chosen"] == ["tree"] * 3
+
+
+def test_a_burst_prices_small_steps_at_the_wire_speed():
+    """A link with a burst speed prices a step of up to BURST_BYTES at it and a larger one at the
+    sustained speed; streams crossing at once share both. On 2 hosts whose link lets bursts through
+    (the figures of a 2 Gbit/s token bucket on veth), recursive doubling keeps 4 KiB, which the
+    sustained speed alone gives to hierarchical."""
+    from comms.selection.model import BURST_BYTES
+    link = Link(10.0, 0.25, 2.5)
+    assert math.isclose(link.t(2, 2 * BURST_BYTES), 20.0 + 2 * BURST_BYTES / 2.5e3)
+    assert math.isclose(link.t(1, BURST_BYTES + 1), 10.0 + (BURST_BYTES + 1) / 0.25e3)
+    assert link.shared(2) == Link(10.0, 0.125, 1.25) and Link(10.0, 0.25).t(1, 8) == Link(10.0, 0.25, 0.1).t(1, 8)
+    shm = Link(10.0, 15.0)
+
+    def rule_at(tcp: Link, m: int) -> str:
+        rules = default_rules(NAMES, 4, TWO_HOSTS, Params(links(shm, tcp), 16.0), AUTO, 2.0)
+        return next(r.split(":")[2] for r in rules.split("#")
+                    if int(r.split(":")[1].split("-")[0]) <= m < float(r.split(":")[1].split("-")[1]))
+    assert rule_at(Link(10.0, 0.3), 4096) == "hierarchical"
+    assert rule_at(Link(10.0, 0.3, 2.5), 4096) == "recursive_doubling"
+    assert rule_at(Link(10.0, 0.3, 2.5), 16 << 20) == "hierarchical"

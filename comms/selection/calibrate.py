@@ -4,7 +4,8 @@ A first init on a host :func:`signature` measures, in well under 2 s on rank 0 a
 caches by transport name in ``~/.cache/comms/calibration.json`` (every rank gets rank 0's figures):
 ``alpha_us``, one plan step (the least of :data:`HOP_REPS` plans of :data:`HOP_ROUNDS` 8 B rounds
 around a ring of the link's ranks, all such rings at once: what ranks sharing cores, and the kernel's
-work on their packets, add to a step is in); ``beta_gbps``, a 4 MiB ping-pong less an 8 B one; and
+work on their packets, add to a step is in); ``beta_gbps``, a 4 MiB ping-pong less an 8 B one
+(``burst_gbps`` between hosts: the same of BURST_BYTES, the least of 3, after 10 ms idle); and
 ``reduce_gbps``, a float32 SUM of 32 MiB. The entry also keeps the rules ``python -m comms.tune``
 wrote (:func:`save_rules`). Shaping is not in the signature, so cached figures of a link between
 hosts are checked with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and measured again, the
@@ -23,10 +24,10 @@ import numpy as np
 from .. import config
 from ..diag import log as clog
 from ..runtime.hostid import cpu_model
-from .model import Params, describe_links
+from .model import BURST_BYTES, Params, describe_links
 
 log = clog.get("TUNING")
-FORMAT = "v10"           # part of the key: entries of another layout are not read
+FORMAT = "v11"           # part of the key: entries of another layout are not read
 HOP_ROUNDS = 50          # ring rounds inside one plan: 50 x 1.5 us on shm is well above the clock's grain
 HOP_REPS = 7             # runs of the ring: on 4 ranks sharing 2 CPUs one run in 5-10 was 2-5x the rest
 LINK_DRIFT = 3.0         # a shaped link here differs from loopback by 8x and more (2 Gbit/s against 2-3
@@ -100,17 +101,17 @@ def _pingpong(comm, peer: int, nbytes: int, iters: int, lead: bool) -> float:
     return _least(lambda: [f(buf, peer, tag=0xCA1) for f in order], iters) / 2 * 1e6
 
 
-def _beta(comm, peer: int, reps: int) -> float:
-    """GB/s of 4 MiB between rank 0 and ``peer`` (the least of ``reps``, after an untimed round trip
-    of each size), on those two ranks; 0.0 on the others."""
+def _beta(comm, peer: int, reps: int, nbytes: int = 4 << 20) -> float:
+    """GB/s of ``nbytes`` between rank 0 and ``peer`` (the least of ``reps``, after an untimed round
+    trip of each size), on those two ranks; 0.0 on the others."""
     if comm.rank not in (0, peer):
         return 0.0
     other, lead = (peer, True) if comm.rank == 0 else (0, False)
     _pingpong(comm, other, 8, 2, lead)
-    _pingpong(comm, other, 4 << 20, 1, lead)
+    _pingpong(comm, other, nbytes, 1, lead)
     small = _pingpong(comm, other, 8, 20, lead)
-    big = _pingpong(comm, other, 4 << 20, reps, lead)
-    return min(max((4 << 20) / max(big - small, 1e-3) / 1e3, 0.05), 100.0)
+    big = _pingpong(comm, other, nbytes, reps, lead)
+    return min(max(nbytes / max(big - small, 1e-3) / 1e3, 0.05), 100.0)
 
 
 def _reduce_gbps() -> float:
@@ -171,6 +172,9 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
                 ring(right, left, 5)                                   # warm up
                 alpha = min(ring(right, left, HOP_ROUNDS) for _ in range(HOP_REPS)) / HOP_ROUNDS * 1e6
             links[cls] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
+            if cls == route.inter and len(hosts) > 1:        # a step of BURST_BYTES after a pause
+                time.sleep(0.01)
+                links[cls]["burst_gbps"] = round(_beta(comm, ring_of(0)[1], 3, BURST_BYTES), 3)
 
         def measured() -> str:
             d = Params().as_dict()

@@ -27,6 +27,11 @@ BOARD_SHARE = 0.9        # board's price as a share of direct's. Forced in the b
 #                          core each and 0.96-0.99x on 4 ranks sharing 2 cores
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
+BURST_BYTES = 64 << 10   # a link's burst speed (calibrated with steps of this size) applies up to here: a
+#                          token bucket lets a step through at the wire's speed after a pause. On 2 simulated
+#                          hosts (2 Gbit/s, 4 MiB ping-pongs at 0.23-0.31 GB/s), priced at the sustained rate
+#                          only, 4 KiB cost recursive doubling's 2 crossing streams 53 us and the model picked
+#                          hierarchical, measured 1.5x slower (split CPUs, tbf: 75 against 51 us)
 PAIRWISE_BATCH = 8       # pairwise all_to_all posts this many exchanges before it waits (one step latency
 #                          per batch: algorithms/pairwise.py keeps that many in flight)
 
@@ -47,14 +52,18 @@ AUTO = Route("shm", "tcp", True)        # what auto selection gives without RDMA
 @dataclass(frozen=True)
 class Link:
     alpha_us: float          # one step's latency
-    beta_gbps: float         # GB/s of one stream
+    beta_gbps: float         # GB/s of one stream, sustained
+    burst_gbps: float = 0.0  # GB/s of a step of at most BURST_BYTES after a pause (0: beta_gbps)
 
     def t(self, steps: float, nbytes: float) -> float:
-        return steps * self.alpha_us + nbytes / (self.beta_gbps * 1e3)
+        """µs of ``steps`` steps moving ``nbytes`` in all, at the burst speed where each step's
+        share is at most BURST_BYTES."""
+        burst = nbytes <= BURST_BYTES * max(steps, 1) and self.burst_gbps > self.beta_gbps
+        return steps * self.alpha_us + nbytes / ((self.burst_gbps if burst else self.beta_gbps) * 1e3)
 
-    def shared(self, k: int) -> "Link":
+    def shared(self, k: float) -> "Link":
         """This link as each of ``k`` streams crossing it at once sees it."""
-        return self if k <= 1 else Link(self.alpha_us, self.beta_gbps / k)
+        return self if k <= 1 else Link(self.alpha_us, self.beta_gbps / k, self.burst_gbps / k)
 
 
 def _registered() -> dict:
@@ -98,8 +107,8 @@ class Params:
         were measured by two ranks while the others waited; the latencies include the sharing);
         ``scaled(alpha=0)``: what moving and reducing the bytes alone costs."""
         share = max(share, 1.0)
-        return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share) for n, k in self.links.items()},
-                      self.reduce_gbps / share, self.source)
+        return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share, k.burst_gbps / share)
+                       for n, k in self.links.items()}, self.reduce_gbps / share, self.source)
 
 
 def _log2(n: int) -> int:
@@ -155,7 +164,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     intra, inter = p.link(route.intra), p.link(route.inter)
     crossing = inter.shared(L)          # every rank of a host crosses at once
     flat = intra if H == 1 or route.intra == route.inter else \
-        Link(max(intra.alpha_us, inter.alpha_us), min(intra.beta_gbps, inter.beta_gbps))
+        Link(max(intra.alpha_us, inter.alpha_us), min(intra.beta_gbps, inter.beta_gbps),
+             min(max(k.burst_gbps, k.beta_gbps) for k in (intra, inter)))
     red = lambda nbytes: nbytes / (p.reduce_gbps * 1e3)          # noqa: E731
     copy = lambda nbytes: nbytes / (COPY_GBPS * 1e3)             # noqa: E731
     p2 = 1 << (n.bit_length() - 1)

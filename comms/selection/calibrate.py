@@ -5,7 +5,7 @@ caches by transport name in ``~/.cache/comms/calibration.json`` (every rank gets
 ``alpha_us``, one plan step (the least of :data:`HOP_REPS` plans of :data:`HOP_ROUNDS` 8 B rounds
 around a ring of the link's ranks, all such rings at once: what ranks sharing cores, and the kernel's
 work on their packets, add to a step is in); ``beta_gbps``, a 4 MiB ping-pong less an 8 B one
-(``burst_gbps`` between hosts: the same of BURST_BYTES, the least of 3, after 10 ms idle); and
+(``burst_gbps`` between hosts: the same of BURST_PROBE_BYTES, the least of 3, after 10 ms idle); and
 ``reduce_gbps``, a float32 SUM of 32 MiB. The entry also keeps the rules ``python -m comms.tune``
 wrote (:func:`save_rules`). Shaping is not in the signature, so cached figures of a link between
 hosts are checked with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and measured again, the
@@ -24,7 +24,7 @@ import numpy as np
 from .. import config
 from ..diag import log as clog
 from ..runtime.hostid import cpu_model
-from .model import BURST_BYTES, Params, describe_links
+from .model import BURST_PROBE_BYTES, Params, describe_links
 
 log = clog.get("TUNING")
 FORMAT = "v11"           # part of the key: entries of another layout are not read
@@ -172,9 +172,9 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
                 ring(right, left, 5)                                   # warm up
                 alpha = min(ring(right, left, HOP_ROUNDS) for _ in range(HOP_REPS)) / HOP_ROUNDS * 1e6
             links[cls] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
-            if cls == route.inter and len(hosts) > 1:        # a step of BURST_BYTES after a pause
+            if cls == route.inter and len(hosts) > 1:        # a step of BURST_PROBE_BYTES after a pause
                 time.sleep(0.01)
-                links[cls]["burst_gbps"] = round(_beta(comm, ring_of(0)[1], 3, BURST_BYTES), 3)
+                links[cls]["burst_gbps"] = round(_beta(comm, ring_of(0)[1], 3, BURST_PROBE_BYTES), 3)
 
         def measured() -> str:
             d = Params().as_dict()

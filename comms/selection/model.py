@@ -27,11 +27,13 @@ BOARD_SHARE = 0.9        # board's price as a share of direct's. Forced in the b
 #                          core each and 0.96-0.99x on 4 ranks sharing 2 cores
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
-BURST_BYTES = 64 << 10   # a link's burst speed (calibrated with steps of this size) applies up to here: a
-#                          token bucket lets a step through at the wire's speed after a pause. On 2 simulated
-#                          hosts (2 Gbit/s, 4 MiB ping-pongs at 0.23-0.31 GB/s), priced at the sustained rate
-#                          only, 4 KiB cost recursive doubling's 2 crossing streams 53 us and the model picked
-#                          hierarchical, measured 1.5x slower (split CPUs, tbf: 75 against 51 us)
+BURST_PROBE_BYTES = 64 << 10   # calibration times a link's burst speed with steps of this size after a pause
+BURST_BYTES = 16 << 10   # and it prices steps of up to this size: a token bucket lets them through at the
+#                          wire's speed. On 2 simulated hosts (2 Gbit/s tbf, 4 MiB ping-pongs at 0.23-0.31
+#                          GB/s), priced at the sustained rate only, 4 KiB cost recursive doubling's 2 crossing
+#                          streams 53 us and the model picked hierarchical, measured 1.5x slower (split CPUs: 75
+#                          against 51 us); applied up to 64 KiB, it put recursive doubling at 32 KiB, measured
+#                          1.08x tree and hierarchical (shared CPUs: 262 against 243-246 us)
 PAIRWISE_BATCH = 8       # pairwise all_to_all posts this many exchanges before it waits (one step latency
 #                          per batch: algorithms/pairwise.py keeps that many in flight)
 

@@ -39,7 +39,8 @@ def test_a_spinning_thread_that_waits_for_its_cpu_counts_the_cpu_contended():
     try:
         assert native.spin_budget(ctx, native.now_ns()) == 200_000          # the first look only samples
         os.sched_setaffinity(0, {cpu})
-        hog = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
+        hog = subprocess.Popen([sys.executable, "-c",
+                                "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
         budgets, end = [], time.monotonic() + 1.0
         while time.monotonic() < end and 2_000 not in budgets:
             budgets.append(native.spin_budget(ctx, native.now_ns()))

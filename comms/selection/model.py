@@ -10,7 +10,8 @@ thread moves them all). A host's ranks share its link: where k of them cross it 
 each gets 1/k of its bandwidth (2 simulated hosts x 2 ranks under a 2 Gbit/s tbf, 16 MiB: direct,
 recursive doubling, rhd and hierarchical, whose every rank crosses at once, measured 2.4-2.8x the
 model's time without this, ring and tree, one stream each way, 1.1-1.3x). An algorithm that puts
-more bytes on the slow link than another is priced behind it whatever the latencies, so a measurement (comms.selection.tune) never outvotes it there.
+more bytes on the slow link than another is priced behind it whatever the latencies, so a
+measurement (comms.selection.tune) never outvotes it there.
 """
 from __future__ import annotations
 

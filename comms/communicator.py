@@ -41,6 +41,7 @@ from .work import Work
 
 log = clog.get("COLL")
 PLAN_CACHE = 4096
+_NO_HOT = (None, -1, None, None)      # Communicator._hot_last before any fast call, and after a drop
 
 
 # failures a rank learns from elsewhere (a peer's death, abort or close, a revoke) or that the user
@@ -69,8 +70,10 @@ class Communicator(Operations):
         self._plans: dict[tuple, Encoded] = {}
         # the fast path: (numpy or torch dtype, count, op) -> the all_reduce plan an earlier call of
         # that shape built, with its prepared call (Encoded.call); emptied whenever _plans is, and
-        # once the communicator breaks or closes
+        # once the communicator breaks or closes. _hot_last: the last hit's key and plan, which a
+        # call of the same shape takes with three identity checks instead of a lookup
         self._hot: dict[tuple, Encoded] = {}
+        self._hot_last = _NO_HOT
         self._lock = boot.engine.lock
         self._ran: dict[tuple, str] = {}     # (collective, message bytes) -> algorithm of the last plan built
         self._contests = self._new_contests()
@@ -368,10 +371,18 @@ class Communicator(Operations):
             call.scratch, call.timeout_ns = self._scratch_ptr, self._timeout_ns
         self._hot[key] = enc
 
+    def _hot_find(self, dtype: Any, count: int, op: Any) -> Encoded | None:
+        """The fast path's plan for (dtype, count, op), remembered as the last hit; None: none yet."""
+        enc = self._hot.get((dtype, count, op))
+        if enc is not None:
+            self._hot_last = (dtype, count, op, enc)
+        return enc
+
     def _drop_hot(self) -> None:
         for enc in self._hot.values():
             enc.call = None                   # it names this scratch buffer and context
         self._hot.clear()
+        self._hot_last = _NO_HOT
 
     def _hot_failed(self, enc: Encoded, call, rc: int) -> CommsError:
         """The error of a failed fast-path call of ``enc`` (through ``call``, its cm_call)."""

@@ -7,7 +7,7 @@
 
 /* return codes */
 enum {
-    CM_OK = 0, CM_EAGAIN = 1,
+    CM_OK = 0, CM_EAGAIN = 1, CM_EBUSY = 2,
     CM_E_TIMEOUT = -1, CM_E_PEER_CLOSED = -2, CM_E_PEER_DEAD = -3, CM_E_PEER_ABORTED = -4,
     CM_E_MISMATCH = -5, CM_E_TRUNCATE = -6, CM_E_SYS = -7, CM_E_INVALID = -8, CM_E_NOMEM = -9,
     CM_E_ABORTED = -10, CM_E_REVOKED = -11, CM_E_LIMIT = -12
@@ -94,6 +94,12 @@ void cm_ctx_free(cm_ctx *ctx);
 void cm_ctx_abort(cm_ctx *ctx);
 void cm_ctx_revoke(cm_ctx *ctx, int code, int peer);   /* from any thread: fail the context at its next check */
 void cm_ctx_kick(cm_ctx *ctx);   /* from any thread: a sliced cm_exec_wait returns soon (CM_EAGAIN) */
+/* the context's owner word, the native half of the engine lock (native/ctx.c): the fast path's
+ * cm_call_run takes it by itself (CM_EBUSY where another thread has it); every other caller takes
+ * it after the Python lock, waiting out a fast-path call in flight (bounded by that call's deadline) */
+int cm_ctx_try_enter(cm_ctx *ctx);   /* 1: taken */
+void cm_ctx_enter(cm_ctx *ctx);
+void cm_ctx_leave(cm_ctx *ctx);
 int cm_ctx_pending(cm_ctx *ctx);
 int cm_ctx_flight(cm_ctx *ctx, cm_fr_entry *out, int max);   /* newest last; safe to call while another thread waits */
 int cm_ctx_flight_capacity(cm_ctx *ctx, int entries);
@@ -133,6 +139,8 @@ typedef struct {        /* a prepared synchronous call of an in-place plan (Pyth
     int64_t timeout_ns; /* deadline: this long after the call starts */
     cm_status status;   /* a failed call's status */
 } cm_call;
+/* both take the context's owner word for the call, and return CM_EBUSY untouched where another
+ * thread holds it (the caller then goes the engine lock's way) */
 int cm_call_run(cm_call *c, void *buf);            /* buf: a cffi buffer */
 int cm_call_run_addr(cm_call *c, uintptr_t buf);   /* buf: an address */
 /* a torch c10d options object's fields read from its memory (native/peek.c; comms/torch_backend/peek.py

@@ -165,6 +165,7 @@ struct cm_ctx {
     int waker_chans;             /* channels woken through the waker (no poll_fd) */
     int trace;                   /* record per-message times for timelines */
     _Atomic int kick;            /* another thread wants the context: end a sliced wait early */
+    _Atomic int owned;           /* a thread holds the context (cm_ctx_enter, cm_call_run) */
     _Atomic int revoked;         /* set by another thread (cm_ctx_revoke): the code to fail with, 0: none */
     _Atomic int revoke_peer;     /* the peer that code names (-1: none) */
     cm_waker *waker;             /* &own_waker, or where a transport moved it (shm: its segment) */
@@ -218,7 +219,7 @@ int cm_ctx_attach(cm_ctx *ctx, int peer, cm_transport *t, void *priv);
 void cm_ctx_drop_transport(cm_ctx *ctx, cm_transport *t);   /* one that failed to open, before any channel */
 
 /* flight.c */
-void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan);
+void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan, int64_t now);   /* now: the clock */
 void cm_fr_end(cm_ctx *ctx, cm_exec *e);
 
 /* match.c */

@@ -10,6 +10,7 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include "comms_native.h"
 
@@ -120,6 +121,24 @@ void cm_ctx_kick(cm_ctx *ctx) {
     atomic_store(&ctx->kick, 1);
     cm_wake_always(ctx->waker);                /* it may sleep on the word or in poll() */
 }
+
+int cm_ctx_try_enter(cm_ctx *ctx) {
+    int free_ = 0;
+    return atomic_compare_exchange_strong_explicit(&ctx->owned, &free_, 1, memory_order_acquire,
+                                                   memory_order_relaxed);
+}
+
+/* The holder is a fast-path call in another thread, which returns by its deadline: spin a little
+ * (such calls last microseconds), then yield, then nap 50 us at a time. */
+void cm_ctx_enter(cm_ctx *ctx) {
+    for (unsigned i = 0; !cm_ctx_try_enter(ctx); i++) {
+        if (i < 256) cpu_relax();
+        else if (i < 512) sched_yield();
+        else { struct timespec ts = { 0, 50000 }; nanosleep(&ts, NULL); }
+    }
+}
+
+void cm_ctx_leave(cm_ctx *ctx) { atomic_store_explicit(&ctx->owned, 0, memory_order_release); }
 
 int cm_ctx_pending(cm_ctx *ctx) {
     int n = 0;

@@ -255,7 +255,7 @@ static int validate(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr
 /* Start a plan in ``e`` (zeroed by the caller): ``ops`` has room for its messages; ``steps`` is the
  * plan itself (a synchronous run's, which outlives it) or the exec's own copy. */
 static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int nsteps, const uintptr_t *bufs,
-                      int nbufs, const cm_hdr *sig, uint64_t seq, int64_t deadline_ns) {
+                      int nbufs, const cm_hdr *sig, uint64_t seq, int64_t deadline_ns, int64_t now) {
     e->steps = steps;
     e->ops = ops;
     e->nsteps = nsteps;
@@ -269,7 +269,7 @@ static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int n
     e->next_active = ctx->active;
     ctx->active = e;
     ctx->counters[CM_CNT_EXECS]++;
-    cm_fr_start(ctx, e, steps);
+    cm_fr_start(ctx, e, steps, now);
     if (e->is_coll) {
         if (ctx->coll_queue_tail) ctx->coll_queue_tail->next_coll = e; else ctx->coll_queue = e;
         ctx->coll_queue_tail = e;
@@ -299,7 +299,7 @@ static int count_ops(const cm_step *steps, int nsteps) {
  * that is free: no allocation, and no copy of the steps, which outlive the run. Anything else gets
  * a fresh exec with its own copy of the steps. */
 static int exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
-                      const cm_hdr *sig, int64_t deadline_ns, int own, cm_exec **out) {
+                      const cm_hdr *sig, int64_t deadline_ns, int64_t now, int own, cm_exec **out) {
     *out = NULL;
     uint64_t seq = sig->kind == CM_MSG_COLL ? ++ctx->seq : 0;   /* numbered even when it fails to start */
     if (ctx->failed) return ctx->status.code;
@@ -311,7 +311,7 @@ static int exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintp
         cm_exec *e = *out = &ctx->sync_exec;
         memset(e, 0, sizeof *e);
         ctx->sync_busy = 1;
-        return exec_begin(ctx, e, (cm_step *)steps, ctx->sync_ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
+        return exec_begin(ctx, e, (cm_step *)steps, ctx->sync_ops, nsteps, bufs, nbufs, sig, seq, deadline_ns, now);
     }
     cm_exec *e = calloc(1, sizeof *e);
     cm_step *copy = NULL;
@@ -324,12 +324,12 @@ static int exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintp
     }
     memcpy(copy, steps, sizeof(cm_step) * (size_t)nsteps);
     *out = e;
-    return exec_begin(ctx, e, copy, ops, nsteps, bufs, nbufs, sig, seq, deadline_ns);
+    return exec_begin(ctx, e, copy, ops, nsteps, bufs, nbufs, sig, seq, deadline_ns, now);
 }
 
 int cm_exec_start(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
                   const cm_hdr *sig, int64_t deadline_ns, cm_exec **out) {
-    return exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, 0, out);
+    return exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, cm_now_ns(), 0, out);
 }
 
 /* One pass over every transport and channel; returns 1 if anything moved, < 0 on failure. Queued
@@ -438,9 +438,10 @@ static int overdue(cm_ctx *ctx, cm_exec *e, int64_t now, int64_t *last_check) {
     return 0;
 }
 
-int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
+/* A wait from ``start`` (the clock now, or when a synchronous run started its plan just before). */
+static int exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st, int64_t start) {
     if (e->done) { fill_status(ctx, e, st); return e->code; }   /* it ended as it started */
-    int64_t start = cm_now_ns(), last_check = start, last_clock = start, idle_since = -1;
+    int64_t last_check = start, last_clock = start, idle_since = -1;
     /* a sliced wait (the progress thread, block_ns >= 0) never spins: it sleeps at once, so an
      * asynchronous operation in flight leaves the core to the thread that started it */
     int64_t spin_ns = block_ns >= 0 ? 0 : wait_spin_ns(ctx, e, start);
@@ -466,7 +467,7 @@ int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
             polls = 0; yields = 0; spinning = spin_ns > 0;
             continue;
         }
-        if (idle_since < 0) idle_since = last_clock = cm_now_ns();
+        if (idle_since < 0) idle_since = last_clock = passes == 1 ? start : cm_now_ns();   /* idle from the start */
         if (spinning) {
             ++polls;
             if (fixed) spinning = polls < ctx->spin_polls;
@@ -499,6 +500,10 @@ int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
          * is looked at when nothing moved */
         if (progress(ctx) == 0) check_liveness(ctx);
     }
+}
+
+int cm_exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st) {
+    return exec_wait(ctx, e, block_ns, st, cm_now_ns());
 }
 
 int cm_exec_test(cm_ctx *ctx, cm_exec *e, cm_status *st) {
@@ -535,15 +540,21 @@ int cm_exec_op_times(cm_exec *e, int64_t *out, int max) {
 
 int cm_exec_peer(cm_exec *e, int i) { return i >= 0 && i < e->nops ? e->ops[i].peer : -1; }
 
-/* A synchronous run: start (in the context's own exec when free), wait, free. */
-int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
-                const cm_hdr *sig, int64_t deadline_ns, cm_status *st) {
+/* A synchronous run: start (in the context's own exec when free), wait, free; ``now``: the clock
+ * (read once for the deadline, the flight recorder and the wait). */
+static int exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                    const cm_hdr *sig, int64_t deadline_ns, int64_t now, cm_status *st) {
     cm_exec *e;
-    int r = exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, 1, &e);
+    int r = exec_start(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, now, 1, &e);
     if (!e) { fill_status(ctx, NULL, st); if (st) st->code = r; return r; }
-    r = cm_exec_wait(ctx, e, -1, st);
+    r = exec_wait(ctx, e, -1, st, now);
     cm_exec_free(ctx, e);
     return r;
+}
+
+int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *bufs, int nbufs,
+                const cm_hdr *sig, int64_t deadline_ns, cm_status *st) {
+    return exec_run(ctx, steps, nsteps, bufs, nbufs, sig, deadline_ns, cm_now_ns(), st);
 }
 
 /* The synchronous call of an in-place single-buffer collective from Python's fast path: buffers
@@ -551,8 +562,13 @@ int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *
  * the buffer, so that Python passes what it has without converting it: a numpy array's cffi buffer
  * (a pointer) or a torch tensor's data_ptr() (an integer). */
 static int call_run(cm_call *c, uintptr_t buf) {
+    cm_ctx *ctx = c->ctx;
+    if (!cm_ctx_try_enter(ctx)) return CM_EBUSY;
     uintptr_t bufs[3] = { buf, buf, c->scratch };
-    return cm_exec_run(c->ctx, c->steps, c->nsteps, bufs, 3, c->sig, cm_now_ns() + c->timeout_ns, &c->status);
+    int64_t now = cm_now_ns();
+    int r = exec_run(ctx, c->steps, c->nsteps, bufs, 3, c->sig, now + c->timeout_ns, now, &c->status);
+    cm_ctx_leave(ctx);
+    return r;
 }
 
 int cm_call_run(cm_call *c, void *buf) { return call_run(c, (uintptr_t)buf); }

@@ -69,8 +69,8 @@ static void write_end(struct cm_fr_slot *slot) {
     atomic_store_explicit(&slot->version, v + 1, memory_order_release);   /* even after every byte */
 }
 
-void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan) {
-    e->t_start = cm_now_ns();
+void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan, int64_t now) {
+    e->t_start = now;
     if (!ctx->fr_cap) return;
     uint64_t id = atomic_load_explicit(&ctx->fr_next, memory_order_relaxed);
     struct cm_fr_slot *slot = &ctx->fr[id % ctx->fr_cap];

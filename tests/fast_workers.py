@@ -101,3 +101,45 @@ def fails_on_a_fast_shape(rank: int, size: int, how: str) -> dict:
         except comms.CommsError as e:
             out["next"] = type(e).__name__
         return out
+
+
+def another_thread_during_a_fast_call(rank: int, size: int, how: str) -> dict:
+    """Rank 0 is inside a fast-path call (rank 1 joins it 0.6 s late) while another thread of rank
+    0 uses the communicator: ``counters`` reads the native context (it must wait until the call
+    ends, not run beside it), ``abort`` aborts the communicator (the call must end at once with
+    the abort's error)."""
+    import threading
+    with comms.init(timeout=30) as comm:
+        for _ in range(3):
+            comm.all_reduce(np.ones(4, np.float32))
+        comm.barrier()
+        out: dict = {}
+        if rank == 1:
+            time.sleep(0.6)
+            out["error"] = None
+            try:                 # rank 0's data may be on the board already: the first call may end well
+                for _ in range(2 if how == "abort" else 1):
+                    comm.all_reduce(np.ones(4, np.float32))
+            except comms.CommsError as e:
+                out["error"] = type(e).__name__
+            return out
+
+        def other():
+            time.sleep(0.2)
+            t = time.monotonic()
+            if how == "counters":
+                comm._engine.counters()
+            else:
+                comm.abort("from another thread")
+            out["other"] = (t, time.monotonic())
+        th = threading.Thread(target=other)
+        th.start()
+        t0 = time.monotonic()
+        try:
+            comm.all_reduce(np.ones(4, np.float32))
+            out["error"] = None
+        except comms.CommsError as e:
+            out["error"] = (type(e).__name__, str(e))
+        out["call"] = (t0, time.monotonic())
+        th.join()
+        return out

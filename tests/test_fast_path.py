@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from comms.testing import spawn
-from fast_workers import fails_on_a_fast_shape, misuse_on_a_fast_shape, repeated_calls, rules_change_between_fast_calls
+from fast_workers import (another_thread_during_a_fast_call, fails_on_a_fast_shape, misuse_on_a_fast_shape,
+                          repeated_calls, rules_change_between_fast_calls)
 
 ENV = {"COMMS_CALIBRATE": "0"}     # the path does not depend on the cost model's figures
 
@@ -49,3 +50,21 @@ def test_timeout_inside_a_fast_call_names_the_operation_sequence_and_peer():
     name, op, seq, who, peer = out[0]["error"]
     assert (name, op, seq, who, peer) == ("CommTimeout", "all_reduce", out[0]["expected_seq"], 0, 1)
     assert out[0]["next"] is not None
+
+
+def test_another_thread_waits_for_a_fast_call_to_leave_the_native_context():
+    """The fast path takes the context's owner word in C, not the engine lock: a thread that takes
+    the engine lock must still find the context busy until the call returns."""
+    out = spawn(another_thread_during_a_fast_call, 2, timeout=60, args=("counters",), env=ENV)
+    (t0, t1), (o0, o1) = out[0]["call"], out[0]["other"]
+    assert out[0]["error"] is None and out[1]["error"] is None
+    assert t1 - t0 > 0.4 and o0 < t1 <= o1, out[0]     # it asked during the call, got it after
+
+
+def test_an_abort_from_another_thread_ends_a_fast_call_at_once():
+    out = spawn(another_thread_during_a_fast_call, 2, timeout=60, args=("abort",), env=ENV)
+    (t0, t1), (o0, o1) = out[0]["call"], out[0]["other"]
+    name, msg = out[0]["error"]
+    assert name == "TransportError" and "from another thread" in msg, out[0]   # (E_ABORTED's class)
+    assert t1 - o0 < 0.3, out[0]                         # rank 1 arrives only 0.4 s after the abort
+    assert out[1]["error"] == "PeerError", out[1]

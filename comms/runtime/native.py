@@ -17,7 +17,7 @@ import os
 from .._native import ffi, lib
 
 # return codes
-OK, EAGAIN = lib.CM_OK, lib.CM_EAGAIN
+OK, EAGAIN, EBUSY = lib.CM_OK, lib.CM_EAGAIN, lib.CM_EBUSY
 E_TIMEOUT, E_PEER_CLOSED, E_PEER_DEAD = lib.CM_E_TIMEOUT, lib.CM_E_PEER_CLOSED, lib.CM_E_PEER_DEAD
 E_PEER_ABORTED, E_MISMATCH, E_TRUNCATE = lib.CM_E_PEER_ABORTED, lib.CM_E_MISMATCH, lib.CM_E_TRUNCATE
 E_SYS, E_INVALID, E_NOMEM, E_ABORTED = lib.CM_E_SYS, lib.CM_E_INVALID, lib.CM_E_NOMEM, lib.CM_E_ABORTED
@@ -63,6 +63,7 @@ ctx_seq, ctx_set_seq, ctx_set_trace, ctx_set_unexp_limits = \
 ctx_counters, ctx_transport_bytes, ctx_chan_transport = \
     lib.cm_ctx_counters, lib.cm_ctx_transport_bytes, lib.cm_ctx_chan_transport
 ctx_flight_capacity, ctx_flight = lib.cm_ctx_flight_capacity, lib.cm_ctx_flight
+ctx_try_enter, ctx_enter, ctx_leave = lib.cm_ctx_try_enter, lib.cm_ctx_enter, lib.cm_ctx_leave
 plan_check = lib.cm_plan_check
 exec_run, exec_start, exec_wait, exec_peer, exec_free, exec_op_times = \
     lib.cm_exec_run, lib.cm_exec_start, lib.cm_exec_wait, lib.cm_exec_peer, lib.cm_exec_free, lib.cm_exec_op_times

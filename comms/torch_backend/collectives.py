@@ -33,7 +33,7 @@ from .work import CommsWork, RecvWork
 
 _FAST_OPS_GET = ops.FAST_OPS.get
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
-_RUN_ADDR = native.call_run_addr
+_RUN_ADDR, _EBUSY = native.call_run_addr, native.EBUSY
 _refs = sys.getrefcount
 _PEEK_ON, _PEEK, _PEEK_OP, _read_op = peek.ON, native.opts_peek, peek.SYNC_OPS.get, peek.read_sync_op
 
@@ -51,8 +51,8 @@ def _options(cls, value, **fields):
 
 class Collectives:
     """Mixin of :class:`ProcessGroupComms`: needs ``self._comm``, ``self._done`` (with
-    ``_done_work`` and ``_last_outputs``), and ``_hot_get`` and ``_comm_lock``: the communicator's
-    ``_hot.get`` and ``_lock``, which never change, kept here to save two lookups a call."""
+    ``_done_work`` and ``_last_outputs``), and ``_hot_get``: the communicator's ``_hot.get``, which
+    never changes, kept here to save a lookup a call."""
 
     # -- issuing ------------------------------------------------------------------------------
     def _issue(self, opts, calls: list, outputs: list, post=None):
@@ -78,20 +78,15 @@ class Collectives:
             enc = self._hot_get((t.dtype, t.numel(), op))
             if enc is not None and (call := enc.call) is not None and t.is_cpu and t.layout is _STRIDED \
                     and t.is_contiguous():      # (call: another thread may drop it, as abort does)
-                lk = self._comm_lock
-                if not lk.acquire(False):
-                    self._comm._engine._acquire()
-                try:
-                    rc = _RUN_ADDR(call, t.data_ptr())
-                finally:
-                    lk.release()
-                if rc:
-                    raise self._comm._hot_failed(enc, call, rc)
-                w = self._done_work                  # _done, inlined: the shared instance, unless
-                if _refs(w) > 3:                     # someone kept it (this attribute, w, the argument)
-                    return self._done(tensors)
-                self._last_outputs = tensors
-                return w
+                rc = _RUN_ADDR(call, t.data_ptr())   # (it takes the context itself, in C)
+                if rc == 0:
+                    w = self._done_work                  # _done, inlined: the shared instance, unless
+                    if _refs(w) > 3:                     # someone kept it (this attribute, w, the argument)
+                        return self._done(tensors)
+                    self._last_outputs = tensors
+                    return w
+                if rc != _EBUSY:                         # busy: another thread holds the context, and the
+                    raise self._comm._hot_failed(enc, call, rc)   # way below waits for it
         if type(opts) is not AllreduceOptions:
             opts = _options(AllreduceOptions, opts, reduceOp=lambda v: v)
         if type(tensors) is not list:

@@ -48,7 +48,6 @@ class ProcessGroupComms(Collectives, dist.ProcessGroup):
         self._done_work = DoneWork(self)
         self._last_outputs: list = []
         self._hot_get = comm._hot.get    # for allreduce's hot path (the dict and the lock never change)
-        self._comm_lock = comm._lock
 
     # -- identity (reached from C++ through the trampoline) ------------------------------------
     def getBackendName(self) -> str:

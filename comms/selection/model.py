@@ -1,17 +1,14 @@
 """The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth.
 
-As NCCL's tuning.cc does, a plan is priced per link class, plus the local reduction speed. A link
-class is a transport (each registered one brings default figures, ``Transport.link``; calibration
-measures those a job uses); :class:`Params` holds them by name, and a communicator's :class:`Route`
-names the classes its traffic takes. Each step is priced on the link it uses: the recursive
-algorithms' exchange with rank ^ d stays on intra while the partners share a host; a flat step
-spanning hosts is bound by the slower class; direct's one step adds up the bytes to every peer (one
-thread moves them all). A host's ranks share its link: where k of them cross it in the same step,
-each gets 1/k of its bandwidth (2 simulated hosts x 2 ranks under a 2 Gbit/s tbf, 16 MiB: direct,
-recursive doubling, rhd and hierarchical, whose every rank crosses at once, measured 2.4-2.8x the
-model's time without this, ring and tree, one stream each way, 1.1-1.3x). An algorithm that puts
-more bytes on the slow link than another is priced behind it whatever the latencies, so a
-measurement (comms.selection.tune) never outvotes it there.
+As NCCL's tuning.cc does, a plan is priced per link class (a transport: :class:`Params` holds a
+:class:`Link` per name, ``Transport.link`` until calibration measures it; a communicator's
+:class:`Route` names those its traffic takes), plus the local reduction speed. Each step is priced on
+the link it uses: the recursive algorithms' exchange with rank ^ d stays on intra while the partners
+share a host; a flat step spanning hosts is bound by the slower class; direct's one step adds up the
+bytes to every peer (one thread moves them all). A host's ranks share its link: where k of them cross
+it in the same step, each gets 1/k of its bandwidth (2 simulated hosts x 2 ranks under a 2 Gbit/s tbf,
+16 MiB: direct, recursive doubling, rhd and hierarchical, whose every rank crosses at once, measured
+2.4-2.8x the model's time without this, ring and tree, one stream each way, 1.1-1.3x).
 """
 from __future__ import annotations
 
@@ -90,10 +87,8 @@ class Params:
 
     def link(self, name: str) -> Link:
         """This model's figures for ``name``, else its registered default, else the contract's."""
-        if name in self.links:
-            return self.links[name]
         from ..transports.base import Transport
-        return _registered().get(name, Transport.link)
+        return self.links.get(name) or _registered().get(name, Transport.link)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -118,30 +113,22 @@ def _log2(n: int) -> int:
     return max(1, math.ceil(math.log2(n))) if n > 1 else 0
 
 
-def _link(pairs, host_of: dict, p: Params, route: Route) -> Link:
-    """The link a step of exchanges ``pairs`` (sender, receiver) runs on: intra where every pair
-    shares a host, else inter shared by the most senders of one host crossing at once."""
-    crossing = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
-    if not crossing:
-        return p.link(route.intra)
-    return p.link(route.inter).shared(max(crossing.count(h) for h in set(crossing)))
+def _powers(n: int):
+    """1, 2, 4, ... below ``n`` (n >= 1)."""
+    return (1 << k for k in range(_log2(n)))
 
 
-def _recursive(n: int, host_of: dict, p: Params, route: Route, nbytes, rounds: int, m: float) -> float:
+def _recursive(n: int, on, nbytes, rounds: int, m: float) -> float:
     """The recursive algorithms' exchanges with rank ^ d (d < p2, the power-of-two core), ``rounds``
-    of ``nbytes(d)`` each, each on the link its pairs use, plus the fold of the n - p2 extra ranks."""
+    of ``nbytes(d)`` each, each on the link ``on(pairs)``, plus the fold of the n - p2 extra ranks."""
     p2 = 1 << (n.bit_length() - 1)
-    total, d = 0.0, 1
-    while d < p2:
-        total += rounds * _link([(r, r ^ d) for r in range(p2)], host_of, p, route).t(1, nbytes(d))
-        d <<= 1
+    total = sum(rounds * on([(r, r ^ d) for r in range(p2)]).t(1, nbytes(d)) for d in _powers(p2))
     if n != p2:
-        fold = [(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]
-        total += 2 * _link(fold, host_of, p, route).t(1, m)
+        total += 2 * on([(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]).t(1, m)
     return total
 
 
-def _binomial(n: int, host_of: dict, p: Params, route: Route, m: float) -> float:
+def _binomial(n: int, on, m: float) -> float:
     """One pass of m bytes through the binomial tree rooted at rank 0 (tree's reduce up or its
     broadcast down), in segments of TREE_SEGMENT_BYTES: each level's pairs (r, r + d) on their
     link, pipelined, so the levels' segment times plus (segments - 1) times the slowest level's.
@@ -149,10 +136,7 @@ def _binomial(n: int, host_of: dict, p: Params, route: Route, m: float) -> float
     so came within 0.97-1.02x of its measured time; as 2m + 2 log2(n) segments on the slower
     link it was priced 1.1-2.7x."""
     segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
-    levels, d = [], 1
-    while d < n:
-        levels.append(_link([(r + d, r) for r in range(0, n - d, 2 * d)], host_of, p, route).t(1, m / segments))
-        d <<= 1
+    levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
     return sum(levels) + (segments - 1) * max(levels)
 
 
@@ -174,6 +158,12 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     p2 = 1 << (n.bit_length() - 1)
     blk = m / max(1, n - 1)
     host_of = {r: i for i, group in enumerate(hosts) for r in group}
+
+    def on(pairs) -> Link:
+        """The link a step of exchanges ``pairs`` (sender, receiver) runs on: intra where every pair
+        shares a host, else inter shared by the most senders of one host crossing at once."""
+        crossing = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
+        return inter.shared(max(crossing.count(h) for h in set(crossing))) if crossing else intra
     if algo == "hierarchical" and (H < 2 or n % H or len({len(h) for h in hosts}) > 1):
         return math.inf                 # it declines: it needs two or more hosts of equal size
     prices = {}
@@ -186,12 +176,10 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
             "ring": flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + red((n - 1) * m / n),
             # each exchange reduces the whole buffer, and so does the fold of the extra ranks
-            "recursive_doubling": _recursive(n, host_of, p, route, lambda d: m, 1, m)
-            + red((_log2(p2) + (n != p2)) * m),
-            "rhd": _recursive(n, host_of, p, route, lambda d: m * d / p2, 2, m)
-            + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
+            "recursive_doubling": _recursive(n, on, lambda d: m, 1, m) + red((_log2(p2) + (n != p2)) * m),
+            "rhd": _recursive(n, on, lambda d: m * d / p2, 2, m) + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
             # tree: up and down the binomial tree; the root reduces one child's bytes per level
-            "tree": 2 * _binomial(n, host_of, p, route, m) + red(_log2(n) * m),
+            "tree": 2 * _binomial(n, on, m) + red(_log2(n) * m),
             "hierarchical": intra.t(2 * (L - 1), 2 * (L - 1) * m / L)
             + crossing.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
         }
@@ -239,11 +227,6 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, ov
 def ranges(coll: str, sizes: list, picks: list) -> list[str]:
     """Rules from the pick at each of ``sizes`` (ascending): each pick covers its size up to the
     next one's, the first from 0 and the last to inf; equal neighbours merge."""
-    rules, start = [], 0
-    for i in range(1, len(sizes) + 1):
-        if i == len(sizes) or picks[i] != picks[start]:
-            low = 0 if start == 0 else sizes[start]
-            high = "inf" if i == len(sizes) else str(sizes[i])
-            rules.append(f"{coll}:{low}-{high}:{picks[start]}")
-            start = i
-    return rules
+    starts = [i for i, pick in enumerate(picks) if i == 0 or pick != picks[i - 1]]
+    edges = [0] + [sizes[i] for i in starts[1:]] + ["inf"]
+    return [f"{coll}:{low}-{high}:{picks[i]}" for i, low, high in zip(starts, edges, edges[1:])]

@@ -3,13 +3,12 @@
 A rule may name several algorithms, ``all_reduce:16K-64K:direct|rhd``. With COMMS_ONLINE_ROUNDS > 0
 (opt-in: no job changes algorithm midway unless asked to) the calls of each plan key time the
 alternatives that build a plan: ``rounds`` rounds of one turn each, the order reversed every other
-round, each turn sized by :func:`turn_calls` from the cost model's price of its alternative (a
-mispriced one gets a longer or shorter turn, never a wrong figure: its timed calls measure it).
-Every rank runs the same alternative at the same call, and every call computes the user's result.
-After the last turn one MAX all_reduce agrees on the slowest rank's figures, which decide
-(:func:`decide`) for the communicator's life (``set_algo`` does not reset it); without
-COMMS_DETERMINISTIC a float sum's last bits may differ before and after the switch (never between
-ranks).
+round, each turn sized by :func:`turn_calls` from the cost model's price (a mispriced alternative
+gets a longer or shorter turn, never a wrong figure). Every rank runs the same alternative at the
+same call, and every call computes the user's result. After the last turn one MAX all_reduce agrees
+on the slowest rank's figures, which :func:`decide` for the communicator's life (``set_algo`` keeps
+it); without COMMS_DETERMINISTIC a float sum's last bits may differ before and after the switch
+(never between ranks).
 """
 from __future__ import annotations
 
@@ -47,19 +46,17 @@ def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
 
 
 class Trial:
-    """One key's schedule, a list of turns (round, alternative, untimed calls, timed calls), and
-    this rank's timings. It keeps two of the communicator's dicts current: ``plans[key]``, the
-    encoded plan whose turn it is (dropped after the last turn, so the next call reaches
-    :meth:`Contests.pick`), and ``ran[ran_key]``, the algorithm of the call begun last. The
-    communicator brackets each call of a plan marked with the trial (``enc.trial``) with
-    :meth:`begin` and :meth:`end`, and nothing else."""
+    """One key's schedule, turns of (round, alternative, untimed calls, timed calls), and this rank's
+    timings. It keeps ``plans[key]`` the encoded plan whose turn it is (dropped after the last turn,
+    so the next call reaches :meth:`Contests.pick`) and ``ran[ran_key]`` the algorithm of the call
+    begun last. The communicator brackets each call of a plan marked ``enc.trial`` with :meth:`begin`
+    and :meth:`end`."""
 
     def __init__(self, alts: list[str], seconds: list[float], rounds: int, encs: list | None = None,
                  key: tuple = (), ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None,
                  scale: float = 1.0):
         self.alts, self.encs, self.key, self.ran_key = list(alts), encs or [], key, ran_key
-        self._plans = {} if plans is None else plans
-        self._ran = {} if ran is None else ran
+        self._plans, self._ran = {} if plans is None else plans, {} if ran is None else ran
         turns, k = [turn_calls(s, scale) for s in seconds], list(range(len(alts)))
         self.schedule = [(r, a, *turns[a]) for r in range(rounds) for a in (k if r % 2 == 0 else k[::-1])]
         self._sum, self._n = np.zeros((rounds, len(alts))), np.zeros((rounds, len(alts)))
@@ -95,8 +92,8 @@ class Trial:
         return self._t0
 
     def end(self, t0: float) -> None:
-        """The call begun in the stretch that started at ``t0`` (0.0: a lead-in call) returned; the
-        stretch is recorded, and the turn moves on, once its calls are spent."""
+        """The call begun at :meth:`begin`'s ``t0`` returned: once the turn's calls are spent, its
+        stretch is recorded and the next turn starts."""
         if not (self.lead or self.timed):
             if t0 and self._sync:
                 self._sum[self.row, self.alt] += time.perf_counter() - t0
@@ -113,16 +110,15 @@ def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
     every alternative's median ratio to the first over the rounds where both have a figure. Over
     the rounds where every alternative has a figure, the lowest median ratio wins if it is the
     first (the rule's pick) or at least ``SWITCH`` faster than it; no such round: the first."""
-    ratios = {}
-    for i, a in enumerate(alts):
-        both = [float(row[i] / row[0]) for row in agreed if np.isfinite(row[[0, i]]).all() and row[0] > 0]
-        if both:
-            ratios[a] = statistics.median(both)
-    full = [row for row in agreed if np.isfinite(row).all() and row[0] > 0]
-    if not full:
+    def median_ratio(i: int, rows) -> float | None:
+        got = [float(row[i] / row[0]) for row in rows if np.isfinite(row[[0, i]]).all() and row[0] > 0]
+        return statistics.median(got) if got else None
+    ratios = {a: r for i, a in enumerate(alts) if (r := median_ratio(i, agreed)) is not None}
+    full = [row for row in agreed if np.isfinite(row).all()]
+    med = [median_ratio(i, full) for i in range(len(alts))]
+    if med[0] is None:
         return 0, ratios
-    med = [statistics.median(float(row[i] / row[0]) for row in full) for i in range(len(alts))]
-    best = min(range(len(alts)), key=lambda i: (med[i], i))
+    best = med.index(min(med))
     return (best if med[best] < 1 - SWITCH else 0), ratios
 
 
@@ -130,8 +126,7 @@ class Contests:
     """A communicator's trials in progress and decisions, per (plan key, alternatives). ``agree``
     is its MAX all_reduce of a float64 array in place; ``plans`` and ``ran`` as for :class:`Trial`."""
 
-    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict,
-                 turn_ms: float = 1e3 * (LEAD_S + TIMED_S)):
+    def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict, turn_ms: float):
         self.rounds, self.scale = rounds, turn_ms / (1e3 * (LEAD_S + TIMED_S))
         self._agree, self._plans, self._ran = agree, plans, ran
         self._trials: dict[tuple, Trial] = {}
@@ -140,23 +135,21 @@ class Contests:
     def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object],
              seconds: Callable[[str], float]):
         """The encoded plan the next call of ``key`` runs under a rule naming ``alts`` (for the
-        caller to cache), or None when fewer than two alternatives build a plan (the caller plans
-        as without alternatives); ``build(name)`` encodes an alternative's plan, None when it
-        declines, and ``seconds(name)`` is its price per call. The call after the last turn agrees
-        on the figures (every rank alike) and decides."""
+        caller to cache), None where fewer than two build: ``build(name)`` is an alternative's
+        encoded plan (None: it declines), ``seconds(name)`` its price per call. The call after the
+        last turn agrees on the figures (every rank alike) and decides."""
         cid = (key, alts)
         got = self.decided.get(cid)
         if got is not None:
             return got[0]
         trial = self._trials.get(cid)
         if trial is None:
-            built = [(a, enc) for a in alts if (enc := build(a)) is not None]
+            built = {a: enc for a in alts if (enc := build(a)) is not None}
             if len(built) < 2 or self.rounds < 1:
                 return None
-            names, encs = [a for a, _ in built], [enc for _, enc in built]
-            trial = self._trials[cid] = Trial(names, [seconds(a) for a in names], self.rounds, encs, key, ran_key,
-                                                self._plans, self._ran, self.scale)
-            for enc in encs:
+            trial = self._trials[cid] = Trial(list(built), [seconds(a) for a in built], self.rounds,
+                                                list(built.values()), key, ran_key, self._plans, self._ran, self.scale)
+            for enc in trial.encs:
                 enc.trial = trial
         if not trial.done:
             return trial.encs[trial.alt]

@@ -1,14 +1,13 @@
 """The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth.
 
-As NCCL's tuning.cc does, a plan is priced per link class (a transport: :class:`Params` holds a
-:class:`Link` per name, ``Transport.link`` until calibration measures it; a communicator's
-:class:`Route` names those its traffic takes), plus the local reduction speed. Each step is priced on
-the link it uses: the recursive algorithms' exchange with rank ^ d stays on intra while the partners
-share a host; a flat step spanning hosts is bound by the slower class; direct's one step adds up the
-bytes to every peer (one thread moves them all). A host's ranks share its link: where k of them cross
-it in the same step, each gets 1/k of its bandwidth (2 simulated hosts x 2 ranks under a 2 Gbit/s tbf,
-16 MiB: direct, recursive doubling, rhd and hierarchical, whose every rank crosses at once, measured
-2.4-2.8x the model's time without this, ring and tree, one stream each way, 1.1-1.3x).
+As NCCL's tuning.cc does, per link class (a transport: :class:`Params` holds a :class:`Link` per name,
+``Transport.link`` until calibrated; a communicator's :class:`Route` names those its traffic takes) plus
+the local reduction speed. Each step is priced on the link it uses: an exchange with rank ^ d stays on
+intra while the partners share a host; a flat step spanning hosts is bound by the slower class;
+direct's one step adds up the bytes to every peer (one thread moves them all). Where k ranks of a host
+cross its link in one step, each gets 1/k of it (2 simulated hosts x 2 ranks, 2 Gbit/s tbf, 16 MiB:
+without this, direct, recursive doubling, rhd and hierarchical measured 2.4-2.8x the model's time,
+ring and tree, one stream each way, 1.1-1.3x).
 """
 from __future__ import annotations
 
@@ -26,12 +25,11 @@ BOARD_SHARE = 0.9        # board's price as a share of direct's. Forced in the b
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
 BURST_PROBE_BYTES = 64 << 10   # calibration times a link's burst speed with steps of this size after a pause
-BURST_BYTES = 16 << 10   # and it prices steps of up to this size: a token bucket lets them through at the
-#                          wire's speed. On 2 simulated hosts (2 Gbit/s tbf, 4 MiB ping-pongs at 0.23-0.31
-#                          GB/s), priced at the sustained rate only, 4 KiB cost recursive doubling's 2 crossing
-#                          streams 53 us and the model picked hierarchical, measured 1.5x slower (split CPUs: 75
-#                          against 51 us); applied up to 64 KiB, it put recursive doubling at 32 KiB, measured
-#                          1.08x tree and hierarchical (shared CPUs: 262 against 243-246 us)
+BURST_BYTES = 16 << 10   # and it prices steps of up to this size (a token bucket lets them through at the
+#                          wire's speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate only 4 KiB
+#                          went to hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75
+#                          against 51 us); up to 64 KiB put recursive doubling at 32 KiB, measured 1.08x tree
+#                          and hierarchical (shared CPUs: 262 against 243-246 us)
 PAIRWISE_BATCH = 8       # pairwise all_to_all posts this many exchanges before it waits (one step latency
 #                          per batch: algorithms/pairwise.py keeps that many in flight)
 
@@ -56,8 +54,7 @@ class Link:
     burst_gbps: float = 0.0  # GB/s of a step of at most BURST_BYTES after a pause (0: beta_gbps)
 
     def t(self, steps: float, nbytes: float) -> float:
-        """µs of ``steps`` steps moving ``nbytes`` in all, at the burst speed where each step's
-        share is at most BURST_BYTES."""
+        """µs of ``steps`` steps moving ``nbytes`` in all (at the burst speed up to BURST_BYTES a step)."""
         burst = nbytes <= BURST_BYTES * max(steps, 1) and self.burst_gbps > self.beta_gbps
         return steps * self.alpha_us + nbytes / ((self.burst_gbps if burst else self.beta_gbps) * 1e3)
 
@@ -95,8 +92,7 @@ class Params:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Params":
-        links = _registered()
-        links.update({name: Link(**link) for name, link in d.get("links", {}).items()})
+        links = {**_registered(), **{name: Link(**link) for name, link in d.get("links", {}).items()}}
         return cls(links, d["reduce_gbps"], d.get("source", "cache"))
 
     def scaled(self, share: float = 1.0, alpha: float = 1.0) -> "Params":
@@ -113,8 +109,7 @@ def _log2(n: int) -> int:
     return max(1, math.ceil(math.log2(n))) if n > 1 else 0
 
 
-def _powers(n: int):
-    """1, 2, 4, ... below ``n`` (n >= 1)."""
+def _powers(n: int):          # 1, 2, 4, ... below n >= 1
     return (1 << k for k in range(_log2(n)))
 
 
@@ -129,23 +124,23 @@ def _recursive(n: int, on, nbytes, rounds: int, m: float) -> float:
 
 
 def _binomial(n: int, on, m: float) -> float:
-    """One pass of m bytes through the binomial tree rooted at rank 0 (tree's reduce up or its
-    broadcast down), in segments of TREE_SEGMENT_BYTES: each level's pairs (r, r + d) on their
-    link, pipelined, so the levels' segment times plus (segments - 1) times the slowest level's.
-    Against 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at 256 KiB-16 MiB, tree priced
-    so came within 0.97-1.02x of its measured time; as 2m + 2 log2(n) segments on the slower
-    link it was priced 1.1-2.7x."""
+    """One pass of m bytes through the binomial tree rooted at rank 0 (tree's reduce up or broadcast
+    down) in TREE_SEGMENT_BYTES segments, pipelined: each level's segment time on its pairs' link, plus
+    (segments - 1) times the slowest's. Against 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at
+    256 KiB-16 MiB, tree priced so came within 0.97-1.02x of its measured time; as 2m + 2 log2(n)
+    segments on the slower link it was priced 1.1-2.7x."""
     segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
     levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
     return sum(levels) + (segments - 1) * max(levels)
 
 
 def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: Route) -> float:
-    """Estimated µs of ``algo`` for ``coll`` of ``m`` bytes (the selector's message size: the
-    per-rank buffer for all_reduce and broadcast, the bytes a rank sends otherwise) on ``n`` ranks
-    of ``hosts``; inf where the algorithm would decline or is not priced."""
+    """Estimated µs of ``algo`` for ``coll`` of ``m`` bytes (the selector's message size, see
+    comms.selection.rules) on ``n`` ranks of ``hosts``; inf where it would decline or is not priced."""
     if n == 1:
         return 0.0
+    if algo == "hierarchical" and (len(hosts) < 2 or n % len(hosts) or len({len(h) for h in hosts}) > 1):
+        return math.inf                 # it declines: it needs two or more hosts of equal size
     H = max(1, len(hosts))
     L = n // H if hosts and n % H == 0 else n
     intra, inter = p.link(route.intra), p.link(route.inter)
@@ -164,13 +159,10 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         shares a host, else inter shared by the most senders of one host crossing at once."""
         crossing = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
         return inter.shared(max(crossing.count(h) for h in set(crossing))) if crossing else intra
-    if algo == "hierarchical" and (H < 2 or n % H or len({len(h) for h in hosts}) > 1):
-        return math.inf                 # it declines: it needs two or more hosts of equal size
     prices = {}
     if coll == "all_reduce":
         # direct: intra exchanges that wait together cost one step latency; each inter one its own
-        intra_steps = 1 if route.together else L - 1
-        direct = intra.t(intra_steps, (L - 1) * m) + crossing.t(n - L, (n - L) * m) + red(n * m)
+        direct = intra.t(1 if route.together else L - 1, (L - 1) * m) + crossing.t(n - L, (n - L) * m) + red(n * m)
         prices = {
             "direct": direct,
             "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
@@ -184,28 +176,22 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             + crossing.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
         }
     elif coll == "reduce_scatter":
-        prices = {
-            "ring": flat.t(n - 1, m) + red(m),
-            "recursive_halving": math.inf if n & (n - 1) else flat.t(_log2(n), m) + red(m) + copy(2 * n * blk),
-            "hierarchical": intra.t(L - 1, (L - 1) * H * blk) + crossing.t(H - 1, (H - 1) * blk) + red(m),
-        }
+        prices = {"ring": flat.t(n - 1, m) + red(m),
+                  "recursive_halving": math.inf if n & (n - 1) else flat.t(_log2(n), m) + red(m) + copy(2 * n * blk),
+                  "hierarchical": intra.t(L - 1, (L - 1) * H * blk) + crossing.t(H - 1, (H - 1) * blk) + red(m)}
     elif coll == "all_gather":
         prices = {"ring": flat.t(n - 1, m), "bruck": flat.t(_log2(n), m) + copy(n * blk),
                   "hierarchical": crossing.t(H - 1, (H - 1) * blk) + intra.t(L - 1, (L - 1) * H * blk)}
     elif coll == "broadcast":
         tseg, rseg = min(m, TREE_SEGMENT_BYTES), min(m, CHAIN_SEGMENT_BYTES)
-        prices = {
-            "binomial": flat.t(_log2(n) + max(0, m / max(tseg, 1) - 1), tseg * _log2(n) + m),
-            "ring": flat.t(n - 1 + max(0, m / max(rseg, 1) - 1), rseg * (n - 1) + m),
-            "hierarchical": inter.t(_log2(H), _log2(H) * m) + intra.t(_log2(L), _log2(L) * m),
-        }
+        prices = {"binomial": flat.t(_log2(n) + max(0, m / max(tseg, 1) - 1), tseg * _log2(n) + m),
+                  "ring": flat.t(n - 1 + max(0, m / max(rseg, 1) - 1), rseg * (n - 1) + m),
+                  "hierarchical": inter.t(_log2(H), _log2(H) * m) + intra.t(_log2(L), _log2(L) * m)}
     elif coll == "all_to_all":
-        prices = {
-            "pairwise": flat.t(1 + (n - 1) / PAIRWISE_BATCH, m),
-            "bruck": flat.t(_log2(n), _log2(n) * n * blk / 2) + copy(2 * n * blk * _log2(n)),
-            "hierarchical": intra.t(1 + (L - 1) / PAIRWISE_BATCH, (L - 1) * H * blk)
-            + inter.t(1 + (H - 1) / PAIRWISE_BATCH, (H - 1) * L * blk),
-        }
+        prices = {"pairwise": flat.t(1 + (n - 1) / PAIRWISE_BATCH, m),
+                  "bruck": flat.t(_log2(n), _log2(n) * n * blk / 2) + copy(2 * n * blk * _log2(n)),
+                  "hierarchical": intra.t(1 + (L - 1) / PAIRWISE_BATCH, (L - 1) * H * blk)
+                  + inter.t(1 + (H - 1) / PAIRWISE_BATCH, (H - 1) * L * blk)}
     return prices.get(algo, math.inf)
 
 

@@ -1,10 +1,9 @@
 """Selection rules: one string grammar for the user's overrides, the tuned rules and the defaults.
 
-Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): rules separated by ``#``, each
-``collective:low-high:algorithm`` or ``collective:algorithm`` (every size), covering low <= bytes <
-high; sizes take binary K/M/G suffixes, ``inf`` is unbounded: ``all_reduce:0-64K:direct#all_reduce:64K-inf:ring``.
-An algorithm may be a list of alternatives, ``direct|rhd``: with online timing on (comms.selection.online)
-the first calls time them and keep the fastest; otherwise the first is the choice.
+Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): ``#``-separated rules ``collective:low-high:algorithm``
+(low <= bytes < high; binary K/M/G suffixes, ``inf`` unbounded) or ``collective:algorithm`` (every size),
+e.g. ``all_reduce:0-64K:direct#all_reduce:64K-inf:ring``. The algorithm may be alternatives, ``direct|rhd``:
+timed by the first calls with online timing on (comms.selection.online), else the first is the choice.
 
 Layers, the first rule covering a case wins: the user's; the tuned ones ``python -m comms.tune`` cached
 for this host signature; the cost model's defaults (comms.selection.model); then every registered
@@ -69,7 +68,7 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
         parts = item.split(":")
         if len(parts) not in (2, 3):
             raise InvalidUsage(f"{source}: rule {item!r} must be collective:low-high:algorithm")
-        coll, algo, low, high = parts[0], parts[-1], 0, float("inf")
+        coll, low, high = parts[0], 0, float("inf")
         if len(parts) == 3:
             lo, sep, hi = parts[1].partition("-")
             if not sep:
@@ -80,11 +79,11 @@ def parse(text: str, source: str = "COMMS_ALGO") -> list[Rule]:
                 raise InvalidUsage(f"{source}: bad size in {item!r}") from None
         if coll not in algorithms.REGISTRY:
             raise InvalidUsage(f"{source}: unknown collective {coll!r} (known: {', '.join(algorithms.REGISTRY)})")
-        names = [a.strip() for a in algo.split("|")]
-        for a in names:
-            if a not in algorithms.REGISTRY[coll]:
-                raise InvalidUsage(f"{source}: no algorithm {a!r} for {coll} in {item!r} "
-                                   f"(known: {', '.join(algorithms.REGISTRY[coll])})")
+        names = [a.strip() for a in parts[-1].split("|")]
+        unknown = [a for a in names if a not in algorithms.REGISTRY[coll]]
+        if unknown:
+            raise InvalidUsage(f"{source}: no algorithm {unknown[0]!r} for {coll} in {item!r} "
+                               f"(known: {', '.join(algorithms.REGISTRY[coll])})")
         if len(set(names)) != len(names):
             raise InvalidUsage(f"{source}: {item!r} names an algorithm twice")
         rules.append(Rule(coll, low, high, tuple(names)))
@@ -115,10 +114,8 @@ class Selector:
 
     def candidates(self, coll: str, nbytes: int) -> list[str]:
         """The algorithms to try in order: those of every covering rule, then the registry's."""
-        out = []
-        for rule in self._covering(coll, nbytes):
-            out += [a for a in rule.names if a not in out]
-        return out + [a for a in algorithms.names(coll) if a not in out]
+        named = [a for rule in self._covering(coll, nbytes) for a in rule.names]
+        return list(dict.fromkeys(named + algorithms.names(coll)))
 
     def plan(self, args: Args, nbytes: int) -> Plan:
         """The first candidate's plan that builds; InvalidUsage with every one's reason if none does."""
@@ -126,11 +123,10 @@ class Selector:
         for name in self.candidates(args.coll, nbytes):
             try:
                 plan = build(args, name)
+                log.debug("comms: %s of %d B on %d ranks -> %s", args.coll, nbytes, args.size, name)
+                return plan
             except NotSupported as e:
                 reasons.append(f"{name}: {e}")
-                continue
-            log.debug("comms: %s of %d B on %d ranks -> %s", args.coll, nbytes, args.size, name)
-            return plan
         raise InvalidUsage(f"no algorithm can run {args.coll} of {nbytes} B on {args.size} ranks: {'; '.join(reasons)}")
 
     def table(self) -> list[str]:

@@ -1,12 +1,9 @@
-"""Tuning: time the algorithms on this machine and keep the winners as rules (``python -m comms.tune``,
-comms/tune.py, is its command line).
+"""Tuning: time the algorithms on this machine and keep the winners as rules (``python -m comms.tune``).
 
 For each op and size, :func:`sweep` makes the op's calls under a rule naming the :func:`candidates`,
-with online timing on (comms.selection.online, the one timing mechanism), until the trial decides;
-:func:`tune` turns the winners into rules, each covering its size up to the next one's, which
-:func:`comms.selection.calibrate.save_rules` keeps in the calibration cache entry of this host
-signature; later inits there use them after the user's rules and before the model's
-(comms.selection.rules).
+with online timing on (comms.selection.online), until the trial decides; :func:`tune` turns the
+winners into rules, each covering its size up to the next one's, which the command line keeps for
+this host signature (:func:`comms.selection.calibrate.save_rules`), used after the user's rules.
 """
 from __future__ import annotations
 
@@ -43,12 +40,10 @@ def _caller(comm, op: str, nbytes: int):
 
 def candidates(comm, op: str, nbytes: int) -> list[str]:
     """The algorithms the model does not call grossly worse at ``nbytes``, cheapest first (the
-    model's pick stays on ties): those whose bytes take at most GROSS times the least any takes
-    (the price without step latencies), or less than the cheapest's whole price (latency decides
-    there). A timing never picks what puts far more bytes on a link, and judges the gaps that are
-    step latency alone: on 2 simulated hosts x 2 ranks sharing 2 CPUs, rhd, priced 1.7-2.0x
-    recursive doubling at 512 B (twice its steps; the price moved with the calibration), measured
-    0.90x its time."""
+    model's pick first on ties): those whose bytes (the price without step latencies) take at most
+    GROSS times the least any takes, or less than the cheapest's whole price. Gaps of step latency
+    alone are the timing's to judge: on 2 simulated hosts x 2 ranks sharing 2 CPUs, rhd, priced
+    1.7-2.0x recursive doubling at 512 B (twice its steps), measured 0.90x its time."""
     from .. import algorithms
     prices = {a: comm.price(op, a, nbytes) for a in algorithms.names(op)}
     data = {a: comm.price(op, a, nbytes, steps=False) for a in prices}

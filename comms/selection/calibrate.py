@@ -1,15 +1,14 @@
 """Calibration: the cost model's link figures, measured once per host signature and cached.
 
-A first init on a host :func:`signature` measures, in well under 2 s on rank 0 and its peers, and
-caches by transport name in ``~/.cache/comms/calibration.json`` (every rank gets rank 0's figures):
-``alpha_us``, one plan step (the least of :data:`HOP_REPS` plans of :data:`HOP_ROUNDS` 8 B rounds
-around a ring of the link's ranks, all such rings at once: what ranks sharing cores, and the kernel's
-work on their packets, add to a step is in); ``beta_gbps``, a 4 MiB ping-pong less an 8 B one
-(``burst_gbps`` between hosts: the same of BURST_PROBE_BYTES, the least of 3, after 10 ms idle); and
-``reduce_gbps``, a float32 SUM of 32 MiB. The entry also keeps the rules ``python -m comms.tune``
-wrote (:func:`save_rules`). Shaping is not in the signature, so cached figures of a link between
-hosts are checked with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and measured again, the
-tuned rules dropped, when off by more than :data:`LINK_DRIFT`. COMMS_CALIBRATE=0: defaults, no cache.
+A first init on a host :func:`signature` measures, in well under 2 s, and caches by transport name in
+``~/.cache/comms/calibration.json`` (every rank gets rank 0's figures): ``alpha_us``, one plan step
+(the least of HOP_REPS plans of HOP_ROUNDS 8 B rounds around a ring of the link's ranks, all rings at
+once, so core sharing and the kernel's packet work are in); ``beta_gbps``, a 4 MiB ping-pong less an
+8 B one (``burst_gbps`` between hosts: BURST_PROBE_BYTES after 10 ms idle); ``reduce_gbps``, a float32
+SUM of 32 MiB; and the rules ``python -m comms.tune`` wrote (:func:`save_rules`). Shaping is not in
+the signature: cached figures of a link between hosts are checked with a few 4 MiB ping-pongs (about
+0.2 s at 2 Gbit/s) and, off by more than LINK_DRIFT, measured again (tuned rules dropped).
+COMMS_CALIBRATE=0: defaults, no cache.
 """
 from __future__ import annotations
 
@@ -52,14 +51,13 @@ def signature(comm) -> str:
 
 def _load() -> tuple[str, dict]:
     """The cache's path (under XDG_CACHE_HOME, else ~/.cache) and its entries; {} where unreadable."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "comms", "calibration.json")
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "comms", "calibration.json")
     try:
         with open(path) as f:
             data = json.load(f)
-        return path, data if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        return path, {}
+        data = {}
+    return path, data if isinstance(data, dict) else {}
 
 
 def _store_entry(sig: str, entry: dict) -> None:
@@ -67,9 +65,8 @@ def _store_entry(sig: str, entry: dict) -> None:
     path, everything = _load()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        everything[sig] = entry
         with open(f"{path}.{os.getpid()}", "w") as f:
-            json.dump(everything, f, indent=1)
+            json.dump({**everything, sig: entry}, f, indent=1)
         os.replace(f"{path}.{os.getpid()}", path)
     except OSError as e:
         log.warning("comms: cannot write the calibration cache %s: %s", path, e)
@@ -94,23 +91,19 @@ def _least(fn: Callable[[], object], reps: int) -> float:
     return best
 
 
-def _pingpong(comm, peer: int, nbytes: int, iters: int, lead: bool) -> float:
-    """Least one-way µs of ``nbytes`` between this rank and ``peer`` over ``iters`` round trips."""
-    buf = np.ones(max(1, nbytes // 4), np.float32)          # touched: no page faults in the timing
-    order = (comm.send, comm.recv) if lead else (comm.recv, comm.send)
-    return _least(lambda: [f(buf, peer, tag=0xCA1) for f in order], iters) / 2 * 1e6
-
-
 def _beta(comm, peer: int, reps: int, nbytes: int = 4 << 20) -> float:
-    """GB/s of ``nbytes`` between rank 0 and ``peer`` (the least of ``reps``, after an untimed round
-    trip of each size), on those two ranks; 0.0 on the others."""
+    """GB/s of ``nbytes`` between rank 0 and ``peer`` (the least of ``reps`` ping-pongs less 8 B's, after
+    an untimed round trip of each size), on those two ranks; 0.0 on the others."""
     if comm.rank not in (0, peer):
         return 0.0
-    other, lead = (peer, True) if comm.rank == 0 else (0, False)
-    _pingpong(comm, other, 8, 2, lead)
-    _pingpong(comm, other, nbytes, 1, lead)
-    small = _pingpong(comm, other, 8, 20, lead)
-    big = _pingpong(comm, other, nbytes, reps, lead)
+    other, order = (peer, (comm.send, comm.recv)) if comm.rank == 0 else (0, (comm.recv, comm.send))
+
+    def pingpong(size: int, iters: int) -> float:       # the least one-way µs over ``iters`` round trips
+        buf = np.ones(max(1, size // 4), np.float32)    # touched: no page faults in the timing
+        return _least(lambda: [f(buf, other, tag=0xCA1) for f in order], iters) / 2 * 1e6
+    pingpong(8, 2)
+    pingpong(nbytes, 1)
+    small, big = pingpong(8, 20), pingpong(nbytes, reps)
     return min(max(nbytes / max(big - small, 1e-3) / 1e3, 0.05), 100.0)
 
 

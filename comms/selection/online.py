@@ -1,14 +1,12 @@
 """Timing of alternatives: the one mechanism behind online choices and ``python -m comms.tune``.
 
 A rule may name several algorithms, ``all_reduce:16K-64K:direct|rhd``. With COMMS_ONLINE_ROUNDS > 0
-(opt-in: no job changes algorithm midway unless asked to) the calls of each plan key time the
-alternatives that build a plan: ``rounds`` rounds of one turn each, the order reversed every other
-round, each turn sized by :func:`turn_calls` from the cost model's price (a mispriced alternative
-gets a longer or shorter turn, never a wrong figure). Every rank runs the same alternative at the
-same call, and every call computes the user's result. After the last turn one MAX all_reduce agrees
-on the slowest rank's figures, which :func:`decide` for the communicator's life (``set_algo`` keeps
-it); without COMMS_DETERMINISTIC a float sum's last bits may differ before and after the switch
-(never between ranks).
+(opt-in) the calls of each plan key time the alternatives that build a plan: ``rounds`` rounds of one
+turn each, the order reversed every other round, each turn sized by :func:`turn_calls` from the cost
+model's price. Every rank runs the same alternative at the same call, and every call computes the
+user's result. After the last turn one MAX all_reduce agrees on the slowest rank's figures, which
+:func:`decide` for the communicator's life (a float sum's last bits may change at the switch, never
+between ranks, unless COMMS_DETERMINISTIC).
 """
 from __future__ import annotations
 
@@ -34,12 +32,11 @@ LEAD_MAX, TIMED_MAX = 64, 32     # the calls of a turn at 8 B (1-5 us a call) st
 
 
 def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
-    """(untimed, timed) calls of a turn of an alternative priced ``seconds_per_call``, at least one
-    of each. The untimed lead-in spends the credit a link's token bucket gathered while a lighter
-    alternative ran: on 2 simulated hosts under a 2 Gbit/s tbf (4 ms burst), turns of 64 calls of
-    16 KiB, all timed but the first, put recursive doubling at 0.97-1.00x hierarchical where the
-    bench's turns of 280 calls measured 1.17x. ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches
-    turn and caps."""
+    """(untimed, timed) calls of a turn of an alternative priced ``seconds_per_call``, each at least
+    one; ``scale`` (COMMS_ONLINE_TURN_MS / 10) stretches turn and caps. The untimed lead-in spends the
+    credit a token bucket gathered while a lighter alternative ran: on 2 simulated hosts (2 Gbit/s tbf,
+    4 ms burst), turns of 64 calls of 16 KiB, all timed but the first, put recursive doubling at
+    0.97-1.00x hierarchical where the bench's turns of 280 calls measured 1.17x."""
     t = max(seconds_per_call, 1e-7) / scale
     return (max(1, int(min(LEAD_MAX * scale, math.ceil(LEAD_S / t)))),
             max(1, int(min(TIMED_MAX * scale, math.ceil(TIMED_S / t)))))
@@ -47,10 +44,9 @@ def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
 
 class Trial:
     """One key's schedule, turns of (round, alternative, untimed calls, timed calls), and this rank's
-    timings. It keeps ``plans[key]`` the encoded plan whose turn it is (dropped after the last turn,
-    so the next call reaches :meth:`Contests.pick`) and ``ran[ran_key]`` the algorithm of the call
-    begun last. The communicator brackets each call of a plan marked ``enc.trial`` with :meth:`begin`
-    and :meth:`end`."""
+    timings. It keeps ``plans[key]`` the encoded plan whose turn it is (dropped after the last turn, so
+    the next call reaches :meth:`Contests.pick`) and ``ran[ran_key]`` the algorithm of the last call;
+    the communicator brackets each call of a plan marked ``enc.trial`` with :meth:`begin` and :meth:`end`."""
 
     def __init__(self, alts: list[str], seconds: list[float], rounds: int, encs: list | None = None,
                  key: tuple = (), ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None,
@@ -59,7 +55,7 @@ class Trial:
         self._plans, self._ran = {} if plans is None else plans, {} if ran is None else ran
         turns, k = [turn_calls(s, scale) for s in seconds], list(range(len(alts)))
         self.schedule = [(r, a, *turns[a]) for r in range(rounds) for a in (k if r % 2 == 0 else k[::-1])]
-        self._sum, self._n = np.zeros((rounds, len(alts))), np.zeros((rounds, len(alts)))
+        self._fig = np.full((rounds, len(alts)), np.inf)         # mean seconds a call; one turn a cell
         self.turn, self.done, self._algo = -1, False, None
         self._next_turn()
 
@@ -76,11 +72,10 @@ class Trial:
             self._algo = self.encs[self.alt].plan.algorithm
 
     def begin(self, timeable: bool) -> float:
-        """Count a call of the current turn; returns its stretch's start, 0.0 during the lead-in.
-        The timed calls are timed as one stretch, first start to last return, so the time between
-        calls counts as in a job (on 4 ranks sharing 2 cores, timing each call alone put recursive
-        doubling at 0.99x direct at 8 KiB where the bench's loops measured 0.71x). A stretch
-        holding an asynchronous call (not ``timeable``) is not timed."""
+        """Count a call of the turn; returns its stretch's start (0.0 in the lead-in). The timed calls
+        are timed as one stretch, first start to last return, so the time between calls counts as in
+        a job (4 ranks on 2 cores, 8 KiB: timing each call alone put recursive doubling at 0.99x direct
+        where the bench's loops measured 0.71x); a stretch holding an async call (not ``timeable``) is not."""
         self._ran[self.ran_key] = self._algo
         if self.lead:
             self.lead -= 1
@@ -92,24 +87,21 @@ class Trial:
         return self._t0
 
     def end(self, t0: float) -> None:
-        """The call begun at :meth:`begin`'s ``t0`` returned: once the turn's calls are spent, its
-        stretch is recorded and the next turn starts."""
+        """A call begun at ``t0`` (:meth:`begin`) returned; the turn's last records its stretch and moves on."""
         if not (self.lead or self.timed):
             if t0 and self._sync:
-                self._sum[self.row, self.alt] += time.perf_counter() - t0
-                self._n[self.row, self.alt] += self._stretch
+                self._fig[self.row, self.alt] = (time.perf_counter() - t0) / self._stretch
             self._next_turn()
 
     def figures(self) -> np.ndarray:
         """This rank's mean seconds per call, rounds x alternatives; inf where none was timed."""
-        return np.where(self._n > 0, self._sum / np.maximum(self._n, 1), np.inf)
+        return self._fig.copy()
 
 
 def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
-    """The winner's index from the agreed figures (rounds x alternatives, the slowest rank's), and
-    every alternative's median ratio to the first over the rounds where both have a figure. Over
-    the rounds where every alternative has a figure, the lowest median ratio wins if it is the
-    first (the rule's pick) or at least ``SWITCH`` faster than it; no such round: the first."""
+    """The winner's index from the agreed figures (rounds x alternatives, the slowest rank's), and each
+    alternative's median ratio to the first over the rounds both timed. Over the rounds all timed, the
+    lowest median ratio wins if more than SWITCH below the first's (1); otherwise, or none such: the first."""
     def median_ratio(i: int, rows) -> float | None:
         got = [float(row[i] / row[0]) for row in rows if np.isfinite(row[[0, i]]).all() and row[0] > 0]
         return statistics.median(got) if got else None
@@ -134,14 +126,12 @@ class Contests:
 
     def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object],
              seconds: Callable[[str], float]):
-        """The encoded plan the next call of ``key`` runs under a rule naming ``alts`` (for the
-        caller to cache), None where fewer than two build: ``build(name)`` is an alternative's
-        encoded plan (None: it declines), ``seconds(name)`` its price per call. The call after the
-        last turn agrees on the figures (every rank alike) and decides."""
+        """The encoded plan the next call of ``key`` runs under a rule naming ``alts``, None where fewer
+        than two build (``build(name)``: its encoded plan, None if it declines; ``seconds(name)``: its
+        price per call). The call after the last turn agrees on the figures and decides, every rank alike."""
         cid = (key, alts)
-        got = self.decided.get(cid)
-        if got is not None:
-            return got[0]
+        if cid in self.decided:
+            return self.decided[cid][0]
         trial = self._trials.get(cid)
         if trial is None:
             built = {a: enc for a in alts if (enc := build(a)) is not None}

@@ -35,13 +35,11 @@ PAIRWISE_BATCH = 8       # pairwise all_to_all posts this many exchanges before 
 
 
 class Route(NamedTuple):
-    """The link classes of a communicator's traffic (Bootstrap.route): the transport between ranks
-    of one host, the one between hosts, whether the first's exchanges of one step wait as one
-    (Transport.waits_together), and the largest all_reduce intra runs by itself (0: none)."""
-    intra: str
-    inter: str
-    together: bool
-    board: int = 0
+    """The link classes of a communicator's traffic (Bootstrap.route)."""
+    intra: str               # the transport between ranks of one host
+    inter: str               # the one between hosts
+    together: bool           # whether intra's exchanges of one step wait as one (Transport.waits_together)
+    board: int = 0           # the largest all_reduce intra runs by itself (0: none)
 
 
 AUTO = Route("shm", "tcp", True)        # what auto selection gives without RDMA hardware
@@ -96,10 +94,9 @@ class Params:
         return cls(links, d["reduce_gbps"], d.get("source", "cache"))
 
     def scaled(self, share: float = 1.0, alpha: float = 1.0) -> "Params":
-        """These figures with the bandwidths and reduction speed divided by ``share`` and the step
-        latencies times ``alpha``. ``scaled(k)``: k ranks per core all busy at once (the bandwidths
-        were measured by two ranks while the others waited; the latencies include the sharing);
-        ``scaled(alpha=0)``: what moving and reducing the bytes alone costs."""
+        """Bandwidths and reduction speed divided by ``share``, step latencies times ``alpha``: ``scaled(k)``
+        for k ranks per core all busy at once (two ranks measured the bandwidths while the others waited;
+        the latencies include the sharing), ``scaled(alpha=0)`` for moving and reducing the bytes alone."""
         share = max(share, 1.0)
         return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share, k.burst_gbps / share)
                        for n, k in self.links.items()}, self.reduce_gbps / share, self.source)
@@ -199,14 +196,12 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, ov
     """The cheapest priced algorithm per size range, per collective with two or more priced ones,
     in the selector's grammar, for ``n`` ranks on ``hosts`` (``oversub``: the most ranks per core
     of any host, see :meth:`Params.scaled`). Ties go to the registry's order."""
-    p = p.scaled(oversub)
-    rules = []
+    p, rules = p.scaled(oversub), []
     for coll, names in algos.items():
         priced = [a for a in names if min(cost(coll, a, m, n, hosts, p, route) for m in (8, 1 << 20)) < math.inf]
-        if len(priced) < 2:
-            continue
-        best = [min(priced, key=lambda a: (cost(coll, a, m, n, hosts, p, route), priced.index(a))) for m in SIZES]
-        rules += ranges(coll, SIZES, best)
+        if len(priced) > 1:
+            best = [min(priced, key=lambda a: (cost(coll, a, m, n, hosts, p, route), priced.index(a))) for m in SIZES]
+            rules += ranges(coll, SIZES, best)
     return "#".join(rules)
 
 

@@ -40,9 +40,7 @@ def build(args: Args, name: str) -> Plan:
     """The plan of algorithm ``name`` for ``args`` (its canonical-order variant under
     COMMS_DETERMINISTIC); raises NotSupported when the algorithm declines the case."""
     plan = algorithms.get(args.coll, name).fn(args)
-    if args.deterministic:
-        plan = deterministic.plan(args, name) or plan
-    return plan
+    return (deterministic.plan(args, name) or plan) if args.deterministic else plan
 
 
 class Rule(NamedTuple):
@@ -94,8 +92,7 @@ class Selector:
     """The layers of rules (user, tuned, default) and the registry's fallback order."""
 
     def __init__(self, override: str | None = None, default: str | None = None, tuned: str = ""):
-        self.user = parse(override if override is not None else config.get("ALGO"),
-                          "algo override" if override is not None else "COMMS_ALGO")
+        self.user = parse(config.get("ALGO"), "COMMS_ALGO") if override is None else parse(override, "algo override")
         self.tuned = parse(tuned, "tuned rules (comms.tune)")
         self.default = parse(default if default is not None else defaults(), "defaults")
 

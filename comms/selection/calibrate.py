@@ -1,14 +1,12 @@
 """Calibration: the cost model's link figures, measured once per host signature and cached.
 
-A first init on a host :func:`signature` measures, in well under 2 s, and caches by transport name in
-``~/.cache/comms/calibration.json`` (every rank gets rank 0's figures): ``alpha_us``, one plan step
-(the least of HOP_REPS plans of HOP_ROUNDS 8 B rounds around a ring of the link's ranks, all rings at
-once, so core sharing and the kernel's packet work are in); ``beta_gbps``, a 4 MiB ping-pong less an
-8 B one (``burst_gbps`` between hosts: BURST_PROBE_BYTES after 10 ms idle); ``reduce_gbps``, a float32
-SUM of 32 MiB; and the rules ``python -m comms.tune`` wrote (:func:`save_rules`). Shaping is not in
-the signature: cached figures of a link between hosts are checked with a few 4 MiB ping-pongs (about
-0.2 s at 2 Gbit/s) and, off by more than LINK_DRIFT, measured again (tuned rules dropped).
-COMMS_CALIBRATE=0: defaults, no cache.
+A first init on a host :func:`signature` measures in well under 2 s, and caches by transport name in
+``~/.cache/comms/calibration.json`` (rank 0's figures for every rank): ``alpha_us``, one plan step, in
+rings of the link's ranks, all at once; ``beta_gbps``, a 4 MiB ping-pong less an 8 B one (``burst_gbps``
+between hosts: BURST_PROBE_BYTES after 10 ms idle); ``reduce_gbps``, a float32 SUM of 32 MiB; and the
+rules ``python -m comms.tune`` wrote (:func:`save_rules`). Shaping is not in the signature: cached
+figures of a link between hosts are checked with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and,
+off by more than LINK_DRIFT, measured again (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
 """
 from __future__ import annotations
 
@@ -77,8 +75,7 @@ def save_rules(sig: str, rules: str, note: str) -> None:
     entry = _load()[1].get(sig)
     if entry is None:
         raise RuntimeError(f"no calibration cached for {sig!r}: tune with calibration on")
-    entry["rules"], entry["tuned"] = rules, note
-    _store_entry(sig, entry)
+    _store_entry(sig, {**entry, "rules": rules, "tuned": note})
 
 
 def _least(fn: Callable[[], object], reps: int) -> float:

@@ -1,9 +1,6 @@
-"""Tuning: time the algorithms on this machine and keep the winners as rules (``python -m comms.tune``).
-
-For each op and size, :func:`sweep` makes the op's calls under a rule naming the :func:`candidates`,
-with online timing on (comms.selection.online), until the trial decides; :func:`tune` turns the
-winners into rules, each covering its size up to the next one's, which the command line keeps for
-this host signature (:func:`comms.selection.calibrate.save_rules`), used after the user's rules.
+"""Tuning (``python -m comms.tune``): :func:`sweep` times the :func:`candidates` at each size through
+online timing (comms.selection.online), and :func:`tune` turns the winners into rules, each covering its
+size up to the next one's, which the command line keeps for the host signature (calibrate.save_rules).
 """
 from __future__ import annotations
 

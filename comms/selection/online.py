@@ -1,10 +1,9 @@
-"""Timing of alternatives: the one mechanism behind online choices and ``python -m comms.tune``.
+"""Timing of alternatives, the one mechanism behind online choices and ``python -m comms.tune``.
 
-A rule may name several algorithms, ``all_reduce:16K-64K:direct|rhd``. With COMMS_ONLINE_ROUNDS > 0
-(opt-in) the calls of each plan key time the alternatives that build a plan: ``rounds`` rounds of one
-turn each, the order reversed every other round, each turn sized by :func:`turn_calls` from the cost
-model's price. Every rank runs the same alternative at the same call, and every call computes the
-user's result. After the last turn one MAX all_reduce agrees on the slowest rank's figures, which
+Where a rule names several (``all_reduce:16K-64K:direct|rhd``) and COMMS_ONLINE_ROUNDS > 0 (opt-in), the
+calls of each plan key run ``rounds`` rounds of one :func:`turn_calls`-sized turn per alternative that
+builds, the order reversed every other round, every rank the same one at the same call, each call
+computing the user's result. One MAX all_reduce then agrees on the slowest rank's figures, which
 :func:`decide` for the communicator's life (a float sum's last bits may change at the switch, never
 between ranks, unless COMMS_DETERMINISTIC).
 """

@@ -167,9 +167,8 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
                 links[cls]["burst_gbps"] = round(_beta(comm, ring_of(0)[1], 3, BURST_PROBE_BYTES), 3)
 
         def measured() -> str:
-            d = Params().as_dict()
+            d = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}").as_dict()
             d["links"].update(links)
-            d["reduce_gbps"], d["source"] = _reduce_gbps(), f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}"
             _store_entry(sig, d)
             return json.dumps(d)
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

@@ -1,13 +1,11 @@
-"""The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth.
+"""The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth, as NCCL's
+tuning.cc does, per link class (a transport: :class:`Params` holds a :class:`Link` per name; a
+communicator's :class:`Route` names those its traffic takes) plus the local reduction speed.
 
-As NCCL's tuning.cc does, per link class (a transport: :class:`Params` holds a :class:`Link` per name,
-``Transport.link`` until calibrated; a communicator's :class:`Route` names those its traffic takes) plus
-the local reduction speed. Each step is priced on the link it uses: an exchange with rank ^ d stays on
-intra while the partners share a host; a flat step spanning hosts is bound by the slower class;
-direct's one step adds up the bytes to every peer (one thread moves them all). Where k ranks of a host
-cross its link in one step, each gets 1/k of it (2 simulated hosts x 2 ranks, 2 Gbit/s tbf, 16 MiB:
-without this, direct, recursive doubling, rhd and hierarchical measured 2.4-2.8x the model's time,
-ring and tree, one stream each way, 1.1-1.3x).
+Each step is priced on the link it uses (an exchange stays on intra while the partners share a host, a
+flat step spanning hosts is bound by the slower class). Where k ranks of a host cross its link in one
+step, each gets 1/k of it (2 simulated hosts x 2 ranks, 2 Gbit/s tbf, 16 MiB: without this, direct,
+recursive doubling, rhd and hierarchical measured 2.4-2.8x the model's time, ring and tree 1.1-1.3x).
 """
 from __future__ import annotations
 
@@ -19,19 +17,16 @@ from ..algorithms.ring import CHAIN_SEGMENT_BYTES
 from ..algorithms.tree import SEGMENT_BYTES as TREE_SEGMENT_BYTES
 
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB: where a rule may change
-BOARD_SHARE = 0.9        # board's price as a share of direct's. Forced in the bench (all_reduce, 3
-#                          launches, 8 B-2 KiB), board took 0.83-0.93x direct's time on 2 ranks with a
-#                          core each and 0.96-0.99x on 4 ranks sharing 2 cores
+BOARD_SHARE = 0.9        # board's price over direct's: forced in the bench (all_reduce, 8 B-2 KiB, 3 launches), board
+#                          took 0.83-0.93x direct's time on 2 ranks with a core each, 0.96-0.99x on 4 ranks on 2 cores
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
 BURST_PROBE_BYTES = 64 << 10   # calibration times a link's burst speed with steps of this size after a pause
-BURST_BYTES = 16 << 10   # and it prices steps of up to this size (a token bucket lets them through at the
-#                          wire's speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate only 4 KiB
-#                          went to hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75
-#                          against 51 us); up to 64 KiB put recursive doubling at 32 KiB, measured 1.08x tree
-#                          and hierarchical (shared CPUs: 262 against 243-246 us)
-PAIRWISE_BATCH = 8       # pairwise all_to_all posts this many exchanges before it waits (one step latency
-#                          per batch: algorithms/pairwise.py keeps that many in flight)
+BURST_BYTES = 16 << 10   # and it prices steps of up to this size (a token bucket lets them through at the wire's
+#                          speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate only 4 KiB went to
+#                          hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75 against 51 us);
+#                          up to 64 KiB put it at 32 KiB, 1.08x tree and hierarchical (shared CPUs: 262 vs 243-246 us)
+PAIRWISE_BATCH = 8       # pairwise all_to_all's exchanges in flight (algorithms/pairwise.py): one step latency a batch
 
 
 class Route(NamedTuple):
@@ -158,7 +153,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         return inter.shared(max(crossing.count(h) for h in set(crossing))) if crossing else intra
     prices = {}
     if coll == "all_reduce":
-        # direct: intra exchanges that wait together cost one step latency; each inter one its own
+        # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency, inter each one
         direct = intra.t(1 if route.together else L - 1, (L - 1) * m) + crossing.t(n - L, (n - L) * m) + red(n * m)
         prices = {
             "direct": direct,

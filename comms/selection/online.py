@@ -20,11 +20,9 @@ from ..diag import log as clog
 
 log = clog.get("ALGO")
 
-SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it: the
-#                          median over rounds of paired ratios; 2 % is below every margin the regret bar
-#                          cares about (10 %) and keeps the pick on exact ties
-LEAD_S = 0.006           # a turn starts with about this long of untimed calls (turn_calls: a 4 ms tbf
-#                          burst must drain)...
+SWITCH = 0.02            # a challenger must be this much faster than the rule's pick to replace it (the median of
+#                          paired ratios over rounds): below every margin the regret bar cares about (10 %); ties stay
+LEAD_S = 0.006           # about this long of untimed calls starts a turn (turn_calls: a 4 ms tbf burst must drain)...
 TIMED_S = 0.004          # ...then about this long of timed ones: 4 ms is 4 scheduler ticks here, so a
 #                          rank descheduled once shows in the mean as it does in a job
 LEAD_MAX, TIMED_MAX = 64, 32     # the calls of a turn at 8 B (1-5 us a call) stay under 0.5 ms

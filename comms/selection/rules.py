@@ -2,12 +2,10 @@
 
 Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): ``#``-separated rules ``collective:low-high:algorithm``
 (low <= bytes < high; binary K/M/G suffixes, ``inf`` unbounded) or ``collective:algorithm`` (every size),
-e.g. ``all_reduce:0-64K:direct#all_reduce:64K-inf:ring``. The algorithm may be alternatives, ``direct|rhd``:
-timed by the first calls with online timing on (comms.selection.online), else the first is the choice.
-
-Layers, the first rule covering a case wins: the user's; the tuned ones ``python -m comms.tune`` cached
-for this host signature; the cost model's defaults (comms.selection.model); then every registered
-algorithm. One that declines a case (NotSupported) passes it to the next. The message size is the
+e.g. ``all_reduce:0-64K:direct#all_reduce:64K-inf:ring``; ``direct|rhd`` names alternatives, timed with
+online timing on (comms.selection.online), else the first is the choice. The first rule covering a case
+wins, in layers: the user's, the tuned ones (comms.tune) of this host signature, the cost model's, then
+every registered algorithm; one that declines (NotSupported) passes the case on. The message size is the
 per-rank buffer for all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
 """
 from __future__ import annotations

@@ -10,11 +10,10 @@ import numpy as np
 
 from .model import ranges
 
-GROSS = 2.0              # a candidate moves and reduces its bytes in at most this times the time the
-#                          frugalest one does. #25 saw a pick that moved 2.7x the inter-host bytes win
-#                          one calibration's timing; the step latencies are left to the timing, since
-#                          on ranks sharing cores the calibrated one moved 2-37x between fresh
-#                          calibrations (2 simulated hosts x 2 ranks, shared CPUs: shm 2.3-84.6 us)
+GROSS = 2.0              # a candidate moves and reduces its bytes in at most this times the time the frugalest one
+#                          does: #25 saw a pick that moved 2.7x the inter-host bytes win one calibration's timing. Step
+#                          latencies are left to the timing: on ranks sharing cores the calibrated one moved 2-37x
+#                          between fresh calibrations (2 simulated hosts x 2 ranks, shared CPUs: shm 2.3-84.6 us)
 OPS = ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all")
 MAX_CALLS = 200_000      # per size: 7 algorithms x 11 rounds x at most 960 calls a turn (100 ms turns) is ~74,000
 

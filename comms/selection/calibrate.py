@@ -139,17 +139,14 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
     if len(hosts[0]) > 1 and route.intra not in rings:
         rings[route.intra] = lambda r: hosts[where[r][0]]
     entry = json.loads(_agree(store, f"{key}/cached", comm.rank, lambda: json.dumps(_load()[1].get(sig))))
-    if entry and len(hosts) > 1:
+    if entry and len(hosts) > 1:                      # rank 0's and its peer's figure now against the cached one
         now = _beta(comm, rings[route.inter](0)[1], 4)
-
-        def holds() -> str:
-            then = entry.get("links", {}).get(route.inter, {}).get("beta_gbps") or 0.0
-            if then and 1 / LINK_DRIFT <= now / then <= LINK_DRIFT:
-                return "1"
-            log.warning("comms: the cached %s figures (%.3f GB/s) do not match the link now (%.3f GB/s): "
-                        "calibrating again (tuned rules dropped)", route.inter, then, now)
-            return "0"
-        if _agree(store, f"{key}/holds", comm.rank, holds) == "0":
+        then = entry.get("links", {}).get(route.inter, {}).get("beta_gbps") or 0.0
+        holds = bool(then) and 1 / LINK_DRIFT <= now / then <= LINK_DRIFT
+        if _agree(store, f"{key}/holds", comm.rank, lambda: str(int(holds))) == "0":
+            if comm.rank == 0:
+                log.warning("comms: the cached %s figures (%.3f GB/s) do not match the link now (%.3f GB/s): "
+                            "calibrating again (tuned rules dropped)", route.inter, then, now)
             entry = None
     if not entry:
         links = {}

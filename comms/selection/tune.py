@@ -57,13 +57,12 @@ def sweep(comm, op: str, sizes: list[int]) -> tuple[list[int], list[str]]:
             continue
         names = candidates(comm, op, m)
         comm.set_algo(f"{op}:{m}-{m + 1}:{'|'.join(names)}")
-        for _ in range(MAX_CALLS if len(names) > 1 else 1):
+        for _ in range(MAX_CALLS):
             call()
-            if comm.online_decided() > done:      # not online_choices(): it builds a list per call
+            if len(names) < 2 or comm.online_decided() > done:      # not online_choices(): it builds a list
                 break
         else:
-            if len(names) > 1:
-                raise RuntimeError(f"comms.tune: {op} of {m} B did not decide in {MAX_CALLS} calls")
+            raise RuntimeError(f"comms.tune: {op} of {m} B did not decide in {MAX_CALLS} calls")
         choices = comm.online_choices()
         picks.append(choices[-1]["chosen"] if len(choices) > done else comm.algorithm_ran(op, m))
         done = len(choices)

@@ -147,8 +147,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     host_of = {r: i for i, group in enumerate(hosts) for r in group}
 
     def on(pairs) -> Link:
-        """The link a step of exchanges ``pairs`` (sender, receiver) runs on: intra where every pair
-        shares a host, else inter shared by the most senders of one host crossing at once."""
+        """The link of a step of (sender, receiver) ``pairs``: intra, or inter shared by a host's most crossing."""
         crossing = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
         return inter.shared(max(crossing.count(h) for h in set(crossing))) if crossing else intra
     prices = {}

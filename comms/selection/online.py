@@ -118,8 +118,7 @@ class Contests:
     def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict, turn_ms: float):
         self.rounds, self.scale = rounds, turn_ms / (1e3 * (LEAD_S + TIMED_S))
         self._agree, self._plans, self._ran = agree, plans, ran
-        self._trials: dict[tuple, Trial] = {}
-        self.decided: dict[tuple, tuple] = {}           # (key, alts) -> (encoded plan, ratios)
+        self._trials, self.decided = {}, {}        # (key, alts) -> Trial in progress; -> (encoded plan, ratios)
 
     def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object],
              seconds: Callable[[str], float]):

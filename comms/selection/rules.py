@@ -30,8 +30,8 @@ STATIC = "#".join(["reduce:binomial", "gather:linear", "scatter:linear", "barrie
 def defaults(size: int = 2, hosts: tuple = (), params: Params | None = None, route: Route = AUTO,
              oversub: float = 1.0) -> str:
     """The default rules for ``size`` ranks on ``hosts``: the cost model's choices and STATIC."""
-    names = {c: list(a) for c, a in algorithms.REGISTRY.items()}
-    return "#".join(filter(None, [default_rules(names, size, hosts, params or Params(), route, oversub), STATIC]))
+    rules = default_rules(algorithms.REGISTRY, size, hosts, params or Params(), route, oversub)
+    return "#".join(filter(None, [rules, STATIC]))
 
 
 def build(args: Args, name: str) -> Plan:

@@ -121,9 +121,8 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
 
 
 def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibration:
-    """Collective over ``comm`` at init. ``store`` carries rank 0's figures; ``ring(right, left,
-    rounds)`` runs one plan of ``rounds`` 8 B exchanges (send right, receive left) and returns its
-    seconds."""
+    """Collective over ``comm`` at init; ``store`` carries rank 0's figures, and ``ring(right, left, rounds)``
+    runs one plan of ``rounds`` 8 B exchanges (send right, receive left) and returns its seconds."""
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Calibration(Params(), "", "")
     key, sig, route = f"{comm.prefix}calibration", signature(comm), comm.route

@@ -148,8 +148,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
 
     def on(pairs) -> Link:
         """The link of a step of (sender, receiver) ``pairs``: intra, or inter shared by a host's most crossing."""
-        crossing = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
-        return inter.shared(max(crossing.count(h) for h in set(crossing))) if crossing else intra
+        senders = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
+        return inter.shared(max(senders.count(h) for h in set(senders))) if senders else intra
     prices = {}
     if coll == "all_reduce":
         # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency, inter each one

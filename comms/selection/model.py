@@ -105,27 +105,6 @@ def _powers(n: int):          # 1, 2, 4, ... below n >= 1
     return (1 << k for k in range(_log2(n)))
 
 
-def _recursive(n: int, on, nbytes, rounds: int, m: float) -> float:
-    """The recursive algorithms' exchanges with rank ^ d (d < p2, the power-of-two core), ``rounds``
-    of ``nbytes(d)`` each, each on the link ``on(pairs)``, plus the fold of the n - p2 extra ranks."""
-    p2 = 1 << (n.bit_length() - 1)
-    total = sum(rounds * on([(r, r ^ d) for r in range(p2)]).t(1, nbytes(d)) for d in _powers(p2))
-    if n != p2:
-        total += 2 * on([(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]).t(1, m)
-    return total
-
-
-def _binomial(n: int, on, m: float) -> float:
-    """One pass of m bytes through the binomial tree rooted at rank 0 (tree's reduce up or broadcast
-    down) in TREE_SEGMENT_BYTES segments, pipelined: each level's segment time on its pairs' link, plus
-    (segments - 1) times the slowest's. Against 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at
-    256 KiB-16 MiB, tree priced so came within 0.97-1.02x of its measured time; as 2m + 2 log2(n)
-    segments on the slower link it was priced 1.1-2.7x."""
-    segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
-    levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
-    return sum(levels) + (segments - 1) * max(levels)
-
-
 def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: Route) -> float:
     """Estimated µs of ``algo`` for ``coll`` of ``m`` bytes (the selector's message size, see
     comms.selection.rules) on ``n`` ranks of ``hosts``; inf where it would decline or is not priced."""
@@ -150,6 +129,24 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         """The link of a step of (sender, receiver) ``pairs``: intra, or inter shared by a host's most crossing."""
         senders = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
         return inter.shared(max(senders.count(h) for h in set(senders))) if senders else intra
+
+    def recursive(nbytes, rounds: int) -> float:
+        """The recursive algorithms' exchanges with rank ^ d (d < p2, the power-of-two core), ``rounds``
+        of ``nbytes(d)`` each, each on its pairs' link, plus the fold of the n - p2 extra ranks."""
+        total = sum(rounds * on([(r, r ^ d) for r in range(p2)]).t(1, nbytes(d)) for d in _powers(p2))
+        if n != p2:
+            total += 2 * on([(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]).t(1, m)
+        return total
+
+    def binomial() -> float:
+        """One pass of m bytes through the binomial tree rooted at rank 0 (tree's reduce up or broadcast
+        down) in TREE_SEGMENT_BYTES segments, pipelined: each level's segment time on its pairs' link,
+        plus (segments - 1) times the slowest's. Against 2 simulated hosts x 2 ranks (2 Gbit/s, shared
+        CPUs) at 256 KiB-16 MiB, tree priced so came within 0.97-1.02x of its measured time; as
+        2m + 2 log2(n) segments on the slower link it was priced 1.1-2.7x."""
+        segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
+        levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
+        return sum(levels) + (segments - 1) * max(levels)
     prices = {}
     if coll == "all_reduce":
         # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency, inter each one
@@ -159,10 +156,10 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
             "ring": flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + red((n - 1) * m / n),
             # each exchange reduces the whole buffer, and so does the fold of the extra ranks
-            "recursive_doubling": _recursive(n, on, lambda d: m, 1, m) + red((_log2(p2) + (n != p2)) * m),
-            "rhd": _recursive(n, on, lambda d: m * d / p2, 2, m) + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
+            "recursive_doubling": recursive(lambda d: m, 1) + red((_log2(p2) + (n != p2)) * m),
+            "rhd": recursive(lambda d: m * d / p2, 2) + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
             # tree: up and down the binomial tree; the root reduces one child's bytes per level
-            "tree": 2 * _binomial(n, on, m) + red(_log2(n) * m),
+            "tree": 2 * binomial() + red(_log2(n) * m),
             "hierarchical": intra.t(2 * (L - 1), 2 * (L - 1) * m / L)
             + crossing.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
         }

@@ -61,23 +61,49 @@ KERNEL(bool_or, uint8_t, (uint8_t)((a | b) != 0))
 KERNEL(bool_and, uint8_t, (uint8_t)((a & b) != 0))
 KERNEL(bool_xor, uint8_t, (uint8_t)((a ^ b) != 0))
 
-/* half types: widen, combine in float32, round back */
-#define HALF_KERNEL(name, TO_F, FROM_F, EXPR)                                                  \
+#ifdef CM_HALF_SIMD
+/* 8 elements at a time: the scalar kernels' float32 ops, F_MIN/F_MAX's NaN rules included (a NaN
+ * a wins, then a NaN b, then the smaller or larger), so the same bits. */
+CM_F16C static inline __m256 op8(__m256 a, __m256 b, int op) {
+    if (op == CM_SUM) return _mm256_add_ps(a, b);
+    if (op == CM_PROD) return _mm256_mul_ps(a, b);
+    __m256 r = _mm256_blendv_ps(a, b, op == CM_MIN ? _mm256_cmp_ps(b, a, _CMP_LT_OQ) : _mm256_cmp_ps(b, a, _CMP_GT_OQ));
+    r = _mm256_blendv_ps(r, b, _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+    return _mm256_blendv_ps(r, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+
+/* d = d op s over the first multiple of 8 of n elements; returns how many it did */
+CM_F16C static size_t half_simd(uint16_t *d, const uint16_t *s, size_t n, int bf, int op) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) half8_store(d + i, op8(half8_load(d + i, bf), half8_load(s + i, bf), op), bf);
+    return i;
+}
+#define HALF_SIMD(d, s, n, bf, op) (cm_half_simd() ? half_simd(d, s, n, bf, op) : 0)
+#else
+#define HALF_SIMD(d, s, n, bf, op) 0
+#endif
+
+/* half types: widen, combine in float32, round back (8 at a time where the CPU can: SUM of 16 Mi
+ * random elements 4.3-4.4 ms for float16 and 8.4-9.4 ms for bfloat16, against 20.8 and 13.7 ms for
+ * the loop below alone, which gcc vectorizes for bfloat16 but not for float16) */
+#define HALF_KERNEL(name, TO_F, FROM_F, EXPR, BF, OP)                                          \
     CM_CLONES static void name(void *restrict dst_, const void *restrict src_, size_t n) {      \
         uint16_t *restrict d = (uint16_t *)dst_;                                               \
         const uint16_t *restrict s = (const uint16_t *)src_;                                   \
-        for (size_t i = 0; i < n; i++) { float a = TO_F(d[i]), b = TO_F(s[i]); d[i] = FROM_F(EXPR); } \
+        for (size_t i = HALF_SIMD(d, s, n, BF, OP); i < n; i++) {                               \
+            float a = TO_F(d[i]), b = TO_F(s[i]);                                              \
+            d[i] = FROM_F(EXPR);                                                               \
+        }                                                                                      \
     }
 
-
-HALF_KERNEL(f16_sum, f16_to_f32, f32_to_f16, F_SUM(a, b))
-HALF_KERNEL(f16_prod, f16_to_f32, f32_to_f16, F_PROD(a, b))
-HALF_KERNEL(f16_min, f16_to_f32, f32_to_f16, F_MIN(a, b))
-HALF_KERNEL(f16_max, f16_to_f32, f32_to_f16, F_MAX(a, b))
-HALF_KERNEL(bf16_sum, bf16_to_f32, f32_to_bf16, F_SUM(a, b))
-HALF_KERNEL(bf16_prod, bf16_to_f32, f32_to_bf16, F_PROD(a, b))
-HALF_KERNEL(bf16_min, bf16_to_f32, f32_to_bf16, F_MIN(a, b))
-HALF_KERNEL(bf16_max, bf16_to_f32, f32_to_bf16, F_MAX(a, b))
+HALF_KERNEL(f16_sum, f16_to_f32, f32_to_f16, F_SUM(a, b), 0, CM_SUM)
+HALF_KERNEL(f16_prod, f16_to_f32, f32_to_f16, F_PROD(a, b), 0, CM_PROD)
+HALF_KERNEL(f16_min, f16_to_f32, f32_to_f16, F_MIN(a, b), 0, CM_MIN)
+HALF_KERNEL(f16_max, f16_to_f32, f32_to_f16, F_MAX(a, b), 0, CM_MAX)
+HALF_KERNEL(bf16_sum, bf16_to_f32, f32_to_bf16, F_SUM(a, b), 1, CM_SUM)
+HALF_KERNEL(bf16_prod, bf16_to_f32, f32_to_bf16, F_PROD(a, b), 1, CM_PROD)
+HALF_KERNEL(bf16_min, bf16_to_f32, f32_to_bf16, F_MIN(a, b), 1, CM_MIN)
+HALF_KERNEL(bf16_max, bf16_to_f32, f32_to_bf16, F_MAX(a, b), 1, CM_MAX)
 
 typedef void (*kernel_fn)(void *restrict, const void *restrict, size_t);
 
@@ -104,10 +130,28 @@ int cm_reduce(void *dst, const void *src, size_t count, int dtype, int op) {
 
 /* float32 accumulation of half types over many inputs, in blocks that stay in L1 */
 #define HALF_SLOTS_BLOCK 512
+#ifdef CM_HALF_SIMD
+/* the same, 8 elements at a time held in a register through every slot; returns how many it did */
+CM_F16C static size_t half_slots_simd(uint16_t *dst, const char *base, size_t stride, int nslots, size_t n,
+                                      int bf, int op) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc = half8_load((const uint16_t *)base + i, bf);
+        for (int k = 1; k < nslots; k++)
+            acc = op8(acc, half8_load((const uint16_t *)(base + (size_t)k * stride) + i, bf), op);
+        half8_store(dst + i, acc, bf);
+    }
+    return i;
+}
+#endif
 CM_CLONES static void half_slots(uint16_t *dst, const char *base, size_t stride, int nslots, size_t n,
                                  int bf, int op) {
     float acc[HALF_SLOTS_BLOCK];
-    for (size_t i0 = 0; i0 < n; i0 += HALF_SLOTS_BLOCK) {
+    size_t i0 = 0;
+#ifdef CM_HALF_SIMD
+    if (cm_half_simd()) i0 = half_slots_simd(dst, base, stride, nslots, n, bf, op);
+#endif
+    for (; i0 < n; i0 += HALF_SLOTS_BLOCK) {
         size_t m = n - i0 < HALF_SLOTS_BLOCK ? n - i0 : HALF_SLOTS_BLOCK;
         const uint16_t *s0 = (const uint16_t *)base + i0;
         for (size_t i = 0; i < m; i++) acc[i] = bf ? bf16_to_f32(s0[i]) : f16_to_f32(s0[i]);

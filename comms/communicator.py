@@ -70,8 +70,8 @@ class Communicator(Operations):
         self._plans: dict[tuple, Encoded] = {}
         # the fast path: (numpy or torch dtype, count, op) -> the all_reduce plan an earlier call of
         # that shape built, with its prepared call (Encoded.call); emptied whenever _plans is, and
-        # once the communicator breaks or closes. _hot_last: the last hit's key and plan, which a
-        # call of the same shape takes with three identity checks instead of a lookup
+        # once the communicator breaks or closes. _hot_last: the last numpy hit's key and plan, which
+        # a numpy call of the same shape takes with three identity checks instead of a lookup
         self._hot: dict[tuple, Encoded] = {}
         self._hot_last = _NO_HOT
         self._lock = boot.engine.lock

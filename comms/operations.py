@@ -55,7 +55,7 @@ class Operations:
                     else:
                         rc = _RUN_PTR(call, p)
             elif tb is TORCH_FAST[0]:
-                enc = self._hot_find(buf.dtype, buf.numel(), op)
+                enc = self._hot.get((buf.dtype, buf.numel(), op))
                 if enc is not None and (call := enc.call) is not None and buf.is_cpu \
                         and buf.layout is TORCH_FAST[1] and buf.is_contiguous():
                     rc = _RUN_ADDR(call, buf.data_ptr())

@@ -63,11 +63,13 @@ KERNEL(bool_xor, uint8_t, (uint8_t)((a ^ b) != 0))
 
 #ifdef CM_HALF_SIMD
 /* 8 elements at a time: the scalar kernels' float32 ops, F_MIN/F_MAX's NaN rules included (a NaN
- * a wins, then a NaN b, then the smaller or larger), so the same bits. */
+ * a wins, then a NaN b, then the smaller or larger), so the same values; which payload a NaN op
+ * NaN keeps follows the operand order, which C leaves to the compiler in the scalar loop. */
 CM_F16C static inline __m256 op8(__m256 a, __m256 b, int op) {
     if (op == CM_SUM) return _mm256_add_ps(a, b);
     if (op == CM_PROD) return _mm256_mul_ps(a, b);
-    __m256 r = _mm256_blendv_ps(a, b, op == CM_MIN ? _mm256_cmp_ps(b, a, _CMP_LT_OQ) : _mm256_cmp_ps(b, a, _CMP_GT_OQ));
+    __m256 b_wins = op == CM_MIN ? _mm256_cmp_ps(b, a, _CMP_LT_OQ) : _mm256_cmp_ps(b, a, _CMP_GT_OQ);
+    __m256 r = _mm256_blendv_ps(a, b, b_wins);
     r = _mm256_blendv_ps(r, b, _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
     return _mm256_blendv_ps(r, a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
 }

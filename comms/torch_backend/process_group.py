@@ -47,7 +47,7 @@ class ProcessGroupComms(Collectives, dist.ProcessGroup):
         self._group_desc = ""
         self._done_work = DoneWork(self)
         self._last_outputs: list = []
-        self._hot_get = comm._hot.get    # for allreduce's hot path (the dict and the lock never change)
+        self._hot_get = comm._hot.get    # for allreduce's hot path (the dict never changes)
 
     # -- identity (reached from C++ through the trampoline) ------------------------------------
     def getBackendName(self) -> str:

@@ -52,7 +52,8 @@ def builder(where=os.path.relpath) -> FFI:
         sources=[where(os.path.join(HERE, s)) for s in CORE + [f for files in TRANSPORTS.values() for f in files]
                  if s.endswith(".c")],
         include_dirs=[where(HERE)],
-        extra_compile_args=["-O3", "-g", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],
+        extra_compile_args=["-O3", "-g", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-fvisibility=hidden", "-flto=auto"],
+        extra_link_args=["-flto=auto", "-O3"],
         libraries=["rt", "dl"],
     )
     return ffi

@@ -209,6 +209,16 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Ask for the cache line at p for writing, without waiting for it (a hint: no effect on what
+ * any thread sees). x86's PREFETCHW, a no-op on CPUs without it. */
+static inline void cm_prefetch_write(const void *p) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ __volatile__("prefetchw %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p, 1, 3);
+#endif
+}
+
 /* engine.c: the CM_* code of a system call that failed with err (CM_E_NOMEM for no space or memory,
  * else CM_E_SYS), err stored in *sys_errno when not NULL: errno never becomes a return code */
 int cm_sys_fail(int err, int *sys_errno);

@@ -194,6 +194,10 @@ int cm_board_progress(cm_ctx *ctx, cm_transport *tp) {
     if (r < 0) return cm_fail(ctx, r, -1, 0, op);
     op->peer = -1;
     cm_op_complete(ctx, op);
+    /* The slot the next collective writes: every peer read it two collectives ago (they published
+     * this one), so take its line back for writing now, while the caller goes back to Python,
+     * instead of stalling on that transfer when the next one posts. */
+    cm_prefetch_write(slot_of(t->board, t->board_bytes, no + 1));
     return 1;
 }
 

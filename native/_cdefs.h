@@ -55,7 +55,7 @@ typedef struct {
     uint64_t aux;       /* REDUCE_SLOTS: stride between slots; DIV: divisor */
 } cm_step;
 
-typedef struct {
+typedef struct {        /* why a wait or run failed; after a success only code (0) is written */
     int32_t code;
     int32_t peer;
     int32_t sys_errno;

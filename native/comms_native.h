@@ -148,7 +148,7 @@ struct cm_exec {
     int nops;
     uint64_t fr_id;              /* its flight-recorder entry */
     uint64_t no;                 /* a collective's place in ctx->colls (the same on every rank) */
-    int64_t t_start;
+    int64_t t_start, t_end;      /* the clock when it started and when it ended (0: running) */
 };
 
 struct cm_ctx {

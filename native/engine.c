@@ -393,8 +393,11 @@ static int check_liveness(cm_ctx *ctx) {
     return CM_OK;
 }
 
+/* A wait's status: the failure's, or only code 0 (CM_OK) after a success, which is all callers read
+ * of one. */
 static void fill_status(cm_ctx *ctx, cm_exec *e, cm_status *st) {
     if (!st) return;
+    if (!ctx->failed && e && e->done && e->code == CM_OK) { st->code = CM_OK; return; }
     if (ctx->failed) *st = ctx->status;
     else memset(st, 0, sizeof *st);
     if (e) st->local = e->sig;
@@ -455,7 +458,7 @@ static int exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st, i
         passes++;
         if (r > 0) {
             if (idle_since >= 0 || (passes & 63) == 0) {
-                int64_t now = cm_now_ns();
+                int64_t now = e->done ? e->t_end : cm_now_ns();   /* it just ended: the clock then */
                 if (idle_since >= 0 && adaptive) cm_spin_learn(ctx, now - idle_since);
                 idle_since = -1;
                 if (overdue(ctx, e, now, &last_check)) continue;

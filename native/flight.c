@@ -96,7 +96,7 @@ void cm_fr_start(cm_ctx *ctx, cm_exec *e, const cm_step *plan, int64_t now) {
 }
 
 void cm_fr_end(cm_ctx *ctx, cm_exec *e) {
-    int64_t now = cm_now_ns();
+    int64_t now = e->t_end = cm_now_ns();
     ctx->counters[CM_CNT_BUSY_NS] += (uint64_t)(now - e->t_start);
     if (e->code) ctx->counters[CM_CNT_FAILED]++;
     if (!ctx->fr_cap) return;

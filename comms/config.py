@@ -120,6 +120,9 @@ declare("UNEXPECTED_PEER_BYTES", "size", native.UNEXP_PEER_MIB << 20, "The most 
 declare("TORCH_PEEK", bool, True, "The torch backend's all_reduce reads its options (op, timeout, async_op) from "
         "the C++ object's memory, at offsets probed and checked against pybind at import (comms/torch_backend/peek.py; "
         "about 0.7 us less per call); 0 reads them through pybind.")
+declare("NUMPY_PEEK", bool, True, "comm.all_reduce(ndarray)'s fast path reads the array's data pointer and flags from "
+        "its memory, at offsets probed and checked against numpy at import (comms/runtime/arrays.py; about 0.1 us "
+        "less per call); 0 takes ffi.from_buffer.")
 declare("TRACE", str, "", "Write a Chrome/Perfetto timeline of the collectives to this file (one per rank: "
         "'.rank<R>' is inserted before the extension).")
 

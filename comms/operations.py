@@ -14,7 +14,7 @@ import numpy as np
 from . import checks
 from .algorithms.plan import IN, OUT, Args, Plan, Step, RECV, SEND
 from .checks import fast as _fast
-from .runtime import native
+from .runtime import arrays, native
 from .runtime.native import ffi
 from .dtypes import DTYPE_SIZES, TORCH_FAST, ReduceOp, as_op, check_op, resolve
 from .runtime.engine import Encoded
@@ -23,7 +23,9 @@ from .work import Work
 
 _from_buffer, _NDARRAY = ffi.from_buffer, np.ndarray
 _CHARS = ffi.typeof("char[]")             # from_buffer given the type, not its name: 20 ns less a call
-_RUN_PTR, _RUN_ADDR, _EBUSY = native.call_run, native.call_run_addr, native.EBUSY
+_RUN_PTR, _RUN_ADDR, _RUN_ARRAY = native.call_run, native.call_run_addr, native.call_run_array
+_EBUSY, _ESLOW = native.EBUSY, native.ESLOW
+_PEEK = arrays.ON                         # an ndarray's data pointer read from the array (or: from_buffer)
 
 from .runtime.native import MSG_COLL, MSG_P2P  # noqa: E402,F401
 ANY_SOURCE = -1
@@ -48,12 +50,12 @@ class Operations:
                 else:
                     enc = self._hot_find(buf.dtype, buf.size, op)
                 if enc is not None and (call := enc.call) is not None:   # another thread may drop it (abort)
-                    try:
-                        p = _from_buffer(_CHARS, buf, True)
-                    except ValueError:            # not C-contiguous, or read-only: the checks below say which
-                        pass
-                    else:
-                        rc = _RUN_PTR(call, p)
+                    rc = _RUN_ARRAY(call, id(buf)) if _PEEK else _ESLOW
+                    if rc == _ESLOW:              # not C-contiguous and writable (or no peek): from_buffer
+                        try:
+                            rc = _RUN_PTR(call, _from_buffer(_CHARS, buf, True))
+                        except ValueError:        # not C-contiguous, or read-only: the checks below say which
+                            rc = None
             elif tb is TORCH_FAST[0]:
                 enc = self._hot.get((buf.dtype, buf.numel(), op))
                 if enc is not None and (call := enc.call) is not None and buf.is_cpu \

@@ -7,7 +7,7 @@
 
 /* return codes */
 enum {
-    CM_OK = 0, CM_EAGAIN = 1, CM_EBUSY = 2,
+    CM_OK = 0, CM_EAGAIN = 1, CM_EBUSY = 2, CM_ESLOW = 3,
     CM_E_TIMEOUT = -1, CM_E_PEER_CLOSED = -2, CM_E_PEER_DEAD = -3, CM_E_PEER_ABORTED = -4,
     CM_E_MISMATCH = -5, CM_E_TRUNCATE = -6, CM_E_SYS = -7, CM_E_INVALID = -8, CM_E_NOMEM = -9,
     CM_E_ABORTED = -10, CM_E_REVOKED = -11, CM_E_LIMIT = -12
@@ -139,14 +139,20 @@ typedef struct {        /* a prepared synchronous call of an in-place plan (Pyth
     int64_t timeout_ns; /* deadline: this long after the call starts */
     cm_status status;   /* a failed call's status */
 } cm_call;
-/* both take the context's owner word for the call, and return CM_EBUSY untouched where another
+/* each takes the context's owner word for the call, and returns CM_EBUSY untouched where another
  * thread holds it (the caller then goes the engine lock's way) */
 int cm_call_run(cm_call *c, void *buf);            /* buf: a cffi buffer */
 int cm_call_run_addr(cm_call *c, uintptr_t buf);   /* buf: an address */
+/* obj: a numpy.ndarray's id(); CM_ESLOW, nothing run, where cm_array_data answers 0 */
+int cm_call_run_array(cm_call *c, uintptr_t obj);
 /* a torch c10d options object's fields read from its memory (native/peek.c; comms/torch_backend/peek.py
  * finds the offsets): reduce op | asyncOp << 8 | (timeout < 0) << 9, or -1 (no layout, no object) */
 void cm_opts_layout(int on, uint32_t value, uint32_t op, uint32_t timeout_ms, uint32_t async_op);
 int32_t cm_opts_peek(uintptr_t obj);      /* obj: the Python object's address, id() */
+/* a numpy array's data and flags read from its memory (native/peek.c; comms/runtime/arrays.py finds
+ * the offsets): the data pointer where every bit of `need` is set in the flags, else 0 (and while off) */
+void cm_array_layout(int on, uint32_t data, uint32_t flags, uint32_t need);
+uintptr_t cm_array_data(uintptr_t obj);
 uint64_t cm_ctx_seq(cm_ctx *ctx);             /* the number of the last collective started (each gets the next) */
 void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);

@@ -561,9 +561,10 @@ int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *
 }
 
 /* The synchronous call of an in-place single-buffer collective from Python's fast path: buffers
- * in = out = buf, the call's scratch; the deadline is the call's timeout from now. Two spellings of
- * the buffer, so that Python passes what it has without converting it: a numpy array's cffi buffer
- * (a pointer) or a torch tensor's data_ptr() (an integer). */
+ * in = out = buf, the call's scratch; the deadline is the call's timeout from now. Three spellings
+ * of the buffer, so that Python passes what it has without converting it: a cffi buffer (a
+ * pointer), a torch tensor's data_ptr() (an integer), or a numpy array itself (its id(), read by
+ * cm_array_data in peek.c). */
 static int call_run(cm_call *c, uintptr_t buf) {
     cm_ctx *ctx = c->ctx;
     if (!cm_ctx_try_enter(ctx)) return CM_EBUSY;
@@ -576,6 +577,10 @@ static int call_run(cm_call *c, uintptr_t buf) {
 
 int cm_call_run(cm_call *c, void *buf) { return call_run(c, (uintptr_t)buf); }
 int cm_call_run_addr(cm_call *c, uintptr_t buf) { return call_run(c, buf); }
+int cm_call_run_array(cm_call *c, uintptr_t obj) {
+    uintptr_t buf = cm_array_data(obj);
+    return buf ? call_run(c, buf) : CM_ESLOW;
+}
 
 uint64_t cm_ctx_seq(cm_ctx *ctx) { return ctx->seq; }
 void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq) { ctx->seq = seq; }

@@ -38,11 +38,14 @@ def repeated_calls(rank: int, size: int, count: int) -> dict:
     return out
 
 
-def misuse_on_a_fast_shape(rank: int, size: int) -> dict:
+def misuse_on_a_fast_shape(rank: int, size: int, peek: bool) -> dict:
     """After a float32 x 4 all_reduce ran (so the shape has a fast path), buffers of the same dtype
     and count that cannot be used in place must still be refused before any byte moves; the
-    communicator stays usable."""
+    communicator stays usable. ``peek``: the fast path reads the array's fields from its memory
+    (comms.runtime.arrays), else it takes ffi.from_buffer."""
     import torch
+    from comms import operations
+    operations._PEEK = peek and operations._PEEK
     errors = {}
     with comms.init(timeout=30) as comm:
         for _ in range(3):
@@ -51,7 +54,11 @@ def misuse_on_a_fast_shape(rank: int, size: int) -> dict:
         ro.flags.writeable = False
         strided = np.ones(8, np.float32)[::2]
         tstrided = torch.ones(8)[::2]
-        for name, buf in (("read-only", ro), ("strided", strided), ("torch strided", tstrided)):
+        late = np.ones(4, np.float32)             # used in place, then made read-only: the same object
+        comm.all_reduce(late)
+        late.flags.writeable = False
+        for name, buf in (("read-only", ro), ("strided", strided), ("torch strided", tstrided),
+                          ("made read-only", late)):
             try:
                 comm.all_reduce(buf)
                 errors[name] = None
@@ -59,7 +66,8 @@ def misuse_on_a_fast_shape(rank: int, size: int) -> dict:
                 errors[name] = str(e)
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)
-        return {"errors": errors, "after": x.tolist(), "ro": ro.tolist()}
+        return {"errors": errors, "after": x.tolist(), "ro": ro.tolist(), "late": late.tolist(),
+                "peek": operations._PEEK}
 
 
 def rules_change_between_fast_calls(rank: int, size: int) -> dict:

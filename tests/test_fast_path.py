@@ -21,13 +21,17 @@ def test_repeated_calls_match_the_reference_and_number_one_collective_each(size,
         assert o["fast_shapes"] > 0, "no shape reached the fast path"
 
 
-def test_buffers_that_cannot_be_used_in_place_are_refused_on_a_fast_shape():
-    out = spawn(misuse_on_a_fast_shape, 2, timeout=60, env=ENV)
+@pytest.mark.parametrize("peek", [True, False])
+def test_buffers_that_cannot_be_used_in_place_are_refused_on_a_fast_shape(peek):
+    """With the array's fields read from its memory (comms.runtime.arrays) and with ffi.from_buffer."""
+    out = spawn(misuse_on_a_fast_shape, 2, timeout=60, args=(peek,), env=ENV)
     for rank, o in enumerate(out):
+        assert o["peek"] is peek
         assert "read-only" in o["errors"]["read-only"]
+        assert "read-only" in o["errors"]["made read-only"]
         assert "not C-contiguous" in o["errors"]["strided"]
         assert "not contiguous" in o["errors"]["torch strided"]
-        assert o["after"] == [3.0] * 4 and o["ro"] == [1.0] * 4
+        assert o["after"] == [3.0] * 4 and o["ro"] == [1.0] * 4 and o["late"] == [2.0] * 4
 
 
 def test_set_algo_between_calls_of_one_shape():

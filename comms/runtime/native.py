@@ -17,7 +17,7 @@ import os
 from .._native import ffi, lib
 
 # return codes
-OK, EAGAIN, EBUSY = lib.CM_OK, lib.CM_EAGAIN, lib.CM_EBUSY
+OK, EAGAIN, EBUSY, ESLOW = lib.CM_OK, lib.CM_EAGAIN, lib.CM_EBUSY, lib.CM_ESLOW
 E_TIMEOUT, E_PEER_CLOSED, E_PEER_DEAD = lib.CM_E_TIMEOUT, lib.CM_E_PEER_CLOSED, lib.CM_E_PEER_DEAD
 E_PEER_ABORTED, E_MISMATCH, E_TRUNCATE = lib.CM_E_PEER_ABORTED, lib.CM_E_MISMATCH, lib.CM_E_TRUNCATE
 E_SYS, E_INVALID, E_NOMEM, E_ABORTED = lib.CM_E_SYS, lib.CM_E_INVALID, lib.CM_E_NOMEM, lib.CM_E_ABORTED
@@ -67,10 +67,12 @@ ctx_try_enter, ctx_enter, ctx_leave = lib.cm_ctx_try_enter, lib.cm_ctx_enter, li
 plan_check = lib.cm_plan_check
 exec_run, exec_start, exec_wait, exec_peer, exec_free, exec_op_times = \
     lib.cm_exec_run, lib.cm_exec_start, lib.cm_exec_wait, lib.cm_exec_peer, lib.cm_exec_free, lib.cm_exec_op_times
-# the per-call fast path: a prepared cm_call on a cffi buffer, or on an address (torch)
-call_run, call_run_addr = lib.cm_call_run, lib.cm_call_run_addr
+# the per-call fast path: a prepared cm_call on a cffi buffer, an address (torch) or a numpy array
+call_run, call_run_addr, call_run_array = lib.cm_call_run, lib.cm_call_run_addr, lib.cm_call_run_array
 # torch's AllreduceOptions read from memory (comms.torch_backend.peek)
 opts_peek, opts_layout = lib.cm_opts_peek, lib.cm_opts_layout
+# a numpy array's data pointer read from its memory (comms.runtime.arrays)
+array_layout, array_data = lib.cm_array_layout, lib.cm_array_data
 # the wait policy's spin budget now (native/wait.c), and the engine's clock
 spin_budget, now_ns = lib.cm_spin_budget, lib.cm_now_ns
 # kernels

@@ -138,19 +138,16 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             total += 2 * on([(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]).t(1, m)
         return total
 
-    def binomial() -> float:
-        """One pass of m bytes through the binomial tree rooted at rank 0 (tree's reduce up or broadcast
-        down) in TREE_SEGMENT_BYTES segments, pipelined: each level's segment time on its pairs' link,
-        plus (segments - 1) times the slowest's. Against 2 simulated hosts x 2 ranks (2 Gbit/s, shared
-        CPUs) at 256 KiB-16 MiB, tree priced so came within 0.97-1.02x of its measured time; as
-        2m + 2 log2(n) segments on the slower link it was priced 1.1-2.7x."""
-        segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
-        levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
-        return sum(levels) + (segments - 1) * max(levels)
     prices = {}
     if coll == "all_reduce":
         # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency, inter each one
         direct = intra.t(1 if route.together else L - 1, (L - 1) * m) + crossing.t(n - L, (n - L) * m) + red(n * m)
+        # tree: m bytes up and down the binomial tree of rank 0 in TREE_SEGMENT_BYTES segments, pipelined: each level's
+        # segment time on its pairs' link, plus (segments - 1) times the slowest's; the root reduces one child's bytes
+        # a level. On 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at 256 KiB-16 MiB, tree priced so came within
+        # 0.97-1.02x of its measured time; as 2m + 2 log2(n) segments on the slower link it was priced 1.1-2.7x
+        segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
+        levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
         prices = {
             "direct": direct,
             "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
@@ -158,8 +155,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             # each exchange reduces the whole buffer, and so does the fold of the extra ranks
             "recursive_doubling": recursive(lambda d: m, 1) + red((_log2(p2) + (n != p2)) * m),
             "rhd": recursive(lambda d: m * d / p2, 2) + red((p2 - 1) * m / p2 + (m if n != p2 else 0)),
-            # tree: up and down the binomial tree; the root reduces one child's bytes per level
-            "tree": 2 * binomial() + red(_log2(n) * m),
+            "tree": 2 * (sum(levels) + (segments - 1) * max(levels)) + red(_log2(n) * m),
             "hierarchical": intra.t(2 * (L - 1), 2 * (L - 1) * m / L)
             + crossing.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
         }

@@ -10,7 +10,6 @@ per-rank buffer for all_reduce, broadcast and reduce, and the total bytes a rank
 """
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 from .. import algorithms, config
@@ -96,8 +95,8 @@ class Selector:
 
     def with_user(self, override: str | None) -> "Selector":
         """These tuned and default rules with ``override`` as the user's (None: COMMS_ALGO's)."""
-        sel = copy.copy(self)
-        sel.user = Selector(override, "", "").user
+        sel = Selector(override, "", "")
+        sel.tuned, sel.default = self.tuned, self.default
         return sel
 
     def _covering(self, coll: str, nbytes: int):

@@ -39,12 +39,11 @@ class Calibration(NamedTuple):
 
 def signature(comm) -> str:
     """The cache key of ``comm``'s host: what its figures and tuned rules depend on."""
-    topo, route = comm.topology, comm.route
-    nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in topo.hosts[0].nics)
+    hosts, route = comm.topology.hosts, comm.route
+    nics = ",".join(f"{n['name']}:{n['speed_mbps']}" for n in hosts[0].nics)
     det = "|deterministic" if config.get("DETERMINISTIC") else ""      # other plans, other tuned rules
-    return f"{FORMAT}|{platform.machine()}|{cpu_model()}|{topo.hosts[0].cores} cores|" \
-           f"{len(topo.hosts)}x{len(topo.hosts[0].ranks)}|{','.join(sorted({route.intra, route.inter}))}|" \
-           f"nics {nics}|{platform.release()}{det}"
+    return f"{FORMAT}|{platform.machine()}|{cpu_model()}|{hosts[0].cores} cores|{len(hosts)}x{len(hosts[0].ranks)}|" \
+           f"{','.join(sorted({route.intra, route.inter}))}|nics {nics}|{platform.release()}{det}"
 
 
 def _load() -> tuple[str, dict]:

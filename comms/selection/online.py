@@ -45,9 +45,8 @@ class Trial:
     the next call reaches :meth:`Contests.pick`) and ``ran[ran_key]`` the algorithm of the last call;
     the communicator brackets each call of a plan marked ``enc.trial`` with :meth:`begin` and :meth:`end`."""
 
-    def __init__(self, alts: list[str], seconds: list[float], rounds: int, encs: list | None = None,
-                 key: tuple = (), ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None,
-                 scale: float = 1.0):
+    def __init__(self, alts: list[str], seconds: list[float], rounds: int, encs: list | None = None, key: tuple = (),
+                 ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None, scale: float = 1.0):
         self.alts, self.encs, self.key, self.ran_key = list(alts), encs or [], key, ran_key
         self._plans, self._ran = {} if plans is None else plans, {} if ran is None else ran
         turns, k = [turn_calls(s, scale) for s in seconds], list(range(len(alts)))

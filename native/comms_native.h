@@ -176,12 +176,13 @@ struct cm_ctx {
     void *pollfds;
     int pollfds_cap;
     /* execs */
-    cm_exec *active;
+    cm_exec *active;             /* plans running: p2p ones, and the collective started (queued ones are in coll_queue only) */
     cm_exec sync_exec;           /* the one synchronous runs use while free (no allocation) */
     int sync_busy;
     cm_op *sync_ops;
     int sync_ops_cap;
     cm_exec *coll_active, *coll_queue, *coll_queue_tail;
+    int64_t queue_checked;       /* when overdue() last looked at the queued collectives' deadlines */
     cm_op *anyq, *anyq_tail;     /* posted receives from any source */
     int progressed;
     uint64_t unexp_msg_max, unexp_peer_max;   /* cm_ctx_set_unexp_limits */

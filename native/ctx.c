@@ -88,6 +88,12 @@ void cm_ctx_free(cm_ctx *ctx) {
     }
     for (int i = 0; i < ctx->ntp; i++)
         if (ctx->tp[i].ops->release) ctx->tp[i].ops->release(ctx, &ctx->tp[i]);
+    while (ctx->coll_queue) {                     /* collectives that never started: in no other list */
+        cm_exec *e = ctx->coll_queue;
+        ctx->coll_queue = e->next_coll;
+        e->next_active = ctx->active;
+        ctx->active = e;
+    }
     while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
     if (ctx->bell_fd >= 0) close(ctx->bell_fd);
     free(ctx->chans);
@@ -143,6 +149,7 @@ void cm_ctx_leave(cm_ctx *ctx) { atomic_store_explicit(&ctx->owned, 0, memory_or
 int cm_ctx_pending(cm_ctx *ctx) {
     int n = 0;
     for (cm_exec *e = ctx->active; e; e = e->next_active) n += !e->done;
+    for (cm_exec *e = ctx->coll_queue; e; e = e->next_coll) n++;
     return n;
 }
 

@@ -61,6 +61,14 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     }
     for (cm_exec *e = ctx->active; e; e = e->next_active)
         if (!e->done) { e->done = 1; e->code = code; cm_fr_end(ctx, e); }
+    for (cm_exec *e = ctx->coll_queue, *next; e; e = next) {   /* queued collectives end too */
+        next = e->next_coll;
+        e->done = 1;
+        e->code = code;
+        cm_fr_end(ctx, e);
+        e->next_active = ctx->active;
+        ctx->active = e;
+    }
     ctx->coll_active = ctx->coll_queue = ctx->coll_queue_tail = NULL;
     ctx->anyq = ctx->anyq_tail = NULL;
     return code;
@@ -223,6 +231,8 @@ static void start_next_coll(cm_ctx *ctx) {
         if (!ctx->coll_queue) ctx->coll_queue_tail = NULL;
         ctx->coll_active = e;
         e->started = 1;
+        e->next_active = ctx->active;
+        ctx->active = e;
         advance(ctx, e);
     }
 }
@@ -266,8 +276,6 @@ static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int n
     e->is_coll = sig->kind == CM_MSG_COLL;
     e->no = e->is_coll ? ++ctx->colls : 0;
     e->deadline = deadline_ns;
-    e->next_active = ctx->active;
-    ctx->active = e;
     ctx->counters[CM_CNT_EXECS]++;
     cm_fr_start(ctx, e, steps, now);
     if (e->is_coll) {
@@ -276,6 +284,8 @@ static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int n
         start_next_coll(ctx);
     } else {
         e->started = 1;
+        e->next_active = ctx->active;
+        ctx->active = e;
         advance(ctx, e);
     }
     return ctx->failed ? ctx->status.code : CM_OK;
@@ -423,15 +433,22 @@ static int64_t wait_spin_ns(cm_ctx *ctx, cm_exec *e, int64_t now) {
 
 /* Deadlines (of every plan in flight, not only the one waited for) and liveness, looked at while
  * data moves as well as while idle: traffic with one peer, or a wait on another plan, must not
- * postpone a timeout with another. Returns 1 when the context failed. */
+ * postpone a timeout with another. The running plans are looked at on every call, the collectives
+ * queued behind the running one every 20 ms (thousands of them may wait there: asynchronous calls
+ * nobody waited for yet). Returns 1 when the context failed. */
 static int overdue(cm_ctx *ctx, cm_exec *e, int64_t now, int64_t *last_check) {
     cm_exec *late = now >= e->deadline && !e->done ? e : NULL;
     for (cm_exec *a = ctx->active; a && !late; a = a->next_active)
         if (!a->done && now >= a->deadline) late = a;
-    if (late) {
+    if (!late && ctx->coll_queue && now - ctx->queue_checked > 20000000LL) {   /* the context's clock: */
+        ctx->queue_checked = now;                     /* sliced waits (the progress thread) are short */
+        for (cm_exec *q = ctx->coll_queue; q && !late; q = q->next_coll)
+            if (now >= q->deadline) late = q;
+    }
+    if (late) {                                   /* a queued one waits on the peer the running one does */
         cm_op *op;
-        int peer = first_pending_peer(late, &op);
-        cm_fail(ctx, CM_E_TIMEOUT, peer, 0, op);
+        int peer = first_pending_peer(late->started || !ctx->coll_active ? late : ctx->coll_active, &op);
+        cm_fail(ctx, CM_E_TIMEOUT, peer, 0, late->started ? op : NULL);
         return 1;
     }
     if (now - *last_check > 20000000LL) {            /* every 20 ms */

@@ -139,3 +139,25 @@ def test_set_algo_switches_the_algorithm_between_collectives():
     last = names[-1]
     assert o["after_bad"] == last and o["split"] == last
     assert o["default"][1] == o["default"][0] and o["default"][2] == [10.0]
+
+
+def test_thousands_of_unwaited_async_collectives_run_in_order_and_right():
+    """4000 asynchronous all_reduces queued behind each other (collectives run one at a time): the
+    engine looks only at running plans on each pass, so they drain, each with its own sum."""
+    from workers import many_queued_collectives
+    n = 4000
+    out = spawn(many_queued_collectives, 2, timeout=120, args=(n,), env={"COMMS_CALIBRATE": "0"})
+    for o in out:
+        assert o["wrong"] == [] and o["x"] == [1.0] * 3, o
+
+
+def test_a_queued_collective_times_out_on_its_own_deadline():
+    """A collective queued behind one that cannot finish fails with its own 1 s timeout (looked at
+    every 20 ms while queued), naming itself and the peer the running one waits for, long before
+    the running one's 30 s deadline."""
+    from workers import queued_collective_times_out
+    out = spawn(queued_collective_times_out, 2, timeout=60, env={"COMMS_CALIBRATE": "0"})
+    o = out[0]
+    assert o["error"] == "CommTimeout" and 0.9 <= o["after"] < 5, o
+    assert "all_reduce (seq 2) on rank 0" in o["msg"] and "rank 1" in o["msg"], o
+    assert o["first"] is not None, o

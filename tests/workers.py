@@ -284,3 +284,40 @@ def two_host_params(rank: int, size: int) -> dict:
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)
         return {"params": comm.calibration.params.as_dict(), "route": list(comm.route), "sum": x.tolist()}
+
+
+def many_queued_collectives(rank: int, size: int, n: int) -> dict:
+    """``n`` asynchronous all_reduces that nobody waits for, each on its own data, then a synchronous
+    one, then waits for them all: each has its own sum."""
+    with comms.init(timeout=60) as comm:
+        bufs = [np.full(3, float(rank + i), np.float32) for i in range(n)]
+        works = [comm.all_reduce(b, async_op=True) for b in bufs]
+        x = np.full(3, float(rank), np.float32)
+        comm.all_reduce(x)
+        for w in works:
+            w.wait()
+        wrong = [i for i, b in enumerate(bufs) if not (b == sum(r + i for r in range(size))).all()]
+        return {"wrong": wrong, "x": x.tolist()}
+
+
+def queued_collective_times_out(rank: int, size: int) -> dict:
+    """Rank 0 starts an all_reduce that rank 1 never joins, then queues a second one behind it with
+    a 1 s timeout: the queued one must fail with its own timeout, about 1 s on, not the first's
+    30 s. Rank 1 stays alive meanwhile (no peer failure to hear of instead)."""
+    with comms.init(timeout=30) as comm:
+        if rank == 1:
+            time.sleep(4)
+            return {}
+        first = comm.all_reduce(np.ones(2, np.float32), async_op=True)
+        t0 = time.monotonic()
+        second = comm.all_reduce(np.ones(2, np.float32), async_op=True, timeout=1.0)
+        try:
+            second.wait()
+            return {"error": None}
+        except comms.CommsError as e:
+            out = {"error": type(e).__name__, "msg": str(e), "after": time.monotonic() - t0}
+        try:
+            first.wait()
+        except comms.CommsError as e:
+            out["first"] = type(e).__name__
+        return out

@@ -147,35 +147,3 @@ def test_application_abort_reaches_every_rank_with_its_reason():
     for rank, (name, msg, *_) in enumerate(out):
         assert name == "PeerError", msg
         assert "the scheduler preempted this job" in msg, msg
-
-
-def test_a_failed_rank_that_had_aborted_on_a_mismatch_is_reported_as_the_mismatch():
-    """Which notice reaches a rank first, a peer's abort or its exit right after, depends on the
-    control plane's paths; the error must not: a failed rank that published a MismatchError (before
-    its abort, so before it could exit) is reported as that mismatch, naming its exit too. A failed
-    rank that left no reason, or another kind of reason, stays a PeerError."""
-    import json
-    from types import SimpleNamespace
-
-    from comms.errors import MismatchError, PeerError
-    from comms.runtime.failures import failed_error
-
-    class Store:
-        def __init__(self, kv):
-            self.kv = kv
-
-        def check(self, keys):
-            return all(k in self.kv for k in keys)
-
-        def get(self, key):
-            return self.kv[key]
-
-    reason = json.dumps(["MismatchError", "all_gather(seq 2) against broadcast(seq 2)"]).encode()
-    timeout = json.dumps(["CommTimeout", "timed out"]).encode()
-    for kv, want in (({"p/abort/3": reason}, MismatchError), ({}, PeerError), ({"p/abort/3": timeout}, PeerError)):
-        comm = SimpleNamespace(prefix="p/", rank=0, _store=Store(kv), _failed={3: "its process exited"})
-        e = failed_error(comm, "barrier (seq 3) on rank 0", "barrier", 3)
-        assert type(e) is want, (kv, e)
-        assert "rank 3" in str(e) and "its process exited" in str(e), str(e)
-        if want is MismatchError:
-            assert "all_gather(seq 2)" in str(e) and e.peer == 3, str(e)

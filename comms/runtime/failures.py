@@ -44,17 +44,13 @@ def describe(h) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def peer_reason(comm, peer: int, wait: bool = True) -> tuple[str, str] | None:
-    """(exception class name, message) published by ``peer``, or None if it left none (looked for
-    REASON_WAIT, or only once with ``wait`` False)."""
+def peer_reason(comm, peer: int) -> tuple[str, str] | None:
+    """(exception class name, message) published by ``peer``, or None if it left none."""
     if peer is None or peer < 0:
         return None
     key = f"{comm.prefix}abort/{peer}"
     try:
-        if wait:
-            comm._store.wait([key], REASON_WAIT)
-        elif not comm._store.check([key]):
-            return None
+        comm._store.wait([key], REASON_WAIT)
         kind, text = json.loads(comm._store.get(key))
     except TransportError as e:              # comms.security.store: the tag did not match
         log.warning("comms: rank %d ignored rank %d's abort reason: %s", comm.rank, peer, e)
@@ -83,22 +79,13 @@ def _verdict(comm) -> bool:
     return bool(comm._failed) or comm._revoker is not None
 
 
-def failed_error(comm, where: str, op: str, seq: int) -> errors.CommsError:
-    """PeerError naming the ranks the control plane declared failed, and how each was detected;
-    but where one of them had aborted on a mismatch it found (its reason is in the store: published
-    before its abort, so before it could exit), that MismatchError, naming it and its exit: which
-    of the abort and the exit reaches a rank first depends on the flood's paths, the cause does not."""
+def failed_error(comm, where: str, op: str, seq: int) -> errors.PeerError:
+    """PeerError naming the ranks the control plane declared failed, and how each was detected."""
     failed = dict(comm._failed)
     names = ", ".join(str(r) for r in sorted(failed))
-    gone = f"rank{'s' if len(failed) > 1 else ''} {names} failed: " + \
+    msg = f"{where}: rank{'s' if len(failed) > 1 else ''} {names} failed: " + \
         "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
-    for r in sorted(failed):
-        reason = peer_reason(comm, r, wait=False)
-        if reason is not None and reason[0] == "MismatchError":
-            return MismatchError(f"{where}: rank {r} aborted the communicator: {reason[1]} (since then {gone})",
-                                 op=op, seq=seq, rank=comm.rank, peer=r)
-    return errors.PeerError(f"{where}: {gone}", op=op, seq=seq, rank=comm.rank, peer=min(failed),
-                            failed=tuple(sorted(failed)))
+    return errors.PeerError(msg, op=op, seq=seq, rank=comm.rank, peer=min(failed), failed=tuple(sorted(failed)))
 
 
 _PLAN_FAULTS = {

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import time
+from datetime import timedelta
 
 import numpy as np
 
@@ -106,6 +107,11 @@ def mismatch_among_four(rank: int, size: int, transport: str) -> tuple:
     except comms.CommsError as e:
         return (*_err(e), time.monotonic() - t0)
     finally:
+        # every rank stays until all have their error: the one that found the mismatch exiting
+        # at once would make the others' error a race between its abort and its exit notice
+        # (either names it; this test asks for the mismatch, so it keeps the exit out of it)
+        comm._store.set(f"test/mismatch_among_four/{rank}", b"1")
+        comm._store.wait([f"test/mismatch_among_four/{r}" for r in range(size)], timedelta(seconds=30))
         comm.close()
 
 

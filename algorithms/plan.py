@@ -7,6 +7,10 @@ order:
 - ``SEND``/``RECV``/``RECV_REDUCE`` post a message to/from ``peer`` on bytes
   ``[off, off + nbytes)`` of buffer ``buf``; consecutive ones are in flight together.
   ``RECV_REDUCE`` combines the incoming bytes into the buffer (``dst = dst op incoming``).
+  A gated ``SEND`` (``aux`` = its gate's index + 1) forwards the bytes that an earlier receive of
+  the same bytes in the same batch (its gate) delivers, as they arrive: a pipelined ring forwards
+  each chunk it has just reduced while it is still in cache, with no PHASE in between. Sends to
+  one peer leave in plan order, so a gated send holds back the later sends to its peer.
 - ``PHASE`` waits until every posted message has completed.
 - ``COPY`` (``buf[off:] = buf2[off2:]``), ``REDUCE`` (``buf[off:] op= buf2[off2:]``),
   ``REDUCE_SLOTS`` (``buf[off:] = op over k of buf2[off2 + k*aux:]`` for k < peer, in order k = 0,
@@ -58,7 +62,8 @@ class Step:
             return name
         where = f"{'IN OUT SCRATCH'.split()[self.buf]}[{self.off}:+{self.nbytes}]"
         if self.kind in COMM_KINDS:
-            return f"{name} peer={self.peer} {where}"
+            gate = f" gate={self.aux - 1}" if self.kind == SEND and self.aux else ""
+            return f"{name} peer={self.peer} {where}{gate}"
         return f"{name} {where} <- {'IN OUT SCRATCH'.split()[self.buf2]}[{self.off2}]"
 
 
@@ -103,17 +108,19 @@ class Builder:
     steps: list = field(default_factory=list)
     scratch_bytes: int = 0
 
-    def _comm(self, kind: int, peer: int, buf: int, off: int, nbytes: int) -> None:
-        self.steps.append(Step(kind, peer, buf, off, nbytes))
+    def _comm(self, kind: int, peer: int, buf: int, off: int, nbytes: int, aux: int = 0) -> int:
+        self.steps.append(Step(kind, peer, buf, off, nbytes, aux=aux))
+        return len(self.steps) - 1
 
-    def send(self, peer: int, buf: int, off: int, nbytes: int) -> None:
-        self._comm(SEND, peer, buf, off, nbytes)
+    def send(self, peer: int, buf: int, off: int, nbytes: int, gate: int | None = None) -> int:
+        """A send; ``gate``: the index of the receive of these bytes it forwards as they arrive."""
+        return self._comm(SEND, peer, buf, off, nbytes, 0 if gate is None else gate + 1)
 
-    def recv(self, peer: int, buf: int, off: int, nbytes: int) -> None:
-        self._comm(RECV, peer, buf, off, nbytes)
+    def recv(self, peer: int, buf: int, off: int, nbytes: int) -> int:
+        return self._comm(RECV, peer, buf, off, nbytes)
 
-    def recv_reduce(self, peer: int, buf: int, off: int, nbytes: int) -> None:
-        self._comm(RECV_REDUCE, peer, buf, off, nbytes)
+    def recv_reduce(self, peer: int, buf: int, off: int, nbytes: int) -> int:
+        return self._comm(RECV_REDUCE, peer, buf, off, nbytes)
 
     def phase(self) -> None:
         if self.steps and self.steps[-1].kind in COMM_KINDS:

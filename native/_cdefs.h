@@ -52,7 +52,9 @@ typedef struct {
     uint64_t off;       /* byte offset in buf */
     uint64_t off2;      /* byte offset in buf2; REDUCE_SLOTS: stride between slots */
     uint64_t nbytes;
-    uint64_t aux;       /* REDUCE_SLOTS: stride between slots; DIV: divisor */
+    uint64_t aux;       /* REDUCE_SLOTS: stride between slots; DIV: divisor; SEND: its gate + 1 (0: none),
+                         * an earlier RECV/RECV_REDUCE of the same bytes in the same batch: the send
+                         * goes out as those bytes arrive (plan_check.c) */
 } cm_step;
 
 typedef struct {        /* why a wait or run failed; after a success only code (0) is written */
@@ -121,7 +123,7 @@ int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *
                 const cm_hdr *sig, int64_t deadline_ns, cm_status *st);
 /* the bounds of a plan (plan_check.c), checked once when it is encoded: why a step does not fit */
 enum { CM_PLAN_FITS = 0, CM_PLAN_BAD_KIND = 1, CM_PLAN_BAD_BUF = 2, CM_PLAN_PAST_BUF = 3, CM_PLAN_PAST_BUF2 = 4,
-       CM_PLAN_PART_ELEMENT = 5, CM_PLAN_BAD_SLOTS = 6 };
+       CM_PLAN_PART_ELEMENT = 5, CM_PLAN_BAD_SLOTS = 6, CM_PLAN_BAD_GATE = 7 };
 typedef struct { int32_t step; int32_t reason; } cm_plan_fault;   /* the first step that does not fit (-1: none) */
 int cm_plan_check(const cm_step *steps, int nsteps, const uint64_t *lens, int nbufs, int dtype, cm_plan_fault *out);
 /* the unexpected queue (match.c): the most bytes one early p2p message may have, and the most queued

@@ -56,7 +56,15 @@ typedef struct cm_op {
     char *ptr;
     uint64_t nbytes;
     uint64_t done;
+    const struct cm_op *gate;    /* a gated SEND: the receive of its bytes (cm_send_limit) */
 } cm_op;
+
+/* How many of a send's bytes may go out now: all of them, or, for a gated send, those its gate
+ * (the receive of the same bytes) has delivered into the buffer. A transport sends no further,
+ * and a gated send at the head of its channel holds the channel's later sends behind it. */
+static inline uint64_t cm_send_limit(const cm_op *op) {
+    return op->gate ? op->gate->done : op->nbytes;
+}
 
 typedef struct cm_unexp {        /* a p2p message that arrived before its receive was posted */
     struct cm_unexp *next;

@@ -125,11 +125,27 @@ static cm_transport *coll_transport(cm_ctx *ctx) {
     return NULL;
 }
 
+/* The op of a gated send's gate (step aux - 1): a receive of the same bytes posted earlier in the
+ * same batch (cm_plan_check refuses any other plan; one that was not checked fails here). */
+static const cm_op *gate_of(const cm_exec *e, const cm_op *op, const cm_step *s) {
+    uint64_t g = s->aux - 1;
+    for (const cm_op *o = op - 1; o >= e->ops; o--) {
+        if ((uint64_t)o->step != g) continue;
+        const cm_step *gs = &e->steps[g];
+        if ((o->kind != CM_STEP_RECV && o->kind != CM_STEP_RECV_REDUCE) || gs->peer == CM_ANY_SOURCE ||
+            gs->buf != s->buf || gs->off != s->off || gs->nbytes != s->nbytes)
+            return NULL;
+        return o;
+    }
+    return NULL;
+}
+
 static void post(cm_ctx *ctx, cm_exec *e, const cm_step *s) {
     cm_op *op = new_op(ctx, e, s);
     if (s->peer == CM_ANY_SOURCE) { post_any(ctx, e, op); return; }
     cm_chan *c = &ctx->chans[s->peer];
     if (s->kind == CM_STEP_SEND) {
+        if (s->aux && !(op->gate = gate_of(e, op, s))) { cm_fail(ctx, CM_E_INVALID, s->peer, 0, op); return; }
         if (c->sendq_tail) c->sendq_tail->next = op; else c->sendq = op;
         c->sendq_tail = op;
         return;

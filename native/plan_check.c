@@ -15,6 +15,9 @@
  *   REDUCE_SLOTS                          buf[off, off + nbytes) and, for k < peer (>= 1),
  *                                         buf2[off2 + k * aux, off2 + k * aux + nbytes)
  *   PHASE                                 nothing
+ * A gated SEND (aux = its gate + 1) names an earlier RECV or RECV_REDUCE from a named peer of the
+ * very same bytes (buf, off, nbytes), with only communication steps between the two (they are in
+ * flight together): the engine sends those bytes as that receive delivers them (cm_send_limit).
  * A step of 0 bytes touches nothing. Steps that reduce (RECV_REDUCE, REDUCE, REDUCE_SLOTS, DIV,
  * BOARD) must cover whole elements of the plan's dtype: the kernels round down, and a message that
  * is reduced on arrival is cut at element boundaries (tcp's bounce buffer, rdma's staging slots).
@@ -50,6 +53,23 @@ static int step_fits(const cm_step *s, const uint64_t *lens, int nbufs, size_t e
     return CM_PLAN_FITS;
 }
 
+static int is_comm(int kind) { return kind == CM_STEP_SEND || kind == CM_STEP_RECV || kind == CM_STEP_RECV_REDUCE; }
+
+/* 1 when step i is no gated send, or its gate is one the engine can follow */
+static int gate_fits(const cm_step *steps, int i) {
+    const cm_step *s = &steps[i];
+    if (s->kind != CM_STEP_SEND || !s->aux) return 1;
+    if (s->aux > (uint64_t)i) return 0;
+    int g = (int)(s->aux - 1);
+    const cm_step *gs = &steps[g];
+    if ((gs->kind != CM_STEP_RECV && gs->kind != CM_STEP_RECV_REDUCE) || gs->peer < 0 || gs->buf != s->buf ||
+        gs->off != s->off || gs->nbytes != s->nbytes)
+        return 0;
+    for (int k = g + 1; k < i; k++)
+        if (!is_comm(steps[k].kind)) return 0;
+    return 1;
+}
+
 int cm_plan_check(const cm_step *steps, int nsteps, const uint64_t *lens, int nbufs, int dtype, cm_plan_fault *out) {
     out->step = -1;
     out->reason = CM_PLAN_FITS;
@@ -57,6 +77,7 @@ int cm_plan_check(const cm_step *steps, int nsteps, const uint64_t *lens, int nb
     size_t esz = cm_dtype_size(dtype);
     for (int i = 0; i < nsteps; i++) {
         int why = step_fits(&steps[i], lens, nbufs, esz);
+        if (why == CM_PLAN_FITS && !gate_fits(steps, i)) why = CM_PLAN_BAD_GATE;
         if (why != CM_PLAN_FITS) {
             out->step = i;
             out->reason = why;

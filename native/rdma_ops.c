@@ -38,6 +38,9 @@ static int rdma_progress_send(cm_ctx *ctx, cm_chan *c) {
     while (c->sendq) {
         cm_op *op = c->sendq;
         rd_msg m;
+        /* a gated send goes out whole, once its gate has delivered every byte (writes are posted
+         * from the buffer itself, so a partial one would need the rest's registration anyway) */
+        if (cm_send_limit(op) < op->nbytes) break;
         if (op->nbytes + sizeof m <= t->eager_bytes) {
             memset(&m, 0, sizeof m);
             m.type = RD_EAGER;

@@ -138,6 +138,14 @@ void cm_shm_init_segment(void *seg, int nlocal, int nslots, size_t slot_bytes, s
     h->magic = CM_SEG_MAGIC;
 }
 
+/* The bytes of op that may fill slots now (0 for a header-only message, or for a gated send with
+ * nothing to send): a gated send fills whole slots until its gate has delivered everything, so a
+ * gate that delivers in small pieces (a tcp bounce buffer) does not cost a slot per piece. */
+static uint64_t sendable(const shm_ctx *t, const cm_op *op) {
+    uint64_t left = cm_send_limit(op) - op->done;
+    return left < t->slot_bytes && cm_send_limit(op) < op->nbytes ? 0 : left;
+}
+
 /* ---- waking and liveness ---------------------------------------------------------------------- */
 static int shm_ready(cm_ctx *ctx, cm_chan *c) {
     (void)ctx;
@@ -146,7 +154,8 @@ static int shm_ready(cm_ctx *ctx, cm_chan *c) {
      * only this thread posts it (or a kick wakes it), so waking for the slots behind it would
      * make the wait a busy loop that starves a peer sharing the core */
     if (!c->rx_parked && atomic_load_explicit(&s->rx->head, memory_order_acquire) != s->rx_tail) return 1;
-    if (c->sendq && s->tx_head - atomic_load_explicit(&s->tx->tail, memory_order_acquire) < (uint64_t)s->t->nslots)
+    if (c->sendq && (sendable(s->t, c->sendq) || !c->sendq->nbytes) &&
+        s->tx_head - atomic_load_explicit(&s->tx->tail, memory_order_acquire) < (uint64_t)s->t->nslots)
         return 1;
     return 0;
 }
@@ -212,8 +221,9 @@ static int shm_progress_send(cm_ctx *ctx, cm_chan *c) {
         cm_op *op = c->sendq;
         uint64_t tail = atomic_load_explicit(&sc->tx->tail, memory_order_acquire);
         if (sc->tx_head - tail >= (uint64_t)t->nslots) break;
+        uint64_t left = sendable(t, op);
+        if (!left && op->nbytes) break;          /* a gated send waits for its bytes to arrive */
         cm_slot_hdr *s = slot_at(sc->tx_slots, sc->tx_head, t->nslots, t->slot_bytes);
-        uint64_t left = op->nbytes - op->done;
         uint32_t len = (uint32_t)(left < t->slot_bytes ? left : t->slot_bytes);
         uint32_t flags = 0;
         if (!op->started) {

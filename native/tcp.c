@@ -61,6 +61,11 @@ static int sock_error(cm_ctx *ctx, cm_chan *c, int err, const cm_op *op) {
     return cm_fail(ctx, CM_E_SYS, c->peer, err, op);
 }
 
+/* 1 when the head send has bytes to write now (its header, or payload its gate let through) */
+static int can_send(const tcp_chan *t, const cm_op *op) {
+    return !op->started || t->tx_hdr_sent < sizeof(cm_hdr) || cm_send_limit(op) > op->done;
+}
+
 /* The fd a sleeping wait polls: readable always (data, EOF), writable when it has sends. */
 static int tcp_poll_fd(cm_ctx *ctx, cm_chan *c, short *events, int64_t *nap_ns) {
     (void)ctx;
@@ -70,7 +75,7 @@ static int tcp_poll_fd(cm_ctx *ctx, cm_chan *c, short *events, int64_t *nap_ns) 
      * and would make poll() return at once, a busy loop; only posting the receive (this
      * thread, or another one that kicks) changes anything */
     int parked = !c->rx_active && t->rx_hdr_got == sizeof(cm_hdr) && c->rx_hdr.kind == CM_MSG_COLL;
-    *events = (short)((parked ? 0 : POLLIN) | (c->sendq ? POLLOUT : 0));
+    *events = (short)((parked ? 0 : POLLIN) | (c->sendq && can_send(t, c->sendq) ? POLLOUT : 0));
     if (t->delay_ns && c->sendq && *nap_ns > DELAY_NAP_NS) *nap_ns = DELAY_NAP_NS;   /* wake up for delayed sends */
     return t->fd;
 }
@@ -118,10 +123,13 @@ static int tcp_progress_send(cm_ctx *ctx, cm_chan *c) {
             iov[n].iov_base = (char *)&t->tx_hdr + t->tx_hdr_sent;
             iov[n++].iov_len = sizeof(cm_hdr) - t->tx_hdr_sent;
         }
-        if (op->done < op->nbytes) {
+        uint64_t limit = cm_send_limit(op);
+        if (op->done < limit) {
             iov[n].iov_base = op->ptr + op->done;
-            iov[n++].iov_len = op->nbytes - op->done;
+            iov[n++].iov_len = limit - op->done;
         }
+        if (!n) break;                           /* a gated send waits for its bytes to arrive */
+        size_t want = iov[0].iov_len + (n > 1 ? iov[1].iov_len : 0);
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
         ssize_t w = sendmsg(t->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
         if (w < 0) {
@@ -139,7 +147,9 @@ static int tcp_progress_send(cm_ctx *ctx, cm_chan *c) {
             c->tp->tx_bytes += (size_t)w - hdr_left;
         }
         if (t->tx_hdr_sent == sizeof(cm_hdr) && op->done == op->nbytes) { cm_op_done(ctx, c, op, 1); continue; }
-        if (op->nbytes - op->done >= BULK_BYTES) bulk_nap(ctx);   /* socket buffer full */
+        /* not done: the socket is full, or (all that was offered went) a gated send's next bytes
+         * have not arrived yet */
+        if ((size_t)w < want && op->nbytes - op->done >= BULK_BYTES) bulk_nap(ctx);   /* socket buffer full */
         break;
     }
     return moved;

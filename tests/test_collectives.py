@@ -67,6 +67,23 @@ HIERARCHICAL = "#".join(f"{c}:hierarchical" for c in
                         ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all"))
 
 
+def test_ring_forwards_between_transports():
+    """The flat ring over hosts {0, 1} and {2, 3}: ranks 1 and 3 forward over tcp what arrives over
+    shm, ranks 0 and 2 over shm what arrives over tcp, a few hundred bytes at a time (tiny slots and
+    tcp chunks), every send gated on the receive of its bytes."""
+    env = {"COMMS_ALGO": "all_reduce:ring", "COMMS_SHM_SLOT_BYTES": "4K", "COMMS_SHM_SLOTS": "3",
+           "COMMS_TCP_CHUNK_BYTES": "1000"}
+    results = spawn(_contiguous_cases, 4, timeout=180, env=env)
+    check([r[:-1] + ["x"] for r in results], 1, "shm")
+    assert results[0][-1] == "stats:shm,tcp"
+
+
+def _contiguous_cases(rank, size):
+    import os
+    os.environ["COMMS_HOST_ID"] = f"host{rank // 2}"
+    return run_cases(rank, size, 600, 30)
+
+
 @pytest.mark.parametrize("algo", ["", HIERARCHICAL])
 def test_mixed_hosts_collectives(algo):
     """2 emulated hosts x 2 ranks: shm inside a host, tcp across; hierarchical algorithms forced."""

@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 from comms.algorithms.plan import (BOARD, COPY, DIV, IN, OUT, PHASE, RECV, RECV_REDUCE, REDUCE, REDUCE_SLOTS, SCRATCH,
                                    SEND, Plan, Step)
 from comms.errors import InvalidUsage, TransportError
-from comms.runtime.native import E_INVALID, OK, ffi, lib
+from comms.runtime.native import E_INVALID, OK, PLAN_BAD_GATE, ffi, lib
 from comms.runtime.engine import Encoded
 from comms.testing import spawn
 import fuzz_wire as fw
@@ -52,6 +52,20 @@ def fits(s: Step, lens: tuple, esz: int) -> bool:
         last + s.nbytes <= lens[s.buf2]
 
 
+def gate_ok(plan: list[Step], i: int) -> bool:
+    """The gate rule of algorithms/plan.py: a gated send names an earlier receive (from a named peer)
+    of its very bytes, with only communication steps between the two."""
+    s = plan[i]
+    if s.kind != SEND or not s.aux:
+        return True
+    g = s.aux - 1
+    if g >= i:
+        return False
+    gs = plan[g]
+    return gs.kind in (RECV, RECV_REDUCE) and gs.peer >= 0 and (gs.buf, gs.off, gs.nbytes) == (s.buf, s.off, s.nbytes) \
+        and all(p.kind in (SEND, RECV, RECV_REDUCE) for p in plan[g + 1:i])
+
+
 def native_check(steps: list[Step], lens: tuple, dtype: int) -> tuple[int, int, int]:
     c = ffi.new("cm_step[]", max(1, len(steps)))
     for i, s in enumerate(steps):
@@ -72,7 +86,7 @@ steps = st.builds(Step, st.sampled_from(KINDS), st.integers(-1, 5), st.integers(
 def test_plan_check_agrees_with_the_bounds_rule(plan, lens, dtype):
     """The native checker refuses exactly the plans whose first bad step the model names."""
     esz = {2: 4, 4: 1}[dtype]                                    # CM_F32, CM_I8
-    bad = next((i for i, s in enumerate(plan) if not fits(s, lens, esz)), -1)
+    bad = next((i for i, s in enumerate(plan) if not (fits(s, lens, esz) and gate_ok(plan, i))), -1)
     rc, step, reason = native_check(plan, lens, dtype)
     assert (rc, step) == ((OK, -1) if bad < 0 else (E_INVALID, bad)), (plan, lens, reason)
 
@@ -86,6 +100,27 @@ def test_plan_check_edges():
     assert native_check([Step(REDUCE_SLOTS, 3, OUT, 0, 8, SCRATCH, 4, 11)], (16, 16, 32), 2)[0] == E_INVALID
     assert native_check([Step(REDUCE_SLOTS, 3, OUT, 0, 8, SCRATCH, 0, 1 << 63)], (16, 16, 32), 2)[0] == E_INVALID
     assert native_check([Step(RECV_REDUCE, 1, OUT, 0, 6)], (16, 16, 0), 2)[0] == E_INVALID   # 1.5 floats
+
+
+def test_plan_check_gates():
+    """A send may be gated only on an earlier receive of its very bytes in the same batch."""
+    rr, rv = Step(RECV_REDUCE, 1, OUT, 0, 8), Step(RECV, 2, OUT, 8, 8)
+    assert native_check([rr, Step(SEND, 1, IN, 8, 8), Step(SEND, 2, OUT, 0, 8, aux=1)], (16, 16, 0), 2)[0] == OK
+    assert native_check([rv, Step(SEND, 1, OUT, 8, 8, aux=1)], (16, 16, 0), 2)[0] == OK
+    bad = {"itself": [Step(SEND, 1, OUT, 0, 8, aux=1)],
+           "a later step": [Step(SEND, 1, OUT, 0, 8, aux=2), rr],
+           "a send": [Step(SEND, 1, OUT, 0, 8), Step(SEND, 2, OUT, 0, 8, aux=1)],
+           "other bytes": [rr, Step(SEND, 1, OUT, 0, 4, aux=1)],
+           "another buffer": [rr, Step(SEND, 1, SCRATCH, 0, 8, aux=1)],
+           "any source": [Step(RECV, -1, OUT, 0, 8), Step(SEND, 1, OUT, 0, 8, aux=1)],
+           "across a phase": [rr, Step(PHASE), Step(SEND, 1, OUT, 0, 8, aux=1)],
+           "across a local step": [rr, Step(COPY, -1, SCRATCH, 0, 8, OUT, 0), Step(SEND, 1, OUT, 0, 8, aux=1)]}
+    for why, plan in bad.items():
+        rc, step, reason = native_check(plan, (16, 16, 16), 2)
+        gated = next(i for i, s in enumerate(plan) if s.kind == SEND and s.aux)
+        assert (rc, step, reason) == (E_INVALID, gated, PLAN_BAD_GATE), why
+    with pytest.raises(InvalidUsage, match="step 2 .* is gated on no earlier receive of the same bytes"):
+        Encoded(Plan("ring", tuple(bad["across a phase"])), "all_reduce", 1, 1, 2, 0, -1, 4, lens=(16, 16))
 
 
 def test_encoded_plan_past_its_buffer_is_refused():

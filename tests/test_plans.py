@@ -3,6 +3,8 @@ the numpy reference, with hypothesis drawing world sizes, dtypes, ops, counts, r
 in-place/out-of-place. Fast: no processes, no native code."""
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -10,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 from comms import algorithms
 from comms.testing import simulate
 from comms.algorithms import deterministic  # noqa: F401  (algorithms.deterministic)
-from comms.algorithms.plan import Args
+from comms.algorithms import ring
+from comms.algorithms.plan import OUT, RECV, SEND, Args, Plan, Step
 from comms.dtypes import BOOL, DTYPE_SIZES, FLOATING, ReduceOp
 from reference_collectives import assert_close, random_input, reduce_all
 
@@ -269,6 +272,44 @@ def test_barrier_completes_only_with_everyone(algo, n):
         plans[n - 1] = algorithms.Plan("absent", ())
         with pytest.raises(simulate.Deadlock):
             simulate.run(plans, empty, empty, BOOL, 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lay=layouts(), count=st.integers(1, 300), dtype=st.sampled_from(DTYPES), op=st.sampled_from(OPS),
+       inplace=st.booleans(), seed=st.integers(0, 2**32 - 1), block=st.integers(1, 64))
+def test_ring_all_reduce_in_pipelined_rounds(lay, count, dtype, op, inplace, seed, block):
+    """The ring cut into many rounds of gated sends (blocks of a few bytes) still reduces right."""
+    n, hosts = lay
+    if not valid_op(op, dtype) or count < n:
+        return
+    rng = np.random.default_rng(seed)
+    ins = [random_input(rng, dtype, count, op.name) for _ in range(n)]
+    with mock.patch.object(ring, "RING_BLOCK_BYTES", block):
+        plans = run_plans("all_reduce", "ring", n, count, dtype, op, inplace=inplace, hosts=hosts)
+    if n > 1 and op is not ReduceOp.AVG:
+        rounds = max(1, min(count // n, ring.RING_MAX_ROUNDS, -(-count * DTYPE_SIZES[dtype] // (n * block))))
+        assert sum(st.kind == RECV for st in plans[0].steps) == rounds * (n - 1)
+        assert sum(st.kind == SEND and st.aux > 0 for st in plans[0].steps) == rounds * (2 * n - 3)
+    outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
+    src = outs if inplace else ins
+    simulate.run(plans, [u8(x) for x in src], [u8(x) for x in outs], dtype, op.kernel)
+    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
+    for r in range(n):
+        assert_close(outs[r], want, dtype, n, f"rank {r}")
+        assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
+
+
+def test_simulator_holds_a_gated_send_until_its_gate_and_its_peers_later_sends_behind_it():
+    """Rank 0 forwards what it receives from 1 to 2 (gated), then sends 2 its own block: 2 must get
+    the forwarded bytes first, and a plan gated on bytes that never come deadlocks."""
+    b = [np.arange(4, dtype=np.uint8) + 10 * r for r in range(3)]
+    p0 = Plan("t", (Step(RECV, 1, OUT, 0, 2), Step(SEND, 2, OUT, 0, 2, aux=1), Step(SEND, 2, OUT, 2, 2)))
+    p1 = Plan("t", (Step(SEND, 0, OUT, 0, 2),))
+    p2 = Plan("t", (Step(RECV, 0, OUT, 0, 2), Step(RECV, 0, OUT, 2, 2)))
+    simulate.run([p0, p1, p2], b, b, BOOL, 0)
+    assert b[2].tolist() == [10, 11, 2, 3]
+    with pytest.raises(simulate.Deadlock, match="gate=0"):
+        simulate.run([p0, Plan("t", ()), p2], b, b, BOOL, 0)
 
 
 def test_ring_declines_fewer_elements_than_ranks():

@@ -95,6 +95,7 @@ _PLAN_FAULTS = {
     native.PLAN_PAST_BUF2: "reads past the end of the {buf2} buffer, which holds {len2} B",
     native.PLAN_PART_ELEMENT: "reduces {n} B, not a whole number of {esz} B elements",
     native.PLAN_BAD_SLOTS: "reduces {slots} slots",
+    native.PLAN_BAD_GATE: "is gated on no earlier receive of the same bytes in its batch",
 }
 _BUF_NAMES = ("input", "output", "scratch")
 

@@ -39,6 +39,7 @@ MSG_COLL, MSG_P2P = lib.CM_MSG_COLL, lib.CM_MSG_P2P
 
 # what cm_plan_check found wrong with a plan (cm_plan_fault.code); the unexpected-message limits' defaults
 PLAN_BAD_KIND, PLAN_BAD_BUF, PLAN_BAD_SLOTS = lib.CM_PLAN_BAD_KIND, lib.CM_PLAN_BAD_BUF, lib.CM_PLAN_BAD_SLOTS
+PLAN_BAD_GATE = lib.CM_PLAN_BAD_GATE
 PLAN_PAST_BUF, PLAN_PAST_BUF2, PLAN_PART_ELEMENT = lib.CM_PLAN_PAST_BUF, lib.CM_PLAN_PAST_BUF2, lib.CM_PLAN_PART_ELEMENT
 UNEXP_MSG_MIB, UNEXP_PEER_MIB = lib.CM_UNEXP_MSG_MIB, lib.CM_UNEXP_PEER_MIB
 

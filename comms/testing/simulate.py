@@ -2,8 +2,10 @@
 
 The in-memory transport keeps one FIFO of messages per ordered pair of ranks. The simulator
 steps the ranks round-robin with the same semantics as native/engine.c: consecutive
-communication steps are posted together; sends deliver at once; a local step or PHASE waits for
-every posted receive; receives match in order. Reductions use :mod:`comms.testing.reference`. A plan set
+communication steps are posted together; sends deliver at once, except a gated send, which
+delivers its bytes once its gate (a receive of them) has completed and holds the later sends to
+its peer until then; a local step or PHASE waits for every posted receive and send; receives
+match in order. Reductions use :mod:`comms.testing.reference`. A plan set
 that can make no progress raises :class:`Deadlock`, naming the stuck steps. Before anything runs,
 each plan is encoded as the engine would run it (comms.runtime.engine.Encoded), which checks every
 step against the buffers' lengths (native/plan_check.c): a step past a buffer raises InvalidUsage
@@ -34,16 +36,18 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
     bufs = [{IN: inputs[r], OUT: outputs[r], SCRATCH: np.zeros(plans[r].scratch_bytes, np.uint8)} for r in range(n)]
     fifo = {(s, d): deque() for s in range(n) for d in range(n)}
     pc = [0] * n
-    pending: list[list] = [[] for _ in range(n)]   # posted receives not yet matched
+    pending: list[list] = [[] for _ in range(n)]   # posted receives not yet matched: (index, step)
+    received: list[set] = [set() for _ in range(n)]  # the indices of completed receives
+    outbox = {(s, d): deque() for s in range(n) for d in range(n)}   # posted sends not yet delivered
     boards: list[dict] = []                          # the k-th BOARD step: rank -> its bytes
     nboard = [0] * n                                 # BOARD steps each rank has begun
 
     def try_recvs(r: int) -> bool:
         moved = False
         still = []
-        for st in pending[r]:
+        for i, st in pending[r]:
             q = fifo[(st.peer, r)]
-            if q and not any(p.peer == st.peer for p in still):
+            if q and not any(p.peer == st.peer for _, p in still):
                 data = q.popleft()
                 if len(data) != st.nbytes:
                     raise AssertionError(f"rank {r}: message of {len(data)} B from {st.peer}, expected {st.nbytes}")
@@ -53,10 +57,22 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
                 else:
                     esize = np.dtype(reference.NUMPY_STORAGE[dtype]).itemsize
                     reference.reduce(dst, data, st.nbytes // esize, dtype, op)
+                received[r].add(i)
                 moved = True
             else:
-                still.append(st)
+                still.append((i, st))
         pending[r] = still
+        return flush(r) or moved
+
+    def flush(r: int) -> bool:
+        """Deliver rank r's posted sends, in order per peer, as far as their gates allow."""
+        moved = False
+        for d in range(n):
+            box = outbox[(r, d)]
+            while box and (not box[0].aux or box[0].aux - 1 in received[r]):
+                st = box.popleft()
+                fifo[(r, d)].append(bufs[r][st.buf][st.off:st.off + st.nbytes].copy())
+                moved = True
         return moved
 
     def local(r: int, st) -> None:
@@ -81,14 +97,15 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
                 st = steps[pc[r]]
                 if st.kind in COMM_KINDS:
                     if st.kind == SEND:
-                        fifo[(r, st.peer)].append(bufs[r][st.buf][st.off:st.off + st.nbytes].copy())
+                        outbox[(r, st.peer)].append(st)
+                        flush(r)
                     else:
-                        pending[r].append(st)
+                        pending[r].append((pc[r], st))
                     pc[r] += 1
                     moved = True
                     continue
                 try_recvs(r)
-                if pending[r]:
+                if pending[r] or any(outbox[(r, d)] for d in range(n)):
                     break
                 if st.kind == BOARD:                 # publish, then wait until every rank has
                     k = nboard[r]
@@ -109,11 +126,12 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
                 pc[r] += 1
                 moved = True
             moved |= try_recvs(r)
-        if all(pc[r] == len(plans[r].steps) and not pending[r] for r in range(n)):
+        if all(pc[r] == len(plans[r].steps) and not pending[r] for r in range(n)) and not any(outbox.values()):
             break
         if not moved:
-            stuck = {r: [str(s) for s in pending[r]] for r in range(n) if pending[r]}
-            raise Deadlock(f"plans cannot progress; waiting receives: {stuck}")
+            stuck = {r: [str(s) for _, s in pending[r]] + [str(s) for d in range(n) for s in outbox[(r, d)]]
+                     for r in range(n) if pending[r] or any(outbox[(r, d)] for d in range(n))}
+            raise Deadlock(f"plans cannot progress; waiting receives and gated sends: {stuck}")
     left = {k: len(q) for k, q in fifo.items() if q}
     if left:
         raise AssertionError(f"messages never received: {left}")

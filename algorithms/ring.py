@@ -65,6 +65,14 @@ RING_BLOCK_BYTES = 64 << 10
 # 2 ranks): a round is 4(n-1) steps, and building and encoding a plan costs about 4.6 us a step
 # (1 GiB at 2 ranks in 64 KiB blocks: 32768 steps, 0.15 s, once per size).
 RING_MAX_ROUNDS = 4096
+# Rounds only where the host's buffers (the buffer times the ranks on this host) reach this many
+# bytes: in cache, the phased passes' few large messages cost less than the rounds' many small ones
+# and the waits between them. 2 ranks as above, forced ring, 2 launches of 3 each, phased against
+# 64 KiB rounds: 4 MiB 619-642 against 626-666 us, 8 MiB 1355-1358 against 1498-1738 us; 16 MiB
+# 3691-3783 against 3132-3351 us, 32 MiB 7770-7822 against 6494-6702 us. In bench.regret's
+# interleaved rounds, though, 16 MiB in rounds took 3.85-4.72 ms against rhd's phased 3.59-3.88,
+# so 16 MiB at 2 ranks stays phased; 32 MiB there: 7.66 against 7.58 ms, 64 MiB 15.9 against 15.5.
+RING_PIPELINE_BYTES = 64 << 20
 
 
 def _pipelined_round(b: Builder, n: int, r: int, blk: list) -> None:
@@ -87,8 +95,9 @@ def _pipelined_round(b: Builder, n: int, r: int, blk: list) -> None:
 
 @algorithm("all_reduce", "ring", "ring reduce-scatter then ring all-gather: 2(n-1) steps, bandwidth-optimal")
 def all_reduce_ring(a: Args) -> Plan:
-    """Pipelined in rounds of about n x RING_BLOCK_BYTES, each a whole ring all_reduce of its part
-    with gated sends; the average (AVG) keeps the phased passes, its owner dividing between them."""
+    """Large buffers (RING_PIPELINE_BYTES) in rounds of about n x RING_BLOCK_BYTES, each a whole
+    ring all_reduce of its part with gated sends; smaller ones, and the average (AVG, its owner
+    dividing between the passes), in the phased passes."""
     n, r, es = a.size, a.rank, a.esize
     b = Builder("ring")
     if not a.inplace:
@@ -97,7 +106,8 @@ def all_reduce_ring(a: Args) -> Plan:
         return b.build()
     if a.count < n:
         raise NotSupported(f"ring all_reduce needs at least one element per rank ({a.count} < {n})")
-    if not a.avg:
+    local = next((len(h) for h in a.hosts if r in h), n)
+    if not a.avg and a.count * es * local >= RING_PIPELINE_BYTES:
         rounds = max(1, min(a.count // n, RING_MAX_ROUNDS, -(-a.count * es // (n * RING_BLOCK_BYTES))))
         for first, cnt in blocks(a.count, rounds):
             _pipelined_round(b, n, r, [blk[0] for blk in byte_blocks(cnt, n, es, first * es)])
@@ -105,7 +115,7 @@ def all_reduce_ring(a: Args) -> Plan:
     blk = byte_blocks(a.count, n, es)
     group = list(range(n))
     reduce_scatter_pass(b, group, r, blk, OUT, own=1)
-    for off, nb in blk[(r + 1) % n]:
+    for off, nb in blk[(r + 1) % n] if a.avg else ():
         b.div(OUT, off, nb, n)
     all_gather_pass(b, group, r, blk, OUT, own=1)
     return b.build()

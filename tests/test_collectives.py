@@ -68,9 +68,9 @@ HIERARCHICAL = "#".join(f"{c}:hierarchical" for c in
 
 
 def test_ring_forwards_between_transports():
-    """The flat ring over hosts {0, 1} and {2, 3}: ranks 1 and 3 forward over tcp what arrives over
-    shm, ranks 0 and 2 over shm what arrives over tcp, a few hundred bytes at a time (tiny slots and
-    tcp chunks), every send gated on the receive of its bytes."""
+    """The flat ring over hosts {0, 1} and {2, 3}, in rounds at every size: ranks 1 and 3 forward over
+    tcp what arrives over shm, ranks 0 and 2 over shm what arrives over tcp, a few hundred bytes at
+    a time (tiny slots and tcp chunks), every send gated on the receive of its bytes."""
     env = {"COMMS_ALGO": "all_reduce:ring", "COMMS_SHM_SLOT_BYTES": "4K", "COMMS_SHM_SLOTS": "3",
            "COMMS_TCP_CHUNK_BYTES": "1000"}
     results = spawn(_contiguous_cases, 4, timeout=180, env=env)
@@ -80,7 +80,9 @@ def test_ring_forwards_between_transports():
 
 def _contiguous_cases(rank, size):
     import os
+    from comms.algorithms import ring
     os.environ["COMMS_HOST_ID"] = f"host{rank // 2}"
+    ring.RING_PIPELINE_BYTES, ring.RING_BLOCK_BYTES = 0, 4096     # rounds at every size, many of them
     return run_cases(rank, size, 600, 30)
 
 

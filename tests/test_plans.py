@@ -284,7 +284,7 @@ def test_ring_all_reduce_in_pipelined_rounds(lay, count, dtype, op, inplace, see
         return
     rng = np.random.default_rng(seed)
     ins = [random_input(rng, dtype, count, op.name) for _ in range(n)]
-    with mock.patch.object(ring, "RING_BLOCK_BYTES", block):
+    with mock.patch.object(ring, "RING_BLOCK_BYTES", block), mock.patch.object(ring, "RING_PIPELINE_BYTES", 0):
         plans = run_plans("all_reduce", "ring", n, count, dtype, op, inplace=inplace, hosts=hosts)
     if n > 1 and op is not ReduceOp.AVG:
         rounds = max(1, min(count // n, ring.RING_MAX_ROUNDS, -(-count * DTYPE_SIZES[dtype] // (n * block))))

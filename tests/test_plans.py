@@ -93,6 +93,19 @@ def declined(algo: str, n: int, count: int, hosts: tuple, exc: Exception) -> boo
     return (algo == "ring" and count < n) or (algo == "rhd" and count < p2)
 
 
+def run_and_check_all_reduce(plans, ins, dtype, op, inplace) -> None:
+    """Run the all_reduce ``plans`` on ``ins`` in the simulator; every rank must hold the reference's
+    result, in the same bits."""
+    n = len(plans)
+    outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
+    src = outs if inplace else ins
+    simulate.run(plans, [u8(x) for x in src], [u8(x) for x in outs], dtype, op.kernel)
+    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
+    for r in range(n):
+        assert_close(outs[r], want, dtype, n, f"rank {r}")
+        assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
+
+
 @settings(max_examples=300, deadline=None)
 @given(algo=algos("all_reduce"), op=st.sampled_from(OPS), inplace=st.booleans(), **common)
 def test_all_reduce(algo, lay, count, dtype, op, inplace, seed):
@@ -106,13 +119,7 @@ def test_all_reduce(algo, lay, count, dtype, op, inplace, seed):
     except algorithms.NotSupported as e:
         assert declined(algo, n, count, hosts, e), (algo, n, count, hosts, e)
         return
-    outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
-    src = outs if inplace else ins
-    simulate.run(plans, [u8(x) for x in src], [u8(x) for x in outs], dtype, op.kernel)
-    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
-    for r in range(n):
-        assert_close(outs[r], want, dtype, n, f"rank {r}")
-        assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
+    run_and_check_all_reduce(plans, ins, dtype, op, inplace)
 
 
 @settings(max_examples=150, deadline=None)
@@ -120,7 +127,6 @@ def test_all_reduce(algo, lay, count, dtype, op, inplace, seed):
        dtype=st.sampled_from(DTYPES), op=st.sampled_from(OPS), inplace=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_all_reduce_hierarchical_pipelined(hosts, local, count, seg, dtype, op, inplace, seed):
     """Small segments force the software pipeline (many staggered segments) on small buffers."""
-    from unittest import mock
     from comms.algorithms import hierarchical
     if not valid_op(op, dtype):
         return
@@ -137,13 +143,7 @@ def test_all_reduce_hierarchical_pipelined(hosts, local, count, seg, dtype, op, 
         nseg = hierarchical.segments_for(count * DTYPE_SIZES[dtype], n, count)
     phases = sum(1 for st_ in plans[0].steps if st_.kind == 8) + 1
     assert phases == 2 * (local - 1) + 2 * (hosts - 1) + (nseg - 1) or phases == 1, (phases, nseg)
-    outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
-    src = outs if inplace else ins
-    simulate.run(plans, [u8(x) for x in src], [u8(x) for x in outs], dtype, op.kernel)
-    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
-    for r in range(n):
-        assert_close(outs[r], want, dtype, n, f"rank {r}")
-        assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
+    run_and_check_all_reduce(plans, ins, dtype, op, inplace)
 
 
 @settings(max_examples=200, deadline=None)
@@ -290,13 +290,7 @@ def test_ring_all_reduce_in_pipelined_rounds(lay, count, dtype, op, inplace, see
         rounds = max(1, min(count // n, ring.RING_MAX_ROUNDS, -(-count * DTYPE_SIZES[dtype] // (n * block))))
         assert sum(st.kind == RECV for st in plans[0].steps) == rounds * (n - 1)
         assert sum(st.kind == SEND and st.aux > 0 for st in plans[0].steps) == rounds * (2 * n - 3)
-    outs = [x.copy() if inplace else np.zeros_like(x) for x in ins]
-    src = outs if inplace else ins
-    simulate.run(plans, [u8(x) for x in src], [u8(x) for x in outs], dtype, op.kernel)
-    want = reduce_all(ins, dtype, op.kernel, op is ReduceOp.AVG)
-    for r in range(n):
-        assert_close(outs[r], want, dtype, n, f"rank {r}")
-        assert u8(outs[r]).tobytes() == u8(outs[0]).tobytes(), "ranks disagree bitwise"
+    run_and_check_all_reduce(plans, ins, dtype, op, inplace)
 
 
 def test_simulator_holds_a_gated_send_until_its_gate_and_its_peers_later_sends_behind_it():

@@ -115,8 +115,9 @@ def all_reduce_ring(a: Args) -> Plan:
     blk = byte_blocks(a.count, n, es)
     group = list(range(n))
     reduce_scatter_pass(b, group, r, blk, OUT, own=1)
-    for off, nb in blk[(r + 1) % n] if a.avg else ():
-        b.div(OUT, off, nb, n)
+    if a.avg:
+        for off, nb in blk[(r + 1) % n]:
+            b.div(OUT, off, nb, n)
     all_gather_pass(b, group, r, blk, OUT, own=1)
     return b.build()
 

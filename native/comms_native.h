@@ -66,6 +66,13 @@ static inline uint64_t cm_send_limit(const cm_op *op) {
     return op->gate ? op->gate->done : op->nbytes;
 }
 
+/* Whether step `gate` can gate the send `s`: a receive from a named peer of the very same bytes
+ * (plan_check.c refuses a plan where it cannot; the engine, an unchecked one) */
+static inline int cm_gate_matches(const cm_step *gate, const cm_step *s) {
+    return (gate->kind == CM_STEP_RECV || gate->kind == CM_STEP_RECV_REDUCE) && gate->peer >= 0 &&
+           gate->buf == s->buf && gate->off == s->off && gate->nbytes == s->nbytes;
+}
+
 typedef struct cm_unexp {        /* a p2p message that arrived before its receive was posted */
     struct cm_unexp *next;
     uint64_t tag;
@@ -207,6 +214,7 @@ struct cm_ctx {
 enum { CM_CNT_EXECS = 0, CM_CNT_SLEEPS, CM_CNT_BUSY_NS, CM_CNT_FAILED, CM_CNT_PREEMPTED };
 
 /* engine.c */
+void cm_unqueue_all(cm_ctx *ctx);         /* queued collectives into the active list (failing, freeing) */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op);
 int cm_check_revoked(cm_ctx *ctx);       /* the owner's side of cm_ctx_revoke: fails the context once */
 int cm_progress(cm_ctx *ctx);            /* one pass over every transport and channel */

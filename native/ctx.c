@@ -88,12 +88,7 @@ void cm_ctx_free(cm_ctx *ctx) {
     }
     for (int i = 0; i < ctx->ntp; i++)
         if (ctx->tp[i].ops->release) ctx->tp[i].ops->release(ctx, &ctx->tp[i]);
-    while (ctx->coll_queue) {                     /* collectives that never started: in no other list */
-        cm_exec *e = ctx->coll_queue;
-        ctx->coll_queue = e->next_coll;
-        e->next_active = ctx->active;
-        ctx->active = e;
-    }
+    cm_unqueue_all(ctx);                          /* collectives that never started: freed with the rest */
     while (ctx->active) { cm_exec *e = ctx->active; ctx->active = e->next_active; free(e->steps); free(e->ops); free(e); }
     if (ctx->bell_fd >= 0) close(ctx->bell_fd);
     free(ctx->chans);

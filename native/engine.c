@@ -39,6 +39,23 @@ int64_t cm_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* ---- the active list ------------------------------------------------------------------------------ */
+static void activate(cm_ctx *ctx, cm_exec *e) {
+    e->next_active = ctx->active;
+    ctx->active = e;
+}
+
+/* Move the collectives queued behind the running one (never started, in no other list) into the
+ * active list, where failing or freeing the context finds every plan. */
+void cm_unqueue_all(cm_ctx *ctx) {
+    while (ctx->coll_queue) {
+        cm_exec *e = ctx->coll_queue;
+        ctx->coll_queue = e->next_coll;
+        activate(ctx, e);
+    }
+    ctx->coll_queue_tail = NULL;
+}
+
 /* ---- failure ---------------------------------------------------------------------------------- */
 int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
     if (ctx->failed) return ctx->status.code;
@@ -59,17 +76,10 @@ int cm_fail(cm_ctx *ctx, int code, int peer, int sys_errno, const cm_op *op) {
         c->rx_op = NULL;
         c->rx_active = 0;
     }
+    cm_unqueue_all(ctx);                          /* queued collectives end too */
     for (cm_exec *e = ctx->active; e; e = e->next_active)
         if (!e->done) { e->done = 1; e->code = code; cm_fr_end(ctx, e); }
-    for (cm_exec *e = ctx->coll_queue, *next; e; e = next) {   /* queued collectives end too */
-        next = e->next_coll;
-        e->done = 1;
-        e->code = code;
-        cm_fr_end(ctx, e);
-        e->next_active = ctx->active;
-        ctx->active = e;
-    }
-    ctx->coll_active = ctx->coll_queue = ctx->coll_queue_tail = NULL;
+    ctx->coll_active = NULL;
     ctx->anyq = ctx->anyq_tail = NULL;
     return code;
 }
@@ -131,11 +141,7 @@ static const cm_op *gate_of(const cm_exec *e, const cm_op *op, const cm_step *s)
     uint64_t g = s->aux - 1;
     for (const cm_op *o = op - 1; o >= e->ops; o--) {
         if ((uint64_t)o->step != g) continue;
-        const cm_step *gs = &e->steps[g];
-        if ((o->kind != CM_STEP_RECV && o->kind != CM_STEP_RECV_REDUCE) || gs->peer == CM_ANY_SOURCE ||
-            gs->buf != s->buf || gs->off != s->off || gs->nbytes != s->nbytes)
-            return NULL;
-        return o;
+        return cm_gate_matches(&e->steps[g], s) ? o : NULL;
     }
     return NULL;
 }
@@ -247,8 +253,7 @@ static void start_next_coll(cm_ctx *ctx) {
         if (!ctx->coll_queue) ctx->coll_queue_tail = NULL;
         ctx->coll_active = e;
         e->started = 1;
-        e->next_active = ctx->active;
-        ctx->active = e;
+        activate(ctx, e);
         advance(ctx, e);
     }
 }
@@ -300,8 +305,7 @@ static int exec_begin(cm_ctx *ctx, cm_exec *e, cm_step *steps, cm_op *ops, int n
         start_next_coll(ctx);
     } else {
         e->started = 1;
-        e->next_active = ctx->active;
-        ctx->active = e;
+        activate(ctx, e);
         advance(ctx, e);
     }
     return ctx->failed ? ctx->status.code : CM_OK;

@@ -61,10 +61,7 @@ static int gate_fits(const cm_step *steps, int i) {
     if (s->kind != CM_STEP_SEND || !s->aux) return 1;
     if (s->aux > (uint64_t)i) return 0;
     int g = (int)(s->aux - 1);
-    const cm_step *gs = &steps[g];
-    if ((gs->kind != CM_STEP_RECV && gs->kind != CM_STEP_RECV_REDUCE) || gs->peer < 0 || gs->buf != s->buf ||
-        gs->off != s->off || gs->nbytes != s->nbytes)
-        return 0;
+    if (!cm_gate_matches(&steps[g], s)) return 0;
     for (int k = g + 1; k < i; k++)
         if (!is_comm(steps[k].kind)) return 0;
     return 1;

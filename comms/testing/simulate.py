@@ -64,6 +64,10 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
         pending[r] = still
         return flush(r) or moved
 
+    def held(r: int) -> bool:
+        """Whether rank r has posted sends not delivered yet (gated, or behind a gated one)."""
+        return any(outbox[(r, d)] for d in range(n))
+
     def flush(r: int) -> bool:
         """Deliver rank r's posted sends, in order per peer, as far as their gates allow."""
         moved = False
@@ -105,7 +109,7 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
                     moved = True
                     continue
                 try_recvs(r)
-                if pending[r] or any(outbox[(r, d)] for d in range(n)):
+                if pending[r] or held(r):
                     break
                 if st.kind == BOARD:                 # publish, then wait until every rank has
                     k = nboard[r]
@@ -126,11 +130,11 @@ def run(plans: list[Plan], inputs: list[np.ndarray], outputs: list[np.ndarray], 
                 pc[r] += 1
                 moved = True
             moved |= try_recvs(r)
-        if all(pc[r] == len(plans[r].steps) and not pending[r] for r in range(n)) and not any(outbox.values()):
+        if all(pc[r] == len(plans[r].steps) and not pending[r] and not held(r) for r in range(n)):
             break
         if not moved:
             stuck = {r: [str(s) for _, s in pending[r]] + [str(s) for d in range(n) for s in outbox[(r, d)]]
-                     for r in range(n) if pending[r] or any(outbox[(r, d)] for d in range(n))}
+                     for r in range(n) if pending[r] or held(r)}
             raise Deadlock(f"plans cannot progress; waiting receives and gated sends: {stuck}")
     left = {k: len(q) for k, q in fifo.items() if q}
     if left:

@@ -196,12 +196,12 @@ class Communicator(Operations):
         params = self._params.scaled(self.oversubscription(), 1.0 if steps else 0.0)
         return cost(coll, algo, nbytes, self.size, self._hosts(), params, self._route)
 
-    def _ring_probe(self, right: int, left: int, rounds: int) -> float:
-        """Seconds of one native plan of ``rounds`` 8 B exchanges: send to ``right``, receive from
-        ``left`` (calibration's step latency)."""
+    def _ring_probe(self, right: int, left: int, rounds: int, nbytes: int = 8) -> float:
+        """Seconds of one native plan of ``rounds`` exchanges of ``nbytes``: send to ``right``, receive
+        from ``left`` (calibration's step latency)."""
         from .algorithms.plan import IN, OUT, PHASE, RECV, SEND, Step
         from .operations import MSG_P2P
-        src, dst = np.ones(2, np.float32), np.zeros(2, np.float32)
+        src, dst = np.ones(max(1, nbytes // 4), np.float32), np.zeros(max(1, nbytes // 4), np.float32)
         p_in, count, dtype = _fast(src, "calibration", False)
         p_out = _fast(dst, "calibration", True)[0]
         steps = []

@@ -295,3 +295,46 @@ def test_a_burst_prices_small_steps_at_the_wire_speed():
     assert rule_at(Link(10.0, 0.3), 4096) == "hierarchical"
     assert rule_at(Link(10.0, 0.3, 2.5), 4096) == "recursive_doubling"
     assert rule_at(Link(10.0, 0.3, 2.5), 16 << 20) == "hierarchical"
+
+
+def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
+    """Inside a host whose ranks have a core each, alpha is the median step of a ring whose steps
+    carry HOP_PAYLOAD bytes, less those bytes at the measured bandwidth: an outlier run moves the
+    median, not the figure. Elsewhere it is the least run of 8 B steps (between hosts the link's
+    burst and sustained speeds price a step's bytes)."""
+    from types import SimpleNamespace
+
+    from comms.selection import calibrate as cal
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cal, "_beta", lambda comm, peer, reps, nbytes=4 << 20: 8.0)      # GB/s
+    monkeypatch.setattr(cal, "_reduce_gbps", lambda: 10.0)
+    calls, runs = [], iter(range(10 ** 6))
+
+    def ring(right, left, rounds, nbytes):
+        calls.append(nbytes)
+        # µs a step: 2 + the bytes at 8 GB/s on shm, 30 on tcp; every 7th run is 10x faster (an outlier)
+        step = (2.0 + nbytes / 8e3) if right in (1, 3) and left in (1, 3) else 30.0
+        return rounds * step * 1e-6 * (0.1 if next(runs) % 7 == 6 else 1.0)
+
+    class Store(dict):
+        def set(self, k, v):
+            self[k] = v.encode() if isinstance(v, str) else v
+
+        def get(self, k):
+            return dict.__getitem__(self, k)
+
+    def comm(hosts, oversub=1.0):
+        return SimpleNamespace(size=sum(map(len, hosts)), rank=0, prefix="t/", route=Route("shm", "tcp", True),
+                               oversubscription=lambda: oversub,
+                               topology=SimpleNamespace(hosts=[SimpleNamespace(ranks=h, cores=2, nics=[])
+                                                               for h in hosts]))
+    one = cal.calibrate(comm([[0, 1]]), Store(), ring).params
+    assert set(calls) == {cal.HOP_PAYLOAD} and one.links["shm"].alpha_us == 2.0 and one.reduce_gbps == 10.0
+    calls.clear()
+    two = cal.calibrate(comm([[0, 1], [2, 3]]), Store(), ring).params
+    assert sorted(set(calls)) == [8, cal.HOP_PAYLOAD]
+    assert two.links["tcp"].alpha_us == 3.0 and two.links["shm"].alpha_us == 2.0
+    # ranks that outnumber their cores keep the least run of 8 B steps: the scheduler's hand-offs, not the bytes
+    calls.clear()
+    busy = cal.calibrate(comm([[0, 1, 2, 3]], oversub=2.0), Store(), ring).params
+    assert set(calls) == {8} and busy.links["shm"].alpha_us == 0.2            # the outlier: (2 + 0.001) x 0.1

@@ -2,17 +2,20 @@
 
 A first init on a host :func:`signature` measures in well under 2 s, and caches by transport name in
 ``~/.cache/comms/calibration.json`` (rank 0's figures for every rank): ``alpha_us``, one plan step, in
-rings of the link's ranks, all at once; ``beta_gbps``, a 4 MiB ping-pong less an 8 B one (``burst_gbps``
-between hosts: BURST_PROBE_BYTES after 10 ms idle); ``reduce_gbps``, a float32 SUM of 32 MiB; and the
-rules ``python -m comms.tune`` wrote (:func:`save_rules`). Shaping is not in the signature: cached
-figures of a link between hosts are checked with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and,
-off by more than LINK_DRIFT, measured again (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
+rings of the link's ranks, all at once (the least run of 8 B steps; the median of HOP_PAYLOAD ones, less
+their bytes at beta, inside a host whose ranks have a core each);
+``beta_gbps``, a 4 MiB ping-pong less an 8 B one (``burst_gbps`` between hosts: BURST_PROBE_BYTES after
+10 ms idle); ``reduce_gbps``, a float32 SUM of 32 MiB; and the rules ``python -m comms.tune`` wrote
+(:func:`save_rules`). Shaping is not in the signature: cached figures of a link between hosts are checked
+with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and, off by more than LINK_DRIFT, measured again
+(tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import time
 from typing import Callable, NamedTuple
 
@@ -24,9 +27,15 @@ from ..runtime.hostid import cpu_model
 from .model import BURST_PROBE_BYTES, Params, describe_links
 
 log = clog.get("TUNING")
-FORMAT = "v11"           # part of the key: entries of another layout are not read
+FORMAT = "v12"           # part of the key: entries of another layout are not read
 HOP_ROUNDS = 50          # ring rounds inside one plan: 50 x 1.5 us on shm is well above the clock's grain
 HOP_REPS = 7             # runs of the ring: on 4 ranks sharing 2 CPUs one run in 5-10 was 2-5x the rest
+HOP_PAYLOAD = 4096       # bytes a step carries inside a host whose ranks have a core each, alpha then the median run's
+#                          step less those bytes at beta. On 1x2 shm a step took 0.94 us with 8 B, 1.7-2.2 us plus the
+#                          bytes with 4-32 KiB, and 1 run in 7-10 was 1.3-1.5 us; alpha as the least 8 B step (0.54 us)
+#                          gave 16-32 KiB to the ring, 22 % behind recursive doubling's one step (7.85 against 6.58 us).
+#                          Not where ranks outnumber cores: their waits yield at once, and 4 ranks on 2 CPUs took 2-40
+#                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd)
 LINK_DRIFT = 3.0         # a shaped link here differs from loopback by 8x and more (2 Gbit/s against 2-3
 #                          GB/s), and the suite's own load moved loopback's figure 2x: 3x tells them apart
 
@@ -119,9 +128,10 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
     return store.get(key).decode()
 
 
-def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibration:
-    """Collective over ``comm`` at init; ``store`` carries rank 0's figures, and ``ring(right, left, rounds)``
-    runs one plan of ``rounds`` 8 B exchanges (send right, receive left) and returns its seconds."""
+def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calibration:
+    """Collective over ``comm`` at init; ``store`` carries rank 0's figures, and ``ring(right, left, rounds,
+    nbytes)`` runs one plan of ``rounds`` exchanges of ``nbytes`` (send right, receive left) and returns
+    its seconds."""
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Calibration(Params(), "", "")
     key, sig, route = f"{comm.prefix}calibration", signature(comm), comm.route
@@ -154,8 +164,14 @@ def calibrate(comm, store, ring: Callable[[int, int, int], float]) -> Calibratio
             if len(members) > 1:
                 i = members.index(comm.rank)
                 right, left = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
-                ring(right, left, 5)                                   # warm up
-                alpha = min(ring(right, left, HOP_ROUNDS) for _ in range(HOP_REPS)) / HOP_ROUNDS * 1e6
+                # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD); between hosts the link's
+                # burst and sustained speeds price a step's bytes (BURST_BYTES)
+                payload = cls == route.intra != route.inter and comm.oversubscription() <= 1
+                load = HOP_PAYLOAD if payload else 8
+                ring(right, left, 5, load)                             # warm up
+                runs = [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
+                alpha = (statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)) if payload and beta else \
+                    min(runs) / HOP_ROUNDS * 1e6
             links[cls] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
             if cls == route.inter and len(hosts) > 1:        # a step of BURST_PROBE_BYTES after a pause
                 time.sleep(0.01)

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                   + f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
             cm = doc["cost_model"]
             print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
-                  + (f"{cm['source']}: {describe_links(cm['links'])}, reduce {cm['reduce_gbps']} GB/s" if cm else "?"))
+                  + (f"{cm['source']}: {describe_links(cm['links'])}, reduce {cm['reduce_gbps']} GB/s"
+                     f" ({cm.get('cache_reduce_gbps') or cm['reduce_gbps']} in cache)" if cm else "?"))
             if os.environ.get("COMMS_ALGO"):
                 print(f"# WARNING: COMMS_ALGO={os.environ['COMMS_ALGO']} is set: the default run is not the default")
             for op in args.ops:

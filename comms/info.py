@@ -97,7 +97,8 @@ def render(info: dict, comm) -> str:
         out.append(f"{c['name']:<24} {str(c['value']):<12} ({c['source']})  {c['doc']}")
     cm = info.get("cost_model")
     if cm:
-        out.append(f"\n# cost model ({cm['source']}): {describe_links(cm['links'])}, reduce {cm['reduce_gbps']} GB/s")
+        out.append(f"\n# cost model ({cm['source']}): {describe_links(cm['links'])}, reduce {cm['reduce_gbps']} GB/s"
+                   f" ({cm.get('cache_reduce_gbps') or cm['reduce_gbps']} GB/s within the cache)")
         if info.get("oversubscription", 1.0) > 1.0:
             out.append(f"# priced with {info['oversubscription']:g} ranks per core: bandwidths and reduction speed "
                        f"divided by {info['oversubscription']:g} (every rank busy at once)")

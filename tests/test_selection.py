@@ -307,7 +307,7 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
     from comms.selection import calibrate as cal
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cal, "_beta", lambda comm, peer, reps, nbytes=4 << 20: 8.0)      # GB/s
-    monkeypatch.setattr(cal, "_reduce_gbps", lambda: 10.0)
+    monkeypatch.setattr(cal, "_reduce_gbps", lambda nbytes=32 << 20, calls=1: 10.0 if nbytes > 1 << 20 else 30.0)
     calls, runs = [], iter(range(10 ** 6))
 
     def ring(right, left, rounds, nbytes):
@@ -329,7 +329,8 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
                                topology=SimpleNamespace(hosts=[SimpleNamespace(ranks=h, cores=2, nics=[])
                                                                for h in hosts]))
     one = cal.calibrate(comm([[0, 1]]), Store(), ring).params
-    assert set(calls) == {cal.HOP_PAYLOAD} and one.links["shm"].alpha_us == 2.0 and one.reduce_gbps == 10.0
+    assert set(calls) == {cal.HOP_PAYLOAD} and one.links["shm"].alpha_us == 2.0
+    assert (one.reduce_gbps, one.cache_reduce_gbps) == (10.0, 30.0)
     calls.clear()
     two = cal.calibrate(comm([[0, 1], [2, 3]]), Store(), ring).params
     assert sorted(set(calls)) == [8, cal.HOP_PAYLOAD]
@@ -338,3 +339,16 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
     calls.clear()
     busy = cal.calibrate(comm([[0, 1, 2, 3]], oversub=2.0), Store(), ring).params
     assert set(calls) == {8} and busy.links["shm"].alpha_us == 0.2            # the outlier: (2 + 0.001) x 0.1
+
+
+def test_buffers_within_the_cache_reduce_at_its_speed():
+    """A buffer of up to CACHE_REDUCE_BYTES is reduced at cache_reduce_gbps, a larger one at
+    reduce_gbps (0 for the cache's speed: reduce_gbps everywhere); oversubscription shares both."""
+    from comms.selection.model import CACHE_REDUCE_BYTES
+    shm, hosts = {"shm": Link(1.0, 10.0)}, ((0, 1),)
+    fast, slow = Params(shm, 10.0, "t", 40.0), Params(shm, 10.0, "t")
+    for m, gain in ((CACHE_REDUCE_BYTES, CACHE_REDUCE_BYTES / 10e3 - CACHE_REDUCE_BYTES / 40e3),
+                    (CACHE_REDUCE_BYTES * 2, 0.0)):
+        rd = [cost("all_reduce", "recursive_doubling", m, 2, hosts, p, AUTO) for p in (slow, fast)]
+        assert math.isclose(rd[0] - rd[1], gain, abs_tol=1e-9), (m, rd)   # it reduces the whole buffer once
+    assert fast.scaled(2).cache_reduce_gbps == 20.0 and Params.from_dict(fast.as_dict()).cache_reduce_gbps == 40.0

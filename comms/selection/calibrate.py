@@ -3,9 +3,9 @@
 A first init on a host :func:`signature` measures in well under 2 s, and caches by transport name in
 ``~/.cache/comms/calibration.json`` (rank 0's figures for every rank): ``alpha_us``, one plan step, in
 rings of the link's ranks, all at once (the least run of 8 B steps; the median of HOP_PAYLOAD ones, less
-their bytes at beta, inside a host whose ranks have a core each);
-``beta_gbps``, a 4 MiB ping-pong less an 8 B one (``burst_gbps`` between hosts: BURST_PROBE_BYTES after
-10 ms idle); ``reduce_gbps``, a float32 SUM of 32 MiB; and the rules ``python -m comms.tune`` wrote
+their bytes at beta, inside a host whose ranks have a core each); ``beta_gbps``, a 4 MiB ping-pong less
+an 8 B one (``burst_gbps`` between hosts: BURST_PROBE_BYTES after 10 ms idle); ``reduce_gbps``, a float32
+SUM of 32 MiB (``cache_reduce_gbps``: of 64 KiB); and the rules ``python -m comms.tune`` wrote
 (:func:`save_rules`). Shaping is not in the signature: cached figures of a link between hosts are checked
 with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and, off by more than LINK_DRIFT, measured again
 (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
@@ -112,12 +112,13 @@ def _beta(comm, peer: int, reps: int, nbytes: int = 4 << 20) -> float:
     return min(max(nbytes / max(big - small, 1e-3) / 1e3, 0.05), 100.0)
 
 
-def _reduce_gbps() -> float:
-    """GB/s of a float32 SUM of 32 MiB, beyond the caches, the least of 4."""
+def _reduce_gbps(nbytes: int = 32 << 20, calls: int = 1) -> float:
+    """GB/s of a float32 SUM of ``nbytes`` (32 MiB: beyond the caches), the least of 4 runs of ``calls``."""
     from ..dtypes import F32
     from ..runtime.native import OPS, ffi, reduce
-    x, y = np.ones(1 << 23, np.float32), np.ones(1 << 23, np.float32)
-    best = _least(lambda: reduce(ffi.from_buffer(x), ffi.from_buffer(y), x.size, F32, OPS["SUM"]), 4)
+    x, y = np.ones(nbytes // 4, np.float32), np.ones(nbytes // 4, np.float32)
+    px, py = ffi.from_buffer(x), ffi.from_buffer(y)
+    best = _least(lambda: [reduce(px, py, x.size, F32, OPS["SUM"]) for _ in range(calls)], 4) / calls
     return round(min(x.nbytes / best / 1e9, 100.0), 3)
 
 
@@ -178,12 +179,14 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calib
                 links[cls]["burst_gbps"] = round(_beta(comm, ring_of(0)[1], 3, BURST_PROBE_BYTES), 3)
 
         def measured() -> str:
-            d = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}").as_dict()
+            d = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                       cache_reduce_gbps=_reduce_gbps(64 << 10, 200)).as_dict()
             d["links"].update(links)
             _store_entry(sig, d)
             return json.dumps(d)
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))
     params = Params.from_dict(entry)
-    log.info("cost model parameters (%s): %s, reduce %.1f GB/s%s", params.source, describe_links(params.links),
-             params.reduce_gbps, f"; tuned rules ({entry['tuned']})" if entry.get("rules") else "")
+    log.info("cost model parameters (%s): %s, reduce %.1f GB/s (%.1f in cache)%s", params.source,
+             describe_links(params.links), params.reduce_gbps, params.cache_reduce_gbps or params.reduce_gbps,
+             f"; tuned rules ({entry['tuned']})" if entry.get("rules") else "")
     return Calibration(params, entry.get("rules", ""), sig)

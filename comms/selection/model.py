@@ -26,6 +26,10 @@ BURST_BYTES = 16 << 10   # and it prices steps of up to this size (a token bucke
 #                          speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate only 4 KiB went to
 #                          hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75 against 51 us);
 #                          up to 64 KiB put it at 32 KiB, 1.08x tree and hierarchical (shared CPUs: 262 vs 243-246 us)
+CACHE_REDUCE_BYTES = 256 << 10  # buffers up to this size reduce at Params.cache_reduce_gbps: cm_reduce (float32
+#                          SUM) ran at 32-39 GB/s on 16-256 KiB, 25 at 1 MiB and 12-14 from 4 MiB on the dev VM. At the
+#                          32 MiB speed alone recursive doubling's whole-buffer reduce lost it 32 KiB on 1x2 (ring: 21 %
+#                          slower)
 PAIRWISE_BATCH = 8       # pairwise all_to_all's exchanges in flight (algorithms/pairwise.py): one step latency a batch
 
 
@@ -74,6 +78,7 @@ class Params:
     reduce_gbps: float = 8.0     # until calibration measures it: below the 11.6-15.1 GB/s of cm_reduce
     #                              (float32 SUM, 32 MiB) on the dev VM, as a slower host's would be
     source: str = "defaults"
+    cache_reduce_gbps: float = 0.0   # the same within the cache (CACHE_REDUCE_BYTES); 0: reduce_gbps
 
     def link(self, name: str) -> Link:
         """This model's figures for ``name``, else its registered default, else the contract's."""
@@ -86,7 +91,7 @@ class Params:
     @classmethod
     def from_dict(cls, d: dict) -> "Params":
         links = {**_registered(), **{name: Link(**link) for name, link in d.get("links", {}).items()}}
-        return cls(links, d["reduce_gbps"], d.get("source", "cache"))
+        return cls(links, d["reduce_gbps"], d.get("source", "cache"), d.get("cache_reduce_gbps", 0.0))
 
     def scaled(self, share: float = 1.0, alpha: float = 1.0) -> "Params":
         """Bandwidths and reduction speed divided by ``share``, step latencies times ``alpha``: ``scaled(k)``
@@ -94,7 +99,8 @@ class Params:
         the latencies include the sharing), ``scaled(alpha=0)`` for moving and reducing the bytes alone."""
         share = max(share, 1.0)
         return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share, k.burst_gbps / share)
-                       for n, k in self.links.items()}, self.reduce_gbps / share, self.source)
+                       for n, k in self.links.items()}, self.reduce_gbps / share, self.source,
+                      self.cache_reduce_gbps / share)
 
 
 def _log2(n: int) -> int:
@@ -119,7 +125,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     flat = intra if H == 1 or route.intra == route.inter else \
         Link(max(intra.alpha_us, inter.alpha_us), min(intra.beta_gbps, inter.beta_gbps),
              min(max(k.burst_gbps, k.beta_gbps) for k in (intra, inter)))
-    red = lambda nbytes: nbytes / (p.reduce_gbps * 1e3)          # noqa: E731
+    rho = p.cache_reduce_gbps if m <= CACHE_REDUCE_BYTES and p.cache_reduce_gbps else p.reduce_gbps
+    red = lambda nbytes: nbytes / (rho * 1e3)                   # noqa: E731
     copy = lambda nbytes: nbytes / (COPY_GBPS * 1e3)             # noqa: E731
     p2 = 1 << (n.bit_length() - 1)
     blk = m / max(1, n - 1)

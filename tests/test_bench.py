@@ -309,3 +309,17 @@ def test_only_mpi_and_absent_exits_2(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "mpi: Open MPI / mpi4py not installed (run with --install-mpi as root)" in err
     assert "no backend left to run" in err
+
+
+def test_device_script_runs_its_table(tmp_path):
+    """bench/device.sh, the one command for a lent GPU machine's CPUs, run here on its smallest
+    setting: the plain numpy call against Gloo (and MPI where installed), checked results, one JSON
+    per (size, ranks) and the log."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), RANKS="2", LAUNCHES="1", SIZES="8")
+    p = subprocess.run(["bash", str(ROOT / "bench" / "device.sh")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads((tmp_path / "8_np2.json").read_text())
+    ran = {r["library"]: r for r in doc["rows"] if not r["na"]}
+    assert {"numpy", "gloo"} <= set(ran) and all(r["wrong"] == 0 and r["bytes"] == 8 for r in ran.values())
+    assert "# device.sh: " in (tmp_path / "device.log").read_text()

@@ -159,6 +159,7 @@ uint64_t cm_ctx_seq(cm_ctx *ctx);             /* the number of the last collecti
 void cm_ctx_set_seq(cm_ctx *ctx, uint64_t seq);
 int64_t cm_now_ns(void);
 int64_t cm_spin_budget(cm_ctx *ctx, int64_t now);   /* how long an adaptive wait may spin now (native/wait.c) */
+void cm_spin_gap(cm_ctx *ctx, int64_t now, int64_t gap_ns);   /* a spinning wait found a gap in its clock */
 
 /* rows of tokens (expert parallelism, native/rows.c): receive windows and combine's sum */
 int cm_window_map(const char *name, uint64_t *bytes, int create, void **out, int *sys_errno);

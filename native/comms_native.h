@@ -268,9 +268,16 @@ int cm_nap(cm_ctx *ctx, int64_t timeout_ns);         /* poll every fd, no announ
 int64_t cm_spin_budget(cm_ctx *ctx, int64_t now);    /* how long an adaptive wait may spin now */
 void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns);    /* an idle stretch of a wait ended after idle_ns */
 void cm_spin_preempted(cm_ctx *ctx, int64_t now);    /* a spinning wait lost its CPU */
+void cm_spin_gap(cm_ctx *ctx, int64_t now, int64_t gap_ns);   /* ... or found a gap in its clock */
 /* a gap this long between two looks at the clock while spinning: the thread was off its CPU (64 idle
  * passes take a few us) */
 #define CM_PREEMPT_GAP_NS 200000LL
-#define CM_CONTENDED_NS 200000000LL  /* how long a preemption counts: spin little, yield, then sleep */
+/* How long a preemption counts: spin little, yield, then sleep. Contention that matters recurs (a
+ * host's ranks sharing cores are preempted every scheduler tick), so each preemption renews it. At
+ * 200 ms, one kernel thread's 1.5 ms on rank 0's CPU every few hundred ms (the dev VM's kdamond) kept
+ * rank 0 contended most of the time: 64 MiB all_reduce on 2 bound ranks took 14.1-16.1 ms a launch
+ * (p90 17-21), rank 0 sleeping 30-70 times an op; at 20 ms, 12.7-13.4 (p90 14.5-15.0) and 5 sleeps,
+ * against 12.4-13.5 ms (p90 13.3-14.9) when it never sleeps (COMMS_SPIN=1000000). */
+#define CM_CONTENDED_NS 20000000LL
 
 #endif

@@ -514,7 +514,7 @@ static int exec_wait(cm_ctx *ctx, cm_exec *e, int64_t block_ns, cm_status *st, i
             else if ((polls & 63) == 0) {
                 int64_t now = cm_now_ns();
                 if (now - last_clock > CM_PREEMPT_GAP_NS) {     /* off the CPU while spinning */
-                    cm_spin_preempted(ctx, now);
+                    cm_spin_gap(ctx, now, now - last_clock);
                     spin_ns = cm_spin_budget(ctx, now);
                 }
                 last_clock = now;

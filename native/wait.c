@@ -21,9 +21,10 @@
  * (from the last progress to the next) pulls the budget towards twice its length when it was short
  * enough to catch by spinning (at most spin_max_ns), and towards spin_min_ns when it was longer, so
  * a rank whose peers keep it waiting long sleeps instead of burning a core it gains nothing from.
- * A spinning wait that finds a gap in its own clock readings was preempted: something this rank
- * cannot see (another job, the other host's ranks on a shared core, the kernel's network work)
- * wants the CPU. So does one whose thread, every RUN_DELAY_EVERY_NS, finds that it spent more
+ * A spinning wait that finds a gap in its own clock readings, and spent at least half of it in a run
+ * queue (cm_spin_gap), was preempted: something this rank cannot see (another job, the other host's
+ * ranks on a shared core, the kernel's network work) wants the CPU. So does one whose thread, every
+ * RUN_DELAY_EVERY_NS, finds that it spent more
  * than RUN_DELAY_SHARE of the time waiting in a run queue (a spinner that is never preempted
  * still delays the peer it waits for, which queues behind it). For CM_CONTENDED_NS after either
  * the budget stays at its minimum and the wait yields before it sleeps, as on a host with more
@@ -252,6 +253,20 @@ void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns) {
     if (b > ctx->spin_max_ns) b = ctx->spin_max_ns;
     if (b < ctx->spin_min_ns) b = ctx->spin_min_ns;
     ctx->spin_ns = b;
+}
+
+/* A spinning wait found a gap of gap_ns in its own clock readings: it was off its CPU. That shows
+ * contention only where this thread spent at least half of the gap in a run queue, another thread
+ * of this machine running in its place. A gap taken by the hypervisor or by interrupts (the thread
+ * never waited in a run queue) says nothing of who else wants the CPU, and sleeping for it only
+ * adds wake-ups. Where the kernel reports no run_delay, every gap counts. */
+void cm_spin_gap(cm_ctx *ctx, int64_t now, int64_t gap_ns) {
+    int64_t rd = run_delay_ns();
+    if (rd < 0 || rd_at < 0 || (rd - rd_last) * 2 >= gap_ns) cm_spin_preempted(ctx, now);
+    if (rd >= 0) {
+        rd_at = now;
+        rd_last = rd;
+    }
 }
 
 void cm_spin_preempted(cm_ctx *ctx, int64_t now) {

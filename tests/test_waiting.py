@@ -54,3 +54,41 @@ def test_a_spinning_thread_that_waits_for_its_cpu_counts_the_cpu_contended():
         native.ctx_free(ctx)
     assert budgets[-1] == 2_000, budgets[-5:]
     assert counters[4] >= 1                                  # preempted_spins (comms.runtime.engine.COUNTERS)
+
+
+def test_a_gap_counts_as_contention_only_with_a_run_queue_wait():
+    """native/wait.c cm_spin_gap: a spinning wait that finds a gap in its own clock readings counts its
+    CPU contended only where its thread spent at least half of the gap in a run queue (another
+    thread ran in its place); a gap without that wait (the hypervisor's, an interrupt's) leaves the
+    budget at its maximum. Here the first gap is made up (no run-queue wait at all), the second
+    follows 50 ms pinned to one CPU with a busy process."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from comms.runtime import native
+    ctx = native.ctx_new(0, 1, 0, 0, 200_000, 2_000)
+    mask, hog = os.sched_getaffinity(0), None
+    try:
+        assert native.spin_budget(ctx, native.now_ns()) == 200_000          # samples run_delay
+        native.spin_gap(ctx, native.now_ns(), 5_000_000)
+        after_idle_gap = native.spin_budget(ctx, native.now_ns())
+        cpu = max(mask)
+        os.sched_setaffinity(0, {cpu})
+        hog = subprocess.Popen([sys.executable, "-c",
+                                "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
+        time.sleep(0.2)                                                      # the hog is running
+        native.spin_budget(ctx, native.now_ns() + 10 ** 10)                 # a fresh sample (forced)
+        end = time.monotonic() + 0.05
+        while time.monotonic() < end:                                        # shares the CPU with it
+            pass
+        native.spin_gap(ctx, native.now_ns() + 10 ** 10, 5_000_000)
+        after_busy_gap = native.spin_budget(ctx, native.now_ns() + 10 ** 10)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+        os.sched_setaffinity(0, mask)
+        native.ctx_free(ctx)
+    assert after_idle_gap == 200_000
+    assert after_busy_gap == 2_000

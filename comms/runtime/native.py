@@ -75,7 +75,7 @@ opts_peek, opts_layout = lib.cm_opts_peek, lib.cm_opts_layout
 # a numpy array's data pointer read from its memory (comms.runtime.arrays)
 array_layout, array_data = lib.cm_array_layout, lib.cm_array_data
 # the wait policy's spin budget now (native/wait.c), and the engine's clock
-spin_budget, now_ns = lib.cm_spin_budget, lib.cm_now_ns
+spin_budget, spin_gap, now_ns = lib.cm_spin_budget, lib.cm_spin_gap, lib.cm_now_ns
 # kernels
 reduce, sum_rows = lib.cm_reduce, lib.cm_sum_rows
 # transports: tcp sockets, shared-memory segments, RDMA (libfabric)

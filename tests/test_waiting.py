@@ -5,6 +5,13 @@ test waits about a second for a late peer and counts the CPU seconds rank 0 spen
 spinning wait spends about as much CPU as wall time."""
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 
 from comms.testing import spawn
@@ -22,35 +29,59 @@ def test_a_long_wait_sleeps(transport, async_op):
 
 
 
+def in_a_new_thread(fn):
+    """``fn()`` in a thread of its own, whose result it returns (or whose exception it raises): the
+    run-queue samples of native/wait.c are per thread, so each test starts from none."""
+    out = {}
+
+    def body():
+        try:
+            out["value"] = fn()
+        except BaseException as e:   # noqa: BLE001 -- raised again below, in the test's thread
+            out["error"] = e
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@contextlib.contextmanager
+def cpu_shared_with_a_busy_process():
+    """For the block, this thread pinned to one CPU together with a busy process."""
+    mask = os.sched_getaffinity(0)
+    cpu = max(mask)
+    os.sched_setaffinity(0, {cpu})
+    hog = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(0, mask)
+
+
 def test_a_spinning_thread_that_waits_for_its_cpu_counts_the_cpu_contended():
     """native/wait.c: a thread that spent over a tenth of the last 2 ms waiting in a run queue (here:
     pinned to one CPU with a busy process) finds its context contended: the spin budget drops from
     its maximum to its minimum, and the preempted-spins counter counts it. Nothing is spinning
     meanwhile, so the other signal (a gap in a spinner's own clock readings) plays no part."""
-    import os
-    import subprocess
-    import sys
-    import time
     from comms.runtime import native
     ctx = native.ctx_new(0, 1, 0, 0, 200_000, 2_000)
-    mask = os.sched_getaffinity(0)
-    cpu = max(mask)
-    hog = None
-    try:
+
+    def run():
         assert native.spin_budget(ctx, native.now_ns()) == 200_000          # the first look only samples
-        os.sched_setaffinity(0, {cpu})
-        hog = subprocess.Popen([sys.executable, "-c",
-                                "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
-        budgets, end = [], time.monotonic() + 1.0
-        while time.monotonic() < end and 2_000 not in budgets:
-            budgets.append(native.spin_budget(ctx, native.now_ns()))
+        with cpu_shared_with_a_busy_process():
+            budgets, end = [], time.monotonic() + 1.0
+            while time.monotonic() < end and 2_000 not in budgets:
+                budgets.append(native.spin_budget(ctx, native.now_ns()))
+        return budgets
+    try:
+        budgets = in_a_new_thread(run)
         counters = native.ffi.new("uint64_t[8]")
         native.ctx_counters(ctx, counters, 8)
     finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
-        os.sched_setaffinity(0, mask)
         native.ctx_free(ctx)
     assert budgets[-1] == 2_000, budgets[-5:]
     assert counters[4] >= 1                                  # preempted_spins (comms.runtime.engine.COUNTERS)
@@ -58,37 +89,34 @@ def test_a_spinning_thread_that_waits_for_its_cpu_counts_the_cpu_contended():
 
 def test_a_gap_counts_as_contention_only_with_a_run_queue_wait():
     """native/wait.c cm_spin_gap: a spinning wait that finds a gap in its own clock readings counts its
-    CPU contended only where its thread spent at least half of the gap in a run queue (another
-    thread ran in its place); a gap without that wait (the hypervisor's, an interrupt's) leaves the
-    budget at its maximum. Here the first gap is made up (no run-queue wait at all), the second
-    follows 50 ms pinned to one CPU with a busy process."""
-    import os
-    import subprocess
-    import sys
-    import time
+    CPU contended (the preempted-spins counter, and the budget at its minimum) only where its thread
+    spent at least half of the gap in a run queue (another thread ran in its place); a gap without
+    that wait (the hypervisor's, an interrupt's) changes nothing. Here the first gap is made up (no
+    run-queue wait at all), the second follows 50 ms pinned to one CPU with a busy process."""
     from comms.runtime import native
     ctx = native.ctx_new(0, 1, 0, 0, 200_000, 2_000)
-    mask, hog = os.sched_getaffinity(0), None
-    try:
-        assert native.spin_budget(ctx, native.now_ns()) == 200_000          # samples run_delay
+    counters = native.ffi.new("uint64_t[8]")
+
+    def preempted() -> int:
+        native.ctx_counters(ctx, counters, 8)
+        return counters[4]                                   # preempted_spins (comms.runtime.engine.COUNTERS)
+
+    def run():
+        assert native.spin_budget(ctx, native.now_ns()) == 200_000          # the first look only samples
         native.spin_gap(ctx, native.now_ns(), 5_000_000)
-        after_idle_gap = native.spin_budget(ctx, native.now_ns())
-        cpu = max(mask)
-        os.sched_setaffinity(0, {cpu})
-        hog = subprocess.Popen([sys.executable, "-c",
-                                "import os; os.sched_setaffinity(0, {%d})\nwhile True: pass" % cpu])
-        time.sleep(0.2)                                                      # the hog is running
-        native.spin_budget(ctx, native.now_ns() + 10 ** 10)                 # a fresh sample (forced)
-        end = time.monotonic() + 0.05
-        while time.monotonic() < end:                                        # shares the CPU with it
-            pass
-        native.spin_gap(ctx, native.now_ns() + 10 ** 10, 5_000_000)
-        after_busy_gap = native.spin_budget(ctx, native.now_ns() + 10 ** 10)
+        idle = preempted(), native.spin_budget(ctx, native.now_ns())
+        with cpu_shared_with_a_busy_process():
+            time.sleep(0.2)                                                  # the busy process runs
+            native.spin_budget(ctx, native.now_ns())                         # a fresh sample
+            before = preempted()
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end:                                    # shares the CPU with it
+                pass
+            native.spin_gap(ctx, native.now_ns(), 5_000_000)
+            return idle, (preempted() - before, native.spin_budget(ctx, native.now_ns()))
+    try:
+        after_idle_gap, after_busy_gap = in_a_new_thread(run)
     finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
-        os.sched_setaffinity(0, mask)
         native.ctx_free(ctx)
-    assert after_idle_gap == 200_000
-    assert after_busy_gap == 2_000
+    assert after_idle_gap == (0, 200_000)
+    assert after_busy_gap == (1, 2_000)

@@ -267,8 +267,7 @@ int cm_sleep(cm_ctx *ctx, int64_t timeout_ns);       /* the engine's sleep: see 
 int cm_nap(cm_ctx *ctx, int64_t timeout_ns);         /* poll every fd, no announcement (tcp's bulk nap) */
 int64_t cm_spin_budget(cm_ctx *ctx, int64_t now);    /* how long an adaptive wait may spin now */
 void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns);    /* an idle stretch of a wait ended after idle_ns */
-void cm_spin_preempted(cm_ctx *ctx, int64_t now);    /* a spinning wait lost its CPU */
-void cm_spin_gap(cm_ctx *ctx, int64_t now, int64_t gap_ns);   /* ... or found a gap in its clock */
+void cm_spin_gap(cm_ctx *ctx, int64_t now, int64_t gap_ns);   /* a spinning wait found a gap in its clock */
 /* a gap this long between two looks at the clock while spinning: the thread was off its CPU (64 idle
  * passes take a few us) */
 #define CM_PREEMPT_GAP_NS 200000LL

@@ -24,9 +24,9 @@
  * A spinning wait that finds a gap in its own clock readings, and spent at least half of it in a run
  * queue (cm_spin_gap), was preempted: something this rank cannot see (another job, the other host's
  * ranks on a shared core, the kernel's network work) wants the CPU. So does one whose thread, every
- * RUN_DELAY_EVERY_NS, finds that it spent more
- * than RUN_DELAY_SHARE of the time waiting in a run queue (a spinner that is never preempted
- * still delays the peer it waits for, which queues behind it). For CM_CONTENDED_NS after either
+ * RUN_DELAY_EVERY_NS, finds that it spent more than RUN_DELAY_SHARE of the time waiting in a run
+ * queue (a spinner that is never preempted still delays the peer it waits for, which queues behind
+ * it). For CM_CONTENDED_NS after either
  * the budget stays at its minimum and the wait yields before it sleeps, as on a host with more
  * ranks than cores.
  *
@@ -232,17 +232,28 @@ static int64_t run_delay_ns(void) {
 
 static __thread int64_t rd_at = -1, rd_last;      /* this thread's last sample: when, and its value */
 
+/* The nanoseconds this thread spent in a run queue since its last sample (-1 where the kernel does
+ * not say, or there is no earlier sample), taking a new sample at ``now``. */
+static int64_t queued_since_sample(int64_t now) {
+    int64_t rd = run_delay_ns(), queued = rd >= 0 && rd_at >= 0 && rd_last >= 0 ? rd - rd_last : -1;
+    rd_at = now;
+    rd_last = rd;
+    return queued;
+}
+
+static void spin_preempted(cm_ctx *ctx, int64_t now) {
+    ctx->contended_until = now + CM_CONTENDED_NS;
+    ctx->counters[CM_CNT_PREEMPTED]++;
+}
+
 int64_t cm_spin_budget(cm_ctx *ctx, int64_t now) {
     /* A spinning wait keeps a core that a peer may need: where this thread itself spent more than
      * RUN_DELAY_SHARE of the time since the last sample waiting for a CPU, the CPUs it runs on are
      * wanted by more threads than they have (the host's own ranks, others the topology cannot see,
-     * the kernel's network work), and the context counts as contended (cm_spin_preempted). */
+     * the kernel's network work), and the context counts as contended. */
     if (rd_at < 0 || now - rd_at >= RUN_DELAY_EVERY_NS) {
-        int64_t rd = run_delay_ns();
-        if (rd >= 0 && rd_at >= 0 && (rd - rd_last) * 100 > (now - rd_at) * RUN_DELAY_SHARE)
-            cm_spin_preempted(ctx, now);
-        rd_at = now;
-        rd_last = rd;
+        int64_t span = now - rd_at, queued = queued_since_sample(now);
+        if (queued >= 0 && queued * 100 > span * RUN_DELAY_SHARE) spin_preempted(ctx, now);
     }
     return now < ctx->contended_until ? ctx->spin_min_ns : ctx->spin_ns;
 }
@@ -261,17 +272,8 @@ void cm_spin_learn(cm_ctx *ctx, int64_t idle_ns) {
  * never waited in a run queue) says nothing of who else wants the CPU, and sleeping for it only
  * adds wake-ups. Where the kernel reports no run_delay, every gap counts. */
 void cm_spin_gap(cm_ctx *ctx, int64_t now, int64_t gap_ns) {
-    int64_t rd = run_delay_ns();
-    if (rd < 0 || rd_at < 0 || (rd - rd_last) * 2 >= gap_ns) cm_spin_preempted(ctx, now);
-    if (rd >= 0) {
-        rd_at = now;
-        rd_last = rd;
-    }
-}
-
-void cm_spin_preempted(cm_ctx *ctx, int64_t now) {
-    ctx->contended_until = now + CM_CONTENDED_NS;
-    ctx->counters[CM_CNT_PREEMPTED]++;
+    int64_t queued = queued_since_sample(now);
+    if (queued < 0 || queued * 2 >= gap_ns) spin_preempted(ctx, now);
 }
 
 int cm_nap(cm_ctx *ctx, int64_t timeout_ns) {

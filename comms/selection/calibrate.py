@@ -24,7 +24,7 @@ import numpy as np
 from .. import config
 from ..diag import log as clog
 from ..runtime.hostid import cpu_model
-from .model import BURST_PROBE_BYTES, Params, describe_links
+from .model import BURST_PROBE_BYTES, Params, describe_links, describe_reduce
 
 log = clog.get("TUNING")
 FORMAT = "v12"           # part of the key: entries of another layout are not read
@@ -186,7 +186,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calib
             return json.dumps(d)
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))
     params = Params.from_dict(entry)
-    log.info("cost model parameters (%s): %s, reduce %.1f GB/s (%.1f in cache)%s", params.source,
-             describe_links(params.links), params.reduce_gbps, params.cache_reduce_gbps or params.reduce_gbps,
+    log.info("cost model parameters (%s): %s, %s%s", params.source, describe_links(params.links),
+             describe_reduce(params.reduce_gbps, params.cache_reduce_gbps),
              f"; tuned rules ({entry['tuned']})" if entry.get("rules") else "")
     return Calibration(params, entry.get("rules", ""), sig)

@@ -71,6 +71,11 @@ def describe_links(links: dict) -> str:
     return ", ".join(f"{name} {link if isinstance(link, Link) else Link(**link)}" for name, link in links.items())
 
 
+def describe_reduce(reduce_gbps: float, cache_reduce_gbps: float = 0.0) -> str:
+    """``reduce 11.1 GB/s (42.0 within the cache)`` from :class:`Params`' two speeds (or their dict form's)."""
+    return f"reduce {reduce_gbps} GB/s ({cache_reduce_gbps or reduce_gbps} within the cache)"
+
+
 @dataclass(frozen=True)
 class Params:
     """The model's figures: a :class:`Link` per transport name, the reduction speed, their source."""

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             driver.note(f"--hosts: {why}; run it as root (or use -np for one host)")
             return 2
     from comms import algorithms
-    from comms.selection.model import describe_links, describe_reduce
+    from comms.selection.model import describe
     load0 = os.getloadavg()
     t0 = time.monotonic()
     doc = {"schema": SCHEMA, "command": command, "config": args.config, "hosts": args.hosts or 1,
@@ -265,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                   + f"{args.iters or f'adaptive (~{args.target_time:g} s per size)'}; check {args.check}; dtype {args.dtype}")
             cm = doc["cost_model"]
             print(f"# COMMS_CALIBRATE={cal.get('value', '?')} ({cal.get('source', '?')}); cost model: "
-                  + (f"{cm['source']}: {describe_links(cm['links'])}, "
-                     f"{describe_reduce(cm['reduce_gbps'], cm.get('cache_reduce_gbps', 0.0))}" if cm else "?"))
+                  + (f"{cm['source']}: {describe(cm)}" if cm else "?"))
             if os.environ.get("COMMS_ALGO"):
                 print(f"# WARNING: COMMS_ALGO={os.environ['COMMS_ALGO']} is set: the default run is not the default")
             for op in args.ops:

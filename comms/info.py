@@ -17,7 +17,7 @@ from dataclasses import asdict
 from . import algorithms, config
 from .api import init
 from .security import token
-from .selection.model import Link, describe_links, describe_reduce
+from .selection.model import Link, describe
 from .selection.rules import Selector
 
 SIZES = [8 << (2 * i) for i in range(13)]      # 8 B .. 128 MiB, x4
@@ -97,8 +97,7 @@ def render(info: dict, comm) -> str:
         out.append(f"{c['name']:<24} {str(c['value']):<12} ({c['source']})  {c['doc']}")
     cm = info.get("cost_model")
     if cm:
-        out.append(f"\n# cost model ({cm['source']}): {describe_links(cm['links'])}, "
-                   f"{describe_reduce(cm['reduce_gbps'], cm.get('cache_reduce_gbps', 0.0))}")
+        out.append(f"\n# cost model ({cm['source']}): {describe(cm)}")
         if info.get("oversubscription", 1.0) > 1.0:
             out.append(f"# priced with {info['oversubscription']:g} ranks per core: bandwidths and reduction speed "
                        f"divided by {info['oversubscription']:g} (every rank busy at once)")

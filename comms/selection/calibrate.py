@@ -1,14 +1,10 @@
-"""Calibration: the cost model's link figures, measured once per host signature and cached.
-
-A first init on a host :func:`signature` measures in well under 2 s, and caches by transport name in
-``~/.cache/comms/calibration.json`` (rank 0's figures for every rank): ``alpha_us``, one plan step, in
-rings of the link's ranks, all at once (the least run of 8 B steps; the median of HOP_PAYLOAD ones, less
-their bytes at beta, inside a host whose ranks have a core each); ``beta_gbps``, a 4 MiB ping-pong less
-an 8 B one (``burst_gbps`` between hosts: BURST_PROBE_BYTES after 10 ms idle); ``reduce_gbps``, a float32
-SUM of 32 MiB (``cache_reduce_gbps``: of 64 KiB); and the rules ``python -m comms.tune`` wrote
-(:func:`save_rules`). Shaping is not in the signature: cached figures of a link between hosts are checked
-with a few 4 MiB ping-pongs (about 0.2 s at 2 Gbit/s) and, off by more than LINK_DRIFT, measured again
-(tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
+"""Calibration: the cost model's figures, measured in well under 2 s at the first init on a host :func:`signature`
+and cached per transport in ``~/.cache/comms/calibration.json`` (rank 0's for every rank), with the rules
+``python -m comms.tune`` wrote (:func:`save_rules`). ``alpha_us``: one plan step, in rings of the link's ranks all
+at once; ``beta_gbps``: a 4 MiB ping-pong less an 8 B one (``burst_gbps``: BURST_PROBE_BYTES after 10 ms idle);
+``reduce_gbps``: a float32 SUM of 32 MiB (``cache_reduce_gbps``: of 64 KiB). Shaping is not in the signature: a
+cached link between hosts is checked with a few 4 MiB ping-pongs (0.2 s at 2 Gbit/s) and, off by more than
+LINK_DRIFT, measured again (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
 """
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ import os
 import platform
 import statistics
 import time
+import timeit
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -24,7 +21,7 @@ import numpy as np
 from .. import config
 from ..diag import log as clog
 from ..runtime.hostid import cpu_model
-from .model import BURST_PROBE_BYTES, Params, describe_links, describe_reduce
+from .model import BURST_PROBE_BYTES, Params, describe
 
 log = clog.get("TUNING")
 FORMAT = "v12"           # part of the key: entries of another layout are not read
@@ -86,16 +83,6 @@ def save_rules(sig: str, rules: str, note: str) -> None:
     _store_entry(sig, {**entry, "rules": rules, "tuned": note})
 
 
-def _least(fn: Callable[[], object], reps: int) -> float:
-    """The least seconds ``fn()`` took over ``reps`` calls."""
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _beta(comm, peer: int, reps: int, nbytes: int = 4 << 20) -> float:
     """GB/s of ``nbytes`` between rank 0 and ``peer`` (the least of ``reps`` ping-pongs less 8 B's, after
     an untimed round trip of each size), on those two ranks; 0.0 on the others."""
@@ -105,7 +92,7 @@ def _beta(comm, peer: int, reps: int, nbytes: int = 4 << 20) -> float:
 
     def pingpong(size: int, iters: int) -> float:       # the least one-way µs over ``iters`` round trips
         buf = np.ones(max(1, size // 4), np.float32)    # touched: no page faults in the timing
-        return _least(lambda: [f(buf, other, tag=0xCA1) for f in order], iters) / 2 * 1e6
+        return min(timeit.repeat(lambda: [f(buf, other, tag=0xCA1) for f in order], repeat=iters, number=1)) / 2e-6
     pingpong(8, 2)
     pingpong(nbytes, 1)
     small, big = pingpong(8, 20), pingpong(nbytes, reps)
@@ -118,7 +105,7 @@ def _reduce_gbps(nbytes: int = 32 << 20, calls: int = 1) -> float:
     from ..runtime.native import OPS, ffi, reduce
     x, y = np.ones(nbytes // 4, np.float32), np.ones(nbytes // 4, np.float32)
     px, py = ffi.from_buffer(x), ffi.from_buffer(y)
-    best = _least(lambda: [reduce(px, py, x.size, F32, OPS["SUM"]) for _ in range(calls)], 4) / calls
+    best = min(timeit.repeat(lambda: reduce(px, py, x.size, F32, OPS["SUM"]), repeat=4, number=calls)) / calls
     return round(min(x.nbytes / best / 1e9, 100.0), 3)
 
 
@@ -130,16 +117,14 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
 
 
 def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calibration:
-    """Collective over ``comm`` at init; ``store`` carries rank 0's figures, and ``ring(right, left, rounds,
-    nbytes)`` runs one plan of ``rounds`` exchanges of ``nbytes`` (send right, receive left) and returns
-    its seconds."""
+    """Collective over ``comm`` at init; ``store`` carries rank 0's figures; ``ring(right, left, rounds, nbytes)``:
+    the seconds of one plan of ``rounds`` exchanges of ``nbytes`` (send right, receive left)."""
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Calibration(Params(), "", "")
     key, sig, route = f"{comm.prefix}calibration", signature(comm), comm.route
-    # link class -> ring_of(rank), the ring that rank runs, every rank in one at once as in a collective's
-    # steps: between hosts the ranks of one local index, inside a host its ranks. Timed with the leaders
-    # alone (2 simulated hosts x 2 ranks sharing 2 CPUs, htb), the tcp step came out at 8.8 us where an 8 B
-    # recursive doubling took 170-180 us, and the model chose hierarchical at 8 KiB, 1.86x behind it
+    # link class -> the ring a rank runs, every rank at once as in a collective: between hosts those of one local
+    # index, inside a host its ranks. Timed with the leaders alone (2 simulated hosts x 2 ranks sharing 2 CPUs, htb),
+    # a tcp step came out at 8.8 us, an 8 B recursive doubling at 170-180 us: hierarchical won 8 KiB, 1.86x behind
     hosts = [sorted(h.ranks) for h in comm.topology.hosts]
     where = {r: (i, k) for i, h in enumerate(hosts) for k, r in enumerate(h)}
     rings = {}
@@ -165,10 +150,9 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calib
             if len(members) > 1:
                 i = members.index(comm.rank)
                 right, left = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
-                # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD); between hosts the link's
-                # burst and sustained speeds price a step's bytes (BURST_BYTES)
+                # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD); between hosts bytes are
                 payload = cls == route.intra != route.inter and comm.oversubscription() <= 1
-                load = HOP_PAYLOAD if payload else 8
+                load = HOP_PAYLOAD if payload else 8                   # priced at burst speed (BURST_BYTES)
                 ring(right, left, 5, load)                             # warm up
                 runs = [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
                 alpha = (statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)) if payload and beta else \
@@ -186,7 +170,6 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calib
             return json.dumps(d)
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))
     params = Params.from_dict(entry)
-    log.info("cost model parameters (%s): %s, %s%s", params.source, describe_links(params.links),
-             describe_reduce(params.reduce_gbps, params.cache_reduce_gbps),
+    log.info("cost model parameters (%s): %s%s", params.source, describe(params.as_dict()),
              f"; tuned rules ({entry['tuned']})" if entry.get("rules") else "")
     return Calibration(params, entry.get("rules", ""), sig)

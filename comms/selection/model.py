@@ -1,11 +1,8 @@
-"""The cost model: every algorithm priced as time = latency x steps + bytes / bandwidth, as NCCL's
-tuning.cc does, per link class (a transport: :class:`Params` holds a :class:`Link` per name; a
-communicator's :class:`Route` names those its traffic takes) plus the local reduction speed.
-
-Each step is priced on the link it uses (an exchange stays on intra while the partners share a host, a
-flat step spanning hosts is bound by the slower class). Where k ranks of a host cross its link in one
-step, each gets 1/k of it (2 simulated hosts x 2 ranks, 2 Gbit/s tbf, 16 MiB: without this, direct,
-recursive doubling, rhd and hierarchical measured 2.4-2.8x the model's time, ring and tree 1.1-1.3x).
+"""The cost model: each algorithm priced as time = latency x steps + bytes / bandwidth (NCCL's tuning.cc) per
+link class (:class:`Params` holds a :class:`Link` per transport; a :class:`Route` names a communicator's) plus
+the reduction speed. A step is priced on the link it uses (a flat step spanning hosts on the slower); k ranks
+of a host crossing its link at once get 1/k each (2 simulated hosts x 2 ranks, 2 Gbit/s tbf, 16 MiB: without
+this, direct, recursive doubling, rhd and hierarchical measured 2.4-2.8x the model's time, ring and tree 1.1-1.3x).
 """
 from __future__ import annotations
 
@@ -66,14 +63,10 @@ def _registered() -> dict:
     return {cls.name: cls.link for cls in ORDER}
 
 
-def describe_links(links: dict) -> str:
-    """``shm Link(...), tcp Link(...)`` from :attr:`Params.links` or its dict form."""
-    return ", ".join(f"{name} {link if isinstance(link, Link) else Link(**link)}" for name, link in links.items())
-
-
-def describe_reduce(reduce_gbps: float, cache_reduce_gbps: float = 0.0) -> str:
-    """``reduce 11.1 GB/s (42.0 within the cache)`` from :class:`Params`' two speeds (or their dict form's)."""
-    return f"reduce {reduce_gbps} GB/s ({cache_reduce_gbps or reduce_gbps} within the cache)"
+def describe(d: dict) -> str:
+    """``shm Link(...), tcp Link(...), reduce 11.1 GB/s (42.0 within the cache)`` from :meth:`Params.as_dict`."""
+    links = ", ".join(f"{name} {Link(**link)}" for name, link in d["links"].items())
+    return f"{links}, reduce {d['reduce_gbps']} GB/s ({d.get('cache_reduce_gbps') or d['reduce_gbps']} within the cache)"
 
 
 @dataclass(frozen=True)
@@ -90,7 +83,7 @@ class Params:
         from ..transports.base import Transport
         return self.links.get(name) or _registered().get(name, Transport.link)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict:             # what the cache and comms.info hold
         return asdict(self)
 
     @classmethod
@@ -99,9 +92,8 @@ class Params:
         return cls(links, d["reduce_gbps"], d.get("source", "cache"), d.get("cache_reduce_gbps", 0.0))
 
     def scaled(self, share: float = 1.0, alpha: float = 1.0) -> "Params":
-        """Bandwidths and reduction speed divided by ``share``, step latencies times ``alpha``: ``scaled(k)``
-        for k ranks per core all busy at once (two ranks measured the bandwidths while the others waited;
-        the latencies include the sharing), ``scaled(alpha=0)`` for moving and reducing the bytes alone."""
+        """Speeds divided by ``share`` (k ranks per core all busy: two measured the bandwidths while the others
+        waited; latencies include the sharing), step latencies times ``alpha`` (0: the bytes alone)."""
         share = max(share, 1.0)
         return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share, k.burst_gbps / share)
                        for n, k in self.links.items()}, self.reduce_gbps / share, self.source,
@@ -192,9 +184,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
 
 
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, oversub: float = 1.0) -> str:
-    """The cheapest priced algorithm per size range, per collective with two or more priced ones,
-    in the selector's grammar, for ``n`` ranks on ``hosts`` (``oversub``: the most ranks per core
-    of any host, see :meth:`Params.scaled`). Ties go to the registry's order."""
+    """The cheapest priced algorithm per size range (ties: the registry's order) of each collective with two or
+    more priced, in the selector's grammar, for ``n`` ranks on ``hosts`` (``oversub``: :meth:`Params.scaled`)."""
     p, rules = p.scaled(oversub), []
     for coll, names in algos.items():
         priced = [a for a in names if min(cost(coll, a, m, n, hosts, p, route) for m in (8, 1 << 20)) < math.inf]
@@ -205,8 +196,7 @@ def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, ov
 
 
 def ranges(coll: str, sizes: list, picks: list) -> list[str]:
-    """Rules from the pick at each of ``sizes`` (ascending): each pick covers its size up to the
-    next one's, the first from 0 and the last to inf; equal neighbours merge."""
+    """Rules from the pick at each of ``sizes`` (ascending), each up to the next (0 and inf at the ends), merged."""
     starts = [i for i, pick in enumerate(picks) if i == 0 or pick != picks[i - 1]]
     edges = [0] + [sizes[i] for i in starts[1:]] + ["inf"]
     return [f"{coll}:{low}-{high}:{picks[i]}" for i, low, high in zip(starts, edges, edges[1:])]

@@ -1,11 +1,9 @@
 """Timing of alternatives, the one mechanism behind online choices and ``python -m comms.tune``.
 
-Where a rule names several (``all_reduce:16K-64K:direct|rhd``) and COMMS_ONLINE_ROUNDS > 0 (opt-in), the
-calls of each plan key run ``rounds`` rounds of one :func:`turn_calls`-sized turn per alternative that
-builds, the order reversed every other round, every rank the same one at the same call, each call
-computing the user's result. One MAX all_reduce then agrees on the slowest rank's figures, which
-:func:`decide` for the communicator's life (a float sum's last bits may change at the switch, never
-between ranks, unless COMMS_DETERMINISTIC).
+Where a rule names several (``all_reduce:16K-64K:direct|rhd``) and COMMS_ONLINE_ROUNDS > 0 (opt-in), a plan
+key's calls run rounds of one :func:`turn_calls`-sized turn per alternative, the order reversed every other
+round, all ranks alike, each call computing the user's result. A MAX all_reduce agrees on the slowest rank's
+figures, and :func:`decide` picks for the communicator's life (a float sum's last bits may change then).
 """
 from __future__ import annotations
 
@@ -40,10 +38,9 @@ def turn_calls(seconds_per_call: float, scale: float = 1.0) -> tuple[int, int]:
 
 
 class Trial:
-    """One key's schedule, turns of (round, alternative, untimed calls, timed calls), and this rank's
-    timings. It keeps ``plans[key]`` the encoded plan whose turn it is (dropped after the last turn, so
-    the next call reaches :meth:`Contests.pick`) and ``ran[ran_key]`` the algorithm of the last call;
-    the communicator brackets each call of a plan marked ``enc.trial`` with :meth:`begin` and :meth:`end`."""
+    """One key's turns, (round, alternative, untimed calls, timed calls), and this rank's timings. It keeps
+    ``plans[key]`` the plan whose turn it is (dropped after the last, so the next call reaches :meth:`Contests.pick`)
+    and ``ran[ran_key]`` the last call's algorithm; the communicator brackets calls with :meth:`begin`/:meth:`end`."""
 
     def __init__(self, alts: list[str], seconds: list[float], rounds: int, encs: list | None = None, key: tuple = (),
                  ran_key: tuple = (), plans: dict | None = None, ran: dict | None = None, scale: float = 1.0):
@@ -68,10 +65,9 @@ class Trial:
             self._algo = self.encs[self.alt].plan.algorithm
 
     def begin(self, timeable: bool) -> float:
-        """Count a call of the turn; returns its stretch's start (0.0 in the lead-in). The timed calls
-        are timed as one stretch, first start to last return, so the time between calls counts as in
-        a job (4 ranks on 2 cores, 8 KiB: timing each call alone put recursive doubling at 0.99x direct
-        where the bench's loops measured 0.71x); a stretch holding an async call (not ``timeable``) is not."""
+        """Count a call; returns its stretch's start (0.0 in the lead-in). The timed calls are one stretch, first
+        start to last return, so time between calls counts as in a job (4 ranks on 2 cores, 8 KiB: timing calls
+        alone put recursive doubling at 0.99x direct, the bench's loops at 0.71x); one with an async call is not."""
         self._ran[self.ran_key] = self._algo
         if self.lead:
             self.lead -= 1
@@ -95,9 +91,8 @@ class Trial:
 
 
 def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
-    """The winner's index from the agreed figures (rounds x alternatives, the slowest rank's), and each
-    alternative's median ratio to the first over the rounds both timed. Over the rounds all timed, the
-    lowest median ratio wins if more than SWITCH below the first's (1); otherwise, or none such: the first."""
+    """The winner's index from the agreed figures (rounds x alternatives), and each alternative's median ratio to
+    the first over the rounds both timed. Over the rounds all timed, the lowest wins if more than SWITCH below 1."""
     def median_ratio(i: int, rows) -> float | None:
         got = [float(row[i] / row[0]) for row in rows if np.isfinite(row[[0, i]]).all() and row[0] > 0]
         return statistics.median(got) if got else None
@@ -111,8 +106,7 @@ def decide(alts: list[str], agreed: np.ndarray) -> tuple[int, dict[str, float]]:
 
 
 class Contests:
-    """A communicator's trials in progress and decisions, per (plan key, alternatives). ``agree``
-    is its MAX all_reduce of a float64 array in place; ``plans`` and ``ran`` as for :class:`Trial`."""
+    """A communicator's trials and decisions per (plan key, alternatives); ``agree``: its MAX all_reduce in place."""
 
     def __init__(self, rounds: int, agree: Callable[[np.ndarray], None], plans: dict, ran: dict, turn_ms: float):
         self.rounds, self.scale = rounds, turn_ms / (1e3 * (LEAD_S + TIMED_S))
@@ -121,9 +115,8 @@ class Contests:
 
     def pick(self, key: tuple, alts: tuple, nbytes: int, ran_key: tuple, build: Callable[[str], object],
              seconds: Callable[[str], float]):
-        """The encoded plan the next call of ``key`` runs under a rule naming ``alts``, None where fewer
-        than two build (``build(name)``: its encoded plan, None if it declines; ``seconds(name)``: its
-        price per call). The call after the last turn agrees on the figures and decides, every rank alike."""
+        """The plan the next call of ``key`` runs under a rule naming ``alts`` (``build(name)``: None where it declines;
+        ``seconds(name)``: its price), None where fewer than two build. After the last turn: agree and decide."""
         cid = (key, alts)
         if cid in self.decided:
             return self.decided[cid][0]

@@ -1,12 +1,11 @@
 """Selection rules: one string grammar for the user's overrides, the tuned rules and the defaults.
 
-Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): ``#``-separated rules ``collective:low-high:algorithm``
-(low <= bytes < high; binary K/M/G suffixes, ``inf`` unbounded) or ``collective:algorithm`` (every size),
-e.g. ``all_reduce:0-64K:direct#all_reduce:64K-inf:ring``; ``direct|rhd`` names alternatives, timed with
-online timing on (comms.selection.online), else the first is the choice. The first rule covering a case
-wins, in layers: the user's, the tuned ones (comms.tune) of this host signature, the cost model's, then
-every registered algorithm; one that declines (NotSupported) passes the case on. The message size is the
-per-rank buffer for all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
+Grammar (COMMS_ALGO, ``init(algo=...)``, ``set_algo``): ``#``-separated ``collective:low-high:algorithm`` (low <=
+bytes < high; K/M/G binary, ``inf``) or ``collective:algorithm``, e.g. ``all_reduce:0-64K:direct#all_reduce:ring``;
+``direct|rhd`` names alternatives for online timing (comms.selection.online; else the first is the choice). The
+first rule covering a case wins, in layers: the user's, the tuned ones (comms.tune), the cost model's, then every
+registered algorithm; one that declines (NotSupported) passes it on. The message size is the per-rank buffer for
+all_reduce, broadcast and reduce, and the total bytes a rank sends otherwise.
 """
 from __future__ import annotations
 

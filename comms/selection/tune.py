@@ -35,11 +35,10 @@ def _caller(comm, op: str, nbytes: int):
 
 
 def candidates(comm, op: str, nbytes: int) -> list[str]:
-    """The algorithms the model does not call grossly worse at ``nbytes``, cheapest first (the
-    model's pick first on ties): those whose bytes (the price without step latencies) take at most
-    GROSS times the least any takes, or less than the cheapest's whole price. Gaps of step latency
-    alone are the timing's to judge: on 2 simulated hosts x 2 ranks sharing 2 CPUs, rhd, priced
-    1.7-2.0x recursive doubling at 512 B (twice its steps), measured 0.90x its time."""
+    """The algorithms the model does not call grossly worse at ``nbytes``, cheapest first: those whose bytes (the
+    price without step latencies) take at most GROSS times the least, or less than the cheapest's price. Step
+    latency is the timing's to judge: on 2 simulated hosts x 2 ranks sharing 2 CPUs, rhd, priced 1.7-2.0x
+    recursive doubling at 512 B (twice its steps), measured 0.90x its time."""
     from .. import algorithms
     prices = {a: comm.price(op, a, nbytes) for a in algorithms.names(op)}
     data = {a: comm.price(op, a, nbytes, steps=False) for a in prices}

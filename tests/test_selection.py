@@ -341,6 +341,18 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
     assert set(calls) == {8} and busy.links["shm"].alpha_us == 0.2            # the outlier: (2 + 0.001) x 0.1
 
 
+def test_the_step_timer_moves_its_bytes_in_one_native_call_per_plan():
+    """Calibration's ring runs its plan as the fast path runs a collective: every round's bytes go
+    through the transport, the times are those of real runs, and the collectives after it agree."""
+    from comms.testing import spawn
+    from workers import ring_prober
+    out = spawn(ring_prober, 3, timeout=120, env={"COMMS_CALIBRATE": "0"})
+    for o in out:
+        assert o["tx"] == o["rx"] == 2 * 10 * 4096, o
+        assert all(0 < t < 5 for t in o["took"]), o
+        assert o["sum"] == [6.0] * 4
+
+
 def test_buffers_within_the_cache_reduce_at_its_speed():
     """A buffer of up to CACHE_REDUCE_BYTES is reduced at cache_reduce_gbps, a larger one at
     reduce_gbps (0 for the cache's speed: reduce_gbps everywhere); oversubscription shares both."""

@@ -171,6 +171,20 @@ def calibrated_params(rank: int, size: int, sizes: tuple = ()) -> dict:
                 "chosen": [comm.algorithm_for("all_reduce", s) for s in sizes]}
 
 
+def ring_prober(rank: int, size: int) -> dict:
+    """Calibration's step timer (Communicator._ring_prober) after init: the seconds of 10 rounds of 4 KiB
+    to the next rank, twice, and the bytes the shm transport moved meanwhile, and a collective after it."""
+    with comms.init(timeout=60) as comm:
+        ring = comm._ring_prober()
+        before = comm.stats()
+        took = [ring((rank + 1) % size, (rank - 1) % size, 10, 4096) for _ in range(2)]
+        after = comm.stats()
+        x = np.full(4, rank + 1, np.float32)
+        comm.all_reduce(x)
+        return {"took": took, "tx": after["shm_tx_bytes"] - before["shm_tx_bytes"],
+                "rx": after["shm_rx_bytes"] - before["shm_rx_bytes"], "sum": x.tolist()}
+
+
 def tcp_round_trip_us(rank: int, size: int) -> float:
     with comms.init(timeout=60) as comm:
         x = np.zeros(2, np.float32)

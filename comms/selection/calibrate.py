@@ -24,15 +24,19 @@ from ..runtime.hostid import cpu_model
 from .model import BURST_PROBE_BYTES, Params, describe
 
 log = clog.get("TUNING")
-FORMAT = "v12"           # part of the key: entries of another layout are not read
+FORMAT = "v13"           # part of the key: entries of another layout are not read
 HOP_ROUNDS = 50          # ring rounds inside one plan: 50 x 1.5 us on shm is well above the clock's grain
-HOP_REPS = 7             # runs of the ring: on 4 ranks sharing 2 CPUs one run in 5-10 was 2-5x the rest
+HOP_REPS = 4             # runs of the ring in each of HOP_BATCHES batches HOP_PAUSE_S apart, alpha from all of them. On 4
+HOP_BATCHES = 3          # ranks sharing 2 CPUs one batch of 7 runs took 4-12x the others' least in 2 of 80 (5.4 and 15.3
+HOP_PAUSE_S = 0.025      # against 1.2-1.8 us, sleeping 130-150 times), as did 1 first init in 6 (8.2 us); 3 batches: 1.1-1.5
+#                          us in 8 first inits of 8. The pause outlasts the 20 ms a preempted wait stays contended (wait.c)
 HOP_PAYLOAD = 4096       # bytes a step carries inside a host whose ranks have a core each, alpha then the median run's
 #                          step less those bytes at beta. On 1x2 shm a step took 0.94 us with 8 B, 1.7-2.2 us plus the
 #                          bytes with 4-32 KiB, and 1 run in 7-10 was 1.3-1.5 us; alpha as the least 8 B step (0.54 us)
 #                          gave 16-32 KiB to the ring, 22 % behind recursive doubling's one step (7.85 against 6.58 us).
 #                          Not where ranks outnumber cores: their waits yield at once, and 4 ranks on 2 CPUs took 2-40
-#                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd)
+#                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd; timed
+#                          then with Python around each run, see Communicator._ring_prober)
 LINK_DRIFT = 3.0         # a shaped link here differs from loopback by 8x and more (2 Gbit/s against 2-3
 #                          GB/s), and the suite's own load moved loopback's figure 2x: 3x tells them apart
 
@@ -153,8 +157,11 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calib
                 # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD); between hosts bytes are
                 payload = cls == route.intra != route.inter and comm.oversubscription() <= 1
                 load = HOP_PAYLOAD if payload else 8                   # priced at burst speed (BURST_BYTES)
-                ring(right, left, 5, load)                             # warm up
-                runs = [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
+                runs = []
+                for batch in range(HOP_BATCHES):
+                    time.sleep(HOP_PAUSE_S if batch else 0.0)
+                    ring(right, left, 5, load)                         # warm up (and start together again)
+                    runs += [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
                 alpha = (statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)) if payload and beta else \
                     min(runs) / HOP_ROUNDS * 1e6
             links[cls] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}

@@ -216,13 +216,10 @@ class Communicator(Operations):
                                                             Step(RECV, left, OUT, half, half), Step(PHASE))]
                 enc = Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2,
                               lens=(buf.nbytes, buf.nbytes))
-                call = ffi.new("cm_call *")
-                call.ctx, call.steps, call.sig, call.nsteps = self._engine.ctx, enc.steps, enc.sig, enc.nsteps
-                call.scratch, call.timeout_ns = 0, self._timeout_ns
-                prepared[right, left, rounds, nbytes] = buf, ptr, enc, call
+                prepared[right, left, rounds, nbytes] = buf, ptr, enc, self._prepare_call(enc)
             buf, ptr, enc, call = prepared[right, left, rounds, nbytes]
             t0 = time.perf_counter()
-            rc = call_run_addr(call, buf.ctypes.data)
+            rc = call_run_addr(call, ptr)
             took = time.perf_counter() - t0
             if rc == EBUSY:                  # another thread holds the context: the engine lock's way
                 t0 = time.perf_counter()
@@ -385,11 +382,17 @@ class Communicator(Operations):
         if len(self._hot) >= PLAN_CACHE:
             self._drop_hot()
         self._scratch_addr(enc.scratch_bytes, False, [])   # big enough now (a larger one empties _hot)
+        self._prepare_call(enc)
+        self._hot[key] = enc
+
+    def _prepare_call(self, enc: Encoded) -> Any:
+        """``enc``'s synchronous native call (a cm_call, kept as ``enc.call``): its plan on this context, with
+        the scratch buffer as it is now and the communicator's deadline."""
         if enc.call is None:
             call = enc.call = ffi.new("cm_call *")
             call.ctx, call.steps, call.sig, call.nsteps = self._engine.ctx, enc.steps, enc.sig, enc.nsteps
             call.scratch, call.timeout_ns = self._scratch_ptr, self._timeout_ns
-        self._hot[key] = enc
+        return enc.call
 
     def _hot_find(self, dtype: Any, count: int, op: Any) -> Encoded | None:
         """The fast path's plan for (dtype, count, op), remembered as the last hit; None: none yet."""

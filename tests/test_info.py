@@ -34,7 +34,8 @@ def test_info_single_process_json():
     from comms.transports import ORDER
     assert [t["name"] for t in info["transports_available"]] == [cls.name for cls in ORDER]
     for t, cls in zip(info["transports_available"], ORDER):
-        assert t["link"] == {"alpha_us": cls.link.alpha_us, "beta_gbps": cls.link.beta_gbps, "burst_gbps": 0.0}
+        assert t["link"] == {"alpha_us": cls.link.alpha_us, "beta_gbps": cls.link.beta_gbps, "burst_gbps": 0.0,
+                             "each_us": 0.0, "op_us": 0.0}
         assert t["waits_together"] == cls.waits_together and isinstance(t["describe"], dict)
     assert info["route"] is None                      # one rank routes no pair (the launcher test sees one)
     assert set(info["cost_model"]["links"]) >= {cls.name for cls in ORDER}

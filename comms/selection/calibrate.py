@@ -1,7 +1,7 @@
 """Calibration: the cost model's figures, measured in well under 2 s at the first init on a host :func:`signature`
 and cached per transport in ``~/.cache/comms/calibration.json`` (rank 0's for every rank), with the rules
 ``python -m comms.tune`` wrote (:func:`save_rules`). ``alpha_us``: one plan step, in rings of the link's ranks all
-at once; ``beta_gbps``: a 4 MiB ping-pong less an 8 B one (``burst_gbps``: BURST_PROBE_BYTES after 10 ms idle);
+at once (between hosts :func:`fit_inter` fits it from all_reduces); ``beta_gbps``: a 4 MiB ping-pong less an 8 B one;
 ``reduce_gbps``: a float32 SUM of 32 MiB (``cache_reduce_gbps``: of 64 KiB). Shaping is not in the signature: a
 cached link between hosts is checked with a few 4 MiB ping-pongs (0.2 s at 2 Gbit/s) and, off by more than
 LINK_DRIFT, measured again (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
@@ -14,17 +14,19 @@ import platform
 import statistics
 import time
 import timeit
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .. import config
 from ..diag import log as clog
+from ..dtypes import ReduceOp
 from ..runtime.hostid import cpu_model
-from .model import BURST_PROBE_BYTES, Params, describe
+from .model import BURST_BYTES, Link, Params, cost, describe
 
 log = clog.get("TUNING")
-FORMAT = "v13"           # part of the key: entries of another layout are not read
+FORMAT = "v14"           # part of the key: entries of another layout are not read
 HOP_ROUNDS = 50          # ring rounds inside one plan: 50 x 1.5 us on shm is well above the clock's grain
 HOP_REPS = 4             # runs of the ring in each of HOP_BATCHES batches HOP_PAUSE_S apart, alpha from all of them. On 4
 HOP_BATCHES = 3          # ranks sharing 2 CPUs one batch of 7 runs took 4-12x the others' least in 2 of 80 (5.4 and 15.3
@@ -36,7 +38,11 @@ HOP_PAYLOAD = 4096       # bytes a step carries inside a host whose ranks have a
 #                          gave 16-32 KiB to the ring, 22 % behind recursive doubling's one step (7.85 against 6.58 us).
 #                          Not where ranks outnumber cores: their waits yield at once, and 4 ranks on 2 CPUs took 2-40
 #                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd; timed
-#                          then with Python around each run, see Communicator._ring_prober)
+#                          then with Python around each run, see Communicator._timers)
+FIT_PROBES = (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", BURST_BYTES // 2))
+FIT_ROUNDS = 10          # rounds of the probes, interleaved; each probe's median time, of FIT_REPS back to back, on
+FIT_REPS = 16            # the slowest rank (a tree's root is done when it has sent: one op alone there timed 15-50 us,
+#                          where the bench's 8 B tree took 29-108, back to back on 2 simulated hosts x 2 ranks)
 LINK_DRIFT = 3.0         # a shaped link here differs from loopback by 8x and more (2 Gbit/s against 2-3
 #                          GB/s), and the suite's own load moved loopback's figure 2x: 3x tells them apart
 
@@ -120,25 +126,51 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
     return store.get(key).decode()
 
 
-def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calibration:
+def fit_inter(comm, p: Params, took: dict) -> Link:
+    """The link between hosts of ``p`` with its step latency, the latency each other rank of a host crossing at
+    once adds, the cost once per op and the burst speed that price FIT_PROBES (µs by (algorithm, bytes) in
+    ``took``) closest to their times (least squares): in the model's own terms, from the collectives it prices.
+    On 2 simulated hosts x 2 ranks sharing 2 CPUs (htb) a tree of 8 B took 108 us and recursive doubling 66, with
+    1 and 2 steps between hosts; a ring of steps there (the way of alpha_us inside a host) took 4-41 us a step."""
+    route, hosts, link = comm.route, comm.topology.host_groups(), p.link(comm.route.inter)
+    slow = 2 * link.beta_gbps                   # a burst speed the model uses, to see how the bytes weigh
+
+    def price(algo: str, nbytes: int, **inter) -> float:
+        inter = {"alpha_us": 0.0, "each_us": 0.0, "op_us": 0.0, "burst_gbps": 1e9, **inter}
+        q = Params({**p.links, route.inter: replace(link, **inter)}, p.reduce_gbps, p.source, p.cache_reduce_gbps)
+        return cost("all_reduce", algo, nbytes, comm.size, hosts, q.scaled(comm.oversubscription(),
+                                                                              links={route.intra}), route, False)
+    rows, times = [], []
+    for (algo, nbytes), t in took.items():
+        base = price(algo, nbytes)
+        rows.append([price(algo, nbytes, alpha_us=1.0) - base, price(algo, nbytes, each_us=1.0) - base, 1.0,
+                     (price(algo, nbytes, burst_gbps=slow) - base) * slow])
+        times.append(t - base)
+    a, y, free = np.array(rows), np.array(times), list(range(4))
+    while True:                                 # least squares, none negative: a negative one is held at 0
+        x = np.zeros(4)
+        x[free] = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
+        if x.min() >= 0:
+            break
+        free.remove(int(x.argmin()))
+    alpha, each, op, per_burst = map(float, x)
+    return replace(link, alpha_us=round(max(alpha, 0.05), 3), each_us=round(each, 3), op_us=round(op, 3),
+                   burst_gbps=round(min(1 / max(per_burst, 0.01), 100.0), 3))
+
+
+def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
+              all_reduce: Callable[[str, int, int], float | None]) -> Calibration:
     """Collective over ``comm`` at init; ``store`` carries rank 0's figures; ``ring(right, left, rounds, nbytes)``:
-    the seconds of one plan of ``rounds`` exchanges of ``nbytes`` (send right, receive left)."""
+    the seconds of one plan of ``rounds`` exchanges of ``nbytes`` (send right, receive left); ``all_reduce(algo,
+    nbytes, reps)``: the mean of ``reps`` all_reduces by ``algo`` back to back (None where it declines)."""
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Calibration(Params(), "", "")
     key, sig, route = f"{comm.prefix}calibration", signature(comm), comm.route
-    # link class -> the ring a rank runs, every rank at once as in a collective: between hosts those of one local
-    # index, inside a host its ranks. Timed with the leaders alone (2 simulated hosts x 2 ranks sharing 2 CPUs, htb),
-    # a tcp step came out at 8.8 us, an 8 B recursive doubling at 170-180 us: hierarchical won 8 KiB, 1.86x behind
     hosts = [sorted(h.ranks) for h in comm.topology.hosts]
-    where = {r: (i, k) for i, h in enumerate(hosts) for k, r in enumerate(h)}
-    rings = {}
-    if len(hosts) > 1:
-        rings[route.inter] = lambda r: [h[where[r][1]] for h in hosts if where[r][1] < len(h)]
-    if len(hosts[0]) > 1 and route.intra not in rings:
-        rings[route.intra] = lambda r: hosts[where[r][0]]
+    far = hosts[1][0] if len(hosts) > 1 else 0            # rank 0's peer on another host
     entry = json.loads(_agree(store, f"{key}/cached", comm.rank, lambda: json.dumps(_load()[1].get(sig))))
-    if entry and len(hosts) > 1:                      # rank 0's and its peer's figure now against the cached one
-        now = _beta(comm, rings[route.inter](0)[1], 4)
+    if entry and far:                                     # rank 0's and its peer's figure now against the cached one
+        now = _beta(comm, far, 4)
         then = entry.get("links", {}).get(route.inter, {}).get("beta_gbps") or 0.0
         holds = bool(then) and 1 / LINK_DRIFT <= now / then <= LINK_DRIFT
         if _agree(store, f"{key}/holds", comm.rank, lambda: str(int(holds))) == "0":
@@ -147,34 +179,47 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float]) -> Calib
                             "calibrating again (tuned rules dropped)", route.inter, then, now)
             entry = None
     if not entry:
-        links = {}
-        for cls, ring_of in rings.items():
-            members, beta, alpha = ring_of(comm.rank), _beta(comm, ring_of(0)[1], 6), float("inf")
-            _agree(store, f"{key}/{cls}/rings", comm.rank, lambda: "go")     # every ring starts together
-            if len(members) > 1:
-                i = members.index(comm.rank)
-                right, left = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
-                # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD); between hosts bytes are
-                payload = cls == route.intra != route.inter and comm.oversubscription() <= 1
-                load = HOP_PAYLOAD if payload else 8                   # priced at burst speed (BURST_BYTES)
-                runs = []
-                for batch in range(HOP_BATCHES):
-                    time.sleep(HOP_PAUSE_S if batch else 0.0)
-                    ring(right, left, 5, load)                         # warm up (and start together again)
-                    runs += [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
-                alpha = (statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)) if payload and beta else \
-                    min(runs) / HOP_ROUNDS * 1e6
-            links[cls] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
-            if cls == route.inter and len(hosts) > 1:        # a step of BURST_PROBE_BYTES after a pause
-                time.sleep(0.01)
-                links[cls]["burst_gbps"] = round(_beta(comm, ring_of(0)[1], 3, BURST_PROBE_BYTES), 3)
+        links, took = {}, {}
+        if far:
+            links[route.inter] = {"alpha_us": 0.0, "beta_gbps": round(_beta(comm, far, 6), 3)}   # fit_inter: alpha
+        if len(hosts[0]) > 1 and route.intra not in links:   # a ring of each host's ranks, every host at once
+            beta = _beta(comm, hosts[0][1], 6)
+            _agree(store, f"{key}/ring", comm.rank, lambda: "go")           # every ring starts together
+            members = next(h for h in hosts if comm.rank in h)
+            i = members.index(comm.rank)
+            right, left = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
+            # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD)
+            payload = route.intra != route.inter and comm.oversubscription() <= 1
+            load, runs = HOP_PAYLOAD if payload else 8, []
+            for batch in range(HOP_BATCHES if len(members) > 1 else 0):
+                time.sleep(HOP_PAUSE_S if batch else 0.0)
+                ring(right, left, 5, load)                             # warm up (and start together again)
+                runs += [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
+            alpha = 0.0 if not runs else min(runs) / HOP_ROUNDS * 1e6 if not (payload and beta) else \
+                statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)
+            links[route.intra] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
+        if far:                                 # the probes of fit_inter, every rank at once, interleaved
+            _agree(store, f"{key}/probes", comm.rank, lambda: "go")
+            for _ in range(FIT_ROUNDS + 1):
+                for probe in FIT_PROBES:
+                    all_reduce(*probe, FIT_REPS // 4)       # untimed, the waits settle: without, 64 B recursive
+                    # doubling and tree swapped places in 2 inits of 4 (2 simulated hosts x 2 ranks, htb, split CPUs;
+                    # with, 15-17 against 18-19 us in 4 of 4, the bench's 20-22 against 25-29)
+                    took.setdefault(probe, []).append(all_reduce(*probe, FIT_REPS))
+            slowest = np.array([statistics.median(t[1:]) * 1e6 if t[0] is not None else -1.0 for t in took.values()])
+            comm.all_reduce(slowest, ReduceOp.MAX)          # the rank a collective waits for
+            took = {probe: float(t) for probe, t in zip(took, slowest) if t >= 0}
 
         def measured() -> str:
-            d = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                       cache_reduce_gbps=_reduce_gbps(64 << 10, 200)).as_dict()
-            d["links"].update(links)
-            _store_entry(sig, d)
-            return json.dumps(d)
+            p = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                       cache_reduce_gbps=_reduce_gbps(64 << 10, 200))
+            p = Params.from_dict({**p.as_dict(), "links": {**p.as_dict()["links"], **links}})
+            if took:
+                log.info("all_reduce probes between hosts (us): %s", took)
+                p = Params({**p.links, route.inter: fit_inter(comm, p, took)}, p.reduce_gbps, p.source,
+                           p.cache_reduce_gbps)
+            _store_entry(sig, p.as_dict())
+            return json.dumps(p.as_dict())
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))
     params = Params.from_dict(entry)
     log.info("cost model parameters (%s): %s%s", params.source, describe(params.as_dict()),

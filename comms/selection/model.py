@@ -7,7 +7,8 @@ this, direct, recursive doubling, rhd and hierarchical measured 2.4-2.8x the mod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 from ..algorithms.ring import CHAIN_SEGMENT_BYTES
@@ -18,11 +19,11 @@ BOARD_SHARE = 0.9        # board's price over direct's: forced in the bench (all
 #                          took 0.83-0.93x direct's time on 2 ranks with a core each, 0.96-0.99x on 4 ranks on 2 cores
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
-BURST_PROBE_BYTES = 64 << 10   # calibration times a link's burst speed with steps of this size after a pause
-BURST_BYTES = 16 << 10   # and it prices steps of up to this size (a token bucket lets them through at the wire's
-#                          speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate only 4 KiB went to
-#                          hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75 against 51 us);
-#                          up to 64 KiB put it at 32 KiB, 1.08x tree and hierarchical (shared CPUs: 262 vs 243-246 us)
+BURST_BYTES = 16 << 10   # a link prices steps of up to this size at its burst speed (a token bucket lets them
+#                          through at the wire's speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate
+#                          only 4 KiB went to hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75
+#                          against 51 us); up to 64 KiB put it at 32 KiB, 1.08x tree and hierarchical (shared CPUs: 262
+#                          vs 243-246 us)
 CACHE_REDUCE_BYTES = 256 << 10  # buffers up to this size reduce at Params.cache_reduce_gbps: cm_reduce (float32
 #                          SUM) ran at 32-39 GB/s on 16-256 KiB, 25 at 1 MiB and 12-14 from 4 MiB on the dev VM. At the
 #                          32 MiB speed alone recursive doubling's whole-buffer reduce lost it 32 KiB on 1x2 (ring: 21 %
@@ -46,6 +47,8 @@ class Link:
     alpha_us: float          # one step's latency
     beta_gbps: float         # GB/s of one stream, sustained
     burst_gbps: float = 0.0  # GB/s of a step of at most BURST_BYTES after a pause (0: beta_gbps)
+    each_us: float = 0.0     # a step's latency more for each other rank of its host crossing it at once
+    op_us: float = 0.0       # once per all_reduce between hosts (calibrate.fit_inter measures these two)
 
     def t(self, steps: float, nbytes: float) -> float:
         """µs of ``steps`` steps moving ``nbytes`` in all (at the burst speed up to BURST_BYTES a step)."""
@@ -54,7 +57,8 @@ class Link:
 
     def shared(self, k: float) -> "Link":
         """This link as each of ``k`` streams crossing it at once sees it."""
-        return self if k <= 1 else Link(self.alpha_us, self.beta_gbps / k, self.burst_gbps / k)
+        return self if k <= 1 else replace(self, alpha_us=self.alpha_us + (k - 1) * self.each_us,
+                                           beta_gbps=self.beta_gbps / k, burst_gbps=self.burst_gbps / k)
 
 
 def _registered() -> dict:
@@ -91,11 +95,15 @@ class Params:
         links = {**_registered(), **{name: Link(**link) for name, link in d.get("links", {}).items()}}
         return cls(links, d["reduce_gbps"], d.get("source", "cache"), d.get("cache_reduce_gbps", 0.0))
 
-    def scaled(self, share: float = 1.0, alpha: float = 1.0) -> "Params":
-        """Speeds divided by ``share`` (k ranks per core all busy: two measured the bandwidths while the others
-        waited; latencies include the sharing), step latencies times ``alpha`` (0: the bytes alone)."""
+    def scaled(self, share: float = 1.0, alpha: float = 1.0, links=None) -> "Params":
+        """The speeds of ``links`` (None: all) and the reduction's divided by ``share`` (k ranks per core all busy:
+        two measured the bandwidths while the others waited; latencies include the sharing), step latencies times
+        ``alpha`` (0: the bytes alone). Between hosts the wire sets the speed: on 2 simulated hosts x 2 ranks, a
+        host's on one core, 2 Gbit/s, with the tcp link's speeds halved too 128 KiB-32 MiB were priced 1.6x slow."""
         share = max(share, 1.0)
-        return Params({n: Link(k.alpha_us * alpha, k.beta_gbps / share, k.burst_gbps / share)
+        return Params({n: replace(k, alpha_us=k.alpha_us * alpha, each_us=k.each_us * alpha, op_us=k.op_us * alpha,
+                                  **({} if links is not None and n not in links else
+                                     {"beta_gbps": k.beta_gbps / share, "burst_gbps": k.burst_gbps / share}))
                        for n, k in self.links.items()}, self.reduce_gbps / share, self.source,
                       self.cache_reduce_gbps / share)
 
@@ -108,9 +116,10 @@ def _powers(n: int):          # 1, 2, 4, ... below n >= 1
     return (1 << k for k in range(_log2(n)))
 
 
-def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: Route) -> float:
+def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: Route, floor: bool = True) -> float:
     """Estimated µs of ``algo`` for ``coll`` of ``m`` bytes (the selector's message size, see
-    comms.selection.rules) on ``n`` ranks of ``hosts``; inf where it would decline or is not priced."""
+    comms.selection.rules) on ``n`` ranks of ``hosts``; inf where it would decline or is not priced.
+    ``floor=False``: an all_reduce's steps alone, the link's sustained speed not a bound (calibration fits them)."""
     if n == 1:
         return 0.0
     if algo == "hierarchical" and (len(hosts) < 2 or n % len(hosts) or len({len(h) for h in hosts}) > 1):
@@ -128,6 +137,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     p2 = 1 << (n.bit_length() - 1)
     blk = m / max(1, n - 1)
     host_of = {r: i for i, group in enumerate(hosts) for r in group}
+    folded = [(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]   # the extra ranks' in and out
 
     def on(pairs) -> Link:
         """The link of a step of (sender, receiver) ``pairs``: intra, or inter shared by a host's most crossing."""
@@ -139,8 +149,13 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         of ``nbytes(d)`` each, each on its pairs' link, plus the fold of the n - p2 extra ranks."""
         total = sum(rounds * on([(r, r ^ d) for r in range(p2)]).t(1, nbytes(d)) for d in _powers(p2))
         if n != p2:
-            total += 2 * on([(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]).t(1, m)
+            total += 2 * on(folded).t(1, m)
         return total
+
+    def out(pairs, nbytes: float) -> float:
+        """The most bytes one host sends to others when each of (sender, receiver) ``pairs`` moves ``nbytes``."""
+        sent = Counter(host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0))
+        return max(sent.values(), default=0) * nbytes
 
     prices = {}
     if coll == "all_reduce":
@@ -163,6 +178,18 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
             "hierarchical": intra.t(2 * (L - 1), 2 * (L - 1) * m / L)
             + crossing.t(2 * (H - 1), 2 * (H - 1) * m / (L * H)) + red(m),
         }
+        if H > 1:   # back to back, no op beats the wire: a host's bytes out at the sustained speed (a token bucket
+            # lets a burst through). 2 simulated hosts x 2 ranks, 2 Gbit/s tbf: 128-512 KiB took 1.01-1.07x the bytes
+            # one host sends at 0.25 GB/s, recursive doubling's 8 KiB 1.12x; unbounded, it won 8 KiB, 1.6x behind tree
+            pair = [(a, b) for a in range(n) for b in range(n) if a != b]
+            fold = out(folded, m)
+            tree = [q for d in _powers(n) for r in range(0, n - d, 2 * d) for q in ((r + d, r), (r, r + d))]
+            sent = {"direct": out(pair, m), "ring": out([(r, (r + 1) % n) for r in range(n)], 2 * (n - 1) * m / n),
+                    "recursive_doubling": sum(out([(r, r ^ d) for r in range(p2)], m) for d in _powers(p2)) + fold,
+                    "rhd": sum(out([(r, r ^ d) for r in range(p2)], 2 * m * d / p2) for d in _powers(p2)) + fold,
+                    "tree": out(tree, m), "hierarchical": 2 * (H - 1) * m / H}
+            prices = {a: max(t + inter.op_us, floor * sent.get(a, 0) / (inter.beta_gbps * 1e3))
+                      for a, t in prices.items()}
     elif coll == "reduce_scatter":
         prices = {"ring": flat.t(n - 1, m) + red(m),
                   "recursive_halving": math.inf if n & (n - 1) else flat.t(_log2(n), m) + red(m) + copy(2 * n * blk),
@@ -186,7 +213,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
 def default_rules(algos: dict, n: int, hosts: tuple, p: Params, route: Route, oversub: float = 1.0) -> str:
     """The cheapest priced algorithm per size range (ties: the registry's order) of each collective with two or
     more priced, in the selector's grammar, for ``n`` ranks on ``hosts`` (``oversub``: :meth:`Params.scaled`)."""
-    p, rules = p.scaled(oversub), []
+    p, rules = p.scaled(oversub, links={route.intra}), []
     for coll, names in algos.items():
         priced = [a for a in names if min(cost(coll, a, m, n, hosts, p, route) for m in (8, 1 << 20)) < math.inf]
         if len(priced) > 1:

@@ -188,6 +188,14 @@ def test_direct_pays_for_every_tcp_exchange_it_makes():
     assert two_hosts.startswith("all_reduce:0-") and two_hosts.split("#")[0].endswith(":recursive_doubling"), two_hosts
     for n in (2, 4):
         assert default_rules(NAMES, n, ONE_HOST(n), p, AUTO).split("#")[0].endswith(":direct")
+    # where a step waiting on several peers at once costs each_us more a peer beyond the first (4 ranks on 2
+    # cores beside a busy loop: direct of 8 B took 53-63 us, recursive doubling's two steps 30-36), it loses them
+    slow, plain = (Params(links(Link(6.0, 10.0, 0.0, each), Link(8.9, 0.3)), 9.7) for each in (15.0, 0.0))
+    gap = cost("all_reduce", "direct", 8, 4, ONE_HOST(4), slow, AUTO) - cost("all_reduce", "direct", 8, 4,
+                                                                               ONE_HOST(4), plain, AUTO)
+    assert math.isclose(gap, 2 * 15.0)                                     # 3 peers: 2 beyond the first
+    assert default_rules(NAMES, 4, ONE_HOST(4), slow, AUTO).split("#")[0].endswith(":recursive_doubling")
+    assert default_rules(NAMES, 2, ONE_HOST(2), slow, AUTO).split("#")[0].endswith(":direct")   # one peer: no more
 
 
 def test_rules_cover_each_size_up_to_the_next():
@@ -331,6 +339,7 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
     monkeypatch.setattr(cal, "_reduce_gbps", lambda nbytes=32 << 20, calls=1: 10.0 if nbytes > 1 << 20 else 30.0)
     calls, runs, probes, agreed = [], iter(range(10 ** 6)), [], []
     truth = Link(30.0, 8.0, 20.0, 4.0, 12.0)          # the link between hosts the all_reduces below ran on
+    ran = {"hosts": TWO_HOSTS, "shm": Link(2.0, 8.0), "share": 1.0}
 
     def ring(right, left, rounds, nbytes):
         calls.append(nbytes)
@@ -339,8 +348,8 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
 
     def all_reduce(algo, nbytes, reps=1):
         probes.append((algo, nbytes, reps))
-        p = Params({"shm": Link(2.0, 8.0), "tcp": truth}, 10.0, "t", 30.0).scaled(1.0, links={"shm"})
-        return cost("all_reduce", algo, nbytes, 4, TWO_HOSTS, p, AUTO, False) * 1e-6
+        p = Params({"shm": ran["shm"], "tcp": truth}, 10.0, "t", 30.0).scaled(ran["share"], links={"shm"})
+        return cost("all_reduce", algo, nbytes, 4, ran["hosts"], p, AUTO, False) * 1e-6
 
     class Store(dict):
         def set(self, k, v):
@@ -364,10 +373,13 @@ def test_calibration_prices_a_step_that_carries_data(monkeypatch, tmp_path):
     assert {p for p in probes if p[2] == cal.FIT_REPS} == {(a, b, cal.FIT_REPS) for a, b in cal.FIT_PROBES}
     assert agreed == [ReduceOp.MAX]                                      # once, on every probe's figure
     assert two.links["tcp"] == truth, two.links["tcp"]
-    # ranks that outnumber their cores keep the least run of 8 B steps: the scheduler's hand-offs, not the bytes
+    # ranks that outnumber their cores keep the least run of 8 B steps: the scheduler's hand-offs, not the bytes;
+    # on one host of 4, direct's step waiting on 3 peers took each_us more for each beyond the first
     calls.clear()
+    ran.update(hosts=ONE_HOST(4), shm=Link(0.2, 8.0, 0.0, 3.0), share=2.0)
     busy = cal.calibrate(comm([[0, 1, 2, 3]], oversub=2.0), Store(), ring, all_reduce).params
-    assert set(calls) == {8} and busy.links["shm"].alpha_us == 0.2            # the outlier: (2 + 0.001) x 0.1
+    assert set(calls) == {8} and busy.links["shm"] == Link(0.2, 8.0, 0.0, 3.0)   # the outlier: (2 + 0.001) x 0.1
+    assert {p for p in probes if p[2] == cal.FIT_REPS} >= {(a, b, cal.FIT_REPS) for a, b in cal.HOST_PROBES}
 
 
 def test_the_step_timer_moves_its_bytes_in_one_native_call_per_plan():

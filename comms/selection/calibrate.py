@@ -26,7 +26,7 @@ from ..runtime.hostid import cpu_model
 from .model import BURST_BYTES, Link, Params, cost, describe
 
 log = clog.get("TUNING")
-FORMAT = "v14"           # part of the key: entries of another layout are not read
+FORMAT = "v15"           # part of the key: entries of another layout are not read
 HOP_ROUNDS = 50          # ring rounds inside one plan: 50 x 1.5 us on shm is well above the clock's grain
 HOP_REPS = 4             # runs of the ring in each of HOP_BATCHES batches HOP_PAUSE_S apart, alpha from all of them. On 4
 HOP_BATCHES = 3          # ranks sharing 2 CPUs one batch of 7 runs took 4-12x the others' least in 2 of 80 (5.4 and 15.3
@@ -40,6 +40,7 @@ HOP_PAYLOAD = 4096       # bytes a step carries inside a host whose ranks have a
 #                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd; timed
 #                          then with Python around each run, see Communicator._timers)
 FIT_PROBES = (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", BURST_BYTES // 2))
+HOST_PROBES = (("direct", 64), ("recursive_doubling", 64))    # inside a host of 3 or more ranks: fit_host
 FIT_ROUNDS = 10          # rounds of the probes, interleaved; each probe's median time, of FIT_REPS back to back, on
 FIT_REPS = 16            # the slowest rank (a tree's root is done when it has sent: one op alone there timed 15-50 us,
 #                          where the bench's 8 B tree took 29-108, back to back on 2 simulated hosts x 2 ranks)
@@ -126,7 +127,20 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
     return store.get(key).decode()
 
 
-def fit_inter(comm, p: Params, took: dict) -> Link:
+def fit_host(comm, p: Params, took: dict) -> tuple[str, Link]:
+    """The link inside one host with the latency each peer beyond the first adds to a step waiting on them together:
+    what makes direct's price of HOST_PROBES less recursive doubling's the difference of their times."""
+    route, hosts, link = comm.route, comm.topology.host_groups(), p.link(comm.route.intra)
+
+    def price(algo: str, each: float) -> float:
+        q = Params({**p.links, route.intra: replace(link, each_us=each)}, p.reduce_gbps, p.source, p.cache_reduce_gbps)
+        return cost("all_reduce", algo, HOST_PROBES[0][1], comm.size, hosts, q.scaled(comm.oversubscription()), route)
+    (direct, rd), gap = (took[probe] for probe in HOST_PROBES), price("direct", 0.0) - price("recursive_doubling", 0.0)
+    return route.intra, replace(link, each_us=round(max(0.0, (direct - rd - gap) / (price("direct", 1.0) -
+                                                                                      price("direct", 0.0))), 3))
+
+
+def fit_inter(comm, p: Params, took: dict) -> tuple[str, Link]:
     """The link between hosts of ``p`` with its step latency, the latency each other rank of a host crossing at
     once adds, the cost once per op and the burst speed that price FIT_PROBES (µs by (algorithm, bytes) in
     ``took``) closest to their times (least squares): in the model's own terms, from the collectives it prices.
@@ -154,8 +168,8 @@ def fit_inter(comm, p: Params, took: dict) -> Link:
             break
         free.remove(int(x.argmin()))
     alpha, each, op, per_burst = map(float, x)
-    return replace(link, alpha_us=round(max(alpha, 0.05), 3), each_us=round(each, 3), op_us=round(op, 3),
-                   burst_gbps=round(min(1 / max(per_burst, 0.01), 100.0), 3))
+    return route.inter, replace(link, alpha_us=round(max(alpha, 0.05), 3), each_us=round(each, 3),
+                                op_us=round(op, 3), burst_gbps=round(min(1 / max(per_burst, 0.01), 100.0), 3))
 
 
 def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
@@ -198,10 +212,11 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
             alpha = 0.0 if not runs else min(runs) / HOP_ROUNDS * 1e6 if not (payload and beta) else \
                 statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)
             links[route.intra] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
-        if far:                                 # the probes of fit_inter, every rank at once, interleaved
+        probes = FIT_PROBES if far else HOST_PROBES if len(hosts[0]) > 2 else ()
+        if probes:                              # every rank at once, interleaved
             _agree(store, f"{key}/probes", comm.rank, lambda: "go")
             for _ in range(FIT_ROUNDS + 1):
-                for probe in FIT_PROBES:
+                for probe in probes:
                     all_reduce(*probe, FIT_REPS // 4)       # untimed, the waits settle: without, 64 B recursive
                     # doubling and tree swapped places in 2 inits of 4 (2 simulated hosts x 2 ranks, htb, split CPUs;
                     # with, 15-17 against 18-19 us in 4 of 4, the bench's 20-22 against 25-29)
@@ -215,9 +230,9 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
                        cache_reduce_gbps=_reduce_gbps(64 << 10, 200))
             p = Params.from_dict({**p.as_dict(), "links": {**p.as_dict()["links"], **links}})
             if took:
-                log.info("all_reduce probes between hosts (us): %s", took)
-                p = Params({**p.links, route.inter: fit_inter(comm, p, took)}, p.reduce_gbps, p.source,
-                           p.cache_reduce_gbps)
+                log.info("all_reduce probes (us): %s", took)
+                link = fit_inter(comm, p, took) if far else fit_host(comm, p, took)
+                p = Params({**p.links, link[0]: link[1]}, p.reduce_gbps, p.source, p.cache_reduce_gbps)
             _store_entry(sig, p.as_dict())
             return json.dumps(p.as_dict())
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

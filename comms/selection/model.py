@@ -47,7 +47,8 @@ class Link:
     alpha_us: float          # one step's latency
     beta_gbps: float         # GB/s of one stream, sustained
     burst_gbps: float = 0.0  # GB/s of a step of at most BURST_BYTES after a pause (0: beta_gbps)
-    each_us: float = 0.0     # a step's latency more for each other rank of its host crossing it at once
+    each_us: float = 0.0     # a step's latency more for each other rank of its host crossing it at once (inside a
+    #                          host: for each peer beyond the first of a step waiting on them together)
     op_us: float = 0.0       # once per all_reduce between hosts (calibrate.fit_inter measures these two)
 
     def t(self, steps: float, nbytes: float) -> float:
@@ -159,8 +160,10 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
 
     prices = {}
     if coll == "all_reduce":
-        # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency, inter each one
-        direct = intra.t(1 if route.together else L - 1, (L - 1) * m) + crossing.t(n - L, (n - L) * m) + red(n * m)
+        # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency (and each_us
+        # for each peer beyond the first), inter each one
+        direct = (intra.t(1, (L - 1) * m) + max(L - 2, 0) * intra.each_us if route.together else
+                  intra.t(L - 1, (L - 1) * m)) + crossing.t(n - L, (n - L) * m) + red(n * m)
         # tree: m bytes up and down the binomial tree of rank 0 in TREE_SEGMENT_BYTES segments, pipelined: each level's
         # segment time on its pairs' link, plus (segments - 1) times the slowest's; the root reduces one child's bytes
         # a level. On 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at 256 KiB-16 MiB, tree priced so came within

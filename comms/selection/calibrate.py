@@ -40,7 +40,8 @@ HOP_PAYLOAD = 4096       # bytes a step carries inside a host whose ranks have a
 #                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd; timed
 #                          then with Python around each run, see Communicator._timers)
 FIT_PROBES = (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", BURST_BYTES // 2))
-HOST_PROBES = (("direct", 64), ("recursive_doubling", 64))    # inside a host of 3 or more ranks: fit_host
+HOST_PROBES = (("direct", 64), ("recursive_doubling", 64))    # inside a host of 3 or more ranks whose transport
+#                                                               waits on a step's peers together: fit_host
 FIT_ROUNDS = 10          # rounds of the probes, interleaved; each probe's median time, of FIT_REPS back to back, on
 FIT_REPS = 16            # the slowest rank (a tree's root is done when it has sent: one op alone there timed 15-50 us,
 #                          where the bench's 8 B tree took 29-108, back to back on 2 simulated hosts x 2 ranks)
@@ -212,7 +213,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
             alpha = 0.0 if not runs else min(runs) / HOP_ROUNDS * 1e6 if not (payload and beta) else \
                 statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)
             links[route.intra] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
-        probes = FIT_PROBES if far else HOST_PROBES if len(hosts[0]) > 2 else ()
+        probes = FIT_PROBES if far else HOST_PROBES if len(hosts[0]) > 2 and route.together else ()
         if probes:                              # every rank at once, interleaved
             _agree(store, f"{key}/probes", comm.rank, lambda: "go")
             for _ in range(FIT_ROUNDS + 1):

@@ -138,28 +138,27 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
     p2 = 1 << (n.bit_length() - 1)
     blk = m / max(1, n - 1)
     host_of = {r: i for i, group in enumerate(hosts) for r in group}
-    folded = [(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)]   # the extra ranks' in and out
 
-    def on(pairs) -> Link:
-        """The link of a step of (sender, receiver) ``pairs``: intra, or inter shared by a host's most crossing."""
-        senders = [host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0)]
-        return inter.shared(max(senders.count(h) for h in set(senders))) if senders else intra
-
-    def recursive(nbytes, rounds: int) -> float:
-        """The recursive algorithms' exchanges with rank ^ d (d < p2, the power-of-two core), ``rounds``
-        of ``nbytes(d)`` each, each on its pairs' link, plus the fold of the n - p2 extra ranks."""
-        total = sum(rounds * on([(r, r ^ d) for r in range(p2)]).t(1, nbytes(d)) for d in _powers(p2))
-        if n != p2:
-            total += 2 * on(folded).t(1, m)
-        return total
-
-    def out(pairs, nbytes: float) -> float:
-        """The most bytes one host sends to others when each of (sender, receiver) ``pairs`` moves ``nbytes``."""
+    def most(pairs) -> int:
+        """The most of (sender, receiver) ``pairs`` whose senders are on one host and receivers on others."""
         sent = Counter(host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0))
-        return max(sent.values(), default=0) * nbytes
+        return max(sent.values(), default=0)
+
+    def on(k: int) -> Link:
+        """The link of a step in which at most ``k`` ranks of a host cross to others: intra, or inter shared k ways."""
+        return inter.shared(k) if k else intra
 
     prices = {}
     if coll == "all_reduce":
+        # the recursive algorithms' exchanges with rank ^ d (d < p2, the power-of-two core) and the fold of the n - p2
+        # extra ranks into it and back: how many of a host's ranks cross at once in each
+        across = {d: most([(r, r ^ d) for r in range(p2)]) for d in _powers(p2)}
+        fold = most([(r, r - p2) for r in range(p2, n)] + [(r - p2, r) for r in range(p2, n)])
+
+        def recursive(nbytes, rounds: int) -> float:
+            """The recursive exchanges, ``rounds`` of ``nbytes(d)`` each, each on its pairs' link, plus the fold."""
+            return sum(rounds * on(k).t(1, nbytes(d)) for d, k in across.items()) + 2 * on(fold).t(1, m) * (n != p2)
+
         # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency (and each_us
         # for each peer beyond the first), inter each one
         direct = (intra.t(1, (L - 1) * m) + max(L - 2, 0) * intra.each_us if route.together else
@@ -169,7 +168,8 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         # a level. On 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at 256 KiB-16 MiB, tree priced so came within
         # 0.97-1.02x of its measured time; as 2m + 2 log2(n) segments on the slower link it was priced 1.1-2.7x
         segments = max(1, math.ceil(m / TREE_SEGMENT_BYTES))
-        levels = [on([(r + d, r) for r in range(0, n - d, 2 * d)]).t(1, m / segments) for d in _powers(n)]
+        up = {d: [(r + d, r) for r in range(0, n - d, 2 * d)] for d in _powers(n)}    # child to parent, a level each
+        levels = [on(most(pairs)).t(1, m / segments) for pairs in up.values()]
         prices = {
             "direct": direct,
             "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
@@ -184,13 +184,12 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         if H > 1:   # back to back, no op beats the wire: a host's bytes out at the sustained speed (a token bucket
             # lets a burst through). 2 simulated hosts x 2 ranks, 2 Gbit/s tbf: 128-512 KiB took 1.01-1.07x the bytes
             # one host sends at 0.25 GB/s, recursive doubling's 8 KiB 1.12x; unbounded, it won 8 KiB, 1.6x behind tree
-            pair = [(a, b) for a in range(n) for b in range(n) if a != b]
-            fold = out(folded, m)
-            tree = [q for d in _powers(n) for r in range(0, n - d, 2 * d) for q in ((r + d, r), (r, r + d))]
-            sent = {"direct": out(pair, m), "ring": out([(r, (r + 1) % n) for r in range(n)], 2 * (n - 1) * m / n),
-                    "recursive_doubling": sum(out([(r, r ^ d) for r in range(p2)], m) for d in _powers(p2)) + fold,
-                    "rhd": sum(out([(r, r ^ d) for r in range(p2)], 2 * m * d / p2) for d in _powers(p2)) + fold,
-                    "tree": out(tree, m), "hierarchical": 2 * (H - 1) * m / H}
+            tree = [q for pairs in up.values() for a, b in pairs for q in ((a, b), (b, a))]      # up, then down
+            sent = {"direct": max(len(g) * (n - len(g)) for g in hosts) * m,    # each rank to every other host's
+                    "ring": most([(r, (r + 1) % n) for r in range(n)]) * 2 * (n - 1) * m / n,
+                    "recursive_doubling": (sum(across.values()) + fold) * m,
+                    "rhd": sum(k * 2 * m * d / p2 for d, k in across.items()) + fold * m,
+                    "tree": most(tree) * m, "hierarchical": 2 * (H - 1) * m / H}
             prices = {a: max(t + inter.op_us, floor * sent.get(a, 0) / (inter.beta_gbps * 1e3))
                       for a, t in prices.items()}
     elif coll == "reduce_scatter":

@@ -134,11 +134,12 @@ def fit_host(comm, p: Params, took: dict) -> tuple[str, Link]:
     route, hosts, link = comm.route, comm.topology.host_groups(), p.link(comm.route.intra)
 
     def price(algo: str, each: float) -> float:
-        q = Params({**p.links, route.intra: replace(link, each_us=each)}, p.reduce_gbps, p.source, p.cache_reduce_gbps)
-        return cost("all_reduce", algo, HOST_PROBES[0][1], comm.size, hosts, q.scaled(comm.oversubscription()), route)
-    (direct, rd), gap = (took[probe] for probe in HOST_PROBES), price("direct", 0.0) - price("recursive_doubling", 0.0)
-    return route.intra, replace(link, each_us=round(max(0.0, (direct - rd - gap) / (price("direct", 1.0) -
-                                                                                      price("direct", 0.0))), 3))
+        q = replace(p, links={**p.links, route.intra: replace(link, each_us=each)})
+        return cost("all_reduce", algo, HOST_PROBES[0][1], comm.size, hosts,
+                    q.scaled(comm.oversubscription(), links={route.intra}), route)
+    (direct, rd), base = (took[probe] for probe in HOST_PROBES), price("direct", 0.0)
+    gap, per = base - price("recursive_doubling", 0.0), price("direct", 1.0) - base     # per: µs a unit of each_us
+    return route.intra, replace(link, each_us=round(max(0.0, (direct - rd - gap) / per), 3))
 
 
 def fit_inter(comm, p: Params, took: dict) -> tuple[str, Link]:
@@ -152,7 +153,7 @@ def fit_inter(comm, p: Params, took: dict) -> tuple[str, Link]:
 
     def price(algo: str, nbytes: int, **inter) -> float:
         inter = {"alpha_us": 0.0, "each_us": 0.0, "op_us": 0.0, "burst_gbps": 1e9, **inter}
-        q = Params({**p.links, route.inter: replace(link, **inter)}, p.reduce_gbps, p.source, p.cache_reduce_gbps)
+        q = replace(p, links={**p.links, route.inter: replace(link, **inter)})
         return cost("all_reduce", algo, nbytes, comm.size, hosts, q.scaled(comm.oversubscription(),
                                                                               links={route.intra}), route, False)
     rows, times = [], []
@@ -196,7 +197,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
     if not entry:
         links, took = {}, {}
         if far:
-            links[route.inter] = {"alpha_us": 0.0, "beta_gbps": round(_beta(comm, far, 6), 3)}   # fit_inter: alpha
+            links[route.inter] = Link(0.0, round(_beta(comm, far, 6), 3))      # fit_inter: the rest
         if len(hosts[0]) > 1 and route.intra not in links:   # a ring of each host's ranks, every host at once
             beta = _beta(comm, hosts[0][1], 6)
             _agree(store, f"{key}/ring", comm.rank, lambda: "go")           # every ring starts together
@@ -212,7 +213,7 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
                 runs += [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
             alpha = 0.0 if not runs else min(runs) / HOP_ROUNDS * 1e6 if not (payload and beta) else \
                 statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)
-            links[route.intra] = {"alpha_us": round(min(max(alpha, 0.05), 1000.0), 3), "beta_gbps": round(beta, 3)}
+            links[route.intra] = Link(round(min(max(alpha, 0.05), 1000.0), 3), round(beta, 3))
         probes = FIT_PROBES if far else HOST_PROBES if len(hosts[0]) > 2 and route.together else ()
         if probes:                              # every rank at once, interleaved
             _agree(store, f"{key}/probes", comm.rank, lambda: "go")
@@ -229,11 +230,11 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
         def measured() -> str:
             p = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        cache_reduce_gbps=_reduce_gbps(64 << 10, 200))
-            p = Params.from_dict({**p.as_dict(), "links": {**p.as_dict()["links"], **links}})
+            p = replace(p, links={**p.links, **links})
             if took:
                 log.info("all_reduce probes (us): %s", took)
-                link = fit_inter(comm, p, took) if far else fit_host(comm, p, took)
-                p = Params({**p.links, link[0]: link[1]}, p.reduce_gbps, p.source, p.cache_reduce_gbps)
+                name, link = fit_inter(comm, p, took) if far else fit_host(comm, p, took)
+                p = replace(p, links={**p.links, name: link})
             _store_entry(sig, p.as_dict())
             return json.dumps(p.as_dict())
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

@@ -154,8 +154,9 @@ def place_of(args, op: str) -> str:
 
 
 def declines_everywhere(op: str, algo: str, layouts, args, place: str) -> bool:
-    """True when ``algo``'s plan function declines every size on every rank (not worth launching)."""
-    from comms import algorithms
+    """True when ``algo``'s plan function declines every size on every rank (not worth launching). On one host
+    the shm transport's board takes all_reduces up to COMMS_SHM_BOARD_BYTES (Args.board)."""
+    from comms import algorithms, config
     from comms.algorithms.plan import Args
     n, es = args.np, ops.elem_size(args.dtype)
     hosts = tuple(tuple(range(h * args.ranks, (h + 1) * args.ranks)) for h in range(args.hosts)) \
@@ -163,7 +164,8 @@ def declines_everywhere(op: str, algo: str, layouts, args, place: str) -> bool:
     fn = algorithms.get(op, algo).fn
     for lay in layouts:
         for rank in range(n):
-            kw = dict(root=args.root, hosts=hosts, inplace=place == "in")
+            kw = dict(root=args.root, hosts=hosts, inplace=place == "in",
+                      board=0 if args.hosts and args.hosts > 1 else config.get("SHM_BOARD_BYTES"))
             if op == "all_to_all":
                 a = Args(op, rank, n, 0, es, send_splits=(lay.block * es,) * n, recv_splits=(lay.block * es,) * n,
                          hosts=hosts)

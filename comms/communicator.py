@@ -93,11 +93,12 @@ class Communicator(Operations):
         self._route = self._boot.route()     # the cost model's link classes, alike on every rank
         self._board = self._route.board      # the largest all_reduce the transport runs by itself
         self._calibration = Calibration(params, "", "") if params is not None \
-            else calibrate(self, store, *self._timers())
+            else calibrate(self, store, self._timer())
         self._params = self._calibration.params
         self._selector = Selector(algo, selector_defaults(self.size, self._hosts(), self._params, self._route,
                                                           self.oversubscription()), self._calibration.rules)
         self._plans.clear()                  # plans built during calibration used the provisional rules
+        self._engine.seq = 0                 # and its probes' collectives were init's: the program's first is 1
         self._drop_hot()
         self._ran.clear()
         self._contests = self._new_contests()
@@ -196,29 +197,28 @@ class Communicator(Operations):
         params = self._params.scaled(self.oversubscription(), 1.0 if steps else 0.0, {self._route.intra})
         return cost(coll, algo, nbytes, self.size, self._hosts(), params, self._route)
 
-    def _timers(self):
-        """Calibration's timers, each plan built once and run as the fast path runs an all_reduce, in one native
-        call: ``ring(right, left, rounds, nbytes)``, the seconds of one plan of ``rounds`` exchanges of ``nbytes``
-        (send to ``right``, receive from ``left``), and ``all_reduce(algo, nbytes, reps)``, of a float32 SUM by
-        ``algo``, the mean of ``reps`` back to back (None where it declines). Through the general path (Python and
-        cffi around each run, a plan encoded per run) a step on 4 ranks sharing 2 cores took 1.7-22 us from one
-        init to the next (the least of 7 runs of 50), 100-150 us where the same plan ran 6 rounds; in one native
-        call it took 1.0-1.2 us, as an all_reduce's steps do (8 B: ring 12, rhd 9 and recursive doubling 6.5 us)."""
-        from .algorithms.plan import OUT, PHASE, RECV, SEND, Step
-        from .operations import MSG_P2P
+    def _timer(self):
+        """Calibration's timer: ``all_reduce(algo, nbytes, reps)``, the mean seconds of ``reps`` float32 SUM
+        all_reduces by ``algo`` back to back (None where it declines), its plan built once and run as the fast path
+        runs one, in one native call a run. Through the general path (Python and cffi around each run, a plan
+        encoded per run) a step on 4 ranks sharing 2 cores took 1.7-22 us from one init to the next (the least of 7
+        runs of 50); in one native call 1.0-1.2 us, as an all_reduce's steps do."""
         from .runtime.native import EBUSY, call_run_addr
         prepared = {}
 
-        def timed(key: tuple, nbytes: int, plan, reps: int = 1) -> float | None:
-            if key not in prepared:
+        def all_reduce(algo: str, nbytes: int, reps: int = 1) -> float | None:
+            if (algo, nbytes) not in prepared:
                 buf = np.zeros(max(1, nbytes // 4), np.float32)
                 ptr, count, dtype = _fast(buf, "calibration", True)
+                args = Args("all_reduce", self.rank, self.size, count, 4, inplace=True, hosts=self._hosts(),
+                            deterministic=self._deterministic, board=self._board, crowded=self.oversubscription() > 1)
                 try:
-                    enc = plan(buf, count, dtype)
+                    enc = Encoded(build(args, algo), "all_reduce", MSG_COLL, COLL_IDS["all_reduce"], dtype,
+                                  int(ReduceOp.SUM), args.root, count, lens=(buf.nbytes, buf.nbytes))
                 except NotSupported:
                     enc = None
-                prepared[key] = buf, ptr, enc, enc and self._prepare_call(enc)
-            buf, ptr, enc, call = prepared[key]
+                prepared[algo, nbytes] = buf, ptr, enc, enc and self._prepare_call(enc)
+            buf, ptr, enc, call = prepared[algo, nbytes]
             if enc is None:
                 return None
             call.scratch = self._scratch_addr(enc.scratch_bytes, False, [])      # it may have grown since
@@ -230,25 +230,7 @@ class Communicator(Operations):
                 elif rc:
                     raise self._hot_failed(enc, call, rc)
             return (time.perf_counter() - t0) / reps
-
-        def ring(right: int, left: int, rounds: int, nbytes: int = 8) -> float:
-            def plan(buf, count, dtype):                        # sent from the first half, into the second
-                half = buf.nbytes // 2
-                steps = [s for _ in range(rounds) for s in (Step(SEND, right, OUT, 0, half),
-                                                            Step(RECV, left, OUT, half, half), Step(PHASE))]
-                return Encoded(Plan("calibration", tuple(steps[:-1])), "send", MSG_P2P, 0, dtype, 0, -1, count, 0xCA2,
-                               lens=(buf.nbytes, buf.nbytes))
-            return timed(("ring", right, left, rounds, nbytes), 2 * nbytes, plan)
-
-        def all_reduce(algo: str, nbytes: int, reps: int = 1) -> float | None:
-            def plan(buf, count, dtype):
-                args = Args("all_reduce", self.rank, self.size, count, 4, inplace=True, hosts=self._hosts(),
-                            deterministic=self._deterministic, board=self._board,
-                            crowded=self.oversubscription() > 1)
-                return Encoded(build(args, algo), "all_reduce", MSG_COLL, COLL_IDS["all_reduce"], dtype,
-                               int(ReduceOp.SUM), args.root, count, lens=(buf.nbytes, buf.nbytes))
-            return timed(("all_reduce", algo, nbytes), nbytes, plan, reps)
-        return ring, all_reduce
+        return all_reduce
 
     @property
     def transports(self) -> dict[int, str]:

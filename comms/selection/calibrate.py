@@ -1,10 +1,10 @@
 """Calibration: the cost model's figures, measured in well under 2 s at the first init on a host :func:`signature`
 and cached per transport in ``~/.cache/comms/calibration.json`` (rank 0's for every rank), with the rules
-``python -m comms.tune`` wrote (:func:`save_rules`). ``alpha_us``: one plan step, in rings of the link's ranks all
-at once (between hosts :func:`fit_inter` fits it from all_reduces); ``beta_gbps``: a 4 MiB ping-pong less an 8 B one;
-``reduce_gbps``: a float32 SUM of 32 MiB (``cache_reduce_gbps``: of 64 KiB). Shaping is not in the signature: a
-cached link between hosts is checked with a few 4 MiB ping-pongs (0.2 s at 2 Gbit/s) and, off by more than
-LINK_DRIFT, measured again (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
+``python -m comms.tune`` wrote (:func:`save_rules`). ``beta_gbps``: a 4 MiB ping-pong less an 8 B one;
+``reduce_gbps``: a float32 SUM of 32 MiB (``cache_reduce_gbps``: of 64 KiB); the latencies (and between hosts the
+burst speed) :func:`fit` the all_reduces of PROBES as they ran. Shaping is not in the signature: a cached link
+between hosts is checked with a few 4 MiB ping-pongs (0.2 s at 2 Gbit/s) and, off by more than LINK_DRIFT,
+measured again (tuned rules dropped). COMMS_CALIBRATE=0: defaults, no cache.
 """
 from __future__ import annotations
 
@@ -26,22 +26,21 @@ from ..runtime.hostid import cpu_model
 from .model import BURST_BYTES, Link, Params, cost, describe
 
 log = clog.get("TUNING")
-FORMAT = "v15"           # part of the key: entries of another layout are not read
-HOP_ROUNDS = 50          # ring rounds inside one plan: 50 x 1.5 us on shm is well above the clock's grain
-HOP_REPS = 4             # runs of the ring in each of HOP_BATCHES batches HOP_PAUSE_S apart, alpha from all of them. On 4
-HOP_BATCHES = 3          # ranks sharing 2 CPUs one batch of 7 runs took 4-12x the others' least in 2 of 80 (5.4 and 15.3
-HOP_PAUSE_S = 0.025      # against 1.2-1.8 us, sleeping 130-150 times), as did 1 first init in 6 (8.2 us); 3 batches: 1.1-1.5
-#                          us in 8 first inits of 8. The pause outlasts the 20 ms a preempted wait stays contended (wait.c)
-HOP_PAYLOAD = 4096       # bytes a step carries inside a host whose ranks have a core each, alpha then the median run's
-#                          step less those bytes at beta. On 1x2 shm a step took 0.94 us with 8 B, 1.7-2.2 us plus the
-#                          bytes with 4-32 KiB, and 1 run in 7-10 was 1.3-1.5 us; alpha as the least 8 B step (0.54 us)
-#                          gave 16-32 KiB to the ring, 22 % behind recursive doubling's one step (7.85 against 6.58 us).
-#                          Not where ranks outnumber cores: their waits yield at once, and 4 ranks on 2 CPUs took 2-40
-#                          us a step from run to run (alpha 14-29 us gave 16-64 KiB to direct, 30-84 % behind rhd; timed
-#                          then with Python around each run, see Communicator._timers)
-FIT_PROBES = (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", BURST_BYTES // 2))
-HOST_PROBES = (("direct", 64), ("recursive_doubling", 64))    # inside a host of 3 or more ranks whose transport
-#                                                               waits on a step's peers together: fit_host
+FORMAT = "v16"           # part of the key: entries of another layout are not read
+PROBES = {               # the all_reduces (algorithm, bytes) fit() prices, by layout
+    # between hosts: on 2 simulated hosts x 2 ranks sharing 2 CPUs (htb) a tree of 8 B took 108 us and recursive
+    # doubling 66, with 1 and 2 steps between hosts; a ring of steps there took 4-41 us a step
+    "hosts": (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", BURST_BYTES // 2)),
+    # one host of 2: steps that carry data, where recursive doubling's one step and the ring's two part (1x2 shm: a
+    # step took 0.94 us with 8 B, 1.7-2.2 us plus the bytes with 4-32 KiB; alpha from 8 B steps alone, 0.54 us, gave
+    # 16-32 KiB to the ring, 22 % behind recursive doubling's one step: 7.85 against 6.58 us)
+    "pair": (("recursive_doubling", 4096), ("ring", 4096)),
+    # a host of 3 or more ranks whose transport waits on a step's peers together: direct's one step on L-1 peers
+    # against recursive doubling's log2(L). Not the ring: on 1x4 beside a busy loop its steps took up to 1.4x
+    # recursive doubling's (alpha 10.3 against 7.3 us); fitted with them, the larger alpha left each_us too small
+    # to price direct's 64 B as it ran, and direct got 8-32 KiB, 43 % behind recursive doubling
+    "peers": (("recursive_doubling", 4096), ("direct", 64), ("recursive_doubling", 64)),
+}
 FIT_ROUNDS = 10          # rounds of the probes, interleaved; each probe's median time, of FIT_REPS back to back, on
 FIT_REPS = 16            # the slowest rank (a tree's root is done when it has sent: one op alone there timed 15-50 us,
 #                          where the bench's 8 B tree took 29-108, back to back on 2 simulated hosts x 2 ranks)
@@ -128,57 +127,44 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
     return store.get(key).decode()
 
 
-def fit_host(comm, p: Params, took: dict) -> tuple[str, Link]:
-    """The link inside one host with the latency each peer beyond the first adds to a step waiting on them together:
-    what makes direct's price of HOST_PROBES less recursive doubling's the difference of their times."""
-    route, hosts, link = comm.route, comm.topology.host_groups(), p.link(comm.route.intra)
-
-    def price(algo: str, each: float) -> float:
-        q = replace(p, links={**p.links, route.intra: replace(link, each_us=each)})
-        return cost("all_reduce", algo, HOST_PROBES[0][1], comm.size, hosts,
-                    q.scaled(comm.oversubscription(), links={route.intra}), route)
-    (direct, rd), base = (took[probe] for probe in HOST_PROBES), price("direct", 0.0)
-    gap, per = base - price("recursive_doubling", 0.0), price("direct", 1.0) - base     # per: µs a unit of each_us
-    return route.intra, replace(link, each_us=round(max(0.0, (direct - rd - gap) / per), 3))
+FREE = {"alpha_us": 0.0, "each_us": 0.0, "op_us": 0.0, "burst_gbps": 1e9}    # a figure left out of a price
 
 
-def fit_inter(comm, p: Params, took: dict) -> tuple[str, Link]:
-    """The link between hosts of ``p`` with its step latency, the latency each other rank of a host crossing at
-    once adds, the cost once per op and the burst speed that price FIT_PROBES (µs by (algorithm, bytes) in
-    ``took``) closest to their times (least squares): in the model's own terms, from the collectives it prices.
-    On 2 simulated hosts x 2 ranks sharing 2 CPUs (htb) a tree of 8 B took 108 us and recursive doubling 66, with
-    1 and 2 steps between hosts; a ring of steps there (the way of alpha_us inside a host) took 4-41 us a step."""
-    route, hosts, link = comm.route, comm.topology.host_groups(), p.link(comm.route.inter)
-    slow = 2 * link.beta_gbps                   # a burst speed the model uses, to see how the bytes weigh
+def fit(comm, p: Params, took: dict, unknowns: list) -> Params:
+    """``p`` with the figures ``unknowns`` ((link, field) pairs of :class:`Link`; a burst speed enters as its inverse)
+    that price the all_reduces of ``took`` (µs by (algorithm, bytes)) closest to their times: least squares, none
+    negative. The model's own terms, from the collectives it prices, on ``comm``'s layout."""
+    route, hosts = comm.route, comm.topology.host_groups()
+    slow = {u: 2 * p.link(u[0]).beta_gbps for u in unknowns if u[1] == "burst_gbps"}   # a burst the model uses
 
-    def price(algo: str, nbytes: int, **inter) -> float:
-        inter = {"alpha_us": 0.0, "each_us": 0.0, "op_us": 0.0, "burst_gbps": 1e9, **inter}
-        q = replace(p, links={**p.links, route.inter: replace(link, **inter)})
-        return cost("all_reduce", algo, nbytes, comm.size, hosts, q.scaled(comm.oversubscription(),
-                                                                              links={route.intra}), route, False)
+    def price(algo: str, nbytes: int, at: tuple = (), value: float = 0.0) -> float:
+        links = dict(p.links)
+        for u in unknowns:
+            links[u[0]] = replace(links.get(u[0]) or p.link(u[0]), **{u[1]: value if u == at else FREE[u[1]]})
+        q = replace(p, links=links).scaled(comm.oversubscription(), links={route.intra})
+        return cost("all_reduce", algo, nbytes, comm.size, hosts, q, route, False)
     rows, times = [], []
     for (algo, nbytes), t in took.items():
         base = price(algo, nbytes)
-        rows.append([price(algo, nbytes, alpha_us=1.0) - base, price(algo, nbytes, each_us=1.0) - base, 1.0,
-                     (price(algo, nbytes, burst_gbps=slow) - base) * slow])
+        rows.append([(price(algo, nbytes, u, slow.get(u, 1.0)) - base) * slow.get(u, 1.0) for u in unknowns])
         times.append(t - base)
-    a, y, free = np.array(rows), np.array(times), list(range(4))
-    while True:                                 # least squares, none negative: a negative one is held at 0
-        x = np.zeros(4)
+    a, y, free = np.array(rows), np.array(times), list(range(len(unknowns)))
+    while True:                                 # a negative figure is held at 0
+        x = np.zeros(len(unknowns))
         x[free] = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
         if x.min() >= 0:
             break
         free.remove(int(x.argmin()))
-    alpha, each, op, per_burst = map(float, x)
-    return route.inter, replace(link, alpha_us=round(max(alpha, 0.05), 3), each_us=round(each, 3),
-                                op_us=round(op, 3), burst_gbps=round(min(1 / max(per_burst, 0.01), 100.0), 3))
+    links = dict(p.links)
+    for (name, field), v in zip(unknowns, map(float, x)):
+        v = max(v, 0.05) if field == "alpha_us" else min(1 / max(v, 0.01), 100.0) if field == "burst_gbps" else v
+        links[name] = replace(links.get(name) or p.link(name), **{field: round(v, 3)})
+    return replace(p, links=links)
 
 
-def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
-              all_reduce: Callable[[str, int, int], float | None]) -> Calibration:
-    """Collective over ``comm`` at init; ``store`` carries rank 0's figures; ``ring(right, left, rounds, nbytes)``:
-    the seconds of one plan of ``rounds`` exchanges of ``nbytes`` (send right, receive left); ``all_reduce(algo,
-    nbytes, reps)``: the mean of ``reps`` all_reduces by ``algo`` back to back (None where it declines)."""
+def calibrate(comm, store, all_reduce: Callable[[str, int, int], float | None]) -> Calibration:
+    """Collective over ``comm`` at init; ``store`` carries rank 0's figures; ``all_reduce(algo, nbytes, reps)``: the
+    mean seconds of ``reps`` float32 SUM all_reduces by ``algo`` back to back (None where it declines)."""
     if comm.size == 1 or not config.get("CALIBRATE"):
         return Calibration(Params(), "", "")
     key, sig, route = f"{comm.prefix}calibration", signature(comm), comm.route
@@ -196,45 +182,33 @@ def calibrate(comm, store, ring: Callable[[int, int, int, int], float],
             entry = None
     if not entry:
         links, took = {}, {}
-        if far:
-            links[route.inter] = Link(0.0, round(_beta(comm, far, 6), 3))      # fit_inter: the rest
-        if len(hosts[0]) > 1 and route.intra not in links:   # a ring of each host's ranks, every host at once
-            beta = _beta(comm, hosts[0][1], 6)
-            _agree(store, f"{key}/ring", comm.rank, lambda: "go")           # every ring starts together
-            members = next(h for h in hosts if comm.rank in h)
-            i = members.index(comm.rank)
-            right, left = members[(i + 1) % len(members)], members[(i - 1) % len(members)]
-            # steps with data inside a host whose ranks each have a core (HOP_PAYLOAD)
-            payload = route.intra != route.inter and comm.oversubscription() <= 1
-            load, runs = HOP_PAYLOAD if payload else 8, []
-            for batch in range(HOP_BATCHES if len(members) > 1 else 0):
-                time.sleep(HOP_PAUSE_S if batch else 0.0)
-                ring(right, left, 5, load)                             # warm up (and start together again)
-                runs += [ring(right, left, HOP_ROUNDS, load) for _ in range(HOP_REPS)]
-            alpha = 0.0 if not runs else min(runs) / HOP_ROUNDS * 1e6 if not (payload and beta) else \
-                statistics.median(runs) / HOP_ROUNDS * 1e6 - load / (beta * 1e3)
-            links[route.intra] = Link(round(min(max(alpha, 0.05), 1000.0), 3), round(beta, 3))
-        probes = FIT_PROBES if far else HOST_PROBES if len(hosts[0]) > 2 and route.together else ()
-        if probes:                              # every rank at once, interleaved
-            _agree(store, f"{key}/probes", comm.rank, lambda: "go")
-            for _ in range(FIT_ROUNDS + 1):
-                for probe in probes:
-                    all_reduce(*probe, FIT_REPS // 4)       # untimed, the waits settle: without, 64 B recursive
-                    # doubling and tree swapped places in 2 inits of 4 (2 simulated hosts x 2 ranks, htb, split CPUs;
-                    # with, 15-17 against 18-19 us in 4 of 4, the bench's 20-22 against 25-29)
-                    took.setdefault(probe, []).append(all_reduce(*probe, FIT_REPS))
-            slowest = np.array([statistics.median(t[1:]) * 1e6 if t[0] is not None else -1.0 for t in took.values()])
-            comm.all_reduce(slowest, ReduceOp.MAX)          # the rank a collective waits for
-            took = {probe: float(t) for probe, t in zip(took, slowest) if t >= 0}
+        if far:           # between hosts the link's latencies and burst speed are fitted, the intra link's are not:
+            # with 2 ranks a host every all_reduce's steps inside and across hosts come in pairs (their sum is fitted)
+            links[route.inter] = Link(0.0, round(_beta(comm, far, 6), 3))
+            unknowns = [(route.inter, f) for f in ("alpha_us", "each_us", "op_us", "burst_gbps")]
+            probes = PROBES["hosts"]
+        else:
+            unknowns, probes = [(route.intra, "alpha_us")], PROBES["pair"]
+            if len(hosts[0]) > 2 and route.together:
+                unknowns, probes = unknowns + [(route.intra, "each_us")], PROBES["peers"]
+        if len(hosts[0]) > 1 and route.intra not in links:
+            links[route.intra] = replace(Params().link(route.intra), beta_gbps=round(_beta(comm, hosts[0][1], 6), 3))
+        _agree(store, f"{key}/probes", comm.rank, lambda: "go")       # every rank at once, interleaved
+        for _ in range(FIT_ROUNDS + 1):
+            for probe in probes:
+                all_reduce(*probe, FIT_REPS // 4)       # untimed, the waits settle: without, 64 B recursive
+                # doubling and tree swapped places in 2 inits of 4 (2 simulated hosts x 2 ranks, htb, split CPUs;
+                # with, 15-17 against 18-19 us in 4 of 4, the bench's 20-22 against 25-29)
+                took.setdefault(probe, []).append(all_reduce(*probe, FIT_REPS))
+        slowest = np.array([statistics.median(t[1:]) * 1e6 if t[0] is not None else -1.0 for t in took.values()])
+        comm.all_reduce(slowest, ReduceOp.MAX)          # the rank a collective waits for
+        took = {probe: float(t) for probe, t in zip(took, slowest) if t >= 0}
 
         def measured() -> str:
             p = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        cache_reduce_gbps=_reduce_gbps(64 << 10, 200))
-            p = replace(p, links={**p.links, **links})
-            if took:
-                log.info("all_reduce probes (us): %s", took)
-                name, link = fit_inter(comm, p, took) if far else fit_host(comm, p, took)
-                p = replace(p, links={**p.links, name: link})
+            log.info("all_reduce probes (us): %s", took)
+            p = fit(comm, replace(p, links={**p.links, **links}), took, unknowns) if took else p
             _store_entry(sig, p.as_dict())
             return json.dumps(p.as_dict())
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

@@ -49,7 +49,7 @@ class Link:
     burst_gbps: float = 0.0  # GB/s of a step of at most BURST_BYTES after a pause (0: beta_gbps)
     each_us: float = 0.0     # a step's latency more for each other rank of its host crossing it at once (inside a
     #                          host: for each peer beyond the first of a step waiting on them together)
-    op_us: float = 0.0       # once per all_reduce between hosts (calibrate.fit_inter measures these two)
+    op_us: float = 0.0       # once per all_reduce between hosts (calibrate.fit measures these two)
 
     def t(self, steps: float, nbytes: float) -> float:
         """µs of ``steps`` steps moving ``nbytes`` in all (at the burst speed up to BURST_BYTES a step)."""

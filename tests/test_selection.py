@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from comms import algorithms
-from comms.selection.model import AUTO, Link, Params, Route, cost, default_rules
+from comms.selection.model import AUTO, BOARD_SHARE, Link, Params, Route, cost, default_rules
 
 NAMES = {"all_reduce": list(algorithms.REGISTRY["all_reduce"])}
 ONE_HOST = lambda n: (tuple(range(n)),)               # noqa: E731
@@ -328,7 +328,8 @@ def test_calibration_fits_the_figures_that_price_its_probes(monkeypatch, tmp_pat
     """Calibration times the all_reduces of its PROBES (each the median over rounds: an outlier run moves
     nothing) and fits the figures that price them as they ran: all_reduces that took the model's time on a
     known link give that link back. One host of 2: the step latency; of 4 ranks sharing 2 cores: the latency
-    and each_us; between hosts: the tcp link's latencies, cost per op and burst speed (the intra link keeps its
+    and each_us; on one host also the board's time over direct's price; between hosts: the tcp link's
+    latencies, cost per op and burst speed (the intra link keeps its
     registered latency: with 2 ranks a host, its steps and the crossings come in pairs). The ranks agree on the
     slowest rank's figures once."""
     from types import SimpleNamespace
@@ -345,8 +346,8 @@ def test_calibration_fits_the_figures_that_price_its_probes(monkeypatch, tmp_pat
 
     def all_reduce(algo, nbytes, reps=1):
         probes.append((algo, nbytes, reps))
-        p = Params({"shm": ran["shm"], "tcp": truth}, 10.0, "t", 30.0).scaled(ran["share"], links={"shm"})
-        took = cost("all_reduce", algo, nbytes, sum(map(len, ran["hosts"])), ran["hosts"], p, AUTO, False) * 1e-6
+        p = Params({"shm": ran["shm"], "tcp": truth}, 10.0, "t", 30.0, 0.7).scaled(ran["share"], links={"shm"})
+        took = cost("all_reduce", algo, nbytes, sum(map(len, ran["hosts"])), ran["hosts"], p, route(), False) * 1e-6
         return took * (10.0 if next(calls) % 7 == 6 else 1.0)          # every 7th run: 10x slower
 
     class Store(dict):
@@ -356,26 +357,31 @@ def test_calibration_fits_the_figures_that_price_its_probes(monkeypatch, tmp_pat
         def get(self, k):
             return dict.__getitem__(self, k)
 
+    def route():                                    # one host's shm has a board of 4 KiB
+        return Route("shm", "tcp", True, 4096 if len(ran["hosts"]) == 1 else 0)
+
     def calibrate(hosts, oversub=1.0) -> Params:     # one rank's view: agreeing on the slowest rank's figures
         probes.clear()
-        comm = SimpleNamespace(size=sum(map(len, hosts)), rank=0, prefix="t/", route=Route("shm", "tcp", True),
+        comm = SimpleNamespace(size=sum(map(len, hosts)), rank=0, prefix="t/", route=route(),
                                oversubscription=lambda: oversub, all_reduce=lambda buf, op: agreed.append(op),
                                topology=SimpleNamespace(hosts=[SimpleNamespace(ranks=h, cores=2, nics=[])
                                                                for h in hosts],
                                                         host_groups=lambda: tuple(map(tuple, hosts))))
         return cal.calibrate(comm, Store(), all_reduce).params
 
-    def timed(kind):
-        return {p for p in probes if p[2] == cal.FIT_REPS} == {(a, b, cal.FIT_REPS) for a, b in cal.PROBES[kind]}
+    def timed(kind, reps):
+        return {p for p in probes if p[2] == reps} == {(a, b, reps) for a, b in cal.PROBES[kind]}
     one = calibrate([[0, 1]])
-    assert timed("pair") and one.links["shm"] == Link(2.0, 8.0) and agreed == [ReduceOp.MAX]
-    assert (one.reduce_gbps, one.cache_reduce_gbps) == (10.0, 30.0)
+    assert timed("pair", cal.HOST_REPS) and one.links["shm"] == Link(2.0, 8.0) and agreed == [ReduceOp.MAX]
+    assert (one.reduce_gbps, one.cache_reduce_gbps, one.board_share) == (10.0, 30.0, 0.7)
     ran.update(hosts=ONE_HOST(4), shm=Link(3.0, 8.0, 0.0, 2.5), share=2.0)
     busy = calibrate([[0, 1, 2, 3]], oversub=2.0)
-    assert timed("peers") and busy.links["shm"] == Link(3.0, 8.0, 0.0, 2.5), busy.links["shm"]
+    assert timed("peers", cal.HOST_REPS) and busy.links["shm"] == Link(3.0, 8.0, 0.0, 2.5), busy.links["shm"]
+    assert busy.board_share == 0.7
     ran.update(hosts=TWO_HOSTS, shm=Link(ShmTransport.link.alpha_us, 8.0), share=1.0)
     two = calibrate([[0, 1], [2, 3]])
-    assert timed("hosts") and two.links["tcp"] == truth and two.links["shm"] == ran["shm"], two.links
+    assert timed("hosts", cal.FIT_REPS) and two.links["tcp"] == truth and two.links["shm"] == ran["shm"], two.links
+    assert two.board_share == BOARD_SHARE          # no board between hosts: the default stays
 
 
 def test_the_timer_moves_its_bytes_in_one_native_call_per_plan():

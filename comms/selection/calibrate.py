@@ -26,7 +26,7 @@ from ..runtime.hostid import cpu_model
 from .model import BURST_BYTES, Link, Params, cost, describe
 
 log = clog.get("TUNING")
-FORMAT = "v16"           # part of the key: entries of another layout are not read
+FORMAT = "v17"           # part of the key: entries of another layout are not read
 PROBES = {               # the all_reduces (algorithm, bytes) fit() prices, by layout
     # between hosts: on 2 simulated hosts x 2 ranks sharing 2 CPUs (htb) a tree of 8 B took 108 us and recursive
     # doubling 66, with 1 and 2 steps between hosts; a ring of steps there took 4-41 us a step
@@ -34,16 +34,21 @@ PROBES = {               # the all_reduces (algorithm, bytes) fit() prices, by l
     # one host of 2: steps that carry data, where recursive doubling's one step and the ring's two part (1x2 shm: a
     # step took 0.94 us with 8 B, 1.7-2.2 us plus the bytes with 4-32 KiB; alpha from 8 B steps alone, 0.54 us, gave
     # 16-32 KiB to the ring, 22 % behind recursive doubling's one step: 7.85 against 6.58 us)
-    "pair": (("recursive_doubling", 4096), ("ring", 4096)),
+    "pair": (("recursive_doubling", 4096), ("ring", 4096), ("board", 64)),
     # a host of 3 or more ranks whose transport waits on a step's peers together: direct's one step on L-1 peers
     # against recursive doubling's log2(L). Not the ring: on 1x4 beside a busy loop its steps took up to 1.4x
     # recursive doubling's (alpha 10.3 against 7.3 us); fitted with them, the larger alpha left each_us too small
     # to price direct's 64 B as it ran, and direct got 8-32 KiB, 43 % behind recursive doubling
-    "peers": (("recursive_doubling", 4096), ("direct", 64), ("recursive_doubling", 64)),
-}
+    "peers": (("recursive_doubling", 4096), ("direct", 64), ("recursive_doubling", 64), ("board", 64)),
+}   # one host's probes include the board where the transport has one: its time over direct's price is board_share
+
 FIT_ROUNDS = 10          # rounds of the probes, interleaved; each probe's median time, of FIT_REPS back to back, on
 FIT_REPS = 16            # the slowest rank (a tree's root is done when it has sent: one op alone there timed 15-50 us,
 #                          where the bench's 8 B tree took 29-108, back to back on 2 simulated hosts x 2 ranks)
+HOST_ROUNDS, HOST_REPS = 5, 400    # the same on one host, in stretches long enough to see what else wants the CPU: on
+#                          1x4 beside a busy loop, stretches of 16 had direct at 1.0-1.2x recursive doubling and the
+#                          board 0.7-1.0x, where the bench measured 1.6x and 1.2-1.5x; stretches of 400-1500 (10-50
+#                          ms) gave 1.5x and 0.9-1.6x. Idle they agree (board 0.75x recursive doubling, 5 us a call)
 LINK_DRIFT = 3.0         # a shaped link here differs from loopback by 8x and more (2 Gbit/s against 2-3
 #                          GB/s), and the suite's own load moved loopback's figure 2x: 3x tells them apart
 
@@ -193,13 +198,14 @@ def calibrate(comm, store, all_reduce: Callable[[str, int, int], float | None]) 
                 unknowns, probes = unknowns + [(route.intra, "each_us")], PROBES["peers"]
         if len(hosts[0]) > 1 and route.intra not in links:
             links[route.intra] = replace(Params().link(route.intra), beta_gbps=round(_beta(comm, hosts[0][1], 6), 3))
+        rounds, reps = (FIT_ROUNDS, FIT_REPS) if far else (HOST_ROUNDS, HOST_REPS)
         _agree(store, f"{key}/probes", comm.rank, lambda: "go")       # every rank at once, interleaved
-        for _ in range(FIT_ROUNDS + 1):
+        for _ in range(rounds + 1):
             for probe in probes:
-                all_reduce(*probe, FIT_REPS // 4)       # untimed, the waits settle: without, 64 B recursive
+                all_reduce(*probe, reps // 4)           # untimed, the waits settle: without, 64 B recursive
                 # doubling and tree swapped places in 2 inits of 4 (2 simulated hosts x 2 ranks, htb, split CPUs;
                 # with, 15-17 against 18-19 us in 4 of 4, the bench's 20-22 against 25-29)
-                took.setdefault(probe, []).append(all_reduce(*probe, FIT_REPS))
+                took.setdefault(probe, []).append(all_reduce(*probe, reps))
         slowest = np.array([statistics.median(t[1:]) * 1e6 if t[0] is not None else -1.0 for t in took.values()])
         comm.all_reduce(slowest, ReduceOp.MAX)          # the rank a collective waits for
         took = {probe: float(t) for probe, t in zip(took, slowest) if t >= 0}
@@ -208,7 +214,14 @@ def calibrate(comm, store, all_reduce: Callable[[str, int, int], float | None]) 
             p = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        cache_reduce_gbps=_reduce_gbps(64 << 10, 200))
             log.info("all_reduce probes (us): %s", took)
+            board = took.pop(("board", 64), None)
             p = fit(comm, replace(p, links={**p.links, **links}), took, unknowns) if took else p
+            if board:       # held within 0.25-4x, a guard against a stalled probe: measured 0.45x (1x2: the board
+                # 0.5-0.6 us, direct priced 1.2) to 1.0x (1x4 beside a busy loop, where the bench had it 1.2-1.5x
+                # recursive doubling's time; at the default 0.9 it won 8 B-2 KiB, 20-34 % behind)
+                direct = cost("all_reduce", "direct", 64, comm.size, comm.topology.host_groups(),
+                              p.scaled(comm.oversubscription(), links={route.intra}), route)
+                p = replace(p, board_share=round(min(max(board / direct, 0.25), 4.0), 3))
             _store_entry(sig, p.as_dict())
             return json.dumps(p.as_dict())
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

@@ -15,8 +15,8 @@ from ..algorithms.ring import CHAIN_SEGMENT_BYTES
 from ..algorithms.tree import SEGMENT_BYTES as TREE_SEGMENT_BYTES
 
 SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB: where a rule may change
-BOARD_SHARE = 0.9        # board's price over direct's: forced in the bench (all_reduce, 8 B-2 KiB, 3 launches), board
-#                          took 0.83-0.93x direct's time on 2 ranks with a core each, 0.96-0.99x on 4 ranks on 2 cores
+BOARD_SHARE = 0.9        # board's price over direct's until calibration times it: forced in the bench (all_reduce,
+#                          8 B-2 KiB, 3 launches), board took 0.83-0.93x direct's time on 2 ranks with a core each
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
 BURST_BYTES = 16 << 10   # a link prices steps of up to this size at its burst speed (a token bucket lets them
@@ -69,9 +69,11 @@ def _registered() -> dict:
 
 
 def describe(d: dict) -> str:
-    """``shm Link(...), tcp Link(...), reduce 11.1 GB/s (42.0 within the cache)`` from :meth:`Params.as_dict`."""
+    """``shm Link(...), tcp Link(...), reduce 11.1 GB/s (42.0 within the cache), board 0.9x direct`` from
+    :meth:`Params.as_dict`."""
     links = ", ".join(f"{name} {Link(**link)}" for name, link in d["links"].items())
-    return f"{links}, reduce {d['reduce_gbps']} GB/s ({d.get('cache_reduce_gbps') or d['reduce_gbps']} within the cache)"
+    return f"{links}, reduce {d['reduce_gbps']} GB/s ({d.get('cache_reduce_gbps') or d['reduce_gbps']} within the " \
+           f"cache), board {d.get('board_share', BOARD_SHARE)}x direct"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Params:
     #                              (float32 SUM, 32 MiB) on the dev VM, as a slower host's would be
     source: str = "defaults"
     cache_reduce_gbps: float = 0.0   # the same within the cache (CACHE_REDUCE_BYTES); 0: reduce_gbps
+    board_share: float = BOARD_SHARE  # the board's price over direct's (calibrate: its time over direct's price)
 
     def link(self, name: str) -> Link:
         """This model's figures for ``name``, else its registered default, else the contract's."""
@@ -94,7 +97,8 @@ class Params:
     @classmethod
     def from_dict(cls, d: dict) -> "Params":
         links = {**_registered(), **{name: Link(**link) for name, link in d.get("links", {}).items()}}
-        return cls(links, d["reduce_gbps"], d.get("source", "cache"), d.get("cache_reduce_gbps", 0.0))
+        return cls(links, d["reduce_gbps"], d.get("source", "cache"), d.get("cache_reduce_gbps", 0.0),
+                   d.get("board_share", BOARD_SHARE))
 
     def scaled(self, share: float = 1.0, alpha: float = 1.0, links=None) -> "Params":
         """The speeds of ``links`` (None: all) and the reduction's divided by ``share`` (k ranks per core all busy:
@@ -102,11 +106,11 @@ class Params:
         ``alpha`` (0: the bytes alone). Between hosts the wire sets the speed: on 2 simulated hosts x 2 ranks, a
         host's on one core, 2 Gbit/s, with the tcp link's speeds halved too 128 KiB-32 MiB were priced 1.6x slow."""
         share = max(share, 1.0)
-        return Params({n: replace(k, alpha_us=k.alpha_us * alpha, each_us=k.each_us * alpha, op_us=k.op_us * alpha,
-                                  **({} if links is not None and n not in links else
-                                     {"beta_gbps": k.beta_gbps / share, "burst_gbps": k.burst_gbps / share}))
-                       for n, k in self.links.items()}, self.reduce_gbps / share, self.source,
-                      self.cache_reduce_gbps / share)
+        return replace(self, links={n: replace(k, alpha_us=k.alpha_us * alpha, each_us=k.each_us * alpha,
+                                               op_us=k.op_us * alpha, **({} if links is not None and n not in links else
+                                               {"beta_gbps": k.beta_gbps / share, "burst_gbps": k.burst_gbps / share}))
+                                    for n, k in self.links.items()},
+                       reduce_gbps=self.reduce_gbps / share, cache_reduce_gbps=self.cache_reduce_gbps / share)
 
 
 def _log2(n: int) -> int:
@@ -172,7 +176,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         levels = [on(most(pairs)).t(1, m / segments) for pairs in up.values()]
         prices = {
             "direct": direct,
-            "board": BOARD_SHARE * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
+            "board": p.board_share * direct if H == 1 and 0 < route.board and m <= route.board else math.inf,
             "ring": flat.t(2 * (n - 1), 2 * (n - 1) * m / n) + red((n - 1) * m / n),
             # each exchange reduces the whole buffer, and so does the fold of the extra ranks
             "recursive_doubling": recursive(lambda d: m, 1) + red((_log2(p2) + (n != p2)) * m),

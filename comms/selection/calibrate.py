@@ -23,14 +23,15 @@ from .. import config
 from ..diag import log as clog
 from ..dtypes import ReduceOp
 from ..runtime.hostid import cpu_model
-from .model import BURST_BYTES, Link, Params, cost, describe
+from .model import Link, Params, cost, describe
 
 log = clog.get("TUNING")
-FORMAT = "v17"           # part of the key: entries of another layout are not read
+FORMAT = "v18"           # part of the key: entries of another layout are not read
 PROBES = {               # the all_reduces (algorithm, bytes) fit() prices, by layout
     # between hosts: on 2 simulated hosts x 2 ranks sharing 2 CPUs (htb) a tree of 8 B took 108 us and recursive
     # doubling 66, with 1 and 2 steps between hosts; a ring of steps there took 4-41 us a step
-    "hosts": (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", BURST_BYTES // 2)),
+    # (a tree of 16 KiB drains a token bucket: 36 or 70-74 us from one init to the next)
+    "hosts": (("recursive_doubling", 64), ("tree", 64), ("hierarchical", 64), ("tree", 8192)),
     # one host of 2: steps that carry data, where recursive doubling's one step and the ring's two part (1x2 shm: a
     # step took 0.94 us with 8 B, 1.7-2.2 us plus the bytes with 4-32 KiB; alpha from 8 B steps alone, 0.54 us, gave
     # 16-32 KiB to the ring, 22 % behind recursive doubling's one step: 7.85 against 6.58 us)

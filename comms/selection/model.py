@@ -19,11 +19,13 @@ BOARD_SHARE = 0.9        # board's price over direct's until calibration times i
 #                          8 B-2 KiB, 3 launches), board took 0.83-0.93x direct's time on 2 ranks with a core each
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
 #                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
-BURST_BYTES = 16 << 10   # a link prices steps of up to this size at its burst speed (a token bucket lets them
-#                          through at the wire's speed). On 2 simulated hosts (2 Gbit/s tbf), at the sustained rate
-#                          only 4 KiB went to hierarchical, measured 1.5x slower than recursive doubling (split CPUs: 75
-#                          against 51 us); up to 64 KiB put it at 32 KiB, 1.08x tree and hierarchical (shared CPUs: 262
-#                          vs 243-246 us)
+BURST_BYTES = 64 << 10   # a link prices steps of up to this size at its burst speed (a token bucket lets them
+#                          through at the wire's speed; back to back the floor, a host's bytes at the sustained speed,
+#                          bounds them). On 2 simulated hosts x 2 ranks, 2 Gbit/s, tree's 32 KiB was then priced 237 us
+#                          where it took 209-280 (htb) and 134-194 (tbf); at 16 KiB its two crossings went at the
+#                          sustained speed, 387 us, and comms.tune's filter (GROSS) left it out at 32 KiB, where it was
+#                          the best (htb, shared CPUs: 40 % regret after tune). The defaults' picks on 16 bench runs of
+#                          both shapers were the same at 16 and 64 KiB (offline)
 CACHE_REDUCE_BYTES = 256 << 10  # buffers up to this size reduce at Params.cache_reduce_gbps: cm_reduce (float32
 #                          SUM) ran at 32-39 GB/s on 16-256 KiB, 25 at 1 MiB and 12-14 from 4 MiB on the dev VM. At the
 #                          32 MiB speed alone recursive doubling's whole-buffer reduce lost it 32 KiB on 1x2 (ring: 21 %

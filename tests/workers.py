@@ -178,7 +178,8 @@ def timer_prober(rank: int, size: int) -> dict:
     with comms.init(timeout=60) as comm:
         all_reduce = comm._timer()
         before = comm.stats()
-        reduced = [all_reduce("recursive_doubling", 4096) for _ in range(3)] + [all_reduce("recursive_doubling", 4096, 5)]
+        reduced = [all_reduce("recursive_doubling", 4096) for _ in range(3)]
+        reduced.append(all_reduce("recursive_doubling", 4096, 5))
         after = comm.stats()
         x = np.full(4, rank + 1, np.float32)
         comm.all_reduce(x)

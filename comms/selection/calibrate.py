@@ -27,6 +27,7 @@ from .model import Link, Params, cost, describe
 
 log = clog.get("TUNING")
 FORMAT = "v18"           # part of the key: entries of another layout are not read
+BOARD = ("board", 64)    # one host's probe of the board, where the transport has one: board_share, not fit()
 PROBES = {               # the all_reduces (algorithm, bytes) fit() prices, by layout
     # between hosts: on 2 simulated hosts x 2 ranks sharing 2 CPUs (htb) a tree of 8 B took 108 us and recursive
     # doubling 66, with 1 and 2 steps between hosts; a ring of steps there took 4-41 us a step
@@ -35,12 +36,12 @@ PROBES = {               # the all_reduces (algorithm, bytes) fit() prices, by l
     # one host of 2: steps that carry data, where recursive doubling's one step and the ring's two part (1x2 shm: a
     # step took 0.94 us with 8 B, 1.7-2.2 us plus the bytes with 4-32 KiB; alpha from 8 B steps alone, 0.54 us, gave
     # 16-32 KiB to the ring, 22 % behind recursive doubling's one step: 7.85 against 6.58 us)
-    "pair": (("recursive_doubling", 4096), ("ring", 4096), ("board", 64)),
+    "pair": (("recursive_doubling", 4096), ("ring", 4096), BOARD),
     # a host of 3 or more ranks whose transport waits on a step's peers together: direct's one step on L-1 peers
     # against recursive doubling's log2(L). Not the ring: on 1x4 beside a busy loop its steps took up to 1.4x
     # recursive doubling's (alpha 10.3 against 7.3 us); fitted with them, the larger alpha left each_us too small
     # to price direct's 64 B as it ran, and direct got 8-32 KiB, 43 % behind recursive doubling
-    "peers": (("recursive_doubling", 4096), ("direct", 64), ("recursive_doubling", 64), ("board", 64)),
+    "peers": (("recursive_doubling", 4096), ("direct", 64), ("recursive_doubling", 64), BOARD),
 }   # one host's probes include the board where the transport has one: its time over direct's price is board_share
 
 FIT_ROUNDS = 10          # rounds of the probes, interleaved; each probe's median time, of FIT_REPS back to back, on
@@ -136,19 +137,23 @@ def _agree(store, key: str, rank: int, value: Callable[[], str]) -> str:
 FREE = {"alpha_us": 0.0, "each_us": 0.0, "op_us": 0.0, "burst_gbps": 1e9}    # a figure left out of a price
 
 
+def _price(comm, p: Params, algo: str, nbytes: int, floor: bool = True) -> float:
+    """µs of an all_reduce of ``nbytes`` by ``algo`` on ``comm``'s layout, ``p`` scaled as the selector scales it."""
+    return cost("all_reduce", algo, nbytes, comm.size, comm.topology.host_groups(),
+                p.scaled(comm.oversubscription(), links={comm.route.intra}), comm.route, floor)
+
+
 def fit(comm, p: Params, took: dict, unknowns: list) -> Params:
     """``p`` with the figures ``unknowns`` ((link, field) pairs of :class:`Link`; a burst speed enters as its inverse)
     that price the all_reduces of ``took`` (µs by (algorithm, bytes)) closest to their times: least squares, none
     negative. The model's own terms, from the collectives it prices, on ``comm``'s layout."""
-    route, hosts = comm.route, comm.topology.host_groups()
     slow = {u: 2 * p.link(u[0]).beta_gbps for u in unknowns if u[1] == "burst_gbps"}   # a burst the model uses
 
     def price(algo: str, nbytes: int, at: tuple = (), value: float = 0.0) -> float:
         links = dict(p.links)
         for u in unknowns:
             links[u[0]] = replace(links.get(u[0]) or p.link(u[0]), **{u[1]: value if u == at else FREE[u[1]]})
-        q = replace(p, links=links).scaled(comm.oversubscription(), links={route.intra})
-        return cost("all_reduce", algo, nbytes, comm.size, hosts, q, route, False)
+        return _price(comm, replace(p, links=links), algo, nbytes, False)
     rows, times = [], []
     for (algo, nbytes), t in took.items():
         base = price(algo, nbytes)
@@ -215,14 +220,12 @@ def calibrate(comm, store, all_reduce: Callable[[str, int, int], float | None]) 
             p = Params(reduce_gbps=_reduce_gbps(), source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        cache_reduce_gbps=_reduce_gbps(64 << 10, 200))
             log.info("all_reduce probes (us): %s", took)
-            board = took.pop(("board", 64), None)
+            board = took.pop(BOARD, None)
             p = fit(comm, replace(p, links={**p.links, **links}), took, unknowns) if took else p
             if board:       # held within 0.25-4x, a guard against a stalled probe: measured 0.45x (1x2: the board
                 # 0.5-0.6 us, direct priced 1.2) to 1.0x (1x4 beside a busy loop, where the bench had it 1.2-1.5x
                 # recursive doubling's time; at the default 0.9 it won 8 B-2 KiB, 20-34 % behind)
-                direct = cost("all_reduce", "direct", 64, comm.size, comm.topology.host_groups(),
-                              p.scaled(comm.oversubscription(), links={route.intra}), route)
-                p = replace(p, board_share=round(min(max(board / direct, 0.25), 4.0), 3))
+                p = replace(p, board_share=round(min(max(board / _price(comm, p, "direct", BOARD[1]), 0.25), 4.0), 3))
             _store_entry(sig, p.as_dict())
             return json.dumps(p.as_dict())
         entry = json.loads(_agree(store, f"{key}/measured", comm.rank, measured))

@@ -258,8 +258,13 @@ def test_tune_writes_rules_that_later_inits_use(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     env.pop("COMMS_ALGO", None)
     cmd = [sys.executable, "-m", "comms.tune", "-n", "2", "-b", "8", "-e", "32K", "-f", "64", "--rounds", "2"]
-    dry = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=180)
+    from comms.selection.rules import parse
+    from comms.selection.tune import OPS
+    dry = subprocess.run(cmd + ["--dry-run", "--ops", ",".join(OPS)], env=env, capture_output=True, text=True,
+                         timeout=180)
     assert dry.returncode == 0, dry.stdout + dry.stderr
+    printed = [line[9:] for line in dry.stdout.splitlines() if line.startswith("[rank 0] ") and "#" != line[9:10]]
+    assert {r.coll for r in parse(printed[-1])} == set(OPS), dry.stdout      # every op the tuner offers, timed
     cache = tmp_path / "comms" / "calibration.json"
     assert "rules" not in next(iter(json.loads(cache.read_text()).values()))
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -276,7 +281,7 @@ def test_tune_writes_rules_that_later_inits_use(tmp_path):
     out = spawn(calibrated_params, 2, timeout=120, args=(sizes,), env={"XDG_CACHE_HOME": str(tmp_path)})
     assert out[0]["tuned"] == entry["rules"] and out[0]["signature"] == sig
     assert [r.replace("  (tuned)", "") for r in out[0]["rules"] if r.endswith("(tuned)")] == \
-        [str(r) for r in __import__("comms.selection.rules", fromlist=["parse"]).parse(entry["rules"])]
+        [str(r) for r in parse(entry["rules"])]
     want = [pick[max(lo for lo in pick if lo <= s)] for s in sizes]
     assert out[0]["chosen"] == want and out[0]["sum"] == [3.0] * 4
     user = spawn(calibrated_params, 2, timeout=120, args=(sizes,),

@@ -31,7 +31,7 @@ def _caller(comm, op: str, nbytes: int):
     if op == "reduce_scatter":
         return (lambda: comm.reduce_scatter(part, whole)), part.nbytes * (n - 1)
     out = np.empty_like(whole)
-    return (lambda: comm.all_to_all_single(out, whole)), part.nbytes * (n - 1)
+    return (lambda: comm.all_to_all(out, whole)), part.nbytes * (n - 1)
 
 
 def candidates(comm, op: str, nbytes: int) -> list[str]:

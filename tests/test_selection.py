@@ -75,6 +75,25 @@ def test_flat_steps_over_hosts_are_bound_by_the_slower_link():
     assert math.isclose(direct, 50.0 + 2 * 10.0 + (1 << 20) / 1e3 + 2 * (1 << 20) / 1e3 + 4 * (1 << 20) / 1e9)
 
 
+def test_all_to_all_is_priced_as_its_plans_run():
+    """Pairwise all_to_all posts every exchange at once: on one host of 4 ranks one shm latency
+    and each_us for each of the other two peers, as direct's exchange; on 2 hosts x 2 ranks its
+    crossing blocks go at half the link each, both ranks of a host sending at once. Hierarchical
+    copies its own blocks, regroups inside the host, then crosses shared the same way: with hosts
+    of one rank it is pairwise plus that copy, so pairwise keeps the tie."""
+    from comms.selection.model import COPY_GBPS
+    shm, tcp = Link(2.0, 10.0, 0.0, 0.5), Link(40.0, 1.0, 0.0, 3.0)
+    p = Params(links(shm, tcp), 1e6)
+    m, blk = 3 << 10, 1 << 10                   # a rank's bytes out on 4 ranks, a block
+    assert math.isclose(cost("all_to_all", "pairwise", m, 4, ONE_HOST(4), p, AUTO), shm.t(1, m) + 2 * 0.5)
+    assert math.isclose(cost("all_to_all", "pairwise", m, 4, TWO_HOSTS, p, AUTO),
+                        shm.t(1, blk) + tcp.shared(2).t(2, 2 * blk))
+    assert math.isclose(cost("all_to_all", "hierarchical", m, 4, TWO_HOSTS, p, AUTO),
+                        2 * blk / (COPY_GBPS * 1e3) + shm.t(1, 2 * blk) + tcp.shared(2).t(1, 2 * blk))
+    solo = ((0,), (1,))
+    assert cost("all_to_all", "hierarchical", 8, 2, solo, p, AUTO) > cost("all_to_all", "pairwise", 8, 2, solo, p, AUTO)
+
+
 def test_a_third_transport_is_priced_from_its_own_link():
     """A link class is whatever transport the route names: a made-up "fake" transport between hosts
     (3 us, 12 GB/s, exchanges waiting apart) prices every cross-host step of 2 hosts x 2 ranks,

@@ -30,7 +30,6 @@ CACHE_REDUCE_BYTES = 256 << 10  # buffers up to this size reduce at Params.cache
 #                          SUM) ran at 32-39 GB/s on 16-256 KiB, 25 at 1 MiB and 12-14 from 4 MiB on the dev VM. At the
 #                          32 MiB speed alone recursive doubling's whole-buffer reduce lost it 32 KiB on 1x2 (ring: 21 %
 #                          slower)
-PAIRWISE_BATCH = 8       # pairwise all_to_all's exchanges in flight (algorithms/pairwise.py): one step latency a batch
 
 
 class Route(NamedTuple):
@@ -150,6 +149,11 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
         sent = Counter(host_of.get(a, 0) for a, b in pairs if host_of.get(a, 0) != host_of.get(b, 0))
         return max(sent.values(), default=0)
 
+    def fan(peers: int, nbytes: float) -> float:
+        """One phase exchanging with ``peers`` ranks of this host at once: one latency (and each_us for each peer
+        beyond the first) where intra waits on them together, else one each."""
+        return intra.t(1, nbytes) + max(peers - 1, 0) * intra.each_us if route.together else intra.t(peers, nbytes)
+
     def on(k: int) -> Link:
         """The link of a step in which at most ``k`` ranks of a host cross to others: intra, or inter shared k ways."""
         return inter.shared(k) if k else intra
@@ -167,8 +171,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
 
         # direct: one thread moves all peers' bytes; intra exchanges waiting together cost one latency (and each_us
         # for each peer beyond the first), inter each one
-        direct = (intra.t(1, (L - 1) * m) + max(L - 2, 0) * intra.each_us if route.together else
-                  intra.t(L - 1, (L - 1) * m)) + crossing.t(n - L, (n - L) * m) + red(n * m)
+        direct = fan(L - 1, (L - 1) * m) + crossing.t(n - L, (n - L) * m) + red(n * m)
         # tree: m bytes up and down the binomial tree of rank 0 in TREE_SEGMENT_BYTES segments, pipelined: each level's
         # segment time on its pairs' link, plus (segments - 1) times the slowest's; the root reduces one child's bytes
         # a level. On 2 simulated hosts x 2 ranks (2 Gbit/s, shared CPUs) at 256 KiB-16 MiB, tree priced so came within
@@ -211,10 +214,11 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
                   "ring": flat.t(n - 1 + max(0, m / max(rseg, 1) - 1), rseg * (n - 1) + m),
                   "hierarchical": inter.t(_log2(H), _log2(H) * m) + intra.t(_log2(L), _log2(L) * m)}
     elif coll == "all_to_all":
-        prices = {"pairwise": flat.t(1 + (n - 1) / PAIRWISE_BATCH, m),
+        # pairwise posts every exchange at once (algorithms/pairwise.py); hierarchical copies its own blocks, regroups
+        # inside the host, then every rank of a host crosses to its column's ranks on the other hosts at once
+        prices = {"pairwise": fan(L - 1, (L - 1) * blk) + crossing.t(n - L, (n - L) * blk),
                   "bruck": flat.t(_log2(n), _log2(n) * n * blk / 2) + copy(2 * n * blk * _log2(n)),
-                  "hierarchical": intra.t(1 + (L - 1) / PAIRWISE_BATCH, (L - 1) * H * blk)
-                  + inter.t(1 + (H - 1) / PAIRWISE_BATCH, (H - 1) * L * blk)}
+                  "hierarchical": copy(H * blk) + fan(L - 1, (L - 1) * H * blk) + crossing.t(H - 1, (H - 1) * L * blk)}
     return prices.get(algo, math.inf)
 
 

@@ -94,6 +94,19 @@ def test_all_to_all_is_priced_as_its_plans_run():
     assert cost("all_to_all", "hierarchical", 8, 2, solo, p, AUTO) > cost("all_to_all", "pairwise", 8, 2, solo, p, AUTO)
 
 
+def test_reduce_scatter_halving_pays_the_copy_its_plan_makes():
+    """Recursive halving lands each half in scratch and reduces it after (one copy of the bytes it
+    receives, m); ring reduces as it receives. Both copy the input in and the block out alike."""
+    from comms.selection.model import COPY_GBPS
+    shm = Link(2.0, 10.0)
+    p = Params(links(shm, Link(40.0, 1.0)), 8.0)
+    m = 3 << 20
+    red = m / 8e3
+    assert math.isclose(cost("reduce_scatter", "recursive_halving", m, 4, ONE_HOST(4), p, AUTO),
+                        shm.t(2, m) + red + m / (COPY_GBPS * 1e3))
+    assert math.isclose(cost("reduce_scatter", "ring", m, 4, ONE_HOST(4), p, AUTO), shm.t(3, m) + red)
+
+
 def test_a_third_transport_is_priced_from_its_own_link():
     """A link class is whatever transport the route names: a made-up "fake" transport between hosts
     (3 us, 12 GB/s, exchanges waiting apart) prices every cross-host step of 2 hosts x 2 ranks,

@@ -203,7 +203,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
                       for a, t in prices.items()}
     elif coll == "reduce_scatter":
         prices = {"ring": flat.t(n - 1, m) + red(m),
-                  "recursive_halving": math.inf if n & (n - 1) else flat.t(_log2(n), m) + red(m) + copy(2 * n * blk),
+                  "recursive_halving": math.inf if n & (n - 1) else flat.t(_log2(n), m) + red(m) + copy(m),
                   "hierarchical": intra.t(L - 1, (L - 1) * H * blk) + crossing.t(H - 1, (H - 1) * blk) + red(m)}
     elif coll == "all_gather":
         prices = {"ring": flat.t(n - 1, m), "bruck": flat.t(_log2(n), m) + copy(n * blk),

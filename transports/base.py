@@ -92,7 +92,7 @@ class Transport(ABC):
     """One way of moving bytes between two ranks; see the module docstring for the call order."""
 
     name = "abstract"
-    link = Link(40.0, 1.5)
+    link = Link(40.0, 1.5)           # a transport that declares no figures is priced as tcp
     waits_together = False
 
     def __init__(self, boot):

@@ -24,6 +24,7 @@ from .work import Work
 _from_buffer, _NDARRAY = ffi.from_buffer, np.ndarray
 _CHARS = ffi.typeof("char[]")             # from_buffer given the type, not its name: 20 ns less a call
 _RUN_PTR, _RUN_ADDR, _RUN_ARRAY = native.call_run, native.call_run_addr, native.call_run_array
+_RUN_PAIR, _RUN_PAIR_ADDR = native.call_run_pair, native.call_run_pair_addr
 _EBUSY, _ESLOW = native.EBUSY, native.ESLOW
 _PEEK = arrays.ON                         # an ndarray's data pointer read from the array (or: from_buffer)
 
@@ -84,6 +85,13 @@ class Operations:
     def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:
         """Copy ``buf`` of rank ``root`` into ``buf`` of every rank."""
+        tb, hot = type(buf), None
+        if not async_op and timeout is None and (tb is _NDARRAY and _PEEK or tb is TORCH_FAST[0] and buf.is_cpu
+                                                  and buf.layout is TORCH_FAST[1] and buf.is_contiguous()):
+            hot = ("broadcast", buf.dtype, buf.shape, root)
+            if (enc := self._hot.get(hot)) is not None and (call := enc.call) is not None and self._hot_ran(
+                    enc, call, _RUN_ARRAY(call, id(buf)) if tb is _NDARRAY else _RUN_ADDR(call, buf.data_ptr())):
+                return None
         ptr, count, dtype = _fast(buf, "broadcast", True)
         key = ("broadcast", count, dtype, root)
         enc = self._plans.get(key)
@@ -92,6 +100,8 @@ class Operations:
             args = Args("broadcast", self.rank, self.size, count, DTYPE_SIZES[dtype], root=root, inplace=True, hosts=self._hosts(), deterministic=self._deterministic)
             nb = count * DTYPE_SIZES[dtype]
             enc = self._plan(key, args, nb, dtype, None, count, (nb, nb))
+        if hot is not None and enc.trial is None:
+            self._keep_hot(hot, enc)
         return self._run(enc, ptr, ptr, [buf], async_op, buf, timeout)
 
     def reduce(self, buf: Any, root: int = 0, op: Any = ReduceOp.SUM, *, async_op: bool = False,
@@ -114,6 +124,9 @@ class Operations:
     def all_gather(self, out: Any, inp: Any, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:
         """``out`` (size x inp elements) receives every rank's ``inp``, in rank order."""
+        hot = None if async_op or timeout is not None else self._pair_key("all_gather", inp, out)
+        if hot is not None and self._pair_call(hot, inp, out):
+            return None
         vi = resolve(inp, "all_gather input")
         vo = resolve(out, "all_gather output", writable=True)
         checks.same_dtype(vi, vo, "all_gather")
@@ -126,11 +139,17 @@ class Operations:
         args = Args("all_gather", self.rank, self.size, vi.count, DTYPE_SIZES[vi.dtype], inplace=inplace, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
                          None, vi.count, (vi.nbytes, vo.nbytes))
+        if hot is not None and enc.trial is None:
+            self._keep_hot(hot, enc, (vi.ptr - vo.ptr if inplace else -1, vi.nbytes, vo.nbytes))
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:
         """Reduce ``inp`` (size x out elements) across ranks; rank r gets block r in ``out``."""
+        hot = None if async_op or timeout is not None or type(op) is not ReduceOp else \
+            self._pair_key("reduce_scatter", inp, out, op)
+        if hot is not None and self._pair_call(hot, inp, out):
+            return None
         vi = resolve(inp, "reduce_scatter input")
         vo = resolve(out, "reduce_scatter output", writable=True)
         checks.same_dtype(vi, vo, "reduce_scatter")
@@ -142,6 +161,8 @@ class Operations:
         args = Args("reduce_scatter", self.rank, self.size, vo.count, DTYPE_SIZES[vi.dtype], avg=op is ReduceOp.AVG, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
                          op, vi.count, (vi.nbytes, vo.nbytes))
+        if hot is not None and enc.trial is None:
+            self._keep_hot(hot, enc, (-1, vi.nbytes, vo.nbytes))
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
@@ -149,6 +170,10 @@ class Operations:
                 timeout: float | None = None) -> Work | None:
         """Rank r sends rows ``in_splits[p]`` of ``inp`` (consecutive blocks along dim 0) to rank p
         and receives ``out_splits[p]`` rows from rank p into ``out``. None means equal splits."""
+        hot = None if async_op or timeout is not None or out_splits is not None or in_splits is not None else \
+            self._pair_key("all_to_all", inp, out)
+        if hot is not None and self._pair_call(hot, inp, out):
+            return None
         vi = resolve(inp, "all_to_all input")
         vo = resolve(out, "all_to_all output", writable=True)
         checks.same_dtype(vi, vo, "all_to_all")
@@ -171,7 +196,41 @@ class Operations:
         args = Args("all_to_all", self.rank, self.size, 0, DTYPE_SIZES[vi.dtype], send_splits=send, recv_splits=recv, hosts=self._hosts(), deterministic=self._deterministic)
         enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
                          None, COUNT_ANY if uneven else vi.count, (vi.nbytes, vo.nbytes))
+        if hot is not None and enc.trial is None:
+            self._keep_hot(hot, enc, (-1, vi.nbytes, vo.nbytes))
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
+
+    def _pair_key(self, name: str, inp: Any, out: Any, *extra: Any) -> tuple | None:
+        """The fast-path key (Communicator._keep_hot) of a synchronous two-buffer call of ``name``: numpy arrays,
+        or contiguous CPU tensors, of one dtype; None for anything else (the checked path takes it)."""
+        t = type(inp)
+        if t is not type(out) or inp.dtype is not out.dtype:
+            return None
+        if t is _NDARRAY:
+            return (name, inp.dtype, inp.shape, out.shape, *extra) if _PEEK else None
+        if t is TORCH_FAST[0] and inp.is_cpu and out.is_cpu and inp.layout is TORCH_FAST[1] \
+                and out.layout is TORCH_FAST[1] and inp.is_contiguous() and out.is_contiguous():
+            return (name, inp.dtype, inp.shape, out.shape, *extra)
+        return None
+
+    def _pair_call(self, key: tuple, inp: Any, out: Any) -> bool:
+        """Run ``key``'s fast-path plan on ``inp`` and ``out`` in one native call; True when it ran. False where
+        there is none yet, another thread holds the context, or the buffers are not as the plan was built
+        for (cm_call_run_pair: their aliasing, an array's layout), so that the checks run."""
+        enc = self._hot.get(key)
+        if enc is None or (call := enc.call) is None:
+            return False
+        rc = _RUN_PAIR(call, id(inp), id(out)) if type(inp) is _NDARRAY else \
+            _RUN_PAIR_ADDR(call, inp.data_ptr(), out.data_ptr())
+        return self._hot_ran(enc, call, rc)
+
+    def _hot_ran(self, enc: Encoded, call: Any, rc: int) -> bool:
+        """A fast-path call's return code: True when it ran, False to take the checked path, else its error."""
+        if rc == 0:
+            return True
+        if rc == _EBUSY or rc == _ESLOW:
+            return False
+        raise self._hot_failed(enc, call, rc)
 
     def gather(self, out: Any, inp: Any, root: int = 0, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:

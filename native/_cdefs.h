@@ -131,7 +131,7 @@ int cm_plan_check(const cm_step *steps, int nsteps, const uint64_t *lens, int nb
  * A new context starts with the defaults below (MiB), which are also the knobs' (comms.config). */
 enum { CM_UNEXP_MSG_MIB = 1024, CM_UNEXP_PEER_MIB = 2048 };
 void cm_ctx_set_unexp_limits(cm_ctx *ctx, uint64_t msg_bytes, uint64_t peer_bytes);
-typedef struct {        /* a prepared synchronous call of an in-place plan (Python's fast path) */
+typedef struct {        /* a prepared synchronous call of a plan (Python's fast path) */
     cm_ctx *ctx;
     const cm_step *steps;
     const cm_hdr *sig;
@@ -140,6 +140,9 @@ typedef struct {        /* a prepared synchronous call of an in-place plan (Pyth
     uintptr_t scratch;  /* the caller's scratch buffer (0: none) */
     int64_t timeout_ns; /* deadline: this long after the call starts */
     cm_status status;   /* a failed call's status */
+    int64_t in_at;      /* cm_call_run_pair: where the input lies in the output (-1: apart) */
+    uint64_t in_bytes;  /* ... and the two buffers' lengths the plan was built for */
+    uint64_t out_bytes;
 } cm_call;
 /* each takes the context's owner word for the call, and returns CM_EBUSY untouched where another
  * thread holds it (the caller then goes the engine lock's way) */
@@ -147,6 +150,10 @@ int cm_call_run(cm_call *c, void *buf);            /* buf: a cffi buffer */
 int cm_call_run_addr(cm_call *c, uintptr_t buf);   /* buf: an address */
 /* obj: a numpy.ndarray's id(); CM_ESLOW, nothing run, where cm_array_data answers 0 */
 int cm_call_run_array(cm_call *c, uintptr_t obj);
+/* two buffers, as numpy.ndarray ids or as addresses; CM_ESLOW, nothing run, unless they are aliased as
+ * in_at says (and the arrays C-contiguous and writable) (engine.c) */
+int cm_call_run_pair(cm_call *c, uintptr_t in_obj, uintptr_t out_obj);
+int cm_call_run_pair_addr(cm_call *c, uintptr_t in, uintptr_t out);
 /* a torch c10d options object's fields read from its memory (native/peek.c; comms/torch_backend/peek.py
  * finds the offsets): reduce op | asyncOp << 8 | (timeout < 0) << 9, or -1 (no layout, no object) */
 void cm_opts_layout(int on, uint32_t value, uint32_t op, uint32_t timeout_ms, uint32_t async_op);

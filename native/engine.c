@@ -602,21 +602,40 @@ int cm_exec_run(cm_ctx *ctx, const cm_step *steps, int nsteps, const uintptr_t *
  * of the buffer, so that Python passes what it has without converting it: a cffi buffer (a
  * pointer), a torch tensor's data_ptr() (an integer), or a numpy array itself (its id(), read by
  * cm_array_data in peek.c). */
-static int call_run(cm_call *c, uintptr_t buf) {
+static int call_run2(cm_call *c, uintptr_t in, uintptr_t out) {
     cm_ctx *ctx = c->ctx;
     if (!cm_ctx_try_enter(ctx)) return CM_EBUSY;
-    uintptr_t bufs[3] = { buf, buf, c->scratch };
+    uintptr_t bufs[3] = { in, out, c->scratch };
     int64_t now = cm_now_ns();
     int r = exec_run(ctx, c->steps, c->nsteps, bufs, 3, c->sig, now + c->timeout_ns, now, &c->status);
     cm_ctx_leave(ctx);
     return r;
 }
 
+static int call_run(cm_call *c, uintptr_t buf) { return call_run2(c, buf, buf); }
+
 int cm_call_run(cm_call *c, void *buf) { return call_run(c, (uintptr_t)buf); }
 int cm_call_run_addr(cm_call *c, uintptr_t buf) { return call_run(c, buf); }
 int cm_call_run_array(cm_call *c, uintptr_t obj) {
     uintptr_t buf = cm_array_data(obj);
     return buf ? call_run(c, buf) : CM_ESLOW;
+}
+
+/* The synchronous call of a two-buffer collective (all_gather, reduce_scatter, all_to_all): the buffers
+ * aliased as the plan was built for (c->in_at >= 0: the input is the output's bytes from there on, an
+ * in-place all_gather; < 0: the two share no byte), else CM_ESLOW, nothing run: Python's checks then
+ * say what is wrong, or build the plan for that aliasing. Two spellings, as above: numpy arrays (both
+ * C-contiguous and writable, cm_array_data) or addresses (contiguous torch tensors' data_ptr()). */
+int cm_call_run_pair_addr(cm_call *c, uintptr_t in, uintptr_t out) {
+    if (c->in_at >= 0 ? in != out + (uint64_t)c->in_at
+                      : in < out + c->out_bytes && out < in + c->in_bytes && c->in_bytes && c->out_bytes)
+        return CM_ESLOW;
+    return call_run2(c, in, out);
+}
+
+int cm_call_run_pair(cm_call *c, uintptr_t in_obj, uintptr_t out_obj) {
+    uintptr_t in = cm_array_data(in_obj), out = cm_array_data(out_obj);
+    return in && out ? cm_call_run_pair_addr(c, in, out) : CM_ESLOW;
 }
 
 uint64_t cm_ctx_seq(cm_ctx *ctx) { return ctx->seq; }

@@ -151,3 +151,77 @@ def another_thread_during_a_fast_call(rank: int, size: int, how: str) -> dict:
         out["call"] = (t0, time.monotonic())
         th.join()
         return out
+
+
+def other_collectives_repeated(rank: int, size: int, use_torch: bool) -> dict:
+    """broadcast, all_gather (apart and in place, alternating), reduce_scatter and all_to_all of numpy
+    arrays, each shape called 4 times with new data: every result matches the expected one, each call
+    is one collective, and every shape reached the fast path. Then, on those fast shapes, buffers that
+    cannot be used as the plan was built for: refused (or, a read-only input, run by the checked path),
+    and the communicator stays usable. ``use_torch``: the calls take torch tensors sharing the arrays'
+    memory (the misuse is numpy's)."""
+    import torch
+    T = torch.from_numpy if use_torch else (lambda a: a)
+    c = 3
+    out: dict = {"seq_steps": [], "errors": {}}
+    with comms.init(timeout=60) as comm:
+        def one(fn, *args):
+            before = comm._engine.seq
+            fn(*args)
+            out["seq_steps"].append(comm._engine.seq - before)
+
+        for call in range(4):
+            base = 100.0 * call
+            for root in (0, size - 1):
+                b = np.full(c, base + rank, np.float32)
+                one(comm.broadcast, T(b), root)
+                assert b.tolist() == [base + root] * c, (call, root, b)
+            g = np.full(size * c, -1.0, np.float32)
+            one(comm.all_gather, T(g), T(np.full(c, base + rank, np.float32)))
+            assert g.tolist() == [base + r for r in range(size) for _ in range(c)], g
+            for k in (c, c + 1):     # in place (the input is the own block): at the shape above, apart's plan
+                g = np.full(size * k, -1.0, np.float32)     # is refused (checked path); at c + 1 it is its own
+                g[rank * k:(rank + 1) * k] = base + rank
+                one(comm.all_gather, T(g), T(g)[rank * k:(rank + 1) * k])
+                assert g.tolist() == [base + r for r in range(size) for _ in range(k)], g
+            x = np.arange(size * c, dtype=np.float64) + base + rank
+            y = np.empty(c, np.float64)
+            one(comm.reduce_scatter, T(y), T(x))
+            want = [sum(base + r + rank * c + i for r in range(size)) for i in range(c)]
+            assert y.tolist() == want, (y, want)
+            s = (np.arange(size * c, dtype=np.int32) + 1000 * rank + int(base)).reshape(size, c)
+            d = np.empty_like(s)
+            one(comm.all_to_all, T(d), T(s))
+            assert d.tolist() == [[1000 * p + int(base) + rank * c + i for i in range(c)] for p in range(size)], d
+        out["fast"] = sorted(k[0] for k in comm._hot if isinstance(k[0], str))
+
+        ro = np.full(c, rank, np.float32)
+        ro.flags.writeable = False
+        g = np.empty(size * c, np.float32)
+        comm.all_gather(g, ro)                                           # a read-only input is fine
+        out["ro_input"] = g.tolist()
+        s = np.zeros((size, c), np.int32)
+        misuse = {
+            "read-only output": lambda: comm.all_gather(_ro(np.empty(size * c, np.float32)),
+                                                        np.ones(c, np.float32)),
+            "input elsewhere in the output": lambda: comm.all_gather(g, g[((rank + 1) % size) * c:][:c]),
+            "all_to_all in place": lambda: comm.all_to_all(s, s),
+            "strided output": lambda: comm.reduce_scatter(np.empty(2 * c, np.float64)[::2],
+                                                          np.ones(size * c, np.float64)),
+            "read-only broadcast": lambda: comm.broadcast(_ro(np.ones(c, np.float32)), 0),
+        }
+        for name, fn in misuse.items():
+            try:
+                fn()
+                out["errors"][name] = None
+            except comms.InvalidUsage as e:
+                out["errors"][name] = str(e)
+        b = np.full(c, rank + 1.0, np.float32)
+        comm.broadcast(b, size - 1)
+        out["after"] = b.tolist()
+    return out
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a

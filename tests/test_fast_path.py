@@ -7,7 +7,7 @@ import pytest
 
 from comms.testing import spawn
 from fast_workers import (another_thread_during_a_fast_call, fails_on_a_fast_shape, misuse_on_a_fast_shape,
-                          repeated_calls, rules_change_between_fast_calls)
+                          other_collectives_repeated, repeated_calls, rules_change_between_fast_calls)
 
 ENV = {"COMMS_CALIBRATE": "0"}     # the path does not depend on the cost model's figures
 
@@ -32,6 +32,26 @@ def test_buffers_that_cannot_be_used_in_place_are_refused_on_a_fast_shape(peek):
         assert "not C-contiguous" in o["errors"]["strided"]
         assert "not contiguous" in o["errors"]["torch strided"]
         assert o["after"] == [3.0] * 4 and o["ro"] == [1.0] * 4 and o["late"] == [2.0] * 4
+
+
+@pytest.mark.parametrize("size,use_torch", [(2, False), (3, False), (2, True)])
+def test_other_collectives_take_the_fast_path_and_refuse_misuse(size, use_torch):
+    """broadcast, all_gather, reduce_scatter and all_to_all of numpy arrays or torch tensors: repeated
+    shapes go through one native call (cm_call_run_pair checks the buffers' aliasing) and give the
+    expected results; on those shapes, arrays that do not fit the plan still get the checked path's errors."""
+    out = spawn(other_collectives_repeated, size, timeout=120, args=(use_torch,), env=ENV)
+    for rank, o in enumerate(out):
+        assert o["seq_steps"] == [1] * len(o["seq_steps"])
+        assert o["fast"] == sorted(["all_gather", "all_gather", "all_to_all", "broadcast", "broadcast",
+                                    "reduce_scatter"]), o["fast"]
+        assert o["ro_input"] == [float(r) for r in range(size) for _ in range(3)]
+        errors = o["errors"]
+        assert "read-only" in errors["read-only output"]
+        assert "overlaps the output" in errors["input elsewhere in the output"]
+        assert "must not overlap" in errors["all_to_all in place"]
+        assert "not C-contiguous" in errors["strided output"]
+        assert "read-only" in errors["read-only broadcast"]
+        assert o["after"] == [float(size)] * 3
 
 
 def test_set_algo_between_calls_of_one_shape():

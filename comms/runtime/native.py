@@ -70,6 +70,7 @@ exec_run, exec_start, exec_wait, exec_peer, exec_free, exec_op_times = \
     lib.cm_exec_run, lib.cm_exec_start, lib.cm_exec_wait, lib.cm_exec_peer, lib.cm_exec_free, lib.cm_exec_op_times
 # the per-call fast path: a prepared cm_call on a cffi buffer, an address (torch) or a numpy array
 call_run, call_run_addr, call_run_array = lib.cm_call_run, lib.cm_call_run_addr, lib.cm_call_run_array
+call_run_pair, call_run_pair_addr = lib.cm_call_run_pair, lib.cm_call_run_pair_addr     # two-buffer plans
 # torch's AllreduceOptions read from memory (comms.torch_backend.peek)
 opts_peek, opts_layout = lib.cm_opts_peek, lib.cm_opts_layout
 # a numpy array's data pointer read from its memory (comms.runtime.arrays)

@@ -373,11 +373,11 @@ class Communicator(Operations):
             self._scratch_ptr = checks.addr(self._scratch)
         return self._scratch_ptr
 
-    def _keep_hot(self, key: tuple, enc: Encoded, pair: tuple = (-1, 0, 0)) -> None:
+    def _keep_hot(self, key: tuple, enc: Encoded, pair: tuple = (0, 0, 0, 0)) -> None:
         """Let later synchronous calls of ``key`` (all_reduce: the buffer's numpy or torch dtype, count,
         op; other collectives: their name first) go straight to ``enc`` in one native call (the fast
-        paths of comms.operations; ``pair``: a two-buffer plan's (where the input lies in the output,
-        -1: apart; the input's and the output's bytes), which cm_call_run_pair checks every call),
+        paths of comms.operations; ``pair``: a two-buffer plan's (aliased, where the input starts from
+        the output's start, the input's and the output's bytes), which cm_call_run_pair checks every call),
         unless something must see every call: online timing (the caller checks enc.trial), a
         transport tracking buffers (rdma registrations), a timeline, or a failure."""
         if key in self._hot or self._track is not None or self._engine.timeline is not None or self._broken \
@@ -387,7 +387,7 @@ class Communicator(Operations):
             self._drop_hot()
         self._scratch_addr(enc.scratch_bytes, False, [])   # big enough now (a larger one empties _hot)
         call = self._prepare_call(enc)
-        call.in_at, call.in_bytes, call.out_bytes = pair
+        call.aliased, call.in_at, call.in_bytes, call.out_bytes = pair
         self._hot[key] = enc
 
     def _prepare_call(self, enc: Encoded) -> Any:

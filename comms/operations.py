@@ -140,7 +140,7 @@ class Operations:
         enc = self._plan(("all_gather", vi.count, vi.dtype, inplace), args, vi.nbytes * (self.size - 1), vi.dtype,
                          None, vi.count, (vi.nbytes, vo.nbytes))
         if hot is not None and enc.trial is None:
-            self._keep_hot(hot, enc, (vi.ptr - vo.ptr if inplace else -1, vi.nbytes, vo.nbytes))
+            self._keep_pair(hot, enc, vi, vo)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def reduce_scatter(self, out: Any, inp: Any, op: Any = ReduceOp.SUM, *, async_op: bool = False,
@@ -162,7 +162,7 @@ class Operations:
         enc = self._plan(("reduce_scatter", vo.count, vi.dtype, op), args, vo.nbytes * (self.size - 1), vi.dtype,
                          op, vi.count, (vi.nbytes, vo.nbytes))
         if hot is not None and enc.trial is None:
-            self._keep_hot(hot, enc, (-1, vi.nbytes, vo.nbytes))
+            self._keep_pair(hot, enc, vi, vo)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def all_to_all(self, out: Any, inp: Any, out_splits: Sequence[int] | None = None,
@@ -197,7 +197,7 @@ class Operations:
         enc = self._plan(("all_to_all", vi.dtype, send, recv, uneven), args, sum(send) - send[self.rank], vi.dtype,
                          None, COUNT_ANY if uneven else vi.count, (vi.nbytes, vo.nbytes))
         if hot is not None and enc.trial is None:
-            self._keep_hot(hot, enc, (-1, vi.nbytes, vo.nbytes))
+            self._keep_pair(hot, enc, vi, vo)
         return self._run(enc, vi.ptr, vo.ptr, [out, inp], async_op, out, timeout)
 
     def _pair_key(self, name: str, inp: Any, out: Any, *extra: Any) -> tuple | None:
@@ -216,13 +216,25 @@ class Operations:
     def _pair_call(self, key: tuple, inp: Any, out: Any) -> bool:
         """Run ``key``'s fast-path plan on ``inp`` and ``out`` in one native call; True when it ran. False where
         there is none yet, another thread holds the context, or the buffers are not as the plan was built
-        for (cm_call_run_pair: their aliasing, an array's layout), so that the checks run."""
-        enc = self._hot.get(key)
-        if enc is None or (call := enc.call) is None:
-            return False
-        rc = _RUN_PAIR(call, id(inp), id(out)) if type(inp) is _NDARRAY else \
-            _RUN_PAIR_ADDR(call, inp.data_ptr(), out.data_ptr())
-        return self._hot_ran(enc, call, rc)
+        for (cm_call_run_pair: their aliasing, an array's layout), so that the checks run. A shape has a
+        plan for buffers apart (``key``) and one for an input inside the output or the reverse (key + "in")."""
+        for k in (key, key + ("in",)):
+            enc = self._hot.get(k)
+            if enc is None or (call := enc.call) is None:
+                continue
+            rc = _RUN_PAIR(call, id(inp), id(out)) if type(inp) is _NDARRAY else \
+                _RUN_PAIR_ADDR(call, inp.data_ptr(), out.data_ptr())
+            if rc != _ESLOW:
+                return self._hot_ran(enc, call, rc)
+        return False
+
+    def _keep_pair(self, key: tuple, enc: Encoded, vi: Any, vo: Any) -> None:
+        """Keep ``enc``, the plan just built for the buffers of views ``vi`` and ``vo``, as ``key``'s fast-path
+        plan for buffers aliased as these are (apart, or one inside the other)."""
+        if checks.overlap(vi, vo):
+            self._keep_hot(key + ("in",), enc, (1, vi.ptr - vo.ptr, vi.nbytes, vo.nbytes))
+        else:
+            self._keep_hot(key, enc, (0, 0, vi.nbytes, vo.nbytes))
 
     def _hot_ran(self, enc: Encoded, call: Any, rc: int) -> bool:
         """A fast-path call's return code: True when it ran, False to take the checked path, else its error."""

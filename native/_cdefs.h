@@ -136,12 +136,12 @@ typedef struct {        /* a prepared synchronous call of a plan (Python's fast 
     const cm_step *steps;
     const cm_hdr *sig;
     int32_t nsteps;
-    int32_t pad;
+    int32_t aliased;    /* cm_call_run_pair: 1: the input lies at in_at bytes from the output's start, 0: apart */
     uintptr_t scratch;  /* the caller's scratch buffer (0: none) */
     int64_t timeout_ns; /* deadline: this long after the call starts */
     cm_status status;   /* a failed call's status */
-    int64_t in_at;      /* cm_call_run_pair: where the input lies in the output (-1: apart) */
-    uint64_t in_bytes;  /* ... and the two buffers' lengths the plan was built for */
+    int64_t in_at;
+    uint64_t in_bytes;  /* the two buffers' lengths the plan was built for */
     uint64_t out_bytes;
 } cm_call;
 /* each takes the context's owner word for the call, and returns CM_EBUSY untouched where another
@@ -151,7 +151,7 @@ int cm_call_run_addr(cm_call *c, uintptr_t buf);   /* buf: an address */
 /* obj: a numpy.ndarray's id(); CM_ESLOW, nothing run, where cm_array_data answers 0 */
 int cm_call_run_array(cm_call *c, uintptr_t obj);
 /* two buffers, as numpy.ndarray ids or as addresses; CM_ESLOW, nothing run, unless they are aliased as
- * in_at says (and the arrays C-contiguous and writable) (engine.c) */
+ * the call says (and the arrays C-contiguous and writable) (engine.c) */
 int cm_call_run_pair(cm_call *c, uintptr_t in_obj, uintptr_t out_obj);
 int cm_call_run_pair_addr(cm_call *c, uintptr_t in, uintptr_t out);
 /* a torch c10d options object's fields read from its memory (native/peek.c; comms/torch_backend/peek.py

@@ -622,13 +622,13 @@ int cm_call_run_array(cm_call *c, uintptr_t obj) {
 }
 
 /* The synchronous call of a two-buffer collective (all_gather, reduce_scatter, all_to_all): the buffers
- * aliased as the plan was built for (c->in_at >= 0: the input is the output's bytes from there on, an
- * in-place all_gather; < 0: the two share no byte), else CM_ESLOW, nothing run: Python's checks then
- * say what is wrong, or build the plan for that aliasing. Two spellings, as above: numpy arrays (both
- * C-contiguous and writable, cm_array_data) or addresses (contiguous torch tensors' data_ptr()). */
+ * aliased as the plan was built for (c->aliased: the input starts c->in_at bytes from the output's start,
+ * as in an in-place all_gather or reduce_scatter; else the two share no byte), else CM_ESLOW, nothing
+ * run: Python's checks then say what is wrong, or build the plan for that aliasing. Two spellings, as
+ * above: numpy arrays (C-contiguous and writable, cm_array_data) or addresses (torch's data_ptr()). */
 int cm_call_run_pair_addr(cm_call *c, uintptr_t in, uintptr_t out) {
-    if (c->in_at >= 0 ? in != out + (uint64_t)c->in_at
-                      : in < out + c->out_bytes && out < in + c->in_bytes && c->in_bytes && c->out_bytes)
+    if (c->aliased ? in != out + (uintptr_t)c->in_at
+                   : in < out + c->out_bytes && out < in + c->in_bytes && c->in_bytes && c->out_bytes)
         return CM_ESLOW;
     return call_run2(c, in, out);
 }

@@ -189,11 +189,13 @@ def other_collectives_repeated(rank: int, size: int, use_torch: bool) -> dict:
             one(comm.reduce_scatter, T(y), T(x))
             want = [sum(base + r + rank * c + i for r in range(size)) for i in range(c)]
             assert y.tolist() == want, (y, want)
+            one(comm.reduce_scatter, T(x)[rank * c:(rank + 1) * c], T(x))   # in place: the output is the own block
+            assert x[rank * c:(rank + 1) * c].tolist() == want, (x, want)
             s = (np.arange(size * c, dtype=np.int32) + 1000 * rank + int(base)).reshape(size, c)
             d = np.empty_like(s)
             one(comm.all_to_all, T(d), T(s))
             assert d.tolist() == [[1000 * p + int(base) + rank * c + i for i in range(c)] for p in range(size)], d
-        out["fast"] = sorted(k[0] for k in comm._hot if isinstance(k[0], str))
+        out["fast"] = sorted(k[0] + " in place" * (k[-1] == "in") for k in comm._hot if isinstance(k[0], str))
 
         ro = np.full(c, rank, np.float32)
         ro.flags.writeable = False

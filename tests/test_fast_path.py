@@ -42,8 +42,8 @@ def test_other_collectives_take_the_fast_path_and_refuse_misuse(size, use_torch)
     out = spawn(other_collectives_repeated, size, timeout=120, args=(use_torch,), env=ENV)
     for rank, o in enumerate(out):
         assert o["seq_steps"] == [1] * len(o["seq_steps"])
-        assert o["fast"] == sorted(["all_gather", "all_gather", "all_to_all", "broadcast", "broadcast",
-                                    "reduce_scatter"]), o["fast"]
+        assert o["fast"] == sorted(["all_gather", "all_gather in place", "all_gather in place", "all_to_all",
+                                    "broadcast", "broadcast", "reduce_scatter", "reduce_scatter in place"]), o["fast"]
         assert o["ro_input"] == [float(r) for r in range(size) for _ in range(3)]
         errors = o["errors"]
         assert "read-only" in errors["read-only output"]

@@ -83,7 +83,7 @@ def test_all_to_all_is_priced_as_its_plans_run():
     of one rank it is pairwise plus that copy, so pairwise keeps the tie."""
     from comms.selection.model import COPY_GBPS
     shm, tcp = Link(2.0, 10.0, 0.0, 0.5), Link(40.0, 1.0, 0.0, 3.0)
-    p = Params(links(shm, tcp), 1e6)
+    p = Params(links(shm, tcp), 8.0)             # no reduction; copies at COPY_GBPS (above the 8 GB/s reduce)
     m, blk = 3 << 10, 1 << 10                   # a rank's bytes out on 4 ranks, a block
     assert math.isclose(cost("all_to_all", "pairwise", m, 4, ONE_HOST(4), p, AUTO), shm.t(1, m) + 2 * 0.5)
     assert math.isclose(cost("all_to_all", "pairwise", m, 4, TWO_HOSTS, p, AUTO),
@@ -96,7 +96,8 @@ def test_all_to_all_is_priced_as_its_plans_run():
 
 def test_reduce_scatter_halving_pays_the_copy_its_plan_makes():
     """Recursive halving lands each half in scratch and reduces it after (one copy of the bytes it
-    receives, m); ring reduces as it receives. Both copy the input in and the block out alike."""
+    receives, m); ring reduces as it receives. Both copy the input in and the block out alike. Copies
+    of buffers within the cache go at least at the cached reduce's speed."""
     from comms.selection.model import COPY_GBPS
     shm = Link(2.0, 10.0)
     p = Params(links(shm, Link(40.0, 1.0)), 8.0)
@@ -105,6 +106,11 @@ def test_reduce_scatter_halving_pays_the_copy_its_plan_makes():
     assert math.isclose(cost("reduce_scatter", "recursive_halving", m, 4, ONE_HOST(4), p, AUTO),
                         shm.t(2, m) + red + m / (COPY_GBPS * 1e3))
     assert math.isclose(cost("reduce_scatter", "ring", m, 4, ONE_HOST(4), p, AUTO), shm.t(3, m) + red)
+    # within the cache a copy is no slower than a reduce of its bytes (cache_reduce_gbps, 40 here)
+    p = Params(links(shm, Link(40.0, 1.0)), 8.0, cache_reduce_gbps=40.0)
+    m = 24 << 10
+    assert math.isclose(cost("reduce_scatter", "recursive_halving", m, 4, ONE_HOST(4), p, AUTO),
+                        shm.t(2, m) + 2 * m / 40e3)
 
 
 def test_a_third_transport_is_priced_from_its_own_link():

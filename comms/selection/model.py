@@ -18,7 +18,9 @@ SIZES = [0] + [1 << k for k in range(3, 31)]          # 8 B .. 1 GiB: where a ru
 BOARD_SHARE = 0.9        # board's price over direct's until calibration times it: forced in the bench (all_reduce,
 #                          8 B-2 KiB, 3 launches), board took 0.83-0.93x direct's time on 2 ranks with a core each
 COPY_GBPS = 10.0         # a local copy's speed, for the rotations of bruck and recursive halving: a
-#                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies)
+#                          32 MiB numpy copy measured 9.3-11.4 GB/s on the 2-vCPU dev VM (7 copies). Within the cache
+#                          (CACHE_REDUCE_BYTES) a copy goes at least at the cached reduce's speed: at 10 GB/s, 1x4 gave
+#                          32 KiB to the ring in all_gather (17 % behind bruck) and reduce_scatter (11 % behind halving)
 BURST_BYTES = 64 << 10   # a link prices steps of up to this size at its burst speed (a token bucket lets them
 #                          through at the wire's speed; back to back the floor, a host's bytes at the sustained speed,
 #                          bounds them). On 2 simulated hosts x 2 ranks, 2 Gbit/s, tree's 32 KiB was then priced 237 us
@@ -139,7 +141,7 @@ def cost(coll: str, algo: str, m: int, n: int, hosts: tuple, p: Params, route: R
              min(max(k.burst_gbps, k.beta_gbps) for k in (intra, inter)))
     rho = p.cache_reduce_gbps if m <= CACHE_REDUCE_BYTES and p.cache_reduce_gbps else p.reduce_gbps
     red = lambda nbytes: nbytes / (rho * 1e3)                   # noqa: E731
-    copy = lambda nbytes: nbytes / (COPY_GBPS * 1e3)             # noqa: E731
+    copy = lambda nbytes: nbytes / (max(COPY_GBPS, rho) * 1e3)   # noqa: E731
     p2 = 1 << (n.bit_length() - 1)
     blk = m / max(1, n - 1)
     host_of = {r: i for i, group in enumerate(hosts) for r in group}

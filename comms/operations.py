@@ -29,6 +29,16 @@ _EBUSY, _ESLOW = native.EBUSY, native.ESLOW
 _PEEK = arrays.ON                         # an ndarray's data pointer read from the array (or: from_buffer)
 
 from .runtime.native import MSG_COLL, MSG_P2P  # noqa: E402,F401
+
+
+def _short(buf: Any) -> bool:
+    """Whether ``buf`` may take the short paths of broadcast and the two-buffer collectives: a numpy array (its
+    fields read from its memory, comms.runtime.arrays) or a contiguous CPU tensor; C checks the rest per call."""
+    t = type(buf)
+    return t is _NDARRAY and _PEEK or t is TORCH_FAST[0] and buf.is_cpu and buf.layout is TORCH_FAST[1] \
+        and buf.is_contiguous()
+
+
 ANY_SOURCE = -1
 COUNT_ANY = (1 << 64) - 1
 
@@ -85,12 +95,10 @@ class Operations:
     def broadcast(self, buf: Any, root: int = 0, *, async_op: bool = False,
                 timeout: float | None = None) -> Work | None:
         """Copy ``buf`` of rank ``root`` into ``buf`` of every rank."""
-        tb, hot = type(buf), None
-        if not async_op and timeout is None and (tb is _NDARRAY and _PEEK or tb is TORCH_FAST[0] and buf.is_cpu
-                                                  and buf.layout is TORCH_FAST[1] and buf.is_contiguous()):
-            hot = ("broadcast", buf.dtype, buf.shape, root)
-            if (enc := self._hot.get(hot)) is not None and (call := enc.call) is not None and self._hot_ran(
-                    enc, call, _RUN_ARRAY(call, id(buf)) if tb is _NDARRAY else _RUN_ADDR(call, buf.data_ptr())):
+        hot = ("broadcast", buf.dtype, buf.shape, root) if not async_op and timeout is None and _short(buf) else None
+        if hot is not None and (enc := self._hot.get(hot)) is not None and (call := enc.call) is not None:
+            rc = _RUN_ARRAY(call, id(buf)) if type(buf) is _NDARRAY else _RUN_ADDR(call, buf.data_ptr())
+            if self._hot_ran(enc, call, rc):
                 return None
         ptr, count, dtype = _fast(buf, "broadcast", True)
         key = ("broadcast", count, dtype, root)
@@ -203,15 +211,9 @@ class Operations:
     def _pair_key(self, name: str, inp: Any, out: Any, *extra: Any) -> tuple | None:
         """The fast-path key (Communicator._keep_hot) of a synchronous two-buffer call of ``name``: numpy arrays,
         or contiguous CPU tensors, of one dtype; None for anything else (the checked path takes it)."""
-        t = type(inp)
-        if t is not type(out) or inp.dtype is not out.dtype:
+        if type(inp) is not type(out) or inp.dtype is not out.dtype or not (_short(inp) and _short(out)):
             return None
-        if t is _NDARRAY:
-            return (name, inp.dtype, inp.shape, out.shape, *extra) if _PEEK else None
-        if t is TORCH_FAST[0] and inp.is_cpu and out.is_cpu and inp.layout is TORCH_FAST[1] \
-                and out.layout is TORCH_FAST[1] and inp.is_contiguous() and out.is_contiguous():
-            return (name, inp.dtype, inp.shape, out.shape, *extra)
-        return None
+        return (name, inp.dtype, inp.shape, out.shape, *extra)
 
     def _pair_call(self, key: tuple, inp: Any, out: Any) -> bool:
         """Run ``key``'s fast-path plan on ``inp`` and ``out`` in one native call; True when it ran. False where
